@@ -1,0 +1,234 @@
+"""Atomic checkpoints: ``RUN/checkpoints/step_NNNNNN/{model.safetensors, state.pt, meta.json}``.
+
+A checkpoint is written into a temporary directory, every file fsync'ed, then renamed into place in one
+step; ``meta.json`` (with each file's size and sha256) is written last. A crash at any moment therefore
+leaves either the complete new checkpoint or none of it, and never touches the previous one. Weights are
+safetensors; optimizer/loader/RNG state is loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+
+from pretrain import PretrainError
+from pretrain.data.prepare import fsync_dir
+
+CKPT_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(PretrainError):
+    """A checkpoint is missing, truncated or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dict[str, Any],
+                    meta: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically, point ``checkpoints/latest`` at it, keep the newest ``keep``."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{final.name}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / MODEL_FILE))
+    torch.save(state, tmp / STATE_FILE)
+    files = {}
+    for name in (MODEL_FILE, STATE_FILE):
+        _fsync_file(tmp / name)
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    meta = {**meta, "step": step, "files": files}
+    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume that trained no further)
+        trash = root / f".old_{final.name}_{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    _point_latest(root, final.name)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp_*"):  # leftovers of writers that crashed
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _point_latest(root: Path, name: str) -> None:
+    link = root / "latest"
+    tmp = root / f".latest_{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(name, tmp)
+        os.replace(tmp, link)
+    except OSError:  # filesystems without symlinks: a text file naming the directory
+        (root / "latest.txt").write_text(name + "\n")
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with meta.json), oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.glob("step_*") if d.is_dir() and (d / META_FILE).is_file()]
+    return sorted(dirs, key=lambda d: d.name)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (→ its newest checkpoint) or a checkpoint directory."""
+    p = Path(path)
+    if (p / META_FILE).is_file() and (p / MODEL_FILE).exists():
+        return p
+    if p.is_dir():
+        ck = latest_checkpoint(p)
+        if ck is not None:
+            return ck
+        raise CheckpointError(f"{p} has no complete checkpoint (expected {CKPT_DIR}/step_*/{META_FILE})")
+    raise CheckpointError(f"not found: {p}")
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{ckpt / META_FILE} is unreadable or corrupt: {e}") from None
+
+
+def _verify(ckpt: Path, meta: dict[str, Any], name: str) -> Path:
+    p = ckpt / name
+    info = meta.get("files", {}).get(name)
+    if not p.is_file():
+        raise CheckpointError(f"{p} is missing: the checkpoint is incomplete")
+    if info:
+        size = p.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{p} is truncated or corrupt ({size} bytes, expected {info['bytes']})")
+        if _sha256(p) != info["sha256"]:
+            raise CheckpointError(f"{p} is corrupt (sha256 does not match the one recorded at save time)")
+    return p
+
+
+def load_weights(ckpt: Path, model: nn.Module, meta: dict[str, Any] | None = None) -> None:
+    """Load model.safetensors into ``model`` (strict; tied weights are stored once)."""
+    meta = meta if meta is not None else read_meta(ckpt)
+    p = _verify(ckpt, meta, MODEL_FILE)
+    try:
+        tensors = load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p} is corrupt: {e}") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    # a tied weight is saved under one of its names only
+    ptrs = {}
+    for k, v in own.items():
+        ptrs.setdefault(v.data_ptr(), []).append(k)
+    tied_ok = {k for names in ptrs.values() if len(names) > 1 and any(n in tensors for n in names) for k in names}
+    missing = [k for k in missing if k not in tied_ok]
+    if missing or unexpected:
+        raise CheckpointError(f"{p} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in tensors.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{p}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_state(ckpt: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The optimizer/loader/RNG state saved beside the weights (weights_only=True)."""
+    meta = meta if meta is not None else read_meta(ckpt)
+    p = _verify(ckpt, meta, STATE_FILE)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises assorted errors on damaged pickles/zip archives
+        raise CheckpointError(f"{p} is corrupt: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
+    """A run directory or checkpoint → (model in eval mode, Config, Tokenizer, checkpoint meta)."""
+    from pretrain.config import Config, from_dict
+    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.models import build_model
+
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    if "config" not in meta:
+        raise CheckpointError(f"{ckpt / META_FILE} has no config: not a pretrain checkpoint")
+    cfg = from_dict(Config, meta["config"])
+    model = build_model(cfg.model)
+    load_weights(ckpt, model, meta)
+    model.to(device).eval()
+    tok_path = next((p for p in (ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json") if p.is_file()), None)
+    if tok_path is None:
+        raise CheckpointError(f"no tokenizer.json beside {ckpt} or in its run directory")
+    tok = Tokenizer.load(tok_path)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise CheckpointError(f"{tok_path} has {tok.vocab_size} tokens but the model only {cfg.model.vocab_size}")
+    return model, cfg, tok, meta

@@ -1,0 +1,196 @@
+"""`pretrain <command>`: the command-line interface. Each command is a thin shell over a Python function.
+
+Errors the user can fix (bad input, bad config, corrupt checkpoints) print one line, ``error: ...``, and
+exit with status 2. ``--json`` prints exactly one JSON object on stdout; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pretrain import PretrainError, __version__
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate dotted config overrides (``--train.lr 3e-4`` / ``--train.lr=3e-4``) from other arguments."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." in key:
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    else:
+        print(human)
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.data.prepare import prepare
+
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, text_field=args.text_field, bad_files=args.bad_files,
+                   overwrite=args.overwrite, log=_log)
+    result = {"out": str(args.out), "vocab_size": meta["tokenizer"]["vocab_size"], "dtype": meta["dtype"],
+              "train_tokens": meta["splits"]["train"]["tokens"], "val_tokens": meta["splits"]["val"]["tokens"],
+              "train_documents": meta["splits"]["train"]["documents"],
+              "val_documents": meta["splits"]["val"]["documents"]}
+    _emit(args, result, f"prepared {args.out}: {result['train_tokens']:,} train / {result['val_tokens']:,} val "
+                        f"tokens, vocab {result['vocab_size']:,}")
+    return result
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    if args.resume:
+        run = Path(args.resume)
+        saved = run / "config.yaml"
+        if not saved.is_file():
+            raise PretrainError(f"--resume: {run} is not a run directory (no config.yaml)")
+        if args.out and Path(args.out).resolve() != run.resolve():
+            raise PretrainError("--resume RUN_DIR continues in RUN_DIR; do not also give a different --out")
+        cfg = load_config(saved, overrides, base=None) if args.config is None else load_config(args.config, overrides)
+        out = run
+    else:
+        if not args.out:
+            raise PretrainError("--out RUN_DIR is required (or --resume RUN_DIR)")
+        cfg = load_config(args.config, overrides)
+        out = Path(args.out)
+    summary = train(cfg, out, quiet=args.quiet)
+    val = summary["val_loss"]
+    _emit(args, summary, f"trained {out}: step {summary['step']}, "
+                         f"val loss {val:.4f} " if val is not None else f"trained {out}: step {summary['step']}")
+    return summary
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.inference import evaluate_run
+
+    res = evaluate_run(args.run, args.data, split=args.split, max_batches=args.max_batches, device=args.device)
+    bpb = f", {res['bits_per_byte']:.4f} bits/byte" if res["bits_per_byte"] is not None else ""
+    _emit(args, res, f"{res['split']} loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}{bpb} "
+                     f"({res['tokens']:,} tokens, step {res['step']})")
+    return res
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.inference import generate_text
+
+    texts = generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          args.seed, args.device, args.num_samples)
+    res = {"prompt": args.prompt, "samples": texts}
+    _emit(args, res, "\n---\n".join(texts))
+    return res
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.demo import run_demo
+
+    res = run_demo(args.out, budget_s=args.budget_s, quiet=args.json)
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain", description="Pre-train your own foundation model.")
+    p.add_argument("--version", action="version", version=f"pretrain {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("prepare", help="corpus → tokenizer → train/val token shards")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl files, folders or globs")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.add_argument("--tokenizer", default="bpe", help="byte | char | bpe | path to tokenizer.json (default bpe)")
+    s.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size for bpe (default 8192)")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (default 0.1)")
+    s.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    s.add_argument("--bad-files", choices=["error", "skip"], default="error",
+                   help="binary or non-UTF-8 files: fail (default) or skip with a warning")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
+    s.add_argument("--json", action="store_true", help="print one JSON object with the result")
+
+    s = sub.add_parser("train", help="pre-train a model (resumes automatically if RUN_DIR has checkpoints)",
+                       epilog="Config overrides: --section.key value, e.g. --train.lr 3e-4 --model.n_layer 6")
+    s.add_argument("config", nargs="?", help="YAML config (states only what differs from the defaults)")
+    s.add_argument("--out", help="run directory")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.add_argument("--json", action="store_true", help="print one JSON object with the summary")
+
+    s = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
+    s.add_argument("run", help="run directory or checkpoint directory")
+    s.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
+    s.add_argument("--split", default="val", choices=["val", "train"])
+    s.add_argument("--max-batches", type=int, default=None, help="evaluate on at most this many batches")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("generate", help="sample text from a run (KV-cached)")
+    s.add_argument("run", help="run directory or checkpoint directory")
+    s.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, offline (a few minutes on a CPU)")
+    s.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
+    s.add_argument("--budget-s", type=float, default=180.0, help="seconds of pre-training (default 180)")
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def _format_warning(message, category, filename, lineno, line=None):  # one line, no source echo
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _format_warning
+    rest, overrides = split_overrides(argv)
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    try:
+        if args.command == "train":
+            cmd_train(args, overrides)
+        else:
+            if overrides:
+                raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
+            {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+    except PretrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Typed configuration: dataclasses with a docstring per field, YAML that states only what differs,
+and dotted command-line overrides (``--train.lr 3e-4``).
+
+Unknown keys are errors with a "did you mean" suggestion; values are checked against field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretrain import PretrainError
+
+
+class ConfigError(PretrainError):
+    """A configuration problem (unknown key, wrong type, invalid value)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Prepared data directory written by `pretrain prepare` (holds meta.json and the shards)."""
+    seq_len: int = 256
+    """Tokens per training sequence (the context length the model is trained on)."""
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 1, "data.seq_len must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"
+    """Architecture: 'gpt' (decoder-only, Llama-compatible)."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads (query heads)."""
+    n_kv_head: int = 0
+    """Key/value heads for grouped-query attention; 0 means the same as n_head."""
+    d_model: int = 128
+    """Hidden size (embedding width)."""
+    d_ff: int = 0
+    """MLP inner width (SwiGLU); 0 means about 8/3 * d_model rounded up to a multiple of 64."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the prepared data's tokenizer."""
+    max_seq_len: int = 0
+    """Longest sequence the model supports (rotary table size); 0 means data.seq_len."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the input embedding and output projection weights."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches (0 for pre-training at scale)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init; output projections are scaled by 1/sqrt(2*n_layer)."""
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ("gpt",), f"model.arch must be 'gpt', got {self.arch!r}")
+        _check(self.n_layer >= 1 and self.n_head >= 1 and self.d_model >= 1, "model sizes must be >= 1")
+        _check(self.d_model % self.n_head == 0,
+               f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        _check((self.d_model // self.n_head) % 2 == 0, "head size (d_model / n_head) must be even for rotary")
+        kv = self.n_kv_head or self.n_head
+        _check(self.n_head % kv == 0, f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({kv})")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return ((8 * self.d_model // 3) + 63) // 64 * 64
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine and wsd)."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to the peak learning rate."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: 'cosine', 'wsd' (warmup-stable-decay) or 'constant'."""
+    decay_frac: float = 0.2
+    """wsd only: fraction of max_steps spent in the final (linear) decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not to norms or embeddings' gains)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    eval_interval: int = 200
+    """Evaluate on the validation split every this many steps (and at the end); 0 disables."""
+    eval_batches: int = 20
+    """Micro-batches of validation data per evaluation."""
+    log_interval: int = 10
+    """Write a metrics line every this many steps."""
+    ckpt_interval: int = 500
+    """Save a checkpoint every this many steps (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the most recent checkpoints to keep."""
+    seed: int = 1337
+    """Random seed (model init, data order, dropout)."""
+    device: str = "auto"
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: str = "auto"
+    """Autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
+    compile: bool = False
+    """Compile the model with torch.compile (falls back to eager with a warning if compilation fails)."""
+    threads: int = 0
+    """CPU threads for torch (0 leaves torch's default)."""
+    max_time_s: float = 0.0
+    """Stop (and checkpoint) after this many seconds of training; 0 means no limit."""
+    target_val_loss: float = 0.0
+    """Stop (and checkpoint) as soon as an evaluation reaches this validation loss; 0 disables."""
+    plot: bool = True
+    """Write loss_curve.png into the run directory at the end."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+        _check(self.max_steps >= 1, "train.max_steps must be >= 1")
+        _check(self.lr > 0, "train.lr must be > 0")
+        _check(self.schedule in ("cosine", "wsd", "constant"),
+               f"train.schedule must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
+        _check(0.0 < self.decay_frac <= 1.0, "train.decay_frac must be in (0, 1]")
+        _check(self.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.log_interval >= 1, "train.log_interval must be >= 1")
+
+
+@dataclass
+class Config:
+    objective: str = "clm"
+    """Self-supervised objective: 'clm' (causal language modelling, next token)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the prepared data is and how it is cut into sequences."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture and size."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, evaluation, checkpointing."""
+
+    def __post_init__(self) -> None:
+        _check(self.objective in ("clm",), f"objective must be 'clm', got {self.objective!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building configs from dicts, YAML files and dotted overrides
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(sorted(options))})"
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (possibly partial, possibly nested) dict; unknown keys are errors."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{_suggest(str(key), names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``['--train.lr', '3e-4', '--model.n_layer=6']`` → nested dict. Values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"unexpected argument {arg!r} (config overrides look like --section.key value)")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} needs a value")
+            raw = args[i + 1]
+            i += 2
+        key = key.replace("-", "_")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must contain a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults ← ``base`` dict ← YAML file ← overrides, validated into a :class:`Config`."""
+    merged: dict[str, Any] = dict(base or {})
+    if path is not None:
+        merged = _merge(merged, load_yaml(path))
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    if overrides:
+        merged = _merge(merged, overrides)
+    return from_dict(Config, merged)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass (for help output)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value
+    return docs

@@ -1,0 +1,1 @@
+"""Data: sources → tokenizer → prepared shards → batches."""

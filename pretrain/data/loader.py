@@ -1,0 +1,128 @@
+"""Packed fixed-length batches from token shards: deterministic, rank-aware, resumable in O(1).
+
+Training order: each epoch cuts every shard into windows of ``seq_len + 1`` tokens (stride ``seq_len``,
+so documents are packed back to back with their EOT separators), starting at an epoch-dependent random
+offset in [0, seq_len), and visits the windows in a seeded random permutation. Global sample ``i`` is
+fully determined by (seed, i), so the loader's whole state is the number of samples consumed: resuming
+never replays batches. Rank ``r`` of ``world`` takes samples ``r*B .. (r+1)*B`` of each global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.data.prepare import load_meta
+from pretrain.data.sources import DataError
+
+
+class TokenSplit:
+    """The memory-mapped shards of one split of a prepared data directory."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        self.data_dir = Path(data_dir)
+        self.meta = load_meta(self.data_dir)
+        if split not in self.meta["splits"]:
+            raise DataError(f"{self.data_dir} has no {split!r} split")
+        info = self.meta["splits"][split]
+        self.split = split
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.shards: list[np.memmap] = []
+        for sh in info["shards"]:
+            p = self.data_dir / sh["file"]
+            if not p.is_file():
+                raise DataError(f"missing shard {p} (the data directory is incomplete)")
+            expected = sh["tokens"] * self.dtype.itemsize
+            if p.stat().st_size != expected:
+                raise DataError(f"shard {p} has {p.stat().st_size} bytes, meta.json says {expected}: "
+                                "the data directory is corrupt; run `pretrain prepare` again")
+            if sh["tokens"]:
+                self.shards.append(np.memmap(p, dtype=self.dtype, mode="r"))
+        self.tokens = sum(len(s) for s in self.shards)
+        self.bytes = int(info.get("bytes", 0))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+
+def _window_counts(shards: list[np.memmap], seq_len: int, slack: int) -> np.ndarray:
+    """Windows of seq_len+1 tokens per shard, leaving room for an offset of up to ``slack`` tokens."""
+    return np.array([max(0, (len(s) - 1 - slack) // seq_len) for s in shards], dtype=np.int64)
+
+
+class TrainLoader:
+    """Shuffled, packed training batches of shape (batch_size, seq_len + 1)."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.counts = _window_counts(split.shards, seq_len, slack=seq_len - 1)
+        self.n_windows = int(self.counts.sum())
+        if self.n_windows < 1:
+            raise DataError(f"the {split.split} split has {split.tokens:,} tokens: too few for even one sequence "
+                            f"of seq_len {seq_len} (need at least {2 * seq_len}); use a smaller data.seq_len "
+                            "or more data")
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self.samples_seen = 0  # global samples consumed (all ranks)
+        self._epoch_cache: tuple[int, np.ndarray, int] | None = None
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED])
+            offset = int(rng.integers(self.seq_len))
+            perm = rng.permutation(self.n_windows)
+            self._epoch_cache = (epoch, perm, offset)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def sample(self, index: int) -> np.ndarray:
+        """Global sample ``index`` (seq_len + 1 tokens)."""
+        epoch, pos = divmod(index, self.n_windows)
+        perm, offset = self._epoch(epoch)
+        w = int(perm[pos])
+        shard = int(np.searchsorted(self.starts, w, side="right") - 1)
+        start = offset + (w - int(self.starts[shard])) * self.seq_len
+        return self.split.shards[shard][start:start + self.seq_len + 1]
+
+    def next_batch(self) -> torch.Tensor:
+        base = self.samples_seen + self.rank * self.batch_size
+        rows = [self.sample(base + i) for i in range(self.batch_size)]
+        self.samples_seen += self.batch_size * self.world_size
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_seen / self.n_windows
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples_seen": self.samples_seen, "seed": self.seed, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seq_len") != self.seq_len or state.get("seed") != self.seed:
+            raise DataError(f"loader state was saved with seq_len={state.get('seq_len')} seed={state.get('seed')}, "
+                            f"but this run has seq_len={self.seq_len} seed={self.seed}")
+        self.samples_seen = int(state["samples_seen"])
+
+
+def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None):
+    """Deterministic evaluation batches: non-overlapping windows from offset 0, evenly spread over the
+    split when ``max_batches`` limits how many are used. Yields (batch_size', seq_len + 1) tensors."""
+    counts = _window_counts(split.shards, seq_len, slack=0)
+    total = int(counts.sum())
+    if total < 1:
+        raise DataError(f"the {split.split} split has {split.tokens:,} tokens: too few for one sequence of "
+                        f"seq_len {seq_len}; use a smaller data.seq_len or a larger --val-fraction")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    n = total if max_batches is None else min(total, max_batches * batch_size)
+    chosen = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
+    for i in range(0, len(chosen), batch_size):
+        rows = []
+        for w in chosen[i:i + batch_size]:
+            shard = int(np.searchsorted(starts, w, side="right") - 1)
+            start = int(w - starts[shard]) * seq_len
+            rows.append(split.shards[shard][start:start + seq_len + 1])
+        yield torch.from_numpy(np.stack(rows).astype(np.int64))

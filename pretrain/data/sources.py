@@ -1,0 +1,159 @@
+"""Raw documents from files, folders and globs: .txt (one document per file) and .jsonl (one per line).
+
+Every reader yields plain ``str`` documents. Problems with the input (nothing matched, a binary or
+non-UTF-8 file, a JSONL line without the text field) raise :class:`DataError` with a one-line message,
+or, with ``bad_files="skip"``, skip the file with a warning.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain import PretrainError
+
+TEXT_EXTS = {".txt", ".text", ".md", ".rst"}
+JSONL_EXTS = {".jsonl", ".ndjson"}
+BAD_FILE_POLICIES = ("error", "skip")
+
+
+class DataError(PretrainError):
+    """Bad or missing input data."""
+
+
+@dataclass
+class Source:
+    """One input file and what was read from it."""
+
+    path: Path
+    kind: str  # "text" | "jsonl"
+    sha256: str = ""
+    bytes: int = 0
+    documents: int = 0
+    skipped: str = ""  # reason, if the file was skipped
+
+    def manifest(self) -> dict:
+        out = {"path": str(self.path), "format": self.kind, "sha256": self.sha256, "bytes": self.bytes,
+               "documents": self.documents}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
+
+
+def _kind_of(path: Path) -> str:
+    return "jsonl" if path.suffix.lower() in JSONL_EXTS else "text"
+
+
+def expand_inputs(inputs: list[str]) -> list[Source]:
+    """Files, folders (recursively: .txt/.text/.md/.rst and .jsonl) and globs → sorted, de-duplicated sources.
+
+    Explicitly named files and glob matches are read whatever their extension (as JSONL if they end in
+    .jsonl/.ndjson, else as text); folders contribute only files with the extensions above.
+    """
+    if not inputs:
+        raise DataError("no input given: name at least one file, folder or glob")
+    seen: dict[Path, Source] = {}
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_file():
+            matches = [p]
+        elif p.is_dir():
+            matches = sorted(f for f in p.rglob("*") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(p).parts)
+                and f.suffix.lower() in TEXT_EXTS | JSONL_EXTS)
+            if not matches:
+                raise DataError(f"folder {p} has no .txt/.md/.rst/.jsonl files "
+                                "(name files or a glob to read other extensions)")
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+            if not matches:
+                raise DataError(f"glob {item!r} matched no files")
+        else:
+            raise DataError(f"input not found: {item}")
+        for m in matches:
+            m = m.resolve()
+            if m not in seen:
+                seen[m] = Source(path=m, kind=_kind_of(m))
+    return list(seen.values())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise DataError(f"{path} looks like a binary file (NUL bytes); not text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
+                        "re-encode it as UTF-8 or pass --bad-files skip") from None
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    text = _read_text(path)
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+        if text_field not in obj:
+            raise DataError(f"{path}:{lineno}: no field {text_field!r}; fields present: "
+                            f"{', '.join(sorted(obj)) or '(none)'} (choose one with --text-field)")
+        value = obj[text_field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not a string")
+        yield value
+
+
+def read_documents(source: Source, text_field: str = "text") -> list[str]:
+    """All non-empty documents of one source (raises DataError on bad content)."""
+    if source.kind == "jsonl":
+        docs = list(_iter_jsonl(source.path, text_field))
+    else:
+        docs = [_read_text(source.path)]
+    return [d for d in docs if d.strip()]
+
+
+def iter_documents(sources: list[Source], text_field: str = "text", bad_files: str = "error",
+                   record: bool = False) -> Iterator[str]:
+    """Yield the documents of every usable source in order.
+
+    With ``record=True`` each source's sha256, bytes and document count are filled in (and skipped
+    files are marked), so one pass both reads and describes the corpus.
+    """
+    if bad_files not in BAD_FILE_POLICIES:
+        raise DataError(f"bad_files must be one of {BAD_FILE_POLICIES}, got {bad_files!r}")
+    for src in sources:
+        if src.skipped:
+            continue
+        try:
+            docs = read_documents(src, text_field)
+        except DataError as e:
+            if bad_files == "skip":
+                warnings.warn(f"skipping {src.path}: {e}", stacklevel=2)
+                src.skipped = str(e)
+                continue
+            raise
+        if record:
+            src.sha256 = sha256_file(src.path)
+            src.bytes = src.path.stat().st_size
+            src.documents = len(docs)
+        yield from docs

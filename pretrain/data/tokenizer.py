@@ -1,0 +1,152 @@
+"""Tokenizers, all as Hugging Face `tokenizers` objects saved to one ``tokenizer.json``.
+
+Kinds: ``byte`` (256 byte tokens, id == byte value), ``char`` (one token per character seen in the
+corpus), ``bpe`` (byte-level BPE trained on the corpus), or a path to an existing tokenizer.json.
+Every tokenizer has the end-of-document token ``<|endoftext|>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from pretrain import PretrainError
+
+EOT = "<|endoftext|>"
+UNK = "<unk>"
+KINDS = ("byte", "char", "bpe")
+
+
+class TokenizerError(PretrainError):
+    """A tokenizer could not be built, loaded or used."""
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+class Tokenizer:
+    """Thin wrapper over a `tokenizers.Tokenizer` with the project's conventions (EOT token, checks)."""
+
+    def __init__(self, tk: HFTokenizer, kind: str = "custom"):
+        self.tk = tk
+        self.kind = kind
+        eot = tk.token_to_id(EOT)
+        if eot is None:
+            raise TokenizerError(f"tokenizer has no end-of-document token {EOT!r}")
+        self.eot_id: int = eot
+        self.unk_id: int | None = tk.token_to_id(UNK)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """Characters of ``text`` that this tokenizer cannot represent (map to <unk>)."""
+        if self.unk_id is None:
+            return []
+        enc = self.tk.encode(text, add_special_tokens=False)
+        return sorted({text[s:e] for i, (s, e) in zip(enc.ids, enc.offsets) if i == self.unk_id})
+
+    def to_str(self) -> str:
+        return self.tk.to_str()
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_str().encode()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        self.tk.save(str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise TokenizerError(f"tokenizer file not found: {p}")
+        try:
+            tk = HFTokenizer.from_file(str(p))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise TokenizerError(f"cannot load tokenizer {p}: {str(e).splitlines()[0][:200]}") from None
+        if tk.token_to_id(EOT) is None:
+            tk.add_special_tokens([EOT])
+        return cls(tk, kind="file")
+
+
+def byte_tokenizer() -> Tokenizer:
+    vocab = {ch: b for b, ch in sorted(bytes_to_unicode().items())}
+    vocab[EOT] = 256
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([EOT])
+    return Tokenizer(tk, kind="byte")
+
+
+def char_tokenizer(chars: Iterable[str]) -> Tokenizer:
+    """One token per character (sorted, as nanoGPT's char model), then EOT and <unk>."""
+    vocab = {c: i for i, c in enumerate(sorted(set(chars)))}
+    vocab[EOT] = len(vocab)
+    vocab[UNK] = len(vocab)
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens([EOT, UNK])
+    return Tokenizer(tk, kind="char")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenization) trained on ``texts``."""
+    if vocab_size < 257 + 1:
+        raise TokenizerError(f"bpe vocab size must be at least 258 (256 bytes + EOT + merges), got {vocab_size}")
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tk, kind="bpe")
+
+
+def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int = 8192) -> Tokenizer:
+    """``spec`` is a kind (byte/char/bpe) or a path to a tokenizer.json (or a folder holding one)."""
+    if spec == "byte":
+        return byte_tokenizer()
+    if spec == "char":
+        if texts is None:
+            raise TokenizerError("char tokenizer needs the corpus text")
+        chars: set[str] = set()
+        for t in texts:
+            chars.update(t)
+        return char_tokenizer(chars)
+    if spec == "bpe":
+        if texts is None:
+            raise TokenizerError("bpe tokenizer needs the corpus text")
+        return train_bpe(texts, vocab_size)
+    p = Path(spec)
+    if p.exists():
+        return Tokenizer.load(p)
+    raise TokenizerError(f"unknown tokenizer {spec!r}: use one of {', '.join(KINDS)} or a path to tokenizer.json")

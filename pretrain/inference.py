@@ -1,0 +1,55 @@
+"""Using a trained run: evaluate it on prepared data, generate text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain import PretrainError
+from pretrain.checkpoint import load_pretrained
+from pretrain.data.loader import TokenSplit
+from pretrain.data.prepare import load_meta
+from pretrain.train import evaluate, resolve_device
+
+
+def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val",
+                 max_batches: int | None = None, batch_size: int | None = None,
+                 device: str = "auto") -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of a run's newest checkpoint on a prepared split."""
+    dev = resolve_device(device)
+    model, cfg, _tok, meta = load_pretrained(run, dev)
+    data_dir = Path(data or cfg.data.path)
+    dmeta = load_meta(data_dir)
+    dvocab = int(dmeta["tokenizer"]["vocab_size"])
+    if dvocab > cfg.model.vocab_size:
+        raise PretrainError(f"{data_dir} was tokenized with a vocabulary of {dvocab} tokens but the model has "
+                            f"{cfg.model.vocab_size}: the data does not match this model's tokenizer")
+    if meta.get("tokenizer_sha256") and dmeta["tokenizer"]["sha256"] != meta["tokenizer_sha256"]:
+        raise PretrainError(f"{data_dir} was tokenized with a different tokenizer than the model was trained on "
+                            "(tokenizer.json differs); prepare it with --tokenizer RUN_DIR/tokenizer.json")
+    ev = evaluate(model, TokenSplit(data_dir, split), cfg.data.seq_len, batch_size or cfg.train.batch_size,
+                  dev, cfg.train.dtype, max_batches)
+    return {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split,
+            "loss": ev["loss"], "perplexity": ev["ppl"], "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"]}
+
+
+def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, device: str = "auto",
+                  num_samples: int = 1) -> list[str]:
+    """Continue ``prompt`` with the run's newest checkpoint (KV-cached sampling)."""
+    dev = resolve_device(device)
+    model, cfg, tok, _ = load_pretrained(run, dev)
+    bad = tok.unknown_chars(prompt)
+    if bad:
+        raise PretrainError(f"the prompt contains characters outside the tokenizer's vocabulary: "
+                            f"{', '.join(repr(c) for c in bad[:10])}")
+    ids = tok.encode(prompt) if prompt else [tok.eot_id]
+    if any(i >= cfg.model.vocab_size for i in ids):
+        raise PretrainError("the prompt encodes to token ids outside the model's vocabulary")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
+    out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, gen)
+    start = 0 if prompt else 1
+    return [tok.decode(row[start:].tolist()) for row in out]

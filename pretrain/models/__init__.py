@@ -1,0 +1,15 @@
+"""Model architectures (architecture only: no losses, no distributed logic)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from pretrain.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "gpt":
+        from pretrain.models.gpt import GPT
+
+        return GPT(cfg)
+    raise ValueError(f"unknown architecture {cfg.arch!r}")

@@ -1,0 +1,1 @@
+"""Self-supervised objectives: build inputs/labels from a token batch and compute the loss."""

@@ -1,0 +1,19 @@
+"""Causal language modelling: predict token t+1 from tokens <= t."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) packed tokens → inputs (B, T), targets (B, T) shifted by one."""
+    return batch[:, :-1], batch[:, 1:]
+
+
+def loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats per token) over a (B, T+1) batch."""
+    inputs, targets = split_batch(batch)
+    logits = model(inputs)  # (B, T, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))

@@ -1,0 +1,365 @@
+"""The training loop: ``train(cfg, out_dir)``. One function you can read in one sitting; the step,
+evaluation, logging and checkpointing are small functions beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pretrain import PretrainError
+from pretrain.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    read_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pretrain.config import Config, ConfigError, from_dict, load_yaml
+from pretrain.data.loader import TokenSplit, TrainLoader, eval_batches
+from pretrain.data.prepare import load_meta
+from pretrain.models import build_model
+from pretrain.objectives import clm
+from pretrain.optim import build_optimizer, lr_at
+
+# Keys that may change when a run is continued (they do not change what was trained so far).
+RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.target_val_loss", "train.eval_interval",
+                  "train.eval_batches", "train.log_interval", "train.ckpt_interval", "train.keep_checkpoints",
+                  "train.plot", "train.threads", "train.device", "train.compile", "data.path"}
+
+# Dense bf16 peak FLOP/s by device name, for MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {spec!r} but no CUDA device is available")
+    return dev
+
+
+def autocast_context(device: torch.device, dtype: str):
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def resolve_config(cfg: Config, meta: dict[str, Any]) -> Config:
+    """Fill in the values that come from the data (vocab size) and data.seq_len (max_seq_len)."""
+    d = cfg.to_dict()
+    data_vocab = int(meta["tokenizer"]["vocab_size"])
+    if d["model"]["vocab_size"] == 0:
+        d["model"]["vocab_size"] = data_vocab
+    elif d["model"]["vocab_size"] < data_vocab:
+        raise ConfigError(f"model.vocab_size {d['model']['vocab_size']} is smaller than the data's tokenizer "
+                          f"vocabulary ({data_vocab}); leave it at 0 to take it from the data")
+    if d["model"]["max_seq_len"] == 0:
+        d["model"]["max_seq_len"] = d["data"]["seq_len"]
+    elif d["model"]["max_seq_len"] < d["data"]["seq_len"]:
+        raise ConfigError(f"data.seq_len {d['data']['seq_len']} exceeds model.max_seq_len {d['model']['max_seq_len']}")
+    return from_dict(Config, d)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_config_compatible(saved: Config, new: Config) -> None:
+    a, b = _flatten(saved.to_dict()), _flatten(new.to_dict())
+    diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k) and k not in RESUMABLE_KEYS]
+    if diffs:
+        raise ConfigError("the run directory holds a run with a different configuration (" + "; ".join(diffs[:6])
+                          + "); use a new --out, or `pretrain train --resume RUN_DIR` to continue with its config")
+
+
+def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int, device: torch.device,
+             dtype: str = "auto", max_batches: int | None = None) -> dict[str, float]:
+    """Mean next-token loss over (part of) a split, with perplexity and bits per byte."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_batches(split, seq_len, batch_size, max_batches):
+            batch = batch.to(device, non_blocking=True)
+            with autocast_context(device, dtype):
+                loss = clm.loss(model, batch)
+            total += loss.item() * batch.size(0)
+            n += batch.size(0)
+    model.train(was_training)
+    mean = total / n
+    out = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": n * seq_len}
+    if split.bytes:
+        out["bpb"] = mean / math.log(2) * split.tokens / split.bytes
+    return out
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines (to stderr) otherwise."""
+
+    def __init__(self, total: int, initial: int, quiet: bool = False):
+        self.total, self.quiet = total, quiet
+        self.bar = None
+        self.t0 = time.time()
+        self.initial = initial
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: v for k, v in info.items() if k != "val_loss" or v}, refresh=True)
+            return
+        done = step - self.initial
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+        parts = [f"step {step}/{self.total}"] + [f"{k} {v}" for k, v in info.items()] + [f"eta {eta:.0f}s"]
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+    def write(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Metrics:
+    """Appends one JSON object per line to metrics.jsonl; on resume, drops lines past the checkpoint."""
+
+    def __init__(self, path: Path, keep_upto_step: int):
+        self.path = path
+        if path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= keep_upto_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash
+            path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="val", lw=1.5, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+def apply_compile(model: nn.Module, progress: Progress) -> nn.Module:
+    try:
+        return torch.compile(model)
+    except Exception as e:  # pragma: no cover - depends on the platform's compiler
+        progress.write(f"warning: torch.compile failed ({str(e).splitlines()[0]}); running eagerly")
+        return model
+
+
+def _write_config(run: Path, cfg: Config) -> None:
+    tmp = run / ".config.yaml.tmp"
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    os.replace(tmp, run / "config.yaml")
+
+
+def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
+    """Train (or continue training) a model into ``out_dir``; returns a summary dict.
+
+    If ``out_dir`` already holds a checkpoint of a run with a compatible config, training resumes from
+    its newest complete checkpoint exactly where it stopped.
+    """
+    run = Path(out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
+    meta = load_meta(cfg.data.path)
+    cfg = resolve_config(cfg, meta)
+    tc = cfg.train
+
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None and (run / "config.yaml").is_file():
+        check_config_compatible(from_dict(Config, load_yaml(run / "config.yaml")), cfg)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    train_split, val_split = TokenSplit(cfg.data.path, "train"), TokenSplit(cfg.data.path, "val")
+    if val_split.tokens == 0 and tc.eval_interval:
+        raise PretrainError(f"{cfg.data.path} has an empty validation split; prepare with --val-fraction > 0 "
+                            "or set train.eval_interval 0")
+
+    model = build_model(cfg.model)
+    loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
+    step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
+    state = None
+    if ckpt is not None:
+        cmeta = read_meta(ckpt)
+        if cmeta.get("tokenizer_sha256") not in (None, meta["tokenizer"]["sha256"]):
+            raise PretrainError(f"{cfg.data.path} was tokenized with a different tokenizer than the run in {run}")
+        load_weights(ckpt, model, cmeta)
+        state = load_state(ckpt, cmeta)
+        step, tokens_seen = cmeta["step"], cmeta["tokens_seen"]
+        elapsed, best_val = cmeta.get("elapsed_s", 0.0), cmeta.get("best_val_loss") or float("inf")
+    model.to(device)
+    optimizer = build_optimizer(model, tc, device.type)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+
+    _write_config(run, cfg)
+    shutil.copyfile(Path(cfg.data.path) / meta["tokenizer"]["file"], run / "tokenizer.json")
+    metrics = Metrics(run / "metrics.jsonl", keep_upto_step=step)
+    progress = Progress(tc.max_steps, step, quiet)
+    n_params = model.num_params()
+    progress.write(f"{'resuming ' + str(run) + ' at step ' + str(step) if step else 'training ' + str(run)}: "
+                   f"{n_params / 1e6:.2f}M parameters on {device.type}, "
+                   f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")
+    fwd = apply_compile(model, progress) if tc.compile else model
+    flops_tok, peak = model.flops_per_token(cfg.data.seq_len), peak_flops(device)
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def checkpoint(val_loss: float | None) -> None:
+        save_checkpoint(run, step, model, {
+            "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng_state()}, {
+            "tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss,
+            "best_val_loss": None if math.isinf(best_val) else best_val,
+            "tokenizer_sha256": meta["tokenizer"]["sha256"], "config": cfg.to_dict(), "n_params": n_params,
+        }, keep=tc.keep_checkpoints)
+
+    model.train()
+    t_last, tok_last, loss_sum, loss_n = time.time(), tokens_seen, torch.zeros((), device=device), 0
+    stop_reason = "max_steps"
+    last_val: float | None = None
+    saved_at = step if ckpt is not None else -1
+    while step < tc.max_steps:
+        t_step = time.time()
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(tc.grad_accum):
+            batch = loader.next_batch().to(device, non_blocking=True)
+            with autocast_context(device, tc.dtype):
+                loss = clm.loss(fwd, batch) / tc.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_n += 1
+        tokens_seen += tokens_per_step
+        elapsed += time.time() - t_step
+        record: dict[str, Any] = {}
+
+        if step % tc.log_interval == 0 or step == tc.max_steps:
+            train_loss = (loss_sum / loss_n).item()
+            if not math.isfinite(train_loss):
+                progress.close()
+                raise PretrainError(f"training diverged at step {step} (loss {train_loss}); lower train.lr")
+            dt = max(time.time() - t_last, 1e-9)
+            tok_s = (tokens_seen - tok_last) / dt
+            record = {"step": step, "tokens": tokens_seen, "train_loss": round(train_loss, 6), "lr": lr,
+                      "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tok_s, 1),
+                      "elapsed_s": round(elapsed, 3)}
+            if peak:
+                record["mfu"] = round(flops_tok * tok_s / peak, 4)
+            progress.update(step, {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"})
+            loss_sum, loss_n = torch.zeros((), device=device), 0
+
+        time_up = bool(tc.max_time_s) and elapsed >= tc.max_time_s
+        done = step == tc.max_steps or time_up
+        if time_up and step < tc.max_steps:
+            stop_reason = "max_time_s"
+        if tc.eval_interval and (step % tc.eval_interval == 0 or done):
+            t_eval = time.time()
+            ev = evaluate(fwd, val_split, cfg.data.seq_len, tc.batch_size, device, tc.dtype, tc.eval_batches)
+            elapsed += time.time() - t_eval
+            last_val = ev["loss"]
+            best_val = min(best_val, last_val)
+            record.update({"step": step, "tokens": tokens_seen, "val_loss": round(ev["loss"], 6),
+                           "val_ppl": round(ev["ppl"], 4), "elapsed_s": round(elapsed, 3)})
+            if "bpb" in ev:
+                record["val_bpb"] = round(ev["bpb"], 6)
+            progress.write(f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) at {elapsed:.1f}s")
+            if tc.target_val_loss and last_val <= tc.target_val_loss:
+                done, stop_reason = True, "target_val_loss"
+        if record:
+            metrics.write(record)
+        if done or (tc.ckpt_interval and step % tc.ckpt_interval == 0):
+            checkpoint(last_val)
+            saved_at = step
+        if done:
+            break
+        if record:
+            t_last, tok_last = time.time(), tokens_seen
+
+    if saved_at != step:
+        checkpoint(last_val)
+    progress.close()
+    metrics.close()
+    if tc.plot and (run / "metrics.jsonl").stat().st_size:
+        plot_metrics(run / "metrics.jsonl", run / "loss_curve.png")
+    return {"run_dir": str(run), "step": step, "tokens_seen": tokens_seen, "elapsed_s": round(elapsed, 3),
+            "val_loss": last_val, "best_val_loss": None if math.isinf(best_val) else best_val,
+            "stop_reason": stop_reason, "n_params": n_params}
