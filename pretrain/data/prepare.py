@@ -142,11 +142,9 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
     # Pass 1: read everything once (validates files, fills in the manifest), count documents.
     n_docs = 0
     n_val_hash = 0
-    last_doc = ""
     for doc in iter_documents(sources, text_field, bad_files, record=True):
         n_docs += 1
         n_val_hash += _is_val(doc, val_fraction)
-        last_doc = doc
     if n_docs == 0:
         raise DataError("no text found in the input: every file was empty or skipped")
     log(f"read {n_docs:,} documents from {sum(1 for s in sources if not s.skipped)} files")
