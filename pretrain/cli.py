@@ -108,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.demo import run_demo
 
-    res = run_demo(args.out, budget_s=args.budget_s, quiet=args.json)
+    res = run_demo(args.out, max_steps=args.max_steps, quiet=args.json, budget_s=args.budget_s)
     if args.json:
         print(json.dumps(res))
     return res
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, offline (a few minutes on a CPU)")
     s.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
-    s.add_argument("--budget-s", type=float, default=180.0, help="seconds of pre-training (default 180)")
+    s.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default 600)")
+    s.add_argument("--budget-s", type=float, default=300.0, help="stop pre-training after this many seconds")
     s.add_argument("--json", action="store_true")
     return p
 

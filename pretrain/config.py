@@ -136,6 +136,9 @@ class TrainConfig:
     """CPU threads for torch (0 leaves torch's default)."""
     max_time_s: float = 0.0
     """Stop (and checkpoint) after this many seconds of training; 0 means no limit."""
+    stop_at_step: int = 0
+    """Stop (and checkpoint) after this step while keeping the schedule of max_steps, to split one run
+    across several jobs (continue with `pretrain train --resume RUN --train.stop_at_step 0`); 0 disables."""
     target_val_loss: float = 0.0
     """Stop (and checkpoint) as soon as an evaluation reaches this validation loss; 0 disables."""
     plot: bool = True

@@ -35,7 +35,7 @@ from pretrain.objectives import clm
 from pretrain.optim import build_optimizer, lr_at
 
 # Keys that may change when a run is continued (they do not change what was trained so far).
-RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.target_val_loss", "train.eval_interval",
+RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.target_val_loss", "train.stop_at_step", "train.eval_interval",
                   "train.eval_batches", "train.log_interval", "train.ckpt_interval", "train.keep_checkpoints",
                   "train.plot", "train.threads", "train.device", "train.compile", "data.path"}
 
@@ -328,9 +328,9 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
             loss_sum, loss_n = torch.zeros((), device=device), 0
 
         time_up = bool(tc.max_time_s) and elapsed >= tc.max_time_s
-        done = step == tc.max_steps or time_up
-        if time_up and step < tc.max_steps:
-            stop_reason = "max_time_s"
+        done = step == tc.max_steps or time_up or step == tc.stop_at_step
+        if step < tc.max_steps and done:
+            stop_reason = "max_time_s" if time_up else "stop_at_step"
         if tc.eval_interval and (step % tc.eval_interval == 0 or done):
             t_eval = time.time()
             ev = evaluate(fwd, val_split, cfg.data.seq_len, tc.batch_size, device, tc.dtype, tc.eval_batches)

@@ -1,0 +1,85 @@
+"""Exact resume: a run stopped at step k (cleanly, or by SIGKILL mid-run) and resumed logs, at every later
+step, the same train loss as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from _corpus import TINY_TRAIN, overrides, write_corpus
+
+from pretrain.cli import main
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    write_corpus(root / "corpus")
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "char",
+                 "--val-fraction", "0.2"]) == 0
+    return root / "data"
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), "metrics.jsonl has duplicated steps after resume"
+    return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(data_dir), "--quiet"]) == 0
+    return losses(run)
+
+
+def test_stop_and_resume_is_exact(tmp_path, data_dir, reference):
+    run = tmp_path / "run"
+    common = [*overrides(TINY_TRAIN), "--data.path", str(data_dir), "--quiet"]
+    assert main(["train", "--out", str(run), *common, "--train.stop_at_step", "13"]) == 0
+    assert sorted(losses(run)) == list(range(1, 14))
+    # re-running the same command continues the run (no --resume needed) ...
+    assert main(["train", "--out", str(run), *common, "--train.stop_at_step", "21"]) == 0
+    # ... and --resume continues with the saved config
+    assert main(["train", "--resume", str(run), "--train.stop_at_step", "0", "--quiet"]) == 0
+    assert losses(run) == reference
+
+
+def test_sigkill_mid_run_then_resume_is_exact(tmp_path, data_dir, reference):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(data_dir), "--quiet"]
+    # a child process that trains slowly (each micro-batch sleeps) so it can be killed mid-run
+    script = textwrap.dedent(f"""
+        import sys, time
+        import pretrain.objectives.clm as clm
+        _loss = clm.loss
+        def slow_loss(model, batch):
+            time.sleep(0.05)
+            return _loss(model, batch)
+        clm.loss = slow_loss
+        from pretrain.cli import main
+        sys.exit(main({args!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
+    marker = run / "checkpoints" / "step_000010" / "meta.json"
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, "training finished or failed before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.01)
+    time.sleep(0.3)  # a few steps past the checkpoint, mid-step
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    logged = losses(run)
+    assert 10 <= max(logged) < 30  # killed after the checkpoint, before the end
+    assert main(args) == 0  # the same command again resumes from step 10
+    assert losses(run) == reference

@@ -1,0 +1,79 @@
+"""End to end through the CLI: prepare → train → eval → generate, and what a run directory holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from _corpus import TINY_TRAIN, overrides, write_corpus
+
+from pretrain.cli import main
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    write_corpus(root / "corpus")
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "char",
+                 "--val-fraction", "0.2"]) == 0
+    return root / "data"
+
+
+def test_cli_end_to_end(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--json", "--quiet", *overrides(TINY_TRAIN), "--data.path", str(data_dir),
+            "--train.plot", "true"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 30 and summary["stop_reason"] == "max_steps"
+    assert summary["tokens_seen"] == 30 * 4 * 32
+
+    # the run directory a user finds
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["vocab_size"] > 0 and saved["model"]["max_seq_len"] == 32  # resolved values
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("tokens", "train_loss", "lr", "grad_norm", "tokens_per_s"):
+        assert all(key in r for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5  # it learns
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_000020", "step_000030"]  # keep_checkpoints = 2
+    assert (run / "checkpoints" / "latest").resolve().name == "step_000030"
+
+    assert main(["eval", str(run), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["loss"] == pytest.approx(rows[-1]["val_loss"], rel=0.05)  # full split vs 4 eval batches
+    assert ev["perplexity"] > 1 and ev["bits_per_byte"] > 0
+
+    assert main(["generate", str(run), "--prompt", "The king", "--max-new-tokens", "40", "--seed", "3",
+                 "--json"]) == 0
+    gen = json.loads(capsys.readouterr().out)
+    assert gen["samples"][0].startswith("The king") and len(gen["samples"][0]) == len("The king") + 40
+    assert main(["generate", str(run), "--prompt", "The king", "--max-new-tokens", "40", "--seed", "3",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == gen  # seeded sampling is reproducible
+
+
+def test_yaml_config_and_overrides(tmp_path, data_dir, capsys):
+    cfg = dict(TINY_TRAIN, data={"path": str(data_dir), "seq_len": 16})
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg_path), "--out", str(run), "--train.max_steps", "5", "--train.lr=1e-3",
+                 "--quiet", "--json"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["seq_len"] == 16 and saved["train"]["max_steps"] == 5 and saved["train"]["lr"] == 1e-3
+
+
+def test_time_and_target_stops(tmp_path, data_dir, capsys):
+    base = [*overrides(TINY_TRAIN), "--data.path", str(data_dir), "--quiet", "--json"]
+    assert main(["train", "--out", str(tmp_path / "a"), *base, "--train.max_steps", "100000",
+                 "--train.max_time_s", "1"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["stop_reason"] == "max_time_s" and s["step"] < 100000 and s["elapsed_s"] >= 1
+    assert main(["train", "--out", str(tmp_path / "b"), *base, "--train.target_val_loss", "100"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["stop_reason"] == "target_val_loss" and s["step"] == 10  # the first evaluation meets it
