@@ -133,8 +133,19 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
-    dirs = [d for d in root.glob("step_*") if d.is_dir() and (d / META_FILE).is_file()]
-    return sorted(dirs, key=lambda d: d.name)
+    for old in root.glob(".old_step_*"):  # a re-save of the same step crashed between its two renames
+        name = old.name[len(".old_"):].rsplit("_", 1)[0]
+        if not (root / name).exists() and (old / META_FILE).is_file():
+            os.replace(old, root / name)
+    dirs = [d for d in root.glob("step_*") if d.is_dir() and (d / META_FILE).is_file() and _step_of(d) >= 0]
+    return sorted(dirs, key=_step_of)
+
+
+def _step_of(d: Path) -> int:
+    try:
+        return int(d.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -128,7 +128,8 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
 
     Split rule: with a single document (e.g. one .txt file) the last ``val_fraction`` of its text is the
     validation split (nanoGPT's rule); with several documents, each goes to validation with probability
-    ``val_fraction`` by a hash of its content (stable across runs and machines), at least one document.
+    ``val_fraction`` by a hash of its content (stable across runs and machines), with at least one document
+    in each split.
     Returns the meta dict.
     """
     t0 = time.time()
@@ -137,6 +138,9 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if (out / META).exists() and not overwrite:
         raise DataError(f"{out} already holds prepared data; pass --overwrite to replace it")
+    if out.exists() and not (out / META).exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and is not a prepared data directory; refusing to replace it "
+                        "(choose an empty or new --out)")
     sources: list[Source] = expand_inputs(inputs)
 
     # Pass 1: read everything once (validates files, fills in the manifest), count documents.
@@ -151,6 +155,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
 
     single = n_docs == 1
     force_last_val = not single and val_fraction > 0 and n_val_hash == 0
+    force_first_train = not single and n_val_hash == n_docs  # every document hashed into validation
 
     def split_docs() -> Iterator[tuple[str, str]]:
         """(split, text) for every document, in corpus order."""
@@ -162,6 +167,8 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
                 yield "train", doc[:cut]
                 if cut < len(doc):
                     yield "val", doc[cut:]
+            elif force_first_train and i == 1:
+                yield "train", doc
             elif (force_last_val and i == n_docs) or (not force_last_val and _is_val(doc, val_fraction)):
                 yield "val", doc
             else:

@@ -1,0 +1,378 @@
+"""Checkpoints: atomic save, strict verified load, pruning, the ``latest`` link, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    load_weights,
+    read_meta,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pretrain.config import TrainConfig
+from pretrain.models.gpt import GPT
+from pretrain.optim import build_optimizer
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def trained_state(model: GPT, steps: int = 2):
+    """An optimizer that has taken ``steps`` steps on ``model`` (so it has moment buffers)."""
+    opt = build_optimizer(model, TrainConfig(lr=1e-2), "cpu")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt
+
+
+def save(run: Path, step: int, model: GPT, keep: int = 2, state: dict | None = None) -> Path:
+    return save_checkpoint(run, step, model, state if state is not None else {"step": step},
+                           {"note": "test"}, keep=keep)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ================================================================================================ round trip
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_weights_round_trip(tmp_path, tiny_model, tie):
+    model = tiny_model(seed=1, tie_embeddings=tie)
+    trained_state(model)  # move the weights away from their init
+    ckpt = save(tmp_path, 5, model)
+    assert ckpt == tmp_path / "checkpoints" / "step_000005"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+
+    other = tiny_model(seed=2, tie_embeddings=tie)
+    assert not same_weights(model, other)
+    load_weights(ckpt, other)
+    assert same_weights(model, other)
+    if tie:  # still one tensor after loading
+        assert other.lm_head.weight.data_ptr() == other.embed_tokens.weight.data_ptr()
+    else:
+        assert other.lm_head.weight.data_ptr() != other.embed_tokens.weight.data_ptr()
+    x = torch.randint(0, 50, (1, 10))
+    assert torch.equal(model(x), other(x))
+
+
+def test_meta_records_files(tmp_path, tiny_model):
+    ckpt = save(tmp_path, 3, tiny_model())
+    meta = read_meta(ckpt)
+    assert meta["step"] == 3 and meta["note"] == "test"
+    import hashlib
+
+    for name in ("model.safetensors", "state.pt"):
+        data = (ckpt / name).read_bytes()
+        assert meta["files"][name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_state_round_trip_with_optimizer_and_rng(tmp_path, tiny_model):
+    model = tiny_model(seed=3)
+    opt = trained_state(model, steps=3)
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    state = {"optimizer": opt.state_dict(), "loader": {"samples_seen": 96, "seed": 1, "seq_len": 8},
+             "step": 3, "rng": rng_state(), "losses": [1.5, 1.25]}
+    expected_draws = (random.random(), float(np.random.rand()), torch.rand(3))
+    ckpt = save(tmp_path, 3, model, state=state)
+
+    loaded = load_state(ckpt)
+    assert loaded["loader"] == state["loader"] and loaded["step"] == 3 and loaded["losses"] == [1.5, 1.25]
+    saved_opt, got_opt = state["optimizer"], loaded["optimizer"]
+    assert got_opt["param_groups"] == saved_opt["param_groups"]
+    assert saved_opt["state"].keys() == got_opt["state"].keys() and saved_opt["state"]
+    for k, s in saved_opt["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s[name], got_opt["state"][k][name])
+    # the restored optimizer is usable and continues identically
+    twin = tiny_model(seed=99)
+    load_weights(ckpt, twin)
+    opt2 = build_optimizer(twin, TrainConfig(lr=1e-2), "cpu")
+    opt2.load_state_dict(got_opt)
+    for o, m in ((opt, model), (opt2, twin)):
+        x = torch.arange(10).view(1, 10) % 50
+        o.zero_grad()
+        m(x).float().pow(2).mean().backward()
+        o.step()
+    assert same_weights(model, twin)
+    # RNG state comes back too
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    set_rng_state(loaded["rng"])
+    assert random.random() == expected_draws[0]
+    assert float(np.random.rand()) == expected_draws[1]
+    assert torch.equal(torch.rand(3), expected_draws[2])
+
+
+class Custom:
+    """An arbitrary class: unpickling it fully could run code, so weights_only loading must refuse it."""
+
+
+def test_load_state_is_weights_only(tmp_path, tiny_model):
+    ckpt = save(tmp_path, 1, tiny_model(), state={"obj": Custom()})
+    assert isinstance(torch.load(ckpt / "state.pt", weights_only=False)["obj"], Custom)  # the file is intact
+    with pytest.raises(CheckpointError, match="state.pt is corrupt"):
+        load_state(ckpt)  # ... but weights_only loading refuses arbitrary objects
+
+
+# ================================================================================================ listing
+
+
+def test_keep_last_k_and_latest_link(tmp_path, tiny_model):
+    model = tiny_model()
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30, 40):
+        save(tmp_path, step, model, keep=2)
+        assert os.readlink(root / "latest") == f"step_{step:06d}"
+        assert (root / "latest" / "meta.json").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000030", "step_000040"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000030", "step_000040"]
+    assert latest_checkpoint(tmp_path) == root / "step_000040"
+    assert resolve_checkpoint(tmp_path) == root / "step_000040"
+    assert resolve_checkpoint(root / "step_000030") == root / "step_000030"
+    save(tmp_path, 50, model, keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000050"]
+
+
+def test_resaving_the_same_step(tmp_path, tiny_model):
+    a, b = tiny_model(seed=1), tiny_model(seed=2)
+    save(tmp_path, 7, a)
+    ckpt = save(tmp_path, 7, b)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000007"]
+    fresh = tiny_model(seed=3)
+    load_weights(ckpt, fresh)
+    assert same_weights(fresh, b)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000007"]
+
+
+def test_list_ignores_incomplete(tmp_path, tiny_model):
+    model = tiny_model()
+    save(tmp_path, 1, model)
+    root = tmp_path / "checkpoints"
+    # a writer that crashed before its rename, and a step directory without meta.json
+    crashed = root / ".tmp_step_000002_12345"
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"partial")
+    half = root / "step_000003"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    (root / "step_000004.txt").write_text("not a dir")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001"]
+    assert latest_checkpoint(tmp_path) == root / "step_000001"
+    # the next save cleans up the crashed writer's temporary directory
+    save(tmp_path, 5, model)
+    assert not crashed.exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001", "step_000005"]
+
+
+def test_list_empty_and_resolve_errors(tmp_path):
+    assert list_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_checkpoint(tmp_path / "missing")
+
+
+def test_checkpoints_sort_numerically_past_six_digits(tmp_path, tiny_model):
+    model = tiny_model()
+    save(tmp_path, 999_999, model, keep=1)
+    save(tmp_path, 1_000_000, model, keep=1)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_1000000"
+
+
+# ================================================================================================ corruption
+
+
+def test_truncated_weights(tmp_path, tiny_model):
+    ckpt = save(tmp_path, 1, tiny_model())
+    p = ckpt / "model.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_weights(ckpt, tiny_model())
+
+
+def test_truncated_weights_without_recorded_sizes(tmp_path, tiny_model):
+    ckpt = save(tmp_path, 1, tiny_model())
+    meta = read_meta(ckpt)
+    del meta["files"]  # e.g. a checkpoint written by another tool: safetensors itself must notice
+    p = ckpt / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_weights(ckpt, tiny_model(), meta)
+
+
+def test_flipped_bytes_in_state(tmp_path, tiny_model):
+    model = tiny_model()
+    ckpt = save(tmp_path, 1, model, state={"optimizer": trained_state(model).state_dict()})
+    p = ckpt / "state.pt"
+    data = bytearray(p.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 8):
+        data[i] ^= 0xFF
+    p.write_bytes(bytes(data))  # same size: only the checksum can tell
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_state(ckpt)
+    meta = read_meta(ckpt)
+    del meta["files"]
+    p.write_bytes(b"\x00" * len(data))  # garbage that is not a zip archive at all
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_state(ckpt, meta)
+
+
+def test_flipped_bytes_in_weights(tmp_path, tiny_model):
+    ckpt = save(tmp_path, 1, tiny_model())
+    p = ckpt / "model.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_weights(ckpt, tiny_model())
+
+
+def test_missing_files(tmp_path, tiny_model):
+    ckpt = save(tmp_path, 1, tiny_model())
+    (ckpt / "state.pt").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_state(ckpt)
+    (ckpt / "meta.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="meta.json"):
+        load_weights(ckpt, tiny_model())
+
+
+@pytest.mark.parametrize("change", [dict(d_model=64), dict(vocab_size=60), dict(n_kv_head=2)])
+def test_shape_mismatch(tmp_path, tiny_model, change):
+    ckpt = save(tmp_path, 1, tiny_model())
+    with pytest.raises(CheckpointError, match="shape"):
+        load_weights(ckpt, tiny_model(**change))
+
+
+@pytest.mark.parametrize("change", [dict(n_layer=3), dict(n_layer=1), dict(tie_embeddings=False)])
+def test_structure_mismatch(tmp_path, tiny_model, change):
+    ckpt = save(tmp_path, 1, tiny_model())
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_weights(ckpt, tiny_model(**change))
+
+
+# ================================================================================================ crash safety
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from pretrain.config import ModelConfig
+    from pretrain.models.gpt import GPT
+    from pretrain import checkpoint
+
+    run, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, d_model=32, n_head=4, vocab_size=50, max_seq_len=32))
+    checkpoint.save_checkpoint(run, 1, model, {"step": 1}, {}, keep=2)
+    torch.save(model.state_dict(), os.path.join(run, "reference.pt"))
+
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):  # write half a file, then die without any cleanup
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(1)
+
+    torch.save = dying_save
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    checkpoint.save_checkpoint(run, {step}, model, {{"step": {step}}}, {{}}, keep=1)
+    print("unreachable")
+""")
+
+
+@pytest.mark.parametrize("mode, step", [("exit", 2), ("kill", 2), ("kill", 1)])
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, tiny_model, mode, step):
+    run = tmp_path / "run"
+    run.mkdir()
+    script = CRASH_SCRIPT.replace("{step}", str(step)).replace("{{", "{").replace("}}", "}")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(run), mode], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert "unreachable" not in proc.stdout
+    assert proc.returncode == (-9 if mode == "kill" else 1), proc.stderr
+
+    root = run / "checkpoints"
+    assert [p.name for p in list_checkpoints(run)] == ["step_000001"]  # the half-written one is not listed
+    assert latest_checkpoint(run) == root / "step_000001"
+    assert os.readlink(root / "latest") == "step_000001"
+    assert [p.name for p in root.glob(".tmp_*")]  # the crashed writer's leftovers, not yet cleaned
+    model = tiny_model(seed=5)
+    load_weights(root / "step_000001", model)
+    reference = torch.load(run / "reference.pt", weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    assert load_state(root / "step_000001") == {"step": 1}
+    # the next successful save cleans up the crashed writer's directory
+    save(run, 3, model)
+    assert not list(root.glob(".tmp_*"))
+    assert [p.name for p in list_checkpoints(run)] == ["step_000001", "step_000003"]
+
+
+def test_crash_between_renames_when_resaving_keeps_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import torch
+        from pretrain.config import ModelConfig
+        from pretrain.models.gpt import GPT
+        from pretrain import checkpoint
+
+        run = sys.argv[1]
+        model = GPT(ModelConfig(n_layer=1, d_model=16, n_head=2, vocab_size=20, max_seq_len=8))
+        checkpoint.save_checkpoint(run, 1, model, {}, {}, keep=2)
+        real_replace = os.replace
+
+        def dying_replace(src, dst):
+            real_replace(src, dst)
+            if os.path.basename(str(dst)).startswith(".old_"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.os.replace = dying_replace
+        checkpoint.save_checkpoint(run, 1, model, {}, {}, keep=2)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == -9, proc.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["step_000001"]
+
+
+def test_checkpoint_meta_is_json(tmp_path, tiny_model):
+    ckpt = save(tmp_path, 2, tiny_model())
+    json.loads((ckpt / "meta.json").read_text())
+    with pytest.raises(CheckpointError):
+        read_meta(tmp_path / "nowhere")
