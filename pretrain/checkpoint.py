@@ -109,8 +109,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     fsync_dir(root)
     _point_latest(root, final.name)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp_*"):  # leftovers of writers that crashed
+        trash = root / f".trash_{old.name}_{os.getpid()}"  # out of sight first, so a half-deleted
+        os.replace(old, trash)  # checkpoint is never mistaken for a complete one
+        shutil.rmtree(trash, ignore_errors=True)
+    for stale in [*root.glob(".tmp_*"), *root.glob(".trash_*")]:  # leftovers of crashed writers
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
     return final

@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except PretrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreadable input, unwritable output, full disk
+        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -66,6 +66,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.arch in ("gpt",), f"model.arch must be 'gpt', got {self.arch!r}")
         _check(self.n_layer >= 1 and self.n_head >= 1 and self.d_model >= 1, "model sizes must be >= 1")
+        for name in ("n_kv_head", "d_ff", "vocab_size", "max_seq_len", "init_std"):
+            _check(getattr(self, name) >= 0, f"model.{name} must be >= 0")
+        _check(self.rope_theta > 0 and self.norm_eps > 0, "model.rope_theta and model.norm_eps must be > 0")
         _check(self.d_model % self.n_head == 0,
                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         _check((self.d_model // self.n_head) % 2 == 0, "head size (d_model / n_head) must be even for rotary")
@@ -106,6 +109,11 @@ class TrainConfig:
     """Learning-rate schedule after warmup: 'cosine', 'wsd' (warmup-stable-decay) or 'constant'."""
     decay_frac: float = 0.2
     """wsd only: fraction of max_steps spent in the final (linear) decay."""
+    optimizer: str = "adamw"
+    """'adamw', or 'muon' (Muon for hidden-layer matrices at train.muon_lr, AdamW for embeddings,
+    output head and gains at train.lr)."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (orthogonalized updates have unit spectral scale, so ~0.02-0.05)."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matrices only (not to norms or embeddings' gains)."""
     beta1: float = 0.9
@@ -117,7 +125,7 @@ class TrainConfig:
     eval_interval: int = 200
     """Evaluate on the validation split every this many steps (and at the end); 0 disables."""
     eval_batches: int = 20
-    """Micro-batches of validation data per evaluation."""
+    """Micro-batches of validation data per evaluation (spread evenly over the split); 0 means all of it."""
     log_interval: int = 10
     """Write a metrics line every this many steps."""
     ckpt_interval: int = 500
@@ -147,7 +155,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
-        _check(self.lr > 0, "train.lr must be > 0")
+        _check(self.lr > 0 and self.muon_lr > 0, "train.lr and train.muon_lr must be > 0")
+        _check(self.optimizer in ("adamw", "muon"), f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         _check(self.schedule in ("cosine", "wsd", "constant"),
                f"train.schedule must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
@@ -155,6 +164,10 @@ class TrainConfig:
         _check(self.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.log_interval >= 1, "train.log_interval must be >= 1")
+        for name in ("warmup_steps", "eval_interval", "eval_batches", "ckpt_interval", "seed", "threads",
+                     "stop_at_step", "weight_decay", "grad_clip", "max_time_s", "target_val_loss"):
+            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
+        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "train.beta1 and train.beta2 must be in [0, 1)")
 
 
 @dataclass

@@ -18,6 +18,8 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
                  max_batches: int | None = None, batch_size: int | None = None,
                  device: str = "auto") -> dict[str, Any]:
     """Loss, perplexity and bits per byte of a run's newest checkpoint on a prepared split."""
+    if max_batches is not None and max_batches < 1:
+        raise PretrainError("max_batches must be >= 1")
     dev = resolve_device(device)
     model, cfg, _tok, meta = load_pretrained(run, dev)
     data_dir = Path(data or cfg.data.path)
@@ -39,17 +41,20 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, device: str = "auto",
                   num_samples: int = 1) -> list[str]:
     """Continue ``prompt`` with the run's newest checkpoint (KV-cached sampling)."""
+    if max_new_tokens < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or num_samples < 1 or temperature < 0:
+        raise PretrainError("need max_new_tokens >= 0, top_k >= 0, 0 < top_p <= 1, temperature >= 0 and "
+                            "num_samples >= 1")
     dev = resolve_device(device)
     model, cfg, tok, _ = load_pretrained(run, dev)
     bad = tok.unknown_chars(prompt)
     if bad:
         raise PretrainError(f"the prompt contains characters outside the tokenizer's vocabulary: "
                             f"{', '.join(repr(c) for c in bad[:10])}")
-    ids = tok.encode(prompt) if prompt else [tok.eot_id]
+    ids = (tok.encode(prompt) if prompt else []) or [tok.eot_id]
     if any(i >= cfg.model.vocab_size for i in ids):
         raise PretrainError("the prompt encodes to token ids outside the model's vocabulary")
     gen = torch.Generator(device=dev).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, gen)
-    start = 0 if prompt else 1
+    start = 0 if tok.encode(prompt) else 1
     return [tok.decode(row[start:].tolist()) for row in out]

@@ -10,18 +10,134 @@ import torch.nn as nn
 from pretrain.config import TrainConfig
 
 
+class MultiOptimizer:
+    """Several optimizers stepped as one (e.g. Muon for hidden matrices + AdamW for the rest).
+
+    ``param_groups`` is the concatenation of the parts' groups, so a schedule can set every group's lr;
+    ``state_dict`` / ``load_state_dict`` save and restore every part.
+    """
+
+    def __init__(self, parts: list[torch.optim.Optimizer]):
+        self.parts = parts
+
+    @property
+    def param_groups(self):
+        return [g for p in self.parts for g in p.param_groups]
+
+    @property
+    def state(self):
+        out = {}
+        for p in self.parts:
+            out.update(p.state)
+        return out
+
+    def step(self, closure=None):
+        for p in self.parts:
+            p.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parts:
+            p.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [p.state_dict() for p in self.parts]}
+
+    def load_state_dict(self, state_dict) -> None:
+        parts = state_dict.get("parts")
+        if parts is None or len(parts) != len(self.parts):
+            raise ValueError("optimizer state does not match this optimizer (different train.optimizer?)")
+        for p, s in zip(self.parts, parts):
+            p.load_state_dict(s)
+
+
+def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalize a matrix (U V^T of its SVD) with a quintic Newton-Schulz iteration
+    (Keller Jordan's Muon coefficients). bf16 on CUDA; fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        m = x @ x.mT
+        x = a * x + (b * m + c * m @ m) @ x
+    return (x.mT if transposed else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden-layer weights.
+
+    Nesterov momentum, then the update is orthogonalized and scaled by sqrt(max(1, rows/cols)); decoupled
+    weight decay. Written here (rather than torch.optim.Muon) so the orthogonalization runs in fp32 on
+    CPUs and the same code runs on torch 2.11+.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
+                 nesterov: bool = True, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = zeropower_newton_schulz(update, group["ns_steps"])
+                update *= max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+
+
+def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    return p.dim() == 2 and not any(k in name for k in ("embed", "lm_head", "wte", "wpe"))
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on matrices (dim >= 2) only; norms' gains are not decayed."""
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+    """AdamW with decoupled weight decay on matrices (dim >= 2) only; norms' gains are not decayed.
+
+    With ``train.optimizer: muon`` the hidden-layer matrices use Muon (orthogonalized momentum, learning
+    rate ``train.muon_lr``) and embeddings, output head and gains keep AdamW. Each group remembers its
+    peak lr as ``base_lr``; the schedule scales it.
+    """
+    named, seen = [], set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            named.append((name, p))
+    extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    adam_params = named
+    parts: list[torch.optim.Optimizer] = []
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in named if _is_hidden_matrix(n, p)]
+        adam_params = [(n, p) for n, p in named if not _is_hidden_matrix(n, p)]
+        parts.append(Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
+    decay = [p for _, p in adam_params if p.dim() >= 2]
+    no_decay = [p for _, p in adam_params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **extra)
+    parts.insert(0, torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      eps=1e-8, **extra))
+    for opt in parts:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return parts[0] if len(parts) == 1 else MultiOptimizer(parts)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+    """Scale every group's peak lr by the schedule at ``step``; returns the main (AdamW) lr."""
+    scale = lr_at(step, cfg) / cfg.lr
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * scale
+    return cfg.lr * scale
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -28,43 +28,62 @@ from pretrain.checkpoint import (
     set_rng_state,
 )
 from pretrain.config import Config, ConfigError, from_dict, load_yaml
-from pretrain.data.loader import TokenSplit, TrainLoader, eval_batches
+from pretrain.data.loader import TokenSplit, TrainLoader, eval_batches, eval_windows
 from pretrain.data.prepare import load_meta
 from pretrain.models import build_model
 from pretrain.objectives import clm
-from pretrain.optim import build_optimizer, lr_at
+from pretrain.optim import build_optimizer, set_lr
 
 # Keys that may change when a run is continued (they do not change what was trained so far).
 RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.target_val_loss", "train.stop_at_step", "train.eval_interval",
                   "train.eval_batches", "train.log_interval", "train.ckpt_interval", "train.keep_checkpoints",
                   "train.plot", "train.threads", "train.device", "train.compile", "data.path"}
 
-# Dense bf16 peak FLOP/s by device name, for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+# Dense bf16 peak FLOP/s (no sparsity) by device-name substring, most specific first; for MFU.
+PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+              ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+              ("A10G", 70e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
 
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {spec!r} but no CUDA device is available")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} was asked for but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {spec!r} is not supported: use auto, cpu, cuda or cuda:N")
     return dev
 
 
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """bf16 autocast on CUDA by default ('auto'), or wherever 'bf16' is asked for; fp32 otherwise."""
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
 def autocast_context(device: torch.device, dtype: str):
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
+    if autocast_dtype(device, dtype) == torch.bfloat16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s, if known (for MFU)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    for key, value in PEAK_FLOPS:  # most specific names first
+        if key in name:
+            return value
+    return None
 
 
 def resolve_config(cfg: Config, meta: dict[str, Any]) -> Config:
@@ -173,7 +192,9 @@ class Metrics:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue  # a line torn by a crash
-            path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, path)
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -208,6 +229,10 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
 
 
 def apply_compile(model: nn.Module, progress: Progress) -> nn.Module:
+    """torch.compile the model; graphs that fail to compile run eagerly (with a warning) instead of failing."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
     try:
         return torch.compile(model)
     except Exception as e:  # pragma: no cover - depends on the platform's compiler
@@ -229,6 +254,29 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
     """
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
+    with run_lock(run):
+        return _train(cfg, run, quiet)
+
+
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """One trainer per run directory: a second one fails at once instead of fighting over checkpoints."""
+    import fcntl
+
+    f = open(run / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise PretrainError(f"{run} is in use by another training process") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
     meta = load_meta(cfg.data.path)
@@ -243,13 +291,15 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     train_split, val_split = TokenSplit(cfg.data.path, "train"), TokenSplit(cfg.data.path, "val")
-    if val_split.tokens == 0 and tc.eval_interval:
-        raise PretrainError(f"{cfg.data.path} has an empty validation split; prepare with --val-fraction > 0 "
-                            "or set train.eval_interval 0")
+    if tc.eval_interval and eval_windows(val_split, cfg.data.seq_len) < 1:
+        raise PretrainError(f"the validation split of {cfg.data.path} has {val_split.tokens:,} tokens, too few "
+                            f"for one sequence of {cfg.data.seq_len}: prepare with a larger --val-fraction, "
+                            "use a smaller data.seq_len, or set train.eval_interval 0")
 
     model = build_model(cfg.model)
     loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
     step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
+    loss_sum, loss_n = 0.0, 0  # train loss summed since the last log line (checkpointed: exact resume)
     state = None
     if ckpt is not None:
         cmeta = read_meta(ckpt)
@@ -259,10 +309,14 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
         state = load_state(ckpt, cmeta)
         step, tokens_seen = cmeta["step"], cmeta["tokens_seen"]
         elapsed, best_val = cmeta.get("elapsed_s", 0.0), cmeta.get("best_val_loss") or float("inf")
+        loss_sum, loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
     model.to(device)
     optimizer = build_optimizer(model, tc, device.type)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise PretrainError(f"cannot restore the optimizer from {ckpt}: {e}") from None
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
 
@@ -275,66 +329,75 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
                    f"{n_params / 1e6:.2f}M parameters on {device.type}, "
                    f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")
     fwd = apply_compile(model, progress) if tc.compile else model
-    flops_tok, peak = model.flops_per_token(cfg.data.seq_len), peak_flops(device)
+    flops_tok = model.flops_per_token(cfg.data.seq_len)
+    peak = peak_flops(device) if autocast_dtype(device, tc.dtype) == torch.bfloat16 else None
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint(val_loss: float | None) -> None:
         save_checkpoint(run, step, model, {
-            "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng_state()}, {
+            "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
+            "loss_sum": loss_acc.item(), "loss_n": loss_n}, {
             "tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss,
             "best_val_loss": None if math.isinf(best_val) else best_val,
             "tokenizer_sha256": meta["tokenizer"]["sha256"], "config": cfg.to_dict(), "n_params": n_params,
         }, keep=tc.keep_checkpoints)
 
+    def next_batch() -> torch.Tensor:
+        batch = loader.next_batch()
+        if device.type == "cuda":
+            return batch.pin_memory().to(device, non_blocking=True)
+        return batch.to(device)
+
     model.train()
-    t_last, tok_last, loss_sum, loss_n = time.time(), tokens_seen, torch.zeros((), device=device), 0
     stop_reason = "max_steps"
     last_val: float | None = None
     saved_at = step if ckpt is not None else -1
-    while step < tc.max_steps:
-        t_step = time.time()
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    t_start, elapsed_start = time.time(), elapsed  # elapsed_s: wall time of all training so far
+    t_last, tok_last = t_start, tokens_seen
+    loss_acc = torch.tensor(loss_sum, device=device)
+    done = step >= tc.max_steps or bool(tc.stop_at_step and step >= tc.stop_at_step)
+    while not done:
+        lr = set_lr(optimizer, step, tc)
         for _ in range(tc.grad_accum):
-            batch = loader.next_batch().to(device, non_blocking=True)
+            batch = next_batch()
             with autocast_context(device, tc.dtype):
                 loss = clm.loss(fwd, batch) / tc.grad_accum
             loss.backward()
-            loss_sum += loss.detach()
+            loss_acc += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_n += 1
         tokens_seen += tokens_per_step
-        elapsed += time.time() - t_step
+        elapsed = elapsed_start + time.time() - t_start
+        time_up = bool(tc.max_time_s) and elapsed >= tc.max_time_s
+        done = step >= tc.max_steps or time_up or bool(tc.stop_at_step and step >= tc.stop_at_step)
+        if done and step < tc.max_steps:
+            stop_reason = "max_time_s" if time_up else "stop_at_step"
         record: dict[str, Any] = {}
 
         if step % tc.log_interval == 0 or step == tc.max_steps:
-            train_loss = (loss_sum / loss_n).item()
+            train_loss = loss_acc.item() / loss_n  # .item() syncs: time is read after it
+            now = time.time()
+            elapsed = elapsed_start + now - t_start
             if not math.isfinite(train_loss):
                 progress.close()
                 raise PretrainError(f"training diverged at step {step} (loss {train_loss}); lower train.lr")
-            dt = max(time.time() - t_last, 1e-9)
-            tok_s = (tokens_seen - tok_last) / dt
+            tok_s = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
             record = {"step": step, "tokens": tokens_seen, "train_loss": round(train_loss, 6), "lr": lr,
                       "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tok_s, 1),
                       "elapsed_s": round(elapsed, 3)}
             if peak:
                 record["mfu"] = round(flops_tok * tok_s / peak, 4)
             progress.update(step, {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"})
-            loss_sum, loss_n = torch.zeros((), device=device), 0
+            loss_acc.zero_()
+            loss_n = 0
 
-        time_up = bool(tc.max_time_s) and elapsed >= tc.max_time_s
-        done = step == tc.max_steps or time_up or step == tc.stop_at_step
-        if step < tc.max_steps and done:
-            stop_reason = "max_time_s" if time_up else "stop_at_step"
         if tc.eval_interval and (step % tc.eval_interval == 0 or done):
-            t_eval = time.time()
             ev = evaluate(fwd, val_split, cfg.data.seq_len, tc.batch_size, device, tc.dtype, tc.eval_batches)
-            elapsed += time.time() - t_eval
+            elapsed = elapsed_start + time.time() - t_start
             last_val = ev["loss"]
             best_val = min(best_val, last_val)
             record.update({"step": step, "tokens": tokens_seen, "val_loss": round(ev["loss"], 6),
@@ -342,16 +405,14 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
             if "bpb" in ev:
                 record["val_bpb"] = round(ev["bpb"], 6)
             progress.write(f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) at {elapsed:.1f}s")
-            if tc.target_val_loss and last_val <= tc.target_val_loss:
+            if tc.target_val_loss and last_val <= tc.target_val_loss and not done:
                 done, stop_reason = True, "target_val_loss"
         if record:
             metrics.write(record)
         if done or (tc.ckpt_interval and step % tc.ckpt_interval == 0):
             checkpoint(last_val)
             saved_at = step
-        if done:
-            break
-        if record:
+        if record and "train_loss" in record:
             t_last, tok_last = time.time(), tokens_seen
 
     if saved_at != step:

@@ -108,16 +108,22 @@ class TrainLoader:
         self.samples_seen = int(state["samples_seen"])
 
 
+def eval_windows(split: TokenSplit, seq_len: int) -> int:
+    """How many non-overlapping evaluation windows of seq_len + 1 tokens the split holds."""
+    return int(_window_counts(split.shards, seq_len, slack=0).sum())
+
+
 def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None):
     """Deterministic evaluation batches: non-overlapping windows from offset 0, evenly spread over the
-    split when ``max_batches`` limits how many are used. Yields (batch_size', seq_len + 1) tensors."""
+    split when ``max_batches`` limits how many are used (None or 0: all). Yields (batch_size', seq_len + 1)
+    tensors."""
     counts = _window_counts(split.shards, seq_len, slack=0)
     total = int(counts.sum())
     if total < 1:
         raise DataError(f"the {split.split} split has {split.tokens:,} tokens: too few for one sequence of "
                         f"seq_len {seq_len}; use a smaller data.seq_len or a larger --val-fraction")
     starts = np.concatenate([[0], np.cumsum(counts)])
-    n = total if max_batches is None else min(total, max_batches * batch_size)
+    n = total if not max_batches else min(total, max_batches * batch_size)
     chosen = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64))
     for i in range(0, len(chosen), batch_size):
         rows = []

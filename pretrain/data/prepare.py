@@ -192,35 +192,40 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-    eot = np.array([tok.eot_id], dtype=dtype)
-    for batch in _batches(split_docs(), max_chars=8 << 20):
-        encoded = tok.encode_batch([text for _, text in batch])
-        for (split, text), ids in zip(batch, encoded):
-            w = writers[split]
-            if w.documents:  # end-of-document token *between* documents
-                w.write(eot)
-            w.write(np.asarray(ids, dtype=dtype))
-            w.documents += 1
-            w.bytes += len(text.encode("utf-8"))
-    splits = {s: w.close() for s, w in writers.items()}
-    if splits["train"]["tokens"] < 2:
-        shutil.rmtree(tmp)
-        raise DataError("the training split is empty after tokenization")
-    tok.save(tmp / "tokenizer.json")
-    meta = {
-        "format": FORMAT_VERSION,
-        "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size,
-                      "eot_id": tok.eot_id, "sha256": tok.sha256()},
-        "dtype": dtype.name,
-        "val_fraction": val_fraction,
-        "split_rule": "text-tail" if single else "document-hash",
-        "splits": splits,
-        "sources": [s.manifest() for s in sources],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": round(time.time() - t0, 3),
-    }
-    write_json_atomic(tmp / META, meta)
+    try:
+        writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+        eot = np.array([tok.eot_id], dtype=dtype)
+        for batch in _batches(split_docs(), max_chars=8 << 20):
+            encoded = tok.encode_batch([text for _, text in batch])
+            for (split, text), ids in zip(batch, encoded):
+                w = writers[split]
+                if w.documents:  # end-of-document token *between* documents
+                    w.write(eot)
+                w.write(np.asarray(ids, dtype=dtype))
+                w.documents += 1
+                w.bytes += len(text.encode("utf-8"))
+        splits = {s: w.close() for s, w in writers.items()}
+        if splits["train"]["tokens"] < 2:
+            raise DataError("the training split is empty after tokenization")
+        tok.save(tmp / "tokenizer.json")
+        with open(tmp / "tokenizer.json", "rb+") as f:
+            os.fsync(f.fileno())
+        meta = {
+            "format": FORMAT_VERSION,
+            "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size,
+                          "eot_id": tok.eot_id, "sha256": tok.sha256()},
+            "dtype": dtype.name,
+            "val_fraction": val_fraction,
+            "split_rule": "text-tail" if single else "document-hash",
+            "splits": splits,
+            "sources": [s.manifest() for s in sources],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.time() - t0, 3),
+        }
+        write_json_atomic(tmp / META, meta)
+    except BaseException:  # an error or Ctrl-C: leave no half-written directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # Swap the finished directory into place.
     if out.exists():
         old = out.parent / f".{out.name}.old{os.getpid()}"

@@ -103,7 +103,7 @@ def _read_text(path: Path) -> str:
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
     text = _read_text(path)
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -120,6 +120,11 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
             continue
         if not isinstance(value, str):
             raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not a string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{path}:{lineno}: field {text_field!r} holds a lone surrogate escape (e.g. a "
+                            "truncated emoji), which is not valid Unicode text") from None
         yield value
 
 

@@ -50,7 +50,14 @@ class Tokenizer:
         if eot is None:
             raise TokenizerError(f"tokenizer has no end-of-document token {EOT!r}")
         self.eot_id: int = eot
-        self.unk_id: int | None = tk.token_to_id(UNK)
+        unk = UNK
+        try:  # the model's own unknown token, whatever its name ([UNK], <unk>, ...)
+            import json
+
+            unk = json.loads(tk.to_str())["model"].get("unk_token") or UNK
+        except (ValueError, KeyError, TypeError):
+            pass
+        self.unk_id: int | None = tk.token_to_id(unk)
 
     @property
     def vocab_size(self) -> int:

@@ -57,8 +57,8 @@ class Attention(nn.Module):
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if past == 0:
-            mask, causal = None, T > 1
+        if past == 0 or T == 1:  # a fresh sequence (causal), or one new token that sees everything cached
+            mask, causal = None, past == 0 and T > 1
         else:  # new tokens attend to every cached position and causally among themselves
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             causal = False
@@ -178,7 +178,7 @@ class GPT(nn.Module):
             if stop_token is not None and bool((nxt == stop_token).all()):
                 break
             if cache.pos >= ctx:
-                cache, logits = prefill(out[:, -(ctx // 2):])
+                cache, logits = prefill(out[:, -max(1, ctx // 2):])
             else:
                 logits = self(nxt, cache)[:, -1]
         self.train(was_training)
