@@ -170,9 +170,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
-        return json.loads((ckpt / META_FILE).read_text(encoding="utf-8"))
+        meta = json.loads((ckpt / META_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{ckpt / META_FILE} is unreadable or corrupt: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{ckpt / META_FILE} is not a pretrain checkpoint manifest")
+    return meta
 
 
 def _verify(ckpt: Path, meta: dict[str, Any], name: str) -> Path:

@@ -114,10 +114,17 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``error: ...``), exit status 2, like every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain", description="Pre-train your own foundation model.")
+    p = _Parser(prog="pretrain", description="Pre-train your own foundation model.")
     p.add_argument("--version", action="version", version=f"pretrain {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("prepare", help="corpus → tokenizer → train/val token shards")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl files, folders or globs")

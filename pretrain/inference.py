@@ -11,7 +11,7 @@ from pretrain import PretrainError
 from pretrain.checkpoint import load_pretrained
 from pretrain.data.loader import TokenSplit
 from pretrain.data.prepare import load_meta
-from pretrain.train import evaluate, resolve_device
+from pretrain.train import autocast_context, evaluate, resolve_device
 
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val",
@@ -55,6 +55,7 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
         raise PretrainError("the prompt encodes to token ids outside the model's vocabulary")
     gen = torch.Generator(device=dev).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
-    out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, gen)
+    with autocast_context(dev, cfg.train.dtype):
+        out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, gen)
     start = 0 if tok.encode(prompt) else 1
     return [tok.decode(row[start:].tolist()) for row in out]

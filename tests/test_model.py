@@ -89,7 +89,7 @@ def test_kv_cache_matches_full_forward(tiny_model, kv, chunks):
     model = tiny_model(seed=5, n_kv_head=kv)
     x = tokens(2, sum(chunks), seed=6)
     full = model(x)
-    cache = KVCache(model.cfg, 2, CTX, x.device, torch.float32)
+    cache = KVCache(model.cfg, 2, CTX)
     outs, pos = [], 0
     for n in chunks:
         outs.append(model(x[:, pos:pos + n], cache))
@@ -102,13 +102,14 @@ def test_kv_cache_shapes_with_gqa(tiny_model_cfg):
     cfg = tiny_model_cfg(n_kv_head=2)
     model = GPT(cfg)
     assert model.layers[0].self_attn.qkv_proj.weight.shape == ((4 + 2 * 2) * 8, 32)
-    cache = KVCache(cfg, 3, 10, "cpu", torch.float32)
-    assert len(cache.k) == 2 and cache.k[0].shape == (3, 2, 10, 8)
+    cache = KVCache(cfg, 3, 10)
+    model(torch.zeros(3, 4, dtype=torch.long), cache)  # allocated on first use
+    assert len(cache.k) == 2 and cache.k[0].shape == (3, 2, 10, 8) and cache.pos == 4
 
 
 def test_kv_cache_respects_context(tiny_model):
     model = tiny_model()
-    cache = KVCache(model.cfg, 1, CTX, "cpu", torch.float32)
+    cache = KVCache(model.cfg, 1, CTX)
     model(tokens(1, CTX - 2), cache)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(tokens(1, 3), cache)

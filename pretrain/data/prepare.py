@@ -252,6 +252,8 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{p} is corrupt: {e}") from None
+    if not isinstance(meta, dict) or not all(k in meta for k in ("tokenizer", "dtype", "splits")):
+        raise DataError(f"{p} is not a pretrain data manifest (expected keys tokenizer, dtype, splits)")
     if meta.get("format") != FORMAT_VERSION:
         raise DataError(f"{p}: unsupported data format {meta.get('format')!r} (expected {FORMAT_VERSION})")
     return meta

@@ -61,7 +61,8 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
+        """One more than the largest token id (a loaded tokenizer.json may have gaps in its ids)."""
+        return max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids

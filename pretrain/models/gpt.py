@@ -20,14 +20,17 @@ from pretrain.models.layers import RMSNorm, apply_rope, rope_cache
 class KVCache:
     """Pre-allocated keys/values for incremental decoding: (n_layer) × (B, n_kv_head, max_len, head_dim)."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int):
+        self.shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k: list[torch.Tensor | None] = [None] * cfg.n_layer
+        self.v: list[torch.Tensor | None] = [None] * cfg.n_layer
         self.pos = 0
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is None:  # allocated on first use, in the dtype attention runs in (bf16 under autocast)
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
         t = k.size(2)
         self.k[layer][:, :, self.pos:self.pos + t] = k
         self.v[layer][:, :, self.pos:self.pos + t] = v
@@ -168,7 +171,7 @@ class GPT(nn.Module):
         out = idx
 
         def prefill(tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
-            cache = KVCache(self.cfg, tokens.size(0), ctx, tokens.device, self.embed_tokens.weight.dtype)
+            cache = KVCache(self.cfg, tokens.size(0), ctx)
             return cache, self(tokens, cache)[:, -1]
 
         cache, logits = prefill(out[:, -ctx:] if out.size(1) > ctx else out)
