@@ -21,13 +21,20 @@ def _log(msg: str) -> None:
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate dotted config overrides (``--train.lr 3e-4`` / ``--train.lr=3e-4``) from other arguments."""
+    """Separate config overrides (``--train.lr 3e-4``, ``--train.lr=3e-4``, top-level ``--objective mlm``)
+    from other arguments."""
+    import dataclasses
+
+    from pretrain.config import Config
+
+    top_level = {f.name for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(f.type)
+                 and f.name not in ("data", "model", "train", "mlm")}
     rest, overrides = [], []
     i = 0
     while i < len(argv):
         arg = argv[i]
         key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if "." in key:
+        if "." in key or key in top_level:
             overrides.append(arg)
             if "=" not in arg and i + 1 < len(argv):
                 overrides.append(argv[i + 1])
@@ -90,6 +97,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     res = evaluate_run(args.run, args.data, split=args.split, max_batches=args.max_batches, device=args.device)
     bpb = f", {res['bits_per_byte']:.4f} bits/byte" if res["bits_per_byte"] is not None else ""
+    if "accuracy" in res:
+        bpb += f", masked-token accuracy {res['accuracy']:.2%}"
     _emit(args, res, f"{res['split']} loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}{bpb} "
                      f"({res['tokens']:,} tokens, step {res['step']})")
     return res
@@ -102,6 +111,18 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
                           args.seed, args.device, args.num_samples)
     res = {"prompt": args.prompt, "samples": texts}
     _emit(args, res, "\n---\n".join(texts))
+    return res
+
+
+def cmd_fill_mask(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.inference import fill_mask
+
+    fills = fill_mask(args.run, args.text, args.top_k, args.device)
+    res = {"text": args.text, "masks": fills}
+    lines = []
+    for i, options in enumerate(fills, 1):
+        lines.append(f"[MASK] {i}: " + ", ".join(f"{o['token']} ({o['prob']:.3f})" for o in options))
+    _emit(args, res, "\n".join(lines))
     return res
 
 
@@ -129,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prepare", help="corpus → tokenizer → train/val token shards")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl files, folders or globs")
     s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--tokenizer", default="bpe", help="byte | char | bpe | path to tokenizer.json (default bpe)")
-    s.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size for bpe (default 8192)")
+    s.add_argument("--tokenizer", default="bpe", help="byte | char | bpe | wordpiece | path to tokenizer.json (default bpe)")
+    s.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size for bpe/wordpiece (default 8192)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (default 0.1)")
     s.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
     s.add_argument("--bad-files", choices=["error", "skip"], default="error",
@@ -166,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("fill-mask", help="top-k fillers for each [MASK] in a text (masked-LM runs)")
+    s.add_argument("run", help="run directory or checkpoint directory")
+    s.add_argument("text", help='text with one or more [MASK] tokens, e.g. "the cat sat on the [MASK]."')
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, offline (a few minutes on a CPU)")
     s.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
     s.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default 600)")
@@ -190,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if overrides:
                 raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
-            {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+            {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "fill-mask": cmd_fill_mask,
+             "demo": cmd_demo}[args.command](args)
     except PretrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "gpt"
-    """Architecture: 'gpt' (decoder-only, Llama-compatible)."""
+    """Architecture: 'gpt' (decoder-only, Llama-compatible) or 'bert' (bidirectional encoder,
+    ModernBERT-compatible)."""
     n_layer: int = 4
     """Number of transformer blocks."""
     n_head: int = 4
@@ -64,7 +65,7 @@ class ModelConfig:
     """Standard deviation of the normal weight init; output projections are scaled by 1/sqrt(2*n_layer)."""
 
     def __post_init__(self) -> None:
-        _check(self.arch in ("gpt",), f"model.arch must be 'gpt', got {self.arch!r}")
+        _check(self.arch in ("gpt", "bert"), f"model.arch must be 'gpt' or 'bert', got {self.arch!r}")
         _check(self.n_layer >= 1 and self.n_head >= 1 and self.d_model >= 1, "model sizes must be >= 1")
         for name in ("n_kv_head", "d_ff", "vocab_size", "max_seq_len", "init_std"):
             _check(getattr(self, name) >= 0, f"model.{name} must be >= 0")
@@ -171,18 +172,42 @@ class TrainConfig:
 
 
 @dataclass
+class MLMConfig:
+    mask_prob: float = 0.15
+    """Fraction of (non-special) tokens selected for prediction (BERT 0.15; 0.3 also works well)."""
+    mask_token_frac: float = 0.8
+    """Of the selected tokens, the fraction replaced by [MASK]."""
+    random_token_frac: float = 0.1
+    """Of the selected tokens, the fraction replaced by a random token (the rest are left unchanged)."""
+    whole_word: bool = False
+    """Select whole words: all WordPiece pieces of a word are masked together."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.mask_prob < 1.0, "mlm.mask_prob must be in (0, 1)")
+        _check(self.mask_token_frac >= 0 and self.random_token_frac >= 0
+               and self.mask_token_frac + self.random_token_frac <= 1.0,
+               "mlm.mask_token_frac and mlm.random_token_frac must be >= 0 and sum to at most 1")
+
+
+@dataclass
 class Config:
     objective: str = "clm"
-    """Self-supervised objective: 'clm' (causal language modelling, next token)."""
+    """Self-supervised objective: 'clm' (causal LM, next token; model.arch gpt) or 'mlm' (masked LM;
+    model.arch bert)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Where the prepared data is and how it is cut into sequences."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model architecture and size."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, evaluation, checkpointing."""
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    """Masking, for objective 'mlm'."""
 
     def __post_init__(self) -> None:
-        _check(self.objective in ("clm",), f"objective must be 'clm', got {self.objective!r}")
+        _check(self.objective in ("clm", "mlm"), f"objective must be 'clm' or 'mlm', got {self.objective!r}")
+        want = {"clm": "gpt", "mlm": "bert"}[self.objective]
+        _check(self.model.arch == want, f"objective {self.objective!r} trains a {want!r} model "
+                                        f"(set model.arch: {want}), not {self.model.arch!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from pretrain import PretrainError
 from pretrain.checkpoint import load_pretrained
 from pretrain.data.loader import TokenSplit
 from pretrain.data.prepare import load_meta
+from pretrain.objectives import build_objective
 from pretrain.train import autocast_context, evaluate, resolve_device
 
 
@@ -31,10 +32,14 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     if meta.get("tokenizer_sha256") and dmeta["tokenizer"]["sha256"] != meta["tokenizer_sha256"]:
         raise PretrainError(f"{data_dir} was tokenized with a different tokenizer than the model was trained on "
                             "(tokenizer.json differs); prepare it with --tokenizer RUN_DIR/tokenizer.json")
+    objective = build_objective(cfg.objective, _tok, cfg.mlm, cfg.train.seed)
     ev = evaluate(model, TokenSplit(data_dir, split), cfg.data.seq_len, batch_size or cfg.train.batch_size,
-                  dev, cfg.train.dtype, max_batches)
-    return {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split,
-            "loss": ev["loss"], "perplexity": ev["ppl"], "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"]}
+                  dev, cfg.train.dtype, max_batches, objective)
+    out = {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split, "objective": cfg.objective,
+           "loss": ev["loss"], "perplexity": ev["ppl"], "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"]}
+    if "accuracy" in ev:
+        out["accuracy"] = ev["accuracy"]
+    return out
 
 
 def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -46,6 +51,8 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
                             "num_samples >= 1")
     dev = resolve_device(device)
     model, cfg, tok, _ = load_pretrained(run, dev)
+    if cfg.objective != "clm":
+        raise PretrainError(f"{run} is a masked-LM encoder; it cannot generate text (try `pretrain fill-mask`)")
     bad = tok.unknown_chars(prompt)
     if bad:
         raise PretrainError(f"the prompt contains characters outside the tokenizer's vocabulary: "
@@ -59,3 +66,29 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
         out = model.generate(idx, max_new_tokens, temperature, top_k, top_p, gen)
     start = 0 if tok.encode(prompt) else 1
     return [tok.decode(row[start:].tolist()) for row in out]
+
+
+def fill_mask(run: str | Path, text: str, top_k: int = 5, device: str = "auto") -> list[list[dict[str, Any]]]:
+    """For each [MASK] in ``text``, the ``top_k`` most likely tokens with their probabilities."""
+    if top_k < 1:
+        raise PretrainError("top_k must be >= 1")
+    dev = resolve_device(device)
+    model, cfg, tok, _ = load_pretrained(run, dev)
+    if cfg.objective != "mlm":
+        raise PretrainError(f"{run} is a {cfg.objective!r} model; fill-mask needs a masked-LM (objective mlm) run")
+    ids = tok.encode(text)
+    if tok.mask_id is None or tok.mask_id not in ids:
+        raise PretrainError("the text has no [MASK] token to fill")
+    if tok.cls_id is not None:
+        ids = [tok.cls_id, *ids, tok.eot_id]
+    if len(ids) > cfg.model.max_seq_len:
+        raise PretrainError(f"the text is {len(ids)} tokens; the model's context is {cfg.model.max_seq_len}")
+    x = torch.tensor([ids], device=dev)
+    with torch.no_grad(), autocast_context(dev, cfg.train.dtype):
+        probs = model(x)[0].float().softmax(-1)  # (T, V)
+    out = []
+    for pos in (i for i, t in enumerate(ids) if t == tok.mask_id):
+        p, idx = probs[pos].topk(min(top_k, probs.size(-1)))
+        out.append([{"token": tok.decode([int(i)]).strip() or tok.tk.id_to_token(int(i)), "id": int(i),
+                     "prob": round(float(q), 4)} for q, i in zip(p, idx)])
+    return out

@@ -30,8 +30,9 @@ from pretrain.checkpoint import (
 from pretrain.config import Config, ConfigError, from_dict, load_yaml
 from pretrain.data.loader import TokenSplit, TrainLoader, eval_batches, eval_windows
 from pretrain.data.prepare import load_meta
+from pretrain.data.tokenizer import Tokenizer
 from pretrain.models import build_model
-from pretrain.objectives import clm
+from pretrain.objectives import CausalLM, build_objective
 from pretrain.optim import build_optimizer, set_lr
 
 # Keys that may change when a run is continued (they do not change what was trained so far).
@@ -121,22 +122,25 @@ def check_config_compatible(saved: Config, new: Config) -> None:
 
 
 def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int, device: torch.device,
-             dtype: str = "auto", max_batches: int | None = None) -> dict[str, float]:
-    """Mean next-token loss over (part of) a split, with perplexity and bits per byte."""
+             dtype: str = "auto", max_batches: int | None = None, objective=None) -> dict[str, float]:
+    """Mean loss over (part of) a split with perplexity, and bits per byte (causal LM) or accuracy (masked LM)."""
+    objective = objective or CausalLM()
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    total, n, correct = 0.0, 0, 0
     with torch.no_grad():
-        for batch in eval_batches(split, seq_len, batch_size, max_batches):
+        for i, batch in enumerate(eval_batches(split, seq_len, batch_size, max_batches)):
             batch = batch.to(device, non_blocking=True)
             with autocast_context(device, dtype):
-                loss = clm.loss(model, batch)
-            total += loss.item() * batch.size(0)
-            n += batch.size(0)
+                loss_sum, count, right = objective.eval_batch(model, batch, i)
+            total, n = total + loss_sum, n + count
+            correct = None if right is None else correct + right
     model.train(was_training)
-    mean = total / n
-    out = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": n * seq_len}
-    if split.bytes:
+    mean = total / max(n, 1)
+    out = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": n}
+    if correct is not None:
+        out["accuracy"] = correct / max(n, 1)
+    if objective.reports_bpb and split.bytes:
         out["bpb"] = mean / math.log(2) * split.tokens / split.bytes
     return out
 
@@ -297,6 +301,8 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
                             "use a smaller data.seq_len, or set train.eval_interval 0")
 
     model = build_model(cfg.model)
+    objective = build_objective(cfg.objective, Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"]),
+                                cfg.mlm, tc.seed)
     loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
     step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
     loss_sum, loss_n = 0.0, 0  # train loss summed since the last log line (checkpointed: exact resume)
@@ -359,10 +365,10 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
     done = step >= tc.max_steps or bool(tc.stop_at_step and step >= tc.stop_at_step)
     while not done:
         lr = set_lr(optimizer, step, tc)
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             batch = next_batch()
             with autocast_context(device, tc.dtype):
-                loss = clm.loss(fwd, batch) / tc.grad_accum
+                loss = objective.loss(fwd, batch, seed=(tc.seed * 1_000_003 + step) * 1024 + micro) / tc.grad_accum
             loss.backward()
             loss_acc += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
@@ -396,14 +402,16 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
             loss_n = 0
 
         if tc.eval_interval and (step % tc.eval_interval == 0 or done):
-            ev = evaluate(fwd, val_split, cfg.data.seq_len, tc.batch_size, device, tc.dtype, tc.eval_batches)
+            ev = evaluate(fwd, val_split, cfg.data.seq_len, tc.batch_size, device, tc.dtype, tc.eval_batches,
+                          objective)
             elapsed = elapsed_start + time.time() - t_start
             last_val = ev["loss"]
             best_val = min(best_val, last_val)
             record.update({"step": step, "tokens": tokens_seen, "val_loss": round(ev["loss"], 6),
                            "val_ppl": round(ev["ppl"], 4), "elapsed_s": round(elapsed, 3)})
-            if "bpb" in ev:
-                record["val_bpb"] = round(ev["bpb"], 6)
+            for key in ("bpb", "accuracy"):
+                if key in ev:
+                    record[f"val_{key}"] = round(ev[key], 6)
             progress.write(f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) at {elapsed:.1f}s")
             if tc.target_val_loss and last_val <= tc.target_val_loss and not done:
                 done, stop_reason = True, "target_val_loss"

@@ -182,7 +182,8 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
 
     # A char vocabulary is the set of characters of the whole corpus (as nanoGPT's), so validation text
     # is always representable; BPE merges are learned from the train split only.
-    texts = {"char": (text for _, text in split_docs()), "bpe": train_texts()}.get(tokenizer)
+    texts = {"char": (text for _, text in split_docs()), "bpe": train_texts(),
+             "wordpiece": train_texts()}.get(tokenizer)
     tok: Tokenizer = build_tokenizer(tokenizer, texts, vocab_size)
     dtype = token_dtype(tok.vocab_size)
     log(f"tokenizer: {tok.kind}, vocab {tok.vocab_size:,} ({dtype.name} shards)")
@@ -213,7 +214,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
         meta = {
             "format": FORMAT_VERSION,
             "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size,
-                          "eot_id": tok.eot_id, "sha256": tok.sha256()},
+                          "eot_id": tok.eot_id, "mask_id": tok.mask_id, "sha256": tok.sha256()},
             "dtype": dtype.name,
             "val_fraction": val_fraction,
             "split_rule": "text-tail" if single else "document-hash",

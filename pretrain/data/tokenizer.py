@@ -1,8 +1,9 @@
 """Tokenizers, all as Hugging Face `tokenizers` objects saved to one ``tokenizer.json``.
 
 Kinds: ``byte`` (256 byte tokens, id == byte value), ``char`` (one token per character seen in the
-corpus), ``bpe`` (byte-level BPE trained on the corpus), or a path to an existing tokenizer.json.
-Every tokenizer has the end-of-document token ``<|endoftext|>``.
+corpus), ``bpe`` (byte-level BPE trained on the corpus), ``wordpiece`` (BERT-style, lower-cased, with
+[PAD] [UNK] [CLS] [SEP] [MASK]), or a path to an existing tokenizer.json. Every tokenizer has an
+end-of-document token: ``<|endoftext|>``, or ``[SEP]`` for BERT-style vocabularies.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pretrain import PretrainError
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
-KINDS = ("byte", "char", "bpe")
+EOT_CANDIDATES = (EOT, "[SEP]", "</s>")
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+KINDS = ("byte", "char", "bpe", "wordpiece")
 
 
 class TokenizerError(PretrainError):
@@ -46,10 +49,13 @@ class Tokenizer:
     def __init__(self, tk: HFTokenizer, kind: str = "custom"):
         self.tk = tk
         self.kind = kind
-        eot = tk.token_to_id(EOT)
+        eot = next((tk.token_to_id(t) for t in EOT_CANDIDATES if tk.token_to_id(t) is not None), None)
         if eot is None:
-            raise TokenizerError(f"tokenizer has no end-of-document token {EOT!r}")
+            raise TokenizerError(f"tokenizer has no end-of-document token (one of {', '.join(EOT_CANDIDATES)})")
         self.eot_id: int = eot
+        self.mask_id: int | None = next((tk.token_to_id(t) for t in ("[MASK]", "<mask>") if tk.token_to_id(t) is not None), None)
+        self.pad_id: int | None = next((tk.token_to_id(t) for t in ("[PAD]", "<pad>") if tk.token_to_id(t) is not None), None)
+        self.cls_id: int | None = next((tk.token_to_id(t) for t in ("[CLS]", "<s>") if tk.token_to_id(t) is not None), None)
         unk = UNK
         try:  # the model's own unknown token, whatever its name ([UNK], <unk>, ...)
             import json
@@ -72,6 +78,19 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every added special token (EOT, [CLS], [MASK], [PAD], ...)."""
+        return sorted({t.content and self.tk.token_to_id(t.content) for t in self.tk.get_added_tokens_decoder().values()
+                       if t.special} - {None})
+
+    def continuation_mask(self) -> list[bool]:
+        """Per id: True where the token continues a word (WordPiece '##' pieces), for whole-word masking."""
+        out = [False] * self.vocab_size
+        for tok, i in self.tk.get_vocab(with_added_tokens=False).items():
+            out[i] = tok.startswith("##")
+        return out
 
     def unknown_chars(self, text: str) -> list[str]:
         """Characters of ``text`` that this tokenizer cannot represent (map to <unk>)."""
@@ -100,7 +119,7 @@ class Tokenizer:
             tk = HFTokenizer.from_file(str(p))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"cannot load tokenizer {p}: {str(e).splitlines()[0][:200]}") from None
-        if tk.token_to_id(EOT) is None:
+        if all(tk.token_to_id(t) is None for t in EOT_CANDIDATES):
             tk.add_special_tokens([EOT])
         return cls(tk, kind="file")
 
@@ -139,6 +158,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(tk, kind="bpe")
 
 
+def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """BERT-style uncased WordPiece with [PAD] [UNK] [CLS] [SEP] [MASK] ([SEP] ends documents)."""
+    from tokenizers import normalizers, processors
+
+    if vocab_size < 100:
+        raise TokenizerError(f"wordpiece vocab size must be at least 100, got {vocab_size}")
+    tk = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                               lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
+    tk.train_from_iterator(texts, trainer=trainer)
+    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(  # used by Hugging Face loaders, not by prepare
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return Tokenizer(tk, kind="wordpiece")
+
+
 def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int = 8192) -> Tokenizer:
     """``spec`` is a kind (byte/char/bpe) or a path to a tokenizer.json (or a folder holding one)."""
     if spec == "byte":
@@ -150,10 +188,10 @@ def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: i
         for t in texts:
             chars.update(t)
         return char_tokenizer(chars)
-    if spec == "bpe":
+    if spec in ("bpe", "wordpiece"):
         if texts is None:
-            raise TokenizerError("bpe tokenizer needs the corpus text")
-        return train_bpe(texts, vocab_size)
+            raise TokenizerError(f"{spec} tokenizer needs the corpus text")
+        return train_bpe(texts, vocab_size) if spec == "bpe" else train_wordpiece(texts, vocab_size)
     p = Path(spec)
     if p.exists():
         return Tokenizer.load(p)

@@ -12,4 +12,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from pretrain.models.gpt import GPT
 
         return GPT(cfg)
+    if cfg.arch == "bert":
+        from pretrain.models.bert import Encoder
+
+        return Encoder(cfg)
     raise ValueError(f"unknown architecture {cfg.arch!r}")

@@ -150,6 +150,10 @@ class GPT(nn.Module):
             return x
         return self.lm_head(x)  # (B, T, V)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output head: final hidden states (..., C) → vocabulary logits (..., V)."""
+        return self.lm_head(hidden)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * (non-embedding params + lm_head) + attention (12 * L * d * T)."""
         c = self.cfg
