@@ -98,7 +98,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    return p.dim() == 2 and not any(k in name for k in ("embed", "lm_head", "wte", "wpe"))
+    return p.dim() == 2 and not any(k in name for k in ("embed", "lm_head", "decoder.weight", "wte", "wpe"))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:

@@ -45,6 +45,31 @@ def trained(tmp_path_factory):
     return root, run
 
 
+MLM_ARGS = ["--objective", "mlm", "--model.arch", "bert"]
+OBJECTIVE_ARGS = {"clm": [], "mlm": MLM_ARGS}
+# what each kind of run does with its checkpoint besides `eval`
+USE_RUN = {"clm": ["generate", "--prompt", "The"], "mlm": ["fill-mask", "the [MASK] king"]}
+
+
+@pytest.fixture(scope="module")
+def trained_mlm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_mlm")
+    write_corpus(root / "corpus", n_docs=6)
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "wordpiece",
+                 "--vocab-size", "300", "--val-fraction", "0.3"]) == 0
+    run = root / "run"
+    assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), *MLM_ARGS, "--data.path", str(root / "data"),
+                 "--train.max_steps", "4", "--quiet"]) == 0
+    return root, run
+
+
+@pytest.fixture(params=["clm", "mlm"])
+def trained_any(request):
+    """(objective, root, run): the causal-LM run of :func:`trained` or a masked-LM (WordPiece, BERT) run."""
+    fixture = {"clm": "trained", "mlm": "trained_mlm"}[request.param]
+    return (request.param, *request.getfixturevalue(fixture))
+
+
 def test_missing_and_empty_input_subprocess(tmp_path):
     assert_clean_error(run_cli("prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d")), "not found")
     (tmp_path / "empty.txt").write_text("  \n")
@@ -89,17 +114,18 @@ def test_prompt_outside_vocab(trained, capsys):
     assert "outside the tokenizer's vocabulary" in error_of(capsys, "generate", str(run), "--prompt", "ζ")
 
 
-def test_corrupt_checkpoint(tmp_path, trained, capsys):
+def test_corrupt_checkpoint(tmp_path, trained_any, capsys):
     import shutil
 
-    _, run = trained
+    objective, _, run = trained_any
     bad = tmp_path / "run"
     shutil.copytree(run, bad, symlinks=True)
     ckpt = sorted((bad / "checkpoints").glob("step_*"))[-1]
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert "truncated" in error_of(capsys, "eval", str(bad))
-    res = run_cli("generate", str(bad), "--prompt", "The")
+    command, *rest = USE_RUN[objective]
+    res = run_cli(command, str(bad), *rest)
     assert_clean_error(res, "truncated")
 
 
@@ -117,10 +143,10 @@ def test_data_with_other_tokenizer(tmp_path, trained, capsys):
     assert "different tokenizer" in error_of(capsys, "eval", str(run), "--data", str(tmp_path / "upper"))
 
 
-def test_resume_with_changed_config_is_refused(trained, capsys):
-    root, run = trained
-    err = error_of(capsys, "train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(root / "data"),
-                   "--model.n_layer", "3")
+def test_resume_with_changed_config_is_refused(trained_any, capsys):
+    objective, root, run = trained_any
+    err = error_of(capsys, "train", "--out", str(run), *overrides(TINY_TRAIN), *OBJECTIVE_ARGS[objective],
+                   "--data.path", str(root / "data"), "--model.n_layer", "3")
     assert "model.n_layer" in err and "--resume" in err
 
 

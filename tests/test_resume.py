@@ -1,5 +1,5 @@
 """Exact resume: a run stopped at step k (cleanly, or by SIGKILL mid-run) and resumed logs, at every later
-step, the same train loss as an uninterrupted run."""
+step, the same train loss as an uninterrupted run, for both objectives (causal and masked LM)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,31 @@ from _corpus import TINY_TRAIN, overrides, write_corpus
 
 from pretrain.cli import main
 
+# Each objective with a tokenizer that suits it: the causal LM on characters, the masked LM on WordPiece
+# (it needs [MASK]). Masks are drawn per step from the run's seed, so an MLM resume must be exact too.
+OBJECTIVES = {
+    "clm": {"prepare": ["--tokenizer", "char"], "train": []},
+    "mlm": {"prepare": ["--tokenizer", "wordpiece", "--vocab-size", "300"],
+            "train": ["--objective", "mlm", "--model.arch", "bert"]},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(OBJECTIVES))
+def objective(request) -> str:
+    return request.param
+
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
+def data_dir(tmp_path_factory, objective):
+    root = tmp_path_factory.mktemp(f"resume_{objective}")
     write_corpus(root / "corpus")
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "char",
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), *OBJECTIVES[objective]["prepare"],
                  "--val-fraction", "0.2"]) == 0
     return root / "data"
+
+
+def train_args(objective: str, data_dir: Path) -> list[str]:
+    return [*overrides(TINY_TRAIN), *OBJECTIVES[objective]["train"], "--data.path", str(data_dir), "--quiet"]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -35,16 +52,16 @@ def losses(run: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
-    run = tmp_path_factory.mktemp("ref") / "run"
-    assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(data_dir), "--quiet"]) == 0
+def reference(tmp_path_factory, objective, data_dir):
+    run = tmp_path_factory.mktemp(f"ref_{objective}") / "run"
+    assert main(["train", "--out", str(run), *train_args(objective, data_dir)]) == 0
     return losses(run)
 
 
 @pytest.mark.parametrize("extra", [[], ["--train.log_interval", "4", "--train.optimizer", "muon"]],
                          ids=["adamw-log1", "muon-log4"])
-def test_stop_and_resume_is_exact(tmp_path, data_dir, reference, extra):
-    common = [*overrides(TINY_TRAIN), "--data.path", str(data_dir), "--quiet", *extra]
+def test_stop_and_resume_is_exact(tmp_path, objective, data_dir, reference, extra):
+    common = [*train_args(objective, data_dir), *extra]
     if extra:  # its own uninterrupted reference
         assert main(["train", "--out", str(tmp_path / "ref"), *common]) == 0
         reference = losses(tmp_path / "ref")
@@ -59,18 +76,19 @@ def test_stop_and_resume_is_exact(tmp_path, data_dir, reference, extra):
     assert losses(run) == reference
 
 
-def test_sigkill_mid_run_then_resume_is_exact(tmp_path, data_dir, reference):
+def test_sigkill_mid_run_then_resume_is_exact(tmp_path, objective, data_dir, reference):
     run = tmp_path / "run"
-    args = ["train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(data_dir), "--quiet"]
+    args = ["train", "--out", str(run), *train_args(objective, data_dir)]
     # a child process that trains slowly (each micro-batch sleeps) so it can be killed mid-run
+    module, fn = {"clm": ("clm", "loss"), "mlm": ("mlm", "loss_and_accuracy")}[objective]
     script = textwrap.dedent(f"""
         import sys, time
-        import pretrain.objectives.clm as clm
-        _loss = clm.loss
-        def slow_loss(model, batch):
+        import pretrain.objectives.{module} as objective
+        _loss = objective.{fn}
+        def slow_loss(*args, **kwargs):
             time.sleep(0.05)
-            return _loss(model, batch)
-        clm.loss = slow_loss
+            return _loss(*args, **kwargs)
+        objective.{fn} = slow_loss
         from pretrain.cli import main
         sys.exit(main({args!r}))
     """)

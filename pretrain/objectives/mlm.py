@@ -59,7 +59,7 @@ def mask_tokens(ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator
     action = torch.rand(ids.shape, generator=generator, device="cpu").to(device)
     to_mask = selected & (action < spec.mask_token_frac)
     to_random = selected & (action >= spec.mask_token_frac) & (action < spec.mask_token_frac + spec.random_token_frac)
-    normal = torch.tensor([i for i in range(spec.vocab_size) if i not in set(spec.special_ids)], device=device)
+    normal = (~special).nonzero().squeeze(1)  # ids a random replacement may take
     random_ids = normal[torch.randint(len(normal), ids.shape, generator=generator, device="cpu").to(device)]
     inputs = torch.where(to_mask, torch.full_like(ids, spec.mask_id), ids)
     inputs = torch.where(to_random, random_ids, inputs)
