@@ -29,6 +29,9 @@ class DataConfig:
     """Prepared data directory written by `pretrain prepare` (holds meta.json and the shards)."""
     seq_len: int = 256
     """Tokens per training sequence (the context length the model is trained on)."""
+    packing: bool = True
+    """Pack documents back to back into full sequences (true), or put one document per sequence, cut at
+    seq_len and padded with [PAD] (false; needs a tokenizer with a pad token, e.g. wordpiece)."""
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 1, "data.seq_len must be >= 1")

@@ -12,7 +12,7 @@ from pretrain.checkpoint import load_pretrained
 from pretrain.data.loader import TokenSplit
 from pretrain.data.prepare import load_meta
 from pretrain.objectives import build_objective
-from pretrain.train import autocast_context, evaluate, resolve_device
+from pretrain.train import autocast_context, evaluate, padded_documents, resolve_device
 
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val",
@@ -22,7 +22,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     if max_batches is not None and max_batches < 1:
         raise PretrainError("max_batches must be >= 1")
     dev = resolve_device(device)
-    model, cfg, _tok, meta = load_pretrained(run, dev)
+    model, cfg, tok, meta = load_pretrained(run, dev)
     data_dir = Path(data or cfg.data.path)
     dmeta = load_meta(data_dir)
     dvocab = int(dmeta["tokenizer"]["vocab_size"])
@@ -32,9 +32,9 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     if meta.get("tokenizer_sha256") and dmeta["tokenizer"]["sha256"] != meta["tokenizer_sha256"]:
         raise PretrainError(f"{data_dir} was tokenized with a different tokenizer than the model was trained on "
                             "(tokenizer.json differs); prepare it with --tokenizer RUN_DIR/tokenizer.json")
-    objective = build_objective(cfg.objective, _tok, cfg.mlm, cfg.train.seed)
+    objective = build_objective(cfg.objective, tok, cfg.mlm, cfg.train.seed)
     ev = evaluate(model, TokenSplit(data_dir, split), cfg.data.seq_len, batch_size or cfg.train.batch_size,
-                  dev, cfg.train.dtype, max_batches, objective)
+                  dev, cfg.train.dtype, max_batches, objective, padded_documents(cfg, tok))
     out = {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split, "objective": cfg.objective,
            "loss": ev["loss"], "perplexity": ev["ppl"], "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"]}
     if "accuracy" in ev:

@@ -28,7 +28,7 @@ from pretrain.checkpoint import (
     set_rng_state,
 )
 from pretrain.config import Config, ConfigError, from_dict, load_yaml
-from pretrain.data.loader import TokenSplit, TrainLoader, eval_batches, eval_windows
+from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_batches, eval_windows
 from pretrain.data.prepare import load_meta
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.models import build_model
@@ -113,6 +113,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int] | None:
+    """(eot_id, pad_id) when sequences are single padded documents (data.packing false), else None."""
+    if cfg.data.packing:
+        return None
+    if cfg.objective != "mlm" or tokenizer.pad_id is None:
+        raise ConfigError("data.packing false (one padded document per sequence) needs objective mlm and a "
+                          "tokenizer with a [PAD] token (prepare with --tokenizer wordpiece)")
+    return tokenizer.eot_id, tokenizer.pad_id
+
+
 def check_config_compatible(saved: Config, new: Config) -> None:
     a, b = _flatten(saved.to_dict()), _flatten(new.to_dict())
     diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k) and k not in RESUMABLE_KEYS]
@@ -122,14 +132,15 @@ def check_config_compatible(saved: Config, new: Config) -> None:
 
 
 def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int, device: torch.device,
-             dtype: str = "auto", max_batches: int | None = None, objective=None) -> dict[str, float]:
+             dtype: str = "auto", max_batches: int | None = None, objective=None,
+             documents: tuple[int, int] | None = None) -> dict[str, float]:
     """Mean loss over (part of) a split with perplexity, and bits per byte (causal LM) or accuracy (masked LM)."""
     objective = objective or CausalLM()
     was_training = model.training
     model.eval()
     total, n, correct = 0.0, 0, 0
     with torch.no_grad():
-        for i, batch in enumerate(eval_batches(split, seq_len, batch_size, max_batches)):
+        for i, batch in enumerate(eval_batches(split, seq_len, batch_size, max_batches, documents)):
             batch = batch.to(device, non_blocking=True)
             with autocast_context(device, dtype):
                 loss_sum, count, right = objective.eval_batch(model, batch, i)
@@ -301,9 +312,13 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
                             "use a smaller data.seq_len, or set train.eval_interval 0")
 
     model = build_model(cfg.model)
-    objective = build_objective(cfg.objective, Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"]),
-                                cfg.mlm, tc.seed)
-    loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
+    tokenizer = Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"])
+    objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed)
+    documents = padded_documents(cfg, tokenizer)
+    if documents is None:
+        loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
+    else:
+        loader = DocumentLoader(train_split, cfg.data.seq_len, tc.batch_size, *documents, seed=tc.seed)
     step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
     loss_sum, loss_n = 0.0, 0  # train loss summed since the last log line (checkpointed: exact resume)
     state = None
@@ -403,7 +418,7 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
 
         if tc.eval_interval and (step % tc.eval_interval == 0 or done):
             ev = evaluate(fwd, val_split, cfg.data.seq_len, tc.batch_size, device, tc.dtype, tc.eval_batches,
-                          objective)
+                          objective, documents)
             elapsed = elapsed_start + time.time() - t_start
             last_val = ev["loss"]
             best_val = min(best_val, last_val)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -571,3 +572,57 @@ def test_mlm_whole_word_training_runs(mlm_run, tmp_path, capsys):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and 0.0 <= rows[-1]["val_accuracy"] <= 1.0
 
+
+
+# ======================================================================== padded documents (packing false)
+
+
+def test_document_spans_cut_long_documents(token_dir):
+    from pretrain.data.loader import TokenSplit, document_spans
+
+    eot = 99
+    stream = np.array([1, 2, eot, 3, 4, 5, 6, 7, eot, 8])
+    split = TokenSplit(token_dir({"train": [stream], "val": [stream]}), "train")
+    spans = document_spans(split, eot, max_len=3)
+    assert spans.tolist() == [[0, 0, 3], [0, 3, 3], [0, 6, 3], [0, 9, 1]]
+    pieces = [stream[s:s + n].tolist() for _, s, n in spans]
+    assert sum(pieces, []) == stream.tolist()  # every token exactly once, in order
+
+
+def test_document_loader_rows_are_single_padded_documents(token_dir):
+    from pretrain.data.loader import DocumentLoader, TokenSplit
+
+    eot, pad = 99, 98
+    docs = [np.arange(10 * k + 1, 10 * k + 1 + n) for k, n in enumerate([3, 7, 1, 5, 2])]
+    stream = np.concatenate(sum(([d, [eot]] for d in docs), [])[:-1])
+    split = TokenSplit(token_dir({"train": [stream], "val": [stream]}), "train")
+    loader = DocumentLoader(split, seq_len=7, batch_size=5, eot_id=eot, pad_id=pad, seed=3)
+    assert loader.n_windows == len(docs)  # every document with its EOT fits in seq_len + 1 = 8 tokens
+    rows = loader.next_batch().tolist()
+    seen = []
+    for row in rows:
+        real = [t for t in row if t != pad]
+        assert row[len(real):] == [pad] * (len(row) - len(real))  # padding only at the end
+        body = [t for t in real if t != eot]
+        assert any(body == d.tolist() for d in docs)  # exactly one whole document per row
+        seen.append(tuple(body))
+    assert len(set(seen)) == len(docs)  # an epoch visits each document once
+    state = loader.state_dict()
+    nxt = loader.next_batch()
+    loader.load_state_dict(state)
+    assert torch.equal(loader.next_batch(), nxt)  # O(1) resume
+
+
+def test_mlm_padded_documents_train_and_eval(mlm_run, tmp_path, capsys):
+    root, _ = mlm_run
+    run = tmp_path / "padded"
+    assert main(["train", "--out", str(run), *MLM_ARGS, *overrides(TINY_TRAIN), "--data.path", str(root / "data"),
+                 "--data.packing", "false", "--train.max_steps", "4", "--train.eval_interval", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["objective"] == "mlm" and 0.0 <= ev["accuracy"] <= 1.0
+    # a causal LM cannot be trained on padded documents
+    err = error_of(capsys, "train", "--out", str(tmp_path / "clm"), *overrides(TINY_TRAIN), "--data.path",
+                   str(root / "data"), "--data.packing", "false")
+    assert "packing" in err

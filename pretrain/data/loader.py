@@ -108,15 +108,73 @@ class TrainLoader:
         self.samples_seen = int(state["samples_seen"])
 
 
+def document_spans(split: TokenSplit, eot_id: int, max_len: int) -> np.ndarray:
+    """(n, 3) int64 rows (shard, start, length): every document with its end-of-document token, documents
+    longer than ``max_len`` cut into consecutive pieces of at most ``max_len`` tokens."""
+    out = []
+    for k, shard in enumerate(split.shards):
+        eots = np.flatnonzero(np.asarray(shard) == eot_id)
+        starts = np.concatenate([[0], eots + 1])
+        ends = np.concatenate([eots + 1, [len(shard)]])  # end includes the EOT
+        keep = ends > starts
+        starts, ends = starts[keep], ends[keep]
+        pieces = -(-(ends - starts) // max_len)
+        first = np.repeat(starts, pieces)
+        idx = np.arange(len(first)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        piece_start = first + idx * max_len
+        piece_len = np.minimum(max_len, np.repeat(ends, pieces) - piece_start)
+        out.append(np.stack([np.full(len(first), k), piece_start, piece_len], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
+
+
+def _padded_row(split: TokenSplit, span: np.ndarray, width: int, pad_id: int) -> np.ndarray:
+    shard, start, length = (int(v) for v in span)
+    row = np.full(width, pad_id, dtype=np.int64)
+    row[:length] = split.shards[shard][start:start + length]
+    return row
+
+
+class DocumentLoader(TrainLoader):
+    """One document per sequence, padded with ``pad_id`` (``data.packing: false``); documents longer than a
+    sequence are cut into several. Same ordering, rank slicing and O(1) resume as the packed loader."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, batch_size: int, eot_id: int, pad_id: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.seed, self.rank, self.world_size, self.pad_id = seed, rank, world_size, pad_id
+        self.spans = document_spans(split, eot_id, seq_len + 1)
+        self.n_windows = len(self.spans)
+        if self.n_windows < 1:
+            raise DataError(f"the {split.split} split has no documents")
+        self.samples_seen = 0
+        self._epoch_cache = None
+
+    def sample(self, index: int) -> np.ndarray:
+        epoch, pos = divmod(index, self.n_windows)
+        perm, _ = self._epoch(epoch)
+        return _padded_row(self.split, self.spans[int(perm[pos])], self.seq_len + 1, self.pad_id)
+
+
 def eval_windows(split: TokenSplit, seq_len: int) -> int:
     """How many non-overlapping evaluation windows of seq_len + 1 tokens the split holds."""
     return int(_window_counts(split.shards, seq_len, slack=0).sum())
 
 
-def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None):
-    """Deterministic evaluation batches: non-overlapping windows from offset 0, evenly spread over the
-    split when ``max_batches`` limits how many are used (None or 0: all). Yields (batch_size', seq_len + 1)
-    tensors."""
+def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None,
+                 documents: tuple[int, int] | None = None):
+    """Deterministic evaluation batches: non-overlapping windows from offset 0 (or, with ``documents`` =
+    (eot_id, pad_id), one padded document per row), evenly spread over the split when ``max_batches`` limits
+    how many are used (None or 0: all). Yields (batch_size', seq_len + 1) tensors."""
+    if documents is not None:
+        spans = document_spans(split, documents[0], seq_len + 1)
+        if len(spans) < 1:
+            raise DataError(f"the {split.split} split has no documents")
+        n = len(spans) if not max_batches else min(len(spans), max_batches * batch_size)
+        chosen = np.unique(np.linspace(0, len(spans) - 1, n).round().astype(np.int64))
+        for i in range(0, len(chosen), batch_size):
+            rows = [_padded_row(split, spans[j], seq_len + 1, documents[1]) for j in chosen[i:i + batch_size]]
+            yield torch.from_numpy(np.stack(rows))
+        return
     counts = _window_counts(split.shards, seq_len, slack=0)
     total = int(counts.sum())
     if total < 1:

@@ -34,22 +34,26 @@ class MaskedLM:
     def _mask(self, batch: torch.Tensor, seed: int):
         gen = torch.Generator().manual_seed(seed)
         ids = mlm.add_cls(batch, self.spec.cls_id)
-        return mlm.mask_tokens(ids, self.spec, gen)
+        attn = None
+        if self.spec.pad_id is not None and bool((ids == self.spec.pad_id).any()):
+            attn = ids != self.spec.pad_id  # padded documents (data.packing false)
+        inputs, labels = mlm.mask_tokens(ids, self.spec, gen, attn)
+        return inputs, labels, attn
 
     def loss(self, model: nn.Module, batch: torch.Tensor, seed: int) -> torch.Tensor:
-        inputs, labels = self._mask(batch, seed)
-        return mlm.loss_and_accuracy(model, inputs, labels)[0]
+        inputs, labels, attn = self._mask(batch, seed)
+        return mlm.loss_and_accuracy(model, inputs, labels, attn)[0]
 
     def eval_batch(self, model: nn.Module, batch: torch.Tensor, index: int):
-        inputs, labels = self._mask(batch, 0x5EED + index)  # the same masks at every evaluation
-        loss, correct, n = mlm.loss_and_accuracy(model, inputs, labels)
+        inputs, labels, attn = self._mask(batch, 0x5EED + index)  # the same masks at every evaluation
+        loss, correct, n = mlm.loss_and_accuracy(model, inputs, labels, attn)
         return loss.item() * n, n, int(correct)
 
 
 def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0):
     """The objective ``name`` ('clm' or 'mlm') for data tokenized with ``tokenizer``."""
     if name == "clm":
-        return CausalLM()
+        return CausalLM()  # (padded documents are refused for clm by the trainer)
     if name == "mlm":
         from pretrain import PretrainError
 
@@ -60,6 +64,7 @@ def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0):
         spec = mlm.MaskingSpec(mask_id=tokenizer.mask_id, cls_id=tokenizer.cls_id, vocab_size=tokenizer.vocab_size,
                                special_ids=tokenizer.special_ids, mask_prob=mlm_cfg.mask_prob,
                                mask_token_frac=mlm_cfg.mask_token_frac,
-                               random_token_frac=mlm_cfg.random_token_frac, continuation=cont)
+                               random_token_frac=mlm_cfg.random_token_frac, continuation=cont,
+                               pad_id=tokenizer.pad_id)
         return MaskedLM(spec, seed)
     raise ValueError(f"unknown objective {name!r}")

@@ -28,6 +28,7 @@ class MaskingSpec:
     mask_token_frac: float = 0.8
     random_token_frac: float = 0.1
     continuation: torch.Tensor | None = None  # (vocab,) bool: WordPiece '##' pieces, for whole-word masking
+    pad_id: int | None = None  # padding (data.packing false): never masked, never attended to
 
 
 def add_cls(batch: torch.Tensor, cls_id: int | None) -> torch.Tensor:
