@@ -126,6 +126,15 @@ def cmd_fill_mask(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.export import export_hf
+
+    res = export_hf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    _emit(args, res, f"exported {args.run} (step {res['step']}) to {res['out']} as {res['architecture']} "
+                     f"({', '.join(res['weights'])}, {res['dtype']})")
+    return res
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.demo import run_demo
 
@@ -194,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("export", help="write a run in the Hugging Face layout (Llama / ModernBERT)")
+    s.add_argument("run", help="run directory or checkpoint directory")
+    s.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, tokenizer...)")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, offline (a few minutes on a CPU)")
     s.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
     s.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default 600)")
@@ -219,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             if overrides:
                 raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
             {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "fill-mask": cmd_fill_mask,
-             "demo": cmd_demo}[args.command](args)
+             "export": cmd_export, "demo": cmd_demo}[args.command](args)
     except PretrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ names and our fused projections (q/k/v and gate/up), which are split here.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,3 +83,115 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 out["model." + k] = v
         return {k: v.contiguous() for k, v in out.items()}
     raise ValueError(f"no Hugging Face mapping for arch {cfg.arch!r}")
+
+
+def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_bytes: int = 5 * 1024**3,
+              overwrite: bool = False) -> dict[str, Any]:
+    """Write a run's newest checkpoint in the Hugging Face layout: config.json, model.safetensors (sharded
+    with an index above ``max_shard_bytes``), generation_config.json (decoders), tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json and a model card (README.md). Loadable with
+    ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and ``AutoTokenizer`` without custom code."""
+    from safetensors.torch import save_file
+
+    from pretrain import PretrainError
+    from pretrain.checkpoint import load_pretrained, resolve_checkpoint
+
+    if dtype not in ("fp32", "bf16"):
+        raise PretrainError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PretrainError(f"{out} exists and is not empty; pass --overwrite to replace its files")
+    model, cfg, tok, meta = load_pretrained(run, "cpu")
+    ckpt = resolve_checkpoint(run)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    sd = {k: v.to(torch_dtype).contiguous() for k, v in to_hf_state_dict(model).items()}
+
+    # weights, sharded above the threshold
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        weight_files = ["model.safetensors"]
+    else:
+        weight_files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": {k: name for name, shard in zip(weight_files, shards) for k in shard}}
+        for name, shard in zip(weight_files, shards):
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    special = {"eot_id": tok.eot_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
+    config = {**hf_config_dict(cfg.model, special), "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if cfg.model.arch == "gpt":
+        gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True, "temperature": 0.8,
+               "top_k": 50, "max_length": cfg.model.max_seq_len}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+    # tokenizer
+    tok.save(out / "tokenizer.json")
+    names = {}
+    arch = cfg.model.arch
+    for key, tid in (("eos_token", tok.eot_id), ("bos_token", tok.eot_id if arch == "gpt" else None),
+                     ("unk_token", tok.unk_id), ("pad_token", tok.pad_id), ("cls_token", tok.cls_id),
+                     ("mask_token", tok.mask_id), ("sep_token", tok.eot_id if arch == "bert" else None)):
+        if tid is not None:
+            names[key] = tok.tk.id_to_token(tid)
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len,
+               "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False, **names}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+    (out / "README.md").write_text(_model_card(cfg.model, model, meta, ckpt, config))
+    return {"out": str(out), "architecture": config["architectures"][0], "weights": weight_files,
+            "dtype": dtype, "step": meta["step"], "n_params": model.num_params()}
+
+
+def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: Path, config: dict) -> str:
+    import yaml
+
+    data_meta: dict[str, Any] = {}
+    data_path = meta.get("config", {}).get("data", {}).get("path")
+    if data_path and (Path(data_path) / "meta.json").is_file():
+        data_meta = json.loads((Path(data_path) / "meta.json").read_text())
+    arch = config["architectures"][0]
+    lines = [
+        "---", "library_name: transformers", f"pipeline_tag: {'text-generation' if cfg.arch == 'gpt' else 'fill-mask'}",
+        "---", "", f"# {Path(str(ckpt)).parent.parent.name}", "",
+        f"A {model.num_params() / 1e6:.1f}M-parameter {'decoder-only language model' if cfg.arch == 'gpt' else 'masked-language-model encoder'} "
+        f"pre-trained with `pretrain` and exported as a stock `{arch}` (no custom code needed).", "",
+        "## Architecture", "",
+        f"- {cfg.n_layer} layers, hidden size {cfg.d_model}, {cfg.n_head} attention heads"
+        f"{f' ({cfg.kv_heads} key/value heads)' if cfg.kv_heads != cfg.n_head else ''}, MLP width {cfg.ff_dim}",
+        f"- vocabulary {cfg.vocab_size:,}, context {cfg.max_seq_len} tokens, rotary base {cfg.rope_theta:g}, "
+        f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings", "",
+        "## Training", "",
+        f"- objective `{meta['config']['objective']}`, {meta['step']:,} steps, {meta.get('tokens_seen', 0):,} tokens",
+        f"- final validation loss {meta['val_loss']:.4f}" if meta.get("val_loss") is not None else "- no validation result recorded",
+        "", "Training configuration:", "", "```yaml", yaml.safe_dump(meta["config"], sort_keys=False).rstrip(), "```", "",
+        "## Data", "",
+    ]
+    if data_meta:
+        for split, info in data_meta["splits"].items():
+            lines.append(f"- {split}: {info['tokens']:,} tokens, {info['documents']:,} documents")
+        lines += ["", "| source | sha256 | bytes | documents | licence |", "|---|---|---|---|---|"]
+        for s in data_meta["sources"][:50]:
+            lines.append(f"| {Path(s['path']).name} | `{s['sha256'][:12]}` | {s['bytes']:,} | {s['documents']:,} | "
+                         f"{s.get('licence', 'not given')} |")
+        if len(data_meta["sources"]) > 50:
+            lines.append(f"| … {len(data_meta['sources']) - 50} more | | | | |")
+    else:
+        lines.append("The prepared data directory was not available at export time.")
+    usage = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+             "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)"
+             if cfg.arch == "gpt" else
+             "from transformers import pipeline\nfill = pipeline('fill-mask', model=PATH)")
+    lines += ["", "## Use", "", "```python", usage, "```", ""]
+    return "\n".join(lines)

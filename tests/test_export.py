@@ -66,3 +66,77 @@ def test_encoder_matches_modernbert(tie):
         theirs = hf(input_ids=x, attention_mask=mask).logits
     real = mask.bool()
     assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
+
+
+# ================================================================== `pretrain export` → transformers Auto*
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from _corpus import TINY_TRAIN, overrides, write_corpus
+
+    from pretrain.cli import main
+
+    root = tmp_path_factory.mktemp("export")
+    write_corpus(root / "corpus", n_docs=8)
+    (root / "corpus" / "uni.txt").write_text("Ünïcödé text — naïve café, 日本語, emoji 🙂 and  spaces\ttabs.\n" * 20)
+    out = {}
+    for name, tok, extra in (("gpt", "bpe", []), ("bert", "wordpiece", ["--objective", "mlm", "--model.arch", "bert"])):
+        assert main(["prepare", str(root / "corpus"), "--out", str(root / f"data_{name}"), "--tokenizer", tok,
+                     "--vocab-size", "400", "--val-fraction", "0.2"]) == 0
+        run = root / f"run_{name}"
+        assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), *extra, "--data.path",
+                     str(root / f"data_{name}"), "--data.seq_len", "64", "--train.max_steps", "15", "--quiet"]) == 0
+        assert main(["export", str(run), "--out", str(root / f"hf_{name}")]) == 0
+        out[name] = (run, root / f"hf_{name}")
+    return out
+
+
+MIXED = "The  king spoke — naïve café 🙂\ttabs,\n\nnew   lines <|endoftext|> and [MASK] end."
+
+
+def test_exported_decoder_loads_with_auto_classes(runs):
+    from pretrain.checkpoint import load_pretrained
+
+    run, hf_dir = runs["gpt"]
+    for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "README.md"):
+        assert (hf_dir / f).is_file(), f
+    model, _cfg, tok, _ = load_pretrained(run)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ids = hf_tok(MIXED)["input_ids"]
+    assert ids == tok.encode(MIXED)  # identical tokenization, special tokens included
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (model(x) - hf(input_ids=x).logits).abs().max().item() <= 1e-4
+    prompt = torch.tensor([tok.encode("The king")])
+    ours = model.generate(prompt, 32, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=tok.eot_id)
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_exported_encoder_loads_with_auto_classes(runs):
+    from pretrain.checkpoint import load_pretrained
+
+    run, hf_dir = runs["bert"]
+    model, _cfg, tok, _ = load_pretrained(run)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(hf_dir).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    enc = hf_tok(["the king [MASK] the crown.", MIXED], padding=True, return_tensors="pt")
+    assert enc["input_ids"][0].tolist()[: len(tok.encode("the king [MASK] the crown.")) + 2] == \
+        [tok.cls_id, *tok.encode("the king [MASK] the crown."), tok.eot_id]
+    with torch.no_grad():
+        ours = model(enc["input_ids"], attention_mask=enc["attention_mask"])
+        theirs = hf(**enc).logits
+    real = enc["attention_mask"].bool()
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
+
+
+def test_export_refuses_a_non_empty_directory(runs, tmp_path, capsys):
+    from pretrain.cli import main
+
+    run, _ = runs["gpt"]
+    (tmp_path / "x").write_text("keep me")
+    assert main(["export", str(run), "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "x").read_text() == "keep me"
