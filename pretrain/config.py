@@ -155,6 +155,9 @@ class TrainConfig:
     """Stop (and checkpoint) as soon as an evaluation reaches this validation loss; 0 disables."""
     plot: bool = True
     """Write loss_curve.png into the run directory at the end."""
+    init_from: str = ""
+    """A local Hugging Face model directory (Llama architecture: config.json + safetensors + tokenizer.json)
+    to start from; its architecture replaces the model section. Prepare the data with --tokenizer DIR."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")

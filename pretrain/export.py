@@ -195,3 +195,93 @@ def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: 
              "from transformers import pipeline\nfill = pipeline('fill-mask', model=PATH)")
     lines += ["", "## Use", "", "```python", usage, "```", ""]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+
+def model_config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
+    """A Hugging Face config.json (Llama-architecture decoders, ModernBERT encoders) → our model section.
+    Anything our blocks cannot represent exactly is an error naming it."""
+    from pretrain import PretrainError
+
+    arch = (conf.get("architectures") or [conf.get("model_type", "?")])[0]
+    mtype = conf.get("model_type")
+    if mtype in ("llama", "mistral") and not conf.get("sliding_window"):
+        for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+            if conf.get(key, ok) != ok:
+                raise PretrainError(f"cannot import {arch}: {key}={conf.get(key)!r} is not supported (needs {ok!r})")
+        rope = conf.get("rope_scaling") or {}
+        if (conf.get("rope_parameters") or {}).get("rope_type", "default") != "default" or rope:
+            raise PretrainError(f"cannot import {arch}: scaled rotary embeddings ({rope or conf['rope_parameters']}) "
+                                "are not supported")
+        theta = (conf.get("rope_parameters") or {}).get("rope_theta", conf.get("rope_theta", 10000.0))
+        hd = conf.get("head_dim") or conf["hidden_size"] // conf["num_attention_heads"]
+        if hd * conf["num_attention_heads"] != conf["hidden_size"]:
+            raise PretrainError(f"cannot import {arch}: head_dim {hd} x heads != hidden_size")
+        return {"arch": "gpt", "n_layer": conf["num_hidden_layers"], "n_head": conf["num_attention_heads"],
+                "n_kv_head": conf.get("num_key_value_heads") or conf["num_attention_heads"],
+                "d_model": conf["hidden_size"], "d_ff": conf["intermediate_size"], "vocab_size": conf["vocab_size"],
+                "max_seq_len": conf.get("max_position_embeddings", 2048), "rope_theta": float(theta),
+                "norm_eps": conf.get("rms_norm_eps", 1e-6), "tie_embeddings": bool(conf.get("tie_word_embeddings", False)),
+                "dropout": 0.0}
+    raise PretrainError(f"cannot import {arch} (model_type {mtype!r}): supported are Llama-architecture decoders "
+                        "(LlamaForCausalLM; Mistral without sliding window)")
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_hf_state_dict` for decoders: fuse q/k/v and gate/up, strip the ``model.`` prefix."""
+    out: dict[str, torch.Tensor] = {}
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        try:
+            out[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
+                [sd.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
+            out[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
+                [sd.pop(p + "mlp.gate_proj.weight"), sd.pop(p + "mlp.up_proj.weight")], dim=0)
+        except KeyError as e:
+            from pretrain import PretrainError
+
+            raise PretrainError(f"the checkpoint has no tensor {e.args[0]}: not a Llama-layout checkpoint") from None
+    for k, v in sd.items():
+        if k.startswith("model."):
+            out[k[len("model."):]] = v
+        elif k == "lm_head.weight":
+            out[k] = v
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def load_hf(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A local Hugging Face model directory → (our model section, our state dict)."""
+    from safetensors.torch import load_file
+
+    from pretrain import PretrainError
+
+    d = Path(hf_dir)
+    if not (d / "config.json").is_file():
+        raise PretrainError(f"{d} is not a Hugging Face model directory (no config.json)")
+    try:
+        conf = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PretrainError(f"{d / 'config.json'} is not valid JSON: {e}") from None
+    model_cfg = model_config_from_hf(conf)
+    if (d / "model.safetensors").is_file():
+        files = [d / "model.safetensors"]
+    elif (d / "model.safetensors.index.json").is_file():
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        files = [d / f for f in sorted(set(index["weight_map"].values()))]
+    else:
+        raise PretrainError(f"{d} has no model.safetensors (PyTorch .bin checkpoints are not loaded: "
+                            "convert them to safetensors first)")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise PretrainError(f"missing weight shard {f}")
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types on damaged files
+            raise PretrainError(f"{f} is corrupt: {str(e).splitlines()[0]}") from None
+    cfg = ModelConfig(**model_cfg)
+    return model_cfg, {k: v.float() for k, v in from_hf_state_dict(sd, cfg).items()}

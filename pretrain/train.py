@@ -113,6 +113,25 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch.Tensor]]:
+    """train.init_from: take the model section and weights from a Hugging Face directory, and check that the
+    data was tokenized with that model's tokenizer."""
+    from pretrain.export import load_hf
+
+    hf_dir = Path(cfg.train.init_from)
+    model_section, sd = load_hf(hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise PretrainError(f"{hf_dir} has no tokenizer.json: the model's tokenizer is needed to prepare the data")
+    if Tokenizer.load(hf_dir).sha256() != meta["tokenizer"]["sha256"]:
+        raise PretrainError(f"{cfg.data.path} was not tokenized with {hf_dir}'s tokenizer: prepare it with "
+                            f"`pretrain prepare ... --tokenizer {hf_dir}`")
+    if cfg.objective != "clm":
+        raise ConfigError("train.init_from supports causal-LM (Llama-architecture) checkpoints: objective clm")
+    d = cfg.to_dict()
+    d["model"] = {**model_section, "max_seq_len": max(model_section["max_seq_len"], d["data"]["seq_len"])}
+    return from_dict(Config, d), sd
+
+
 def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int] | None:
     """(eot_id, pad_id) when sequences are single padded documents (data.packing false), else None."""
     if cfg.data.packing:
@@ -295,6 +314,9 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
     meta = load_meta(cfg.data.path)
+    init_sd = None
+    if cfg.train.init_from:
+        cfg, init_sd = _from_hf(cfg, meta)
     cfg = resolve_config(cfg, meta)
     tc = cfg.train
 
@@ -331,6 +353,13 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
         step, tokens_seen = cmeta["step"], cmeta["tokens_seen"]
         elapsed, best_val = cmeta.get("elapsed_s", 0.0), cmeta.get("best_val_loss") or float("inf")
         loss_sum, loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
+    if state is None and init_sd is not None:  # a fresh run that starts from a Hugging Face checkpoint
+        try:
+            missing, unexpected = model.load_state_dict(init_sd, strict=False)
+        except RuntimeError as e:
+            raise PretrainError(f"{tc.init_from}: weights do not fit its config.json ({str(e).splitlines()[1:2]})") from None
+        if unexpected or set(missing) - ({"lm_head.weight"} if cfg.model.tie_embeddings else set()):
+            raise PretrainError(f"{tc.init_from}: missing {missing[:4]} / unexpected {unexpected[:4]} tensors")
     model.to(device)
     optimizer = build_optimizer(model, tc, device.type)
     if state is not None:

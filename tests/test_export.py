@@ -6,6 +6,8 @@ fused projections split (pretrain.export) — fp32, max abs difference <= 1e-4.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -140,3 +142,89 @@ def test_export_refuses_a_non_empty_directory(runs, tmp_path, capsys):
     (tmp_path / "x").write_text("keep me")
     assert main(["export", str(run), "--out", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "x").read_text() == "keep me"
+
+
+# ============================================================== `--train.init_from HF_DIR` (import)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A tiny randomly initialised transformers Llama saved locally, with a tokenizer.json of ours."""
+    from _corpus import write_corpus
+
+    from pretrain.data.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("import")
+    paths = write_corpus(root / "corpus", n_docs=8)
+    tok = train_bpe([p.read_text() for p in paths], 350)
+    conf = transformers.LlamaConfig(vocab_size=tok.vocab_size + 6, hidden_size=64, intermediate_size=160,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(conf).eval()
+    _randomize_gains(hf)
+    hf.save_pretrained(root / "hf", safe_serialization=True)
+    tok.save(root / "hf" / "tokenizer.json")
+    return root, hf
+
+
+def test_import_llama_matches_and_trains(hf_llama, tmp_path, capsys):
+    from _corpus import TINY_TRAIN, overrides
+
+    from pretrain.cli import main
+    from pretrain.export import load_hf
+
+    root, hf = hf_llama
+    section, sd = load_hf(root / "hf")
+    model = build_model(ModelConfig(**section)).eval()
+    model.load_state_dict(sd, strict=True)
+    x = torch.randint(0, section["vocab_size"], (2, 30))
+    with torch.no_grad():
+        assert (model(x) - hf(input_ids=x).logits).abs().max().item() <= 1e-4
+    # continue pre-training from it, on data tokenized with its tokenizer
+    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "data"), "--tokenizer",
+                 str(root / "hf"), "--val-fraction", "0.2"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(tmp_path / "data"),
+                 "--train.init_from", str(root / "hf"), "--train.max_steps", "6", "--train.eval_interval", "6",
+                 "--train.lr", "1e-3", "--quiet", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 6 and summary["n_params"] == sum(p.numel() for p in hf.parameters())
+
+
+def test_import_bad_inputs(hf_llama, tmp_path, capsys):
+    import shutil
+
+    from pretrain.cli import main
+
+    root, _ = hf_llama
+    base = ["train", "--out", str(tmp_path / "r"), "--data.path", str(root / "d"), "--data.seq_len", "16"]
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "d"), "--tokenizer", "char"]) == 0
+    capsys.readouterr()
+    # data tokenized with another tokenizer
+    assert main([*base, "--train.init_from", str(root / "hf")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    # an unsupported architecture
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    assert main([*base, "--train.init_from", str(gpt2)]) == 2
+    assert "cannot import GPT2LMHeadModel" in capsys.readouterr().err
+    # missing tokenizer files
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(root / "hf", no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    assert main([*base, "--train.init_from", str(no_tok)]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    # weights that do not fit the config (shape mismatch)
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "hf", bad)
+    conf = json.loads((bad / "config.json").read_text())
+    conf["intermediate_size"] = 96
+    (bad / "config.json").write_text(json.dumps(conf))
+    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "d2"), "--tokenizer", str(bad)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "r2"), "--data.path", str(tmp_path / "d2"), "--data.seq_len", "16",
+                 "--train.init_from", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err and "bad" in err
