@@ -40,8 +40,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "gpt"
-    """Architecture: 'gpt' (decoder-only, Llama-compatible) or 'bert' (bidirectional encoder,
-    ModernBERT-compatible)."""
+    """Architecture: 'gpt' (decoder-only, Llama-compatible), 'bert' (bidirectional encoder,
+    ModernBERT-compatible), or 'gpt2' (OpenAI GPT-2 layout, for continuing imported GPT-2 checkpoints)."""
     n_layer: int = 4
     """Number of transformer blocks."""
     n_head: int = 4
@@ -68,7 +68,7 @@ class ModelConfig:
     """Standard deviation of the normal weight init; output projections are scaled by 1/sqrt(2*n_layer)."""
 
     def __post_init__(self) -> None:
-        _check(self.arch in ("gpt", "bert"), f"model.arch must be 'gpt' or 'bert', got {self.arch!r}")
+        _check(self.arch in ("gpt", "bert", "gpt2"), f"model.arch must be 'gpt', 'bert' or 'gpt2', got {self.arch!r}")
         _check(self.n_layer >= 1 and self.n_head >= 1 and self.d_model >= 1, "model sizes must be >= 1")
         for name in ("n_kv_head", "d_ff", "vocab_size", "max_seq_len", "init_std"):
             _check(getattr(self, name) >= 0, f"model.{name} must be >= 0")
@@ -211,9 +211,9 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.objective in ("clm", "mlm"), f"objective must be 'clm' or 'mlm', got {self.objective!r}")
-        want = {"clm": "gpt", "mlm": "bert"}[self.objective]
-        _check(self.model.arch == want, f"objective {self.objective!r} trains a {want!r} model "
-                                        f"(set model.arch: {want}), not {self.model.arch!r}")
+        want = {"clm": ("gpt", "gpt2"), "mlm": ("bert",)}[self.objective]
+        _check(self.model.arch in want, f"objective {self.objective!r} trains a {want[0]!r} model "
+                                        f"(set model.arch: {want[0]}), not {self.model.arch!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -43,6 +43,13 @@ def hf_config_dict(cfg: ModelConfig, special: dict[str, int | None] | None = Non
                 "embedding_dropout": 0.0, "attention_dropout": 0.0, "mlp_dropout": 0.0,
                 "pad_token_id": special.get("pad_id"), "cls_token_id": special.get("cls_id"),
                 "sep_token_id": special.get("eot_id"), "mask_token_id": special.get("mask_id")}
+    if cfg.arch == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.max_seq_len,
+                "n_inner": cfg.d_ff or 4 * cfg.d_model, "activation_function": "gelu_new",
+                "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
+                "bos_token_id": special.get("eot_id"), "eos_token_id": special.get("eot_id")}
     raise ValueError(f"no Hugging Face mapping for arch {cfg.arch!r}")
 
 
@@ -66,6 +73,16 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                     out[k] = v
             else:
                 out["model." + k] = v
+        return {k: v.contiguous() for k, v in out.items()}
+    if cfg.arch == "gpt2":
+        for k, v in sd.items():
+            if k == "lm_head.weight":
+                if not cfg.tie_embeddings:
+                    out[k] = v
+                continue
+            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                v = v.t()  # Linear (out, in) → Conv1D (in, out)
+            out["transformer." + k] = v
         return {k: v.contiguous() for k, v in out.items()}
     if cfg.arch == "bert":
         rename = {"tok_embeddings.weight": "model.embeddings.tok_embeddings.weight",
@@ -131,7 +148,7 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     special = {"eot_id": tok.eot_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
     config = {**hf_config_dict(cfg.model, special), "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    if cfg.model.arch == "gpt":
+    if cfg.model.arch in ("gpt", "gpt2"):
         gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True, "temperature": 0.8,
                "top_k": 50, "max_length": cfg.model.max_seq_len}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -140,7 +157,7 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     tok.save(out / "tokenizer.json")
     names = {}
     arch = cfg.model.arch
-    for key, tid in (("eos_token", tok.eot_id), ("bos_token", tok.eot_id if arch == "gpt" else None),
+    for key, tid in (("eos_token", tok.eot_id), ("bos_token", tok.eot_id if arch != "bert" else None),
                      ("unk_token", tok.unk_id), ("pad_token", tok.pad_id), ("cls_token", tok.cls_id),
                      ("mask_token", tok.mask_id), ("sep_token", tok.eot_id if arch == "bert" else None)):
         if tid is not None:
@@ -163,14 +180,15 @@ def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: 
         data_meta = json.loads((Path(data_path) / "meta.json").read_text())
     arch = config["architectures"][0]
     lines = [
-        "---", "library_name: transformers", f"pipeline_tag: {'text-generation' if cfg.arch == 'gpt' else 'fill-mask'}",
+        "---", "library_name: transformers", f"pipeline_tag: {'fill-mask' if cfg.arch == 'bert' else 'text-generation'}",
         "---", "", f"# {Path(str(ckpt)).parent.parent.name}", "",
-        f"A {model.num_params() / 1e6:.1f}M-parameter {'decoder-only language model' if cfg.arch == 'gpt' else 'masked-language-model encoder'} "
+        f"A {model.num_params() / 1e6:.1f}M-parameter {'masked-language-model encoder' if cfg.arch == 'bert' else 'decoder-only language model'} "
         f"pre-trained with `pretrain` and exported as a stock `{arch}` (no custom code needed).", "",
         "## Architecture", "",
         f"- {cfg.n_layer} layers, hidden size {cfg.d_model}, {cfg.n_head} attention heads"
         f"{f' ({cfg.kv_heads} key/value heads)' if cfg.kv_heads != cfg.n_head else ''}, MLP width {cfg.ff_dim}",
-        f"- vocabulary {cfg.vocab_size:,}, context {cfg.max_seq_len} tokens, rotary base {cfg.rope_theta:g}, "
+        f"- vocabulary {cfg.vocab_size:,}, context {cfg.max_seq_len} tokens, "
+        f"{'learned positions' if cfg.arch == 'gpt2' else f'rotary base {cfg.rope_theta:g}'}, "
         f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings", "",
         "## Training", "",
         f"- objective `{meta['config']['objective']}`, {meta['step']:,} steps, {meta.get('tokens_seen', 0):,} tokens",
@@ -191,7 +209,7 @@ def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: 
         lines.append("The prepared data directory was not available at export time.")
     usage = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
              "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)"
-             if cfg.arch == "gpt" else
+             if cfg.arch != "bert" else
              "from transformers import pipeline\nfill = pipeline('fill-mask', model=PATH)")
     lines += ["", "## Use", "", "```python", usage, "```", ""]
     return "\n".join(lines)
@@ -201,6 +219,16 @@ def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: 
 
 
 def model_config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
+    """A Hugging Face config.json → our model section (see :func:`_model_config_from_hf`)."""
+    from pretrain import PretrainError
+
+    try:
+        return _model_config_from_hf(conf)
+    except KeyError as e:
+        raise PretrainError(f"config.json lacks the field {e.args[0]!r}") from None
+
+
+def _model_config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
     """A Hugging Face config.json (Llama-architecture decoders, ModernBERT encoders) → our model section.
     Anything our blocks cannot represent exactly is an error naming it."""
     from pretrain import PretrainError
@@ -225,13 +253,34 @@ def model_config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
                 "max_seq_len": conf.get("max_position_embeddings", 2048), "rope_theta": float(theta),
                 "norm_eps": conf.get("rms_norm_eps", 1e-6), "tie_embeddings": bool(conf.get("tie_word_embeddings", False)),
                 "dropout": 0.0}
+    if mtype == "gpt2":
+        if conf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise PretrainError(f"cannot import {arch}: activation {conf.get('activation_function')!r}")
+        if conf.get("scale_attn_by_inverse_layer_idx") or conf.get("reorder_and_upcast_attn"):
+            raise PretrainError(f"cannot import {arch}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn")
+        return {"arch": "gpt2", "n_layer": conf["n_layer"], "n_head": conf["n_head"], "d_model": conf["n_embd"],
+                "d_ff": conf.get("n_inner") or 4 * conf["n_embd"], "vocab_size": conf["vocab_size"],
+                "max_seq_len": conf["n_positions"], "norm_eps": conf.get("layer_norm_epsilon", 1e-5),
+                "tie_embeddings": bool(conf.get("tie_word_embeddings", True)), "dropout": 0.0}
     raise PretrainError(f"cannot import {arch} (model_type {mtype!r}): supported are Llama-architecture decoders "
-                        "(LlamaForCausalLM; Mistral without sliding window)")
+                        "(LlamaForCausalLM; Mistral without sliding window) and GPT-2 (GPT2LMHeadModel)")
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_hf_state_dict` for decoders: fuse q/k/v and gate/up, strip the ``model.`` prefix."""
+    """Inverse of :func:`to_hf_state_dict` for decoders: fuse q/k/v and gate/up, strip the ``model.`` prefix.
+    GPT-2: strip ``transformer.``, transpose Conv1D weights, drop the causal-mask buffers."""
     out: dict[str, torch.Tensor] = {}
+    if cfg.arch == "gpt2":
+        for k, v in sd.items():
+            k = k[len("transformer."):] if k.startswith("transformer.") else k
+            if k.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # old checkpoints store the causal mask as a buffer
+            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                v = v.t()  # Conv1D (in, out) → Linear (out, in)
+            out[k] = v
+        if cfg.tie_embeddings:
+            out.pop("lm_head.weight", None)
+        return out
     for i in range(cfg.n_layer):
         p = f"model.layers.{i}."
         try:

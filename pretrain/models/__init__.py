@@ -12,6 +12,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from pretrain.models.gpt import GPT
 
         return GPT(cfg)
+    if cfg.arch == "gpt2":
+        from pretrain.models.gpt2 import GPT2
+
+        return GPT2(cfg)
     if cfg.arch == "bert":
         from pretrain.models.bert import Encoder
 
