@@ -71,6 +71,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     from pretrain.config import load_config
     from pretrain.train import train
 
+    if args.init_from:
+        overrides = [*overrides, "--train.init_from", args.init_from]
     if args.resume:
         run = Path(args.resume)
         saved = run / "config.yaml"
@@ -173,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config", nargs="?", help="YAML config (states only what differs from the defaults)")
     s.add_argument("--out", help="run directory")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
+    s.add_argument("--init-from", metavar="HF_DIR",
+                   help="start from a local Hugging Face checkpoint (same as --train.init_from HF_DIR)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.add_argument("--json", action="store_true", help="print one JSON object with the summary")
 

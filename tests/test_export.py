@@ -261,7 +261,7 @@ def test_import_gpt2_matches_trains_and_round_trips(tmp_path, capsys):
                  str(tmp_path / "hf")]) == 0
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(tmp_path / "data"),
-                 "--train.init_from", str(tmp_path / "hf"), "--train.max_steps", "4", "--quiet"]) == 0
+                 "--init-from", str(tmp_path / "hf"), "--train.max_steps", "4", "--quiet"]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "back")]) == 0
     ours, _, _, _ = load_pretrained(run)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
