@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", default="bpe", help="byte | char | bpe | wordpiece | path to tokenizer.json (default bpe)")
     s.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size for bpe/wordpiece (default 8192)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (default 0.1)")
-    s.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    s.add_argument("--text-field", default="text", help="JSON field or CSV/TSV/Parquet column holding the text (default text)")
     s.add_argument("--bad-files", choices=["error", "skip"], default="error",
                    help="binary or non-UTF-8 files: fail (default) or skip with a warning")
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")

@@ -64,7 +64,7 @@ def tiny_corpus(tmp_path: Path) -> dict:
         corpus/b.md             one document
         corpus/sub/c.txt        one document (tests recursion)
         corpus/d.jsonl          three documents in the "text" field (plus an "id" field)
-        corpus/notes.csv        ignored when the folder is read (extension filter)
+        corpus/notes.log        ignored when the folder is read (extension filter)
         corpus/.hidden/e.txt    ignored when the folder is read (hidden folder)
 
     Returns a dict with ``root`` (the folder), ``files`` (name → Path) and ``docs`` (name → the list of
@@ -88,7 +88,7 @@ def tiny_corpus(tmp_path: Path) -> dict:
         else:
             p.write_text(texts[0], encoding="utf-8")
         files[name] = p
-    (root / "notes.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    (root / "notes.log").write_text("a,b\n1,2\n", encoding="utf-8")
     (root / ".hidden" / "e.txt").write_text("hidden text\n", encoding="utf-8")
     return {"root": root, "files": files, "docs": docs}
 

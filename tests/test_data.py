@@ -66,7 +66,7 @@ def test_folder_is_recursive_and_filters_extensions(tiny_corpus):
     root = tiny_corpus["root"]
     sources = expand_inputs([str(root)])
     rel = [s.path.relative_to(root.resolve()).as_posix() for s in sources]
-    assert rel == ["a.txt", "b.md", "d.jsonl", "sub/c.txt"]  # no notes.csv, nothing from .hidden/
+    assert rel == ["a.txt", "b.md", "d.jsonl", "sub/c.txt"]  # no notes.log, nothing from .hidden/
     assert [s.kind for s in sources] == ["text", "text", "jsonl", "text"]
     docs = list(iter_documents(sources))
     d = tiny_corpus["docs"]
@@ -77,8 +77,8 @@ def test_glob_and_explicit_other_extension(tiny_corpus):
     root = tiny_corpus["root"]
     rel = sorted(s.path.relative_to(root.resolve()).as_posix() for s in expand_inputs([str(root / "**" / "*.txt")]))
     assert rel == ["a.txt", "sub/c.txt"]
-    (csv,) = expand_inputs([str(root / "notes.csv")])  # named explicitly: read whatever the extension
-    assert csv.kind == "text" and read_documents(csv) == ["a,b\n1,2\n"]
+    (log,) = expand_inputs([str(root / "notes.log")])  # named explicitly: read whatever the extension
+    assert log.kind == "text" and read_documents(log) == ["a,b\n1,2\n"]
 
 
 def test_inputs_are_deduplicated(tiny_corpus):

@@ -1,4 +1,6 @@
-"""Raw documents from files, folders and globs: .txt (one document per file) and .jsonl (one per line).
+"""Raw documents from files, folders and globs: .txt (one document per file), .jsonl/.json (one per line
+or array item, a field), .csv/.tsv (one per row, a column) and .parquet (one per row, a column, read in
+record batches); text formats may be gzip (.gz) or zstd (.zst) compressed.
 
 Every reader yields plain ``str`` documents. Problems with the input (nothing matched, a binary or
 non-UTF-8 file, a JSONL line without the text field) raise :class:`DataError` with a one-line message,
@@ -19,6 +21,8 @@ from pretrain import PretrainError
 
 TEXT_EXTS = {".txt", ".text", ".md", ".rst"}
 JSONL_EXTS = {".jsonl", ".ndjson"}
+TABLE_EXTS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".json": "json"}
+COMPRESSED = {".gz": "gzip", ".zst": "zstd"}
 BAD_FILE_POLICIES = ("error", "skip")
 
 
@@ -45,8 +49,20 @@ class Source:
         return out
 
 
+def _split_suffix(path: Path) -> tuple[str, str | None]:
+    """('.jsonl', 'gzip') for data.jsonl.gz; ('.txt', None) for notes.txt."""
+    suffixes = [s.lower() for s in path.suffixes]
+    comp = COMPRESSED.get(suffixes[-1]) if suffixes else None
+    if comp:
+        suffixes = suffixes[:-1]
+    return (suffixes[-1] if suffixes else ""), comp
+
+
 def _kind_of(path: Path) -> str:
-    return "jsonl" if path.suffix.lower() in JSONL_EXTS else "text"
+    ext, _ = _split_suffix(path)
+    if ext in JSONL_EXTS:
+        return "jsonl"
+    return TABLE_EXTS.get(ext, "text")
 
 
 def expand_inputs(inputs: list[str]) -> list[Source]:
@@ -65,10 +81,10 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
         elif p.is_dir():
             matches = sorted(f for f in p.rglob("*") if f.is_file() and not any(
                 part.startswith(".") for part in f.relative_to(p).parts)
-                and f.suffix.lower() in TEXT_EXTS | JSONL_EXTS)
+                and _split_suffix(f)[0] in TEXT_EXTS | JSONL_EXTS | set(TABLE_EXTS))
             if not matches:
-                raise DataError(f"folder {p} has no .txt/.md/.rst/.jsonl files "
-                                "(name files or a glob to read other extensions)")
+                raise DataError(f"folder {p} has no .txt/.md/.rst/.jsonl/.json/.csv/.tsv/.parquet files "
+                                "(optionally .gz/.zst; name files or a glob to read other extensions)")
         elif any(ch in item for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not matches:
@@ -90,8 +106,29 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _read_bytes(path: Path) -> bytes:
+    _, comp = _split_suffix(path)
+    try:
+        if comp == "gzip":
+            import gzip
+
+            return gzip.decompress(path.read_bytes())
+        if comp == "zstd":
+            import zstandard
+
+            with open(path, "rb") as f:
+                return zstandard.ZstdDecompressor().stream_reader(f).read()
+    except (OSError, EOFError, ValueError) as e:  # gzip.BadGzipFile is an OSError; zstandard raises ZstdError
+        raise DataError(f"{path} is not a valid {comp} file: {e}") from None
+    except Exception as e:
+        if type(e).__name__ == "ZstdError":
+            raise DataError(f"{path} is not a valid zstd file: {e}") from None
+        raise
+    return path.read_bytes()
+
+
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     if b"\x00" in raw[:8192]:
         raise DataError(f"{path} looks like a binary file (NUL bytes); not text")
     try:
@@ -101,8 +138,8 @@ def _read_text(path: Path) -> str:
                         "re-encode it as UTF-8 or pass --bad-files skip") from None
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    text = _read_text(path)
+def _iter_jsonl(path: Path, text_field: str, text: str | None = None) -> Iterator[str]:
+    text = _read_text(path) if text is None else text
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
@@ -128,10 +165,63 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
         yield value
 
 
+def _column_error(path: Path, field: str, present: list[str]) -> DataError:
+    return DataError(f"{path}: no column {field!r}; columns present: {', '.join(present) or '(none)'} "
+                     "(choose one with --text-field)")
+
+
+def _iter_table(path: Path, kind: str, field: str) -> Iterator[str]:
+    if kind in ("csv", "tsv"):
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t" if kind == "tsv" else ",")
+        if reader.fieldnames is None or field not in reader.fieldnames:
+            raise _column_error(path, field, list(reader.fieldnames or []))
+        for row in reader:
+            value = row.get(field)
+            if value:
+                yield value
+        return
+    if kind == "json":  # a JSON array of objects (or one object per line)
+        text = _read_text(path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            yield from _iter_jsonl(path, field, text)
+            return
+        rows = data if isinstance(data, list) else [data]
+        for i, obj in enumerate(rows):
+            if not isinstance(obj, dict) or field not in obj:
+                raise DataError(f"{path}: item {i} has no field {field!r}; fields present: "
+                                f"{', '.join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__}")
+            if isinstance(obj[field], str):
+                yield obj[field]
+        return
+    # parquet, read in record batches
+    try:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if field not in names:
+            raise _column_error(path, field, names)
+        for batch in pf.iter_batches(columns=[field], batch_size=8192):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, str):
+                    yield value
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError on damaged files
+        raise DataError(f"{path} is not a readable Parquet file: {str(e).splitlines()[0]}") from None
+
+
 def read_documents(source: Source, text_field: str = "text") -> list[str]:
     """All non-empty documents of one source (raises DataError on bad content)."""
     if source.kind == "jsonl":
         docs = list(_iter_jsonl(source.path, text_field))
+    elif source.kind in ("csv", "tsv", "json", "parquet"):
+        docs = list(_iter_table(source.path, source.kind, text_field))
     else:
         docs = [_read_text(source.path)]
     return [d for d in docs if d.strip()]

@@ -1,0 +1,300 @@
+"""CPU training throughput of our models against the same-size stock Hugging Face `transformers` models.
+
+Two pairs are measured, each in fp32 on the CPU, in this one process:
+
+* ``gpt``: our decoder (``pretrain.models.gpt.GPT``) against ``transformers.LlamaForCausalLM``, next-token
+  cross-entropy (the same ``F.cross_entropy`` on the logits of both);
+* ``bert``: our encoder (``pretrain.models.bert.Encoder``) against ``transformers.ModernBertForMaskedLM``,
+  masked-LM loss on ~15% of the positions (``pretrain.objectives.mlm.loss_and_accuracy`` for ours, ``labels``
+  with -100 at unselected positions for Hugging Face's). Both run the MLM head on the selected positions
+  only (ModernBERT's ``sparse_prediction``, as ModernBERT was trained); ``--hf-dense-head`` gives Hugging
+  Face its library default instead (head and loss over every position), which is more work per token.
+
+The two models of a pair have the same hidden size, layers, heads, MLP width (our ``ModelConfig.ff_dim`` is
+their ``intermediate_size``), vocabulary, sequence length, batch size and embedding tying (the Hugging Face
+config comes from ``pretrain.export.hf_config_dict``); Hugging Face attention is ``sdpa``. The parameter
+counts are printed and checked to be equal. Each model trains with the same ``torch.optim.AdamW``
+(foreach, weight decay on matrices only) in a plain loop: forward, loss, backward, optimizer step,
+zero_grad, on random token batches (``torch.randint``; no data files), made before timing and shared by both.
+
+Timing: a few untimed warmup steps per model (allocator, optimizer state), then ``--rounds`` rounds of
+``--steps`` timed steps per model, alternating between the two models in ABBA order (ours, HF, HF, ours,
+...), so machine noise (other processes on a shared machine) and slow drift hit both sides alike. A
+model's tokens/s is the median over its rounds of (batch_size * seq_len * steps) / round time, counting
+every input position (for the encoder too, not only the masked ones); ``ratio`` is ours / HF (> 1: ours
+is faster).
+
+    python bench/train_throughput.py                 # a table
+    python bench/train_throughput.py --json          # {"gpt": {"ours_tok_s", "hf_tok_s", "ratio", ...},
+                                                     #  "bert": {...}, "config": {...}, "torch", "transformers"}
+    python bench/train_throughput.py --threads 2 --d-model 512 --n-layer 8 --n-head 8 --rounds 6
+
+Needs ``transformers`` (``pip install -e '.[hf]'``). The defaults take about two minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100
+N_SPECIAL = 4  # random MLM batches draw content ids from [N_SPECIAL, vocab); MASK_ID stands in for [MASK]
+MASK_ID = 3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
+    p.add_argument("--d-model", type=int, default=256, help="hidden size")
+    p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads")
+    p.add_argument("--d-ff", type=int, default=0, help="MLP width (0: our default, ~8/3 d_model rounded to 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per model per round")
+    p.add_argument("--rounds", type=int, default=4, help="timed rounds per model (alternating, ABBA)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the first round")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of positions the MLM loss is on")
+    p.add_argument("--untied", action="store_true", help="untie input embedding and output projection (both)")
+    p.add_argument("--hf-dense-head", action="store_true",
+                   help="Hugging Face ModernBERT runs its MLM head on every position (its default, "
+                        "sparse_prediction=False) instead of on the masked ones only like ours")
+    p.add_argument("--only", choices=("gpt", "bert"), default=None, help="measure one pair only")
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for weights and batches")
+    args = p.parse_args(argv)
+    for name in ("d_model", "n_layer", "n_head", "seq_len", "batch_size", "vocab", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.vocab <= N_SPECIAL:
+        p.error(f"--vocab must be > {N_SPECIAL}")
+    if not 0.0 < args.mask_prob < 1.0:
+        p.error("--mask-prob must be in (0, 1)")
+    return args
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def adamw(model: nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """The same optimizer for every model: weight decay on matrices (dim >= 2), none on gains and biases."""
+    params = list(model.parameters())  # shared (tied) parameters appear once
+    groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                             foreach=True)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # counts a tied weight once
+
+
+def hf_config(cls: type, cfg, **extra):
+    from pretrain.export import hf_config_dict
+
+    d = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type")}
+    return cls(**{**d, **extra}, attn_implementation="sdpa")
+
+
+def check_pair(name: str, ours: nn.Module, hf, tied: bool) -> None:
+    """Same parameter count, same tying, sdpa attention, both in training mode."""
+    assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
+    hf_tied = hf.get_output_embeddings().weight is hf.get_input_embeddings().weight
+    assert hf_tied == tied, f"{name}: Hugging Face embeddings tied={hf_tied}, ours tied={tied}"
+    # Both layouts have exactly the same tensors (ours fuses q/k/v and gate/up, which changes no count;
+    # no biases except the encoder's decoder bias, which ModernBERT has too (decoder_bias=True); a tied
+    # output matrix counted once on both sides), so the counts must be equal, not merely close.
+    a, b = n_params(ours), n_params(hf)
+    assert a == b, f"{name}: ours has {a:,} parameters, Hugging Face {b:,}"
+    assert ours.training and hf.training
+
+
+def build_gpt(args: argparse.Namespace):
+    import transformers
+
+    from pretrain.config import ModelConfig
+    from pretrain.models.gpt import GPT
+
+    cfg = ModelConfig(arch="gpt", d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, d_ff=args.d_ff,
+                      vocab_size=args.vocab, max_seq_len=args.seq_len, tie_embeddings=not args.untied)
+    torch.manual_seed(args.seed)
+    ours = GPT(cfg).train()
+    torch.manual_seed(args.seed)
+    hf = transformers.LlamaForCausalLM(hf_config(transformers.LlamaConfig, cfg)).train()
+    check_pair("gpt", ours, hf, cfg.tie_embeddings)
+
+    def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def ours_loss(batch):
+        inputs, targets = batch
+        return next_token_loss(ours(inputs), targets)
+
+    def hf_loss(batch):
+        inputs, targets = batch
+        return next_token_loss(hf(input_ids=inputs).logits, targets)
+
+    g = torch.Generator().manual_seed(args.seed)
+    batches = []
+    for _ in range(4):
+        seq = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=g)
+        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    return cfg, ours, hf, ours_loss, hf_loss, batches
+
+
+def build_bert(args: argparse.Namespace):
+    import transformers
+
+    from pretrain.config import ModelConfig
+    from pretrain.models.bert import Encoder
+    from pretrain.objectives.mlm import loss_and_accuracy
+
+    cfg = ModelConfig(arch="bert", d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, d_ff=args.d_ff,
+                      vocab_size=args.vocab, max_seq_len=args.seq_len, tie_embeddings=not args.untied)
+    torch.manual_seed(args.seed)
+    ours = Encoder(cfg).train()
+    torch.manual_seed(args.seed)
+    conf = hf_config(transformers.ModernBertConfig, cfg, sparse_prediction=not args.hf_dense_head,
+                     bos_token_id=None, eos_token_id=None)  # its defaults (50281/50282) lie outside small vocabs
+    hf = transformers.ModernBertForMaskedLM(conf).train()
+    check_pair("bert", ours, hf, cfg.tie_embeddings)
+
+    def ours_loss(batch):
+        inputs, labels = batch
+        return loss_and_accuracy(ours, inputs, labels)[0]
+
+    def hf_loss(batch):
+        inputs, labels = batch
+        return hf(input_ids=inputs, labels=labels).loss
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(N_SPECIAL, args.vocab, (args.batch_size, args.seq_len), generator=g)
+        selected = torch.rand(ids.shape, generator=g) < args.mask_prob
+        selected[:, 0] = True  # never an empty selection
+        labels = torch.where(selected, ids, torch.full_like(ids, IGNORE))
+        inputs = torch.where(selected, torch.full_like(ids, MASK_ID), ids)  # 100% [MASK]: the corruption mix
+        batches.append((inputs, labels))                                      # does not change the compute
+    return cfg, ours, hf, ours_loss, hf_loss, batches
+
+
+def train_steps(loss_fn: Callable, opt: torch.optim.Optimizer, batches: list, n: int, start: int) -> tuple[float, float]:
+    """n plain training steps; returns (seconds, last loss)."""
+    t0 = time.perf_counter()
+    loss = torch.zeros(())
+    for i in range(n):
+        loss = loss_fn(batches[(start + i) % len(batches)])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, float(loss.detach())
+
+
+def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
+    cfg, ours, hf, ours_loss, hf_loss, batches = build(args)
+    sides = {"ours": (ours_loss, adamw(ours, args)), "hf": (hf_loss, adamw(hf, args))}
+    log(f"[{name}] parameters: ours {n_params(ours):,}, Hugging Face {n_params(hf):,} "
+        f"({type(hf).__name__}, attn {hf.config._attn_implementation})")
+    tokens = args.batch_size * args.seq_len * args.steps
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
+    losses: dict[str, float] = {}
+    for fn, opt in sides.values():
+        if args.warmup:
+            train_steps(fn, opt, batches, args.warmup, 0)
+    step = {"ours": args.warmup, "hf": args.warmup}
+    for r in range(args.rounds):
+        order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")  # ABBA: cancels linear drift too
+        for side in order:
+            fn, opt = sides[side]
+            dt, losses[side] = train_steps(fn, opt, batches, args.steps, step[side])
+            step[side] += args.steps
+            times[side].append(dt)
+        log(f"[{name}] round {r + 1}/{args.rounds}: ours {tokens / times['ours'][-1]:,.0f} tok/s, "
+            f"HF {tokens / times['hf'][-1]:,.0f} tok/s")
+    rates = {side: [tokens / t for t in ts] for side, ts in times.items()}
+    ours_tok_s, hf_tok_s = statistics.median(rates["ours"]), statistics.median(rates["hf"])
+    paired = [o / h for o, h in zip(rates["ours"], rates["hf"])]
+    return {"ours_tok_s": round(ours_tok_s, 1), "hf_tok_s": round(hf_tok_s, 1),
+            "ratio": round(ours_tok_s / hf_tok_s, 4),
+            "ratio_per_round": [round(x, 4) for x in paired],
+            "ours_tok_s_per_round": [round(x, 1) for x in rates["ours"]],
+            "hf_tok_s_per_round": [round(x, 1) for x in rates["hf"]],
+            "ours_params": n_params(ours), "hf_params": n_params(hf), "hf_class": type(hf).__name__,
+            "d_ff": cfg.ff_dim, "ours_last_loss": round(losses["ours"], 4), "hf_last_loss": round(losses["hf"], 4)}
+
+
+def print_table(result: dict) -> None:
+    c = result["config"]
+    print(f"CPU training throughput, fp32, {c['threads']} threads, torch {result['torch']}, "
+          f"transformers {result['transformers']}")
+    print(f"d_model {c['d_model']}, {c['n_layer']} layers, {c['n_head']} heads, d_ff {c['d_ff']}, vocab {c['vocab']}, "
+          f"seq {c['seq_len']}, batch {c['batch_size']}, {'tied' if c['tie_embeddings'] else 'untied'} embeddings; "
+          f"{c['rounds']} rounds x {c['steps']} steps (ABBA), {c['warmup']} warmup steps")
+    print()
+    print(f"{'pair':<6} {'ours (model)':<14} {'HF (model)':<22} {'params ours / HF':<22} "
+          f"{'ours tok/s':>11} {'HF tok/s':>11} {'ours/HF':>8}   per-round ratios")
+    ours_name = {"gpt": "GPT", "bert": "Encoder"}
+    for name in ("gpt", "bert"):
+        if name not in result:
+            continue
+        r = result[name]
+        params = f"{r['ours_params']:,} / {r['hf_params']:,}"
+        rounds = " ".join(f"{x:.2f}" for x in r["ratio_per_round"])
+        print(f"{name:<6} {ours_name[name]:<14} {r['hf_class']:<22} {params:<22} "
+              f"{r['ours_tok_s']:>11,.0f} {r['hf_tok_s']:>11,.0f} {r['ratio']:>8.3f}   {rounds}")
+    print()
+    print("tok/s: median over rounds of batch*seq*steps / round time (forward, loss, backward, AdamW step);")
+    print("ours/HF > 1 means ours is faster.")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    result: dict = {}
+    pairs = {"gpt": build_gpt, "bert": build_bert}
+    for name, build in pairs.items():
+        if args.only in (None, name):
+            result[name] = bench_pair(name, build, args)
+    from pretrain.config import ModelConfig
+
+    d_ff = ModelConfig(d_model=args.d_model, n_head=args.n_head, d_ff=args.d_ff).ff_dim
+    result["config"] = {"d_model": args.d_model, "n_layer": args.n_layer, "n_head": args.n_head, "d_ff": d_ff,
+                        "vocab": args.vocab, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                        "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+                        "threads": torch.get_num_threads(), "tie_embeddings": not args.untied,
+                        "mask_prob": args.mask_prob, "hf_mlm_head": "dense" if args.hf_dense_head else "sparse",
+                        "optimizer": {"name": "AdamW", "foreach": True, "lr": args.lr, "betas": [0.9, 0.95],
+                                      "eps": 1e-8, "weight_decay": args.weight_decay},
+                        "dtype": "fp32", "device": "cpu", "seed": args.seed,
+                        "wall_s": round(time.perf_counter() - t0, 1)}
+    result["torch"] = torch.__version__
+    result["transformers"] = transformers.__version__
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
