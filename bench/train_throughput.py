@@ -22,14 +22,16 @@ Timing: a few untimed warmup steps per model (allocator, optimizer state), then 
 ...), so machine noise (other processes on a shared machine) and slow drift hit both sides alike. A
 model's tokens/s is the median over its rounds of (batch_size * seq_len * steps) / round time, counting
 every input position (for the encoder too, not only the masked ones); ``ratio`` is ours / HF (> 1: ours
-is faster).
+is faster). ``ratio_paired_median`` is the median of the per-round ratios (each round's two halves run
+back to back), a cross-check that a burst of load in one round cannot move.
 
     python bench/train_throughput.py                 # a table
     python bench/train_throughput.py --json          # {"gpt": {"ours_tok_s", "hf_tok_s", "ratio", ...},
-                                                     #  "bert": {...}, "config": {...}, "torch", "transformers"}
+                                                     #  "bert": {...}, "config": {...}, "torch": ...,
+                                                     #  "transformers": ...}
     python bench/train_throughput.py --threads 2 --d-model 512 --n-layer 8 --n-head 8 --rounds 6
 
-Needs ``transformers`` (``pip install -e '.[hf]'``). The defaults take about two minutes on two CPU cores.
+Needs ``transformers`` (``pip install -e '.[hf]'``). The defaults take about 70 s on two idle CPU cores.
 """
 
 from __future__ import annotations
@@ -53,16 +55,16 @@ MASK_ID = 3
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress: stderr)")
     p.add_argument("--d-model", type=int, default=256, help="hidden size")
     p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     p.add_argument("--n-head", type=int, default=4, help="attention heads")
-    p.add_argument("--d-ff", type=int, default=0, help="MLP width (0: our default, ~8/3 d_model rounded to 64)")
+    p.add_argument("--d-ff", type=int, default=0, help="MLP width (0: ~8/3 d_model, to 64)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per model per round")
-    p.add_argument("--rounds", type=int, default=4, help="timed rounds per model (alternating, ABBA)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    p.add_argument("--rounds", type=int, default=8, help="timed rounds per model (alternating, ABBA)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the first round")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -102,6 +104,14 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # counts a tied weight once
 
 
+def model_config(args: argparse.Namespace, arch: str):
+    from pretrain.config import ModelConfig
+
+    return ModelConfig(arch=arch, d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
+                       d_ff=args.d_ff, vocab_size=args.vocab, max_seq_len=args.seq_len,
+                       tie_embeddings=not args.untied)
+
+
 def hf_config(cls: type, cfg, **extra):
     from pretrain.export import hf_config_dict
 
@@ -125,11 +135,9 @@ def check_pair(name: str, ours: nn.Module, hf, tied: bool) -> None:
 def build_gpt(args: argparse.Namespace):
     import transformers
 
-    from pretrain.config import ModelConfig
     from pretrain.models.gpt import GPT
 
-    cfg = ModelConfig(arch="gpt", d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, d_ff=args.d_ff,
-                      vocab_size=args.vocab, max_seq_len=args.seq_len, tie_embeddings=not args.untied)
+    cfg = model_config(args, "gpt")
     torch.manual_seed(args.seed)
     ours = GPT(cfg).train()
     torch.manual_seed(args.seed)
@@ -158,17 +166,16 @@ def build_gpt(args: argparse.Namespace):
 def build_bert(args: argparse.Namespace):
     import transformers
 
-    from pretrain.config import ModelConfig
     from pretrain.models.bert import Encoder
     from pretrain.objectives.mlm import loss_and_accuracy
 
-    cfg = ModelConfig(arch="bert", d_model=args.d_model, n_layer=args.n_layer, n_head=args.n_head, d_ff=args.d_ff,
-                      vocab_size=args.vocab, max_seq_len=args.seq_len, tie_embeddings=not args.untied)
+    cfg = model_config(args, "bert")
     torch.manual_seed(args.seed)
     ours = Encoder(cfg).train()
     torch.manual_seed(args.seed)
+    # bos/eos: ModernBertConfig's defaults (50281/50282) lie outside small vocabularies (a warning)
     conf = hf_config(transformers.ModernBertConfig, cfg, sparse_prediction=not args.hf_dense_head,
-                     bos_token_id=None, eos_token_id=None)  # its defaults (50281/50282) lie outside small vocabs
+                     bos_token_id=None, eos_token_id=None)
     hf = transformers.ModernBertForMaskedLM(conf).train()
     check_pair("bert", ours, hf, cfg.tie_embeddings)
 
@@ -192,7 +199,8 @@ def build_bert(args: argparse.Namespace):
     return cfg, ours, hf, ours_loss, hf_loss, batches
 
 
-def train_steps(loss_fn: Callable, opt: torch.optim.Optimizer, batches: list, n: int, start: int) -> tuple[float, float]:
+def train_steps(loss_fn: Callable, opt: torch.optim.Optimizer, batches: list, n: int,
+                start: int) -> tuple[float, float]:
     """n plain training steps; returns (seconds, last loss)."""
     t0 = time.perf_counter()
     loss = torch.zeros(())
@@ -230,19 +238,22 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
     paired = [o / h for o, h in zip(rates["ours"], rates["hf"])]
     return {"ours_tok_s": round(ours_tok_s, 1), "hf_tok_s": round(hf_tok_s, 1),
             "ratio": round(ours_tok_s / hf_tok_s, 4),
+            "ratio_paired_median": round(statistics.median(paired), 4),
             "ratio_per_round": [round(x, 4) for x in paired],
             "ours_tok_s_per_round": [round(x, 1) for x in rates["ours"]],
             "hf_tok_s_per_round": [round(x, 1) for x in rates["hf"]],
             "ours_params": n_params(ours), "hf_params": n_params(hf), "hf_class": type(hf).__name__,
-            "d_ff": cfg.ff_dim, "ours_last_loss": round(losses["ours"], 4), "hf_last_loss": round(losses["hf"], 4)}
+            "d_ff": cfg.ff_dim, "ours_last_loss": round(losses["ours"], 4),
+            "hf_last_loss": round(losses["hf"], 4)}
 
 
 def print_table(result: dict) -> None:
     c = result["config"]
     print(f"CPU training throughput, fp32, {c['threads']} threads, torch {result['torch']}, "
           f"transformers {result['transformers']}")
-    print(f"d_model {c['d_model']}, {c['n_layer']} layers, {c['n_head']} heads, d_ff {c['d_ff']}, vocab {c['vocab']}, "
-          f"seq {c['seq_len']}, batch {c['batch_size']}, {'tied' if c['tie_embeddings'] else 'untied'} embeddings; "
+    print(f"d_model {c['d_model']}, {c['n_layer']} layers, {c['n_head']} heads, d_ff {c['d_ff']}, "
+          f"vocab {c['vocab']}, seq {c['seq_len']}, batch {c['batch_size']}, "
+          f"{'tied' if c['tie_embeddings'] else 'untied'} embeddings, HF MLM head {c['hf_mlm_head']}; "
           f"{c['rounds']} rounds x {c['steps']} steps (ABBA), {c['warmup']} warmup steps")
     print()
     print(f"{'pair':<6} {'ours (model)':<14} {'HF (model)':<22} {'params ours / HF':<22} "
@@ -275,14 +286,13 @@ def main(argv: list[str] | None = None) -> dict:
     for name, build in pairs.items():
         if args.only in (None, name):
             result[name] = bench_pair(name, build, args)
-    from pretrain.config import ModelConfig
-
-    d_ff = ModelConfig(d_model=args.d_model, n_head=args.n_head, d_ff=args.d_ff).ff_dim
+    d_ff = model_config(args, "gpt").ff_dim
     result["config"] = {"d_model": args.d_model, "n_layer": args.n_layer, "n_head": args.n_head, "d_ff": d_ff,
                         "vocab": args.vocab, "seq_len": args.seq_len, "batch_size": args.batch_size,
                         "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                         "threads": torch.get_num_threads(), "tie_embeddings": not args.untied,
-                        "mask_prob": args.mask_prob, "hf_mlm_head": "dense" if args.hf_dense_head else "sparse",
+                        "mask_prob": args.mask_prob,
+                        "hf_mlm_head": "dense" if args.hf_dense_head else "sparse",
                         "optimizer": {"name": "AdamW", "foreach": True, "lr": args.lr, "betas": [0.9, 0.95],
                                       "eps": 1e-8, "weight_decay": args.weight_decay},
                         "dtype": "fp32", "device": "cpu", "seed": args.seed,

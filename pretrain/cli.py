@@ -53,15 +53,22 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.data.clean import CleanConfig
     from pretrain.data.prepare import prepare
 
+    clean = CleanConfig(normalize=args.normalize, min_chars=args.min_chars, max_chars=args.max_chars,
+                        max_symbol_ratio=args.max_symbol_ratio, min_alpha_ratio=args.min_alpha_ratio,
+                        max_repeated_line_ratio=args.max_repeated_line_ratio, dedup_exact=args.dedup,
+                        near_dup_threshold=args.near_dup, decontaminate=args.decontaminate or [],
+                        ngram=args.decontam_ngram)
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, text_field=args.text_field, bad_files=args.bad_files,
-                   overwrite=args.overwrite, log=_log)
+                   overwrite=args.overwrite, clean=clean, log=_log)
     result = {"out": str(args.out), "vocab_size": meta["tokenizer"]["vocab_size"], "dtype": meta["dtype"],
               "train_tokens": meta["splits"]["train"]["tokens"], "val_tokens": meta["splits"]["val"]["tokens"],
               "train_documents": meta["splits"]["train"]["documents"],
-              "val_documents": meta["splits"]["val"]["documents"]}
+              "val_documents": meta["splits"]["val"]["documents"],
+              "removed": {k: v["documents"] for k, v in meta["cleaning"]["removed"].items()}}
     _emit(args, result, f"prepared {args.out}: {result['train_tokens']:,} train / {result['val_tokens']:,} val "
                         f"tokens, vocab {result['vocab_size']:,}")
     return result
@@ -168,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bad-files", choices=["error", "skip"], default="error",
                    help="binary or non-UTF-8 files: fail (default) or skip with a warning")
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
+    g = s.add_argument_group("cleaning (each step optional; counts and examples go to meta.json)")
+    g.add_argument("--normalize", default="NFC", help="Unicode normalisation form, '' for none (default NFC)")
+    g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
+    g.add_argument("--max-chars", type=int, default=0, help="drop documents longer than this")
+    g.add_argument("--max-symbol-ratio", type=float, default=0.0, help="drop documents with more symbols than this")
+    g.add_argument("--min-alpha-ratio", type=float, default=0.0, help="drop documents with fewer letters than this")
+    g.add_argument("--max-repeated-line-ratio", type=float, default=0.0,
+                   help="drop documents in which more than this share of lines repeat")
+    g.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
+    g.add_argument("--near-dup", type=float, default=0.0, metavar="JACCARD",
+                   help="drop near-duplicates at this MinHash Jaccard similarity, e.g. 0.7")
+    g.add_argument("--decontaminate", nargs="+", metavar="EVAL", help="drop documents sharing an n-gram with these")
+    g.add_argument("--decontam-ngram", type=int, default=13, help="n for --decontaminate (default 13)")
     s.add_argument("--json", action="store_true", help="print one JSON object with the result")
 
     s = sub.add_parser("train", help="pre-train a model (resumes automatically if RUN_DIR has checkpoints)",

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.data.clean import CleanConfig, Cleaner
 from pretrain.data.sources import DataError, Source, expand_inputs, iter_documents
 from pretrain.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -123,7 +124,8 @@ def _batches(docs: Iterator[tuple[str, str]], max_chars: int) -> Iterator[list[t
 
 def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_size: int = 8192,
             val_fraction: float = 0.1, text_field: str = "text", bad_files: str = "error",
-            shard_tokens: int = 100_000_000, overwrite: bool = False, log=print) -> dict[str, Any]:
+            shard_tokens: int = 100_000_000, overwrite: bool = False, clean: CleanConfig | None = None,
+            log=print) -> dict[str, Any]:
     """Read ``inputs``, build or load the tokenizer, write token shards and meta.json to ``out``.
 
     Split rule: with a single document (e.g. one .txt file) the last ``val_fraction`` of its text is the
@@ -143,15 +145,24 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
                         "(choose an empty or new --out)")
     sources: list[Source] = expand_inputs(inputs)
 
-    # Pass 1: read everything once (validates files, fills in the manifest), count documents.
+    # Pass 1: read everything once (validates files, fills in the manifest), clean, count documents.
+    cleaner = Cleaner(clean or CleanConfig(), [str(s.path) for s in sources])
+    kept: list[bool] = []
     n_docs = 0
     n_val_hash = 0
-    for doc in iter_documents(sources, text_field, bad_files, record=True):
-        n_docs += 1
-        n_val_hash += _is_val(doc, val_fraction)
-    if n_docs == 0:
+    for src_index, doc in iter_documents(sources, text_field, bad_files, record=True, with_source=True):
+        doc = cleaner.transform(doc)
+        kept.append(cleaner.keep(doc, src_index))
+        if kept[-1]:
+            n_docs += 1
+            n_val_hash += _is_val(doc, val_fraction)
+    if not kept:
         raise DataError("no text found in the input: every file was empty or skipped")
-    log(f"read {n_docs:,} documents from {sum(1 for s in sources if not s.skipped)} files")
+    log(f"read {len(kept):,} documents from {sum(1 for s in sources if not s.skipped)} files")
+    if cleaner.cfg.active():
+        log("cleaning:\n" + cleaner.table())
+    if n_docs == 0:
+        raise DataError(f"no documents left after cleaning ({len(kept):,} read): loosen the filters")
 
     single = n_docs == 1
     force_last_val = not single and val_fraction > 0 and n_val_hash == 0
@@ -160,7 +171,10 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
     def split_docs() -> Iterator[tuple[str, str]]:
         """(split, text) for every document, in corpus order."""
         i = 0
-        for doc in iter_documents(sources, text_field, bad_files):
+        for j, doc in enumerate(iter_documents(sources, text_field, bad_files)):
+            if not kept[j]:
+                continue
+            doc = cleaner.transform(doc)
             i += 1
             if single:
                 cut = int(len(doc) * (1.0 - val_fraction))
@@ -220,6 +234,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
             "split_rule": "text-tail" if single else "document-hash",
             "splits": splits,
             "sources": [s.manifest() for s in sources],
+            "cleaning": cleaner.report(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - t0, 3),
         }

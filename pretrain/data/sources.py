@@ -228,15 +228,16 @@ def read_documents(source: Source, text_field: str = "text") -> list[str]:
 
 
 def iter_documents(sources: list[Source], text_field: str = "text", bad_files: str = "error",
-                   record: bool = False) -> Iterator[str]:
+                   record: bool = False, with_source: bool = False) -> Iterator:
     """Yield the documents of every usable source in order.
 
     With ``record=True`` each source's sha256, bytes and document count are filled in (and skipped
-    files are marked), so one pass both reads and describes the corpus.
+    files are marked), so one pass both reads and describes the corpus. With ``with_source=True`` it
+    yields (source index, document) pairs.
     """
     if bad_files not in BAD_FILE_POLICIES:
         raise DataError(f"bad_files must be one of {BAD_FILE_POLICIES}, got {bad_files!r}")
-    for src in sources:
+    for index, src in enumerate(sources):
         if src.skipped:
             continue
         try:
@@ -251,4 +252,7 @@ def iter_documents(sources: list[Source], text_field: str = "text", bad_files: s
             src.sha256 = sha256_file(src.path)
             src.bytes = src.path.stat().st_size
             src.documents = len(docs)
-        yield from docs
+        if with_source:
+            yield from ((index, d) for d in docs)
+        else:
+            yield from docs

@@ -1,0 +1,184 @@
+"""Cleaning: normalisation, filters, exact and near-duplicate removal, decontamination — each step
+optional and counted (documents and bytes removed, per source, with a few examples).
+
+Transforms (``transform``) change a document's text the same way in every pass; filters (``keep``)
+decide once, in corpus order, whether a document stays: the first copy of a duplicate is kept.
+Near-duplicates use MinHash over word 5-gram shingles with LSH (the `datasketch` library);
+decontamination drops documents that share a word n-gram (default 13) with the evaluation texts given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from pretrain.data.sources import DataError
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
+_WORD = re.compile(r"\w+", re.UNICODE)
+STEPS = ("empty", "min_chars", "max_chars", "symbol_ratio", "alpha_ratio", "repeated_lines", "exact_duplicate",
+         "near_duplicate", "contaminated")
+
+
+@dataclass
+class CleanConfig:
+    normalize: str = "NFC"
+    """Unicode normalisation form (NFC, NFKC, ...), or '' for none."""
+    strip_control: bool = True
+    """Remove control characters (except tab/newline/carriage return) and zero-width spaces."""
+    min_chars: int = 0
+    """Drop documents shorter than this many characters (0: off)."""
+    max_chars: int = 0
+    """Drop documents longer than this many characters (0: off)."""
+    max_symbol_ratio: float = 0.0
+    """Drop documents whose share of characters that are neither letters, digits nor space exceeds this (0: off)."""
+    min_alpha_ratio: float = 0.0
+    """Drop documents whose share of letters is below this (0: off)."""
+    max_repeated_line_ratio: float = 0.0
+    """Drop documents where more than this share of non-empty lines repeat an earlier line (0: off)."""
+    dedup_exact: bool = False
+    """Drop exact duplicates (same text after the transforms; the first copy stays)."""
+    near_dup_threshold: float = 0.0
+    """Drop near-duplicates whose estimated Jaccard similarity (word 5-grams) to an earlier document reaches
+    this (e.g. 0.7; 0: off)."""
+    decontaminate: list[str] = field(default_factory=list)
+    """Evaluation files/folders: drop documents sharing a word n-gram with them."""
+    ngram: int = 13
+    """n for decontamination (evaluation texts shorter than n words are matched whole)."""
+
+    def active(self) -> bool:
+        return any([self.min_chars, self.max_chars, self.max_symbol_ratio, self.min_alpha_ratio,
+                    self.max_repeated_line_ratio, self.dedup_exact, self.near_dup_threshold, self.decontaminate])
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _h(x: str) -> bytes:
+    return hashlib.blake2b(x.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+class Cleaner:
+    def __init__(self, cfg: CleanConfig, source_names: list[str] | None = None, examples: int = 3):
+        self.cfg = cfg
+        self.source_names = source_names or []
+        self.n_examples = examples
+        self.stats: dict[str, dict[str, Any]] = {s: {"documents": 0, "bytes": 0, "examples": []} for s in STEPS}
+        self.per_source: dict[int, dict[str, Any]] = {}
+        self.kept = {"documents": 0, "bytes": 0}
+        self._exact: set[bytes] = set()
+        self._lsh = None
+        self._n = 0
+        if cfg.near_dup_threshold:
+            from datasketch import MinHashLSH
+
+            if not 0.0 < cfg.near_dup_threshold < 1.0:
+                raise DataError("near-duplicate threshold must be in (0, 1)")
+            self._lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=128)
+        self._contam: set[bytes] = set()
+        self._short_lens: set[int] = set()
+        if cfg.decontaminate:
+            self._load_eval(cfg.decontaminate)
+
+    def _load_eval(self, inputs: list[str]) -> None:
+        from pretrain.data.sources import expand_inputs, read_documents
+
+        n = self.cfg.ngram
+        for src in expand_inputs(inputs):
+            for doc in read_documents(src):
+                for line in doc.splitlines() or [doc]:  # evaluation sets are usually one example per line
+                    w = _words(self.transform(line))
+                    if len(w) >= n:
+                        self._contam.update(_h(" ".join(w[i:i + n])) for i in range(len(w) - n + 1))
+                    elif len(w) >= 3:
+                        self._contam.add(_h(" ".join(w)))
+                        self._short_lens.add(len(w))
+        if not self._contam:
+            raise DataError(f"no evaluation text of 3+ words found in {', '.join(inputs)} to decontaminate against")
+
+    def transform(self, text: str) -> str:
+        if self.cfg.normalize:
+            text = unicodedata.normalize(self.cfg.normalize, text)
+        if self.cfg.strip_control:
+            text = _CONTROL.sub("", text)
+        return text
+
+    def _reason(self, text: str) -> str | None:
+        c = self.cfg
+        if not text.strip():
+            return "empty"
+        if c.min_chars and len(text) < c.min_chars:
+            return "min_chars"
+        if c.max_chars and len(text) > c.max_chars:
+            return "max_chars"
+        if c.max_symbol_ratio or c.min_alpha_ratio:
+            non_space = [ch for ch in text if not ch.isspace()] or [" "]
+            symbols = sum(1 for ch in non_space if not ch.isalnum()) / len(non_space)
+            alpha = sum(1 for ch in non_space if ch.isalpha()) / len(non_space)
+            if c.max_symbol_ratio and symbols > c.max_symbol_ratio:
+                return "symbol_ratio"
+            if c.min_alpha_ratio and alpha < c.min_alpha_ratio:
+                return "alpha_ratio"
+        if c.max_repeated_line_ratio:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            if len(lines) > 1 and 1 - len(set(lines)) / len(lines) > c.max_repeated_line_ratio:
+                return "repeated_lines"
+        if c.dedup_exact:
+            h = _h(text)
+            if h in self._exact:
+                return "exact_duplicate"
+            self._exact.add(h)
+        if self._contam:
+            w = _words(text)
+            n = c.ngram
+            if any(_h(" ".join(w[i:i + n])) in self._contam for i in range(len(w) - n + 1)) or any(
+                    _h(" ".join(w[i:i + k])) in self._contam for k in self._short_lens for i in range(len(w) - k + 1)):
+                return "contaminated"
+        if self._lsh is not None:
+            from datasketch import MinHash
+
+            w = _words(text)
+            shingles = {" ".join(w[i:i + 5]).encode() for i in range(max(1, len(w) - 4))}
+            m = MinHash(num_perm=128, seed=1)
+            m.update_batch(list(shingles))
+            if self._lsh.query(m):
+                return "near_duplicate"
+            self._lsh.insert(str(self._n), m)
+        return None
+
+    def keep(self, text: str, source: int = 0) -> bool:
+        """Decide for one (transformed) document, in corpus order; counts what is removed."""
+        self._n += 1
+        reason = self._reason(text)
+        nbytes = len(text.encode("utf-8", "surrogatepass"))
+        per = self.per_source.setdefault(source, {"kept": 0, **{s: 0 for s in STEPS}})
+        if reason is None:
+            self.kept["documents"] += 1
+            self.kept["bytes"] += nbytes
+            per["kept"] += 1
+            return True
+        st = self.stats[reason]
+        st["documents"] += 1
+        st["bytes"] += nbytes
+        per[reason] += 1
+        if len(st["examples"]) < self.n_examples:
+            st["examples"].append(text[:200])
+        return False
+
+    def report(self) -> dict[str, Any]:
+        return {"kept": self.kept, "removed": {s: v for s, v in self.stats.items() if v["documents"]},
+                "per_source": {self.source_names[i] if i < len(self.source_names) else str(i): v
+                               for i, v in sorted(self.per_source.items())}}
+
+    def table(self) -> str:
+        rows = [f"{'step':<18}{'documents':>12}{'bytes':>14}"]
+        for s in STEPS:
+            v = self.stats[s]
+            if v["documents"]:
+                rows.append(f"{s:<18}{v['documents']:>12,}{v['bytes']:>14,}")
+        rows.append(f"{'kept':<18}{self.kept['documents']:>12,}{self.kept['bytes']:>14,}")
+        return "\n".join(rows)
