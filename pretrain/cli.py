@@ -63,7 +63,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
                         ngram=args.decontam_ngram)
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, text_field=args.text_field, bad_files=args.bad_files,
-                   overwrite=args.overwrite, clean=clean, log=_log)
+                   overwrite=args.overwrite, clean=clean, licence=args.licence, log=_log)
     result = {"out": str(args.out), "vocab_size": meta["tokenizer"]["vocab_size"], "dtype": meta["dtype"],
               "train_tokens": meta["splits"]["train"]["tokens"], "val_tokens": meta["splits"]["val"]["tokens"],
               "train_documents": meta["splits"]["train"]["documents"],
@@ -72,6 +72,25 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     _emit(args, result, f"prepared {args.out}: {result['train_tokens']:,} train / {result['val_tokens']:,} val "
                         f"tokens, vocab {result['vocab_size']:,}")
     return result
+
+
+def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.data.prepare import inspect
+
+    res = inspect(args.data_dir, samples=args.samples)
+    lines = [f"{res['data_dir']}: tokenizer {res['tokenizer']['kind']}, vocab {res['tokenizer']['vocab_size']:,}, "
+             f"{res['dtype']} shards, {len(res['sources'])} sources"]
+    for split, info in res["splits"].items():
+        lines.append(f"\n[{split}] {info['tokens']:,} tokens, {info['documents']:,} documents, {info['bytes']:,} bytes"
+                     + (f", {info['distinct_tokens']:,} distinct tokens" if "distinct_tokens" in info else ""))
+        if info.get("top_tokens"):
+            lines.append("  most frequent: " + ", ".join(f"{t['token']!r} {t['count']:,}" for t in info["top_tokens"][:10]))
+        for s in info.get("samples", []):
+            lines.append(f"  sample: {s!r}")
+    if res.get("cleaning") and res["cleaning"]["removed"]:
+        lines.append("\ncleaning removed: " + ", ".join(f"{k} {v['documents']:,}" for k, v in res["cleaning"]["removed"].items()))
+    _emit(args, res, "\n".join(lines))
+    return res
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
@@ -175,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bad-files", choices=["error", "skip"], default="error",
                    help="binary or non-UTF-8 files: fail (default) or skip with a warning")
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
+    s.add_argument("--licence", default="", help="licence of the sources, recorded in the manifest")
     g = s.add_argument_group("cleaning (each step optional; counts and examples go to meta.json)")
     g.add_argument("--normalize", default="NFC", help="Unicode normalisation form, '' for none (default NFC)")
     g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
@@ -189,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decontaminate", nargs="+", metavar="EVAL", help="drop documents sharing an n-gram with these")
     g.add_argument("--decontam-ngram", type=int, default=13, help="n for --decontaminate (default 13)")
     s.add_argument("--json", action="store_true", help="print one JSON object with the result")
+
+    s = sub.add_parser("data", help="inspect a prepared data directory")
+    dsub = s.add_subparsers(dest="data_command", required=True, metavar="ACTION", parser_class=_Parser)
+    s = dsub.add_parser("inspect", help="counts, token histogram, decoded samples, the manifest")
+    s.add_argument("data_dir")
+    s.add_argument("--samples", type=int, default=3)
+    s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("train", help="pre-train a model (resumes automatically if RUN_DIR has checkpoints)",
                        epilog="Config overrides: --section.key value, e.g. --train.lr 3e-4 --model.n_layer 6")
@@ -258,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if overrides:
                 raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
-            {"prepare": cmd_prepare, "eval": cmd_eval, "generate": cmd_generate, "fill-mask": cmd_fill_mask,
+            {"prepare": cmd_prepare, "data": cmd_data, "eval": cmd_eval, "generate": cmd_generate, "fill-mask": cmd_fill_mask,
              "export": cmd_export, "demo": cmd_demo}[args.command](args)
     except PretrainError as e:
         print(f"error: {e}", file=sys.stderr)

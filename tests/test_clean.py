@@ -92,3 +92,20 @@ def test_nothing_left_after_cleaning(tmp_path):
     with pytest.raises(DataError, match="no documents left after cleaning"):
         prepare([str(tmp_path / "x.txt")], tmp_path / "d", tokenizer="byte", clean=CleanConfig(min_chars=100),
                 log=lambda *a: None)
+
+
+def test_data_inspect_and_licence(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(" ".join(sentences(40, seed=3)))
+    (tmp_path / "b.txt").write_text(" ".join(sentences(40, seed=4)))
+    assert main(["prepare", str(tmp_path / "*.txt"), "--out", str(tmp_path / "d"), "--tokenizer", "char",
+                 "--licence", "CC-BY-4.0", "--val-fraction", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", str(tmp_path / "d"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert all(s["licence"] == "CC-BY-4.0" for s in res["sources"])
+    train = res["splits"]["train"]
+    assert train["top_tokens"][0]["token"] == " " and train["distinct_tokens"] > 20
+    assert sum(t["count"] for t in train["top_tokens"]) <= train["tokens"]
+    assert len(train["samples"]) == 3 and all(isinstance(s, str) and s for s in train["samples"])
+    assert main(["data", "inspect", str(tmp_path / "d")]) == 0
+    assert "most frequent" in capsys.readouterr().out

@@ -125,7 +125,7 @@ def _batches(docs: Iterator[tuple[str, str]], max_chars: int) -> Iterator[list[t
 def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_size: int = 8192,
             val_fraction: float = 0.1, text_field: str = "text", bad_files: str = "error",
             shard_tokens: int = 100_000_000, overwrite: bool = False, clean: CleanConfig | None = None,
-            log=print) -> dict[str, Any]:
+            licence: str = "", log=print) -> dict[str, Any]:
     """Read ``inputs``, build or load the tokenizer, write token shards and meta.json to ``out``.
 
     Split rule: with a single document (e.g. one .txt file) the last ``val_fraction`` of its text is the
@@ -233,7 +233,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
             "val_fraction": val_fraction,
             "split_rule": "text-tail" if single else "document-hash",
             "splits": splits,
-            "sources": [s.manifest() for s in sources],
+            "sources": [{**s.manifest(), **({"licence": licence} if licence else {})} for s in sources],
             "cleaning": cleaner.report(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - t0, 3),
@@ -273,3 +273,32 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT_VERSION:
         raise DataError(f"{p}: unsupported data format {meta.get('format')!r} (expected {FORMAT_VERSION})")
     return meta
+
+
+def inspect(data_dir: str | Path, samples: int = 3, sample_tokens: int = 64, top: int = 20) -> dict[str, Any]:
+    """What a prepared directory holds: counts per split, the most frequent tokens, decoded samples and
+    the manifest (sources, cleaning report)."""
+    from pretrain.data.loader import TokenSplit
+
+    meta = load_meta(data_dir)
+    tok = Tokenizer.load(Path(data_dir) / meta["tokenizer"]["file"])
+    out: dict[str, Any] = {"data_dir": str(data_dir), "tokenizer": meta["tokenizer"], "dtype": meta["dtype"],
+                           "splits": {}, "sources": meta["sources"], "cleaning": meta.get("cleaning")}
+    for split in meta["splits"]:
+        sp = TokenSplit(data_dir, split)
+        info = {k: meta["splits"][split][k] for k in ("tokens", "documents", "bytes")}
+        if sp.tokens:
+            counts = np.zeros(max(tok.vocab_size, 1), dtype=np.int64)
+            for shard in sp.shards:
+                for i in range(0, len(shard), 1 << 24):  # bounded memory on large shards
+                    counts += np.bincount(np.asarray(shard[i:i + (1 << 24)]), minlength=len(counts))[:len(counts)]
+            order = np.argsort(-counts)[:top]
+            info["top_tokens"] = [{"id": int(i), "token": tok.tk.id_to_token(int(i)), "count": int(counts[i])}
+                                  for i in order if counts[i]]
+            info["distinct_tokens"] = int((counts > 0).sum())
+            rng = np.random.default_rng(0)
+            first = sp.shards[0]
+            starts = rng.integers(0, max(1, len(first) - sample_tokens), size=samples)
+            info["samples"] = [tok.decode(np.asarray(first[s:s + sample_tokens]).tolist()) for s in starts]
+        out["splits"][split] = info
+    return out
