@@ -63,7 +63,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
                         ngram=args.decontam_ngram)
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, text_field=args.text_field, bad_files=args.bad_files,
-                   overwrite=args.overwrite, clean=clean, licence=args.licence, log=_log)
+                   overwrite=args.overwrite, clean=clean, licence=args.licence,
+                   tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), log=_log)
     result = {"out": str(args.out), "vocab_size": meta["tokenizer"]["vocab_size"], "dtype": meta["dtype"],
               "train_tokens": meta["splits"]["train"]["tokens"], "val_tokens": meta["splits"]["val"]["tokens"],
               "train_documents": meta["splits"]["train"]["documents"],
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binary or non-UTF-8 files: fail (default) or skip with a warning")
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     s.add_argument("--licence", default="", help="licence of the sources, recorded in the manifest")
+    s.add_argument("--tokenizer-sample-mb", type=float, default=1000.0,
+                   help="train bpe/wordpiece on an evenly spread sample of about this many MB of text (default 1000)")
     g = s.add_argument_group("cleaning (each step optional; counts and examples go to meta.json)")
     g.add_argument("--normalize", default="NFC", help="Unicode normalisation form, '' for none (default NFC)")
     g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")

@@ -109,3 +109,24 @@ def test_data_inspect_and_licence(tmp_path, capsys):
     assert len(train["samples"]) == 3 and all(isinstance(s, str) and s for s in train["samples"])
     assert main(["data", "inspect", str(tmp_path / "d")]) == 0
     assert "most frequent" in capsys.readouterr().out
+
+
+def test_tokenizer_trains_on_a_bounded_sample(tmp_path, monkeypatch):
+    import pretrain.data.tokenizer as tk
+
+    docs = [" ".join(sentences(10, seed=i)) for i in range(200)]
+    for i, d in enumerate(docs):
+        (tmp_path / f"{i:03d}.txt").write_text(d)
+    seen: list[int] = []
+    real = tk.train_bpe
+
+    def spy(texts, vocab_size):
+        texts = list(texts)
+        seen.append(sum(len(t) for t in texts))
+        return real(texts, vocab_size)
+
+    monkeypatch.setattr(tk, "train_bpe", spy)
+    total = sum(len(d) for d in docs)
+    prepare([str(tmp_path)], tmp_path / "d", tokenizer="bpe", vocab_size=300, tokenizer_sample_chars=total // 4,
+            val_fraction=0.0, log=lambda *a: None)
+    assert 0.1 * total < seen[0] < 0.45 * total  # about a quarter, spread over the corpus

@@ -125,7 +125,7 @@ def _batches(docs: Iterator[tuple[str, str]], max_chars: int) -> Iterator[list[t
 def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_size: int = 8192,
             val_fraction: float = 0.1, text_field: str = "text", bad_files: str = "error",
             shard_tokens: int = 100_000_000, overwrite: bool = False, clean: CleanConfig | None = None,
-            licence: str = "", log=print) -> dict[str, Any]:
+            licence: str = "", tokenizer_sample_chars: int = 1_000_000_000, log=print) -> dict[str, Any]:
     """Read ``inputs``, build or load the tokenizer, write token shards and meta.json to ``out``.
 
     Split rule: with a single document (e.g. one .txt file) the last ``val_fraction`` of its text is the
@@ -150,12 +150,14 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
     kept: list[bool] = []
     n_docs = 0
     n_val_hash = 0
+    total_chars = 0
     for src_index, doc in iter_documents(sources, text_field, bad_files, record=True, with_source=True):
         doc = cleaner.transform(doc)
         kept.append(cleaner.keep(doc, src_index))
         if kept[-1]:
             n_docs += 1
             n_val_hash += _is_val(doc, val_fraction)
+            total_chars += len(doc)
     if not kept:
         raise DataError("no text found in the input: every file was empty or skipped")
     log(f"read {len(kept):,} documents from {sum(1 for s in sources if not s.skipped)} files")
@@ -189,9 +191,13 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
                 yield "train", doc
 
     # Pass 2: the tokenizer (trained on the train split only, so validation stays held out).
+    # Tokenizer training reads a bounded, evenly spread sample (by a content hash) of the train split, so
+    # its memory does not grow with the corpus.
+    sample_rate = min(1.0, tokenizer_sample_chars / max(total_chars, 1))
+
     def train_texts() -> Iterator[str]:
         for split, text in split_docs():
-            if split == "train":
+            if split == "train" and (sample_rate >= 1.0 or _is_val("sample:" + text, sample_rate)):
                 yield text
 
     # A char vocabulary is the set of characters of the whole corpus (as nanoGPT's), so validation text
