@@ -155,6 +155,16 @@ def cmd_fill_mask(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.features import embed
+
+    res = embed(args.run, args.input, args.out, args.pooling, args.normalize, args.batch_size, args.text_field,
+                args.device)
+    trunc = f"; {res['truncated']:,} truncated to {res['max_tokens']} tokens" if res["truncated"] else ""
+    _emit(args, res, f"wrote {res['rows']:,} x {res['dim']} embeddings ({res['pooling']} pooling) to {res['out']}{trunc}")
+    return res
+
+
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.export import export_hf
 
@@ -257,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("embed", help="one embedding per input row (.npy or .parquet)")
+    s.add_argument("run", help="run directory or checkpoint directory")
+    s.add_argument("--input", required=True, help=".txt (one text per line), .jsonl, .csv, .tsv or .parquet")
+    s.add_argument("--out", required=True, help="FILE.npy or FILE.parquet")
+    s.add_argument("--pooling", choices=["mean", "cls", "last"], default="mean")
+    s.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--text-field", default="text", help="column/field holding the text")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("export", help="write a run in the Hugging Face layout (Llama / ModernBERT)")
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, tokenizer...)")
@@ -289,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             if overrides:
                 raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
             {"prepare": cmd_prepare, "data": cmd_data, "eval": cmd_eval, "generate": cmd_generate, "fill-mask": cmd_fill_mask,
-             "export": cmd_export, "demo": cmd_demo}[args.command](args)
+             "embed": cmd_embed, "export": cmd_export, "demo": cmd_demo}[args.command](args)
     except PretrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

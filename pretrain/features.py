@@ -1,0 +1,152 @@
+"""Feature extraction: one embedding per input text from a pre-trained run (decoder or encoder).
+
+Texts are read row-aligned (a .txt line, a JSONL line, a CSV/TSV/Parquet row), tokenized as in
+training (encoders get [CLS] ... [SEP]), truncated to the model's context (counted and reported),
+batched by length with padding and an attention mask, and pooled: ``mean`` over real tokens, ``cls``
+(the first position; encoders) or ``last`` (the last real token; decoders). Output row i belongs to
+input row i whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain import PretrainError
+from pretrain.checkpoint import load_pretrained
+
+POOLINGS = ("mean", "cls", "last")
+
+
+def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
+    """Row-aligned texts from .txt (one per line), .jsonl, .csv/.tsv or .parquet; empty rows are errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise PretrainError(f"input not found: {p}")
+    ext = p.suffix.lower()
+    try:
+        if ext == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(p)
+            if text_field not in table.column_names:
+                raise PretrainError(f"{p}: no column {text_field!r}; columns: {', '.join(table.column_names)}")
+            texts = table.column(text_field).to_pylist()
+        else:
+            raw = p.read_text(encoding="utf-8")
+            if ext in (".jsonl", ".ndjson"):
+                texts = []
+                for n, line in enumerate(raw.split("\n"), 1):
+                    if line.strip():
+                        obj = json.loads(line)
+                        if not isinstance(obj, dict) or text_field not in obj:
+                            raise PretrainError(f"{p}:{n}: no field {text_field!r}")
+                        texts.append(obj[text_field])
+            elif ext in (".csv", ".tsv"):
+                rows = csv.DictReader(raw.splitlines(), delimiter="\t" if ext == ".tsv" else ",")
+                if rows.fieldnames is None or text_field not in rows.fieldnames:
+                    raise PretrainError(f"{p}: no column {text_field!r}; columns: {', '.join(rows.fieldnames or [])}")
+                texts = [r[text_field] for r in rows]
+            else:
+                texts = raw.split("\n")
+                if texts and texts[-1] == "":
+                    texts.pop()
+    except UnicodeDecodeError:
+        raise PretrainError(f"{p} is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise PretrainError(f"{p}: invalid JSON ({e.msg})") from None
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise PretrainError(f"{p}: row {i + 1} has no text (empty or not a string)")
+    if not texts:
+        raise PretrainError(f"{p} has no rows")
+    return texts
+
+
+@torch.no_grad()
+def embed_texts(model, tok, cfg, texts: list[str], pooling: str = "mean", normalize: bool = False,
+                batch_size: int = 32, device: torch.device | str = "cpu") -> tuple[np.ndarray, int]:
+    """(N, d_model) float32 embeddings and the number of texts that were truncated."""
+    if pooling not in POOLINGS:
+        raise PretrainError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    encoder = cfg.objective == "mlm"
+    if pooling == "cls" and not encoder:
+        raise PretrainError("cls pooling needs an encoder (masked-LM) run; use mean or last for a decoder")
+    ctx = cfg.model.max_seq_len
+    ids: list[list[int]] = []
+    truncated = 0
+    for t in texts:
+        x = tok.encode(t)
+        if encoder and tok.cls_id is not None:
+            x = [tok.cls_id, *x, tok.eot_id]
+        if len(x) > ctx:
+            truncated += 1
+            x = x[:ctx]
+        ids.append(x or [tok.eot_id])
+    pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    out = np.zeros((len(ids), cfg.model.d_model), dtype=np.float32)
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ids), unit="text", file=sys.stderr)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in idx)
+        x = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.bool)
+        for r, i in enumerate(idx):
+            x[r, :len(ids[i])] = torch.tensor(ids[i])
+            mask[r, :len(ids[i])] = True
+        x, mask = x.to(device), mask.to(device)
+        # decoders: right padding never reaches earlier (real) positions under causal attention
+        h = model(x, attention_mask=mask, return_hidden=True) if encoder else model(x, return_hidden=True)
+        h = h.float()
+        if pooling == "mean":
+            v = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        elif pooling == "cls":
+            v = h[:, 0]
+        else:
+            v = h[torch.arange(len(idx), device=h.device), mask.sum(1) - 1]
+        if normalize:
+            v = torch.nn.functional.normalize(v, dim=-1)
+        out[idx] = v.cpu().numpy()
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return out, truncated
+
+
+def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str = "mean",
+          normalize: bool = False, batch_size: int = 32, text_field: str = "text",
+          device: str = "auto") -> dict[str, Any]:
+    """Embed every row of ``input_path`` with the run's newest checkpoint; write .npy or .parquet."""
+    from pretrain.train import resolve_device
+
+    out = Path(out)
+    if out.suffix not in (".npy", ".parquet"):
+        raise PretrainError(f"--out must end in .npy or .parquet, got {out.name}")
+    if batch_size < 1:
+        raise PretrainError("batch_size must be >= 1")
+    texts = read_texts(input_path, text_field)
+    dev = resolve_device(device)
+    model, cfg, tok, meta = load_pretrained(run, dev)
+    vectors, truncated = embed_texts(model, tok, cfg, texts, pooling, normalize, batch_size, dev)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, vectors)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"row": np.arange(len(texts)), "embedding": list(vectors)}), out)
+    return {"out": str(out), "rows": len(texts), "dim": int(vectors.shape[1]), "pooling": pooling,
+            "normalized": normalize, "truncated": truncated, "max_tokens": cfg.model.max_seq_len, "step": meta["step"]}
