@@ -9,8 +9,6 @@ input row i whatever the batch size.
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,48 +23,25 @@ POOLINGS = ("mean", "cls", "last")
 
 
 def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
-    """Row-aligned texts from .txt (one per line), .jsonl, .csv/.tsv or .parquet; empty rows are errors."""
+    """Row-aligned texts from .txt (one per line), .jsonl/.json, .csv/.tsv or .parquet; empty rows are errors."""
+    from pretrain.data.sources import expand_inputs, iter_rows, kind_of, read_text
+
     p = Path(path)
     if not p.is_file():
         raise PretrainError(f"input not found: {p}")
-    ext = p.suffix.lower()
-    try:
-        if ext == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(p)
-            if text_field not in table.column_names:
-                raise PretrainError(f"{p}: no column {text_field!r}; columns: {', '.join(table.column_names)}")
-            texts = table.column(text_field).to_pylist()
-        else:
-            raw = p.read_text(encoding="utf-8")
-            if ext in (".jsonl", ".ndjson"):
-                texts = []
-                for n, line in enumerate(raw.split("\n"), 1):
-                    if line.strip():
-                        obj = json.loads(line)
-                        if not isinstance(obj, dict) or text_field not in obj:
-                            raise PretrainError(f"{p}:{n}: no field {text_field!r}")
-                        texts.append(obj[text_field])
-            elif ext in (".csv", ".tsv"):
-                rows = csv.DictReader(raw.splitlines(), delimiter="\t" if ext == ".tsv" else ",")
-                if rows.fieldnames is None or text_field not in rows.fieldnames:
-                    raise PretrainError(f"{p}: no column {text_field!r}; columns: {', '.join(rows.fieldnames or [])}")
-                texts = [r[text_field] for r in rows]
-            else:
-                texts = raw.split("\n")
-                if texts and texts[-1] == "":
-                    texts.pop()
-    except UnicodeDecodeError:
-        raise PretrainError(f"{p} is not valid UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise PretrainError(f"{p}: invalid JSON ({e.msg})") from None
+    (src,) = expand_inputs([str(p)])
+    if kind_of(p) == "text":
+        texts: list[str | None] = read_text(src.path).split("\n")
+        if texts and texts[-1] == "":
+            texts.pop()
+    else:
+        texts = list(iter_rows(src.path, src.kind, text_field))
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise PretrainError(f"{p}: row {i + 1} has no text (empty or not a string)")
     if not texts:
         raise PretrainError(f"{p} has no rows")
-    return texts
+    return texts  # type: ignore[return-value]  (all checked to be non-empty strings above)
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ def _split_suffix(path: Path) -> tuple[str, str | None]:
     return (suffixes[-1] if suffixes else ""), comp
 
 
-def _kind_of(path: Path) -> str:
+def kind_of(path: Path) -> str:
     ext, _ = _split_suffix(path)
     if ext in JSONL_EXTS:
         return "jsonl"
@@ -94,7 +94,7 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
         for m in matches:
             m = m.resolve()
             if m not in seen:
-                seen[m] = Source(path=m, kind=_kind_of(m))
+                seen[m] = Source(path=m, kind=kind_of(m))
     return list(seen.values())
 
 
@@ -127,7 +127,7 @@ def _read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     raw = _read_bytes(path)
     if b"\x00" in raw[:8192]:
         raise DataError(f"{path} looks like a binary file (NUL bytes); not text")
@@ -138,8 +138,8 @@ def _read_text(path: Path) -> str:
                         "re-encode it as UTF-8 or pass --bad-files skip") from None
 
 
-def _iter_jsonl(path: Path, text_field: str, text: str | None = None) -> Iterator[str]:
-    text = _read_text(path) if text is None else text
+def _iter_jsonl(path: Path, text_field: str, text: str | None = None) -> Iterator[str | None]:
+    text = read_text(path) if text is None else text
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
@@ -154,6 +154,7 @@ def _iter_jsonl(path: Path, text_field: str, text: str | None = None) -> Iterato
                             f"{', '.join(sorted(obj)) or '(none)'} (choose one with --text-field)")
         value = obj[text_field]
         if value is None:
+            yield None
             continue
         if not isinstance(value, str):
             raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not a string")
@@ -170,21 +171,28 @@ def _column_error(path: Path, field: str, present: list[str]) -> DataError:
                      "(choose one with --text-field)")
 
 
-def _iter_table(path: Path, kind: str, field: str) -> Iterator[str]:
+def iter_rows(path: Path, kind: str, field: str) -> Iterator[str | None]:
+    """The ``field`` value of every row of a JSONL/JSON/CSV/TSV/Parquet file, in order, empty ones included
+    (so callers that need row alignment, like `pretrain embed`, can keep it)."""
+    if kind == "jsonl":
+        yield from _iter_jsonl(path, field)
+    else:
+        yield from _iter_table(path, kind, field)
+
+
+def _iter_table(path: Path, kind: str, field: str) -> Iterator[str | None]:
     if kind in ("csv", "tsv"):
         import csv
         import io
 
-        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t" if kind == "tsv" else ",")
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t" if kind == "tsv" else ",")
         if reader.fieldnames is None or field not in reader.fieldnames:
             raise _column_error(path, field, list(reader.fieldnames or []))
         for row in reader:
-            value = row.get(field)
-            if value:
-                yield value
+            yield row.get(field)
         return
     if kind == "json":  # a JSON array of objects (or one object per line)
-        text = _read_text(path)
+        text = read_text(path)
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -195,8 +203,7 @@ def _iter_table(path: Path, kind: str, field: str) -> Iterator[str]:
             if not isinstance(obj, dict) or field not in obj:
                 raise DataError(f"{path}: item {i} has no field {field!r}; fields present: "
                                 f"{', '.join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__}")
-            if isinstance(obj[field], str):
-                yield obj[field]
+            yield obj[field] if isinstance(obj[field], str) else None
         return
     # parquet, read in record batches
     try:
@@ -208,8 +215,7 @@ def _iter_table(path: Path, kind: str, field: str) -> Iterator[str]:
             raise _column_error(path, field, names)
         for batch in pf.iter_batches(columns=[field], batch_size=8192):
             for value in batch.column(0).to_pylist():
-                if isinstance(value, str):
-                    yield value
+                yield value if isinstance(value, str) else None
     except DataError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError on damaged files
@@ -218,13 +224,11 @@ def _iter_table(path: Path, kind: str, field: str) -> Iterator[str]:
 
 def read_documents(source: Source, text_field: str = "text") -> list[str]:
     """All non-empty documents of one source (raises DataError on bad content)."""
-    if source.kind == "jsonl":
-        docs = list(_iter_jsonl(source.path, text_field))
-    elif source.kind in ("csv", "tsv", "json", "parquet"):
-        docs = list(_iter_table(source.path, source.kind, text_field))
+    if source.kind == "text":
+        docs: list[str | None] = [read_text(source.path)]
     else:
-        docs = [_read_text(source.path)]
-    return [d for d in docs if d.strip()]
+        docs = list(iter_rows(source.path, source.kind, text_field))
+    return [d for d in docs if d and d.strip()]
 
 
 def iter_documents(sources: list[Source], text_field: str = "text", bad_files: str = "error",
