@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         prepare([str(build_corpus(work))], data, tokenizer="wordpiece", vocab_size=8192, val_fraction=0.05,
                 log=(lambda *a: None) if args.json else (lambda m: print(m, file=sys.stderr)))
     t_prep = time.time() - t0
-    cfg = load_config(args.config, overrides)
-    cfg = load_config(None, {**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "path": str(data)},
-                             "train": {**cfg.to_dict()["train"], "max_time_s": args.budget_s}})
+    cfg = load_config(args.config, [*overrides, "--data.path", str(data), "--train.max_time_s", str(args.budget_s)])
     run = work / f"run_{int(time.time())}"
     summary = train(cfg, run, quiet=args.json)
     ev = evaluate_run(run)

@@ -74,11 +74,10 @@ def run_one(config: str, overrides: list[str], args: argparse.Namespace, quiet: 
     data = work / "data"
     if not (data / "meta.json").exists():
         prepare([args.input], data, tokenizer="char", val_fraction=0.1, log=lambda *a: None)
-    extra = {"data": {"path": str(data)}, "train": {"max_time_s": args.budget_s}}
+    extra = ["--data.path", str(data), "--train.max_time_s", str(args.budget_s)]
     if args.stop_at_target:
-        extra["train"]["target_val_loss"] = args.target
-    cfg = load_config(config, overrides, base=None)
-    cfg = load_config(None, _merge(cfg.to_dict(), extra))
+        extra += ["--train.target_val_loss", str(args.target)]
+    cfg = load_config(config, [*overrides, *extra])  # the bench's own settings win
     run = work / f"run_{Path(config).stem}_{int(time.time())}"
     t0 = time.time()
     summary = train(cfg, run, quiet=quiet)
@@ -93,13 +92,6 @@ def run_one(config: str, overrides: list[str], args: argparse.Namespace, quiet: 
         "tokens_seen": summary["tokens_seen"], "final_full_val_loss": round(full["loss"], 4),
         "n_params": summary["n_params"], "config": str(config), "overrides": overrides,
     }
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 if __name__ == "__main__":

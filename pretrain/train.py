@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -29,7 +28,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, ConfigError, from_dict, load_yaml
 from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_batches, eval_windows
-from pretrain.data.prepare import load_meta
+from pretrain.data.prepare import load_meta, write_text_atomic
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.models import build_model
 from pretrain.objectives import CausalLM, build_objective
@@ -226,9 +225,7 @@ class Metrics:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue  # a line torn by a crash
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(k + "\n" for k in kept))
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -272,12 +269,6 @@ def apply_compile(model: nn.Module, progress: Progress) -> nn.Module:
     except Exception as e:  # pragma: no cover - depends on the platform's compiler
         progress.write(f"warning: torch.compile failed ({str(e).splitlines()[0]}); running eagerly")
         return model
-
-
-def _write_config(run: Path, cfg: Config) -> None:
-    tmp = run / ".config.yaml.tmp"
-    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-    os.replace(tmp, run / "config.yaml")
 
 
 def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
@@ -370,7 +361,7 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
 
-    _write_config(run, cfg)
+    write_text_atomic(run / "config.yaml", cfg.to_yaml())
     shutil.copyfile(Path(cfg.data.path) / meta["tokenizer"]["file"], run / "tokenizer.json")
     metrics = Metrics(run / "metrics.jsonl", keep_upto_step=step)
     progress = Progress(tc.max_steps, step, quiet)

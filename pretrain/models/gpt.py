@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
-from pretrain.models.layers import RMSNorm, apply_rope, rope_cache
+from pretrain.models.layers import RMSNorm, apply_rope, cached_attention_mask, rope_cache
 
 
 class KVCache:
@@ -60,11 +60,7 @@ class Attention(nn.Module):
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if past == 0 or T == 1:  # a fresh sequence (causal), or one new token that sees everything cached
-            mask, causal = None, past == 0 and T > 1
-        else:  # new tokens attend to every cached position and causally among themselves
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
+        mask, causal = cached_attention_mask(past, T, x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
 from pretrain.models.gpt import GPT, KVCache
+from pretrain.models.layers import cached_attention_mask
 
 
 class GPT2Attention(nn.Module):
@@ -31,11 +32,7 @@ class GPT2Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)
-        if past == 0 or T == 1:
-            mask, causal = None, past == 0 and T > 1
-        else:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
+        mask, causal = cached_attention_mask(past, T, x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))

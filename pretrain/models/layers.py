@@ -35,6 +35,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def cached_attention_mask(past: int, new: int, device) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for ``new`` query tokens after ``past`` cached ones, for SDPA: a fresh sequence
+    is plain causal; one new token sees everything cached; several see the cache and causally each other."""
+    if past == 0 or new == 1:
+        return None, past == 0 and new > 1
+    return torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past), False
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
