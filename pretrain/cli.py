@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default 600)")
     s.add_argument("--budget-s", type=float, default=300.0, help="stop pre-training after this many seconds")
     s.add_argument("--json", action="store_true")
+
+    from pretrain.finetune.cli import add_parsers as add_transfer_parsers
+
+    add_transfer_parsers(sub)
     return p
 
 
@@ -309,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if overrides:
                 raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
-            {"prepare": cmd_prepare, "data": cmd_data, "eval": cmd_eval, "generate": cmd_generate, "fill-mask": cmd_fill_mask,
-             "embed": cmd_embed, "export": cmd_export, "demo": cmd_demo}[args.command](args)
+            handlers = {"prepare": cmd_prepare, "data": cmd_data, "eval": cmd_eval, "generate": cmd_generate,
+                        "fill-mask": cmd_fill_mask, "embed": cmd_embed, "export": cmd_export, "demo": cmd_demo}
+            # commands defined in other modules (pretrain/finetune/cli.py) carry their handler as args.func
+            handler = handlers.get(args.command) or args.func
+            handler(args)
     except PretrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

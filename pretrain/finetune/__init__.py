@@ -1,0 +1,1 @@
+"""Transfer: fine-tuning a pre-trained backbone on labelled data, prediction, linear probes, transfer reports."""
