@@ -4,6 +4,12 @@ A checkpoint is written into a temporary directory, every file fsync'ed, then re
 step; ``meta.json`` (with each file's size and sha256) is written last. A crash at any moment therefore
 leaves either the complete new checkpoint or none of it, and never touches the previous one. Weights are
 safetensors; optimizer/loader/RNG state is loaded with ``torch.load(weights_only=True)``.
+
+Runs of several processes (torchrun) save with ``torch.distributed.checkpoint`` instead: every rank writes
+its own shard of the model and optimizer into ``step_NNNNNN/dcp/`` (``meta.json`` says ``"format": "dcp"``),
+rank 0 adds ``state.pt`` (loader, RNG), by default the consolidated ``model.safetensors`` that eval, export
+and fine-tuning read, and ``meta.json``, then renames the directory into place, after a barrier. Such a
+checkpoint loads at any world size, one process included (DCP reshards on load).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+DCP_DIR = "dcp"
 
 
 class CheckpointError(PretrainError):
@@ -89,11 +96,21 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
     torch.save(state, tmp / STATE_FILE)
+    _commit(run_dir, tmp, final, {**meta, "step": step, "files": _file_records(tmp, (MODEL_FILE, STATE_FILE))}, keep)
+    return final
+
+
+def _file_records(tmp: Path, names) -> dict[str, dict[str, Any]]:
     files = {}
-    for name in (MODEL_FILE, STATE_FILE):
+    for name in names:
         _fsync_file(tmp / name)
         files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-    meta = {**meta, "step": step, "files": files}
+    return files
+
+
+def _commit(run_dir: str | Path, tmp: Path, final: Path, meta: dict[str, Any], keep: int) -> None:
+    """meta.json last, then one rename into place; ``latest`` and keep-last-``keep`` follow."""
+    root = final.parent
     with open(tmp / META_FILE, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.flush()
@@ -115,7 +132,162 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     for stale in [*root.glob(".tmp_*"), *root.glob(".trash_*")]:  # leftovers of crashed writers
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several processes: torch.distributed.checkpoint (sharded), resumable at any world size
+
+
+def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind ``optimizer`` (a MultiOptimizer holds several)."""
+    return list(getattr(optimizer, "parts", [optimizer]))
+
+
+def _full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank calls this; rank 0 gets the whole model's weights on CPU (tied weights stored once),
+    the others an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from pretrain.distributed import unwrap
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    seen, aliases = set(), set()
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases.add(name)
+        seen.add(id(p))
+    return {k: v.contiguous() for k, v in full.items() if k not in aliases}
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, state: dict[str, Any],
+                            meta: dict[str, Any], keep: int = 2, consolidate: bool = True) -> Path:
+    """Called by every rank: each writes its shard of model + optimizer (DCP); rank 0 writes ``state`` (loader,
+    RNG: the same on every rank), the consolidated model.safetensors (``consolidate``) and meta.json, and
+    renames the checkpoint into place once all shards are on disk. Needs a filesystem shared by all ranks."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from pretrain.distributed import barrier, is_main
+
+    root = Path(run_dir) / CKPT_DIR
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{final.name}_dcp"  # one name for all ranks
+    if is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / DCP_DIR).mkdir(parents=True)
+    barrier()
+    msd, osd = get_state_dict(model, optimizer_parts(optimizer))
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / DCP_DIR)  # returns once every shard is written
+    full = _full_weights(model) if consolidate else {}
+    if is_main():
+        names = [STATE_FILE]
+        if consolidate:
+            save_file(full, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            names.insert(0, MODEL_FILE)
+        torch.save(state, tmp / STATE_FILE)
+        shards = {}
+        for f in sorted((tmp / DCP_DIR).iterdir()):
+            _fsync_file(f)
+            shards[f.name] = f.stat().st_size
+        fsync_dir(tmp / DCP_DIR)
+        meta = {**meta, "step": step, "format": "dcp", "world_size": dist.get_world_size(),
+                "files": _file_records(tmp, names), "dcp_files": shards}
+        _commit(run_dir, tmp, final, meta, keep)
+    barrier()
     return final
+
+
+def is_sharded(meta: dict[str, Any]) -> bool:
+    return meta.get("format") == "dcp"
+
+
+def _verify_shards(ckpt: Path, meta: dict[str, Any]) -> Path:
+    d = ckpt / DCP_DIR
+    for name, size in meta.get("dcp_files", {}).items():
+        p = d / name
+        if not p.is_file():
+            raise CheckpointError(f"{p} is missing: the checkpoint is incomplete")
+        if p.stat().st_size != size:
+            raise CheckpointError(f"{p} is truncated or corrupt ({p.stat().st_size} bytes, expected {size})")
+    if not (d / ".metadata").is_file():
+        raise CheckpointError(f"{d} has no .metadata: not a complete torch.distributed.checkpoint")
+    return d
+
+
+def _dcp_load(state_dict: dict[str, Any], path: Path) -> None:
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            dcp.load(state_dict, checkpoint_id=path, no_dist=single)
+        except Exception as e:  # DCP raises assorted errors (CheckpointException wraps each rank's)
+            raise CheckpointError(f"cannot load the sharded checkpoint {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def load_sharded(ckpt: Path, model: nn.Module, optimizer, meta: dict[str, Any] | None = None) -> None:
+    """Load model and optimizer (any wrapping: plain, DDP, FSDP2; any world size) from a DCP checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = meta if meta is not None else read_meta(ckpt)
+    path = _verify_shards(ckpt, meta)
+    parts = optimizer_parts(optimizer)
+    msd, osd = get_state_dict(model, parts)  # the layout (and shards) this run wants; DCP fills it in place
+    _dcp_load({"model": msd, "optim": osd}, path)
+    set_state_dict(model, parts, model_state_dict=msd, optim_state_dict=osd)
+
+
+def load_full_optimizer(model: nn.Module, optimizer, saved: dict[str, Any]) -> None:
+    """Load a single-process optimizer state_dict (parameters numbered in order) into an optimizer of a
+    sharded (FSDP2) ``model``: each rank keeps its shard of every state tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    parts = optimizer_parts(optimizer)
+    saved_parts = saved["parts"] if "parts" in saved else [saved]
+    if len(saved_parts) != len(parts):
+        raise ValueError("optimizer state does not match this optimizer (different train.optimizer?)")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for opt, sd in zip(parts, saved_parts):
+        order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+        if len(order) != sum(len(g["params"]) for g in sd["param_groups"]):
+            raise ValueError("optimizer state does not match this optimizer's parameters")
+        fqn_sd = {"state": {order[int(i)]: v for i, v in sd["state"].items()},
+                  "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
+        set_optimizer_state_dict(model, opt, fqn_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write a sharded (DCP) checkpoint's weights as one ``model.safetensors`` (into the checkpoint, recorded
+    in its meta.json, unless ``out`` names another file). ``path``: a checkpoint or run directory."""
+    from pretrain.config import Config, from_dict
+    from pretrain.models import build_model
+
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    if not is_sharded(meta):
+        raise CheckpointError(f"{ckpt} is not a sharded checkpoint: its {MODEL_FILE} is already the whole model")
+    model = build_model(from_dict(Config, meta["config"]).model)
+    load_weights(ckpt, model, meta)
+    target = Path(out) if out is not None else ckpt / MODEL_FILE
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    save_model(model, str(tmp))
+    _fsync_file(tmp)
+    os.replace(tmp, target)
+    if out is None:  # record it, so load_weights verifies it like any other
+        meta["files"] = {**meta.get("files", {}), **_file_records(ckpt, (MODEL_FILE,))}
+        mtmp = ckpt / f".{META_FILE}.{os.getpid()}.tmp"
+        mtmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        _fsync_file(mtmp)
+        os.replace(mtmp, ckpt / META_FILE)
+    return target
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -158,7 +330,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory (→ its newest checkpoint) or a checkpoint directory."""
     p = Path(path)
-    if (p / META_FILE).is_file() and (p / MODEL_FILE).exists():
+    if (p / META_FILE).is_file() and ((p / MODEL_FILE).exists() or (p / DCP_DIR).is_dir()):
         return p
     if p.is_dir():
         ck = latest_checkpoint(p)
@@ -193,8 +365,13 @@ def _verify(ckpt: Path, meta: dict[str, Any], name: str) -> Path:
 
 
 def load_weights(ckpt: Path, model: nn.Module, meta: dict[str, Any] | None = None) -> None:
-    """Load model.safetensors into ``model`` (strict; tied weights are stored once)."""
+    """Load model.safetensors into ``model`` (strict; tied weights are stored once); from the shards of a
+    sharded checkpoint written without it (train.consolidate false)."""
     meta = meta if meta is not None else read_meta(ckpt)
+    if is_sharded(meta) and MODEL_FILE not in meta.get("files", {}):
+        sd = model.state_dict()
+        _dcp_load({"model": sd}, _verify_shards(ckpt, meta))
+        return
     p = _verify(ckpt, meta, MODEL_FILE)
     try:
         tensors = load_file(str(p), device="cpu")

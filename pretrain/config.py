@@ -100,7 +100,11 @@ class TrainConfig:
     batch_size: int = 32
     """Sequences per micro-batch."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step (on each process)."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all processes, = batch_size x grad_accum x world size. When set,
+    grad_accum is derived from it at each launch (so a run can continue on another number of processes with
+    the same training); 0 means batch_size x grad_accum x world size."""
     max_steps: int = 1000
     """Optimizer steps to train for."""
     lr: float = 1e-3
@@ -146,6 +150,15 @@ class TrainConfig:
     """Compile the model with torch.compile (falls back to eager with a warning if compilation fails)."""
     threads: int = 0
     """CPU threads for torch (0 leaves torch's default)."""
+    parallelism: str = "ddp"
+    """Under torchrun (several processes): 'ddp' (a full model replica per process, gradients all-reduced) or
+    'fsdp' (FSDP2: parameters, gradients and optimizer state sharded over the processes, per block)."""
+    dist_timeout_s: float = 600.0
+    """Several processes: seconds a collective waits for the other ranks before the job fails."""
+    consolidate: bool = True
+    """Several processes: also write each checkpoint's full weights as one model.safetensors (gathered on
+    rank 0, on CPU) beside the sharded torch.distributed.checkpoint files, for eval/export/fine-tuning.
+    With false only the shards are written; `pretrain.checkpoint.consolidate(RUN)` writes the file later."""
     max_time_s: float = 0.0
     """Stop (and checkpoint) after this many seconds of training; 0 means no limit."""
     stop_at_step: int = 0
@@ -171,6 +184,10 @@ class TrainConfig:
         _check(self.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.log_interval >= 1, "train.log_interval must be >= 1")
+        _check(self.parallelism in ("ddp", "fsdp"), f"train.parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}")
+        _check(self.global_batch_size == 0 or self.global_batch_size >= self.batch_size,
+               "train.global_batch_size must be 0 or at least train.batch_size")
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s must be > 0")
         for name in ("warmup_steps", "eval_interval", "eval_batches", "ckpt_interval", "seed", "threads",
                      "stop_at_step", "weight_decay", "grad_clip", "max_time_s", "target_val_loss"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")

@@ -1,5 +1,9 @@
 """The training loop: ``train(cfg, out_dir)``. One function you can read in one sitting; the step,
 evaluation, logging and checkpointing are small functions beside it.
+
+The same loop runs as one process or as several under ``torchrun`` (see pretrain/distributed.py): each rank
+reads its own slice of every global batch, the model is wrapped (DDP or FSDP2) from outside, only rank 0
+logs and writes files, and checkpoints are sharded (torch.distributed.checkpoint).
 """
 
 from __future__ import annotations
@@ -18,18 +22,37 @@ import torch.nn as nn
 
 from pretrain import PretrainError
 from pretrain.checkpoint import (
+    is_sharded,
     latest_checkpoint,
+    load_full_optimizer,
+    load_sharded,
     load_state,
     load_weights,
     read_meta,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
 )
 from pretrain.config import Config, ConfigError, from_dict, load_yaml
 from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_batches, eval_windows
 from pretrain.data.prepare import load_meta, write_text_atomic
 from pretrain.data.tokenizer import Tokenizer
+from pretrain.distributed import (
+    DistEnv,
+    all_reduce_mean_,
+    any_rank,
+    apply_compile,
+    apply_ddp,
+    apply_fsdp,
+    broadcast_object,
+    clip_grad_norm_,
+    grad_sync,
+    init_distributed,
+    is_fsdp,
+    teardown,
+    unwrap,
+)
 from pretrain.models import build_model
 from pretrain.objectives import CausalLM, build_objective
 from pretrain.optim import build_optimizer, set_lr
@@ -37,7 +60,10 @@ from pretrain.optim import build_optimizer, set_lr
 # Keys that may change when a run is continued (they do not change what was trained so far).
 RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.target_val_loss", "train.stop_at_step", "train.eval_interval",
                   "train.eval_batches", "train.log_interval", "train.ckpt_interval", "train.keep_checkpoints",
-                  "train.plot", "train.threads", "train.device", "train.compile", "data.path"}
+                  "train.plot", "train.threads", "train.device", "train.compile", "data.path",
+                  # how the global batch is split over processes, and how they talk (checked: the global batch)
+                  "train.grad_accum", "train.global_batch_size", "train.parallelism", "train.dist_timeout_s",
+                  "train.consolidate"}
 
 # Dense bf16 peak FLOP/s (no sparsity) by device-name substring, most specific first; for MFU.
 PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
@@ -139,6 +165,23 @@ def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int] | Non
         raise ConfigError("data.packing false (one padded document per sequence) needs objective mlm and a "
                           "tokenizer with a [PAD] token (prepare with --tokenizer wordpiece)")
     return tokenizer.eot_id, tokenizer.pad_id
+
+
+def resolve_batch(tc, world_size: int) -> tuple[int, int]:
+    """(micro-batches per step on each process, global batch in sequences) for ``world_size`` processes:
+    batch_size x grad_accum x world_size = global_batch_size, grad_accum derived when global_batch_size is set."""
+    if not tc.global_batch_size:
+        return tc.grad_accum, tc.batch_size * tc.grad_accum * world_size
+    per_micro = tc.batch_size * world_size
+    accum, rest = divmod(tc.global_batch_size, per_micro)
+    if rest or accum < 1:
+        raise ConfigError(f"train.global_batch_size {tc.global_batch_size} is not a multiple of train.batch_size "
+                          f"{tc.batch_size} x {world_size} process(es) = {per_micro}")
+    if tc.grad_accum not in (1, accum):
+        raise ConfigError(f"train.global_batch_size {tc.global_batch_size} = batch_size {tc.batch_size} x "
+                          f"grad_accum x {world_size} process(es) needs grad_accum {accum}, but train.grad_accum "
+                          f"is {tc.grad_accum}: leave grad_accum at 1 when global_batch_size is set")
+    return accum, tc.global_batch_size
 
 
 def check_config_compatible(saved: Config, new: Config) -> None:
@@ -259,18 +302,6 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-def apply_compile(model: nn.Module, progress: Progress) -> nn.Module:
-    """torch.compile the model; graphs that fail to compile run eagerly (with a warning) instead of failing."""
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
-    try:
-        return torch.compile(model)
-    except Exception as e:  # pragma: no cover - depends on the platform's compiler
-        progress.write(f"warning: torch.compile failed ({str(e).splitlines()[0]}); running eagerly")
-        return model
-
-
 def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
     """Train (or continue training) a model into ``out_dir``; returns a summary dict.
 
@@ -278,9 +309,17 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
     its newest complete checkpoint exactly where it stopped.
     """
     run = Path(out_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    with run_lock(run):
-        return _train(cfg, run, quiet)
+    env = init_distributed(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        with run_lock(run) if env.is_main else contextlib.nullcontext():  # rank 0 speaks for the job
+            return _train(cfg, run, quiet or not env.is_main, env)
+    except PretrainError as e:
+        if env.world_size > 1:  # say which rank failed (torchrun then stops the others)
+            e.args = (f"[rank {env.rank}/{env.world_size}] {e}", *e.args[1:])
+        raise
+    finally:
+        teardown(env)
 
 
 @contextlib.contextmanager
@@ -301,7 +340,7 @@ def run_lock(run: Path):
         f.close()
 
 
-def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
+def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
     meta = load_meta(cfg.data.path)
@@ -310,13 +349,17 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
         cfg, init_sd = _from_hf(cfg, meta)
     cfg = resolve_config(cfg, meta)
     tc = cfg.train
+    accum, global_batch = resolve_batch(tc, env.world_size)
+    if env.active and tc.parallelism == "fsdp" and tc.optimizer == "muon":
+        raise ConfigError("train.optimizer muon is not supported with train.parallelism fsdp (Muon needs whole "
+                          "matrices; FSDP shards them): use parallelism ddp, or optimizer adamw")
 
-    ckpt = latest_checkpoint(run)
+    ckpt = broadcast_object(latest_checkpoint(run) if env.is_main else None)  # all ranks continue the same one
     if ckpt is not None and (run / "config.yaml").is_file():
         check_config_compatible(from_dict(Config, load_yaml(run / "config.yaml")), cfg)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    device = env.device
     torch.manual_seed(tc.seed)
     train_split, val_split = TokenSplit(cfg.data.path, "train"), TokenSplit(cfg.data.path, "val")
     if tc.eval_interval and eval_windows(val_split, cfg.data.seq_len) < 1:
@@ -328,10 +371,11 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
     tokenizer = Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"])
     objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed)
     documents = padded_documents(cfg, tokenizer)
+    shard = {"seed": tc.seed, "rank": env.rank, "world_size": env.world_size}  # each rank its slice of a batch
     if documents is None:
-        loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, seed=tc.seed)
+        loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, **shard)
     else:
-        loader = DocumentLoader(train_split, cfg.data.seq_len, tc.batch_size, *documents, seed=tc.seed)
+        loader = DocumentLoader(train_split, cfg.data.seq_len, tc.batch_size, *documents, **shard)
     step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
     loss_sum, loss_n = 0.0, 0  # train loss summed since the last log line (checkpointed: exact resume)
     state = None
@@ -339,7 +383,14 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
         cmeta = read_meta(ckpt)
         if cmeta.get("tokenizer_sha256") not in (None, meta["tokenizer"]["sha256"]):
             raise PretrainError(f"{cfg.data.path} was tokenized with a different tokenizer than the run in {run}")
-        load_weights(ckpt, model, cmeta)
+        saved_tc = cmeta.get("config", {}).get("train", {})
+        saved_batch = cmeta.get("global_batch_size") or saved_tc.get("batch_size", 0) * saved_tc.get("grad_accum", 1)
+        if saved_batch != global_batch:
+            raise ConfigError(f"the run in {run} was trained with a global batch of {saved_batch} sequences, this "
+                              f"launch has {global_batch} (batch_size x grad_accum x {env.world_size} process(es)); "
+                              f"set --train.global_batch_size {saved_batch} to continue it")
+        if not is_sharded(cmeta):
+            load_weights(ckpt, model, cmeta)
         state = load_state(ckpt, cmeta)
         step, tokens_seen = cmeta["step"], cmeta["tokens_seen"]
         elapsed, best_val = cmeta.get("elapsed_s", 0.0), cmeta.get("best_val_loss") or float("inf")
@@ -352,37 +403,58 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
         if unexpected or set(missing) - ({"lm_head.weight"} if cfg.model.tie_embeddings else set()):
             raise PretrainError(f"{tc.init_from}: missing {missing[:4]} / unexpected {unexpected[:4]} tensors")
     model.to(device)
-    optimizer = build_optimizer(model, tc, device.type)
+    n_params, flops_tok = model.num_params(), model.flops_per_token(cfg.data.seq_len)
+    progress = Progress(tc.max_steps, step, quiet)
+    if env.active:  # from outside the model: compile (per block), then shard or replicate
+        if tc.compile and tc.parallelism == "fsdp":
+            model = apply_compile(model, progress, per_block=True)
+        bf16 = autocast_dtype(device, tc.dtype) == torch.bfloat16
+        model = apply_fsdp(model, torch.bfloat16 if bf16 else torch.float32) if tc.parallelism == "fsdp" \
+            else apply_ddp(model, device)
+    optimizer = build_optimizer(unwrap(model), tc, device.type)
     if state is not None:
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            if is_sharded(cmeta):
+                load_sharded(ckpt, model, optimizer, cmeta)
+            elif is_fsdp(model):
+                load_full_optimizer(model, optimizer, state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise PretrainError(f"cannot restore the optimizer from {ckpt}: {e}") from None
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
 
-    write_text_atomic(run / "config.yaml", cfg.to_yaml())
-    shutil.copyfile(Path(cfg.data.path) / meta["tokenizer"]["file"], run / "tokenizer.json")
-    metrics = Metrics(run / "metrics.jsonl", keep_upto_step=step)
-    progress = Progress(tc.max_steps, step, quiet)
-    n_params = model.num_params()
+    metrics = None
+    if env.is_main:
+        write_text_atomic(run / "config.yaml", cfg.to_yaml())
+        shutil.copyfile(Path(cfg.data.path) / meta["tokenizer"]["file"], run / "tokenizer.json")
+        metrics = Metrics(run / "metrics.jsonl", keep_upto_step=step)
+    where = f"{env.world_size} processes ({tc.parallelism}, {device.type})" if env.active else device.type
     progress.write(f"{'resuming ' + str(run) + ' at step ' + str(step) if step else 'training ' + str(run)}: "
-                   f"{n_params / 1e6:.2f}M parameters on {device.type}, "
+                   f"{n_params / 1e6:.2f}M parameters on {where}, "
                    f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")
-    fwd = apply_compile(model, progress) if tc.compile else model
-    flops_tok = model.flops_per_token(cfg.data.seq_len)
+    if tc.compile and not (env.active and tc.parallelism == "fsdp"):
+        fwd = apply_compile(model, progress)
+    else:
+        fwd = model
     peak = peak_flops(device) if autocast_dtype(device, tc.dtype) == torch.bfloat16 else None
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len
+    tokens_per_step = global_batch * cfg.data.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint(val_loss: float | None) -> None:
-        save_checkpoint(run, step, model, {
-            "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
-            "loss_sum": loss_acc.item(), "loss_n": loss_n}, {
-            "tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss,
-            "best_val_loss": None if math.isinf(best_val) else best_val,
-            "tokenizer_sha256": meta["tokenizer"]["sha256"], "config": cfg.to_dict(), "n_params": n_params,
-        }, keep=tc.keep_checkpoints)
+        all_reduce_mean_(loss_acc)  # the job's running loss (the same on every rank from here on)
+        saved = {"loader": loader.state_dict(), "rng": rng_state(), "loss_sum": loss_acc.item(), "loss_n": loss_n}
+        info = {"tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss,
+                "best_val_loss": None if math.isinf(best_val) else best_val,
+                "tokenizer_sha256": meta["tokenizer"]["sha256"], "config": cfg.to_dict(), "n_params": n_params,
+                "global_batch_size": global_batch}
+        if env.active:
+            save_sharded_checkpoint(run, step, model, optimizer, saved, info, keep=tc.keep_checkpoints,
+                                    consolidate=tc.consolidate)
+        else:
+            save_checkpoint(run, step, model, {"optimizer": optimizer.state_dict(), **saved}, info,
+                            keep=tc.keep_checkpoints)
 
     def next_batch() -> torch.Tensor:
         batch = loader.next_batch()
@@ -400,30 +472,33 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
     done = step >= tc.max_steps or bool(tc.stop_at_step and step >= tc.stop_at_step)
     while not done:
         lr = set_lr(optimizer, step, tc)
-        for micro in range(tc.grad_accum):
+        for micro in range(accum):
             batch = next_batch()
-            with autocast_context(device, tc.dtype):
-                loss = objective.loss(fwd, batch, seed=(tc.seed * 1_000_003 + step) * 1024 + micro) / tc.grad_accum
-            loss.backward()
+            # global micro-batch index: MLM masks depend on which samples, not on how many processes
+            seed = (tc.seed * 1_000_003 + step) * 1024 + micro * env.world_size + env.rank
+            with grad_sync(model, micro == accum - 1):  # all-reduce only after the last micro-batch
+                with autocast_context(device, tc.dtype):
+                    loss = objective.loss(fwd, batch, seed=seed) / accum
+                loss.backward()
             loss_acc += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        grad_norm = clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_n += 1
         tokens_seen += tokens_per_step
         elapsed = elapsed_start + time.time() - t_start
-        time_up = bool(tc.max_time_s) and elapsed >= tc.max_time_s
+        time_up = bool(tc.max_time_s) and any_rank(elapsed >= tc.max_time_s, device)  # every rank stops together
         done = step >= tc.max_steps or time_up or bool(tc.stop_at_step and step >= tc.stop_at_step)
         if done and step < tc.max_steps:
             stop_reason = "max_time_s" if time_up else "stop_at_step"
         record: dict[str, Any] = {}
 
         if step % tc.log_interval == 0 or step == tc.max_steps:
-            train_loss = loss_acc.item() / loss_n  # .item() syncs: time is read after it
+            train_loss = all_reduce_mean_(loss_acc).item() / loss_n  # .item() syncs: time is read after it
             now = time.time()
             elapsed = elapsed_start + now - t_start
-            if not math.isfinite(train_loss):
+            if not math.isfinite(train_loss):  # (the same on every rank)
                 progress.close()
                 raise PretrainError(f"training diverged at step {step} (loss {train_loss}); lower train.lr")
             tok_s = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
@@ -431,7 +506,7 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
                       "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tok_s, 1),
                       "elapsed_s": round(elapsed, 3)}
             if peak:
-                record["mfu"] = round(flops_tok * tok_s / peak, 4)
+                record["mfu"] = round(flops_tok * tok_s / (peak * env.world_size), 4)
             progress.update(step, {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"})
             loss_acc.zero_()
             loss_n = 0
@@ -450,7 +525,7 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
             progress.write(f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) at {elapsed:.1f}s")
             if tc.target_val_loss and last_val <= tc.target_val_loss and not done:
                 done, stop_reason = True, "target_val_loss"
-        if record:
+        if record and metrics is not None:
             metrics.write(record)
         if done or (tc.ckpt_interval and step % tc.ckpt_interval == 0):
             checkpoint(last_val)
@@ -461,9 +536,10 @@ def _train(cfg: Config, run: Path, quiet: bool) -> dict[str, Any]:
     if saved_at != step:
         checkpoint(last_val)
     progress.close()
-    metrics.close()
-    if tc.plot and (run / "metrics.jsonl").stat().st_size:
-        plot_metrics(run / "metrics.jsonl", run / "loss_curve.png")
+    if metrics is not None:
+        metrics.close()
+        if tc.plot and (run / "metrics.jsonl").stat().st_size:
+            plot_metrics(run / "metrics.jsonl", run / "loss_curve.png")
     return {"run_dir": str(run), "step": step, "tokens_seen": tokens_seen, "elapsed_s": round(elapsed, 3),
             "val_loss": last_val, "best_val_loss": None if math.isinf(best_val) else best_val,
             "stop_reason": stop_reason, "n_params": n_params}
