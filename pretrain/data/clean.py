@@ -1,8 +1,15 @@
 """Cleaning: normalisation, filters, exact and near-duplicate removal, decontamination — each step
 optional and counted (documents and bytes removed, per source, with a few examples).
 
-Transforms (``transform``) change a document's text the same way in every pass; filters (``keep``)
-decide once, in corpus order, whether a document stays: the first copy of a duplicate is kept.
+Transforms (``transform``) change a document's text the same way in every pass; filters decide once, in
+corpus order, whether a document stays: the first copy of a duplicate is kept. The decision is split in
+two so that the costly part runs in parallel: ``analyze`` (stateless: filters, hashes, MinHash
+signatures, n-gram lookups; run in worker processes) and ``decide`` (stateful, in corpus order in the
+main process: exact-duplicate set and LSH index). ``keep`` does both.
+
+Memory: the exact-duplicate set holds one 64-bit hash per kept document (~70 bytes each in Python) and
+the LSH index the band hashes of every kept document (~1-2 KB each): they grow with the corpus, which
+is what deduplication needs; every other step is bounded.
 Near-duplicates use MinHash over word 5-gram shingles with LSH (the `datasketch` library);
 decontamination drops documents that share a word n-gram (default 13) with the evaluation texts given.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +29,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 _WORD = re.compile(r"\w+", re.UNICODE)
 STEPS = ("empty", "min_chars", "max_chars", "symbol_ratio", "alpha_ratio", "repeated_lines", "exact_duplicate",
          "near_duplicate", "contaminated")
+_STEP_INDEX = {s: i + 1 for i, s in enumerate(STEPS)}
+NUM_PERM = 128
 
 
 @dataclass
@@ -70,15 +80,16 @@ class Cleaner:
         self.stats: dict[str, dict[str, Any]] = {s: {"documents": 0, "bytes": 0, "examples": []} for s in STEPS}
         self.per_source: dict[int, dict[str, Any]] = {}
         self.kept = {"documents": 0, "bytes": 0}
-        self._exact: set[bytes] = set()
+        self._exact: set[int] = set()
         self._lsh = None
+        self._perms = None
         self._n = 0
         if cfg.near_dup_threshold:
             from datasketch import MinHashLSH
 
             if not 0.0 < cfg.near_dup_threshold < 1.0:
                 raise DataError("near-duplicate threshold must be in (0, 1)")
-            self._lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=128)
+            self._lsh = MinHashLSH(threshold=cfg.near_dup_threshold, num_perm=NUM_PERM)
         self._contam: set[bytes] = set()
         self._short_lens: set[int] = set()
         if cfg.decontaminate:
@@ -107,7 +118,47 @@ class Cleaner:
             text = _CONTROL.sub("", text)
         return text
 
-    def _reason(self, text: str) -> str | None:
+    def analyze(self, text: str) -> tuple[int, int, bool, Any, int]:
+        """The stateless part of the decision for one (transformed) document, safe to run in worker
+        processes: (index in STEPS + 1 of the first failed filter, or 0; exact-duplicate hash (0 if off);
+        contaminated; MinHash values (None if off); UTF-8 size in bytes)."""
+        c = self.cfg
+        nbytes = len(text.encode("utf-8", "surrogatepass"))
+        reason = self._filter(text)
+        if reason:
+            return _STEP_INDEX[reason], 0, False, None, nbytes
+        exact = int.from_bytes(_h(text), "little") if c.dedup_exact else 0
+        contaminated = False
+        if self._contam:
+            w = _words(text)
+            n = c.ngram
+            contaminated = any(_h(" ".join(w[i:i + n])) in self._contam for i in range(len(w) - n + 1)) or any(
+                _h(" ".join(w[i:i + k])) in self._contam for k in self._short_lens for i in range(len(w) - k + 1))
+        minhash = None
+        if self._lsh is not None:
+            from datasketch import MinHash
+
+            w = _words(text)
+            shingles = {" ".join(w[i:i + 5]).encode() for i in range(max(1, len(w) - 4))}
+            proto = self._proto()
+            m = MinHash(num_perm=NUM_PERM, seed=1, permutations=proto.permutations, scheme=proto.scheme)
+            m.update_batch(list(shingles))
+            minhash = m.hashvalues
+        return 0, exact, contaminated, minhash, nbytes
+
+    def _proto(self):
+        """A MinHash whose permutations, scheme and dtype every signature shares (made once)."""
+        if self._perms is None:
+            from datasketch import MinHash
+
+            self._perms = MinHash(num_perm=NUM_PERM, seed=1)
+        return self._perms
+
+    @property
+    def minhash_dtype(self):
+        return self._proto().hashvalues.dtype
+
+    def _filter(self, text: str) -> str | None:
         c = self.cfg
         if not text.strip():
             return "empty"
@@ -127,35 +178,35 @@ class Cleaner:
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             if len(lines) > 1 and 1 - len(set(lines)) / len(lines) > c.max_repeated_line_ratio:
                 return "repeated_lines"
-        if c.dedup_exact:
-            h = _h(text)
-            if h in self._exact:
-                return "exact_duplicate"
-            self._exact.add(h)
-        if self._contam:
-            w = _words(text)
-            n = c.ngram
-            if any(_h(" ".join(w[i:i + n])) in self._contam for i in range(len(w) - n + 1)) or any(
-                    _h(" ".join(w[i:i + k])) in self._contam for k in self._short_lens for i in range(len(w) - k + 1)):
-                return "contaminated"
-        if self._lsh is not None:
-            from datasketch import MinHash
-
-            w = _words(text)
-            shingles = {" ".join(w[i:i + 5]).encode() for i in range(max(1, len(w) - 4))}
-            m = MinHash(num_perm=128, seed=1)
-            m.update_batch(list(shingles))
-            if self._lsh.query(m):
-                return "near_duplicate"
-            self._lsh.insert(str(self._n), m)
         return None
 
-    def keep(self, text: str, source: int = 0) -> bool:
-        """Decide for one (transformed) document, in corpus order; counts what is removed."""
+    def decide(self, analysis: tuple[int, int, bool, Any, int], source: int = 0,
+               example: Callable[[], str] | str = "") -> bool:
+        """Keep or drop one document, in corpus order, from its :meth:`analyze` result: applies the stateful
+        steps (exact and near-duplicates: the first copy stays) and counts what is removed."""
+        code, exact, contaminated, minhash, nbytes = analysis
         self._n += 1
-        reason = self._reason(text)
-        nbytes = len(text.encode("utf-8", "surrogatepass"))
-        per = self.per_source.setdefault(source, {"kept": 0, **{s: 0 for s in STEPS}})
+        reason = STEPS[code - 1] if code else None
+        if reason is None and exact:
+            if exact in self._exact:
+                reason = "exact_duplicate"
+            else:
+                self._exact.add(exact)
+        if reason is None and contaminated:
+            reason = "contaminated"
+        if reason is None and minhash is not None:
+            from datasketch import MinHash
+
+            proto = self._proto()
+            m = MinHash(num_perm=NUM_PERM, seed=1, hashvalues=minhash, permutations=proto.permutations,
+                        scheme=proto.scheme)
+            if self._lsh.query(m):
+                reason = "near_duplicate"
+            else:
+                self._lsh.insert(str(self._n), m)
+        per = self.per_source.get(source)
+        if per is None:
+            per = self.per_source[source] = {"kept": 0, **{s: 0 for s in STEPS}}
         if reason is None:
             self.kept["documents"] += 1
             self.kept["bytes"] += nbytes
@@ -166,8 +217,12 @@ class Cleaner:
         st["bytes"] += nbytes
         per[reason] += 1
         if len(st["examples"]) < self.n_examples:
-            st["examples"].append(text[:200])
+            st["examples"].append((example() if callable(example) else example)[:200])
         return False
+
+    def keep(self, text: str, source: int = 0) -> bool:
+        """Decide for one (transformed) document, in corpus order; counts what is removed."""
+        return self.decide(self.analyze(text), source, text)
 
     def report(self) -> dict[str, Any]:
         return {"kept": self.kept, "removed": {s: v for s, v in self.stats.items() if v["documents"]},

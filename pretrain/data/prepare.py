@@ -1,4 +1,4 @@
-"""Documents → tokenizer → train/val token shards (flat np.memmap files) + meta.json.
+"""Documents → tokenizer → train/val token shards (flat np.memmap files) + meta.json, streaming.
 
 Layout of a prepared data directory::
 
@@ -6,31 +6,63 @@ Layout of a prepared data directory::
       meta.json            tokenizer, vocab size, dtype, per-split token/document/byte counts, sources
       tokenizer.json
       train_000000.bin     uint16 (vocab <= 65536) or uint32 token ids; EOT between documents
-      val_000000.bin
+      val_000000.bin       (with mixture weights: train_g000_000000.bin, ... one series per input)
 
-meta.json is written last: a directory without it is an unfinished prepare and is never read.
+The pipeline never holds the corpus in memory. Documents stream from the sources in batches of about
+``batch_chars`` characters; at most ``2 × workers`` batches are in flight, so peak memory is set by
+``workers`` and ``batch_chars`` (and the largest single document), not by the corpus size:
+
+1. scan — read every source once; worker processes normalise each document and run the stateless
+   cleaning checks (filters, hashes, MinHash signatures, n-gram lookups); the main process makes the
+   stateful decisions (exact / near-duplicates) in corpus order and picks each kept document's split by a
+   hash of its text. What survives is one byte per document (the "plan"); the duplicate indexes hold
+   hashes only (see clean.py).
+2. tokenizer — loaded, or trained on an evenly spread sample of the train split of bounded size (a
+   second read; the trainer gets the sample as a stream).
+3. encode — read again; worker processes normalise and tokenize batches (``encode_batch_fast``); the
+   main process appends the ids, in corpus order, to shards that are written incrementally.
+
+Crash safety: everything is written inside a hidden ``.NAME.partial`` directory next to ``out`` (a shard
+is written as ``*.bin.partial`` and renamed when complete); meta.json is written last and the directory
+is renamed to ``out`` at the very end, so a directory without meta.json is never read. An interrupted
+prepare is *restarted*, not resumed: the next prepare into the same ``out`` removes the leftover
+``.NAME.partial`` and begins again. A lock file stops two prepares writing the same ``out`` at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pretrain.data.clean import CleanConfig, Cleaner
-from pretrain.data.sources import DataError, Source, expand_inputs, iter_documents
-from pretrain.data.tokenizer import Tokenizer, build_tokenizer
+from pretrain.data.clean import NUM_PERM, CleanConfig, Cleaner
+from pretrain.data.sources import (
+    DataError,
+    HubSpec,
+    expand_inputs,
+    iter_documents,
+    parse_weight,
+)
+from pretrain.data.tokenizer import TRAINED, Tokenizer, build_tokenizer
 
 META = "meta.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+DROP, TRAIN, VAL, TAIL = 0, 1, 2, 3  # plan codes; TAIL: the single document, cut at its text tail
+AUTO_INPROCESS_BYTES = 32 << 20  # below this much input, workers=None runs in-process (no pool start-up)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -66,10 +98,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class ShardWriter:
-    """Appends token arrays to ``{split}_{k:06d}.bin`` files, starting a new shard every ``shard_tokens``."""
+    """Appends token arrays to ``{split}_{k:06d}.bin`` files (``{split}_g{group:03d}_{k:06d}.bin`` for a
+    mixture component), starting a new shard every ``shard_tokens``. A shard is written as
+    ``NAME.partial``, fsync'ed and renamed to NAME once full (or at :meth:`close`)."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int, group: int | None = None):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.group = group
+        self.prefix = split if group is None else f"{split}_g{group:03d}"
         self.shards: list[dict[str, Any]] = []
         self._f = None
         self._n = 0
@@ -78,33 +114,35 @@ class ShardWriter:
         self.bytes = 0
 
     def _open(self) -> None:
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        self._f = open(self.out_dir / name, "wb")
+        name = f"{self.prefix}_{len(self.shards):06d}.bin"
+        self._f = open(self.out_dir / f"{name}.partial", "wb")
         self._n = 0
-        self.shards.append({"file": name, "tokens": 0})
+        self.shards.append({"file": name, "tokens": 0, **({} if self.group is None else {"group": self.group})})
 
     def write(self, ids: np.ndarray) -> None:
-        ids = np.asarray(ids, dtype=self.dtype)
+        ids = np.ascontiguousarray(ids, dtype=self.dtype)
         while ids.size:
             if self._f is None or self._n >= self.shard_tokens:
-                self._close_current()
+                self._seal()
                 self._open()
             take = min(ids.size, self.shard_tokens - self._n)
-            self._f.write(ids[:take].tobytes())  # type: ignore[union-attr]
+            self._f.write(ids[:take].data)  # type: ignore[union-attr]
             self._n += take
             self.shards[-1]["tokens"] += take
             self.tokens += take
             ids = ids[take:]
 
-    def _close_current(self) -> None:
+    def _seal(self) -> None:
         if self._f is not None:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
             self._f = None
+            name = self.shards[-1]["file"]
+            os.replace(self.out_dir / f"{name}.partial", self.out_dir / name)
 
     def close(self) -> dict[str, Any]:
-        self._close_current()
+        self._seal()
         return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.shards}
 
 
@@ -113,127 +151,372 @@ def _is_val(doc: str, val_fraction: float) -> bool:
     return (h / 2**64) < val_fraction
 
 
-def _batches(docs: Iterator[tuple[str, str]], max_chars: int) -> Iterator[list[tuple[str, str]]]:
-    batch: list[tuple[str, str]] = []
+# ------------------------------------------------------------------------------------------------ workers
+
+_W: dict[str, Any] = {}  # per-process worker state (set by _init_worker)
+
+
+def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dtype: str, child: bool) -> None:
+    if child:  # Ctrl-C is handled by the main process, which stops the pool
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from tokenizers import Tokenizer as HFTokenizer
+
+    _W.clear()
+    _W.update(cleaner=cleaner, vf=val_fraction, dtype=np.dtype(dtype),
+              tok=HFTokenizer.from_str(tok_json) if tok_json else None)
+
+
+def _scan_batch(texts: list[str]) -> tuple:
+    """Normalise and analyse a batch of raw documents (stateless; runs in a worker)."""
+    c: Cleaner = _W["cleaner"]
+    vf = _W["vf"]
+    n = len(texts)
+    codes = np.zeros(n, np.int8)
+    exact = np.zeros(n, np.uint64)
+    contam = np.zeros(n, np.bool_)
+    val = np.zeros(n, np.bool_)
+    nbytes = np.zeros(n, np.int64)
+    chars = np.zeros(n, np.int64)
+    minhash = np.zeros((n, NUM_PERM), c.minhash_dtype) if c.cfg.near_dup_threshold else None
+    for i, raw in enumerate(texts):
+        t = c.transform(raw)
+        code, ex, ct, mh, nb = c.analyze(t)
+        codes[i], exact[i], contam[i], nbytes[i], chars[i] = code, ex, ct, nb, len(t)
+        if mh is not None:
+            minhash[i] = mh  # type: ignore[index]
+        if vf > 0 and not code:
+            val[i] = _is_val(t, vf)
+    return codes, exact, contam, minhash, nbytes, val, chars
+
+
+def _encode_batch(items: list[tuple[str, int]]) -> tuple:
+    """Normalise and tokenize a batch of kept documents (runs in a worker). Returns the ids of every piece
+    back to back, and per piece: its length, split code, UTF-8 size and the index of its document."""
+    c: Cleaner = _W["cleaner"]
+    vf = _W["vf"]
+    texts: list[str] = []
+    codes: list[int] = []
+    owner: list[int] = []
+    for j, (raw, code) in enumerate(items):
+        t = c.transform(raw)
+        if code == TAIL:  # one document: the last val_fraction of its text is the validation split
+            cut = int(len(t) * (1.0 - vf))
+            texts.append(t[:cut]), codes.append(TRAIN), owner.append(j)
+            if cut < len(t):
+                texts.append(t[cut:]), codes.append(VAL), owner.append(j)
+        else:
+            texts.append(t), codes.append(code), owner.append(j)
+    tk = _W["tok"]
+    fast = getattr(tk, "encode_batch_fast", None) or tk.encode_batch  # no offsets: faster
+    encs = fast(texts, add_special_tokens=False)
+    lens = np.fromiter((len(e) for e in encs), np.int64, len(encs))
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encs), _W["dtype"], int(lens.sum()))
+    nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), np.int64, len(texts))
+    return ids, lens, np.array(codes, np.int8), nbytes, np.array(owner, np.int64)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class _Workers:
+    """``workers`` processes (0: this process) running one worker function over a stream of batches, with
+    results in order and at most ``2 × workers`` batches in flight (bounded memory)."""
+
+    def __init__(self, workers: int, initargs: tuple):
+        self.workers = workers
+        self.pool = None
+        if workers <= 0:
+            _init_worker(*initargs, False)
+            return
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods and sys.platform == "linux" else "spawn")
+        # children tokenize one batch each on one thread (no rayon pool per child; no fork warning)
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            self.pool = ctx.Pool(workers, _init_worker, (*initargs, True))
+        finally:
+            if before is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
+
+    def map(self, fn: Callable, batches: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        """(meta, payload) batches → (meta, fn(payload)), in order."""
+        if self.pool is None:
+            for meta, payload in batches:
+                yield meta, fn(payload)
+            return
+        pending: deque = deque()
+        for meta, payload in batches:
+            pending.append((meta, self.pool.apply_async(fn, (payload,))))
+            if len(pending) >= 2 * self.workers:
+                m, r = pending.popleft()
+                yield m, r.get()
+        while pending:
+            m, r = pending.popleft()
+            yield m, r.get()
+
+    def close(self, ok: bool = True) -> None:
+        if self.pool is not None:
+            if ok:
+                self.pool.close()
+            else:
+                self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+        _W.clear()
+
+
+def _batched(items: Iterator[tuple[Any, str, Any]], batch_chars: int) -> Iterator[tuple[list, list]]:
+    """(meta, text, payload item) → (metas, payload items) batches of about ``batch_chars`` characters."""
+    metas: list = []
+    payload: list = []
     size = 0
-    for item in docs:
-        batch.append(item)
-        size += len(item[1])
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+    for meta, text, item in items:
+        metas.append(meta)
+        payload.append(item)
+        size += len(text)
+        if size >= batch_chars:
+            yield metas, payload
+            metas, payload, size = [], [], 0
+    if payload:
+        yield metas, payload
 
 
-def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_size: int = 8192,
+# ------------------------------------------------------------------------------------------------ locking
+
+
+@contextmanager
+def _output_lock(out: Path):
+    """An exclusive lock on ``out`` (a hidden lock file next to it), removed on exit."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise DataError(f"another prepare is writing {out} (lock file {lock})") from None
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the lock file was removed by a prepare that just finished: take the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        f.close()
+
+
+def _input_labels(inputs: list) -> list[str]:
+    out = []
+    for item in inputs:
+        if isinstance(item, HubSpec):
+            out.append("hf:" + item.name + (f":{item.config}" if item.config else ""))
+        else:
+            out.append(parse_weight(str(item))[0])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: int = 8192,
             val_fraction: float = 0.1, text_field: str = "text", bad_files: str = "error",
             shard_tokens: int = 100_000_000, overwrite: bool = False, clean: CleanConfig | None = None,
-            licence: str = "", tokenizer_sample_chars: int = 1_000_000_000, log=print) -> dict[str, Any]:
+            licence: str = "", tokenizer_sample_chars: int = 1_000_000_000, log=print, *,
+            workers: int | None = None, batch_chars: int = 1_000_000, text_unit: str = "file",
+            hf_split: str = "train", hf_revision: str | None = None, hf_data_files: Any = None,
+            progress_s: float = 30.0) -> dict[str, Any]:
     """Read ``inputs``, build or load the tokenizer, write token shards and meta.json to ``out``.
+
+    ``inputs``: files, folders, globs, ``hf:NAME[:CONFIG]`` (Hugging Face datasets, with ``hf_split``,
+    ``hf_revision``, ``hf_data_files``) or :class:`HubSpec` objects; any of them may carry a mixture weight
+    (``PATH::WEIGHT``), recorded in meta.json and honoured by the training loader.
 
     Split rule: with a single document (e.g. one .txt file) the last ``val_fraction`` of its text is the
     validation split (nanoGPT's rule); with several documents, each goes to validation with probability
     ``val_fraction`` by a hash of its content (stable across runs and machines), with at least one document
     in each split.
-    Returns the meta dict.
+
+    ``workers``: tokenizer/cleaning processes (0: in this process, the tokenizers library using its own
+    threads; None: one per CPU, or in-process for inputs under 32 MB). ``batch_chars``: characters of text
+    per batch; with ``workers`` they bound peak memory. Returns the meta dict.
     """
     t0 = time.time()
     out = Path(out)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if batch_chars < 1 or shard_tokens < 1:
+        raise DataError("batch_chars and shard_tokens must be >= 1")
+    if workers is not None and workers < 0:
+        raise DataError(f"workers must be >= 0, got {workers}")
     if (out / META).exists() and not overwrite:
         raise DataError(f"{out} already holds prepared data; pass --overwrite to replace it")
     if out.exists() and not (out / META).exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} exists and is not a prepared data directory; refusing to replace it "
                         "(choose an empty or new --out)")
-    sources: list[Source] = expand_inputs(inputs)
+    sources = expand_inputs(inputs, hf_split=hf_split, hf_revision=hf_revision, hf_data_files=hf_data_files)
+    weighted = any(s.weight is not None for s in sources)
+    if workers is None:
+        size = sum(s.path.stat().st_size if s.path is not None else AUTO_INPROCESS_BYTES for s in sources)
+        workers = usable_cpus() if usable_cpus() > 1 and size >= AUTO_INPROCESS_BYTES else 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _output_lock(out):
+        partial = out.parent / f".{out.name}.partial"
+        if partial.exists():
+            log(f"removing {partial}, left by an interrupted prepare: starting again")
+            shutil.rmtree(partial)
+        stale = out.parent / f".{out.name}.old"
+        if stale.exists():
+            shutil.rmtree(stale)
+        return _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files,
+                        shard_tokens, clean, licence, tokenizer_sample_chars, log, workers, batch_chars, text_unit,
+                        weighted, _input_labels(inputs), progress_s, t0)
 
-    # Pass 1: read everything once (validates files, fills in the manifest), clean, count documents.
-    cleaner = Cleaner(clean or CleanConfig(), [str(s.path) for s in sources])
-    kept: list[bool] = []
-    n_docs = 0
-    n_val_hash = 0
-    total_chars = 0
-    for src_index, doc in iter_documents(sources, text_field, bad_files, record=True, with_source=True):
-        doc = cleaner.transform(doc)
-        kept.append(cleaner.keep(doc, src_index))
-        if kept[-1]:
-            n_docs += 1
-            n_val_hash += _is_val(doc, val_fraction)
-            total_chars += len(doc)
-    if not kept:
+
+def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files, shard_tokens,
+             clean, licence, tokenizer_sample_chars, log, workers, batch_chars, text_unit, weighted, labels,
+             progress_s, t0) -> dict[str, Any]:
+    def docs(record: bool = False) -> Iterator[tuple[int, str]]:
+        return iter_documents(sources, text_field, bad_files, record=record, with_source=True, text_unit=text_unit)
+
+    # Pass 1: scan — read, clean and choose splits; one plan byte per document.
+    cleaner = Cleaner(clean or CleanConfig(), [s.label for s in sources])
+    plan = bytearray()
+    n_docs = n_val = 0
+    total_chars = total_bytes = 0
+    first_kept = last_kept = -1
+    pool = _Workers(workers, (cleaner, None, val_fraction, "uint32"))
+    try:
+        scan_items = ((i, d, d) for i, d in docs(record=True))
+        for (srcs, texts), res in pool.map(_scan_batch, _scan_batches(scan_items, batch_chars)):
+            codes, exact, contam, minhash, nbytes, val, chars = res
+            for j, src_index in enumerate(srcs):
+                a = (int(codes[j]), int(exact[j]), bool(contam[j]), None if minhash is None else minhash[j],
+                     int(nbytes[j]))
+                if cleaner.decide(a, src_index, lambda t=texts[j]: cleaner.transform(t)):
+                    if first_kept < 0:
+                        first_kept = len(plan)
+                    last_kept = len(plan)
+                    n_docs += 1
+                    n_val += bool(val[j])
+                    total_chars += int(chars[j])
+                    total_bytes += int(nbytes[j])
+                    plan.append(VAL if val[j] else TRAIN)
+                else:
+                    plan.append(DROP)
+        pool.close()
+    except BaseException:
+        pool.close(ok=False)
+        raise
+    if not plan:
         raise DataError("no text found in the input: every file was empty or skipped")
-    log(f"read {len(kept):,} documents from {sum(1 for s in sources if not s.skipped)} files")
+    n_read = sum(1 for s in sources if not s.skipped)
+    log(f"read {len(plan):,} documents from {n_read} {'source' if n_read == 1 else 'sources'}"
+        + (f" ({workers} worker processes)" if workers else ""))
     if cleaner.cfg.active():
         log("cleaning:\n" + cleaner.table())
     if n_docs == 0:
-        raise DataError(f"no documents left after cleaning ({len(kept):,} read): loosen the filters")
-
+        raise DataError(f"no documents left after cleaning ({len(plan):,} read): loosen the filters")
     single = n_docs == 1
-    force_last_val = not single and val_fraction > 0 and n_val_hash == 0
-    force_first_train = not single and n_val_hash == n_docs  # every document hashed into validation
+    if single:
+        plan[first_kept] = TAIL
+    elif val_fraction > 0 and n_val == 0:  # nothing hashed into validation: the last document goes there
+        plan[last_kept] = VAL
+    elif n_val == n_docs:  # everything hashed into validation: the first document trains
+        plan[first_kept] = TRAIN
 
-    def split_docs() -> Iterator[tuple[str, str]]:
-        """(split, text) for every document, in corpus order."""
+    def planned() -> Iterator[tuple[int, int, str]]:
+        """(source index, plan code, raw text) of every kept document, checking the input did not change."""
         i = 0
-        for j, doc in enumerate(iter_documents(sources, text_field, bad_files)):
-            if not kept[j]:
-                continue
-            doc = cleaner.transform(doc)
+        for src_index, doc in docs():
+            if i >= len(plan):
+                raise changed
+            code = plan[i]
             i += 1
-            if single:
-                cut = int(len(doc) * (1.0 - val_fraction))
-                yield "train", doc[:cut]
-                if cut < len(doc):
-                    yield "val", doc[cut:]
-            elif force_first_train and i == 1:
-                yield "train", doc
-            elif (force_last_val and i == n_docs) or (not force_last_val and _is_val(doc, val_fraction)):
-                yield "val", doc
-            else:
-                yield "train", doc
+            if code != DROP:
+                yield src_index, code, doc
+        if i != len(plan):
+            raise changed
 
-    # Pass 2: the tokenizer (trained on the train split only, so validation stays held out).
-    # Tokenizer training reads a bounded, evenly spread sample (by a content hash) of the train split, so
-    # its memory does not grow with the corpus.
-    sample_rate = min(1.0, tokenizer_sample_chars / max(total_chars, 1))
+    changed = DataError("the input changed while it was being prepared (a different number of documents on "
+                        "a second read); run prepare again")
 
-    def train_texts() -> Iterator[str]:
-        for split, text in split_docs():
-            if split == "train" and (sample_rate >= 1.0 or _is_val("sample:" + text, sample_rate)):
-                yield text
+    # Pass 2: the tokenizer. A char vocabulary is the set of characters of the whole corpus (as nanoGPT's),
+    # so validation text is always representable; trained vocabularies learn from an evenly spread sample
+    # (by a content hash) of about tokenizer_sample_chars of the train split, streamed to the trainer.
+    texts: Iterator[str] | None = None
+    if tokenizer == "char":
+        texts = (cleaner.transform(d) for _, _, d in planned())
+    elif tokenizer in TRAINED:
+        rate = min(1.0, tokenizer_sample_chars / max(total_chars, 1))
 
-    # A char vocabulary is the set of characters of the whole corpus (as nanoGPT's), so validation text
-    # is always representable; BPE merges are learned from the train split only.
-    texts = {"char": (text for _, text in split_docs()), "bpe": train_texts(),
-             "wordpiece": train_texts()}.get(tokenizer)
+        def train_texts() -> Iterator[str]:
+            for _, code, d in planned():
+                if code in (TRAIN, TAIL) and (rate >= 1.0 or _is_val("sample:" + d, rate)):
+                    t = cleaner.transform(d)
+                    yield t[:int(len(t) * (1.0 - val_fraction))] if code == TAIL else t
+
+        texts = train_texts()
     tok: Tokenizer = build_tokenizer(tokenizer, texts, vocab_size)
     dtype = token_dtype(tok.vocab_size)
     log(f"tokenizer: {tok.kind}, vocab {tok.vocab_size:,} ({dtype.name} shards)")
 
-    # Pass 3: tokenize in batches (the tokenizers library encodes a batch on all cores) into shards.
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    # Pass 3: encode in the workers; write shards in corpus order.
+    partial.mkdir(parents=True)
+    groups = sorted({s.group for s in sources}) if weighted else [0]
+    writers = {(sp, g): ShardWriter(partial, sp, dtype, shard_tokens, g if weighted else None)
+               for sp in SPLITS for g in groups}
+    group_of = [s.group if weighted else 0 for s in sources]
+    eot = np.array([tok.eot_id], dtype=dtype)
+    pool = _Workers(workers, (cleaner, tok.to_str(), val_fraction, dtype.name))
     try:
-        writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-        eot = np.array([tok.eot_id], dtype=dtype)
-        for batch in _batches(split_docs(), max_chars=8 << 20):
-            encoded = tok.encode_batch([text for _, text in batch])
-            for (split, text), ids in zip(batch, encoded):
-                w = writers[split]
+        done_bytes, t_enc, t_log = 0, time.time(), time.time()
+        enc_items = ((group_of[i], d, (d, code)) for i, code, d in planned())
+        for grp, res in pool.map(_encode_batch, _batched(enc_items, batch_chars)):
+            ids, lens, codes, nbytes, owner = res
+            off = 0
+            for k in range(len(lens)):
+                w = writers[(SPLITS[codes[k] - 1], grp[owner[k]])]
                 if w.documents:  # end-of-document token *between* documents
                     w.write(eot)
-                w.write(np.asarray(ids, dtype=dtype))
+                n = int(lens[k])
+                w.write(ids[off:off + n])
+                off += n
                 w.documents += 1
-                w.bytes += len(text.encode("utf-8"))
-        splits = {s: w.close() for s, w in writers.items()}
-        if splits["train"]["tokens"] < 2:
+                w.bytes += int(nbytes[k])
+            done_bytes += int(nbytes.sum())
+            if progress_s and time.time() - t_log >= progress_s:
+                t_log = time.time()
+                log(f"tokenized {done_bytes / 1e6:,.0f} / {total_bytes / 1e6:,.0f} MB "
+                    f"({done_bytes / 1e6 / (t_log - t_enc):.1f} MB/s)")
+        pool.close()
+        split_info: dict[str, dict[str, Any]] = {}
+        for sp in SPLITS:
+            parts = [writers[(sp, g)].close() for g in groups]
+            split_info[sp] = {"tokens": sum(p["tokens"] for p in parts), "documents": sum(p["documents"] for p in parts),
+                              "bytes": sum(p["bytes"] for p in parts), "shards": [sh for p in parts for sh in p["shards"]]}
+        if split_info["train"]["tokens"] < 2:
             raise DataError("the training split is empty after tokenization")
-        tok.save(tmp / "tokenizer.json")
-        with open(tmp / "tokenizer.json", "rb+") as f:
+        tok.save(partial / "tokenizer.json")
+        with open(partial / "tokenizer.json", "rb+") as f:
             os.fsync(f.fileno())
         meta = {
             "format": FORMAT_VERSION,
@@ -242,29 +525,60 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "bpe", vocab_si
             "dtype": dtype.name,
             "val_fraction": val_fraction,
             "split_rule": "text-tail" if single else "document-hash",
-            "splits": splits,
+            "splits": split_info,
             "sources": [{**s.manifest(), **({"licence": licence} if licence else {})} for s in sources],
             "cleaning": cleaner.report(),
+            "settings": {"text_field": text_field, "text_unit": text_unit, "workers": workers,
+                         "batch_chars": batch_chars, "shard_tokens": shard_tokens},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - t0, 3),
         }
-        write_json_atomic(tmp / META, meta)
+        if weighted:
+            meta["mixture"] = _mixture(sources, labels, groups, writers, log)
+        write_json_atomic(partial / META, meta)
     except BaseException:  # an error or Ctrl-C: leave no half-written directory behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        pool.close(ok=False)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     # Swap the finished directory into place.
     if out.exists():
-        old = out.parent / f".{out.name}.old{os.getpid()}"
+        old = out.parent / f".{out.name}.old"
         os.replace(out, old)
-        os.replace(tmp, out)
+        os.replace(partial, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        os.replace(partial, out)
     fsync_dir(out.parent)
-    for s in SPLITS:
-        log(f"{s}: {splits[s]['tokens']:,} tokens, {splits[s]['documents']:,} documents, {splits[s]['bytes']:,} bytes")
+    for sp in SPLITS:
+        info = split_info[sp]
+        log(f"{sp}: {info['tokens']:,} tokens, {info['documents']:,} documents, {info['bytes']:,} bytes")
     return meta
+
+
+def _scan_batches(items: Iterator[tuple[int, str, str]], batch_chars: int) -> Iterator[tuple[tuple[list, list], list]]:
+    """Scan batches: meta = (source indices, raw texts) kept by the main process for the report's examples."""
+    for srcs, texts in _batched(items, batch_chars):
+        yield (srcs, texts), texts
+
+
+def _mixture(sources, labels, groups, writers, log) -> list[dict[str, Any]]:
+    """Per input: its weight, files and tokens per split (the loader samples train sequences ∝ weight)."""
+    out = []
+    for g in groups:
+        members = [s for s in sources if s.group == g]
+        weight = members[0].weight
+        entry = {"group": g, "input": labels[g], "weight": weight, "sources": len(members),
+                 "documents": {sp: writers[(sp, g)].documents for sp in SPLITS},
+                 "tokens": {sp: writers[(sp, g)].tokens for sp in SPLITS}}
+        if weight and entry["tokens"]["train"] == 0:
+            log(f"warning: input {labels[g]!r} (weight {weight}) has no training tokens")
+        out.append(entry)
+    total = sum(e["weight"] for e in out)
+    if total <= 0:
+        raise DataError("every mixture weight is 0: give at least one input a positive weight")
+    for e in out:
+        e["share"] = e["weight"] / total
+    return out
 
 
 def load_meta(data_dir: str | Path) -> dict[str, Any]:

@@ -1,21 +1,31 @@
-"""Raw documents from files, folders and globs: .txt (one document per file), .jsonl/.json (one per line
-or array item, a field), .csv/.tsv (one per row, a column) and .parquet (one per row, a column, read in
-record batches); text formats may be gzip (.gz) or zstd (.zst) compressed.
+"""Raw documents, streamed: files, folders and globs of .txt (one document per file, per blank-line paragraph
+or per line), .jsonl/.json (one per line or array item, a field), .csv/.tsv (one per row, a column) and
+.parquet (one per row, a column, read in record batches); text formats may be gzip (.gz) or zstd (.zst)
+compressed. Hugging Face datasets (``hf:NAME[:CONFIG]`` or a :class:`HubSpec`) stream through
+``datasets`` when it is installed (``pip install 'pretrain[hf]'``) — the same code path reads local
+Parquet/JSONL files with ``HubSpec("parquet", data_files=...)``.
 
-Every reader yields plain ``str`` documents. Problems with the input (nothing matched, a binary or
-non-UTF-8 file, a JSONL line without the text field) raise :class:`DataError` with a one-line message,
-or, with ``bad_files="skip"``, skip the file with a warning.
+Every reader yields plain ``str`` documents one at a time: memory does not grow with a file's size
+(except for a .txt file read as one document, and a .json array, which are read whole). Problems with
+the input (nothing matched, a binary or non-UTF-8 file, a JSONL line without the text field) raise
+:class:`DataError` with a one-line message, or, with ``bad_files="skip"``, skip the file with a warning.
+
+An input may carry a mixture weight: ``PATH::WEIGHT`` (e.g. ``wiki/::3 code/::1``); every file it
+expands to belongs to that mixture component.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import warnings
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pretrain import PretrainError
 
@@ -24,6 +34,9 @@ JSONL_EXTS = {".jsonl", ".ndjson"}
 TABLE_EXTS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".json": "json"}
 COMPRESSED = {".gz": "gzip", ".zst": "zstd"}
 BAD_FILE_POLICIES = ("error", "skip")
+TEXT_UNITS = ("file", "paragraph", "line")
+HUB_PREFIX = "hf:"
+CHUNK = 1 << 20  # bytes read at a time from a (decompressed) file
 
 
 class DataError(PretrainError):
@@ -35,17 +48,77 @@ class Source:
     """One input file and what was read from it."""
 
     path: Path
-    kind: str  # "text" | "jsonl"
+    kind: str  # "text" | "jsonl" | "json" | "csv" | "tsv" | "parquet"
     sha256: str = ""
     bytes: int = 0
     documents: int = 0
     skipped: str = ""  # reason, if the file was skipped
+    group: int = 0  # index of the input (mixture component) it came from
+    weight: float | None = None  # that component's mixture weight, when weights were given
+    checked: bool = field(default=False, repr=False)  # read once without error (bad_files="skip")
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
 
     def manifest(self) -> dict:
         out = {"path": str(self.path), "format": self.kind, "sha256": self.sha256, "bytes": self.bytes,
                "documents": self.documents}
+        if self.weight is not None:
+            out.update(weight=self.weight, group=self.group)
         if self.skipped:
             out["skipped"] = self.skipped
+        return out
+
+
+@dataclass
+class HubSpec:
+    """A Hugging Face dataset, streamed with ``datasets`` (``name`` may also be a builder such as "parquet"
+    or "json" with local or remote ``data_files``)."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    data_files: Any = None
+    weight: float | None = None
+
+
+@dataclass
+class HubSource:
+    """A Hugging Face dataset as a source; ``fingerprint`` is the ``datasets`` builder hash (for a Hub
+    repository, derived from the resolved commit) and ``resolved_revision`` the commit sha when known."""
+
+    spec: HubSpec
+    kind: str = "hub"
+    documents: int = 0
+    skipped: str = ""
+    group: int = 0
+    weight: float | None = None
+    fingerprint: str = ""
+    resolved_revision: str = ""
+    checked: bool = field(default=True, repr=False)
+    _builder: Any = field(default=None, repr=False)
+
+    path = None  # not a file
+
+    @property
+    def label(self) -> str:
+        return HUB_PREFIX + self.spec.name + (f":{self.spec.config}" if self.spec.config else "")
+
+    def manifest(self) -> dict:
+        s = self.spec
+        out = {"name": s.name, "config": s.config, "split": s.split, "format": "hub", "revision": s.revision,
+               "resolved_revision": self.resolved_revision or None, "fingerprint": self.fingerprint,
+               "documents": self.documents}
+        if s.data_files is not None:
+            files = s.data_files if isinstance(s.data_files, (list, tuple)) else [s.data_files]
+            out["data_files"] = [str(f) for f in files]
+            local = [Path(f) for f in files if isinstance(f, (str, Path)) and Path(f).is_file()]
+            if local and len(local) == len(files):
+                out["sha256"] = [sha256_file(p) for p in local]
+        if self.weight is not None:
+            out.update(weight=self.weight, group=self.group)
         return out
 
 
@@ -65,16 +138,59 @@ def kind_of(path: Path) -> str:
     return TABLE_EXTS.get(ext, "text")
 
 
-def expand_inputs(inputs: list[str]) -> list[Source]:
-    """Files, folders (recursively: .txt/.text/.md/.rst and .jsonl) and globs → sorted, de-duplicated sources.
+def parse_weight(item: str) -> tuple[str, float | None]:
+    """'wiki/::3' → ('wiki/', 3.0); 'wiki/' → ('wiki/', None)."""
+    if "::" not in item or Path(item).exists():
+        return item, None
+    spec, w = item.rsplit("::", 1)
+    try:
+        weight = float(w)
+    except ValueError:
+        raise DataError(f"input {item!r}: the weight after '::' must be a number, got {w!r}") from None
+    if not weight >= 0 or weight == float("inf"):
+        raise DataError(f"input {item!r}: the weight must be a finite number >= 0")
+    return spec, weight
 
-    Explicitly named files and glob matches are read whatever their extension (as JSONL if they end in
-    .jsonl/.ndjson, else as text); folders contribute only files with the extensions above.
+
+def parse_hub(item: str, split: str = "train", revision: str | None = None, data_files: Any = None) -> HubSpec:
+    """'hf:NAME[:CONFIG]' → HubSpec."""
+    rest = item[len(HUB_PREFIX):]
+    name, _, config = rest.partition(":")
+    if not name:
+        raise DataError(f"input {item!r}: expected hf:NAME or hf:NAME:CONFIG")
+    return HubSpec(name=name, config=config or None, split=split, revision=revision, data_files=data_files)
+
+
+def expand_inputs(inputs: list, hf_split: str = "train", hf_revision: str | None = None,
+                  hf_data_files: Any = None) -> list:
+    """Files, folders, globs (each optionally ``::WEIGHT``), ``hf:NAME[:CONFIG]`` strings and
+    :class:`HubSpec` objects → sources, de-duplicated (a file named twice belongs to its first input).
+
+    Explicitly named files and glob matches are read whatever their extension (by their extension if it
+    is a known one, else as text); folders contribute only files with known extensions. When any input
+    has a weight, every input gets one (1.0 if not given) and its sources carry it.
     """
     if not inputs:
         raise DataError("no input given: name at least one file, folder or glob")
-    seen: dict[Path, Source] = {}
+    parsed: list[tuple[Any, float | None]] = []
     for item in inputs:
+        if isinstance(item, HubSpec):
+            parsed.append((item, item.weight))
+            continue
+        item, weight = parse_weight(str(item))
+        if item.startswith(HUB_PREFIX):
+            parsed.append((parse_hub(item, hf_split, hf_revision, hf_data_files), weight))
+        else:
+            parsed.append((item, weight))
+    weighted = any(w is not None for _, w in parsed)
+    seen: dict[Path, Source] = {}
+    out: list = []
+    for group, (item, weight) in enumerate(parsed):
+        if weighted and weight is None:
+            weight = 1.0
+        if isinstance(item, HubSpec):
+            out.append(HubSource(spec=item, group=group, weight=weight))
+            continue
         p = Path(item).expanduser()
         if p.is_file():
             matches = [p]
@@ -94,11 +210,12 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
         for m in matches:
             m = m.resolve()
             if m not in seen:
-                seen[m] = Source(path=m, kind=kind_of(m))
-    return list(seen.values())
+                seen[m] = Source(path=m, kind=kind_of(m), group=group, weight=weight)
+                out.append(seen[m])
+    return out
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = CHUNK) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -106,64 +223,149 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _read_bytes(path: Path) -> bytes:
+# ------------------------------------------------------------------------------------------------ raw bytes
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads a file and feeds everything read into a sha256 (the manifest's checksum costs no extra pass)."""
+
+    def __init__(self, f, h):
+        self.f, self.h, self.n = f, h, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        if n:
+            self.h.update(memoryview(b)[:n])
+            self.n += n
+        return n
+
+    def drain(self) -> None:
+        buf = bytearray(CHUNK)
+        while self.readinto(buf):
+            pass
+
+
+def _chunks(path: Path, src: Source | None = None) -> Iterator[bytes]:
+    """The decompressed bytes of ``path`` in chunks; with ``src``, fills in its sha256 and size on the way."""
     _, comp = _split_suffix(path)
-    try:
-        if comp == "gzip":
-            import gzip
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        raw = _HashingReader(f, h)
+        try:
+            if comp == "gzip":
+                import gzip
 
-            return gzip.decompress(path.read_bytes())
-        if comp == "zstd":
-            import zstandard
+                stream: Any = gzip.GzipFile(fileobj=raw, mode="rb")
+            elif comp == "zstd":
+                import zstandard
 
-            with open(path, "rb") as f:
-                return zstandard.ZstdDecompressor().stream_reader(f).read()
-    except (OSError, EOFError, ValueError) as e:  # gzip.BadGzipFile is an OSError; zstandard raises ZstdError
-        raise DataError(f"{path} is not a valid {comp} file: {e}") from None
-    except Exception as e:
-        if type(e).__name__ == "ZstdError":
-            raise DataError(f"{path} is not a valid zstd file: {e}") from None
-        raise
-    return path.read_bytes()
+                stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)
+            else:
+                stream = raw
+            while block := stream.read(CHUNK):
+                yield block
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            if comp is None:
+                raise
+            raise DataError(f"{path} is not a valid {comp} file: {e}") from None
+        except Exception as e:
+            if type(e).__name__ == "ZstdError":
+                raise DataError(f"{path} is not a valid zstd file: {e}") from None
+            raise
+        if src is not None:
+            raw.drain()
+            src.sha256, src.bytes = h.hexdigest(), raw.n
 
 
-def read_text(path: Path) -> str:
-    raw = _read_bytes(path)
+def _read_bytes(path: Path) -> bytes:
+    return b"".join(_chunks(path))
+
+
+def _binary_error(path: Path) -> DataError:
+    return DataError(f"{path} looks like a binary file (NUL bytes); not text")
+
+
+def _utf8_error(path: Path, e: UnicodeDecodeError, raw: bytes, offset: int = 0) -> DataError:
+    return DataError(f"{path} is not valid UTF-8 (byte {offset + e.start}: {raw[e.start:e.start + 4]!r}); "
+                     "re-encode it as UTF-8 or pass --bad-files skip")
+
+
+def _decode(path: Path, raw: bytes) -> str:
     if b"\x00" in raw[:8192]:
-        raise DataError(f"{path} looks like a binary file (NUL bytes); not text")
+        raise _binary_error(path)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
-                        "re-encode it as UTF-8 or pass --bad-files skip") from None
+        raise _utf8_error(path, e, raw) from None
 
 
-def _iter_jsonl(path: Path, text_field: str, text: str | None = None) -> Iterator[str | None]:
-    text = read_text(path) if text is None else text
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+def read_text(path: Path) -> str:
+    return _decode(path, _read_bytes(path))
+
+
+def _lines(path: Path, src: Source | None = None, keepends: bool = True) -> Iterator[tuple[int, str]]:
+    """(line number, line) for every line of a text file (with its '\\n' if ``keepends``), decoded as UTF-8
+    one line at a time (errors give the byte offset in the file)."""
+    nl = "\n" if keepends else ""
+    offset, lineno, rest, first = 0, 0, b"", True
+    for block in _chunks(path, src):
+        if first:
+            if b"\x00" in block[:8192]:
+                raise _binary_error(path)
+            if block.startswith(b"\xef\xbb\xbf"):
+                block, offset = block[3:], 3
+            first = False
+        parts = (rest + block).split(b"\n")
+        rest = parts.pop()
+        for raw in parts:
+            lineno += 1
+            try:
+                yield lineno, raw.decode("utf-8") + nl
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, e, raw, offset) from None
+            offset += len(raw) + 1
+    if rest:
+        try:
+            yield lineno + 1, rest.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _utf8_error(path, e, rest, offset) from None
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+
+def _json_value(path: Path, where: str, obj: Any, text_field: str) -> str | None:
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{where}: expected a JSON object per line, got {type(obj).__name__}")
+    if text_field not in obj:
+        raise DataError(f"{path}:{where}: no field {text_field!r}; fields present: "
+                        f"{', '.join(sorted(obj)) or '(none)'} (choose one with --text-field)")
+    value = obj[text_field]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{where}: field {text_field!r} is {type(value).__name__}, not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{path}:{where}: field {text_field!r} holds a lone surrogate escape (e.g. a "
+                        "truncated emoji), which is not valid Unicode text") from None
+    return value
+
+
+def _iter_jsonl(path: Path, text_field: str, src: Source | None = None) -> Iterator[str | None]:
+    # lines end at '\n' only (not str.splitlines()): JSON strings may hold U+2028
+    for lineno, line in _lines(path, src, keepends=False):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
-        if text_field not in obj:
-            raise DataError(f"{path}:{lineno}: no field {text_field!r}; fields present: "
-                            f"{', '.join(sorted(obj)) or '(none)'} (choose one with --text-field)")
-        value = obj[text_field]
-        if value is None:
-            yield None
-            continue
-        if not isinstance(value, str):
-            raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not a string")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(f"{path}:{lineno}: field {text_field!r} holds a lone surrogate escape (e.g. a "
-                            "truncated emoji), which is not valid Unicode text") from None
-        yield value
+        yield _json_value(path, str(lineno), obj, text_field)
 
 
 def _column_error(path: Path, field: str, present: list[str]) -> DataError:
@@ -171,32 +373,44 @@ def _column_error(path: Path, field: str, present: list[str]) -> DataError:
                      "(choose one with --text-field)")
 
 
-def iter_rows(path: Path, kind: str, field: str) -> Iterator[str | None]:
+def iter_rows(path: Path, kind: str, field: str, src: Source | None = None) -> Iterator[str | None]:
     """The ``field`` value of every row of a JSONL/JSON/CSV/TSV/Parquet file, in order, empty ones included
     (so callers that need row alignment, like `pretrain embed`, can keep it)."""
     if kind == "jsonl":
-        yield from _iter_jsonl(path, field)
+        yield from _iter_jsonl(path, field, src)
     else:
-        yield from _iter_table(path, kind, field)
+        yield from _iter_table(path, kind, field, src)
 
 
-def _iter_table(path: Path, kind: str, field: str) -> Iterator[str | None]:
+def _iter_table(path: Path, kind: str, field: str, src: Source | None = None) -> Iterator[str | None]:
     if kind in ("csv", "tsv"):
         import csv
-        import io
 
-        reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t" if kind == "tsv" else ",")
-        if reader.fieldnames is None or field not in reader.fieldnames:
-            raise _column_error(path, field, list(reader.fieldnames or []))
-        for row in reader:
-            yield row.get(field)
+        lines = (line for _, line in _lines(path, src))
+        reader = csv.reader(lines, delimiter="\t" if kind == "tsv" else ",")
+        try:
+            header = next(reader, None)
+            if header is None or field not in header:
+                raise _column_error(path, field, list(header or []))
+            col = header.index(field)
+            for row in reader:
+                if row:  # blank lines are not rows
+                    yield row[col] if col < len(row) else None
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed {kind.upper()} ({e})") from None
         return
-    if kind == "json":  # a JSON array of objects (or one object per line)
-        text = read_text(path)
+    if kind == "json":  # a JSON array of objects (or one object per line); read whole
+        text = _decode(path, b"".join(_chunks(path, src)))
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            yield from _iter_jsonl(path, field, text)
+            for lineno, line in enumerate(text.split("\n"), 1):
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                    yield _json_value(path, str(lineno), obj, field)
             return
         rows = data if isinstance(data, list) else [data]
         for i, obj in enumerate(rows):
@@ -220,42 +434,131 @@ def _iter_table(path: Path, kind: str, field: str) -> Iterator[str | None]:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError on damaged files
         raise DataError(f"{path} is not a readable Parquet file: {str(e).splitlines()[0]}") from None
+    if src is not None:
+        src.sha256, src.bytes = sha256_file(path), path.stat().st_size
 
 
-def read_documents(source: Source, text_field: str = "text") -> list[str]:
-    """All non-empty documents of one source (raises DataError on bad content)."""
-    if source.kind == "text":
-        docs: list[str | None] = [read_text(source.path)]
+def _iter_text(path: Path, unit: str, src: Source | None = None) -> Iterator[str]:
+    if unit == "file":
+        yield _decode(path, b"".join(_chunks(path, src)))
+        return
+    para: list[str] = []
+    for _, line in _lines(path, src):
+        if unit == "line":
+            yield line.rstrip("\r\n")
+        elif line.strip():
+            para.append(line)
+        elif para:
+            yield "".join(para).rstrip("\r\n")
+            para = []
+    if para:
+        yield "".join(para).rstrip("\r\n")
+
+
+# ------------------------------------------------------------------------------------------------ hub
+
+
+def _hub_builder(src: HubSource):
+    """The ``datasets`` builder of a hub source (created once, so every pass reads the same revision)."""
+    if src._builder is None:
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{src.label}: reading Hugging Face datasets needs the `datasets` package: "
+                            "pip install 'pretrain[hf]'") from None
+        s = src.spec
+        try:
+            b = datasets.load_dataset_builder(s.name, s.config, revision=s.revision, data_files=s.data_files)
+        except Exception as e:  # offline, unknown name, bad config: datasets raises many types
+            raise DataError(f"cannot load Hugging Face dataset {src.label}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        src._builder = b
+        src.fingerprint = str(getattr(b, "hash", "") or "")
+        if s.data_files is None:  # a Hub repository: record the commit it resolved to, when reachable
+            try:
+                from huggingface_hub import HfApi
+
+                src.resolved_revision = HfApi().dataset_info(s.name, revision=s.revision).sha or ""
+            except Exception:
+                src.resolved_revision = ""
+    return src._builder
+
+
+def _iter_hub(src: HubSource, text_field: str) -> Iterator[str | None]:
+    b = _hub_builder(src)
+    try:
+        ds = b.as_streaming_dataset(split=src.spec.split)
+    except Exception as e:
+        raise DataError(f"{src.label}: cannot stream split {src.spec.split!r}: {str(e).splitlines()[0]}") from None
+    names = ds.column_names
+    if names is not None and text_field not in names:
+        raise DataError(f"{src.label}: no column {text_field!r}; columns present: {', '.join(names) or '(none)'} "
+                        "(choose one with --text-field)")
+    try:
+        for batch in ds.iter(batch_size=1000):
+            if text_field not in batch:
+                raise DataError(f"{src.label}: no column {text_field!r}; columns present: "
+                                f"{', '.join(batch) or '(none)'} (choose one with --text-field)")
+            for value in batch[text_field]:
+                yield value if isinstance(value, str) else None
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{src.label}: reading failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+# ------------------------------------------------------------------------------------------------ documents
+
+
+def iter_source(src, text_field: str = "text", text_unit: str = "file", record: bool = False) -> Iterator[str]:
+    """The non-empty documents of one source, streamed."""
+    if text_unit not in TEXT_UNITS:
+        raise DataError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
+    rec = src if record and src.kind != "hub" else None
+    n = 0
+    if src.kind == "hub":
+        docs: Iterator[str | None] = _iter_hub(src, text_field)
+    elif src.kind == "text":
+        docs = _iter_text(src.path, text_unit, rec)
     else:
-        docs = list(iter_rows(source.path, source.kind, text_field))
-    return [d for d in docs if d and d.strip()]
+        docs = iter_rows(src.path, src.kind, text_field, rec)
+    for d in docs:
+        if d and d.strip():
+            n += 1
+            yield d
+    if record:
+        src.documents = n
 
 
-def iter_documents(sources: list[Source], text_field: str = "text", bad_files: str = "error",
-                   record: bool = False, with_source: bool = False) -> Iterator:
-    """Yield the documents of every usable source in order.
+def read_documents(source, text_field: str = "text", text_unit: str = "file") -> list[str]:
+    """All non-empty documents of one source (raises DataError on bad content)."""
+    return list(iter_source(source, text_field, text_unit))
+
+
+def iter_documents(sources: list, text_field: str = "text", bad_files: str = "error", record: bool = False,
+                   with_source: bool = False, text_unit: str = "file") -> Iterator:
+    """Yield the documents of every usable source in order, streaming.
 
     With ``record=True`` each source's sha256, bytes and document count are filled in (and skipped
     files are marked), so one pass both reads and describes the corpus. With ``with_source=True`` it
-    yields (source index, document) pairs.
+    yields (source index, document) pairs. With ``bad_files="skip"`` a file is first read through once
+    (a file that fails part-way is skipped whole, never cut), so skipping costs one extra read per file.
     """
     if bad_files not in BAD_FILE_POLICIES:
         raise DataError(f"bad_files must be one of {BAD_FILE_POLICIES}, got {bad_files!r}")
     for index, src in enumerate(sources):
         if src.skipped:
             continue
-        try:
-            docs = read_documents(src, text_field)
-        except DataError as e:
-            if bad_files == "skip":
-                warnings.warn(f"skipping {src.path}: {e}", stacklevel=2)
+        if bad_files == "skip" and not src.checked:
+            try:
+                for _ in iter_source(src, text_field, text_unit):
+                    pass
+            except DataError as e:
+                warnings.warn(f"skipping {src.label}: {e}", stacklevel=2)
                 src.skipped = str(e)
                 continue
-            raise
-        if record:
-            src.sha256 = sha256_file(src.path)
-            src.bytes = src.path.stat().st_size
-            src.documents = len(docs)
+            src.checked = True
+        docs = iter_source(src, text_field, text_unit, record=record)
         if with_source:
             yield from ((index, d) for d in docs)
         else:
