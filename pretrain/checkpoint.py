@@ -151,12 +151,23 @@ def _full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     from pretrain.distributed import unwrap
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _without_aliases(full, unwrap(model))
+
+
+def _without_aliases(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``sd`` with each tied weight under its first name only (as load_weights expects)."""
     seen, aliases = set(), set()
-    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+    for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             aliases.add(name)
         seen.add(id(p))
-    return {k: v.contiguous() for k, v in full.items() if k not in aliases}
+    return {k: v.detach().contiguous() for k, v in sd.items() if k not in aliases}
+
+
+def _save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path), metadata={"format": "pt"})
 
 
 def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, state: dict[str, Any],
@@ -166,7 +177,6 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, op
     renames the checkpoint into place once all shards are on disk. Needs a filesystem shared by all ranks."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from pretrain.distributed import barrier, is_main
@@ -186,7 +196,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, op
     if is_main():
         names = [STATE_FILE]
         if consolidate:
-            save_file(full, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            _save_weights(full, tmp / MODEL_FILE)
             names.insert(0, MODEL_FILE)
         torch.save(state, tmp / STATE_FILE)
         shards = {}
@@ -278,7 +288,7 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     load_weights(ckpt, model, meta)
     target = Path(out) if out is not None else ckpt / MODEL_FILE
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    save_model(model, str(tmp))
+    _save_weights(_without_aliases(model.state_dict(), model), tmp)
     _fsync_file(tmp)
     os.replace(tmp, target)
     if out is None:  # record it, so load_weights verifies it like any other
