@@ -61,15 +61,23 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
                         max_repeated_line_ratio=args.max_repeated_line_ratio, dedup_exact=args.dedup,
                         near_dup_threshold=args.near_dup, decontaminate=args.decontaminate or [],
                         ngram=args.decontam_ngram)
+    if args.batch_mb <= 0:
+        raise PretrainError("--batch-mb must be > 0")
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, text_field=args.text_field, bad_files=args.bad_files,
-                   overwrite=args.overwrite, clean=clean, licence=args.licence,
-                   tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), log=_log)
+                   shard_tokens=args.shard_tokens, overwrite=args.overwrite, clean=clean, licence=args.licence,
+                   tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), log=_log, workers=args.workers,
+                   batch_chars=max(1, int(args.batch_mb * 1e6)), text_unit=args.text_unit, hf_split=args.hf_split,
+                   hf_revision=args.hf_revision, hf_data_files=args.hf_data_files)
     result = {"out": str(args.out), "vocab_size": meta["tokenizer"]["vocab_size"], "dtype": meta["dtype"],
               "train_tokens": meta["splits"]["train"]["tokens"], "val_tokens": meta["splits"]["val"]["tokens"],
               "train_documents": meta["splits"]["train"]["documents"],
               "val_documents": meta["splits"]["val"]["documents"],
-              "removed": {k: v["documents"] for k, v in meta["cleaning"]["removed"].items()}}
+              "removed": {k: v["documents"] for k, v in meta["cleaning"]["removed"].items()},
+              "seconds": meta["seconds"]}
+    if "mixture" in meta:
+        result["mixture"] = {m["input"]: {"weight": m["weight"], "train_tokens": m["tokens"]["train"]}
+                             for m in meta["mixture"]}
     _emit(args, result, f"prepared {args.out}: {result['train_tokens']:,} train / {result['val_tokens']:,} val "
                         f"tokens, vocab {result['vocab_size']:,}")
     return result
@@ -196,18 +204,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("prepare", help="corpus → tokenizer → train/val token shards")
-    s.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt/.jsonl files, folders or globs")
+    s.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="files, folders, globs or hf:NAME[:CONFIG] (a Hugging Face dataset, streamed); append "
+                        "::WEIGHT to give an input a mixture weight (e.g. wiki/::3 code/::1)")
     s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--tokenizer", default="bpe", help="byte | char | bpe | wordpiece | path to tokenizer.json (default bpe)")
-    s.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size for bpe/wordpiece (default 8192)")
+    s.add_argument("--tokenizer", default="bpe",
+                   help="byte | char | bpe | wordpiece | unigram | path to tokenizer.json (default bpe)")
+    s.add_argument("--vocab-size", type=int, default=8192,
+                   help="vocabulary size for bpe/wordpiece/unigram (default 8192)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (default 0.1)")
     s.add_argument("--text-field", default="text", help="JSON field or CSV/TSV/Parquet column holding the text (default text)")
+    s.add_argument("--text-unit", choices=["file", "paragraph", "line"], default="file",
+                   help="a .txt document is the whole file (default), each blank-line separated paragraph, or each line")
     s.add_argument("--bad-files", choices=["error", "skip"], default="error",
                    help="binary or non-UTF-8 files: fail (default) or skip with a warning")
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     s.add_argument("--licence", default="", help="licence of the sources, recorded in the manifest")
     s.add_argument("--tokenizer-sample-mb", type=float, default=1000.0,
-                   help="train bpe/wordpiece on an evenly spread sample of about this many MB of text (default 1000)")
+                   help="train bpe/wordpiece/unigram on an evenly spread sample of about this many MB of text (default 1000)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="cleaning/tokenizing processes (0: in this process; default: one per CPU, in-process for "
+                        "inputs under 32 MB)")
+    s.add_argument("--batch-mb", type=float, default=1.0,
+                   help="MB of text per batch handed to a worker; with --workers it bounds peak memory (default 1)")
+    s.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
+    s.add_argument("--hf-split", default="train", help="split of hf:NAME inputs (default train)")
+    s.add_argument("--hf-revision", default=None, help="revision (branch, tag or commit) of hf:NAME inputs")
+    s.add_argument("--hf-data-files", nargs="+", default=None, metavar="FILE",
+                   help="data_files for hf: builders such as hf:json or hf:parquet (local paths or URLs)")
     g = s.add_argument_group("cleaning (each step optional; counts and examples go to meta.json)")
     g.add_argument("--normalize", default="NFC", help="Unicode normalisation form, '' for none (default NFC)")
     g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")

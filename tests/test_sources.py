@@ -96,3 +96,43 @@ def test_corrupt_gzip_and_parquet(tmp_path):
         (src,) = expand_inputs([str(tmp_path / name)])
         with pytest.raises(DataError, match=needle):
             read_documents(src)
+
+
+def test_streamed_reading_across_chunk_boundaries(tmp_path, monkeypatch):
+    """Files are read in chunks: lines, multi-byte characters and CSV quotes split across chunks come out
+    whole, and a decoding error reports its byte offset in the whole file."""
+    import pretrain.data.sources as S
+
+    monkeypatch.setattr(S, "CHUNK", 7)
+    for fmt in ("jsonl", "jsonl.gz", "jsonl.zst", "csv", "tsv", "csv.gz"):
+        sources = expand_inputs(_write(fmt, tmp_path / fmt))
+        assert [d for s in sources for d in read_documents(s)] == DOCS, fmt
+    good = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in DOCS).encode()
+    (tmp_path / "mixed.jsonl").write_bytes(good + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    (src,) = expand_inputs([str(tmp_path / "mixed.jsonl")])
+    with pytest.raises(DataError, match=rf"mixed\.jsonl is not valid UTF-8 \(byte {len(good) + 13}: b'\\xe9") as e:
+        read_documents(src)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_compressed_files(tmp_path):
+    import zstandard
+
+    payload = "".join(json.dumps({"text": d}) + "\n" for d in DOCS * 50).encode()
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(payload)[: len(gzip.compress(payload)) // 2])
+    (tmp_path / "cut.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload)[:200])
+    for name, needle in (("cut.jsonl.gz", "not a valid gzip file"), ("cut.jsonl.zst", "zstd|invalid JSON")):
+        (src,) = expand_inputs([str(tmp_path / name)])
+        with pytest.raises(DataError, match=needle):
+            read_documents(src)
+
+
+def test_zero_documents_after_cleaning_names_the_problem(tmp_path):
+    from pretrain.data.clean import CleanConfig
+
+    (tmp_path / "a.jsonl").write_text('{"text": "tiny"}\n{"text": "also tiny"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"no documents left after cleaning \(2 read\)"):
+        prepare([str(tmp_path / "a.jsonl")], tmp_path / "d", tokenizer="byte", clean=CleanConfig(min_chars=50),
+                log=lambda *a: None)
+    assert not (tmp_path / "d").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -5,6 +5,14 @@ so documents are packed back to back with their EOT separators), starting at an 
 offset in [0, seq_len), and visits the windows in a seeded random permutation. Global sample ``i`` is
 fully determined by (seed, i), so the loader's whole state is the number of samples consumed: resuming
 never replays batches. Rank ``r`` of ``world`` takes samples ``r*B .. (r+1)*B`` of each global batch.
+
+Mixtures: when the data was prepared with weights (``PATH::WEIGHT``; meta.json has a ``mixture``), each
+input's shards form a component and sample ``i`` first picks a component with probability ∝ its weight,
+then the component's next sample in its own seeded permutation (its own epochs: a small, heavily
+weighted source repeats, a large, lightly weighted one is sub-sampled). Components are assigned in
+blocks of ``MIX_BLOCK`` samples in which component ``g`` fills exactly ``round(MIX_BLOCK * share_g)``
+positions (largest remainder), shuffled per block by (seed, block): still a pure function of
+(seed, i), so resume stays exact and O(1) and rank slicing is unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import torch
 
 from pretrain.data.prepare import load_meta
 from pretrain.data.sources import DataError
+
+MIX_BLOCK = 1 << 16
 
 
 class TokenSplit:
@@ -31,6 +41,7 @@ class TokenSplit:
         self.split = split
         self.dtype = np.dtype(self.meta["dtype"])
         self.shards: list[np.memmap] = []
+        self.groups: list[int] = []  # mixture component (input index) of each shard
         for sh in info["shards"]:
             p = self.data_dir / sh["file"]
             if not p.is_file():
@@ -41,12 +52,46 @@ class TokenSplit:
                                 "the data directory is corrupt; run `pretrain prepare` again")
             if sh["tokens"]:
                 self.shards.append(np.memmap(p, dtype=self.dtype, mode="r"))
+                self.groups.append(int(sh.get("group", 0)))
         self.tokens = sum(len(s) for s in self.shards)
         self.bytes = int(info.get("bytes", 0))
 
     @property
     def vocab_size(self) -> int:
         return int(self.meta["tokenizer"]["vocab_size"])
+
+    @property
+    def mixture(self) -> list[dict[str, Any]] | None:
+        """The mixture components (input, weight, ...) when the data was prepared with weights."""
+        return self.meta.get("mixture") or None
+
+
+class _Mixture:
+    """Sample index → (component, index among that component's samples), exactly in proportion to the
+    weights within every block of MIX_BLOCK samples; deterministic in (seed, index)."""
+
+    def __init__(self, weights: np.ndarray, seed: int):
+        p = weights / weights.sum()
+        raw = p * MIX_BLOCK
+        counts = np.floor(raw).astype(np.int64)
+        order = np.argsort(-(raw - counts), kind="stable")
+        counts[order[:MIX_BLOCK - int(counts.sum())]] += 1
+        self.counts, self.seed = counts, seed
+        self.base = np.repeat(np.arange(len(counts)), counts)
+        self.group_start = np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def locate(self, index: int) -> tuple[int, int]:
+        block, j = divmod(index, MIX_BLOCK)
+        if self._cache is None or self._cache[0] != block:
+            pattern = np.random.default_rng([self.seed, block, 0x313C]).permutation(self.base)
+            order = np.argsort(pattern, kind="stable")  # positions grouped by component, in order
+            rank = np.empty(MIX_BLOCK, dtype=np.int64)
+            rank[order] = np.arange(MIX_BLOCK) - self.group_start
+            self._cache = (block, pattern, rank)
+        _, pattern, rank = self._cache
+        g = int(pattern[j])
+        return g, block * int(self.counts[g]) + int(rank[j])
 
 
 def _window_counts(shards: list[np.memmap], seq_len: int, slack: int) -> np.ndarray:
@@ -70,6 +115,41 @@ class TrainLoader:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.samples_seen = 0  # global samples consumed (all ranks)
         self._epoch_cache: tuple[int, np.ndarray, int] | None = None
+        self._setup_mixture(np.repeat(np.asarray(split.groups, dtype=np.int64), self.counts), "sequence")
+
+    def _setup_mixture(self, unit_groups: np.ndarray, unit: str) -> None:
+        """Per mixture component, the global indices of its units (windows or documents)."""
+        self._mix: _Mixture | None = None
+        self.mixture_weights: list[float] | None = None
+        comps = self.split.mixture
+        if not comps:
+            return
+        comps = [c for c in comps if c.get("weight")]
+        self._g_units = [np.flatnonzero(unit_groups == int(c["group"])) for c in comps]
+        for c, units in zip(comps, self._g_units):
+            if len(units) == 0:
+                raise DataError(f"input {c.get('input')!r} (mixture weight {c['weight']}) has no {unit} in the "
+                                f"{self.split.split} split (too few tokens for seq_len {self.seq_len}): give it "
+                                "weight 0 or more data")
+        self.mixture_weights = [float(c["weight"]) for c in comps]
+        self._mix = _Mixture(np.asarray(self.mixture_weights), self.seed)
+        for c, n in zip(comps, self._mix.counts):
+            if n == 0:
+                raise DataError(f"input {c.get('input')!r}: mixture weight {c['weight']} is below 1/{MIX_BLOCK} of "
+                                "the total; raise it or set it to 0")
+        self._g_cache: dict[int, tuple[int, np.ndarray, int]] = {}
+
+    def _mixed(self, index: int) -> tuple[int, int]:
+        """(global unit index, offset) of global sample ``index`` under the mixture."""
+        g, k = self._mix.locate(index)  # type: ignore[union-attr]
+        units = self._g_units[g]
+        epoch, pos = divmod(k, len(units))
+        cached = self._g_cache.get(g)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED, g + 1])
+            offset = int(rng.integers(self.seq_len))
+            cached = self._g_cache[g] = (epoch, rng.permutation(len(units)), offset)
+        return int(units[cached[1][pos]]), cached[2]
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
@@ -81,9 +161,12 @@ class TrainLoader:
 
     def sample(self, index: int) -> np.ndarray:
         """Global sample ``index`` (seq_len + 1 tokens)."""
-        epoch, pos = divmod(index, self.n_windows)
-        perm, offset = self._epoch(epoch)
-        w = int(perm[pos])
+        if self._mix is not None:
+            w, offset = self._mixed(index)
+        else:
+            epoch, pos = divmod(index, self.n_windows)
+            perm, offset = self._epoch(epoch)
+            w = int(perm[pos])
         shard = int(np.searchsorted(self.starts, w, side="right") - 1)
         start = offset + (w - int(self.starts[shard])) * self.seq_len
         return self.split.shards[shard][start:start + self.seq_len + 1]
@@ -99,12 +182,19 @@ class TrainLoader:
         return self.samples_seen / self.n_windows
 
     def state_dict(self) -> dict[str, Any]:
-        return {"samples_seen": self.samples_seen, "seed": self.seed, "seq_len": self.seq_len}
+        state = {"samples_seen": self.samples_seen, "seed": self.seed, "seq_len": self.seq_len}
+        if self.mixture_weights is not None:
+            state["mixture"] = list(self.mixture_weights)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seq_len") != self.seq_len or state.get("seed") != self.seed:
             raise DataError(f"loader state was saved with seq_len={state.get('seq_len')} seed={state.get('seed')}, "
                             f"but this run has seq_len={self.seq_len} seed={self.seed}")
+        saved = state.get("mixture")
+        if (list(saved) if saved is not None else None) != self.mixture_weights:
+            raise DataError(f"loader state was saved with mixture weights {saved}, but the data now has "
+                            f"{self.mixture_weights}: resuming would draw different batches")
         self.samples_seen = int(state["samples_seen"])
 
 
@@ -148,11 +238,16 @@ class DocumentLoader(TrainLoader):
             raise DataError(f"the {split.split} split has no documents")
         self.samples_seen = 0
         self._epoch_cache = None
+        self._setup_mixture(np.asarray(split.groups, dtype=np.int64)[self.spans[:, 0]], "document")
 
     def sample(self, index: int) -> np.ndarray:
-        epoch, pos = divmod(index, self.n_windows)
-        perm, _ = self._epoch(epoch)
-        return _padded_row(self.split, self.spans[int(perm[pos])], self.seq_len + 1, self.pad_id)
+        if self._mix is not None:
+            span, _ = self._mixed(index)
+        else:
+            epoch, pos = divmod(index, self.n_windows)
+            perm, _ = self._epoch(epoch)
+            span = int(perm[pos])
+        return _padded_row(self.split, self.spans[span], self.seq_len + 1, self.pad_id)
 
 
 def eval_windows(split: TokenSplit, seq_len: int) -> int:

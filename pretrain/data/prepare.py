@@ -608,6 +608,8 @@ def inspect(data_dir: str | Path, samples: int = 3, sample_tokens: int = 64, top
     tok = Tokenizer.load(Path(data_dir) / meta["tokenizer"]["file"])
     out: dict[str, Any] = {"data_dir": str(data_dir), "tokenizer": meta["tokenizer"], "dtype": meta["dtype"],
                            "splits": {}, "sources": meta["sources"], "cleaning": meta.get("cleaning")}
+    if meta.get("mixture"):
+        out["mixture"] = meta["mixture"]
     for split in meta["splits"]:
         sp = TokenSplit(data_dir, split)
         info = {k: meta["splits"][split][k] for k in ("tokens", "documents", "bytes")}

@@ -248,6 +248,24 @@ class _HashingReader(io.RawIOBase):
             pass
 
 
+def _zstd_blocks(raw: _HashingReader, path: Path) -> Iterator[bytes]:
+    """Decompress a (multi-frame) zstd stream; a truncated last frame is an error, not a silent end."""
+    import zstandard
+
+    d, fed = zstandard.ZstdDecompressor().decompressobj(), False
+    while block := raw.read(CHUNK):
+        while block:
+            fed = True
+            if out := d.decompress(block):
+                yield out
+            if d.eof:  # a frame ended: the rest of the block starts the next one
+                block, d, fed = d.unused_data, zstandard.ZstdDecompressor().decompressobj(), False
+            else:
+                block = b""
+    if fed and not d.eof:
+        raise DataError(f"{path} is not a valid zstd file: it ends in the middle of a frame (truncated?)")
+
+
 def _chunks(path: Path, src: Source | None = None) -> Iterator[bytes]:
     """The decompressed bytes of ``path`` in chunks; with ``src``, fills in its sha256 and size on the way."""
     _, comp = _split_suffix(path)
@@ -258,19 +276,20 @@ def _chunks(path: Path, src: Source | None = None) -> Iterator[bytes]:
             if comp == "gzip":
                 import gzip
 
-                stream: Any = gzip.GzipFile(fileobj=raw, mode="rb")
+                stream = gzip.GzipFile(fileobj=raw, mode="rb")
+                while block := stream.read(CHUNK):
+                    yield block
             elif comp == "zstd":
-                import zstandard
-
-                stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)
+                yield from _zstd_blocks(raw, path)
             else:
-                stream = raw
-            while block := stream.read(CHUNK):
-                yield block
+                while block := raw.read(CHUNK):
+                    yield block
         except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
             if comp is None:
                 raise
             raise DataError(f"{path} is not a valid {comp} file: {e}") from None
+        except DataError:
+            raise
         except Exception as e:
             if type(e).__name__ == "ZstdError":
                 raise DataError(f"{path} is not a valid zstd file: {e}") from None
