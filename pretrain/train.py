@@ -523,7 +523,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
                 if key in ev:
                     record[f"val_{key}"] = round(ev[key], 6)
             progress.write(f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) at {elapsed:.1f}s")
-            if tc.target_val_loss and last_val <= tc.target_val_loss and not done:
+            if tc.target_val_loss and any_rank(last_val <= tc.target_val_loss, device) and not done:
                 done, stop_reason = True, "target_val_loss"
         if record and metrics is not None:
             metrics.write(record)
