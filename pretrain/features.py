@@ -44,6 +44,25 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     return texts  # type: ignore[return-value]  (all checked to be non-empty strings above)
 
 
+def hidden_states(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, encoder: bool) -> torch.Tensor:
+    """(B, T, C) final hidden states of right-padded ids ``x`` with ``mask`` (True = real token)."""
+    # decoders: right padding never reaches earlier (real) positions under causal attention
+    return model(x, attention_mask=mask, return_hidden=True) if encoder else model(x, return_hidden=True)
+
+
+def pool_hidden(h: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, C) hidden states → (B, C): ``mean`` over real tokens, ``cls`` (first position) or ``last``
+    (last real token)."""
+    if pooling == "mean":
+        m = mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+    if pooling == "cls":
+        return h[:, 0]
+    if pooling == "last":
+        return h[torch.arange(h.shape[0], device=h.device), mask.sum(1) - 1]
+    raise PretrainError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
 @torch.no_grad()
 def embed_texts(model, tok, cfg, texts: list[str], pooling: str = "mean", normalize: bool = False,
                 batch_size: int = 32, device: torch.device | str = "cpu") -> tuple[np.ndarray, int]:
@@ -81,15 +100,7 @@ def embed_texts(model, tok, cfg, texts: list[str], pooling: str = "mean", normal
             x[r, :len(ids[i])] = torch.tensor(ids[i])
             mask[r, :len(ids[i])] = True
         x, mask = x.to(device), mask.to(device)
-        # decoders: right padding never reaches earlier (real) positions under causal attention
-        h = model(x, attention_mask=mask, return_hidden=True) if encoder else model(x, return_hidden=True)
-        h = h.float()
-        if pooling == "mean":
-            v = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        elif pooling == "cls":
-            v = h[:, 0]
-        else:
-            v = h[torch.arange(len(idx), device=h.device), mask.sum(1) - 1]
+        v = pool_hidden(hidden_states(model, x, mask, encoder).float(), mask, pooling)
         if normalize:
             v = torch.nn.functional.normalize(v, dim=-1)
         out[idx] = v.cpu().numpy()

@@ -1,9 +1,153 @@
-"""CLI commands for transfer (`pretrain finetune | predict | probe | transfer`)."""
+"""CLI commands for transfer: `pretrain finetune | predict | probe | transfer`.
+
+The fine-tuning flags are generated from FinetuneConfig's fields (``--layer-decay`` sets ``layer_decay``),
+with each field's docstring as help, so the CLI and the Python API cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+FT_SKIP = ("text_column", "label_column", "text_pair_column")  # added by hand (shared with probe)
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
+    print(json.dumps(result) if args.json else human)
+
+
+def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    from pretrain.config import field_docs
+    from pretrain.finetune.trainer import FinetuneConfig
+
+    docs = field_docs(FinetuneConfig)
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in FT_SKIP or f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_ = docs.get(f.name, "").replace("%", "%%")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action="store_true", help=help_)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=f"{help_} (default {f.default})")
+
+
+def _add_columns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", default="text", help="column/field with the text (default text)")
+    p.add_argument("--text-pair-column", default=None, help="second text column for sentence-pair tasks")
+    p.add_argument("--label-column", default="label", help="column/field with the label (default label)")
+
+
+def _config(args: argparse.Namespace, **extra: Any):
+    from pretrain.finetune.trainer import FinetuneConfig
+
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return FinetuneConfig(**{**values, **extra})
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.finetune.trainer import finetune
+
+    res = finetune(args.run, args.train, args.valid, args.out, _config(args), quiet=args.quiet or args.json)
+    best = res["best"]
+    res.pop("history")
+    shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items() if k.startswith("val_") and k != "val_metric")
+    _emit(args, res, f"fine-tuned {args.out}: best at epoch {best['epoch']:g} (step {best['step']}): {shown}; "
+                     f"stopped by {res['stop_reason']} after {res['steps']} steps in {res['elapsed_s']:.0f}s")
+    return res
+
+
+def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.finetune.trainer import predict
+
+    res = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device)
+    _emit(args, res, f"wrote {res['rows']:,} predictions to {res['out']}"
+                     + (f" ({res['truncated']} inputs truncated to {res['max_length']} tokens)" if res["truncated"] else ""))
+    return res
+
+
+def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.finetune.transfer import linear_probe
+
+    res = linear_probe(args.run, args.train, args.valid, args.text_column, args.label_column, args.pooling,
+                       args.max_train, args.seed, args.batch_size, args.device)
+    _emit(args, res, f"linear probe ({res['pooling']} pooling, {res['dim']} features, {res['train_examples']:,} "
+                     f"train examples): validation accuracy {100 * res['accuracy']:.2f}%")
+    return res
+
+
+def cmd_transfer(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.finetune.transfer import transfer
+
+    res = transfer(args.run, args.train, args.valid, args.out, _config(args), budgets=args.budgets,
+                   seeds=args.seeds, scratch_lr=args.scratch_lr, min_steps=args.min_steps,
+                   max_epochs=args.max_epochs, all_seeds=args.all_seeds, quiet=args.quiet or args.json)
+    rows = "; ".join(f"n={r['n']:,}: {100 * r['pretrained']['mean']:.1f} vs {100 * r['scratch']['mean']:.1f}"
+                     for r in res["summary"])
+    _emit(args, res, f"transfer report in {args.out} (report.md, report.json, report.png): "
+                     f"pre-trained vs scratch {rows}")
+    return res
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register the transfer commands on the main parser; each sets ``func`` to its handler."""
+    s = sub.add_parser("finetune", help="fine-tune a pre-trained run on labelled data (classification, "
+                                        "regression, token labels; full, head-only or LoRA)")
+    s.add_argument("run", help="pre-trained run directory or checkpoint")
+    s.add_argument("--train", required=True, help="labelled training file (CSV/TSV/JSONL/Parquet; CoNLL for --task token)")
+    s.add_argument("--valid", required=True, help="labelled validation file (model selection, early stopping)")
+    s.add_argument("--out", required=True, help="output directory (best model, metrics.jsonl)")
+    _add_columns(s)
+    _add_config_flags(s)
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("predict", help="predictions of a fine-tuned model for every row of a file")
+    s.add_argument("model", help="directory written by `pretrain finetune`")
+    s.add_argument("--input", required=True, help="file with the same text column(s) as training; labels not needed")
+    s.add_argument("--out", required=True, help=".jsonl, .csv, .tsv or .parquet (CoNLL text for token tasks)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("probe", help="linear probe: frozen embeddings + logistic regression (scikit-learn)")
+    s.add_argument("run", help="pre-trained run directory or checkpoint")
+    s.add_argument("--train", required=True)
+    s.add_argument("--valid", required=True)
+    s.add_argument("--text-column", default="text")
+    s.add_argument("--label-column", default="label")
+    s.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls", "last"])
+    s.add_argument("--max-train", type=int, default=0, help="use a random subset of this many training rows")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_probe)
+
+    s = sub.add_parser("transfer", help="pre-trained vs from-scratch fine-tuning over label budgets: "
+                                        "report.md / .json / .png")
+    s.add_argument("run", help="pre-trained run directory or checkpoint")
+    s.add_argument("--train", required=True)
+    s.add_argument("--valid", required=True)
+    s.add_argument("--out", required=True, help="report directory")
+    s.add_argument("--budgets", default="100,1000,10000,all", help="label budgets, e.g. 100,1k,10k,all")
+    s.add_argument("--seeds", type=int, default=3, help="seeds per budget (default 3)")
+    s.add_argument("--all-seeds", type=int, default=1, help="seeds for the full training set (default 1)")
+    s.add_argument("--scratch-lr", type=float, default=1e-3, help="learning rate of the from-scratch runs")
+    s.add_argument("--min-steps", type=int, default=300, help="small budgets get epochs for at least this many steps")
+    s.add_argument("--max-epochs", type=int, default=20, help="cap on those epochs")
+    _add_columns(s)
+    _add_config_flags(s, skip=("from_scratch", "seed"))
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_transfer)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `pretrain finetune|predict|probe|transfer`")

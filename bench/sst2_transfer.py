@@ -1,0 +1,93 @@
+"""Was pre-training worth it on SST-2? Pre-train an encoder on a CPU (≤ 30 min), then `pretrain transfer`.
+
+Stage 1 (pre-train, skipped when WORK/run already has a checkpoint): a WordPiece vocabulary and a
+ModernBERT-style encoder (configs/bert-cpu.yaml, 5.4M parameters) trained with masked-LM on unlabelled
+text from ../shared/data: IMDB review texts (train + test, labels unused), WikiText-2 valid+test,
+the TinyStories samples, and the SST-2 *train* sentences without their labels (task-adaptive
+pre-training; the dev sentences are never seen). Time limit: --budget-s (default 1740 s of training).
+
+Stage 2 (transfer): `pretrain transfer` fine-tunes the pre-trained encoder and the same architecture
+from a random init at several label budgets and seeds on SST-2 train, evaluates on SST-2 dev, and
+writes report.md / report.json / report.png into WORK/transfer.
+
+    python bench/sst2_transfer.py --work /tmp/sst2 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def build_corpus(out: Path) -> Path:
+    """bench/mlm_cpu.py's corpus plus IMDB test texts and the SST-2 train sentences (no labels)."""
+    from mlm_cpu import build_corpus as mlm_corpus
+
+    path = mlm_corpus(out)
+    with open(path, "a", encoding="utf-8") as f:
+        with open(SHARED / "imdb" / "test.csv", encoding="utf-8", newline="") as src:
+            for row in csv.DictReader(src):
+                f.write(json.dumps({"text": row["text"].replace("<br />", " ")}) + "\n")
+        with open(SHARED / "sst2" / "train.tsv", encoding="utf-8", newline="") as src:
+            for row in csv.DictReader(src, delimiter="\t", quoting=csv.QUOTE_NONE):
+                f.write(json.dumps({"text": row["sentence"].strip()}) + "\n")
+    return path
+
+
+def pretrain(work: Path, config: str, budget_s: float, overrides: list[str], quiet: bool) -> dict:
+    from pretrain.config import load_config
+    from pretrain.data.prepare import prepare
+    from pretrain.train import train
+
+    data, run = work / "data", work / "run"
+    t0 = time.time()
+    if not (data / "meta.json").exists():
+        prepare([str(build_corpus(work))], data, tokenizer="wordpiece", vocab_size=8192, val_fraction=0.02,
+                log=(lambda *a: None) if quiet else (lambda m: print(m, file=sys.stderr)))
+    t_prep = time.time() - t0
+    cfg = load_config(config, ["--data.path", str(data), "--train.max_steps", "1600", "--train.max_time_s",
+                               str(budget_s), "--train.eval_interval", "400", "--train.ckpt_interval", "400",
+                               *overrides])
+    summary = train(cfg, run, quiet=quiet)
+    return {"prepare_s": round(t_prep, 1), **summary}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from pretrain.cli import split_overrides
+
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="work directory (kept: rerun to reuse the pre-trained run)")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "bert-cpu.yaml"))
+    ap.add_argument("--budget-s", type=float, default=1740.0, help="pre-training time limit (default 1740)")
+    ap.add_argument("--stage", choices=["pretrain", "transfer", "all"], default="all")
+    ap.add_argument("--budgets", default="100,1000,10000,all", help="label budgets for the transfer stage")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(rest)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    if args.stage in ("pretrain", "all"):
+        result["pretrain"] = pretrain(work, args.config, args.budget_s, overrides, args.json)
+    if args.stage in ("transfer", "all"):
+        from pretrain.finetune.transfer import transfer
+
+        result["transfer"] = transfer(work / "run", SHARED / "sst2" / "train.tsv", SHARED / "sst2" / "dev.tsv",
+                                      work / "transfer", text_column="sentence", label_column="label",
+                                      budgets=args.budgets, seeds=args.seeds, quiet=args.json)
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

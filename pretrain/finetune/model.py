@@ -1,0 +1,52 @@
+"""A task head on a pre-trained backbone (architecture only; the backbone is any pretrain model).
+
+Sequence tasks pool the backbone's final hidden states (``cls`` for encoders, ``last`` real token for
+decoders, or ``mean``) and apply dropout + a linear layer; token tasks apply the head at every position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.features import hidden_states, pool_hidden
+
+# Linear layers inside the transformer blocks of each architecture: where LoRA adapters go.
+LORA_TARGETS = {
+    "gpt": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "bert": ["Wqkv", "Wo", "Wi"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+class TaskModel(nn.Module):
+    def __init__(self, backbone: nn.Module, d_model: int, n_out: int, pooling: str, encoder: bool,
+                 dropout: float = 0.1, token_level: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling, self.encoder, self.token_level = pooling, encoder, token_level
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(d_model, n_out)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids, (B, T) bool mask → (B, n_out) logits, or (B, T, n_out) for token tasks."""
+        h = hidden_states(self.backbone, idx, mask, self.encoder)  # (B, T, C)
+        if not self.token_level:
+            h = pool_hidden(h, mask, self.pooling)  # (B, C)
+        return self.classifier(self.drop(h)).float()
+
+    def layer_of(self, name: str) -> int:
+        """Depth of a parameter for layer-wise learning rates: 0 = embeddings, i + 1 = block i, last = head."""
+        n_layers = len(_blocks(self.backbone))
+        if name.startswith("classifier.") or ".classifier." in name:
+            return n_layers + 1
+        for part in name.split("."):
+            if part.isdigit():
+                return int(part) + 1
+        return 0 if "emb" in name or ".wte." in name or ".wpe." in name else n_layers  # final norms: top
+
+
+def _blocks(backbone: nn.Module) -> nn.ModuleList:
+    return getattr(backbone, "layers", None) or backbone.h

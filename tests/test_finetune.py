@@ -1,0 +1,279 @@
+"""Transfer: fine-tuning (classification, pairs, regression, token labels; full / LoRA / from scratch),
+prediction, linear probe, transfer report; bad input → clear errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from _corpus import WORDS, write_corpus
+
+from pretrain.cli import main
+
+POS = ["light", "day", "summer", "green"]
+NEG = ["night", "dark", "winter", "rain"]
+BASE = [w for w in WORDS if w not in POS + NEG]
+FAST = ["--epochs", "8", "--lr", "3e-3", "--batch-size", "16", "--patience", "0", "--quiet"]
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Text with exactly one marker word; its group decides the label (learnable by a tiny model)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        lab = rng.random() < 0.5
+        words = [rng.choice(BASE) for _ in range(rng.randint(3, 8))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POS if lab else NEG))
+        out.append({"text": " ".join(words), "label": "pos" if lab else "neg"})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module", params=["mlm", "clm"])
+def pretrained(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"ft_{request.param}")
+    write_corpus(root / "corpus", n_docs=6)
+    tok = "wordpiece" if request.param == "mlm" else "bpe"
+    extra = ["--objective", "mlm", "--model.arch", "bert"] if request.param == "mlm" else []
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", tok,
+                 "--vocab-size", "300", "--val-fraction", "0.3"]) == 0
+    assert main(["train", "--out", str(root / "run"), *extra, "--data.path", str(root / "data"), "--data.seq_len", "32",
+                 "--model.n_layer", "2", "--model.n_head", "2", "--model.d_model", "32", "--train.max_steps", "20",
+                 "--train.batch_size", "4", "--train.eval_interval", "0", "--train.plot", "false",
+                 "--train.threads", "1", "--quiet"]) == 0
+    write_jsonl(root / "train.jsonl", sentiment_rows(240, 1))
+    write_jsonl(root / "valid.jsonl", sentiment_rows(60, 2))
+    return request.param, root
+
+
+def test_classification_end_to_end(pretrained, capsys):
+    objective, root = pretrained
+    capsys.readouterr()
+    assert main(["finetune", str(root / "run"), "--train", str(root / "train.jsonl"), "--valid",
+                 str(root / "valid.jsonl"), "--out", str(root / "ft"), *FAST, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["best"]["val_accuracy"] >= 0.8, res["best"]  # majority class is ~0.5
+    lines = [json.loads(x) for x in (root / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and all("val_accuracy" in x for x in lines)
+    assert res["best"]["val_accuracy"] == max(x["val_accuracy"] for x in lines)
+    info = json.loads((root / "ft" / "finetune.json").read_text())
+    assert info["pooling"] == ("cls" if objective == "mlm" else "last") and info["labels"] == ["neg", "pos"]
+
+    # predict: row-aligned, and the saved best model reproduces the best validation accuracy
+    assert main(["predict", str(root / "ft"), "--input", str(root / "valid.jsonl"), "--out",
+                 str(root / "pred.jsonl"), "--json"]) == 0
+    capsys.readouterr()
+    preds = [json.loads(x) for x in (root / "pred.jsonl").read_text().splitlines()]
+    gold = [json.loads(x)["label"] for x in (root / "valid.jsonl").read_text().splitlines()]
+    assert [p["row"] for p in preds] == list(range(len(gold)))
+    acc = sum(p["prediction"] == g for p, g in zip(preds, gold)) / len(gold)
+    assert acc == pytest.approx(res["best"]["val_accuracy"], abs=1e-6)
+    assert all(abs(p["p_neg"] + p["p_pos"] - 1) < 1e-4 for p in preds)
+
+
+def test_from_scratch_differs_and_probe(pretrained, capsys):
+    from pretrain.finetune.trainer import load_backbone
+
+    objective, root = pretrained
+    pre, *_ = load_backbone(root / "run", 0.0, False, 0)
+    scr, *_ = load_backbone(root / "run", 0.0, True, 0)
+    name = next(iter(pre.state_dict()))
+    assert not torch.equal(pre.state_dict()[name], scr.state_dict()[name])
+    capsys.readouterr()
+    assert main(["probe", str(root / "run"), "--train", str(root / "train.jsonl"), "--valid",
+                 str(root / "valid.jsonl"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["train_examples"] == 240 and res["dim"] == 32
+
+
+def test_lora_trains_only_adapters_and_merge_matches(pretrained, tmp_path):
+    pytest.importorskip("peft")
+    from pretrain.finetune.model import TaskModel
+    from pretrain.finetune.trainer import (
+        FinetuneConfig,
+        _apply_lora,
+        _batch,
+        encode_inputs,
+        finetune,
+        load_backbone,
+        load_finetuned,
+        merged,
+    )
+
+    objective, root = pretrained
+    cfg = FinetuneConfig(lora=True, lora_r=4, epochs=4, lr=3e-3, batch_size=16, patience=0)
+    res = finetune(root / "run", root / "train.jsonl", root / "valid.jsonl", tmp_path / "lora", cfg, quiet=True)
+    assert res["trained_params"] < res["total_params"] / 4
+
+    backbone, pcfg, tok, _ = load_backbone(root / "run", 0.0, False, 0)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = _apply_lora(TaskModel(backbone, 32, 2, "mean", objective == "mlm"), cfg, pcfg.model.arch)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or ".classifier." in n for n in trainable), trainable
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, _ = encode_inputs(tok, ["the king spoke", "a dark night came"], None, objective == "mlm", 32, "end")
+    x, mask, _ = _batch(ids, tok.eot_id)
+    for _ in range(3):
+        model(x, mask).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    base = model.get_base_model().backbone
+    for k, v in before.items():  # the frozen base weights did not move
+        key = k if k in base.state_dict() else k.replace(".weight", ".base_layer.weight")
+        assert torch.equal(base.state_dict()[key], v), k
+    model.eval()
+    with torch.no_grad():
+        y_adapter = model(x, mask)
+        y_merged = merged(model)(x, mask)
+    assert not any("lora" in n for n, _ in merged(model).named_parameters())
+    torch.testing.assert_close(y_merged, y_adapter, atol=1e-5, rtol=1e-4)
+    # the saved (merged) model reloads as a plain TaskModel with the same predictions as it had in training
+    ft, info, _ = load_finetuned(tmp_path / "lora")
+    assert info["config"]["lora"] is True
+
+
+def test_pairs_and_regression(tmp_path, pretrained):
+    from pretrain.finetune.trainer import FinetuneConfig, finetune
+
+    _, root = pretrained
+    rng = random.Random(3)
+
+    def pair_rows(n):
+        rows = []
+        for _ in range(n):
+            a = rng.choice(POS + NEG)
+            same = rng.random() < 0.5
+            b = a if same else rng.choice([w for w in POS + NEG if w != a])
+            rows.append({"a": f"{rng.choice(BASE)} {a} {rng.choice(BASE)}", "b": f"{b} {rng.choice(BASE)}",
+                         "same": "yes" if same else "no", "score": float(sum(w in POS for w in (a, b)))})
+        return rows
+
+    write_jsonl(tmp_path / "tr.jsonl", pair_rows(200))
+    write_jsonl(tmp_path / "va.jsonl", pair_rows(50))
+    cfg = FinetuneConfig(text_column="a", text_pair_column="b", label_column="same", epochs=3, lr=3e-3,
+                         batch_size=16, patience=0)
+    res = finetune(root / "run", tmp_path / "tr.jsonl", tmp_path / "va.jsonl", tmp_path / "pair", cfg, quiet=True)
+    assert 0 <= res["best"]["val_accuracy"] <= 1 and res["steps"] == 3 * 13
+    cfg = FinetuneConfig(task="regression", text_column="a", text_pair_column="b", label_column="score", epochs=6,
+                         lr=3e-3, batch_size=16, patience=0)
+    res = finetune(root / "run", tmp_path / "tr.jsonl", tmp_path / "va.jsonl", tmp_path / "reg", cfg, quiet=True)
+    assert res["best"]["val_pearson"] > 0.3, res["best"]  # learns something about the score
+    assert main(["predict", str(tmp_path / "reg"), "--input", str(tmp_path / "va.jsonl"), "--out",
+                 str(tmp_path / "reg.csv")]) == 0
+    assert len((tmp_path / "reg.csv").read_text().splitlines()) == 51
+
+
+def test_token_classification(tmp_path, pretrained):
+    _, root = pretrained
+    rng = random.Random(4)
+
+    def conll(n):
+        lines = ["-DOCSTART- O", ""]
+        for _ in range(n):
+            for _ in range(rng.randint(3, 8)):
+                if rng.random() < 0.3:
+                    lines += [f"{rng.choice(POS)} B-POS", f"{rng.choice(BASE)} I-POS"]
+                else:
+                    lines.append(f"{rng.choice(BASE)} O")
+            lines.append("")
+        return "\n".join(lines)
+
+    (tmp_path / "tr.conll").write_text(conll(150))
+    (tmp_path / "va.conll").write_text(conll(40))
+    assert main(["finetune", str(root / "run"), "--task", "token", "--train", str(tmp_path / "tr.conll"),
+                 "--valid", str(tmp_path / "va.conll"), "--out", str(tmp_path / "tok"), *FAST]) == 0
+    best = json.loads((tmp_path / "tok" / "finetune.json").read_text())["best"]
+    assert best["val_accuracy"] > 0.75 and "val_f1" in best, best
+    assert main(["predict", str(tmp_path / "tok"), "--input", str(tmp_path / "va.conll"), "--out",
+                 str(tmp_path / "pred.conll")]) == 0
+    pred = [x.split() for x in (tmp_path / "pred.conll").read_text().splitlines()]
+    gold = [x.split() for x in (tmp_path / "va.conll").read_text().splitlines()[2:]]
+    assert [p[0] for p in pred if p] == [g[0] for g in gold if g]  # word-aligned
+
+
+def test_transfer_report(tmp_path, pretrained, capsys):
+    objective, root = pretrained
+    if objective == "clm":
+        pytest.skip("one backbone is enough for the report machinery")
+    capsys.readouterr()
+    assert main(["transfer", str(root / "run"), "--train", str(root / "train.jsonl"), "--valid",
+                 str(root / "valid.jsonl"), "--out", str(tmp_path / "rep"), "--budgets", "20,all", "--seeds", "2",
+                 "--min-steps", "10", "--max-epochs", "3", "--batch-size", "16", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["n"] for r in res["summary"]] == [20, 240]
+    assert res["summary"][0]["pretrained"]["seeds"] == 2 and res["summary"][1]["scratch"]["seeds"] == 1
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert len(report["runs"]) == 2 * 2 + 2 and 0.3 < report["majority_baseline"] < 0.7
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| 20 |" in md and "| 240 |" in md
+    assert (tmp_path / "rep" / "report.png").stat().st_size > 1000
+
+
+def test_budget_sampling_keeps_every_class():
+    from pretrain.finetune.transfer import parse_budgets, sample_budget
+
+    labels = ["a"] * 95 + ["b"] * 5
+    for seed in range(5):
+        idx = sample_budget(labels, 4, seed, 100)
+        assert len(idx) == len(set(idx)) == 4 and {labels[i] for i in idx} == {"a", "b"}
+        assert idx == sample_budget(labels, 4, seed, 100)
+    assert parse_budgets("100,1k,all", 5000) == [100, 1000, 5000]
+    assert parse_budgets("10k,all", 5000) == [5000]
+
+
+def test_layer_wise_learning_rates(pretrained):
+    from pretrain.finetune.model import TaskModel
+    from pretrain.finetune.trainer import FinetuneConfig, _param_groups, load_backbone
+
+    objective, root = pretrained
+    backbone, pcfg, _, _ = load_backbone(root / "run", 0.0, False, 0)
+    model = TaskModel(backbone, 32, 2, "mean", objective == "mlm")
+    groups = _param_groups(model, FinetuneConfig(lr=1e-3, layer_decay=0.5, head_lr=5e-3), pcfg.model.n_layer)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(model.classifier.weight)] == 5e-3
+    block0 = next(p for n, p in named.items() if ".0." in n)
+    block1 = next(p for n, p in named.items() if ".1." in n)
+    emb = next(p for n, p in named.items() if "emb" in n)
+    assert lr_of[id(block1)] == pytest.approx(1e-3)  # the top block gets lr, each one below a factor less
+    assert lr_of[id(block0)] == pytest.approx(1e-3 * 0.5)
+    assert lr_of[id(emb)] == pytest.approx(1e-3 * 0.5 ** 2)
+
+
+def test_bad_input(tmp_path, pretrained, capsys):
+    _, root = pretrained
+    run, tr, va = str(root / "run"), str(root / "train.jsonl"), str(root / "valid.jsonl")
+
+    def err(*args) -> str:
+        capsys.readouterr()
+        assert main(list(args)) == 2
+        return capsys.readouterr().err
+
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": "a b", "label": "pos"}, {"text": "c", "label": "meh"}])
+    assert "never seen in the training data: meh" in err("finetune", run, "--train", tr, "--valid", str(unseen), "--out", str(tmp_path / "o"))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "a b", "label": "pos"}, {"text": "  ", "label": "neg"}])
+    assert "row 2 has no text" in err("finetune", run, "--train", str(empty), "--valid", va, "--out", str(tmp_path / "o"))
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "neg"}])
+    assert "mixes numbers and text" in err("finetune", run, "--train", str(mixed), "--valid", va, "--out", str(tmp_path / "o"))
+    (tmp_path / "mixed.csv").write_text("text,label\na b,1\nc d,pos\n")
+    assert "mixes numbers and text" in err("finetune", run, "--train", str(tmp_path / "mixed.csv"), "--valid", va, "--out", str(tmp_path / "o"))
+    e = err("finetune", run, "--train", tr, "--valid", va, "--out", str(tmp_path / "o"), "--label-column", "sentiment")
+    assert "no column 'sentiment'" in e and "text, label" in e or "label, text" in e
+    assert "not a pre-trained run" in err("finetune", str(tmp_path), "--train", tr, "--valid", va, "--out", str(tmp_path / "o"))
+    assert "not a fine-tuned model" in err("predict", run, "--input", va, "--out", str(tmp_path / "p.jsonl"))
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(BASE * 3), "label": "pos"}, {"text": "day", "label": "neg"}])
+    assert "more than the" in err("finetune", run, "--train", str(long), "--valid", va, "--out", str(tmp_path / "o"),
+                                  "--truncation", "error")
+    assert "max_length 999 exceeds" in err("finetune", run, "--train", tr, "--valid", va, "--out", str(tmp_path / "o"),
+                                           "--max-length", "999")
+    capsys.readouterr()
+    assert main(["finetune", run, "--train", str(long), "--valid", va, "--out", str(tmp_path / "o"), "--epochs", "1",
+                 "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["truncated"] == {"train": 1, "valid": 0}
