@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -123,6 +124,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         cfg = load_config(args.config, overrides)
         out = Path(args.out)
     summary = train(cfg, out, quiet=args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return summary
     val = summary["val_loss"]
     _emit(args, summary, f"trained {out}: step {summary['step']}, "
                          f"val loss {val:.4f} " if val is not None else f"trained {out}: step {summary['step']}")
