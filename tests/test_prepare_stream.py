@@ -68,11 +68,16 @@ def test_workers_and_batch_size_do_not_change_the_output(tmp_path):
                      "pool_tiny_batches": dict(workers=2, batch_chars=1)}.items():
         metas[name] = prepare([str(src)], tmp_path / name, tokenizer="bpe", vocab_size=400, clean=clean, log=quiet,
                               **kw)
+    # a tokenizer known upfront is applied during the scan (one read): same bytes as the three-pass path
+    tok = str(tmp_path / "inproc" / "tokenizer.json")
+    for name, kw in {"file_inproc": dict(workers=0), "file_pool": dict(workers=2, batch_chars=2000)}.items():
+        metas[name] = prepare([str(src)], tmp_path / name, tokenizer=tok, clean=clean, log=quiet, **kw)
     removed = metas["inproc"]["cleaning"]["removed"]
     assert {"exact_duplicate", "near_duplicate", "min_chars", "contaminated"} <= set(removed)
-    for name in ("pool", "pool_tiny_batches"):
-        _same_meta(metas["inproc"], metas[name])
+    for name in ("pool", "pool_tiny_batches", "file_inproc", "file_pool"):
+        _same_meta(metas["inproc"], {**metas[name], "tokenizer": metas["inproc"]["tokenizer"]})
         assert _bins(tmp_path / "inproc") == _bins(tmp_path / name)
+    assert metas["file_pool"]["tokenizer"]["sha256"] == metas["inproc"]["tokenizer"]["sha256"]
     assert metas["pool"]["settings"]["workers"] == 2
 
 

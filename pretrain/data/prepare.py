@@ -31,6 +31,7 @@ prepare is *restarted*, not resumed: the next prepare into the same ``out`` remo
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -62,6 +63,7 @@ META = "meta.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 DROP, TRAIN, VAL, TAIL = 0, 1, 2, 3  # plan codes; TAIL: the single document, cut at its text tail
+BPE_CACHE_WORDS = 100_000  # words whose BPE pieces a tokenizing process remembers (~10 MB)
 AUTO_INPROCESS_BYTES = 32 << 20  # below this much input, workers=None runs in-process (no pool start-up)
 
 
@@ -162,12 +164,18 @@ def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dt
     from tokenizers import Tokenizer as HFTokenizer
 
     _W.clear()
-    _W.update(cleaner=cleaner, vf=val_fraction, dtype=np.dtype(dtype),
-              tok=HFTokenizer.from_str(tok_json) if tok_json else None)
+    tok = HFTokenizer.from_str(tok_json) if tok_json else None
+    if tok is not None and hasattr(tok.model, "_resize_cache"):
+        try:  # BPE's word cache (10k words by default) thrashes on a large corpus
+            tok.model._resize_cache(BPE_CACHE_WORDS)
+        except Exception:
+            pass
+    _W.update(cleaner=cleaner, vf=val_fraction, dtype=np.dtype(dtype), tok=tok)
 
 
 def _scan_batch(texts: list[str]) -> tuple:
-    """Normalise and analyse a batch of raw documents (stateless; runs in a worker)."""
+    """Normalise and analyse a batch of raw documents (stateless; runs in a worker). With a tokenizer (known
+    before the scan), also tokenize the documents that passed the filters, so one read does everything."""
     c: Cleaner = _W["cleaner"]
     vf = _W["vf"]
     n = len(texts)
@@ -178,15 +186,27 @@ def _scan_batch(texts: list[str]) -> tuple:
     nbytes = np.zeros(n, np.int64)
     chars = np.zeros(n, np.int64)
     minhash = np.zeros((n, NUM_PERM), c.minhash_dtype) if c.cfg.near_dup_threshold else None
+    passed: list[str] = []
     for i, raw in enumerate(texts):
         t = c.transform(raw)
         code, ex, ct, mh, nb = c.analyze(t)
         codes[i], exact[i], contam[i], nbytes[i], chars[i] = code, ex, ct, nb, len(t)
         if mh is not None:
             minhash[i] = mh  # type: ignore[index]
-        if vf > 0 and not code:
-            val[i] = _is_val(t, vf)
-    return codes, exact, contam, minhash, nbytes, val, chars
+        if not code:
+            passed.append(t)
+            if vf > 0:
+                val[i] = _is_val(t, vf)
+    encoded = _encode_texts(passed) if _W["tok"] is not None else None
+    return codes, exact, contam, minhash, nbytes, val, chars, encoded
+
+
+def _encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids of every text back to back, length of each)."""
+    encs = _W["tok"].encode_batch(texts, add_special_tokens=False)
+    lens = np.fromiter((len(e) for e in encs), np.int64, len(encs))
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encs), _W["dtype"], int(lens.sum()))
+    return ids, lens
 
 
 def _encode_batch(items: list[tuple[str, int]]) -> tuple:
@@ -206,11 +226,7 @@ def _encode_batch(items: list[tuple[str, int]]) -> tuple:
                 texts.append(t[cut:]), codes.append(VAL), owner.append(j)
         else:
             texts.append(t), codes.append(code), owner.append(j)
-    tk = _W["tok"]
-    fast = getattr(tk, "encode_batch_fast", None) or tk.encode_batch  # no offsets: faster
-    encs = fast(texts, add_special_tokens=False)
-    lens = np.fromiter((len(e) for e in encs), np.int64, len(encs))
-    ids = np.fromiter(chain.from_iterable(e.ids for e in encs), _W["dtype"], int(lens.sum()))
+    ids, lens = _encode_texts(texts)
     nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), np.int64, len(texts))
     return ids, lens, np.array(codes, np.int8), nbytes, np.array(owner, np.int64)
 
@@ -237,9 +253,11 @@ class _Workers:
         # children tokenize one batch each on one thread (no rayon pool per child; no fork warning)
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        gc.freeze()  # forked children share the parent's objects without copying them on the next GC
         try:
             self.pool = ctx.Pool(workers, _init_worker, (*initargs, True))
         finally:
+            gc.unfreeze()
             if before is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
@@ -391,27 +409,87 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
                         weighted, _input_labels(inputs), progress_s, t0)
 
 
+class _Output:
+    """The shard writers of one prepare: a train and a val series per mixture component."""
+
+    def __init__(self, partial: Path, dtype: np.dtype, shard_tokens: int, groups: list[int], weighted: bool,
+                 eot_id: int):
+        self.args = (partial, dtype, shard_tokens, groups, weighted)
+        self.eot = np.array([eot_id], dtype=dtype)
+        self.groups = groups
+        self.writers = {(sp, g): ShardWriter(partial, sp, dtype, shard_tokens, g if weighted else None)
+                        for sp in SPLITS for g in groups}
+        self.bytes = 0
+
+    def add(self, code: int, group: int, ids: np.ndarray, nbytes: int) -> None:
+        w = self.writers[(SPLITS[code - 1], group)]
+        if w.documents:  # end-of-document token *between* documents
+            w.write(self.eot)
+        w.write(ids)
+        w.documents += 1
+        w.bytes += nbytes
+        self.bytes += nbytes
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        info: dict[str, dict[str, Any]] = {}
+        for sp in SPLITS:
+            parts = [self.writers[(sp, g)].close() for g in self.groups]
+            info[sp] = {"tokens": sum(p["tokens"] for p in parts), "documents": sum(p["documents"] for p in parts),
+                        "bytes": sum(p["bytes"] for p in parts), "shards": [sh for p in parts for sh in p["shards"]]}
+        return info
+
+    def discard(self) -> None:
+        for w in self.writers.values():
+            w.close()
+            for sh in w.shards:
+                (w.out_dir / sh["file"]).unlink()
+
+
 def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files, shard_tokens,
              clean, licence, tokenizer_sample_chars, log, workers, batch_chars, text_unit, weighted, labels,
              progress_s, t0) -> dict[str, Any]:
     def docs(record: bool = False) -> Iterator[tuple[int, str]]:
         return iter_documents(sources, text_field, bad_files, record=record, with_source=True, text_unit=text_unit)
 
-    # Pass 1: scan — read, clean and choose splits; one plan byte per document.
+    groups = sorted({s.group for s in sources}) if weighted else [0]
+    group_of = [s.group if weighted else 0 for s in sources]
     cleaner = Cleaner(clean or CleanConfig(), [s.label for s in sources])
-    plan = bytearray()
-    n_docs = n_val = 0
-    total_chars = total_bytes = 0
-    first_kept = last_kept = -1
-    pool = _Workers(workers, (cleaner, None, val_fraction, "uint32"))
+    # A tokenizer known upfront (a tokenizer.json, byte) is applied during the scan: one read of the input.
+    tok: Tokenizer | None = None if tokenizer == "char" or tokenizer in TRAINED else build_tokenizer(tokenizer)
+    output: _Output | None = None
+    pool: _Workers | None = None
+    t_log = time.time()
+
+    def progress(done: int, what: str, t_start: float) -> None:
+        nonlocal t_log
+        if progress_s and time.time() - t_log >= progress_s:
+            t_log = time.time()
+            log(f"{what} {done / 1e6:,.0f} MB ({done / 1e6 / (t_log - t_start):.1f} MB/s)")
+
+    partial.mkdir(parents=True)
     try:
+        # Pass 1: scan — read, clean and choose splits; one plan byte per document.
+        plan = bytearray()
+        n_docs = n_val = 0
+        total_chars = total_bytes = 0
+        first_kept = last_kept = -1
+        if tok is not None:
+            dtype = token_dtype(tok.vocab_size)
+            output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
+        pool = _Workers(workers, (cleaner, tok.to_str() if tok else None, val_fraction,
+                                  dtype.name if tok else "uint32"))
         scan_items = ((i, d, d) for i, d in docs(record=True))
         for (srcs, texts), res in pool.map(_scan_batch, _scan_batches(scan_items, batch_chars)):
-            codes, exact, contam, minhash, nbytes, val, chars = res
+            codes, exact, contam, minhash, nbytes, val, chars, encoded = res
+            if encoded is not None:
+                ids, lens = encoded
+                ends = np.cumsum(lens)
+                k = 0  # index among the documents that passed the filters (the encoded ones)
             for j, src_index in enumerate(srcs):
                 a = (int(codes[j]), int(exact[j]), bool(contam[j]), None if minhash is None else minhash[j],
                      int(nbytes[j]))
-                if cleaner.decide(a, src_index, lambda t=texts[j]: cleaner.transform(t)):
+                kept = cleaner.decide(a, src_index, lambda t=texts[j]: cleaner.transform(t))
+                if kept:
                     if first_kept < 0:
                         first_kept = len(plan)
                     last_kept = len(plan)
@@ -422,97 +500,86 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
                     plan.append(VAL if val[j] else TRAIN)
                 else:
                     plan.append(DROP)
+                if encoded is not None and not codes[j]:
+                    if kept:
+                        output.add(plan[-1], group_of[src_index], ids[ends[k] - lens[k]:ends[k]], int(nbytes[j]))
+                    k += 1
+            if output is not None:
+                progress(output.bytes, "tokenized", t0)
         pool.close()
-    except BaseException:
-        pool.close(ok=False)
-        raise
-    if not plan:
-        raise DataError("no text found in the input: every file was empty or skipped")
-    n_read = sum(1 for s in sources if not s.skipped)
-    log(f"read {len(plan):,} documents from {n_read} {'source' if n_read == 1 else 'sources'}"
-        + (f" ({workers} worker processes)" if workers else ""))
-    if cleaner.cfg.active():
-        log("cleaning:\n" + cleaner.table())
-    if n_docs == 0:
-        raise DataError(f"no documents left after cleaning ({len(plan):,} read): loosen the filters")
-    single = n_docs == 1
-    if single:
-        plan[first_kept] = TAIL
-    elif val_fraction > 0 and n_val == 0:  # nothing hashed into validation: the last document goes there
-        plan[last_kept] = VAL
-    elif n_val == n_docs:  # everything hashed into validation: the first document trains
-        plan[first_kept] = TRAIN
+        if not plan:
+            raise DataError("no text found in the input: every file was empty or skipped")
+        n_read = sum(1 for s in sources if not s.skipped)
+        log(f"read {len(plan):,} documents from {n_read} {'source' if n_read == 1 else 'sources'} in "
+            f"{time.time() - t0:.1f} s" + (f" ({workers} worker processes)" if workers else ""))
+        if cleaner.cfg.active():
+            log("cleaning:\n" + cleaner.table())
+        if n_docs == 0:
+            raise DataError(f"no documents left after cleaning ({len(plan):,} read): loosen the filters")
+        single = n_docs == 1
+        if single:
+            plan[first_kept] = TAIL
+        elif val_fraction > 0 and n_val == 0:  # nothing hashed into validation: the last document goes there
+            plan[last_kept] = VAL
+        elif n_val == n_docs:  # everything hashed into validation: the first document trains
+            plan[first_kept] = TRAIN
+        if output is not None and (single or val_fraction > 0 and n_val == 0 or n_val == n_docs):
+            output.discard()  # the splits changed after the fact (tiny corpora): encode again below
+            output = None
 
-    def planned() -> Iterator[tuple[int, int, str]]:
-        """(source index, plan code, raw text) of every kept document, checking the input did not change."""
-        i = 0
-        for src_index, doc in docs():
-            if i >= len(plan):
+        def planned() -> Iterator[tuple[int, int, str]]:
+            """(source index, plan code, raw text) of every kept document, checking the input did not change."""
+            i = 0
+            for src_index, doc in docs():
+                if i >= len(plan):
+                    raise changed
+                code = plan[i]
+                i += 1
+                if code != DROP:
+                    yield src_index, code, doc
+            if i != len(plan):
                 raise changed
-            code = plan[i]
-            i += 1
-            if code != DROP:
-                yield src_index, code, doc
-        if i != len(plan):
-            raise changed
 
-    changed = DataError("the input changed while it was being prepared (a different number of documents on "
-                        "a second read); run prepare again")
+        changed = DataError("the input changed while it was being prepared (a different number of documents "
+                            "on a second read); run prepare again")
 
-    # Pass 2: the tokenizer. A char vocabulary is the set of characters of the whole corpus (as nanoGPT's),
-    # so validation text is always representable; trained vocabularies learn from an evenly spread sample
-    # (by a content hash) of about tokenizer_sample_chars of the train split, streamed to the trainer.
-    texts: Iterator[str] | None = None
-    if tokenizer == "char":
-        texts = (cleaner.transform(d) for _, _, d in planned())
-    elif tokenizer in TRAINED:
-        rate = min(1.0, tokenizer_sample_chars / max(total_chars, 1))
+        # Pass 2: the tokenizer, unless known upfront. A char vocabulary is the set of characters of the whole
+        # corpus (as nanoGPT's), so validation text is always representable; trained vocabularies learn from
+        # an evenly spread sample (by a content hash) of about tokenizer_sample_chars of the train split,
+        # streamed to the trainer.
+        if tok is None:
+            texts_in: Iterator[str] | None = None
+            if tokenizer == "char":
+                texts_in = (cleaner.transform(d) for _, _, d in planned())
+            else:
+                rate = min(1.0, tokenizer_sample_chars / max(total_chars, 1))
 
-        def train_texts() -> Iterator[str]:
-            for _, code, d in planned():
-                if code in (TRAIN, TAIL) and (rate >= 1.0 or _is_val("sample:" + d, rate)):
-                    t = cleaner.transform(d)
-                    yield t[:int(len(t) * (1.0 - val_fraction))] if code == TAIL else t
+                def train_texts() -> Iterator[str]:
+                    for _, code, d in planned():
+                        if code in (TRAIN, TAIL) and (rate >= 1.0 or _is_val("sample:" + d, rate)):
+                            t = cleaner.transform(d)
+                            yield t[:int(len(t) * (1.0 - val_fraction))] if code == TAIL else t
 
-        texts = train_texts()
-    tok: Tokenizer = build_tokenizer(tokenizer, texts, vocab_size)
-    dtype = token_dtype(tok.vocab_size)
-    log(f"tokenizer: {tok.kind}, vocab {tok.vocab_size:,} ({dtype.name} shards)")
+                texts_in = train_texts()
+            tok = build_tokenizer(tokenizer, texts_in, vocab_size)
+        dtype = token_dtype(tok.vocab_size)
+        log(f"tokenizer: {tok.kind}, vocab {tok.vocab_size:,} ({dtype.name} shards)")
 
-    # Pass 3: encode in the workers; write shards in corpus order.
-    partial.mkdir(parents=True)
-    groups = sorted({s.group for s in sources}) if weighted else [0]
-    writers = {(sp, g): ShardWriter(partial, sp, dtype, shard_tokens, g if weighted else None)
-               for sp in SPLITS for g in groups}
-    group_of = [s.group if weighted else 0 for s in sources]
-    eot = np.array([tok.eot_id], dtype=dtype)
-    pool = _Workers(workers, (cleaner, tok.to_str(), val_fraction, dtype.name))
-    try:
-        done_bytes, t_enc, t_log = 0, time.time(), time.time()
-        enc_items = ((group_of[i], d, (d, code)) for i, code, d in planned())
-        for grp, res in pool.map(_encode_batch, _batched(enc_items, batch_chars)):
-            ids, lens, codes, nbytes, owner = res
-            off = 0
-            for k in range(len(lens)):
-                w = writers[(SPLITS[codes[k] - 1], grp[owner[k]])]
-                if w.documents:  # end-of-document token *between* documents
-                    w.write(eot)
-                n = int(lens[k])
-                w.write(ids[off:off + n])
-                off += n
-                w.documents += 1
-                w.bytes += int(nbytes[k])
-            done_bytes += int(nbytes.sum())
-            if progress_s and time.time() - t_log >= progress_s:
-                t_log = time.time()
-                log(f"tokenized {done_bytes / 1e6:,.0f} / {total_bytes / 1e6:,.0f} MB "
-                    f"({done_bytes / 1e6 / (t_log - t_enc):.1f} MB/s)")
-        pool.close()
-        split_info: dict[str, dict[str, Any]] = {}
-        for sp in SPLITS:
-            parts = [writers[(sp, g)].close() for g in groups]
-            split_info[sp] = {"tokens": sum(p["tokens"] for p in parts), "documents": sum(p["documents"] for p in parts),
-                              "bytes": sum(p["bytes"] for p in parts), "shards": [sh for p in parts for sh in p["shards"]]}
+        # Pass 3 (unless done during the scan): encode in the workers; write shards in corpus order.
+        if output is None:
+            output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
+            pool = _Workers(workers, (cleaner, tok.to_str(), val_fraction, dtype.name))
+            t_enc = time.time()
+            enc_items = ((group_of[i], d, (d, code)) for i, code, d in planned())
+            for grp, res in pool.map(_encode_batch, _batched(enc_items, batch_chars)):
+                ids, lens, codes, nbytes, owner = res
+                ends = np.cumsum(lens)
+                for k in range(len(lens)):
+                    output.add(int(codes[k]), grp[owner[k]], ids[ends[k] - lens[k]:ends[k]], int(nbytes[k]))
+                progress(output.bytes, "tokenized", t_enc)
+            pool.close()
+        log(f"tokenized {output.bytes / 1e6:,.1f} MB ({time.time() - t0:.1f} s since the start)")
+        split_info = output.close()
         if split_info["train"]["tokens"] < 2:
             raise DataError("the training split is empty after tokenization")
         tok.save(partial / "tokenizer.json")
@@ -534,10 +601,11 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             "seconds": round(time.time() - t0, 3),
         }
         if weighted:
-            meta["mixture"] = _mixture(sources, labels, groups, writers, log)
+            meta["mixture"] = _mixture(sources, labels, groups, output.writers, log)
         write_json_atomic(partial / META, meta)
     except BaseException:  # an error or Ctrl-C: leave no half-written directory behind
-        pool.close(ok=False)
+        if pool is not None:
+            pool.close(ok=False)
         shutil.rmtree(partial, ignore_errors=True)
         raise
     # Swap the finished directory into place.
