@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default=str(ROOT / "configs" / "bert-cpu.yaml"))
     ap.add_argument("--budget-s", type=float, default=1740.0, help="pre-training time limit (default 1740)")
     ap.add_argument("--stage", choices=["pretrain", "transfer", "all"], default="all")
-    ap.add_argument("--budgets", default="100,1000,10000,all", help="label budgets for the transfer stage")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--budgets", default="100,1000,all", help="label budgets for the transfer stage")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per budget (the full set: 1)")
+    ap.add_argument("--lr", type=float, default=3e-4, help="fine-tuning LR of the pre-trained model")
+    ap.add_argument("--scratch-lr", type=float, default=1e-3, help="fine-tuning LR of the random init")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(rest)
     work = Path(args.work)
@@ -79,11 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stage in ("pretrain", "all"):
         result["pretrain"] = pretrain(work, args.config, args.budget_s, overrides, args.json)
     if args.stage in ("transfer", "all"):
+        from pretrain.finetune.trainer import FinetuneConfig
         from pretrain.finetune.transfer import transfer
 
+        # one epoch over all 67k labels; small budgets get up to 10 epochs (at least 200 steps)
+        cfg = FinetuneConfig(text_column="sentence", label_column="label", epochs=1, lr=args.lr)
         result["transfer"] = transfer(work / "run", SHARED / "sst2" / "train.tsv", SHARED / "sst2" / "dev.tsv",
-                                      work / "transfer", text_column="sentence", label_column="label",
-                                      budgets=args.budgets, seeds=args.seeds, quiet=args.json)
+                                      work / "transfer", cfg, budgets=args.budgets, seeds=args.seeds,
+                                      scratch_lr=args.scratch_lr, min_steps=200, max_epochs=10, quiet=False)
     if args.json:
         print(json.dumps(result))
     return result

@@ -2,7 +2,8 @@
 
 The corpus is the Python standard library's own top-level modules (the ``.py`` files that ship with the
 interpreter running this code): a few MB of real, varied text — code, docstrings and comments.
-prepare (byte-level BPE) → pre-train a small GPT → evaluate → generate → embed (nearest neighbours).
+prepare (byte-level BPE) → pre-train a small GPT → evaluate → generate → fine-tune (which module does a
+line of code come from? pre-trained vs from scratch) → embed (nearest neighbours).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from pretrain import PretrainError
 from pretrain.config import load_config
 from pretrain.data.prepare import prepare
+from pretrain.finetune.trainer import FinetuneConfig, finetune
 from pretrain.inference import evaluate_run, generate_text
 from pretrain.train import train
 
@@ -38,18 +40,18 @@ def demo_corpus() -> list[str]:
 
 
 def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: bool = False,
-             budget_s: float = 300.0) -> dict[str, Any]:
+             budget_s: float = 300.0, finetune_epochs: int = 10) -> dict[str, Any]:
     """Run the demo in ``out`` and return its results; prints a summary unless ``quiet``."""
     out = Path(out)
     say = (lambda *a: None) if quiet else (lambda msg: print(msg, flush=True))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
     files = demo_corpus()
-    say(f"== 1/5 prepare: {len(files)} Python standard-library modules from {Path(files[0]).parent}")
+    say(f"== 1/6 prepare: {len(files)} Python standard-library modules from {Path(files[0]).parent}")
     meta = prepare(files, out / "data", tokenizer="bpe", vocab_size=4096, val_fraction=0.1, overwrite=True, log=log)
     t_prep = time.time() - t0
 
-    say("== 2/5 pre-train a small GPT (causal LM)")
+    say("== 2/6 pre-train a small GPT (causal LM)")
     overrides = {"data": {"path": str(out / "data")}, "train": {"max_time_s": budget_s}}
     if max_steps:
         overrides["train"]["max_steps"] = max_steps
@@ -61,14 +63,25 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
         shutil.rmtree(run)
     summary = train(cfg, run, quiet=quiet)
 
-    say("== 3/5 evaluate on the held-out split")
+    say("== 3/6 evaluate on the held-out split")
     ev = evaluate_run(run)
 
-    say("== 4/5 generate")
+    say("== 4/6 generate")
     prompt = "def "
     sample = generate_text(run, prompt, max_new_tokens=120, temperature=0.8, top_k=50, seed=0)[0]
 
-    say("== 5/5 embed: nearest neighbours among a few snippets (mean-pooled, centred hidden states, cosine)")
+    say("== 5/6 fine-tune: which of 4 modules does a line of code come from? (400 labelled lines; "
+        "the pre-trained GPT vs the same architecture from scratch)")
+    task = _module_task(files, out / "task")
+    ft = {}
+    for init in ("pretrained", "scratch"):
+        fcfg = FinetuneConfig(text_column="text", label_column="module", epochs=finetune_epochs, batch_size=32, patience=3,
+                              lr=1e-3 if init == "pretrained" else 2e-3, from_scratch=init == "scratch")
+        res = finetune(run, task["train"], task["valid"], out / f"finetune_{init}", fcfg, quiet=True)
+        ft[init] = res["best"]["val_accuracy"]
+        say(f"   {init:10s}: validation accuracy {100 * ft[init]:.1f}% (best of {res['steps']} steps)")
+
+    say("== 6/6 embed: nearest neighbours among a few snippets (mean-pooled, centred hidden states, cosine)")
     neighbours = _neighbours(run)
 
     result = {
@@ -79,6 +92,7 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
         "train_s": summary["elapsed_s"], "tokens_seen": summary["tokens_seen"],
         "val_loss": ev["loss"], "val_perplexity": ev["perplexity"], "val_bits_per_byte": ev["bits_per_byte"],
         "sample_prompt": prompt, "sample": sample, "neighbours": neighbours, "run_dir": str(run),
+        "finetune_modules": task["modules"], "finetune_accuracy": ft,
         "total_s": round(time.time() - t0, 1),
     }
     say("\n== summary")
@@ -89,6 +103,8 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
     say(f"held-out    loss {ev['loss']:.3f} nats/token, perplexity {ev['perplexity']:.1f}, "
         f"{ev['bits_per_byte']:.3f} bits/byte (uniform guess: {_uniform_bpb(meta):.2f} bits/byte)")
     say(f"sample      {prompt!r} →\n{sample}")
+    say(f"fine-tune   module of a line ({', '.join(task['modules'])}; chance 25%): pre-trained "
+        f"{100 * ft['pretrained']:.1f}% vs from scratch {100 * ft['scratch']:.1f}%")
     say("neighbours  " + "\n            ".join(f"{a!r} ~ {b!r} ({s:.2f})" for a, b, s in neighbours))
     say(f"\nrun directory: {run} (config.yaml, metrics.jsonl, loss_curve.png, checkpoints/); "
         f"total {result['total_s']:.0f}s")
@@ -100,6 +116,36 @@ def _uniform_bpb(meta: dict[str, Any]) -> float:
 
     val = meta["splits"]["val"]
     return math.log2(meta["tokenizer"]["vocab_size"]) * val["tokens"] / max(val["bytes"], 1)
+
+
+def _module_task(files: list[str], out: Path, n_modules: int = 4, n_train: int = 100, n_valid: int = 50) -> dict[str, Any]:
+    """A labelled task from the corpus itself: lines of code (≥ 30 characters, no comments) labelled with the
+    module they come from, for the 4 largest modules. Pre-training saw the text, never these labels."""
+    import json
+    import random
+
+    lines_of: dict[str, list[str]] = {}
+    for f in files:
+        lines = sorted({ln.strip() for ln in Path(f).read_text(encoding="utf-8", errors="replace").splitlines()
+                        if len(ln.strip()) >= 30 and not ln.strip().startswith(("#", '"', "'"))})
+        if len(lines) >= n_train + n_valid:
+            lines_of[Path(f).stem] = lines
+    modules = sorted(sorted(lines_of, key=lambda m: -len(lines_of[m]))[:n_modules])
+    if len(modules) < 2:
+        raise PretrainError("the demo corpus has too few large modules for the fine-tuning task")
+    rng = random.Random(0)
+    rows: dict[str, list[dict[str, str]]] = {"train": [], "valid": []}
+    for m in modules:
+        picked = rng.sample(lines_of[m], n_train + n_valid)
+        rows["train"] += [{"text": t, "module": m} for t in picked[:n_train]]
+        rows["valid"] += [{"text": t, "module": m} for t in picked[n_train:]]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, rs in rows.items():
+        rng.shuffle(rs)
+        paths[split] = out / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rs), encoding="utf-8")
+    return {**paths, "modules": modules}
 
 
 SNIPPETS = ["import os", "import sys", "def __init__(self):", "def __repr__(self):", "raise ValueError(msg)",

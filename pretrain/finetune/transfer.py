@@ -104,14 +104,15 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
                 run_cfg = dataclasses.replace(cfg, seed=seed, epochs=epochs, from_scratch=init == "scratch",
                                               lr=scratch_lr if init == "scratch" else cfg.lr)
                 work = out / "runs" / f"{init}_n{n}_s{seed}"
-                res = finetune(run, train, valid, work, run_cfg, train_subset=subset, quiet=True)
+                res = _finished(work, run_cfg, n) or finetune(run, train, valid, work, run_cfg, train_subset=subset,
+                                                              quiet=True)
                 best = res["best"]
                 results.append({"init": init, "n": n, "seed": seed, "epochs": epochs, "lr": run_cfg.lr,
                                 "metric": best["val_metric"], "best_epoch": best["epoch"], "steps": res["steps"],
                                 "elapsed_s": res["elapsed_s"],
                                 **{k: v for k, v in best.items() if k.startswith("val_") and k != "val_metric"}})
-                for f in ("model.safetensors",):  # keep metrics and configs, not every model
-                    (work / f).unlink(missing_ok=True)
+                (work / "model.safetensors").unlink(missing_ok=True)  # keep metrics and configs, not every model
+                _write_done(work, res)
                 log(f"transfer: {init:10s} n={n:<7,} seed {seed}: val metric {best['val_metric']:.4f} "
                     f"({res['steps']} steps, {res['elapsed_s']:.0f}s)")
     summary = summarise(results, sizes)
@@ -125,6 +126,26 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
     plot(report, out / "report.png")
     log(markdown(report))
     return {"out": str(out), "summary": summary, "majority_baseline": baseline, "elapsed_s": report["elapsed_s"]}
+
+
+def _finished(work: Path, cfg: FinetuneConfig, n: int) -> dict[str, Any] | None:
+    """The result of an earlier, completed fine-tuning run with the same settings (so an interrupted
+    transfer resumes where it stopped), or None."""
+    try:
+        done = json.loads((work / "done.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if done.get("config") != dataclasses.asdict(cfg) or done.get("train_examples") != n:
+        return None
+    return done["result"]
+
+
+def _write_done(work: Path, res: dict[str, Any]) -> None:
+    from pretrain.data.prepare import write_json_atomic
+
+    info = json.loads((work / "finetune.json").read_text(encoding="utf-8"))
+    write_json_atomic(work / "done.json", {"config": info["config"], "train_examples": info["train_examples"],
+                                           "result": {k: v for k, v in res.items() if k != "history"}})
 
 
 def _metric_name(task: str) -> str:
