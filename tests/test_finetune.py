@@ -277,3 +277,28 @@ def test_bad_input(tmp_path, pretrained, capsys):
     assert main(["finetune", run, "--train", str(long), "--valid", va, "--out", str(tmp_path / "o"), "--epochs", "1",
                  "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["truncated"] == {"train": 1, "valid": 0}
+
+
+def test_every_table_format_reads_the_same_examples(tmp_path):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pretrain.finetune.data import read_examples
+
+    rows = [{"a": f"text {i}, with a comma", "b": f"pair {i}", "y": ["neg", "pos"][i % 2]} for i in range(7)]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    for name, delim in (("t.csv", ","), ("t.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["a", "b", "y"], delimiter=delim)
+            w.writeheader()
+            w.writerows(rows)
+    want = ([r["a"] for r in rows], [r["b"] for r in rows], [r["y"] for r in rows])
+    for name in ("t.jsonl", "t.json", "t.parquet", "t.csv", "t.tsv"):
+        ex = read_examples(tmp_path / name, "a", "y", pair_column="b")
+        assert (ex.texts, ex.pairs, ex.labels) == want, name
+    nums = read_examples(tmp_path / "n.csv", "a", "y") if (tmp_path / "n.csv").write_text("a,y\nx,1\nz,0.5\n") else None
+    assert nums.labels == [1, 0.5]
