@@ -13,8 +13,9 @@ Two pairs are measured, each in fp32 on the CPU, in this one process:
 The two models of a pair have the same hidden size, layers, heads, MLP width (our ``ModelConfig.ff_dim`` is
 their ``intermediate_size``), vocabulary, sequence length, batch size and embedding tying (the Hugging Face
 config comes from ``pretrain.export.hf_config_dict``); Hugging Face attention is ``sdpa``. The parameter
-counts are printed and checked to be equal. Each model trains with the same ``torch.optim.AdamW``
-(foreach, weight decay on matrices only) in a plain loop: forward, loss, backward, optimizer step,
+counts are printed and checked to be equal. Each model trains with the same ``torch.optim.AdamW`` update
+(weight decay on matrices only; ours with ``fused=True``, the implementation our trainer uses, Hugging
+Face's with ``foreach=True``, the plain default) in a plain loop: forward, loss, backward, optimizer step,
 zero_grad, on random token batches (``torch.randint``; no data files), made before timing and shared by both.
 
 Timing: a few untimed warmup steps per model (allocator, optimizer state), then ``--rounds`` rounds of
@@ -79,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hf-dense-head", action="store_true",
                    help="Hugging Face ModernBERT runs its MLM head on every position (its default, "
                         "sparse_prediction=False) instead of on the masked ones only like ours")
+    p.add_argument("--compile", action="store_true",
+                   help="ours runs under torch.compile (train.compile: true); compile time, spent in the "
+                        "untimed warmup, is reported as ours_warmup_s")
     p.add_argument("--only", choices=("gpt", "bert"), default=None, help="measure one pair only")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for weights and batches")
     args = p.parse_args(argv)
@@ -96,13 +100,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def adamw(model: nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
-    """The same optimizer for every model: weight decay on matrices (dim >= 2), none on gains and biases."""
+def adamw(model: nn.Module, args: argparse.Namespace, fused: bool = False) -> torch.optim.AdamW:
+    """The same optimizer for every model: weight decay on matrices (dim >= 2), none on gains and biases.
+    ``fused``: the single-kernel implementation our trainer uses (pretrain.optim); the same update."""
     params = list(model.parameters())  # shared (tied) parameters appear once
     groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                             foreach=True)
+    impl = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), eps=1e-8, **impl)
 
 
 def n_params(model: nn.Module) -> int:
@@ -156,6 +161,9 @@ def build_gpt(args: argparse.Namespace):
         inputs, targets = batch
         return next_token_loss(ours(inputs), targets)
 
+    if args.compile:  # model and loss in one graph (the cross-entropy fuses with the head)
+        ours_loss = torch.compile(ours_loss)
+
     def hf_loss(batch):
         inputs, targets = batch
         return next_token_loss(hf(input_ids=inputs).logits, targets)
@@ -184,9 +192,15 @@ def build_bert(args: argparse.Namespace):
     hf = transformers.ModernBertForMaskedLM(conf).train()
     check_pair("bert", ours, hf, cfg.tie_embeddings)
 
+    fwd = ours
+    if args.compile:
+        from pretrain.distributed import apply_compile
+
+        fwd = apply_compile(ours)
+
     def ours_loss(batch):
         inputs, labels = batch
-        return loss_and_accuracy(ours, inputs, labels)[0]
+        return loss_and_accuracy(fwd, inputs, labels)[0]
 
     def hf_loss(batch):
         inputs, labels = batch
@@ -219,16 +233,16 @@ def train_steps(loss_fn: Callable, opt: torch.optim.Optimizer, batches: list, n:
 
 def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
     cfg, ours, hf, ours_loss, hf_loss, batches = build(args)
-    sides = {"ours": (ours_loss, adamw(ours, args)), "hf": (hf_loss, adamw(hf, args))}
+    sides = {"ours": (ours_loss, adamw(ours, args, fused=True)), "hf": (hf_loss, adamw(hf, args))}
     log(f"[{name}] parameters: ours {n_params(ours):,}, Hugging Face {n_params(hf):,} "
         f"({type(hf).__name__}, attn {hf.config._attn_implementation})")
     tokens = args.batch_size * args.seq_len * args.steps
     rates: dict[str, list[float]] = {"ours": [], "hf": []}
     util: dict[str, list[float]] = {"ours": [], "hf": []}  # CPU seconds per wall second (~threads if alone)
     losses: dict[str, float] = {}
-    for fn, opt in sides.values():
-        if args.warmup:
-            train_steps(fn, opt, batches, args.warmup, 0)
+    warmup_s = {}
+    for side, (fn, opt) in sides.items():
+        warmup_s[side] = train_steps(fn, opt, batches, max(args.warmup, 1 if args.compile else 0), 0)[0]
     step = {"ours": args.warmup, "hf": args.warmup}
     for r in range(args.rounds):
         order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")  # ABBA: cancels linear drift too
@@ -256,7 +270,8 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
             "hf_tok_s_per_round": [round(x, 1) for x in rates["hf"]],
             "ours_cpu_per_wall_per_round": [round(x, 2) for x in util["ours"]],
             "hf_cpu_per_wall_per_round": [round(x, 2) for x in util["hf"]],
-            "contended_rounds": contended,
+            "contended_rounds": contended, "ours_warmup_s": round(warmup_s["ours"], 1),
+            "hf_warmup_s": round(warmup_s["hf"], 1),
             "ours_params": n_params(ours), "hf_params": n_params(hf), "hf_class": type(hf).__name__,
             "d_ff": cfg.ff_dim, "ours_last_loss": round(losses["ours"], 4),
             "hf_last_loss": round(losses["hf"], 4)}
@@ -307,7 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "threads": torch.get_num_threads(), "tie_embeddings": not args.untied,
                         "mask_prob": args.mask_prob,
                         "hf_mlm_head": "dense" if args.hf_dense_head else "sparse",
-                        "optimizer": {"name": "AdamW", "foreach": True, "lr": args.lr, "betas": [0.9, 0.95],
+                        "ours_compile": args.compile,
+                        "optimizer": {"name": "AdamW", "ours": "fused", "hf": "foreach", "lr": args.lr,
+                                      "betas": [0.9, 0.95],
                                       "eps": 1e-8, "weight_decay": args.weight_decay},
                         "dtype": "fp32", "device": "cpu", "seed": args.seed,
                         "wall_s": round(time.perf_counter() - t0, 1)}

@@ -113,7 +113,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             named.append((name, p))
-    extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    extra = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}  # one kernel per step
     adam_params = named
     parts: list[torch.optim.Optimizer] = []
     if cfg.optimizer == "muon":

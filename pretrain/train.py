@@ -14,6 +14,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from pretrain.distributed import (
     DistEnv,
     all_reduce_mean_,
     any_rank,
+    apply_activation_checkpointing,
     apply_compile,
     apply_ddp,
     apply_fsdp,
@@ -61,6 +63,7 @@ from pretrain.optim import build_optimizer, set_lr
 RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.target_val_loss", "train.stop_at_step", "train.eval_interval",
                   "train.eval_batches", "train.log_interval", "train.ckpt_interval", "train.keep_checkpoints",
                   "train.plot", "train.threads", "train.device", "train.compile", "data.path",
+                  "train.activation_checkpointing", "train.prefetch",
                   # how the global batch is split over processes, and how they talk (checked: the global batch)
                   "train.grad_accum", "train.global_batch_size", "train.parallelism", "train.dist_timeout_s",
                   "train.consolidate"}
@@ -99,6 +102,11 @@ def autocast_context(device: torch.device, dtype: str):
     if autocast_dtype(device, dtype) == torch.bfloat16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def use_compile(setting: bool | str, device: torch.device) -> bool:
+    """train.compile: true / false, or 'auto': on CUDA, where compilation pays for itself quickly."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -184,6 +192,64 @@ def resolve_batch(tc, world_size: int) -> tuple[int, int]:
     return accum, tc.global_batch_size
 
 
+def largest_fitting(fits: Callable[[int], bool], limit: int, start: int = 1) -> int:
+    """The largest size b in [1, limit] with ``fits(b)`` (fitting assumed monotone: if b fits, so does every
+    smaller size), found by doubling from ``start`` until a size fails (or ``limit`` is reached), then
+    bisecting between the last size that fit and the first that did not; 0 if not even 1 fits."""
+    lo, hi = 0, limit + 1  # lo fits (0 trivially), hi does not (limit + 1 is never tried)
+    b = max(1, min(start, limit))
+    while True:
+        if fits(b):
+            lo = b
+            if b >= limit:
+                break
+            b = min(2 * b, limit)
+        else:
+            hi = b
+            break
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def auto_micro_batch(per_rank: int, fits: Callable[[int], bool]) -> tuple[int, int]:
+    """(micro-batch, grad_accum) for ``per_rank`` sequences per optimizer step on each process: the largest
+    divisor of ``per_rank`` that fits, so micro-batch x grad_accum is exactly the configured batch."""
+    best = largest_fitting(fits, per_rank)
+    if best < 1:
+        raise PretrainError("train.auto_batch: not even a micro-batch of 1 sequence fits in memory")
+    micro = max(d for d in range(1, best + 1) if per_rank % d == 0)
+    return micro, per_rank // micro
+
+
+def cuda_fits(model: nn.Module, objective, seq_len: int, vocab: int, device: torch.device,
+              dtype: str) -> Callable[[int], bool]:
+    """fits(b): does one forward+backward of b random sequences run without CUDA running out of memory?
+    Leaves no gradients behind and does not touch the global RNG streams."""
+
+    def fits(b: int) -> bool:
+        gen = torch.Generator().manual_seed(b)
+        batch = torch.randint(0, vocab, (b, seq_len + 1), generator=gen).to(device)
+        try:
+            with torch.random.fork_rng(devices=[device]):
+                with autocast_context(device, dtype):
+                    loss = objective.loss(model, batch, seed=0)
+                loss.backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            loss = None
+            torch.cuda.empty_cache()
+
+    return fits
+
+
 def check_config_compatible(saved: Config, new: Config) -> None:
     a, b = _flatten(saved.to_dict()), _flatten(new.to_dict())
     diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k) and k not in RESUMABLE_KEYS]
@@ -215,6 +281,63 @@ def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int,
     if objective.reports_bpb and split.bytes:
         out["bpb"] = mean / math.log(2) * split.tokens / split.bytes
     return out
+
+
+class Prefetcher:
+    """Draws the loader's next batches in a background thread into a queue of ``depth`` (pinned in page-locked
+    memory when going to CUDA, so the copy in :meth:`next` overlaps compute). ``state_dict`` is the loader's
+    state after the last batch *consumed* (taken by :meth:`next`), not after the last one prefetched, so a
+    checkpoint resumes exactly at the next unconsumed batch. ``depth`` 0: no thread, batches drawn in the loop."""
+
+    def __init__(self, loader, device: torch.device, depth: int = 2):
+        import queue
+        import threading
+
+        self.loader, self.device, self.depth = loader, device, depth
+        self.pin = device.type == "cuda"
+        self.consumed = loader.state_dict()
+        self.stop = threading.Event()
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.thread = None
+        if depth > 0:
+            self.thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
+            self.thread.start()
+
+    def _draw(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        batch = self.loader.next_batch()
+        return (batch.pin_memory() if self.pin else batch), self.loader.state_dict()
+
+    def _fill(self) -> None:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                item: Any = self._draw()
+            except BaseException as e:  # handed to the training thread, raised there
+                item = e
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def next(self) -> torch.Tensor:
+        item = self.queue.get() if self.thread is not None else self._draw()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self.consumed = item
+        return batch.to(self.device, non_blocking=self.pin)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.consumed)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
 
 
 class Progress:
@@ -355,6 +478,14 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
                           "matrices; FSDP shards them): use parallelism ddp, or optimizer adamw")
 
     ckpt = broadcast_object(latest_checkpoint(run) if env.is_main else None)  # all ranks continue the same one
+    if ckpt is not None and tc.auto_batch and (run / "config.yaml").is_file():  # keep the batch found at the start
+        saved = from_dict(Config, load_yaml(run / "config.yaml")).train
+        d = cfg.to_dict()
+        d["train"].update(batch_size=saved.batch_size, grad_accum=saved.grad_accum,
+                          global_batch_size=saved.global_batch_size or global_batch)
+        cfg = from_dict(Config, d)
+        tc = cfg.train
+        accum, global_batch = resolve_batch(tc, env.world_size)
     if ckpt is not None and (run / "config.yaml").is_file():
         check_config_compatible(from_dict(Config, load_yaml(run / "config.yaml")), cfg)
     if tc.threads:
@@ -369,8 +500,28 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
 
     model = build_model(cfg.model)
     tokenizer = Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"])
-    objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed)
+    if cfg.data.doc_mask and cfg.model.arch not in ("gpt", "bert"):
+        raise ConfigError(f"data.doc_mask is supported for model.arch gpt and bert, not {cfg.model.arch!r}")
+    objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed, cfg.data.doc_mask)
     documents = padded_documents(cfg, tokenizer)
+    if tc.auto_batch and ckpt is None and env.device.type == "cuda":  # (on CPU: the configured batch_size)
+        per_rank = global_batch // env.world_size
+        model.to(env.device)
+        micro, _ = auto_micro_batch(per_rank, cuda_fits(model, objective, cfg.data.seq_len, cfg.model.vocab_size,
+                                                        env.device, tc.dtype))
+        if env.active:  # every rank takes the smallest size found
+            t = torch.tensor([micro], device=env.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            micro = int(t.item())
+            micro = max(d for d in range(1, micro + 1) if per_rank % d == 0)
+        d = cfg.to_dict()
+        d["train"].update(batch_size=micro, grad_accum=1, global_batch_size=global_batch)
+        cfg = from_dict(Config, d)
+        tc = cfg.train
+        accum, global_batch = resolve_batch(tc, env.world_size)
+        if env.is_main and not quiet:
+            print(f"train.auto_batch: micro-batch {micro} x grad_accum {accum} x {env.world_size} process(es) "
+                  f"= {global_batch} sequences per step", file=sys.stderr)
     shard = {"seed": tc.seed, "rank": env.rank, "world_size": env.world_size}  # each rank its slice of a batch
     if documents is None:
         loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, **shard)
@@ -405,8 +556,11 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
     model.to(device)
     n_params, flops_tok = model.num_params(), model.flops_per_token(cfg.data.seq_len)
     progress = Progress(tc.max_steps, step, quiet)
+    if tc.activation_checkpointing:  # from outside the model, before compile and sharding
+        apply_activation_checkpointing(model)
+    compile_model = use_compile(tc.compile, device)
     if env.active:  # from outside the model: compile (per block), then shard or replicate
-        if tc.compile and tc.parallelism == "fsdp":
+        if compile_model and tc.parallelism == "fsdp":
             model = apply_compile(model, progress, per_block=True)
         bf16 = autocast_dtype(device, tc.dtype) == torch.bfloat16
         model = apply_fsdp(model, torch.bfloat16 if bf16 else torch.float32) if tc.parallelism == "fsdp" \
@@ -434,7 +588,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
     progress.write(f"{'resuming ' + str(run) + ' at step ' + str(step) if step else 'training ' + str(run)}: "
                    f"{n_params / 1e6:.2f}M parameters on {where}, "
                    f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")
-    if tc.compile and not (env.active and tc.parallelism == "fsdp"):
+    if compile_model and not (env.active and tc.parallelism == "fsdp"):
         fwd = apply_compile(model, progress)
     else:
         fwd = model
@@ -444,7 +598,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
 
     def checkpoint(val_loss: float | None) -> None:
         all_reduce_mean_(loss_acc)  # the job's running loss (the same on every rank from here on)
-        saved = {"loader": loader.state_dict(), "rng": rng_state(), "loss_sum": loss_acc.item(), "loss_n": loss_n}
+        saved = {"loader": batches.state_dict(), "rng": rng_state(), "loss_sum": loss_acc.item(), "loss_n": loss_n}
         info = {"tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss,
                 "best_val_loss": None if math.isinf(best_val) else best_val,
                 "tokenizer_sha256": meta["tokenizer"]["sha256"], "config": cfg.to_dict(), "n_params": n_params,
@@ -456,12 +610,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
             save_checkpoint(run, step, model, {"optimizer": optimizer.state_dict(), **saved}, info,
                             keep=tc.keep_checkpoints)
 
-    def next_batch() -> torch.Tensor:
-        batch = loader.next_batch()
-        if device.type == "cuda":
-            return batch.pin_memory().to(device, non_blocking=True)
-        return batch.to(device)
-
+    batches = Prefetcher(loader, device, tc.prefetch)  # started after the loader state is restored
     model.train()
     stop_reason = "max_steps"
     last_val: float | None = None
@@ -473,7 +622,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
     while not done:
         lr = set_lr(optimizer, step, tc)
         for micro in range(accum):
-            batch = next_batch()
+            batch = batches.next()
             # global micro-batch index: MLM masks depend on which samples, not on how many processes
             seed = (tc.seed * 1_000_003 + step) * 1024 + micro * env.world_size + env.rank
             with grad_sync(model, micro == accum - 1):  # all-reduce only after the last micro-batch
@@ -499,6 +648,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
             now = time.time()
             elapsed = elapsed_start + now - t_start
             if not math.isfinite(train_loss):  # (the same on every rank)
+                batches.close()
                 progress.close()
                 raise PretrainError(f"training diverged at step {step} (loss {train_loss}); lower train.lr")
             tok_s = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
@@ -535,6 +685,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
 
     if saved_at != step:
         checkpoint(last_val)
+    batches.close()
     progress.close()
     if metrics is not None:
         metrics.close()

@@ -77,3 +77,25 @@ def test_time_and_target_stops(tmp_path, data_dir, capsys):
     assert main(["train", "--out", str(tmp_path / "b"), *base, "--train.target_val_loss", "100"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["stop_reason"] == "target_val_loss" and s["step"] == 10  # the first evaluation meets it
+
+
+def test_doc_mask_activation_checkpointing_and_prefetch(tmp_path):
+    """data.doc_mask trains (and changes the losses); activation checkpointing and batch prefetching do not
+    change them at all."""
+    write_corpus(tmp_path / "corpus", n_docs=40, sents_per_doc=1)  # short documents: several per sequence
+    data_dir = tmp_path / "data"
+    assert main(["prepare", str(tmp_path / "corpus"), "--out", str(data_dir), "--tokenizer", "char",
+                 "--val-fraction", "0.2"]) == 0
+
+    def run(name: str, *extra: str) -> list[float]:
+        out = tmp_path / name
+        assert main(["train", "--out", str(out), "--quiet", *overrides(TINY_TRAIN), "--data.path", str(data_dir),
+                     "--train.max_steps", "6", "--train.eval_interval", "0", *extra]) == 0
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["train_loss"] for r in rows if "train_loss" in r]
+
+    plain = run("plain")
+    masked = run("masked", "--data.doc_mask", "true")
+    assert len(masked) == 6 and masked != plain
+    assert run("ckpt", "--data.doc_mask", "true", "--train.activation_checkpointing", "true",
+               "--train.prefetch", "0") == pytest.approx(masked, rel=1e-5)

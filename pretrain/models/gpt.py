@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
-from pretrain.models.layers import RMSNorm, apply_rope, cached_attention_mask, rope_cache
+from pretrain.models.layers import RMSNorm, apply_rope, cached_attention_mask, document_mask, rope_cache
 
 
 class KVCache:
@@ -46,7 +46,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, D)
@@ -60,7 +60,9 @@ class Attention(nn.Module):
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask, causal = cached_attention_mask(past, T, x.device)
+        causal = False
+        if mask is None:  # (a document mask, when given, is already causal)
+            mask, causal = cached_attention_mask(past, T, x.device)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
@@ -88,8 +90,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer))
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask))
         x = x + self.drop(self.mlp(self.post_attention_layernorm(x)))
         return x
 
@@ -128,17 +130,24 @@ class GPT(nn.Module):
             n -= self.embed_tokens.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False):
-        """idx: (B, T) token ids → logits (B, T, vocab), or final hidden states (B, T, d_model)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,
+                doc_ids: torch.Tensor | None = None):
+        """idx: (B, T) token ids → logits (B, T, vocab), or final hidden states (B, T, d_model).
+        doc_ids (B, T): attend only within the same document (packed sequences; see layers.document_ids)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's max_seq_len {self.cfg.max_seq_len}")
         cos = self.rope_cos[start:start + T].to(idx.device)
         sin = self.rope_sin[start:start + T].to(idx.device)
+        mask = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (document masking) is for training, not for KV-cached decoding")
+            mask = document_mask(doc_ids, causal=True)  # (B, 1, T, T)
         x = self.drop(self.embed_tokens(idx))  # (B, T, C)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)

@@ -43,6 +43,22 @@ def cached_attention_mask(past: int, new: int, device) -> tuple[torch.Tensor | N
     return torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past), False
 
 
+def document_ids(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, T) token ids → (B, T) document index within each row: an end-of-text token closes its document,
+    so it belongs to the document it ends and the next token starts a new one."""
+    eot = (ids == eot_id).long()
+    return eot.cumsum(dim=1) - eot
+
+
+def document_mask(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, T) document ids → (B, 1, T, T) boolean SDPA mask: query i attends to key j only within the same
+    document (block-diagonal), and only j <= i when ``causal``."""
+    mask = doc_ids[:, :, None] == doc_ids[:, None, :]
+    if causal:
+        mask = mask.tril()
+    return mask[:, None]
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()

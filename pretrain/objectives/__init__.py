@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from pretrain.models.layers import document_ids
 from pretrain.objectives import clm, mlm
 
 
@@ -16,20 +17,27 @@ class CausalLM:
     name = "clm"
     reports_bpb = True
 
+    def __init__(self, eot_id: int | None = None):
+        self.eot_id = eot_id  # set: document masking (attention within each packed document)
+
     def loss(self, model: nn.Module, batch: torch.Tensor, seed: int) -> torch.Tensor:
-        return clm.loss(model, batch)
+        return clm.loss(model, batch, self.eot_id)
 
     def eval_batch(self, model: nn.Module, batch: torch.Tensor, index: int):
         n = batch[:, 1:].numel()
-        return clm.loss(model, batch).item() * n, n, None
+        return clm.loss(model, batch, self.eot_id).item() * n, n, None
 
 
 class MaskedLM:
     name = "mlm"
     reports_bpb = False
 
-    def __init__(self, spec: mlm.MaskingSpec, seed: int):
+    def __init__(self, spec: mlm.MaskingSpec, seed: int, eot_id: int | None = None):
         self.spec, self.seed = spec, seed
+        self.eot_id = eot_id  # set: document masking (attention within each packed document)
+
+    def _docs(self, inputs_ids: torch.Tensor) -> torch.Tensor | None:
+        return None if self.eot_id is None else document_ids(inputs_ids, self.eot_id)
 
     def _mask(self, batch: torch.Tensor, seed: int):
         gen = torch.Generator().manual_seed(seed)
@@ -38,22 +46,24 @@ class MaskedLM:
         if self.spec.pad_id is not None and bool((ids == self.spec.pad_id).any()):
             attn = ids != self.spec.pad_id  # padded documents (data.packing false)
         inputs, labels = mlm.mask_tokens(ids, self.spec, gen, attn)
-        return inputs, labels, attn
+        return inputs, labels, attn, self._docs(ids)  # documents from the uncorrupted ids
 
     def loss(self, model: nn.Module, batch: torch.Tensor, seed: int) -> torch.Tensor:
-        inputs, labels, attn = self._mask(batch, seed)
-        return mlm.loss_and_accuracy(model, inputs, labels, attn)[0]
+        inputs, labels, attn, docs = self._mask(batch, seed)
+        return mlm.loss_and_accuracy(model, inputs, labels, attn, docs)[0]
 
     def eval_batch(self, model: nn.Module, batch: torch.Tensor, index: int):
-        inputs, labels, attn = self._mask(batch, 0x5EED + index)  # the same masks at every evaluation
-        loss, correct, n = mlm.loss_and_accuracy(model, inputs, labels, attn)
+        inputs, labels, attn, docs = self._mask(batch, 0x5EED + index)  # the same masks at every evaluation
+        loss, correct, n = mlm.loss_and_accuracy(model, inputs, labels, attn, docs)
         return loss.item() * n, n, int(correct)
 
 
-def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0):
-    """The objective ``name`` ('clm' or 'mlm') for data tokenized with ``tokenizer``."""
+def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0, doc_mask: bool = False):
+    """The objective ``name`` ('clm' or 'mlm') for data tokenized with ``tokenizer``; ``doc_mask``: attention
+    within each document of a packed sequence (documents end with the tokenizer's end-of-text token)."""
+    eot = tokenizer.eot_id if doc_mask else None
     if name == "clm":
-        return CausalLM()  # (padded documents are refused for clm by the trainer)
+        return CausalLM(eot)  # (padded documents are refused for clm by the trainer)
     if name == "mlm":
         from pretrain import PretrainError
 
@@ -66,5 +76,5 @@ def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0):
                                mask_token_frac=mlm_cfg.mask_token_frac,
                                random_token_frac=mlm_cfg.random_token_frac, continuation=cont,
                                pad_id=tokenizer.pad_id)
-        return MaskedLM(spec, seed)
+        return MaskedLM(spec, seed, eot)
     raise ValueError(f"unknown objective {name!r}")

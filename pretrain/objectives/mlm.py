@@ -68,15 +68,22 @@ def mask_tokens(ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator
 
 
 def loss_and_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean cross-entropy over selected positions, number correct, number selected (head only on those)."""
-    hidden = model(inputs, attention_mask=attention_mask, return_hidden=True)  # (B, T, C)
+                      attention_mask: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean cross-entropy over selected positions, number correct, number selected (head only on those).
+    ``doc_ids`` (B, T): attention stays within each document (document masking)."""
+    extra = {} if doc_ids is None else {"doc_ids": doc_ids}
     sel = labels != IGNORE
     n = int(sel.sum())
     if n == 0:
+        hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, **extra)  # (B, T, C)
         zero = hidden.sum() * 0.0
         return zero, torch.zeros((), device=inputs.device), 0
-    logits = _unwrap(model).logits(hidden[sel]).float()  # (N, V)
+    if getattr(_unwrap(model), "sparse_output", False):  # the last block runs on the selected positions only
+        hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, select=sel, **extra)  # (N, C)
+    else:
+        hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, **extra)[sel]
+    logits = _unwrap(model).logits(hidden).float()  # (N, V)
     target = labels[sel]
     loss = F.cross_entropy(logits, target)
     correct = (logits.argmax(-1) == target).sum()
