@@ -166,7 +166,7 @@ class TrainConfig:
     """On CUDA, at the start of a fresh run: find the largest micro-batch (train.batch_size) that fits in
     memory, trying forward+backward at doubling sizes, no larger than the global batch, and derive
     grad_accum to keep the global batch (train.global_batch_size, or batch_size x grad_accum x world
-    size as configured). On CPU the configured batch_size is kept."""
+    size as configured). On CPU, and under FSDP, the configured batch_size is kept."""
     parallelism: str = "ddp"
     """Under torchrun (several processes): 'ddp' (a full model replica per process, gradients all-reduced) or
     'fsdp' (FSDP2: parameters, gradients and optimizer state sharded over the processes, per block)."""

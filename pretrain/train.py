@@ -504,7 +504,8 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
         raise ConfigError(f"data.doc_mask is supported for model.arch gpt and bert, not {cfg.model.arch!r}")
     objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed, cfg.data.doc_mask)
     documents = padded_documents(cfg, tokenizer)
-    if tc.auto_batch and ckpt is None and env.device.type == "cuda":  # (on CPU: the configured batch_size)
+    # (on CPU: the configured batch_size; under FSDP the probe would need the whole unsharded model: likewise)
+    if tc.auto_batch and ckpt is None and env.device.type == "cuda" and not (env.active and tc.parallelism == "fsdp"):
         per_rank = global_batch // env.world_size
         model.to(env.device)
         micro, _ = auto_micro_batch(per_rank, cuda_fits(model, objective, cfg.data.seq_len, cfg.model.vocab_size,
