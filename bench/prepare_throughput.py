@@ -13,7 +13,8 @@ saved as tokenizer.json; both sides load that file.
   to every document), then the ids written to one uint16 ``.bin`` (``np.concatenate`` per chunk of
   rows), run as a subprocess with a fresh cache directory.
 
-MB/s is MB of document text (UTF-8, 10^6 bytes) per second of the subprocess's wall time. Peak RSS is
+MB/s is MB of document text (UTF-8, 10^6 bytes) per second of the subprocess's wall time (with
+``--rounds N``, ours and the baseline alternate N times and the median time of each is used). Peak RSS is
 polled from /proc every 0.1 s over the whole process tree (the main process plus its worker processes,
 summed: an upper bound, since forked workers share pages) — ``*_peak_rss_mb``; the largest single
 process (``ru_maxrss``) is reported too.
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-mb", type=float, default=1.0, help="our --batch-mb (default 1)")
     ap.add_argument("--num-proc", type=int, default=2, help="the baseline's map num_proc (default 2)")
     ap.add_argument("--skip-baseline", action="store_true", help="measure ours only")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternating rounds of ours and the baseline; figures are medians (default 1)")
     ap.add_argument("--work", default=None, help="where to build the corpus (default: a temporary directory)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--_baseline", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
@@ -205,31 +208,44 @@ def main(argv: list[str] | None = None) -> dict:
                "--tokenizer", str(tok), "--batch-mb", str(args.batch_mb), "--json"]
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
-        ours = run_measured(cmd)
-        res = json.loads(ours["stdout"])
-        meta = json.loads((work / "ours" / "meta.json").read_text())
-        result = {"size_mb": round(mb, 1), "documents": n_docs,
-                  "ours_mb_s": round(mb / ours["wall_s"], 2), "ours_s": round(ours["wall_s"], 1),
-                  "ours_peak_rss_mb": round(ours["peak_tree_rss_mb"], 1),
-                  "ours_max_process_rss_mb": ours["max_process_rss_mb"] and round(ours["max_process_rss_mb"], 1),
-                  "ours_workers": meta["settings"]["workers"],
-                  "ours_tokens": res["train_tokens"] + res["val_tokens"]}
-        say(f"ours: {result['ours_s']} s, {result['ours_mb_s']} MB/s, peak RSS {result['ours_peak_rss_mb']} MB "
-            f"({result['ours_workers']} workers)")
-        shutil.rmtree(work / "ours")
+        base_cmd = [sys.executable, str(Path(__file__).resolve()), "--_baseline", os.pathsep.join(map(str, files)),
+                    str(tok), str(work / "baseline.bin"), str(work / "hf_cache"), str(args.num_proc)]
+        rounds: list[dict] = []
+        for r in range(args.rounds):  # alternate ours and the baseline: a shared machine's load hits both
+            ours = run_measured(cmd)
+            res = json.loads(ours["stdout"])
+            meta = json.loads((work / "ours" / "meta.json").read_text())
+            shutil.rmtree(work / "ours")
+            row = {"ours_s": round(ours["wall_s"], 1), "ours_peak_rss_mb": round(ours["peak_tree_rss_mb"], 1),
+                   "ours_max_process_rss_mb": ours["max_process_rss_mb"] and round(ours["max_process_rss_mb"], 1),
+                   "ours_workers": meta["settings"]["workers"], "ours_tokens": res["train_tokens"] + res["val_tokens"]}
+            say(f"round {r + 1} ours: {row['ours_s']} s, {mb / ours['wall_s']:.2f} MB/s, peak RSS "
+                f"{row['ours_peak_rss_mb']} MB ({row['ours_workers']} workers)")
+            if not args.skip_baseline:
+                base = run_measured(base_cmd)
+                shutil.rmtree(work / "hf_cache", ignore_errors=True)
+                (work / "baseline.bin").unlink()
+                row.update(baseline_s=round(base["wall_s"], 1), baseline_peak_rss_mb=round(base["peak_tree_rss_mb"], 1),
+                           baseline_tokens=json.loads(base["stdout"].strip().splitlines()[-1])["tokens"])
+                say(f"round {r + 1} baseline: {row['baseline_s']} s, {mb / base['wall_s']:.2f} MB/s, peak RSS "
+                    f"{row['baseline_peak_rss_mb']} MB; ratio {base['wall_s'] / ours['wall_s']:.2f}x")
+            rounds.append(row)
+
+        def med(key: str) -> float:
+            vals = sorted(r[key] for r in rounds)
+            return vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+
+        result = {"size_mb": round(mb, 1), "documents": n_docs, "rounds": len(rounds),
+                  "ours_mb_s": round(mb / med("ours_s"), 2), "baseline_mb_s": None, "ratio": None,
+                  "ours_peak_rss_mb": max(r["ours_peak_rss_mb"] for r in rounds),
+                  "ours_workers": rounds[0]["ours_workers"], "ours_tokens": rounds[0]["ours_tokens"]}
         if not args.skip_baseline:
-            cache = work / "hf_cache"
-            base = run_measured([sys.executable, str(Path(__file__).resolve()), "--_baseline",
-                                 os.pathsep.join(map(str, files)), str(tok), str(work / "baseline.bin"), str(cache),
-                                 str(args.num_proc)])
-            result.update(baseline_mb_s=round(mb / base["wall_s"], 2), baseline_s=round(base["wall_s"], 1),
-                          baseline_peak_rss_mb=round(base["peak_tree_rss_mb"], 1),
-                          baseline_tokens=json.loads(base["stdout"].strip().splitlines()[-1])["tokens"])
+            result.update(baseline_mb_s=round(mb / med("baseline_s"), 2),
+                          baseline_tokens=rounds[0]["baseline_tokens"],
+                          baseline_peak_rss_mb=max(r["baseline_peak_rss_mb"] for r in rounds))
             result["ratio"] = round(result["ours_mb_s"] / result["baseline_mb_s"], 2)
-            say(f"baseline: {result['baseline_s']} s, {result['baseline_mb_s']} MB/s, peak RSS "
-                f"{result['baseline_peak_rss_mb']} MB; ratio {result['ratio']}x")
-        else:
-            result.update(baseline_mb_s=None, ratio=None)
+            result["ratio_per_round"] = [round(r["baseline_s"] / r["ours_s"], 2) for r in rounds]
+        result["per_round"] = rounds
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

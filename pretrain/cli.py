@@ -69,7 +69,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
                    shard_tokens=args.shard_tokens, overwrite=args.overwrite, clean=clean, licence=args.licence,
                    tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), log=_log, workers=args.workers,
                    batch_chars=max(1, int(args.batch_mb * 1e6)), text_unit=args.text_unit, hf_split=args.hf_split,
-                   hf_revision=args.hf_revision, hf_data_files=args.hf_data_files)
+                   hf_revision=args.hf_revision, hf_data_files=args.hf_data_files,
+                   start_method="spawn")  # workers start clean, without this process's imports
     result = {"out": str(args.out), "vocab_size": meta["tokenizer"]["vocab_size"], "dtype": meta["dtype"],
               "train_tokens": meta["splits"]["train"]["tokens"], "val_tokens": meta["splits"]["val"]["tokens"],
               "train_documents": meta["splits"]["train"]["documents"],

@@ -64,7 +64,7 @@ def test_workers_and_batch_size_do_not_change_the_output(tmp_path):
     clean = CleanConfig(dedup_exact=True, near_dup_threshold=0.8, min_chars=20,
                         decontaminate=[str(tmp_path / "eval.txt")])
     metas = {}
-    for name, kw in {"inproc": dict(workers=0), "pool": dict(workers=2, batch_chars=3000),
+    for name, kw in {"inproc": dict(workers=0), "pool": dict(workers=2, batch_chars=3000, start_method="spawn"),
                      "pool_tiny_batches": dict(workers=2, batch_chars=1)}.items():
         metas[name] = prepare([str(src)], tmp_path / name, tokenizer="bpe", vocab_size=400, clean=clean, log=quiet,
                               **kw)
@@ -398,3 +398,16 @@ def test_unigram_tokenizer(tmp_path):
     assert meta["tokenizer"]["kind"] == "unigram" and tok.vocab_size <= 150
     text = _docs(1, seed=99)[0]
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_input_spec_parsing(tmp_path):
+    from pretrain.data.sources import HubSource, parse_hub, parse_weight
+
+    assert parse_weight("wiki/::3") == ("wiki/", 3.0) and parse_weight("wiki/") == ("wiki/", None)
+    spec = parse_hub("hf:allenai/c4:en", split="validation", revision="abc")
+    assert (spec.name, spec.config, spec.split, spec.revision) == ("allenai/c4", "en", "validation", "abc")
+    a = _jsonl(tmp_path / "a.jsonl", _docs(2))
+    srcs = expand_inputs([str(a), "hf:someone/corpus:cfg::0.5"])
+    assert srcs[0].weight == 1.0 and isinstance(srcs[1], HubSource)  # one weight given: the others get 1
+    assert (srcs[1].spec.name, srcs[1].spec.config, srcs[1].weight, srcs[1].group) == ("someone/corpus", "cfg", 0.5, 1)
+    assert srcs[1].label == "hf:someone/corpus:cfg"

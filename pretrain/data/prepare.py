@@ -19,8 +19,12 @@ The pipeline never holds the corpus in memory. Documents stream from the sources
    hashes only (see clean.py).
 2. tokenizer — loaded, or trained on an evenly spread sample of the train split of bounded size (a
    second read; the trainer gets the sample as a stream).
-3. encode — read again; worker processes normalise and tokenize batches (``encode_batch_fast``); the
-   main process appends the ids, in corpus order, to shards that are written incrementally.
+3. encode — read again; worker processes normalise and tokenize batches (``encode_batch``, one thread
+   each); the main process appends the ids, in corpus order, to shards that are written incrementally.
+
+A tokenizer known before the scan (a tokenizer.json, ``byte``) is applied in pass 1 already, so the input
+is read once; only tiny corpora whose split needs a fix-up afterwards (a single document, or no document
+hashed into one split) are encoded again.
 
 Crash safety: everything is written inside a hidden ``.NAME.partial`` directory next to ``out`` (a shard
 is written as ``*.bin.partial`` and renamed when complete); meta.json is written last and the directory
@@ -242,14 +246,16 @@ class _Workers:
     """``workers`` processes (0: this process) running one worker function over a stream of batches, with
     results in order and at most ``2 × workers`` batches in flight (bounded memory)."""
 
-    def __init__(self, workers: int, initargs: tuple):
+    def __init__(self, workers: int, initargs: tuple, start_method: str | None = None):
         self.workers = workers
         self.pool = None
         if workers <= 0:
             _init_worker(*initargs, False)
             return
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods and sys.platform == "linux" else "spawn")
+        if start_method is None:
+            linux_fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform == "linux"
+            start_method = "fork" if linux_fork else "spawn"
+        ctx = multiprocessing.get_context(start_method)
         # children tokenize one batch each on one thread (no rayon pool per child; no fork warning)
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -361,7 +367,7 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
             licence: str = "", tokenizer_sample_chars: int = 1_000_000_000, log=print, *,
             workers: int | None = None, batch_chars: int = 1_000_000, text_unit: str = "file",
             hf_split: str = "train", hf_revision: str | None = None, hf_data_files: Any = None,
-            progress_s: float = 30.0) -> dict[str, Any]:
+            progress_s: float = 30.0, start_method: str | None = None) -> dict[str, Any]:
     """Read ``inputs``, build or load the tokenizer, write token shards and meta.json to ``out``.
 
     ``inputs``: files, folders, globs, ``hf:NAME[:CONFIG]`` (Hugging Face datasets, with ``hf_split``,
@@ -375,7 +381,9 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
 
     ``workers``: tokenizer/cleaning processes (0: in this process, the tokenizers library using its own
     threads; None: one per CPU, or in-process for inputs under 32 MB). ``batch_chars``: characters of text
-    per batch; with ``workers`` they bound peak memory. Returns the meta dict.
+    per batch; with ``workers`` they bound peak memory. ``start_method``: how worker processes start
+    (default "fork" on Linux, no ``if __name__ == "__main__"`` guard needed; "spawn" starts them clean,
+    without the parent's memory — what the CLI uses). Returns the meta dict.
     """
     t0 = time.time()
     out = Path(out)
@@ -406,7 +414,7 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
             shutil.rmtree(stale)
         return _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files,
                         shard_tokens, clean, licence, tokenizer_sample_chars, log, workers, batch_chars, text_unit,
-                        weighted, _input_labels(inputs), progress_s, t0)
+                        weighted, _input_labels(inputs), progress_s, t0, start_method)
 
 
 class _Output:
@@ -420,17 +428,27 @@ class _Output:
         self.writers = {(sp, g): ShardWriter(partial, sp, dtype, shard_tokens, g if weighted else None)
                         for sp in SPLITS for g in groups}
         self.bytes = 0
+        self._buf: dict[tuple[str, int], list[np.ndarray]] = {}
 
     def add(self, code: int, group: int, ids: np.ndarray, nbytes: int) -> None:
-        w = self.writers[(SPLITS[code - 1], group)]
+        """Queue one document's ids (written, with EOT separators, at the next :meth:`flush`)."""
+        key = (SPLITS[code - 1], group)
+        w = self.writers[key]
+        buf = self._buf.setdefault(key, [])
         if w.documents:  # end-of-document token *between* documents
-            w.write(self.eot)
-        w.write(ids)
+            buf.append(self.eot)
+        buf.append(ids)
         w.documents += 1
         w.bytes += nbytes
         self.bytes += nbytes
 
+    def flush(self) -> None:
+        for key, parts in self._buf.items():
+            self.writers[key].write(np.concatenate(parts))
+        self._buf.clear()
+
     def close(self) -> dict[str, dict[str, Any]]:
+        self.flush()
         info: dict[str, dict[str, Any]] = {}
         for sp in SPLITS:
             parts = [self.writers[(sp, g)].close() for g in self.groups]
@@ -439,6 +457,7 @@ class _Output:
         return info
 
     def discard(self) -> None:
+        self._buf.clear()
         for w in self.writers.values():
             w.close()
             for sh in w.shards:
@@ -447,7 +466,7 @@ class _Output:
 
 def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files, shard_tokens,
              clean, licence, tokenizer_sample_chars, log, workers, batch_chars, text_unit, weighted, labels,
-             progress_s, t0) -> dict[str, Any]:
+             progress_s, t0, start_method) -> dict[str, Any]:
     def docs(record: bool = False) -> Iterator[tuple[int, str]]:
         return iter_documents(sources, text_field, bad_files, record=record, with_source=True, text_unit=text_unit)
 
@@ -477,7 +496,7 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             dtype = token_dtype(tok.vocab_size)
             output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
         pool = _Workers(workers, (cleaner, tok.to_str() if tok else None, val_fraction,
-                                  dtype.name if tok else "uint32"))
+                                  dtype.name if tok else "uint32"), start_method)
         scan_items = ((i, d, d) for i, d in docs(record=True))
         for (srcs, texts), res in pool.map(_scan_batch, _scan_batches(scan_items, batch_chars)):
             codes, exact, contam, minhash, nbytes, val, chars, encoded = res
@@ -505,6 +524,7 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
                         output.add(plan[-1], group_of[src_index], ids[ends[k] - lens[k]:ends[k]], int(nbytes[j]))
                     k += 1
             if output is not None:
+                output.flush()
                 progress(output.bytes, "tokenized", t0)
         pool.close()
         if not plan:
@@ -568,7 +588,7 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
         # Pass 3 (unless done during the scan): encode in the workers; write shards in corpus order.
         if output is None:
             output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
-            pool = _Workers(workers, (cleaner, tok.to_str(), val_fraction, dtype.name))
+            pool = _Workers(workers, (cleaner, tok.to_str(), val_fraction, dtype.name), start_method)
             t_enc = time.time()
             enc_items = ((group_of[i], d, (d, code)) for i, code, d in planned())
             for grp, res in pool.map(_encode_batch, _batched(enc_items, batch_chars)):
@@ -576,6 +596,7 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
                 ends = np.cumsum(lens)
                 for k in range(len(lens)):
                     output.add(int(codes[k]), grp[owner[k]], ids[ends[k] - lens[k]:ends[k]], int(nbytes[k]))
+                output.flush()
                 progress(output.bytes, "tokenized", t_enc)
             pool.close()
         log(f"tokenized {output.bytes / 1e6:,.1f} MB ({time.time() - t0:.1f} s since the start)")
@@ -596,6 +617,7 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             "sources": [{**s.manifest(), **({"licence": licence} if licence else {})} for s in sources],
             "cleaning": cleaner.report(),
             "settings": {"text_field": text_field, "text_unit": text_unit, "workers": workers,
+                         "start_method": (start_method or "default") if workers else None,
                          "batch_chars": batch_chars, "shard_tokens": shard_tokens},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - t0, 3),

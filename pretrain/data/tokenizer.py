@@ -78,13 +78,6 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
 
-    def encode_batch_fast(self, texts: list[str]) -> list[list[int]]:
-        """As :meth:`encode_batch`, without computing character offsets (faster)."""
-        fast = getattr(self.tk, "encode_batch_fast", None)  # tokenizers >= 0.20
-        if fast is None:
-            return self.encode_batch(texts)
-        return [e.ids for e in fast(texts, add_special_tokens=False)]
-
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
