@@ -36,6 +36,13 @@ within a few per cent; if they do not, rerun when the machine is idle.
                                                      #  "transformers": ...}
     python bench/train_throughput.py --threads 2 --d-model 512 --n-layer 8 --n-head 8 --rounds 6
 
+Roofline: the script also times plain fp32 matrix products of the shapes these models run (tokens x d_model
+against each projection, the output head included) and reports the best as ``matmul_peak_gflops``; each
+pair reports the model FLOP/s both sides reach (``*_gflops``: tokens/s x ``flops_per_token``, 6N +
+attention, as for MFU; the encoder's sparse head makes this an over-count for both sides alike) and
+``ceiling_ratio`` = peak / Hugging Face's FLOP/s, the most *any* implementation of the same computation
+could gain over Hugging Face on this machine without doing less arithmetic.
+
 Needs ``transformers`` (``pip install -e '.[hf]'``). The defaults take about 70 s on two idle CPU cores.
 """
 
@@ -218,6 +225,26 @@ def build_bert(args: argparse.Namespace):
     return cfg, ours, hf, ours_loss, hf_loss, batches
 
 
+def matmul_peak_gflops(args: argparse.Namespace, cfg, repeats: int = 5) -> dict:
+    """Best fp32 GFLOP/s of torch.mm over the models' own shapes: (tokens, d) @ (d, out) for the fused
+    qkv, attention output, gate/up and down projections and the output head (forward-pass shapes)."""
+    m = args.batch_size * args.seq_len
+    d, f, v = cfg.d_model, cfg.ff_dim, cfg.vocab_size
+    shapes = {"qkv": (m, d, 3 * d), "o_proj": (m, d, d), "gate_up": (m, d, 2 * f), "down": (m, f, d),
+              "head": (m, d, v)}
+    out = {}
+    for name, (a, b, c) in shapes.items():
+        x, w = torch.randn(a, b), torch.randn(b, c)
+        torch.mm(x, w)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(x, w)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = round(2.0 * a * b * c / best / 1e9, 1)
+    return {"matmul_peak_gflops": max(out.values()), "matmul_gflops_by_shape": out}
+
+
 def train_steps(loss_fn: Callable, opt: torch.optim.Optimizer, batches: list, n: int,
                 start: int) -> tuple[float, float, float]:
     """n plain training steps; returns (wall seconds, CPU seconds of this process, last loss)."""
@@ -262,6 +289,14 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
             f"CPU/wall ({top:.2f}): other processes were using the cores; the best rounds are reported")
     best = {side: max(r) for side, r in rates.items()}
     median = {side: statistics.median(r) for side, r in rates.items()}
+    fpt = ours.flops_per_token(args.seq_len)
+    peak = matmul_peak_gflops(args, cfg)
+    roofline = {"flops_per_token": fpt, "ours_gflops": round(best["ours"] * fpt / 1e9, 1),
+                "hf_gflops": round(best["hf"] * fpt / 1e9, 1), **peak,
+                "ceiling_ratio": round(peak["matmul_peak_gflops"] * 1e9 / (best["hf"] * fpt), 3)}
+    log(f"[{name}] roofline: ours {roofline['ours_gflops']} GFLOP/s, HF {roofline['hf_gflops']} GFLOP/s, "
+        f"best fp32 matmul of the model's shapes {peak['matmul_peak_gflops']} GFLOP/s -> at most "
+        f"{roofline['ceiling_ratio']:.2f}x over HF without less arithmetic")
     return {"ours_tok_s": round(best["ours"], 1), "hf_tok_s": round(best["hf"], 1),
             "ratio": round(best["ours"] / best["hf"], 4),
             "ours_tok_s_median": round(median["ours"], 1), "hf_tok_s_median": round(median["hf"], 1),
@@ -274,7 +309,7 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
             "hf_warmup_s": round(warmup_s["hf"], 1),
             "ours_params": n_params(ours), "hf_params": n_params(hf), "hf_class": type(hf).__name__,
             "d_ff": cfg.ff_dim, "ours_last_loss": round(losses["ours"], 4),
-            "hf_last_loss": round(losses["hf"], 4)}
+            "hf_last_loss": round(losses["hf"], 4), **roofline}
 
 
 def print_table(result: dict) -> None:
@@ -296,6 +331,12 @@ def print_table(result: dict) -> None:
         print(f"{name:<5} {r['hf_class']:<22} {params:<22} {r['ours_tok_s']:>11,.0f} {r['hf_tok_s']:>10,.0f} "
               f"{r['ratio']:>8.3f}   {r['ours_tok_s_median']:>12,.0f} {r['hf_tok_s_median']:>7,.0f} "
               f"{r['ratio_median']:>8.3f}   {r['contended_rounds']} of {2 * c['rounds']}")
+    print()
+    for name in ("gpt", "bert"):
+        if name in result:
+            r = result[name]
+            print(f"{name}: model GFLOP/s ours {r['ours_gflops']}, HF {r['hf_gflops']}; best fp32 matmul of its "
+                  f"shapes {r['matmul_peak_gflops']} GFLOP/s: ceiling {r['ceiling_ratio']:.2f}x over HF")
     print()
     print("tok/s: batch*seq*steps / round time (forward, loss, backward, AdamW step), best round and median")
     print("round; ours/HF > 1 means ours is faster. Contended: the process got < 80% of its best CPU/wall.")
