@@ -39,7 +39,8 @@ within a few per cent; if they do not, rerun when the machine is idle.
 Roofline: the script also times plain fp32 matrix products of the shapes these models run (tokens x d_model
 against each projection, the output head included) and reports the best as ``matmul_peak_gflops``; each
 pair reports the model FLOP/s both sides reach (``*_gflops``: tokens/s x ``flops_per_token``, 6N +
-attention, as for MFU; the encoder's sparse head makes this an over-count for both sides alike) and
+attention, as for MFU; an over-count for the encoder, whose head runs on the masked positions only on
+both sides, and our last block too) and
 ``ceiling_ratio`` = peak / Hugging Face's FLOP/s, the most *any* implementation of the same computation
 could gain over Hugging Face on this machine without doing less arithmetic.
 
@@ -230,7 +231,7 @@ def matmul_peak_gflops(args: argparse.Namespace, cfg, repeats: int = 5) -> dict:
     qkv, attention output, gate/up and down projections and the output head (forward-pass shapes)."""
     m = args.batch_size * args.seq_len
     d, f, v = cfg.d_model, cfg.ff_dim, cfg.vocab_size
-    shapes = {"qkv": (m, d, 3 * d), "o_proj": (m, d, d), "gate_up": (m, d, 2 * f), "down": (m, f, d),
+    shapes = {"qkv": (m, d, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim), "o_proj": (m, d, d), "gate_up": (m, d, 2 * f), "down": (m, f, d),
               "head": (m, d, v)}
     out = {}
     for name, (a, b, c) in shapes.items():
