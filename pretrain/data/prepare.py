@@ -19,7 +19,7 @@ The pipeline never holds the corpus in memory. Documents stream from the sources
    hashes only (see clean.py).
 2. tokenizer — loaded, or trained on an evenly spread sample of the train split of bounded size (a
    second read; the trainer gets the sample as a stream).
-3. encode — read again; worker processes normalise and tokenize batches (``encode_batch``, one thread
+3. encode — read again; worker processes normalise and tokenize batches (encode.IdsEncoder, one thread
    each); the main process appends the ids, in corpus order, to shards that are written incrementally.
 
 A tokenizer known before the scan (a tokenizer.json, ``byte``) is applied in pass 1 already, so the input
@@ -47,13 +47,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pretrain.data.clean import NUM_PERM, CleanConfig, Cleaner
+from pretrain.data.encode import IdsEncoder
 from pretrain.data.sources import (
     DataError,
     HubSpec,
@@ -174,7 +174,8 @@ def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dt
             tok.model._resize_cache(BPE_CACHE_WORDS)
         except Exception:
             pass
-    _W.update(cleaner=cleaner, vf=val_fraction, dtype=np.dtype(dtype), tok=tok)
+    enc = IdsEncoder(tok, np.dtype(dtype)) if tok is not None else None
+    _W.update(cleaner=cleaner, vf=val_fraction, dtype=np.dtype(dtype), tok=tok, enc=enc)
 
 
 def _scan_batch(texts: list[str]) -> tuple:
@@ -207,10 +208,7 @@ def _scan_batch(texts: list[str]) -> tuple:
 
 def _encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(ids of every text back to back, length of each)."""
-    encs = _W["tok"].encode_batch(texts, add_special_tokens=False)
-    lens = np.fromiter((len(e) for e in encs), np.int64, len(encs))
-    ids = np.fromiter(chain.from_iterable(e.ids for e in encs), _W["dtype"], int(lens.sum()))
-    return ids, lens
+    return _W["enc"].encode(texts)
 
 
 def _encode_batch(items: list[tuple[str, int]]) -> tuple:
