@@ -62,6 +62,17 @@ def test_memo_full_still_exact(bpe, monkeypatch):
     assert len(enc.memo) == 5
 
 
+def test_long_pieces_are_encoded_but_not_remembered(bpe):
+    enc = IdsEncoder(bpe)
+    long_word, long_run = " " + "abc" * 100, "=" * 500
+    texts = [f"before{long_word} after {long_run} end", make_text(50, seed=4)]
+    for _ in range(2):
+        assert _same(enc.encode(texts), enc.reference(texts))
+    assert long_word not in enc.memo and long_run not in enc.memo
+    assert " after" in enc.memo
+    assert max(map(len, enc.memo)) <= encode.MEMO_PIECE_CHARS
+
+
 def test_self_check_falls_back_when_the_split_disagrees(bpe):
     enc = IdsEncoder(bpe)
     enc.split = str.split  # a splitter that drops whitespace: differs from the tokenizer

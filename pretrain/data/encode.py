@@ -18,6 +18,7 @@ character class) turns the fast path off for that encoder, with a warning.
 
 from __future__ import annotations
 
+import bisect
 import json
 import warnings
 from itertools import chain
@@ -28,6 +29,7 @@ import numpy as np
 # GPT-2's pre-tokenization pattern, as in tokenizers' ByteLevel pre-tokenizer (use_regex=True).
 BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 MEMO_PIECES = 262_144  # pieces whose ids one encoder remembers (~40 MB); beyond that, new pieces are not memoized
+MEMO_PIECE_CHARS = 64  # longer pieces are encoded for their batch but not remembered
 CHECK_CHARS = 1 << 20  # characters of the first batch encoded both ways to confirm the fast path
 
 
@@ -101,14 +103,17 @@ class IdsEncoder:
         split, memo = self.split, self.memo
         pieces = [split(t) for t in plain]  # type: ignore[misc]
         new = list(set(chain.from_iterable(pieces)).difference(memo))
-        lookup: dict[str, tuple[int, ...]] = memo
+        transient: list[str] = []
         if new:
+            new.sort(key=len)  # short pieces first: they recur; a long one (a run of symbols) rarely does
             found = [tuple(e.ids) for e in self.tk.encode_batch(new, add_special_tokens=False)]
             room = max(MEMO_PIECES - len(memo), 0)
-            memo.update(zip(new[:room], found[:room]))
-            if room < len(new):  # memo full: the rest are looked up for this batch only
-                lookup = {**memo, **dict(zip(new[room:], found[room:]))}
-        vals = list(map(lookup.__getitem__, chain.from_iterable(pieces)))
+            keep = min(room, bisect.bisect_right(new, MEMO_PIECE_CHARS, key=len))
+            memo.update(zip(new, found))
+            transient = new[keep:]  # memo full, or too long to keep: these serve this batch only
+        vals = list(map(memo.__getitem__, chain.from_iterable(pieces)))
+        for w in transient:
+            del memo[w]
         piece_lens = np.fromiter(map(len, vals), np.int64, len(vals))
         ids = np.fromiter(chain.from_iterable(vals), self.dtype, int(piece_lens.sum()))
         ends = np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)))
