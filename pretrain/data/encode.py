@@ -25,6 +25,7 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
+import regex
 
 # GPT-2's pre-tokenization pattern, as in tokenizers' ByteLevel pre-tokenizer (use_regex=True).
 BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -56,15 +57,8 @@ class IdsEncoder:
         self.dtype = np.dtype(dtype)
         self.memo: dict[str, tuple[int, ...]] = {}
         self.checked = False
-        self.split = None
         pattern = fast_path_pattern(tk) if fast else None
-        if pattern is not None:
-            try:
-                import regex
-            except ImportError:  # pragma: no cover - regex is a dependency
-                pattern = None
-            else:
-                self.split = regex.compile(pattern).findall
+        self.split = regex.compile(pattern).findall if pattern is not None else None
         self.added = [t.content for t in tk.get_added_tokens_decoder().values() if t.content]
 
     @property
@@ -116,23 +110,14 @@ class IdsEncoder:
             del memo[w]
         piece_lens = np.fromiter(map(len, vals), np.int64, len(vals))
         ids = np.fromiter(chain.from_iterable(vals), self.dtype, int(piece_lens.sum()))
-        ends = np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)))
-        lens = np.diff(np.concatenate([[0], np.concatenate([[0], np.cumsum(piece_lens)])[ends]]))
+        doc_ends = np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)))  # in pieces
+        token_cum = np.concatenate([[0], np.cumsum(piece_lens)])
+        lens = np.diff(token_cum[np.concatenate([[0], doc_ends])])
         if not special:
             return ids, lens
         # documents holding an added token's text: the tokenizer's own encode, put back in their places
-        order = sorted(special)
-        s_ids, s_lens = self.reference([texts[i] for i in order])
-        all_lens = np.zeros(len(texts), np.int64)
-        mask = np.zeros(len(texts), np.bool_)
-        mask[order] = True
-        all_lens[mask], all_lens[~mask] = s_lens, lens
-        src = np.where(mask, 1, 0)
-        starts = {0: np.concatenate([[0], np.cumsum(lens)]), 1: np.concatenate([[0], np.cumsum(s_lens)])}
-        seen = [0, 0]
-        parts = []
-        for k in src:
-            j = seen[k]
-            parts.append((ids, s_ids)[k][starts[k][j]:starts[k][j + 1]])
-            seen[k] += 1
-        return np.concatenate(parts), all_lens
+        s_ids, s_lens = self.reference([texts[i] for i in sorted(special)])
+        plain_docs = iter(np.split(ids, np.cumsum(lens)[:-1]))
+        special_docs = iter(np.split(s_ids, np.cumsum(s_lens)[:-1]))
+        docs = [next(special_docs) if i in special else next(plain_docs) for i in range(len(texts))]
+        return np.concatenate(docs), np.fromiter(map(len, docs), np.int64, len(docs))

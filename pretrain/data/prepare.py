@@ -174,8 +174,7 @@ def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dt
             tok.model._resize_cache(BPE_CACHE_WORDS)
         except Exception:
             pass
-    enc = IdsEncoder(tok, np.dtype(dtype)) if tok is not None else None
-    _W.update(cleaner=cleaner, vf=val_fraction, dtype=np.dtype(dtype), tok=tok, enc=enc)
+    _W.update(cleaner=cleaner, vf=val_fraction, enc=IdsEncoder(tok, dtype) if tok is not None else None)
 
 
 def _scan_batch(texts: list[str]) -> tuple:
@@ -202,7 +201,7 @@ def _scan_batch(texts: list[str]) -> tuple:
             passed.append(t)
             if vf > 0:
                 val[i] = _is_val(t, vf)
-    encoded = _encode_texts(passed) if _W["tok"] is not None else None
+    encoded = _encode_texts(passed) if _W["enc"] is not None else None
     return codes, exact, contam, minhash, nbytes, val, chars, encoded
 
 
