@@ -178,6 +178,10 @@ class TrainConfig:
     With false only the shards are written; `pretrain.checkpoint.consolidate(RUN)` writes the file later."""
     max_time_s: float = 0.0
     """Stop (and checkpoint) after this many seconds of training; 0 means no limit."""
+    time_schedule: bool = False
+    """With max_time_s: run the LR schedule (warmup, decay) over the time budget as well: its progress is
+    the larger of step / max_steps and elapsed / max_time_s, so a slower machine still finishes the decay
+    instead of stopping at a high LR. The LR then depends on wall time: runs are not bit-reproducible."""
     stop_at_step: int = 0
     """Stop (and checkpoint) after this step while keeping the schedule of max_steps, to split one run
     across several jobs (continue with `pretrain train --resume RUN --train.stop_at_step 0`); 0 disables."""
@@ -192,6 +196,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
+        _check(not self.time_schedule or self.max_time_s > 0, "train.time_schedule needs train.max_time_s > 0")
         _check(self.prefetch >= 0, "train.prefetch must be >= 0")
         _check(self.compile in (True, False, "auto"), f"train.compile must be true, false or 'auto', got {self.compile!r}")
         _check(self.lr > 0 and self.muon_lr > 0, "train.lr and train.muon_lr must be > 0")

@@ -125,11 +125,16 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any (so all ranks take the same decision)."""
+    return bool(max_over_ranks(1.0 if flag else 0.0, device))
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest ``value`` of all ranks, on every rank (one all-reduce; the value itself when alone)."""
     if not _active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return float(t.item())
 
 
 # ----------------------------------------------------------------------------------------------------------

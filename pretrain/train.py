@@ -52,6 +52,7 @@ from pretrain.distributed import (
     grad_sync,
     init_distributed,
     is_fsdp,
+    max_over_ranks,
     teardown,
     unwrap,
 )
@@ -60,7 +61,7 @@ from pretrain.objectives import CausalLM, build_objective
 from pretrain.optim import build_optimizer, set_lr
 
 # Keys that may change when a run is continued (they do not change what was trained so far).
-RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.target_val_loss", "train.stop_at_step", "train.eval_interval",
+RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.time_schedule", "train.target_val_loss", "train.stop_at_step", "train.eval_interval",
                   "train.eval_batches", "train.log_interval", "train.ckpt_interval", "train.keep_checkpoints",
                   "train.plot", "train.threads", "train.device", "train.compile", "data.path",
                   "train.activation_checkpointing", "train.prefetch",
@@ -620,8 +621,10 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
     t_last, tok_last = t_start, tokens_seen
     loss_acc = torch.tensor(loss_sum, device=device)
     done = step >= tc.max_steps or bool(tc.stop_at_step and step >= tc.stop_at_step)
+    time_frac = elapsed / tc.max_time_s if tc.max_time_s else 0.0  # the same on every rank (see below)
     while not done:
-        lr = set_lr(optimizer, step, tc)
+        # time_schedule: the schedule advances with the larger of the step and the time budget's fraction
+        lr = set_lr(optimizer, max(step, int(time_frac * tc.max_steps)) if tc.time_schedule else step, tc)
         for micro in range(accum):
             batch = batches.next()
             # global micro-batch index: MLM masks depend on which samples, not on how many processes
@@ -638,7 +641,9 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
         loss_n += 1
         tokens_seen += tokens_per_step
         elapsed = elapsed_start + time.time() - t_start
-        time_up = bool(tc.max_time_s) and any_rank(elapsed >= tc.max_time_s, device)  # every rank stops together
+        if tc.max_time_s:  # every rank stops together, and sets the same time-scheduled LR
+            time_frac = max_over_ranks(elapsed, device) / tc.max_time_s
+        time_up = bool(tc.max_time_s) and time_frac >= 1.0
         done = step >= tc.max_steps or time_up or bool(tc.stop_at_step and step >= tc.stop_at_step)
         if done and step < tc.max_steps:
             stop_reason = "max_time_s" if time_up else "stop_at_step"

@@ -215,6 +215,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
     (["--train.decay_frac", "0"], "decay_frac"),
     (["--train.keep_checkpoints", "0"], "keep_checkpoints"),
     (["--train.log_interval", "0"], "log_interval"),
+    (["--train.time_schedule", "true"], "time_schedule needs train.max_time_s"),
     (["--data.seq_len", "0"], "seq_len"),
     (["--model.d_model", "30", "--model.n_head", "4"], "divisible"),
     (["--model.d_model", "36", "--model.n_head", "4"], "even"),  # head size 9

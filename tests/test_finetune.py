@@ -139,6 +139,79 @@ def test_lora_trains_only_adapters_and_merge_matches(pretrained, tmp_path):
     assert info["config"]["lora"] is True
 
 
+def one_token_words(root: Path, encoder: bool) -> list[str]:
+    """Words of the tiny corpus that are one token of its tokenizer (as a verbalizer uses them)."""
+    from pretrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(root / "run" / "tokenizer.json")
+    return [w for w in BASE if len(tok.encode(w if encoder else " " + w)) == 1]
+
+
+def test_prompt_classification_end_to_end(pretrained, tmp_path, capsys):
+    """--prompt/--verbalizer: the LM head scores label words at the slot; zero-shot first, then trained;
+    no new head; the saved model predicts what it scored in validation."""
+    objective, root = pretrained
+    tr, va = str(root / "train.jsonl"), str(root / "valid.jsonl")
+    w = one_token_words(root, objective == "mlm")
+    capsys.readouterr()
+    assert main(["finetune", str(root / "run"), "--train", tr, "--valid", va, "--out", str(tmp_path / "ft"), *FAST,
+                 "--prompt", "{text} . it was {mask}", "--verbalizer", f"neg={w[0]},pos={w[1]}", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["best"]["val_accuracy"] >= 0.8, res["best"]
+    lines = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and lines[0]["train_loss"] is None and len(lines) == 9  # zero-shot + 8 epochs
+    assert res["trained_params"] == res["total_params"]  # the whole backbone, its LM head included; nothing new
+    info = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert len(info["prompt"]["label_ids"]) == 2
+    assert main(["predict", str(tmp_path / "ft"), "--input", va, "--out", str(tmp_path / "pred.jsonl"), "--json"]) == 0
+    preds = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    gold = [json.loads(x)["label"] for x in (root / "valid.jsonl").read_text().splitlines()]
+    acc = sum(p["prediction"] == g for p, g in zip(preds, gold)) / len(gold)
+    assert acc == pytest.approx(res["best"]["val_accuracy"], abs=1e-6)
+
+
+def test_prompt_encoding_and_errors(pretrained, tmp_path, capsys):
+    from pretrain.config import ConfigError
+    from pretrain.finetune.trainer import FinetuneConfig, encode_prompts, finetune, load_backbone, verbalizer_ids
+
+    objective, root = pretrained
+    encoder = objective == "mlm"
+    _, _, tok, _ = load_backbone(root / "run", 0.0, False, 0)
+    w = one_token_words(root, encoder)
+    texts = ["the king spoke", " ".join(BASE * 2)]
+    template = "{text} it was {mask} ." if encoder else "{text} it was {mask}"
+    ids, truncated = encode_prompts(tok, template, texts, None, encoder, 24, "end")
+    assert truncated == 1 and all(len(x) <= 24 for x in ids)
+    tail = tok.encode(" it was")
+    if encoder:  # [CLS] text it was [MASK] . [SEP]: one slot per row, the template kept whole
+        assert all(x[0] == tok.cls_id and x[-1] == tok.eot_id and x.count(tok.mask_id) == 1 for x in ids)
+        assert all(x[x.index(tok.mask_id) - len(tail):x.index(tok.mask_id)] == tail for x in ids)
+        (x,), _ = encode_prompts(tok, "{text} {mask}", ["a [MASK] b"], None, True, 24, "end")
+        assert x.count(tok.mask_id) == 1  # a mask token in the text itself is dropped
+    else:  # a decoder ends right before the slot: the next token is the label word
+        assert all(x[-len(tail):] == tail for x in ids)
+        with pytest.raises(ConfigError, match="must end the template"):
+            encode_prompts(tok, "{mask} {text}", texts, None, False, 24, "end")
+    with pytest.raises(ConfigError, match="no word for"):
+        verbalizer_ids(tok, f"neg={w[0]}", ["neg", "pos"], encoder)
+    with pytest.raises(ConfigError, match="not a label"):
+        verbalizer_ids(tok, f"neg={w[0]},pos={w[1]},meh={w[2]}", ["neg", "pos"], encoder)
+    with pytest.raises(ConfigError, match="one-token words"):
+        verbalizer_ids(tok, f"neg={w[0]},pos=greenwinterish", ["neg", "pos"], encoder)
+    assert verbalizer_ids(tok, f"pos={w[1]},neg={w[0]}", ["neg", "pos"], encoder) == \
+        [tok.encode(x if encoder else " " + x)[0] for x in w[:2]]
+    for bad, match in (({"prompt": "{text} was"}, "needs both"),
+                       ({"prompt": "{text} was", "verbalizer": "a=b,c=d"}, "must hold {mask}"),
+                       ({"prompt": "{text} {label} {mask}", "verbalizer": "a=b"}, "unknown field"),
+                       ({"prompt": "{text} {mask}", "verbalizer": "a=b,c"}, "label=word"),
+                       ({"prompt": "{text} {mask}", "verbalizer": "a=b", "task": "regression"}, "classification only")):
+        with pytest.raises(ConfigError, match=match):
+            FinetuneConfig(**bad)
+    with pytest.raises(ConfigError, match="no head to train"):
+        finetune(root / "run", root / "train.jsonl", root / "valid.jsonl", tmp_path / "o",
+                 FinetuneConfig(prompt="{text} {mask}", verbalizer=f"neg={w[0]},pos={w[1]}", head_only=True), quiet=True)
+
+
 def test_pairs_and_regression(tmp_path, pretrained):
     from pretrain.finetune.trainer import FinetuneConfig, finetune
 

@@ -74,6 +74,15 @@ def test_time_and_target_stops(tmp_path, data_dir, capsys):
                  "--train.max_time_s", "1"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["stop_reason"] == "max_time_s" and s["step"] < 100000 and s["elapsed_s"] >= 1
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] > 0.99 * 3e-3  # step-based: 100,000 steps away, the cosine has not moved
+    # time_schedule: the cosine runs over the 2-second budget instead, and ends near its floor
+    assert main(["train", "--out", str(tmp_path / "t"), *base, "--train.max_steps", "100000",
+                 "--train.max_time_s", "2", "--train.time_schedule", "true"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert s["stop_reason"] == "max_time_s" and len(lrs) > 10
+    assert lrs[-1] < 0.3 * 3e-3 and all(b <= a for a, b in zip(lrs[5:], lrs[6:])), lrs
     assert main(["train", "--out", str(tmp_path / "b"), *base, "--train.target_val_loss", "100"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["stop_reason"] == "target_val_loss" and s["step"] == 10  # the first evaluation meets it

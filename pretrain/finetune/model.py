@@ -2,6 +2,9 @@
 
 Sequence tasks pool the backbone's final hidden states (``cls`` for encoders, ``last`` real token for
 decoders, or ``mean``) and apply dropout + a linear layer; token tasks apply the head at every position.
+Prompt-based classification (``label_ids``) has no new head at all: the backbone's own language-model
+head scores one word per label at the prompt's slot (the [MASK] token of an encoder; the next token after
+the last one of a decoder), as in PET / LM-BFF — what pre-training learned is used from the first step.
 """
 
 from __future__ import annotations
@@ -21,11 +24,21 @@ LORA_TARGETS = {
 
 class TaskModel(nn.Module):
     def __init__(self, backbone: nn.Module, d_model: int, n_out: int, pooling: str, encoder: bool,
-                 dropout: float = 0.1, token_level: bool = False):
+                 dropout: float = 0.1, token_level: bool = False, label_ids: list[int] | None = None,
+                 mask_id: int | None = None):
+        """``label_ids`` (one vocabulary id per class) switches to prompt-based classification; encoders
+        then need ``mask_id``, the token whose position holds the slot (exactly one per row)."""
         super().__init__()
         self.backbone = backbone
         self.pooling, self.encoder, self.token_level = pooling, encoder, token_level
         self.drop = nn.Dropout(dropout)
+        self.prompt = label_ids is not None
+        if self.prompt:
+            if encoder and mask_id is None:
+                raise ValueError("prompt-based classification on an encoder needs the tokenizer's mask token")
+            self.register_buffer("label_ids", torch.tensor(label_ids, dtype=torch.long), persistent=False)
+            self.mask_id = mask_id
+            return
         self.classifier = nn.Linear(d_model, n_out)
         nn.init.normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
@@ -33,6 +46,9 @@ class TaskModel(nn.Module):
     def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids, (B, T) bool mask → (B, n_out) logits, or (B, T, n_out) for token tasks."""
         h = hidden_states(self.backbone, idx, mask, self.encoder)  # (B, T, C)
+        if self.prompt:  # the LM head's logits of the label words at the slot
+            h = h[idx == self.mask_id] if self.encoder else pool_hidden(h, mask, "last")  # (B, C)
+            return self.backbone.logits(h)[:, self.label_ids].float()
         if not self.token_level:
             h = pool_hidden(h, mask, self.pooling)  # (B, C)
         return self.classifier(self.drop(h)).float()

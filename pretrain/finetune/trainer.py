@@ -97,6 +97,14 @@ class FinetuneConfig:
     """Early stopping: stop after this many evaluations without a better validation metric (0 = never)."""
     evals_per_epoch: int = 1
     """Validation passes per epoch (early stopping counts them)."""
+    prompt: str = ""
+    """Prompt-based classification (PET / LM-BFF): a template with {text} (and {text_pair} for pairs) and
+    {mask}, e.g. '{text} It was {mask}.' The backbone's own LM head scores the --verbalizer words at {mask}
+    (encoders: a [MASK] token; decoders: the next token, so {mask} must end the template), so no head
+    starts from random. '' = a linear head on pooled features."""
+    verbalizer: str = ""
+    """With --prompt: one word per label, 'label=word,...' (e.g. '0=terrible,1=great'); each word must be a
+    single token of the run's vocabulary."""
     from_scratch: bool = False
     """Start from a random init of the run's architecture instead of its weights (the baseline)."""
     seed: int = 0
@@ -122,6 +130,11 @@ class FinetuneConfig:
         _check(self.truncation in ("end", "start", "error"), f"truncation must be end, start or error, got {self.truncation!r}")
         _check(self.patience >= 0 and self.evals_per_epoch >= 1, "patience must be >= 0, evals_per_epoch >= 1")
         _check(self.dtype in ("auto", "bf16", "fp32"), f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.prompt or self.verbalizer:
+            _check(self.task == "classification", "prompt/verbalizer are for task classification only")
+            _check(bool(self.prompt and self.verbalizer), "prompt-based classification needs both prompt and verbalizer")
+            parse_template(self.prompt, self.text_pair_column is not None)
+            parse_verbalizer(self.verbalizer)
 
 
 # ---------------------------------------------------------------------------------------- backbone
@@ -177,6 +190,95 @@ def encode_inputs(tok, texts: list[str], pairs: list[str] | None, encoder: bool,
             a, b = _truncate(a, b, room, truncation, f"row {i + 1}")
         x = [*lead, *a, eot] + ([*b, eot] if b is not None else [])
         out.append(x)
+    return out, truncated
+
+
+PROMPT_FIELDS = ("{text}", "{text_pair}", "{mask}")
+
+
+def parse_template(template: str, pair: bool) -> list[str]:
+    """``'{text} It was {mask}.'`` → ``['{text}', ' It was ', '{mask}', '.']`` (fields and literal text)."""
+    import re
+
+    parts = [p for p in re.split(r"(\{text\}|\{text_pair\}|\{mask\})", template) if p]
+    for field in PROMPT_FIELDS:
+        want = 0 if field == "{text_pair}" and not pair else 1
+        if parts.count(field) != want:
+            raise ConfigError(f"prompt {template!r} must hold {field} {'exactly once' if want else 'only with --text-pair-column'}"
+                              f" (fields: {', '.join(PROMPT_FIELDS)}; other braces are not allowed)")
+    if any("{" in p or "}" in p for p in parts if p not in PROMPT_FIELDS):
+        raise ConfigError(f"prompt {template!r} has an unknown field; the fields are {', '.join(PROMPT_FIELDS)}")
+    return parts
+
+
+def parse_verbalizer(spec: str) -> dict[str, str]:
+    """``'0=terrible,1=great'`` → ``{'0': 'terrible', '1': 'great'}``."""
+    out: dict[str, str] = {}
+    for item in spec.split(","):
+        label, sep, word = item.partition("=")
+        if not sep or not label.strip() or not word.strip():
+            raise ConfigError(f"verbalizer {spec!r}: each item is label=word, got {item!r}")
+        if label.strip() in out:
+            raise ConfigError(f"verbalizer {spec!r} names label {label.strip()!r} twice")
+        out[label.strip()] = word.strip()
+    if len(set(out.values())) < len(out):
+        raise ConfigError(f"verbalizer {spec!r}: every label needs its own word")
+    return out
+
+
+def verbalizer_ids(tok, spec: str, names: list[Any], encoder: bool) -> list[int]:
+    """The vocabulary id of each label's word, in the order of ``names``; each word must be one token
+    (decoders: the word as it follows a space, as it comes after the prompt)."""
+    words = parse_verbalizer(spec)
+    unknown = sorted(set(words) - {str(n) for n in names})
+    missing = [str(n) for n in names if str(n) not in words]
+    if unknown or missing:
+        raise ConfigError(f"verbalizer {spec!r} does not match the labels {[str(n) for n in names]}"
+                          + (f"; no word for {missing}" if missing else "") + (f"; not a label: {unknown}" if unknown else ""))
+    ids = []
+    for n in names:
+        word = words[str(n)]
+        pieces = tok.encode(word if encoder else " " + word)
+        if len(pieces) != 1:
+            raise ConfigError(f"verbalizer word {word!r} is {len(pieces)} tokens in this vocabulary "
+                              f"({[tok.decode([p]) for p in pieces]}); prompt-based classification needs one-token words")
+        ids.append(pieces[0])
+    return ids
+
+
+def encode_prompts(tok, template: str, texts: list[str], pairs: list[str] | None, encoder: bool, max_len: int,
+                   truncation: str) -> tuple[list[list[int]], int]:
+    """Ids of every text set into ``template``, and how many were truncated (the texts are cut, never the
+    template). Encoders: ``[CLS] ... [MASK] ... [SEP]``; decoders end right before the slot."""
+    parts = parse_template(template, pairs is not None)
+    if encoder and tok.mask_id is None:
+        raise ConfigError("prompt-based classification on an encoder needs a tokenizer with a mask token")
+    if not encoder and parts[-1] != "{mask}" and parts[-1].strip():
+        raise ConfigError(f"prompt {template!r}: a decoder predicts the next token, so {{mask}} must end the template")
+    if not encoder:
+        parts = parts[:parts.index("{mask}")]
+        if parts and parts[-1] not in PROMPT_FIELDS:
+            parts[-1] = parts[-1].rstrip()  # the label word carries its own leading space
+    lead = [tok.cls_id] if encoder and tok.cls_id is not None else []
+    tail = [tok.eot_id] if encoder else []
+    literal = {i: tok.encode(p) for i, p in enumerate(parts) if p not in PROMPT_FIELDS}
+    fixed = len(lead) + len(tail) + sum(len(v) for v in literal.values()) + (1 if encoder else 0)
+    room = max_len - fixed
+    if room < (2 if pairs is not None else 1):
+        raise ConfigError(f"prompt {template!r} leaves no room for the text in {max_len} tokens")
+    clean = lambda ids: [t for t in ids if t != tok.mask_id] if encoder else ids  # noqa: E731 (one slot per row)
+    ids_a = tok.encode_batch(texts)
+    ids_b = tok.encode_batch(pairs) if pairs is not None else [None] * len(texts)
+    out, truncated = [], 0
+    for i, (a, b) in enumerate(zip(ids_a, ids_b)):
+        a, b = clean(a), (clean(b) if b is not None else None)
+        if len(a) + len(b or []) > room:
+            truncated += 1
+            a, b = _truncate(a, b, room, truncation, f"row {i + 1}")
+        x = list(lead)
+        for j, p in enumerate(parts):
+            x += a if p == "{text}" else (b or []) if p == "{text_pair}" else [tok.mask_id] if p == "{mask}" else literal[j]
+        out.append(x + tail)
     return out, truncated
 
 
@@ -298,7 +400,10 @@ def _encode_task(cfg: FinetuneConfig, tok, encoder: bool, max_len: int, ex, name
         tag_ids = None if ex.tags is None else [[names.index(t) for t in s] for s in ex.tags]
         ids, labels, first, n = encode_words(tok, ex.words, tag_ids, encoder, max_len)
         return Encoded(ids, labels, first, n)
-    ids, n = encode_inputs(tok, ex.texts, ex.pairs, encoder, max_len, cfg.truncation)
+    if cfg.prompt:
+        ids, n = encode_prompts(tok, cfg.prompt, ex.texts, ex.pairs, encoder, max_len, cfg.truncation)
+    else:
+        ids, n = encode_inputs(tok, ex.texts, ex.pairs, encoder, max_len, cfg.truncation)
     if ex.labels is None:
         targets = [None] * len(ids)
     elif cfg.task == "regression":
@@ -373,7 +478,7 @@ def _apply_lora(model: TaskModel, cfg: FinetuneConfig, arch: str) -> nn.Module:
     except ImportError:
         raise PretrainError("LoRA needs the peft library: pip install 'pretrain[lora]' (or pip install peft)") from None
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=LORA_TARGETS[arch], modules_to_save=["classifier"])
+                    target_modules=LORA_TARGETS[arch], modules_to_save=None if model.prompt else ["classifier"])
     return get_peft_model(model, lc)
 
 
@@ -431,9 +536,12 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     if pooling == "cls" and not encoder:
         raise ConfigError("cls pooling needs an encoder (masked-LM) run; use last or mean for a decoder")
     n_out = 1 if cfg.task == "regression" else len(names)
+    label_ids = verbalizer_ids(tok, cfg.verbalizer, names, encoder) if cfg.prompt else None
+    if cfg.prompt and cfg.head_only:
+        raise ConfigError("head_only has no head to train with a prompt (the LM head is the backbone's); use lora")
     torch.manual_seed(cfg.seed)
     model: nn.Module = TaskModel(backbone, pcfg.model.d_model, n_out, pooling, encoder, cfg.dropout,
-                                 token_level=cfg.task == "token")
+                                 token_level=cfg.task == "token", label_ids=label_ids, mask_id=tok.mask_id)
     n_layers = pcfg.model.n_layer
     if cfg.head_only:
         for p in model.backbone.parameters():
@@ -460,6 +568,7 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     tok.save(out / "tokenizer.json")
     write_text_atomic(out / "finetune.yaml", _yaml(cfg))
     info_base = {"format": 1, "task": cfg.task, "labels": names, "pooling": pooling, "encoder": encoder,
+                 "prompt": None if label_ids is None else {"label_ids": label_ids, "mask_id": tok.mask_id},
                  "max_length": max_len, "config": dataclasses.asdict(cfg), "backbone": pcfg.to_dict(),
                  "pretrained_from": None if cfg.from_scratch else str(ckpt), "train_examples": len(tr.ids),
                  "valid_examples": len(va.ids), "truncated": {"train": tr.truncated, "valid": va.truncated}}
@@ -474,7 +583,31 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     stop = "epochs"
     metrics_f = open(out / "metrics.jsonl", "a", encoding="utf-8")
     history = []
+
+    def evaluate(epoch_at: float, train_loss: float | None) -> bool:
+        """One validation pass: a metrics.jsonl line, the model saved when best; True if it improved."""
+        nonlocal best
+        preds, _ = run_model(model, va, cfg.task, names, pad, cfg.batch_size * 2, device, cfg.dtype)
+        m = compute_metrics(cfg.task, preds, _labels_of(cfg, valid_ex) if cfg.task != "token" else valid_ex.tags)
+        rec = {"epoch": round(epoch_at, 3), "step": step,
+               "train_loss": None if train_loss is None else round(train_loss, 6), "elapsed_s": round(time.time() - t0, 2),
+               **{f"val_{k}": round(v, 6) for k, v in m.items()}}
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+        history.append(rec)
+        improved = best is None or m["metric"] > best["val_metric"]
+        log(f"epoch {rec['epoch']:g} step {step}: "
+            + ("before training" if train_loss is None else f"train loss {train_loss:.4f}")
+            + f", val {' '.join(f'{k} {v:.4f}' for k, v in m.items() if k != 'metric')}" + (" *" if improved else ""))
+        if improved:
+            best = rec
+            _save(out, model, {**info_base, "best": rec})
+        model.train()
+        return improved
+
     try:
+        if cfg.prompt:  # the prompt works before any training: that zero-shot figure is the first evaluation
+            evaluate(0.0, None)
         for epoch in range(cfg.epochs):
             model.train()
             loss_sum, loss_n = 0.0, 0
@@ -504,25 +637,9 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
                     raise PretrainError(f"fine-tuning diverged at step {step}; lower --lr")
                 last = step >= total
                 if (b + 1) in eval_at or last:
-                    preds, _ = run_model(model, va, cfg.task, names, pad, cfg.batch_size * 2, device, cfg.dtype)
-                    m = compute_metrics(cfg.task, preds, _labels_of(cfg, valid_ex) if cfg.task != "token" else valid_ex.tags)
-                    rec = {"epoch": round(epoch + (b + 1) / steps_per_epoch, 3), "step": step,
-                           "train_loss": round(loss_sum / max(loss_n, 1), 6), "elapsed_s": round(time.time() - t0, 2),
-                           **{f"val_{k}": round(v, 6) for k, v in m.items()}}
+                    improved = evaluate(epoch + (b + 1) / steps_per_epoch, loss_sum / max(loss_n, 1))
                     loss_sum, loss_n = 0.0, 0
-                    metrics_f.write(json.dumps(rec) + "\n")
-                    metrics_f.flush()
-                    history.append(rec)
-                    improved = best is None or m["metric"] > best["val_metric"]
-                    log(f"epoch {rec['epoch']:g} step {step}: train loss {rec['train_loss']:.4f}, "
-                        f"val {' '.join(f'{k} {v:.4f}' for k, v in m.items() if k != 'metric')}" + (" *" if improved else ""))
-                    if improved:
-                        best = rec
-                        bad_evals = 0
-                        _save(out, model, {**info_base, "best": rec})
-                    else:
-                        bad_evals += 1
-                    model.train()
+                    bad_evals = 0 if improved else bad_evals + 1
                     if cfg.patience and bad_evals >= cfg.patience:
                         stop = "early_stopping"
                         break
@@ -564,8 +681,10 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
     pcfg = from_dict(Config, info["backbone"])
     backbone = build_model(pcfg.model)
     n_out = 1 if info["task"] == "regression" else len(info["labels"])
+    prompt = info.get("prompt") or {}
     model = TaskModel(backbone, pcfg.model.d_model, n_out, info["pooling"], info["encoder"], 0.0,
-                      token_level=info["task"] == "token")
+                      token_level=info["task"] == "token", label_ids=prompt.get("label_ids"),
+                      mask_id=prompt.get("mask_id"))
     try:
         load_model(model, str(path / WEIGHTS))
     except Exception as e:
