@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                     help="pre-training precision: auto = bf16 on CPUs with native bf16, else fp32 (2,500 / 1,600 steps)")
     ap.add_argument("--pooling", default="auto", help="fine-tuning pooling, both sides: auto (cls) | mean | cls")
+    ap.add_argument("--prompt", default="",
+                    help="prompt-based fine-tuning on both sides, e.g. '{text} it was {mask}.' (default: a linear head)")
+    ap.add_argument("--verbalizer", default="0=terrible,1=great", help="label words for --prompt (default 0=terrible,1=great)")
     ap.add_argument("--min-steps", type=int, default=200, help="small budgets train at least this many steps")
     ap.add_argument("--max-epochs", type=int, default=10, help="epoch cap for small budgets")
     ap.add_argument("--out", default=None, help="where the transfer report goes (default WORK/transfer)")
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         from pretrain.finetune.transfer import transfer
 
         # one epoch over all 67k labels; small budgets get up to --max-epochs epochs (at least --min-steps steps)
-        cfg = FinetuneConfig(text_column="sentence", label_column="label", epochs=1, lr=args.lr, pooling=args.pooling)
+        cfg = FinetuneConfig(text_column="sentence", label_column="label", epochs=1, lr=args.lr, pooling=args.pooling,
+                             prompt=args.prompt, verbalizer=args.verbalizer if args.prompt else "")
         result["transfer"] = transfer(work / "run", SHARED / "sst2" / "train.tsv", SHARED / "sst2" / "dev.tsv",
                                       Path(args.out or work / "transfer"), cfg, budgets=args.budgets, seeds=args.seeds,
                                       scratch_lr=args.scratch_lr, min_steps=args.min_steps,

@@ -52,7 +52,8 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
     t_prep = time.time() - t0
 
     say("== 2/6 pre-train a small GPT (causal LM)")
-    overrides = {"data": {"path": str(out / "data")}, "train": {"max_time_s": budget_s}}
+    # a time budget: the schedule decays over it too, so a slower machine still ends with a decayed LR
+    overrides = {"data": {"path": str(out / "data")}, "train": {"max_time_s": budget_s, "time_schedule": budget_s > 0}}
     if max_steps:
         overrides["train"]["max_steps"] = max_steps
     cfg = load_config(None, overrides, base=DEMO_CONFIG)

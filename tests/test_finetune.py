@@ -168,6 +168,13 @@ def test_prompt_classification_end_to_end(pretrained, tmp_path, capsys):
     gold = [json.loads(x)["label"] for x in (root / "valid.jsonl").read_text().splitlines()]
     acc = sum(p["prediction"] == g for p, g in zip(preds, gold)) / len(gold)
     assert acc == pytest.approx(res["best"]["val_accuracy"], abs=1e-6)
+    # early stopping counts from the first trained evaluation, not from the zero-shot one: with a learning
+    # rate too small to change anything, patience 1 stops after the second epoch, not the first
+    assert main(["finetune", str(root / "run"), "--train", tr, "--valid", va, "--out", str(tmp_path / "ft2"), "--quiet",
+                 "--epochs", "5", "--lr", "1e-9", "--patience", "1", "--prompt", "{text} . it was {mask}",
+                 "--verbalizer", f"neg={w[0]},pos={w[1]}"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "ft2" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1, 2]
 
 
 def test_prompt_encoding_and_errors(pretrained, tmp_path, capsys):

@@ -580,12 +580,13 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     rng = random.Random(cfg.seed)
     best: dict[str, Any] | None = None
     bad_evals, step, t0 = 0, 0, time.time()
+    best_trained: float | None = None
     stop = "epochs"
     metrics_f = open(out / "metrics.jsonl", "a", encoding="utf-8")
     history = []
 
-    def evaluate(epoch_at: float, train_loss: float | None) -> bool:
-        """One validation pass: a metrics.jsonl line, the model saved when best; True if it improved."""
+    def evaluate(epoch_at: float, train_loss: float | None) -> float:
+        """One validation pass: a metrics.jsonl line, the model saved when best; returns the metric."""
         nonlocal best
         preds, _ = run_model(model, va, cfg.task, names, pad, cfg.batch_size * 2, device, cfg.dtype)
         m = compute_metrics(cfg.task, preds, _labels_of(cfg, valid_ex) if cfg.task != "token" else valid_ex.tags)
@@ -603,7 +604,7 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
             best = rec
             _save(out, model, {**info_base, "best": rec})
         model.train()
-        return improved
+        return m["metric"]
 
     try:
         if cfg.prompt:  # the prompt works before any training: that zero-shot figure is the first evaluation
@@ -637,9 +638,11 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
                     raise PretrainError(f"fine-tuning diverged at step {step}; lower --lr")
                 last = step >= total
                 if (b + 1) in eval_at or last:
-                    improved = evaluate(epoch + (b + 1) / steps_per_epoch, loss_sum / max(loss_n, 1))
+                    metric = evaluate(epoch + (b + 1) / steps_per_epoch, loss_sum / max(loss_n, 1))
                     loss_sum, loss_n = 0.0, 0
-                    bad_evals = 0 if improved else bad_evals + 1
+                    # patience counts from the first trained evaluation: a zero-shot start may beat the first epochs
+                    bad_evals = 0 if best_trained is None or metric > best_trained else bad_evals + 1
+                    best_trained = metric if best_trained is None else max(best_trained, metric)
                     if cfg.patience and bad_evals >= cfg.patience:
                         stop = "early_stopping"
                         break
