@@ -6,7 +6,8 @@ text from ../shared/data: IMDB review texts (train + test, labels unused), WikiT
 the TinyStories samples, and the SST-2 *train* sentences without their labels (task-adaptive
 pre-training; the dev sentences are never seen). Time limit: --budget-s (default 1740 s of training).
 Precision: bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX: ~1.4× the tokens/s, 2,500 steps),
-fp32 elsewhere (1,600 steps); --dtype forces one.
+fp32 elsewhere (1,600 steps); --dtype forces one. The LR schedule decays over the time budget as well
+(train.time_schedule), so a slower machine ends with fewer steps but a finished schedule.
 
 Stage 2 (transfer): `pretrain transfer` fine-tunes the pre-trained encoder and the same architecture
 from a random init at several label budgets and seeds on SST-2 train, evaluates on SST-2 dev, and
@@ -69,8 +70,11 @@ def pretrain(work: Path, config: str, budget_s: float, overrides: list[str], qui
     if dtype == "auto":
         dtype = "bf16" if cpu_has_native_bf16() else "fp32"
     steps = 2500 if dtype == "bf16" else 1600  # what fits in the budget on 2 cores
+    # the LR schedule runs over the time budget too (train.time_schedule): a slower machine stops at the
+    # budget with a finished decay rather than halfway down the cosine
     cfg = load_config(config, ["--data.path", str(data), "--train.max_steps", str(steps), "--train.max_time_s",
-                               str(budget_s), "--train.eval_interval", "500", "--train.ckpt_interval", "500",
+                               str(budget_s), "--train.time_schedule", "true",
+                               "--train.eval_interval", "500", "--train.ckpt_interval", "500",
                                "--train.dtype", dtype, *overrides])
     summary = train(cfg, run, quiet=quiet)
     return {"prepare_s": round(t_prep, 1), "dtype": dtype, **summary}

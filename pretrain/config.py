@@ -179,9 +179,10 @@ class TrainConfig:
     max_time_s: float = 0.0
     """Stop (and checkpoint) after this many seconds of training; 0 means no limit."""
     time_schedule: bool = False
-    """With max_time_s: run the LR schedule (warmup, decay) over the time budget as well: its progress is
-    the larger of step / max_steps and elapsed / max_time_s, so a slower machine still finishes the decay
-    instead of stopping at a high LR. The LR then depends on wall time: runs are not bit-reproducible."""
+    """With max_time_s: the LR decay also runs over the time budget (after the warmup, which stays in steps,
+    the LR is the lower of the schedule at step / max_steps and at elapsed / max_time_s), so a slower
+    machine still finishes the decay instead of stopping at a high LR. The LR then depends on wall time:
+    runs are not bit-reproducible."""
     stop_at_step: int = 0
     """Stop (and checkpoint) after this step while keeping the schedule of max_steps, to split one run
     across several jobs (continue with `pretrain train --resume RUN --train.stop_at_step 0`); 0 disables."""

@@ -132,21 +132,38 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     return parts[0] if len(parts) == 1 else MultiOptimizer(parts)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
-    """Scale every group's peak lr by the schedule at ``step``; returns the main (AdamW) lr."""
-    scale = lr_at(step, cfg) / cfg.lr
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
+    """Scale every group's peak lr by the schedule at ``step`` (and ``time_frac``, see lr_at); returns the
+    main (AdamW) lr."""
+    scale = lr_at(step, cfg, time_frac) / cfg.lr
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * scale
     return cfg.lr * scale
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine / wsd / constant."""
+def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine / wsd / constant.
+
+    ``time_frac`` (train.time_schedule: the fraction of the time budget spent) moves the decay on when
+    time runs out before the steps do: after the warmup (always in steps) the lr is the lower of the
+    schedule at ``step`` and the schedule at that fraction of training."""
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return peak
+    by_steps = _decayed(step, cfg, peak, floor)
+    if time_frac <= 0.0:
+        return by_steps
+    tf = min(1.0, time_frac)
+    if cfg.schedule == "cosine":
+        by_time = floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * tf))
+    else:  # wsd: the decay takes the last decay_frac of the time
+        by_time = peak + (floor - peak) * max(0.0, (tf - (1.0 - cfg.decay_frac)) / cfg.decay_frac)
+    return min(by_steps, by_time)
+
+
+def _decayed(step: int, cfg: TrainConfig, peak: float, floor: float) -> float:
     if cfg.schedule == "cosine":
         span = max(1, cfg.max_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)

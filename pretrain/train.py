@@ -623,8 +623,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
     done = step >= tc.max_steps or bool(tc.stop_at_step and step >= tc.stop_at_step)
     time_frac = elapsed / tc.max_time_s if tc.max_time_s else 0.0  # the same on every rank (see below)
     while not done:
-        # time_schedule: the schedule advances with the larger of the step and the time budget's fraction
-        lr = set_lr(optimizer, max(step, int(time_frac * tc.max_steps)) if tc.time_schedule else step, tc)
+        lr = set_lr(optimizer, step, tc, time_frac if tc.time_schedule else 0.0)  # time_schedule: decay by time too
         for micro in range(accum):
             batch = batches.next()
             # global micro-batch index: MLM masks depend on which samples, not on how many processes

@@ -323,3 +323,17 @@ def test_optimizer_step_reduces_loss(tiny_model):
         clm.loss(model, batch).backward()
         opt.step()
     assert clm.loss(model, batch).item() < first - 0.5  # it can overfit one batch
+
+
+def test_time_fraction_moves_the_decay_on():
+    """train.time_schedule: after the (step) warmup the lr is the lower of the schedule by steps and by time."""
+    cfg = tc(schedule="cosine", max_steps=100_000)
+    assert [lr_at(s, cfg, 0.5) for s in range(10)] == [lr_at(s, cfg) for s in range(10)]  # warmup in steps
+    assert lr_at(20, cfg, 0.5) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the time budget
+    assert lr_at(20, cfg, 1.0) == pytest.approx(1e-4)
+    assert lr_at(20, cfg, 0.0) == lr_at(20, cfg)  # no time fraction: by steps alone
+    short = tc(schedule="cosine")  # 110 steps: the steps run out first, time does not slow the decay
+    assert lr_at(110, short, 0.1) == pytest.approx(1e-4)
+    wsd = tc(schedule="wsd", decay_frac=0.2, max_steps=100_000)
+    assert lr_at(20, wsd, 0.79) == pytest.approx(1e-3)
+    assert lr_at(20, wsd, 0.9) == pytest.approx((1e-3 + 1e-4) / 2)
