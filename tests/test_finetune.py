@@ -179,7 +179,13 @@ def test_prompt_classification_end_to_end(pretrained, tmp_path, capsys):
 
 def test_prompt_encoding_and_errors(pretrained, tmp_path, capsys):
     from pretrain.config import ConfigError
-    from pretrain.finetune.trainer import FinetuneConfig, encode_prompts, finetune, load_backbone, verbalizer_ids
+    from pretrain.finetune.trainer import (
+        FinetuneConfig,
+        encode_prompts,
+        finetune,
+        load_backbone,
+        verbalizer_ids,
+    )
 
     objective, root = pretrained
     encoder = objective == "mlm"
