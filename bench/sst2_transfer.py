@@ -1,19 +1,20 @@
 """Was pre-training worth it on SST-2? Pre-train an encoder on a CPU (≤ 30 min), then `pretrain transfer`.
 
 Stage 1 (pre-train, skipped when WORK/run already has a checkpoint): a WordPiece vocabulary and a
-ModernBERT-style encoder (configs/bert-cpu.yaml, 5.4M parameters) trained with masked-LM on unlabelled
-text from ../shared/data: IMDB review texts (train + test, labels unused), WikiText-2 valid+test,
-the TinyStories samples, and the SST-2 *train* sentences without their labels (task-adaptive
-pre-training; the dev sentences are never seen). Time limit: --budget-s (default 1740 s of training).
-Precision: bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX: ~1.4× the tokens/s, 2,500 steps),
-fp32 elsewhere (1,600 steps); --dtype forces one. The LR schedule decays over the time budget as well
-(train.time_schedule), so a slower machine ends with fewer steps but a finished schedule.
+ModernBERT-style encoder (configs/bert-cpu-sst2.yaml: 4 x 192, 3.4M parameters, 25% masking) trained with
+masked LM on unlabelled movie-review text from ../shared/data (--corpus in-domain): the IMDB review texts
+(train + test, labels unused) and the SST-2 *train* sentences without their labels, drawn as 30% of the
+samples (task-adaptive pre-training; the dev sentences are never seen). --corpus mixed adds WikiText-2 and
+TinyStories (the earlier recipe, with --config configs/bert-cpu.yaml --train.max_steps 1600). Time limit:
+--budget-s (default 1740 s of training); the LR schedule decays over that budget (train.time_schedule), so a
+slower machine ends with fewer steps but a finished schedule. Precision: bf16 autocast on a CPU with native
+bf16 (AVX512-BF16 / AMX: ~1.4x the tokens/s), fp32 elsewhere; --dtype forces one.
 
 Stage 2 (transfer): `pretrain transfer` fine-tunes the pre-trained encoder and the same architecture
 from a random init at several label budgets and seeds on SST-2 train, evaluates on SST-2 dev, and
 writes report.md / report.json / report.png into WORK/transfer.
 
-    python bench/sst2_transfer.py --work /tmp/sst2 --pooling mean --json
+    python bench/sst2_transfer.py --work /tmp/sst2 --prompt "{text} it was {mask}." --json
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ def build_corpus(out: Path) -> Path:
     return path
 
 
+def build_in_domain(out: Path, sst2_weight: float) -> list[str]:
+    """Movie reviews only: the IMDB texts (train + test, labels unused) and the SST-2 train sentences (no
+    labels), as two mixture components; the SST-2 one drawn with probability ``sst2_weight`` (it is ~1/8 of
+    the tokens, so a weight above that repeats it: task-adaptive pre-training)."""
+    imdb, sst2 = out / "imdb.jsonl", out / "sst2_train.jsonl"
+    with open(imdb, "w", encoding="utf-8") as f:
+        for name in ("train.csv", "test.csv"):
+            with open(SHARED / "imdb" / name, encoding="utf-8", newline="") as src:
+                for row in csv.DictReader(src):
+                    f.write(json.dumps({"text": row["text"].replace("<br />", " ")}) + "\n")
+    with open(sst2, "w", encoding="utf-8") as f:
+        with open(SHARED / "sst2" / "train.tsv", encoding="utf-8", newline="") as src:
+            for row in csv.DictReader(src, delimiter="\t", quoting=csv.QUOTE_NONE):
+                f.write(json.dumps({"text": row["sentence"].strip()}) + "\n")
+    return [f"{imdb}::{1.0 - sst2_weight:g}", f"{sst2}::{sst2_weight:g}"]
+
+
 def cpu_has_native_bf16() -> bool:
     """True on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast trains ~1.4×
     faster here; without them bf16 is emulated and slower than fp32."""
@@ -56,7 +74,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def pretrain(work: Path, config: str, budget_s: float, overrides: list[str], quiet: bool,
-             dtype: str = "auto") -> dict:
+             dtype: str = "auto", corpus: str = "in-domain", sst2_weight: float = 0.3) -> dict:
     from pretrain.config import load_config
     from pretrain.data.prepare import prepare
     from pretrain.train import train
@@ -64,15 +82,15 @@ def pretrain(work: Path, config: str, budget_s: float, overrides: list[str], qui
     data, run = work / "data", work / "run"
     t0 = time.time()
     if not (data / "meta.json").exists():
-        prepare([str(build_corpus(work))], data, tokenizer="wordpiece", vocab_size=8192, val_fraction=0.02,
+        inputs = [str(build_corpus(work))] if corpus == "mixed" else build_in_domain(work, sst2_weight)
+        prepare(inputs, data, tokenizer="wordpiece", vocab_size=8192, val_fraction=0.02,
                 log=(lambda *a: None) if quiet else (lambda m: print(m, file=sys.stderr)))
     t_prep = time.time() - t0
     if dtype == "auto":
         dtype = "bf16" if cpu_has_native_bf16() else "fp32"
-    steps = 2500 if dtype == "bf16" else 1600  # what fits in the budget on 2 cores
-    # the LR schedule runs over the time budget too (train.time_schedule): a slower machine stops at the
-    # budget with a finished decay rather than halfway down the cosine
-    cfg = load_config(config, ["--data.path", str(data), "--train.max_steps", str(steps), "--train.max_time_s",
+    # the time budget ends the run (the config's max_steps is a ceiling above it) and the LR schedule runs over
+    # the time budget (train.time_schedule): a slower machine stops with a finished decay, not mid-cosine
+    cfg = load_config(config, ["--data.path", str(data), "--train.max_time_s",
                                str(budget_s), "--train.time_schedule", "true",
                                "--train.eval_interval", "500", "--train.ckpt_interval", "500",
                                "--train.dtype", dtype, *overrides])
@@ -86,15 +104,20 @@ def main(argv: list[str] | None = None) -> dict:
     rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="work directory (kept: rerun to reuse the pre-trained run)")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "bert-cpu.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "bert-cpu-sst2.yaml"))
     ap.add_argument("--budget-s", type=float, default=1740.0, help="pre-training time limit (default 1740)")
+    ap.add_argument("--corpus", default="in-domain", choices=["mixed", "in-domain"],
+                    help="pre-training text: in-domain (default: IMDB and SST-2 train only, a weighted mixture) "
+                         "or mixed (those plus WikiText-2 and TinyStories, as one file)")
+    ap.add_argument("--sst2-weight", type=float, default=0.3,
+                    help="in-domain corpus: share of training samples drawn from the SST-2 sentences (default 0.3)")
     ap.add_argument("--stage", choices=["pretrain", "transfer", "all"], default="all")
     ap.add_argument("--budgets", default="100,1000,all", help="label budgets for the transfer stage")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per budget (the full set: 1)")
     ap.add_argument("--lr", type=float, default=3e-4, help="fine-tuning LR of the pre-trained model")
     ap.add_argument("--scratch-lr", type=float, default=1e-3, help="fine-tuning LR of the random init")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="pre-training precision: auto = bf16 on CPUs with native bf16, else fp32 (2,500 / 1,600 steps)")
+                    help="pre-training precision: auto = bf16 on CPUs with native bf16, else fp32")
     ap.add_argument("--pooling", default="auto", help="fine-tuning pooling, both sides: auto (cls) | mean | cls")
     ap.add_argument("--prompt", default="",
                     help="prompt-based fine-tuning on both sides, e.g. '{text} it was {mask}.' (default: a linear head)")
@@ -108,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {}
     if args.stage in ("pretrain", "all"):
-        result["pretrain"] = pretrain(work, args.config, args.budget_s, overrides, args.json, args.dtype)
+        result["pretrain"] = pretrain(work, args.config, args.budget_s, overrides, args.json, args.dtype,
+                                       args.corpus, args.sst2_weight)
     if args.stage in ("transfer", "all"):
         from pretrain.finetune.trainer import FinetuneConfig
         from pretrain.finetune.transfer import transfer
