@@ -14,16 +14,18 @@ Stage 2 (transfer): `pretrain transfer` fine-tunes the pre-trained encoder and t
 from a random init at several label budgets and seeds on SST-2 train, evaluates on SST-2 dev, and
 writes report.md / report.json / report.png into WORK/transfer.
 
-    python bench/sst2_transfer.py --work /tmp/sst2 --prompt "{text} it was {mask}." --json
+    python bench/sst2_transfer.py --work /tmp/sst2 --pooling mean --json
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,35 +33,40 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def imdb_texts(split: str) -> Iterator[str]:
+    """The IMDB review texts of ``split`` (train | test), labels unused, ``<br />`` as spaces."""
+    with open(SHARED / "imdb" / f"{split}.csv", encoding="utf-8", newline="") as src:
+        for row in csv.DictReader(src):
+            yield row["text"].replace("<br />", " ")
+
+
+def sst2_train_sentences() -> Iterator[str]:
+    """The SST-2 train sentences without their labels (the dev sentences are never pre-trained on)."""
+    with open(SHARED / "sst2" / "train.tsv", encoding="utf-8", newline="") as src:
+        for row in csv.DictReader(src, delimiter="\t", quoting=csv.QUOTE_NONE):
+            yield row["sentence"].strip()
+
+
+def write_jsonl(path: Path, texts: Iterable[str], mode: str = "w") -> Path:
+    with open(path, mode, encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    return path
+
+
 def build_corpus(out: Path) -> Path:
     """bench/mlm_cpu.py's corpus plus IMDB test texts and the SST-2 train sentences (no labels)."""
     from mlm_cpu import build_corpus as mlm_corpus
 
-    path = mlm_corpus(out)
-    with open(path, "a", encoding="utf-8") as f:
-        with open(SHARED / "imdb" / "test.csv", encoding="utf-8", newline="") as src:
-            for row in csv.DictReader(src):
-                f.write(json.dumps({"text": row["text"].replace("<br />", " ")}) + "\n")
-        with open(SHARED / "sst2" / "train.tsv", encoding="utf-8", newline="") as src:
-            for row in csv.DictReader(src, delimiter="\t", quoting=csv.QUOTE_NONE):
-                f.write(json.dumps({"text": row["sentence"].strip()}) + "\n")
-    return path
+    return write_jsonl(mlm_corpus(out), itertools.chain(imdb_texts("test"), sst2_train_sentences()), mode="a")
 
 
 def build_in_domain(out: Path, sst2_weight: float) -> list[str]:
     """Movie reviews only: the IMDB texts (train + test, labels unused) and the SST-2 train sentences (no
     labels), as two mixture components; the SST-2 one drawn with probability ``sst2_weight`` (it is ~1/8 of
     the tokens, so a weight above that repeats it: task-adaptive pre-training)."""
-    imdb, sst2 = out / "imdb.jsonl", out / "sst2_train.jsonl"
-    with open(imdb, "w", encoding="utf-8") as f:
-        for name in ("train.csv", "test.csv"):
-            with open(SHARED / "imdb" / name, encoding="utf-8", newline="") as src:
-                for row in csv.DictReader(src):
-                    f.write(json.dumps({"text": row["text"].replace("<br />", " ")}) + "\n")
-    with open(sst2, "w", encoding="utf-8") as f:
-        with open(SHARED / "sst2" / "train.tsv", encoding="utf-8", newline="") as src:
-            for row in csv.DictReader(src, delimiter="\t", quoting=csv.QUOTE_NONE):
-                f.write(json.dumps({"text": row["sentence"].strip()}) + "\n")
+    imdb = write_jsonl(out / "imdb.jsonl", itertools.chain(imdb_texts("train"), imdb_texts("test")))
+    sst2 = write_jsonl(out / "sst2_train.jsonl", sst2_train_sentences())
     return [f"{imdb}::{1.0 - sst2_weight:g}", f"{sst2}::{sst2_weight:g}"]
 
 
