@@ -44,12 +44,20 @@ both sides, and our last block too) and
 ``ceiling_ratio`` = peak / Hugging Face's FLOP/s, the most *any* implementation of the same computation
 could gain over Hugging Face on this machine without doing less arithmetic.
 
+On a GPU (``--device cuda --dtype bf16``; ``--preset gpt2-small`` is the 124M size, seq 1024) both sides train in
+bf16 autocast with fp32 weights; ``--compile --hf-compile`` compiles model and loss on both sides, and Hugging
+Face's AdamW is the fused one there (its Trainer's default; ``--hf-optimizer``). Instead of the CPU roofline each
+pair then reports MFU, ``*_mfu`` = tokens/s x ``flops_per_token`` / the device's dense bf16 peak
+(``pretrain.train.peak_flops``), and each side's peak GPU memory. ``bash bench/gpu_check.sh`` runs that
+comparison and the GPU tests in one go.
+
 Needs ``transformers`` (``pip install -e '.[hf]'``). The defaults take about 70 s on two idle CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -64,12 +72,24 @@ IGNORE = -100
 N_SPECIAL = 4  # random MLM batches draw content ids from [N_SPECIAL, vocab); MASK_ID stands in for [MASK]
 MASK_ID = 3
 CONTENDED = 0.8  # a round with CPU/wall below this fraction of the best round's counts as contended
+PRESETS = {  # named sizes; each value becomes an argparse default
+    "gpt2-small": {"_doc": "124M (GPT-2 small: 12 x 768, 12 heads, MLP 2048, vocab 50304, seq 1024, batch 16), "
+                           "for a GPU", "d_model": 768, "n_layer": 12, "n_head": 12, "d_ff": 2048,
+                   "vocab": 50304, "seq_len": 1024, "batch_size": 16, "steps": 10, "rounds": 4, "warmup": 3},
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress: stderr)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named size whose values become the defaults (explicit flags still win): "
+                        + "; ".join(f"{k}: {v['_doc']}" for k, v in sorted(PRESETS.items())))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both models train")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 autocast with fp32 weights and optimizer state (the trainer's CUDA default), "
+                        "for both sides")
     p.add_argument("--d-model", type=int, default=256, help="hidden size")
     p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     p.add_argument("--n-head", type=int, default=4, help="attention heads")
@@ -91,9 +111,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="ours runs under torch.compile (train.compile: true); compile time, spent in the "
                         "untimed warmup, is reported as ours_warmup_s")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="Hugging Face's model and loss run under torch.compile too (its best settings on a GPU)")
+    p.add_argument("--hf-optimizer", choices=("auto", "foreach", "fused"), default="auto",
+                   help="Hugging Face's AdamW implementation; auto: fused on CUDA (the default of its Trainer, "
+                        "adamw_torch_fused), foreach on the CPU (torch's plain default)")
     p.add_argument("--only", choices=("gpt", "bert"), default=None, help="measure one pair only")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for weights and batches")
+    known, _ = p.parse_known_args(argv)
+    if known.preset:
+        p.set_defaults(**{k: v for k, v in PRESETS[known.preset].items() if not k.startswith("_")})
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.hf_optimizer == "auto":
+        args.hf_optimizer = "fused" if args.device == "cuda" else "foreach"
     for name in ("d_model", "n_layer", "n_head", "seq_len", "batch_size", "vocab", "steps", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -106,6 +138,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def autocast(args: argparse.Namespace):
+    """bf16 autocast (fp32 weights, bf16 matmuls) when --dtype bf16, as the trainer runs on CUDA."""
+    if args.dtype == "bf16":
+        return torch.autocast(device_type=args.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def adamw(model: nn.Module, args: argparse.Namespace, fused: bool = False) -> torch.optim.AdamW:
@@ -161,26 +205,32 @@ def build_gpt(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     hf = transformers.LlamaForCausalLM(hf_config(transformers.LlamaConfig, cfg)).train()
     check_pair("gpt", ours, hf, cfg.tie_embeddings)
+    ours.to(args.device)
+    hf.to(args.device)
 
     def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     def ours_loss(batch):
         inputs, targets = batch
-        return next_token_loss(ours(inputs), targets)
-
-    if args.compile:  # model and loss in one graph (the cross-entropy fuses with the head)
-        ours_loss = torch.compile(ours_loss)
+        with autocast(args):
+            return next_token_loss(ours(inputs), targets)
 
     def hf_loss(batch):
         inputs, targets = batch
-        return next_token_loss(hf(input_ids=inputs).logits, targets)
+        with autocast(args):
+            return next_token_loss(hf(input_ids=inputs).logits, targets)
+
+    if args.compile:  # model and loss in one graph (the cross-entropy fuses with the head)
+        ours_loss = torch.compile(ours_loss)
+    if args.hf_compile:
+        hf_loss = torch.compile(hf_loss)
 
     g = torch.Generator().manual_seed(args.seed)
     batches = []
     for _ in range(4):
         seq = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=g)
-        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+        batches.append((seq[:, :-1].contiguous().to(args.device), seq[:, 1:].contiguous().to(args.device)))
     return cfg, ours, hf, ours_loss, hf_loss, batches
 
 
@@ -199,6 +249,8 @@ def build_bert(args: argparse.Namespace):
                      bos_token_id=None, eos_token_id=None)
     hf = transformers.ModernBertForMaskedLM(conf).train()
     check_pair("bert", ours, hf, cfg.tie_embeddings)
+    ours.to(args.device)
+    hf.to(args.device)
 
     fwd = ours
     if args.compile:
@@ -208,11 +260,16 @@ def build_bert(args: argparse.Namespace):
 
     def ours_loss(batch):
         inputs, labels = batch
-        return loss_and_accuracy(fwd, inputs, labels)[0]
+        with autocast(args):
+            return loss_and_accuracy(fwd, inputs, labels)[0]
 
     def hf_loss(batch):
         inputs, labels = batch
-        return hf(input_ids=inputs, labels=labels).loss
+        with autocast(args):
+            return hf(input_ids=inputs, labels=labels).loss
+
+    if args.hf_compile:
+        hf_loss = torch.compile(hf_loss)
 
     g = torch.Generator().manual_seed(args.seed + 1)
     batches = []
@@ -222,7 +279,7 @@ def build_bert(args: argparse.Namespace):
         selected[:, 0] = True  # never an empty selection
         labels = torch.where(selected, ids, torch.full_like(ids, IGNORE))
         inputs = torch.where(selected, torch.full_like(ids, MASK_ID), ids)  # 100% [MASK]: the corruption mix
-        batches.append((inputs, labels))                                      # does not change the compute
+        batches.append((inputs.to(args.device), labels.to(args.device)))     # does not change the compute
     return cfg, ours, hf, ours_loss, hf_loss, batches
 
 
@@ -247,8 +304,10 @@ def matmul_peak_gflops(args: argparse.Namespace, cfg, repeats: int = 5) -> dict:
 
 
 def train_steps(loss_fn: Callable, opt: torch.optim.Optimizer, batches: list, n: int,
-                start: int) -> tuple[float, float, float]:
-    """n plain training steps; returns (wall seconds, CPU seconds of this process, last loss)."""
+                start: int, device: str = "cpu") -> tuple[float, float, float]:
+    """n plain training steps; returns (wall seconds, CPU seconds of this process, last loss). On CUDA the
+    clock stops after the device has finished (synchronize), and the loss is read after that."""
+    sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     loss = torch.zeros(())
     for i in range(n):
@@ -256,27 +315,34 @@ def train_steps(loss_fn: Callable, opt: torch.optim.Optimizer, batches: list, n:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, float(loss.detach())
 
 
 def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
     cfg, ours, hf, ours_loss, hf_loss, batches = build(args)
-    sides = {"ours": (ours_loss, adamw(ours, args, fused=True)), "hf": (hf_loss, adamw(hf, args))}
+    sides = {"ours": (ours_loss, adamw(ours, args, fused=True)),
+             "hf": (hf_loss, adamw(hf, args, fused=args.hf_optimizer == "fused"))}
     log(f"[{name}] parameters: ours {n_params(ours):,}, Hugging Face {n_params(hf):,} "
         f"({type(hf).__name__}, attn {hf.config._attn_implementation})")
     tokens = args.batch_size * args.seq_len * args.steps
     rates: dict[str, list[float]] = {"ours": [], "hf": []}
     util: dict[str, list[float]] = {"ours": [], "hf": []}  # CPU seconds per wall second (~threads if alone)
     losses: dict[str, float] = {}
-    warmup_s = {}
+    warmup_s, peak_mem = {}, {}
     for side, (fn, opt) in sides.items():
-        warmup_s[side] = train_steps(fn, opt, batches, max(args.warmup, 1 if args.compile else 0), 0)[0]
+        compiled = args.compile if side == "ours" else args.hf_compile
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        warmup_s[side] = train_steps(fn, opt, batches, max(args.warmup, 1 if compiled else 0), 0, args.device)[0]
+        if args.device == "cuda":
+            peak_mem[side] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     step = {"ours": args.warmup, "hf": args.warmup}
     for r in range(args.rounds):
         order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")  # ABBA: cancels linear drift too
         for side in order:
             fn, opt = sides[side]
-            wall, cpu, losses[side] = train_steps(fn, opt, batches, args.steps, step[side])
+            wall, cpu, losses[side] = train_steps(fn, opt, batches, args.steps, step[side], args.device)
             step[side] += args.steps
             rates[side].append(tokens / wall)
             util[side].append(cpu / wall)
@@ -284,20 +350,33 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
             f"(cpu {util['ours'][-1]:.2f}), HF {rates['hf'][-1]:,.0f} tok/s (cpu {util['hf'][-1]:.2f})")
     # A round whose process got much less CPU per wall second than the best round was sharing the cores.
     top = max(util["ours"] + util["hf"])
-    contended = sum(u < CONTENDED * top for side in util for u in util[side])
+    contended = 0 if args.device == "cuda" else sum(u < CONTENDED * top for side in util for u in util[side])
     if contended:
         log(f"[{name}] warning: {contended} of {2 * args.rounds} rounds got < {CONTENDED:.0%} of the best "
             f"CPU/wall ({top:.2f}): other processes were using the cores; the best rounds are reported")
     best = {side: max(r) for side, r in rates.items()}
     median = {side: statistics.median(r) for side, r in rates.items()}
     fpt = ours.flops_per_token(args.seq_len)
-    peak = matmul_peak_gflops(args, cfg)
-    roofline = {"flops_per_token": fpt, "ours_gflops": round(best["ours"] * fpt / 1e9, 1),
-                "hf_gflops": round(best["hf"] * fpt / 1e9, 1), **peak,
-                "ceiling_ratio": round(peak["matmul_peak_gflops"] * 1e9 / (best["hf"] * fpt), 3)}
-    log(f"[{name}] roofline: ours {roofline['ours_gflops']} GFLOP/s, HF {roofline['hf_gflops']} GFLOP/s, "
-        f"best fp32 matmul of the model's shapes {peak['matmul_peak_gflops']} GFLOP/s -> at most "
-        f"{roofline['ceiling_ratio']:.2f}x over HF without less arithmetic")
+    roofline: dict = {"flops_per_token": fpt, "ours_gflops": round(best["ours"] * fpt / 1e9, 1),
+                      "hf_gflops": round(best["hf"] * fpt / 1e9, 1)}
+    if args.device == "cpu":
+        peak = matmul_peak_gflops(args, cfg)
+        roofline.update(peak, ceiling_ratio=round(peak["matmul_peak_gflops"] * 1e9 / (best["hf"] * fpt), 3))
+        log(f"[{name}] roofline: ours {roofline['ours_gflops']} GFLOP/s, HF {roofline['hf_gflops']} GFLOP/s, "
+            f"best fp32 matmul of the model's shapes {peak['matmul_peak_gflops']} GFLOP/s -> at most "
+            f"{roofline['ceiling_ratio']:.2f}x over HF without less arithmetic")
+    else:  # MFU the standard way: model FLOPs per token x tokens/s against the device's dense bf16 peak
+        from pretrain.train import peak_flops
+
+        dev_peak = peak_flops(torch.device(args.device)) if args.dtype == "bf16" else None
+        roofline["device_name"] = torch.cuda.get_device_name()
+        roofline["peak_tflops"] = dev_peak / 1e12 if dev_peak else None
+        roofline["ours_mfu"] = round(best["ours"] * fpt / dev_peak, 4) if dev_peak else None
+        roofline["hf_mfu"] = round(best["hf"] * fpt / dev_peak, 4) if dev_peak else None
+        roofline["ours_peak_mem_gib"], roofline["hf_peak_mem_gib"] = peak_mem["ours"], peak_mem["hf"]
+        log(f"[{name}] {roofline['device_name']}: MFU ours {roofline['ours_mfu']}, HF {roofline['hf_mfu']} "
+            f"(peak {roofline['peak_tflops']} TFLOP/s bf16); peak memory ours {peak_mem['ours']} GiB, "
+            f"HF {peak_mem['hf']} GiB")
     return {"ours_tok_s": round(best["ours"], 1), "hf_tok_s": round(best["hf"], 1),
             "ratio": round(best["ours"] / best["hf"], 4),
             "ours_tok_s_median": round(median["ours"], 1), "hf_tok_s_median": round(median["hf"], 1),
@@ -315,8 +394,9 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
 
 def print_table(result: dict) -> None:
     c = result["config"]
-    print(f"CPU training throughput, fp32, {c['threads']} threads, torch {result['torch']}, "
-          f"transformers {result['transformers']}")
+    where = f"{c['threads']} CPU threads" if c["device"] == "cpu" else c["device"]
+    print(f"training throughput, {c['dtype']}, {where}, torch {result['torch']}, "
+          f"transformers {result['transformers']}; compiled: ours {c['ours_compile']}, HF {c['hf_compile']}")
     print(f"d_model {c['d_model']}, {c['n_layer']} layers, {c['n_head']} heads, d_ff {c['d_ff']}, "
           f"vocab {c['vocab']}, seq {c['seq_len']}, batch {c['batch_size']}, "
           f"{'tied' if c['tie_embeddings'] else 'untied'} embeddings, HF MLM head {c['hf_mlm_head']}; "
@@ -336,8 +416,13 @@ def print_table(result: dict) -> None:
     for name in ("gpt", "bert"):
         if name in result:
             r = result[name]
-            print(f"{name}: model GFLOP/s ours {r['ours_gflops']}, HF {r['hf_gflops']}; best fp32 matmul of its "
-                  f"shapes {r['matmul_peak_gflops']} GFLOP/s: ceiling {r['ceiling_ratio']:.2f}x over HF")
+            if "matmul_peak_gflops" in r:
+                print(f"{name}: model GFLOP/s ours {r['ours_gflops']}, HF {r['hf_gflops']}; best fp32 matmul of "
+                      f"its shapes {r['matmul_peak_gflops']} GFLOP/s: ceiling {r['ceiling_ratio']:.2f}x over HF")
+            else:
+                print(f"{name}: model TFLOP/s ours {r['ours_gflops'] / 1e3:.1f}, HF {r['hf_gflops'] / 1e3:.1f} on "
+                      f"{r['device_name']}; MFU ours {r['ours_mfu']}, HF {r['hf_mfu']}; peak memory ours "
+                      f"{r['ours_peak_mem_gib']} GiB, HF {r['hf_peak_mem_gib']} GiB")
     print()
     print("tok/s: batch*seq*steps / round time (forward, loss, backward, AdamW step), best round and median")
     print("round; ours/HF > 1 means ours is faster. Contended: the process got < 80% of its best CPU/wall.")
@@ -348,6 +433,11 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.compile or args.hf_compile:
+        import torch._dynamo
+
+        # a graph that fails to compile runs eagerly (with a warning), as in the trainer (apply_compile)
+        torch._dynamo.config.suppress_errors = True
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -364,11 +454,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "threads": torch.get_num_threads(), "tie_embeddings": not args.untied,
                         "mask_prob": args.mask_prob,
                         "hf_mlm_head": "dense" if args.hf_dense_head else "sparse",
-                        "ours_compile": args.compile,
-                        "optimizer": {"name": "AdamW", "ours": "fused", "hf": "foreach", "lr": args.lr,
+                        "ours_compile": args.compile, "hf_compile": args.hf_compile, "preset": args.preset,
+                        "optimizer": {"name": "AdamW", "ours": "fused", "hf": args.hf_optimizer, "lr": args.lr,
                                       "betas": [0.9, 0.95],
                                       "eps": 1e-8, "weight_decay": args.weight_decay},
-                        "dtype": "fp32", "device": "cpu", "seed": args.seed,
+                        "dtype": args.dtype, "device": args.device, "seed": args.seed,
                         "wall_s": round(time.perf_counter() - t0, 1)}
     result["torch"] = torch.__version__
     result["transformers"] = transformers.__version__

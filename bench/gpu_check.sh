@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything a session with one CUDA GPU should run, in one short command (about 6-8 minutes on an H100/H200):
+#
+#   1. the GPU figures of issue 7: GPT-2-small size (124M, seq 1024, batch 16, bf16 autocast, compiled) tokens/s
+#      and MFU, ours against transformers' LlamaForCausalLM with its best settings (bf16, sdpa, compiled, fused
+#      AdamW), side by side in one process (bench/train_throughput.py --preset gpt2-small);
+#   2. the GPU test suite (pytest -m gpu): bf16 + compiled training, MFU logging, resume, eval/generate/
+#      fill-mask/embed/export/finetune on the GPU vs the CPU, DDP/FSDP on NCCL, the bench's CUDA path.
+#
+# Results go to $OUT (default ./gpu_out): throughput_gpt2_small.json (+ .log), pytest_gpu.log.
+# Needs torch with CUDA, transformers, tokenizers, safetensors, pyarrow, pyyaml, pytest; runs from a checkout
+# without installing it (PYTHONPATH). `bash bench/gpu_check.sh --smoke` runs the same steps at a tiny size on
+# whatever device there is (a CPU too), to check the script itself.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+status=0
+
+if [[ "${1:-}" == "--smoke" ]]; then
+    device=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+    size=(--d-model 64 --n-layer 2 --n-head 2 --seq-len 32 --batch-size 2 --vocab 128 --steps 1 --rounds 2
+          --warmup 1 --device "$device")
+else
+    size=(--preset gpt2-small --device cuda)
+fi
+
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv >>"$OUT/env.txt" 2>/dev/null || true
+
+echo "== 1. training throughput, ours vs transformers Llama (bf16, compiled both sides)"
+timeout 330 "$PY" bench/train_throughput.py "${size[@]}" --only gpt --dtype bf16 --compile --hf-compile --json \
+    >"$OUT/throughput_gpt2_small.json" 2> >(tee "$OUT/throughput_gpt2_small.log" >&2) || status=1
+"$PY" - "$OUT/throughput_gpt2_small.json" <<'EOF' || status=1
+import json, sys
+r = json.load(open(sys.argv[1]))
+g = r["gpt"]
+print(f"ours {g['ours_tok_s']:,.0f} tok/s, HF {g['hf_tok_s']:,.0f} tok/s, ratio {g['ratio']:.3f} "
+      f"(median {g['ratio_median']:.3f}); MFU ours {g.get('ours_mfu')}, HF {g.get('hf_mfu')}")
+EOF
+
+echo "== 2. GPU tests"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests -x 2>&1 | tee "$OUT/pytest_gpu.log"
+[[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+exit $status

@@ -1,0 +1,77 @@
+"""The side-by-side training-throughput bench (bench/train_throughput.py) at a tiny size: it runs, both sides
+have the same parameter count, the ratio is what its figures say, presets are defaults that explicit flags
+override; on a GPU (marked, skipped without one) the bf16 + compiled path reports MFU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"
+TINY = ["--d-model", "32", "--n-layer", "2", "--n-head", "2", "--seq-len", "16", "--batch-size", "2",
+        "--vocab", "64", "--steps", "1", "--rounds", "2", "--warmup", "1", "--json"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def check(result: dict, pairs: tuple[str, ...]) -> None:
+    for name in pairs:
+        r = result[name]
+        assert r["ours_params"] == r["hf_params"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["hf_tok_s"], rel=1e-3)
+        assert len(r["ours_tok_s_per_round"]) == len(r["hf_tok_s_per_round"]) == result["config"]["rounds"]
+        assert max(r["ours_tok_s_per_round"]) == pytest.approx(r["ours_tok_s"], rel=1e-3)
+        assert r["ours_last_loss"] > 0 and r["hf_last_loss"] > 0
+
+
+def test_cpu_pairs(bench, capsys):
+    result = bench.main(TINY)
+    json.loads(capsys.readouterr().out)  # --json: one object on stdout
+    check(result, ("gpt", "bert"))
+    assert result["config"]["device"] == "cpu" and result["config"]["optimizer"]["hf"] == "foreach"
+    assert result["gpt"]["matmul_peak_gflops"] > 0 and "ours_mfu" not in result["gpt"]
+
+
+def test_preset_sets_defaults_flags_win(bench):
+    args = bench.parse_args(["--preset", "gpt2-small", "--batch-size", "4"])
+    assert (args.d_model, args.n_layer, args.n_head, args.d_ff, args.vocab, args.seq_len) == \
+        (768, 12, 12, 2048, 50304, 1024)
+    assert args.batch_size == 4  # an explicit flag beats the preset
+    from pretrain.config import ModelConfig
+    from pretrain.models.gpt import GPT
+
+    with torch.device("meta"):
+        n = GPT(ModelConfig(d_model=768, n_layer=12, n_head=12, d_ff=2048, vocab_size=50304,
+                            max_seq_len=1024)).num_params()
+    assert 120e6 < n < 130e6  # "GPT-2 small size": 124M with tied embeddings
+
+
+def test_cpu_bf16_and_compiled_both_sides(bench):
+    result = bench.main([*TINY, "--only", "gpt", "--dtype", "bf16", "--compile", "--hf-compile"])
+    check(result, ("gpt",))
+    c = result["config"]
+    assert c["dtype"] == "bf16" and c["ours_compile"] and c["hf_compile"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_compiled_reports_mfu(bench):
+    result = bench.main([*TINY, "--device", "cuda", "--dtype", "bf16", "--compile", "--hf-compile"])
+    check(result, ("gpt", "bert"))
+    assert result["config"]["optimizer"]["hf"] == "fused"  # auto on CUDA: its Trainer's default
+    r = result["gpt"]
+    assert r["ours_peak_mem_gib"] > 0 and r["hf_peak_mem_gib"] > 0
+    if r["peak_tflops"]:  # a device in the peak table (H100/H200/A100...)
+        assert 0 < r["ours_mfu"] < 1 and 0 < r["hf_mfu"] < 1
