@@ -4,10 +4,13 @@
 #   1. the GPU figures of issue 7: GPT-2-small size (124M, seq 1024, batch 16, bf16 autocast, compiled) tokens/s
 #      and MFU, ours against transformers' LlamaForCausalLM with its best settings (bf16, sdpa, compiled, fused
 #      AdamW), side by side in one process (bench/train_throughput.py --preset gpt2-small);
-#   2. the GPU test suite (pytest -m gpu): bf16 + compiled training, MFU logging, resume, eval/generate/
+#   2. the same size through `pretrain train` itself (bench/trainer_mfu.py: the trainer's own logged tokens/s
+#      and MFU, prefetching loader, clipping and metrics included);
+#   3. the GPU test suite (pytest -m gpu): bf16 + compiled training, MFU logging, resume, eval/generate/
 #      fill-mask/embed/export/finetune on the GPU vs the CPU, DDP/FSDP on NCCL, the bench's CUDA path.
 #
-# Results go to $OUT (default ./gpu_out): throughput_gpt2_small.json (+ .log), pytest_gpu.log.
+# Results go to $OUT (default ./gpu_out): throughput_gpt2_small.json (+ .log), trainer_mfu.json (+ .log),
+# pytest_gpu.log, env.txt.
 # Needs torch with CUDA, transformers, tokenizers, safetensors, pyarrow, pyyaml, pytest; runs from a checkout
 # without installing it (PYTHONPATH). `bash bench/gpu_check.sh --smoke` runs the same steps at a tiny size on
 # whatever device there is (a CPU too), to check the script itself.
@@ -24,8 +27,10 @@ if [[ "${1:-}" == "--smoke" ]]; then
     device=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
     size=(--d-model 64 --n-layer 2 --n-head 2 --seq-len 32 --batch-size 2 --vocab 128 --steps 1 --rounds 2
           --warmup 1 --device "$device")
+    trainer=(--config configs/tiny.yaml --vocab 0 --steps 30 --batch-size 4 --device "$device")
 else
     size=(--preset gpt2-small --device cuda)
+    trainer=(--device cuda)  # configs/gpt2-small.yaml, vocab 50304, batch 16 x 1024, 60 steps
 fi
 
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
@@ -43,7 +48,13 @@ print(f"ours {g['ours_tok_s']:,.0f} tok/s, HF {g['hf_tok_s']:,.0f} tok/s, ratio 
       f"(median {g['ratio_median']:.3f}); MFU ours {g.get('ours_mfu')}, HF {g.get('hf_mfu')}")
 EOF
 
-echo "== 2. GPU tests"
+echo "== 2. the trainer: pretrain train at the same size"
+timeout 240 "$PY" bench/trainer_mfu.py "${trainer[@]}" --json \
+    >"$OUT/trainer_mfu.json" 2> >(tee "$OUT/trainer_mfu.log" >&2) || status=1
+"$PY" -c "import json, sys; r = json.load(open(sys.argv[1])); print('pretrain train:', r['tok_s_median'], 'tok/s',
+'(median), MFU', r['mfu_median'])" "$OUT/trainer_mfu.json" || status=1
+
+echo "== 3. GPU tests"
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests -x 2>&1 | tee "$OUT/pytest_gpu.log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 exit $status

@@ -434,10 +434,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     transformers.logging.set_verbosity_error()
     if args.compile or args.hf_compile:
-        import torch._dynamo
+        import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
 
         # a graph that fails to compile runs eagerly (with a warning), as in the trainer (apply_compile)
-        torch._dynamo.config.suppress_errors = True
+        dynamo.config.suppress_errors = True
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -75,3 +75,19 @@ def test_cuda_bf16_compiled_reports_mfu(bench):
     assert r["ours_peak_mem_gib"] > 0 and r["hf_peak_mem_gib"] > 0
     if r["peak_tflops"]:  # a device in the peak table (H100/H200/A100...)
         assert 0 < r["ours_mfu"] < 1 and 0 < r["hf_mfu"] < 1
+
+
+def test_trainer_mfu_reports_the_trainers_own_figures():
+    spec = importlib.util.spec_from_file_location("trainer_mfu", BENCH.parent / "trainer_mfu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = BENCH.parents[1]
+    r = mod.main(["--config", str(root / "configs" / "tiny.yaml"), "--vocab", "300", "--tokenizer-vocab", "300",
+                  "--steps", "20", "--log-interval", "5", "--skip", "1", "--batch-size", "2", "--device", "cpu",
+                  "--set", "data.seq_len=32"])
+    assert r["steps"] == 20 and r["intervals_used"] == 3 and len(r["tok_s_per_log"]) == 3
+    assert r["tok_s_median"] > 0 and r["tok_s_best"] == max(r["tok_s_per_log"])
+    assert r["model_vocab"] == 300 and r["tokens_per_step"] == 2 * 32
+    assert r["mfu_median"] is None  # no MFU on a CPU (no bf16 peak to measure against)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--steps", "10", "--log-interval", "10", "--skip", "2"])
