@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from _corpus import sentences
 from pretrain.data.prepare import prepare
 from pretrain.data.sources import DataError, Source, expand_inputs, read_documents
 
-DOCS = [" ".join(sentences(6, seed=i)) + (" — naïve café, 日本語 🙂, a \"quote\", a,comma\tand tab" if i % 2 else "")
+DOCS = [" ".join(sentences(6, seed=i)) + (" — naïve café, 日本語 🙂, a \"quote\", a,comma" if i % 2 else "")
         for i in range(9)]
 
 
@@ -40,7 +41,8 @@ def _write(fmt: str, root, docs=DOCS):
         import io
 
         buf = io.StringIO()
-        w = csv.writer(buf, delimiter="\t" if fmt == "tsv" else ",")
+        # TSV as GLUE-style files are written: no quoting (a '"' is text; texts hold no tab or newline)
+        w = csv.writer(buf, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None) if fmt == "tsv" else csv.writer(buf)
         w.writerow(["id", "text"])
         for i, d in enumerate(docs):
             w.writerow([i, d])
@@ -136,3 +138,30 @@ def test_zero_documents_after_cleaning_names_the_problem(tmp_path):
                 log=lambda *a: None)
     assert not (tmp_path / "d").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_table_rows_are_read_exactly_or_rejected(tmp_path, capsys):
+    # TSV: no quoting, so a text that starts with a quote stays as written and swallows no rows
+    (tmp_path / "q.tsv").write_text('id\ttext\n1\t"Hello," she said.\n2\t"open\n3\tlast\n', encoding="utf-8")
+    assert [d for s in expand_inputs([str(tmp_path / "q.tsv")]) for d in read_documents(s)] == \
+        ['"Hello," she said.', '"open', "last"]
+    # CSV: a field longer than the csv module's 128 KiB default is a document like any other
+    long = "word " * 40_000
+    (tmp_path / "long.csv").write_text(f"text\n{long}\nshort\n", encoding="utf-8")
+    assert [d for s in expand_inputs([str(tmp_path / "long.csv")]) for d in read_documents(s)] == [long, "short"]
+    bad = {
+        "unbalanced.csv": ('id,text\n1,"a stray quote\n2,fine\n', "malformed CSV"),
+        "ragged.csv": ("id,text\n1,one\n2\n", "row has 1 field(s), no column 'text'"),
+        "ints.json": ('[{"text": "ok"}, {"text": 5}]', "item 1: field 'text' is int, not a string"),
+        "surrogate.json": ('[{"text": "a \\ud83d b"}]', "lone surrogate"),
+    }
+    for name, (content, message) in bad.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        with pytest.raises(DataError, match=re.escape(message)):
+            [d for s in expand_inputs([str(tmp_path / name)]) for d in read_documents(s)]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match="column 'text' is int64, not a string column"):
+        [d for s in expand_inputs([str(tmp_path / "ints.parquet")]) for d in read_documents(s)]

@@ -358,7 +358,7 @@ def _lines(path: Path, src: Source | None = None, keepends: bool = True) -> Iter
 
 def _json_value(path: Path, where: str, obj: Any, text_field: str) -> str | None:
     if not isinstance(obj, dict):
-        raise DataError(f"{path}:{where}: expected a JSON object per line, got {type(obj).__name__}")
+        raise DataError(f"{path}:{where}: expected a JSON object, got {type(obj).__name__}")
     if text_field not in obj:
         raise DataError(f"{path}:{where}: no field {text_field!r}; fields present: "
                         f"{', '.join(sorted(obj)) or '(none)'} (choose one with --text-field)")
@@ -406,15 +406,23 @@ def _iter_table(path: Path, kind: str, field: str, src: Source | None = None) ->
         import csv
 
         lines = (line for _, line in _lines(path, src))
-        reader = csv.reader(lines, delimiter="\t" if kind == "tsv" else ",")
+        csv.field_size_limit(2**31 - 1)  # a document may be longer than the module's 128 KiB default
+        # CSV: RFC 4180 quoting, strict (an unbalanced quote is an error, not rows silently merged); TSV: no
+        # quoting at all, as GLUE-style TSV files are written (a '"' is text), the same as fine-tuning reads
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if kind == "tsv" else \
+            csv.reader(lines, strict=True)
         try:
             header = next(reader, None)
             if header is None or field not in header:
                 raise _column_error(path, field, list(header or []))
             col = header.index(field)
             for row in reader:
-                if row:  # blank lines are not rows
-                    yield row[col] if col < len(row) else None
+                if not row:  # blank lines are not rows
+                    continue
+                if col >= len(row):
+                    raise DataError(f"{path}:{reader.line_num}: row has {len(row)} field(s), no column "
+                                    f"{field!r} (column {col + 1} of the header)")
+                yield row[col]
         except csv.Error as e:
             raise DataError(f"{path}:{reader.line_num}: malformed {kind.upper()} ({e})") from None
         return
@@ -433,10 +441,7 @@ def _iter_table(path: Path, kind: str, field: str, src: Source | None = None) ->
             return
         rows = data if isinstance(data, list) else [data]
         for i, obj in enumerate(rows):
-            if not isinstance(obj, dict) or field not in obj:
-                raise DataError(f"{path}: item {i} has no field {field!r}; fields present: "
-                                f"{', '.join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__}")
-            yield obj[field] if isinstance(obj[field], str) else None
+            yield _json_value(path, f"item {i}", obj, field)
         return
     # parquet, read in record batches
     try:
@@ -446,6 +451,15 @@ def _iter_table(path: Path, kind: str, field: str, src: Source | None = None) ->
         names = pf.schema_arrow.names
         if field not in names:
             raise _column_error(path, field, names)
+        import pyarrow as pa
+
+        tp = pf.schema_arrow.field(field).type
+        if pa.types.is_dictionary(tp):  # a categorical column: its values' type
+            tp = tp.value_type
+        is_view = getattr(pa.types, "is_string_view", lambda _t: False)
+        if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or is_view(tp) or pa.types.is_null(tp)):
+            raise DataError(f"{path}: column {field!r} is {tp}, not a string column (choose the text column "
+                            "with --text-field)")
         for batch in pf.iter_batches(columns=[field], batch_size=8192):
             for value in batch.column(0).to_pylist():
                 yield value if isinstance(value, str) else None
