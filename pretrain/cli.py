@@ -64,6 +64,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
                         ngram=args.decontam_ngram)
     if args.batch_mb <= 0:
         raise PretrainError("--batch-mb must be > 0")
+    if args.tokenizer_sample_mb <= 0:
+        raise PretrainError("--tokenizer-sample-mb must be > 0")
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, text_field=args.text_field, bad_files=args.bad_files,
                    shard_tokens=args.shard_tokens, overwrite=args.overwrite, clean=clean, licence=args.licence,
@@ -88,6 +90,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.data.prepare import inspect
 
+    if args.samples < 0:
+        raise PretrainError("--samples must be >= 0")
     res = inspect(args.data_dir, samples=args.samples)
     lines = [f"{res['data_dir']}: tokenizer {res['tokenizer']['kind']}, vocab {res['tokenizer']['vocab_size']:,}, "
              f"{res['dtype']} shards, {len(res['sources'])} sources"]

@@ -714,3 +714,32 @@ def test_warnings_free_prepare(corpus_file, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare([str(corpus_file)], tmp_path / "w", tokenizer="char", log=quiet)
+
+
+def test_bad_cleaning_options_and_unencodable_text_are_clear_errors(tmp_path, capsys):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from pretrain.cli import main
+
+    (tmp_path / "c.txt").write_text("the king spoke to the queen\n", encoding="utf-8")
+    for flags, message in ((["--normalize", "NFX"], "unknown Unicode normalisation form 'NFX'"),
+                           (["--decontam-ngram", "0"], "n-gram length must be >= 1"),
+                           (["--near-dup", "1.5"], "near_dup_threshold must be between 0 and 1"),
+                           (["--tokenizer-sample-mb", "0"], "--tokenizer-sample-mb must be > 0")):
+        assert main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "char",
+                     *flags]) == 2
+        assert message in capsys.readouterr().err, flags
+        assert not (tmp_path / "o").exists()
+    # a reused tokenizer.json whose model cannot encode an unseen word (WordLevel without an unknown token)
+    tk = HFTokenizer(models.WordLevel({"the": 0, "king": 1}))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.save(str(tmp_path / "wl.json"))
+    assert main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "o"), "--tokenizer",
+                 str(tmp_path / "wl.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot encode this text" in err and "Traceback" not in err
+    assert main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "ok"), "--tokenizer", "char"]) == 0
+    capsys.readouterr()
+    assert main(["data", "inspect", str(tmp_path / "ok"), "--samples", "-1"]) == 2
+    assert "--samples must be >= 0" in capsys.readouterr().err

@@ -59,6 +59,20 @@ class CleanConfig:
     ngram: int = 13
     """n for decontamination (evaluation texts shorter than n words are matched whole)."""
 
+    def __post_init__(self) -> None:
+        forms = ("NFC", "NFKC", "NFD", "NFKD")
+        if self.normalize and self.normalize.upper() not in forms:
+            raise DataError(f"unknown Unicode normalisation form {self.normalize!r}: use one of "
+                            f"{', '.join(forms)}, or '' for none")
+        self.normalize = self.normalize.upper()
+        if self.ngram < 1:
+            raise DataError(f"the decontamination n-gram length must be >= 1, got {self.ngram}")
+        for name in ("max_symbol_ratio", "min_alpha_ratio", "max_repeated_line_ratio", "near_dup_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise DataError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if self.min_chars < 0 or self.max_chars < 0:
+            raise DataError("min_chars / max_chars must be >= 0 (0: off)")
+
     def active(self) -> bool:
         return any([self.min_chars, self.max_chars, self.max_symbol_ratio, self.min_alpha_ratio,
                     self.max_repeated_line_ratio, self.dedup_exact, self.near_dup_threshold, self.decontaminate])

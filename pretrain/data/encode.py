@@ -66,7 +66,14 @@ class IdsEncoder:
         return self.split is not None
 
     def reference(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encs = self.tk.encode_batch(texts, add_special_tokens=False)
+        try:
+            encs = self.tk.encode_batch(texts, add_special_tokens=False)
+        except Exception as e:  # tokenizers raises bare Exceptions (e.g. a WordLevel model without an unk token)
+            from pretrain.data.tokenizer import TokenizerError
+
+            raise TokenizerError(f"the tokenizer cannot encode this text: {str(e).splitlines()[0][:200]} "
+                                 "(a tokenizer.json that is reused needs an unknown token or a byte alphabet "
+                                 "for characters it has never seen)") from None
         lens = np.fromiter((len(e) for e in encs), np.int64, len(encs))
         ids = np.fromiter(chain.from_iterable(e.ids for e in encs), self.dtype, int(lens.sum()))
         return ids, lens
