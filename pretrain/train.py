@@ -9,6 +9,7 @@ logs and writes files, and checkpoints are sharded (torch.distributed.checkpoint
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import shutil
@@ -119,6 +120,14 @@ def peak_flops(device: torch.device) -> float | None:
         if key in name:
             return value
     return None
+
+
+def data_fingerprint(meta: dict[str, Any]) -> str:
+    """What identifies a prepared dataset's content, for resume: its splits (shards and their token counts)
+    and each input's content hash and mixture weight — not paths, so moved folders still match."""
+    ident = {"splits": meta.get("splits"), "mixture": meta.get("mixture"),
+             "sources": [(s.get("sha256"), s.get("weight")) for s in meta.get("sources", [])]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def resolve_config(cfg: Config, meta: dict[str, Any]) -> Config:
@@ -536,6 +545,11 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
         cmeta = read_meta(ckpt)
         if cmeta.get("tokenizer_sha256") not in (None, meta["tokenizer"]["sha256"]):
             raise PretrainError(f"{cfg.data.path} was tokenized with a different tokenizer than the run in {run}")
+        if cmeta.get("data_fingerprint") not in (None, data_fingerprint(meta)):
+            raise PretrainError(f"the data in {cfg.data.path} is not the data the run in {run} was trained on (it "
+                                "was prepared again from other inputs, or with other settings), so resuming "
+                                "would not continue the same sample order; prepare it into another folder, or "
+                                "start a new run from this one's weights (pretrain export, then --init-from)")
         saved_tc = cmeta.get("config", {}).get("train", {})
         saved_batch = cmeta.get("global_batch_size") or saved_tc.get("batch_size", 0) * saved_tc.get("grad_accum", 1)
         if saved_batch != global_batch:
@@ -603,7 +617,8 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
         saved = {"loader": batches.state_dict(), "rng": rng_state(), "loss_sum": loss_acc.item(), "loss_n": loss_n}
         info = {"tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss,
                 "best_val_loss": None if math.isinf(best_val) else best_val,
-                "tokenizer_sha256": meta["tokenizer"]["sha256"], "config": cfg.to_dict(), "n_params": n_params,
+                "tokenizer_sha256": meta["tokenizer"]["sha256"], "data_fingerprint": data_fingerprint(meta),
+                "config": cfg.to_dict(), "n_params": n_params,
                 "global_batch_size": global_batch}
         if env.active:
             save_sharded_checkpoint(run, step, model, optimizer, saved, info, keep=tc.keep_checkpoints,

@@ -107,3 +107,21 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, objective, data_dir, ref
     assert 10 <= max(logged) < 30  # killed after the checkpoint, before the end
     assert main(args) == 0  # the same command again resumes from step 10
     assert losses(run) == reference
+
+
+def test_resume_refuses_data_prepared_again_from_other_inputs(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus", n_docs=6)
+    prep = ["prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "data"), "--tokenizer", "byte",
+            "--val-fraction", "0.2"]
+    assert main(prep) == 0
+    args = [*train_args("clm", tmp_path / "data"), "--train.stop_at_step", "5"]
+    assert main(["train", "--out", str(tmp_path / "run"), *args]) == 0
+    moved = tmp_path / "moved"  # the same content in another folder still resumes
+    (tmp_path / "data").rename(moved)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--data.path", str(moved),
+                 "--train.stop_at_step", "10", "--quiet"]) == 0
+    write_corpus(tmp_path / "corpus", n_docs=8, seed=1)  # other documents, the same tokenizer
+    assert main([*prep, "--out", str(moved), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--data.path", str(moved), "--quiet"]) == 2
+    assert "is not the data the run" in capsys.readouterr().err
