@@ -46,6 +46,14 @@ def test_near_duplicates_recall_and_precision():
     assert pairs_caught - len(copies) < 0.01 * len(distinct)  # fewer than 1% of distinct documents lost
 
 
+def test_documents_without_words_are_not_near_duplicates_of_each_other():
+    cleaner = Cleaner(CleanConfig(near_dup_threshold=0.7))
+    docs = ["!!!", "...", "🙂🙂", "---", "🙂🙂"]
+    assert [cleaner.keep(d) for d in docs] == [True, True, True, True, True]  # (exact dedup is off)
+    cleaner = Cleaner(CleanConfig(near_dup_threshold=0.7, dedup_exact=True))
+    assert [cleaner.keep(d) for d in docs] == [True, True, True, True, False]
+
+
 def test_decontamination_removes_documents_with_test_sentences(tmp_path):
     test_sents = [" ".join(sentences(2, seed=900 + i)) for i in range(5)]  # 10+ words each
     (tmp_path / "eval.txt").write_text("\n".join(test_sents) + "\n")

@@ -149,10 +149,10 @@ class Cleaner:
             contaminated = any(_h(" ".join(w[i:i + n])) in self._contam for i in range(len(w) - n + 1)) or any(
                 _h(" ".join(w[i:i + k])) in self._contam for k in self._short_lens for i in range(len(w) - k + 1))
         minhash = None
-        if self._lsh is not None:
+        w = _words(text) if self._lsh is not None else []
+        if w:  # a document without words (punctuation, emoji) has no shingles: exact dedup only
             from datasketch import MinHash
 
-            w = _words(text)
             shingles = {" ".join(w[i:i + 5]).encode() for i in range(max(1, len(w) - 4))}
             proto = self._proto()
             m = MinHash(num_perm=NUM_PERM, seed=1, permutations=proto.permutations, scheme=proto.scheme)
