@@ -743,3 +743,28 @@ def test_bad_cleaning_options_and_unencodable_text_are_clear_errors(tmp_path, ca
     capsys.readouterr()
     assert main(["data", "inspect", str(tmp_path / "ok"), "--samples", "-1"]) == 2
     assert "--samples must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_crash_inside_the_final_swap_loses_nothing(tmp_path, finished):
+    (tmp_path / "a.txt").write_text("first corpus text\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("second, other corpus text\n", encoding="utf-8")
+    out = tmp_path / "d"
+    prepare([str(tmp_path / "a.txt")], out, tokenizer="byte", log=quiet)
+    old_meta = load_meta(out)
+    prepare([str(tmp_path / "b.txt")], tmp_path / "new", tokenizer="byte", log=quiet)
+    # the state between the swap's two renames: out moved aside, the new directory not yet in place
+    out.rename(tmp_path / ".d.old")
+    partial = tmp_path / ".d.partial"
+    (tmp_path / "new").rename(partial)
+    if not finished:
+        (partial / "meta.json").unlink()  # the new one was not complete
+    with pytest.raises(DataError, match="recovered from an interrupted prepare"):
+        prepare([str(tmp_path / "b.txt")], out, tokenizer="byte", log=quiet)  # no --overwrite: nothing replaced
+    got = load_meta(out)
+    assert got["sources"][0]["path"].endswith("b.txt" if finished else "a.txt")
+    assert finished or got == old_meta
+    assert (tmp_path / ".d.old").exists() is False
+    prepare([str(tmp_path / "b.txt")], out, tokenizer="byte", overwrite=True, log=quiet)
+    assert load_meta(out)["sources"][0]["path"].endswith("b.txt")
+    assert not (tmp_path / ".d.old").exists() and not partial.exists()

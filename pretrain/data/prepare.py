@@ -403,10 +403,22 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
     out.parent.mkdir(parents=True, exist_ok=True)
     with _output_lock(out):
         partial = out.parent / f".{out.name}.partial"
+        stale = out.parent / f".{out.name}.old"
+        if stale.exists() and not out.exists():  # a crash inside the final swap (between its two renames)
+            if (partial / META).is_file():  # the new directory was complete: finish the swap
+                log(f"completing the interrupted swap of {partial} into {out}")
+                os.replace(partial, out)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:  # put the previous directory back
+                log(f"restoring {out} from {stale}, left by an interrupted prepare")
+                os.replace(stale, out)
+            fsync_dir(out.parent)
+            if not overwrite:
+                raise DataError(f"{out} already holds prepared data (recovered from an interrupted prepare); "
+                                "pass --overwrite to replace it")
         if partial.exists():
             log(f"removing {partial}, left by an interrupted prepare: starting again")
             shutil.rmtree(partial)
-        stale = out.parent / f".{out.name}.old"
         if stale.exists():
             shutil.rmtree(stale)
         return _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files,
