@@ -768,3 +768,18 @@ def test_crash_inside_the_final_swap_loses_nothing(tmp_path, finished):
     prepare([str(tmp_path / "b.txt")], out, tokenizer="byte", overwrite=True, log=quiet)
     assert load_meta(out)["sources"][0]["path"].endswith("b.txt")
     assert not (tmp_path / ".d.old").exists() and not partial.exists()
+
+
+def test_reused_tokenizer_that_does_not_cover_the_corpus_is_reported(tmp_path):
+    (tmp_path / "a.txt").write_text("abc abc abc\n", encoding="utf-8")
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d1", tokenizer="char", log=quiet)
+    (tmp_path / "b.txt").write_text("ZZZ 123 ééé abc\n", encoding="utf-8")
+    lines: list[str] = []
+    prepare([str(tmp_path / "b.txt")], tmp_path / "d2", tokenizer=str(tmp_path / "d1" / "tokenizer.json"),
+            log=lines.append)
+    warning = [x for x in lines if "unknown token" in x]
+    assert len(warning) == 1 and "9 of 16 tokens" in warning[0], lines
+    lines.clear()
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d3", tokenizer=str(tmp_path / "d1" / "tokenizer.json"),
+            log=lines.append)
+    assert not [x for x in lines if "unknown token" in x]

@@ -651,6 +651,17 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
     for sp in SPLITS:
         info = split_info[sp]
         log(f"{sp}: {info['tokens']:,} tokens, {info['documents']:,} documents, {info['bytes']:,} bytes")
+    if tok.kind == "file" and tok.unk_id is not None:  # a reused tokenizer may not cover this corpus
+        unk = total = 0
+        for sp in SPLITS:
+            for shard in (x for x in meta["splits"][sp]["shards"] if x["tokens"]):
+                ids = np.memmap(out / shard["file"], dtype=dtype, mode="r")
+                unk += int(np.count_nonzero(ids == tok.unk_id))
+                total += ids.size
+        if total and unk / total > 0.001:
+            log(f"warning: {unk:,} of {total:,} tokens ({unk / total:.1%}) are the unknown token: the reused "
+                "tokenizer does not cover this corpus's characters (train one with --tokenizer bpe, or reuse "
+                "one with a byte-level alphabet)")
     return meta
 
 
