@@ -783,3 +783,9 @@ def test_reused_tokenizer_that_does_not_cover_the_corpus_is_reported(tmp_path):
     prepare([str(tmp_path / "a.txt")], tmp_path / "d3", tokenizer=str(tmp_path / "d1" / "tokenizer.json"),
             log=lines.append)
     assert not [x for x in lines if "unknown token" in x]
+
+
+def test_utf16_file_is_named_as_such(tmp_path):
+    (tmp_path / "u.txt").write_bytes("some text\n".encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16/32 encoded"):
+        prepare([str(tmp_path / "u.txt")], tmp_path / "o", tokenizer="byte", log=quiet)

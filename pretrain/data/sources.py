@@ -303,18 +303,21 @@ def _read_bytes(path: Path) -> bytes:
     return b"".join(_chunks(path))
 
 
-def _binary_error(path: Path) -> DataError:
+def _binary_error(path: Path, head: bytes = b"") -> DataError:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 (or UTF-32) with a byte-order mark
+        return DataError(f"{path} is UTF-16/32 encoded (it starts with a byte-order mark); re-encode it as "
+                         "UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     return DataError(f"{path} looks like a binary file (NUL bytes); not text")
 
 
 def _utf8_error(path: Path, e: UnicodeDecodeError, raw: bytes, offset: int = 0) -> DataError:
     return DataError(f"{path} is not valid UTF-8 (byte {offset + e.start}: {raw[e.start:e.start + 4]!r}); "
-                     "re-encode it as UTF-8 or pass --bad-files skip")
+                     "re-encode it as UTF-8 (or pass --bad-files skip to leave such files out)")
 
 
 def _decode(path: Path, raw: bytes) -> str:
     if b"\x00" in raw[:8192]:
-        raise _binary_error(path)
+        raise _binary_error(path, raw[:4])
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -333,7 +336,7 @@ def _lines(path: Path, src: Source | None = None, keepends: bool = True) -> Iter
     for block in _chunks(path, src):
         if first:
             if b"\x00" in block[:8192]:
-                raise _binary_error(path)
+                raise _binary_error(path, block[:4])
             if block.startswith(b"\xef\xbb\xbf"):
                 block, offset = block[3:], 3
             first = False
@@ -587,8 +590,9 @@ def iter_documents(sources: list, text_field: str = "text", bad_files: str = "er
                 for _ in iter_source(src, text_field, text_unit):
                     pass
             except DataError as e:
-                warnings.warn(f"skipping {src.label}: {e}", stacklevel=2)
-                src.skipped = str(e)
+                reason = str(e).replace(" (or pass --bad-files skip to leave such files out)", "")
+                warnings.warn(f"skipping {src.label}: {reason}", stacklevel=2)
+                src.skipped = reason
                 continue
             src.checked = True
         docs = iter_source(src, text_field, text_unit, record=record)
