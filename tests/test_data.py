@@ -789,3 +789,13 @@ def test_utf16_file_is_named_as_such(tmp_path):
     (tmp_path / "u.txt").write_bytes("some text\n".encode("utf-16"))
     with pytest.raises(DataError, match="UTF-16/32 encoded"):
         prepare([str(tmp_path / "u.txt")], tmp_path / "o", tokenizer="byte", log=quiet)
+
+
+def test_out_inside_an_input_folder_is_not_read_back(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text to read\n", encoding="utf-8")
+    out = tmp_path / "corpus" / "prep"
+    first = prepare([str(tmp_path / "corpus")], out, tokenizer="byte", log=quiet)
+    again = prepare([str(tmp_path / "corpus")], out, tokenizer="byte", overwrite=True, log=quiet)
+    assert len(again["sources"]) == len(first["sources"]) == 1
+    assert again["splits"] == first["splits"]

@@ -48,15 +48,19 @@ def _write(fmt: str, root, docs=DOCS):
             w.writerow([i, d])
         data = buf.getvalue().encode()
         path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
-    elif fmt == "parquet":
+    elif fmt in ("parquet", "parquet.gz"):
+        import io
+
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), path, row_group_size=4)
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), buf, row_group_size=4)
+        path.write_bytes(gzip.compress(buf.getvalue()) if fmt.endswith(".gz") else buf.getvalue())
     return [str(path)]
 
 
-FORMATS = ["txt", "jsonl", "jsonl.gz", "jsonl.zst", "json", "csv", "tsv", "csv.gz", "parquet"]
+FORMATS = ["txt", "jsonl", "jsonl.gz", "jsonl.zst", "json", "csv", "tsv", "csv.gz", "parquet", "parquet.gz"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -396,6 +396,11 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
         raise DataError(f"{out} exists and is not a prepared data directory; refusing to replace it "
                         "(choose an empty or new --out)")
     sources = expand_inputs(inputs, hf_split=hf_split, hf_revision=hf_revision, hf_data_files=hf_data_files)
+    # an --out inside an input folder: its own files (and the hidden work folders beside it) are not input
+    own = [p.resolve() for p in (out, out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old")]
+    sources = [s for s in sources if s.path is None or not any(o in s.path.resolve().parents for o in own)]
+    if not sources:
+        raise DataError(f"no input files outside the output directory {out}")
     weighted = any(s.weight is not None for s in sources)
     if workers is None:
         size = sum(s.path.stat().st_size if s.path is not None else AUTO_INPROCESS_BYTES for s in sources)

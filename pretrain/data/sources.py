@@ -450,7 +450,12 @@ def _iter_table(path: Path, kind: str, field: str, src: Source | None = None) ->
     try:
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        if _split_suffix(path)[1]:  # .parquet.gz / .zst: Parquet needs random access, so decompress in memory
+            import pyarrow as pa
+
+            pf = pq.ParquetFile(pa.BufferReader(b"".join(_chunks(path))))
+        else:
+            pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
         if field not in names:
             raise _column_error(path, field, names)
