@@ -183,6 +183,8 @@ def expand_inputs(inputs: list, hf_split: str = "train", hf_revision: str | None
         else:
             parsed.append((item, weight))
     weighted = any(w is not None for _, w in parsed)
+    if weighted and all(w == 0 for _, w in parsed):  # before any file is read, not after tokenizing them all
+        raise DataError("every mixture weight is 0: give at least one input a positive weight")
     seen: dict[Path, Source] = {}
     out: list = []
     for group, (item, weight) in enumerate(parsed):
