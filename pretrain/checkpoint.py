@@ -200,9 +200,9 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, op
             names.insert(0, MODEL_FILE)
         torch.save(state, tmp / STATE_FILE)
         shards = {}
-        for f in sorted((tmp / DCP_DIR).iterdir()):
+        for f in sorted((tmp / DCP_DIR).iterdir()):  # size and sha256 of every shard: damage is caught on load
             _fsync_file(f)
-            shards[f.name] = f.stat().st_size
+            shards[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
         fsync_dir(tmp / DCP_DIR)
         meta = {**meta, "step": step, "format": "dcp", "world_size": dist.get_world_size(),
                 "files": _file_records(tmp, names), "dcp_files": shards}
@@ -217,12 +217,15 @@ def is_sharded(meta: dict[str, Any]) -> bool:
 
 def _verify_shards(ckpt: Path, meta: dict[str, Any]) -> Path:
     d = ckpt / DCP_DIR
-    for name, size in meta.get("dcp_files", {}).items():
+    for name, info in meta.get("dcp_files", {}).items():
         p = d / name
+        size, sha = (info["bytes"], info.get("sha256")) if isinstance(info, dict) else (info, None)  # old: size only
         if not p.is_file():
             raise CheckpointError(f"{p} is missing: the checkpoint is incomplete")
         if p.stat().st_size != size:
             raise CheckpointError(f"{p} is truncated or corrupt ({p.stat().st_size} bytes, expected {size})")
+        if sha is not None and _sha256(p) != sha:
+            raise CheckpointError(f"{p} is corrupt (sha256 does not match the one recorded at save time)")
     if not (d / ".metadata").is_file():
         raise CheckpointError(f"{d} has no .metadata: not a complete torch.distributed.checkpoint")
     return d
@@ -233,13 +236,14 @@ def _dcp_load(state_dict: dict[str, Any], path: Path) -> None:
 
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     single = not (dist.is_available() and dist.is_initialized())
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         try:
             dcp.load(state_dict, checkpoint_id=path, no_dist=single)
-        except Exception as e:  # DCP raises assorted errors (CheckpointException wraps each rank's)
+        except (Exception, CheckpointException) as e:  # DCP raises assorted errors (and wraps each rank's)
             raise CheckpointError(f"cannot load the sharded checkpoint {path}: {str(e).splitlines()[0][:300]}") from None
 
 

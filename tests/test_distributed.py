@@ -223,6 +223,16 @@ def test_truncated_shard_is_a_clear_error(tmp_path, data_dir, two_procs, capsys)
     shard.write_bytes(shard.read_bytes()[:100])
     assert main(["train", "--out", str(broken), *args_for(data_dir, *CPU, "--train.max_steps", "30")]) == 2
     assert "__1_0.distcp is truncated or corrupt" in capsys.readouterr().err
+    # same-size damage (bytes overwritten in place) is caught too, by the sha256 recorded at save time
+    broken = copy_until(run, tmp_path / "run2", 20)
+    shard = latest_checkpoint(broken) / "dcp" / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3:len(raw) // 3 + 64] = bytes(64)
+    shard.write_bytes(bytes(raw))
+    # (eval and export read the consolidated model.safetensors, itself checked; resuming reads the shards)
+    assert main(["train", "--out", str(broken), *args_for(data_dir, *CPU, "--train.max_steps", "30")]) == 2
+    err = capsys.readouterr().err
+    assert "__0_0.distcp is corrupt (sha256" in err and "Traceback" not in err, err
 
 
 # ----------------------------------------------------------------------------------------------------------
