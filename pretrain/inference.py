@@ -46,7 +46,7 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, device: str = "auto",
                   num_samples: int = 1) -> list[str]:
     """Continue ``prompt`` with the run's newest checkpoint (KV-cached sampling)."""
-    if max_new_tokens < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or num_samples < 1 or temperature < 0:
+    if max_new_tokens < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or num_samples < 1 or not 0 <= temperature < float("inf"):
         raise PretrainError("need max_new_tokens >= 0, top_k >= 0, 0 < top_p <= 1, temperature >= 0 and "
                             "num_samples >= 1")
     dev = resolve_device(device)

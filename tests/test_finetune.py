@@ -211,6 +211,9 @@ def test_prompt_encoding_and_errors(pretrained, tmp_path, capsys):
         verbalizer_ids(tok, f"neg={w[0]},pos={w[1]},meh={w[2]}", ["neg", "pos"], encoder)
     with pytest.raises(ConfigError, match="one-token words"):
         verbalizer_ids(tok, f"neg={w[0]},pos=greenwinterish", ["neg", "pos"], encoder)
+    if tok.unk_id is not None:  # WordPiece: a character it never saw is one [UNK] token
+        with pytest.raises(ConfigError, match="not in this vocabulary"):
+            verbalizer_ids(tok, f"neg={w[0]},pos=ζ", ["neg", "pos"], encoder)
     assert verbalizer_ids(tok, f"pos={w[1]},neg={w[0]}", ["neg", "pos"], encoder) == \
         [tok.encode(x if encoder else " " + x)[0] for x in w[:2]]
     for bad, match in (({"prompt": "{text} was"}, "needs both"),
@@ -363,6 +366,24 @@ def test_bad_input(tmp_path, pretrained, capsys):
     assert main(["finetune", run, "--train", str(long), "--valid", va, "--out", str(tmp_path / "o"), "--epochs", "1",
                  "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["truncated"] == {"train": 1, "valid": 0}
+    o = str(tmp_path / "o2")
+    # no room for the text (this used to loop forever), the pre-training run as --out, bad numbers
+    assert "leaves no room for the text" in err("finetune", run, "--train", tr, "--valid", va, "--out", o,
+                                                "--max-length", "1")
+    assert "is a pre-training run" in err("finetune", run, "--train", tr, "--valid", va, "--out", run)
+    assert "lora_dropout must be in [0, 1)" in err("finetune", run, "--train", tr, "--valid", va, "--out", o,
+                                                   "--lora", "--lora-dropout", "5")
+    assert "--batch-size must be >= 1" in err("predict", str(tmp_path / "o"), "--input", va, "--out",
+                                              str(tmp_path / "p.jsonl"), "--batch-size", "0")
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "a b", "label": "pos"}, {"text": "c", "label": "pos"}])
+    assert "at least two labels" in err("probe", run, "--train", str(one), "--valid", str(one))
+    ft_json = tmp_path / "o" / "finetune.json"
+    ft_json.write_text("{not json", encoding="utf-8")
+    assert "finetune.json is corrupt" in err("predict", str(tmp_path / "o"), "--input", va, "--out",
+                                             str(tmp_path / "p.jsonl"))
+    ft_json.write_text("{}", encoding="utf-8")
+    assert "finetune.json is incomplete" in err("predict", str(tmp_path / "o"), "--input", va, "--out",
+                                                str(tmp_path / "p.jsonl"))
 
 
 def test_every_table_format_reads_the_same_examples(tmp_path):

@@ -123,6 +123,8 @@ class FinetuneConfig:
         _check(0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]")
         _check(not (self.head_only and self.lora), "head_only and lora exclude each other")
         _check(self.lora_r >= 1, "lora_r must be >= 1")
+        _check(self.lora_alpha > 0, "lora_alpha must be > 0")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)")
         _check(0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)")
         _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
         _check(self.pooling in ("auto", "cls", "last", "mean"), f"pooling must be auto, cls, last or mean, got {self.pooling!r}")
@@ -185,6 +187,9 @@ def encode_inputs(tok, texts: list[str], pairs: list[str] | None, encoder: bool,
     out, truncated = [], 0
     for i, (a, b) in enumerate(zip(ids_a, ids_b)):
         room = max_len - len(lead) - (2 if b is not None else 1)
+        if room < (2 if b is not None else 1):  # (checked per row: whether there is a pair can differ)
+            raise ConfigError(f"max_length {max_len} leaves no room for the text once the special tokens "
+                              f"({max_len - room}) are added; raise --max-length")
         if len(a) + len(b or []) > room:
             truncated += 1
             a, b = _truncate(a, b, room, truncation, f"row {i + 1}")
@@ -242,7 +247,12 @@ def verbalizer_ids(tok, spec: str, names: list[Any], encoder: bool) -> list[int]
         if len(pieces) != 1:
             raise ConfigError(f"verbalizer word {word!r} is {len(pieces)} tokens in this vocabulary "
                               f"({[tok.decode([p]) for p in pieces]}); prompt-based classification needs one-token words")
+        if tok.unk_id is not None and pieces[0] == tok.unk_id:
+            raise ConfigError(f"verbalizer word {word!r} is not in this vocabulary (it encodes to the unknown "
+                              "token); choose a word the tokenizer knows")
         ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"verbalizer {spec!r}: two labels map to the same token")
     return ids
 
 
@@ -509,6 +519,9 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
 
     cfg = cfg or FinetuneConfig()
     out = Path(out)
+    if (out / "checkpoints").is_dir():
+        raise ConfigError(f"{out} is a pre-training run (it holds checkpoints/); fine-tuning would overwrite its "
+                          "files: choose another --out")
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     train_ex = read_task(cfg, train_path)
     if train_subset is not None:
@@ -516,8 +529,8 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     valid_ex = read_task(cfg, valid_path)
     if cfg.task == "regression":
         for ex, where in ((train_ex, train_path), (valid_ex, valid_path)):
-            if not all(isinstance(v, (int, float)) for v in ex.labels):
-                raise TaskDataError(f"{where}: regression needs numeric labels in {cfg.label_column!r}")
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ex.labels):
+                raise TaskDataError(f"{where}: regression needs finite numeric labels in {cfg.label_column!r}")
         names: list[Any] = []
     else:
         names = label_names(_labels_of(cfg, train_ex))
@@ -680,7 +693,14 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
     if not (path / FT_FILE).is_file() or not (path / WEIGHTS).is_file():
         raise PretrainError(f"{path} is not a fine-tuned model (expected {FT_FILE} and {WEIGHTS}; "
                             "make one with `pretrain finetune`)")
-    info = json.loads((path / FT_FILE).read_text(encoding="utf-8"))
+    try:
+        info = json.loads((path / FT_FILE).read_text(encoding="utf-8"))
+        missing = [k for k in ("backbone", "task", "labels", "pooling", "encoder", "config", "max_length")
+                   if k not in info]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise PretrainError(f"{path / FT_FILE} is corrupt ({e})") from None
+    if missing:
+        raise PretrainError(f"{path / FT_FILE} is incomplete: no {', '.join(missing)}")
     pcfg = from_dict(Config, info["backbone"])
     backbone = build_model(pcfg.model)
     n_out = 1 if info["task"] == "regression" else len(info["labels"])
@@ -701,6 +721,8 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
     (.jsonl, .csv or .parquet; CoNLL .txt/.conll for token tasks)."""
     from pretrain.train import resolve_device
 
+    if batch_size < 1:
+        raise PretrainError("--batch-size must be >= 1")
     dev = resolve_device(device)
     model, info, tok = load_finetuned(ft_dir, dev)
     cfg = from_dict(FinetuneConfig, info["config"])

@@ -231,6 +231,8 @@ def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_col
     from pretrain.finetune.data import check_known, read_examples
     from pretrain.train import resolve_device
 
+    if batch_size < 1 or max_train < 0:
+        raise PretrainError("--batch-size must be >= 1 and --max-train >= 0 (0: every row)")
     dev = resolve_device(device)
     try:
         model, cfg, tok, _ = load_pretrained(run, dev)
@@ -242,6 +244,8 @@ def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_col
     if max_train and max_train < len(tr):
         tr = tr.subset(sample_budget(tr.labels, max_train, seed, len(tr)))
     check_known(va.labels, sorted(set(tr.labels)), str(valid))
+    if len(set(tr.labels)) < 2:
+        raise PretrainError(f"{train}: a linear probe needs at least two labels, found {sorted(set(tr.labels))}")
     t0 = time.time()
     xtr, trunc_tr = embed_texts(model, tok, cfg, tr.texts, pool, False, batch_size, dev)
     xva, trunc_va = embed_texts(model, tok, cfg, va.texts, pool, False, batch_size, dev)
