@@ -42,7 +42,10 @@ def hf_config_dict(cfg: ModelConfig, special: dict[str, int | None] | None = Non
                 "rope_parameters": {"full_attention": rope, "sliding_attention": rope},
                 "embedding_dropout": 0.0, "attention_dropout": 0.0, "mlp_dropout": 0.0,
                 "pad_token_id": special.get("pad_id"), "cls_token_id": special.get("cls_id"),
-                "sep_token_id": special.get("eot_id"), "mask_token_id": special.get("mask_id")}
+                "sep_token_id": special.get("eot_id"), "mask_token_id": special.get("mask_id"),
+                # as ModernBERT's own configs: bos = [CLS], eos = [SEP] (else transformers fills in ids
+                # 50281/50282, outside a small vocabulary)
+                "bos_token_id": special.get("cls_id"), "eos_token_id": special.get("eot_id")}
     if cfg.arch == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                 "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.max_seq_len,

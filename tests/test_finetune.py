@@ -377,6 +377,8 @@ def test_bad_input(tmp_path, pretrained, capsys):
                                               str(tmp_path / "p.jsonl"), "--batch-size", "0")
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": "a b", "label": "pos"}, {"text": "c", "label": "pos"}])
     assert "at least two labels" in err("probe", run, "--train", str(one), "--valid", str(one))
+    assert "reads CoNLL text files" in err("finetune", run, "--task", "token", "--train", tr, "--valid", va,
+                                           "--out", o)
     ft_json = tmp_path / "o" / "finetune.json"
     ft_json.write_text("{not json", encoding="utf-8")
     assert "finetune.json is corrupt" in err("predict", str(tmp_path / "o"), "--input", va, "--out",

@@ -171,6 +171,11 @@ def read_conll(path: str | Path, with_tags: bool = True) -> TokenExamples:
     path = Path(path)
     if not path.is_file():
         raise TaskDataError(f"file not found: {path}")
+    from pretrain.data.sources import kind_of
+
+    if kind_of(path) != "text":  # a table read as 'token tag' lines would train on garbage
+        raise TaskDataError(f"{path}: --task token reads CoNLL text files (one 'token tag' per line, a blank "
+                            f"line between sentences), not {kind_of(path).upper()}")
     words: list[list[str]] = []
     tags: list[list[str]] = []
     cur_w: list[str] = []
