@@ -124,6 +124,12 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     model, cfg, tok, meta = load_pretrained(run, "cpu")
     ckpt = resolve_checkpoint(run)
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # files an earlier export wrote and this one may not (weight shards, generation config)
+        for p in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json"),
+                  *(out / n for n in ("generation_config.json", "config.json", "tokenizer.json",
+                                      "tokenizer_config.json", "special_tokens_map.json"))]:
+            if p.is_file():
+                p.unlink()
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     sd = {k: v.to(torch_dtype).contiguous() for k, v in to_hf_state_dict(model).items()}
 

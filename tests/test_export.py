@@ -142,6 +142,12 @@ def test_export_refuses_a_non_empty_directory(runs, tmp_path, capsys):
     (tmp_path / "x").write_text("keep me")
     assert main(["export", str(run), "--out", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "x").read_text() == "keep me"
+    # --overwrite: an encoder exported over a decoder export keeps no decoder file; the user's file stays
+    assert main(["export", str(run), "--out", str(tmp_path), "--overwrite"]) == 0
+    assert (tmp_path / "generation_config.json").is_file()
+    assert main(["export", str(runs["bert"][0]), "--out", str(tmp_path), "--overwrite"]) == 0
+    assert not (tmp_path / "generation_config.json").exists() and (tmp_path / "x").read_text() == "keep me"
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["ModernBertForMaskedLM"]
 
 
 # ============================================================== `--train.init_from HF_DIR` (import)
