@@ -36,7 +36,7 @@ from pretrain.checkpoint import (
     save_sharded_checkpoint,
     set_rng_state,
 )
-from pretrain.config import Config, ConfigError, from_dict, load_yaml
+from pretrain.config import Config, ConfigError, ModelConfig, from_dict, load_yaml
 from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_batches, eval_windows
 from pretrain.data.prepare import load_meta, write_text_atomic
 from pretrain.data.tokenizer import Tokenizer
@@ -171,7 +171,20 @@ def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch
     if cfg.objective != "clm":
         raise ConfigError("train.init_from supports causal-LM (Llama-architecture) checkpoints: objective clm")
     d = cfg.to_dict()
-    d["model"] = {**model_section, "max_seq_len": max(model_section["max_seq_len"], d["data"]["seq_len"])}
+    # the architecture comes from config.json: model.* values set (in a preset or on the command line) that
+    # contradict it are ignored, and said so; dropout (not architecture) may be set for the continued training
+    defaults, given = ModelConfig().__dict__, d["model"]
+    ignored = [f"model.{k}={v!r} (checkpoint: {model_section[k]!r})" for k, v in given.items()
+               if k not in ("dropout", "max_seq_len") and k in model_section and v != defaults.get(k)
+               and v != model_section[k]]
+    if ignored:
+        print(f"warning: train.init_from takes the architecture from {hf_dir / 'config.json'}; ignoring "
+              + ", ".join(ignored), file=sys.stderr, flush=True)
+    if model_section.get("arch") == "gpt2" and d["data"]["seq_len"] > model_section["max_seq_len"]:
+        raise ConfigError(f"data.seq_len {d['data']['seq_len']} exceeds {hf_dir}'s {model_section['max_seq_len']} "
+                          "learned positions (n_positions); use a seq_len of at most that")
+    d["model"] = {**model_section, "dropout": given.get("dropout", model_section.get("dropout", 0.0)),
+                  "max_seq_len": max(model_section["max_seq_len"], d["data"]["seq_len"])}
     return from_dict(Config, d), sd
 
 

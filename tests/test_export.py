@@ -237,6 +237,16 @@ def test_import_bad_inputs(hf_llama, tmp_path, capsys):
                  "--train.init_from", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err and "bad" in err
+    # a --model.* override that contradicts the checkpoint's architecture is ignored with a warning
+    conf = json.loads((root / "hf" / "config.json").read_text())
+    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "d3"), "--tokenizer", str(root / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "r3"), "--data.path", str(tmp_path / "d3"), "--data.seq_len", "16",
+                 "--train.init_from", str(root / "hf"), "--model.n_layer", str(conf["num_hidden_layers"] + 3),
+                 "--model.dropout", "0.1", "--train.max_steps", "2", "--quiet"]) == 0
+    assert f"ignoring model.n_layer={conf['num_hidden_layers'] + 3}" in capsys.readouterr().err
+    saved = (tmp_path / "r3" / "config.yaml").read_text()
+    assert f"n_layer: {conf['num_hidden_layers']}" in saved and "dropout: 0.1" in saved
 
 
 def test_import_gpt2_matches_trains_and_round_trips(tmp_path, capsys):
