@@ -380,7 +380,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             key, raw = key.split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and len(args[i + 1]) > 2
+                                      and not args[i + 1][2:3].isdigit()):
                 raise ConfigError(f"override {arg!r} needs a value")
             raw = args[i + 1]
             i += 2

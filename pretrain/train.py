@@ -278,7 +278,9 @@ def check_config_compatible(saved: Config, new: Config) -> None:
     diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k) and k not in RESUMABLE_KEYS]
     if diffs:
         raise ConfigError("the run directory holds a run with a different configuration (" + "; ".join(diffs[:6])
-                          + "); use a new --out, or `pretrain train --resume RUN_DIR` to continue with its config")
+                          + "); to continue it, drop those changes (`pretrain train --resume RUN_DIR` takes its "
+                          "saved config; only settings such as train.max_steps, train.eval_interval or "
+                          "train.device may change), or start a new run with another --out")
 
 
 def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int, device: torch.device,
@@ -461,6 +463,12 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
         with run_lock(run) if env.is_main else contextlib.nullcontext():  # rank 0 speaks for the job
             return _train(cfg, run, quiet or not env.is_main, env)
     except PretrainError as e:
+        from pretrain.checkpoint import CheckpointError, list_checkpoints
+
+        ckpts = list_checkpoints(run) if isinstance(e, CheckpointError) and run.is_dir() else []
+        if len(ckpts) > 1 and str(ckpts[-1]) in str(e):  # the newest is damaged: say how to use the one before
+            e.args = (f"{e}; the previous checkpoint {ckpts[-2]} is kept: move {ckpts[-1].name} out of "
+                      f"{ckpts[-1].parent} to resume from it", *e.args[1:])
         if env.world_size > 1:  # say which rank failed (torchrun then stops the others)
             e.args = (f"[rank {env.rank}/{env.world_size}] {e}", *e.args[1:])
         raise

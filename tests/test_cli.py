@@ -129,6 +129,20 @@ def test_corrupt_checkpoint(tmp_path, trained_any, capsys):
     assert_clean_error(res, "truncated")
 
 
+def test_damaged_newest_checkpoint_names_the_one_before(tmp_path, trained, capsys):
+    root, _ = trained
+    args = [*overrides(TINY_TRAIN), "--data.path", str(root / "data"), "--train.ckpt_interval", "2", "--quiet"]
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *args, "--train.max_steps", "4"]) == 0
+    newest = run / "checkpoints" / "step_000004"
+    (newest / "state.pt").write_bytes(b"garbage")
+    err = error_of(capsys, "train", "--out", str(run), *args, "--train.max_steps", "6")
+    assert "the previous checkpoint" in err and "step_000002" in err and "\n" not in err.strip()
+    newest.rename(tmp_path / "aside")  # as the message says: then it resumes from step 2
+    assert main(["train", "--out", str(run), *args, "--train.max_steps", "6"]) == 0
+    assert (run / "checkpoints" / "step_000006").is_dir()
+
+
 def test_data_with_other_tokenizer(tmp_path, trained, capsys):
     root, run = trained
     assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "bytes"), "--tokenizer", "byte"]) == 0

@@ -50,6 +50,7 @@ def test_parse_overrides_yaml_scalars():
     (["train.lr", "1"], "unexpected argument"),
     (["--"], "unexpected argument"),
     (["--train.lr"], "needs a value"),
+    (["--train.lr", "--train.max_steps", "5"], "'--train.lr' needs a value"),
     (["--train", "5", "--train.lr", "1"], "conflicts"),
 ])
 def test_parse_overrides_errors(args, msg):
