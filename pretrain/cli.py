@@ -203,6 +203,21 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``error: ...``), exit status 2, like every other user error."""
 
     def error(self, message: str):  # type: ignore[override]
+        import difflib
+
+        if message.startswith("unrecognized arguments: "):  # a typo: name the closest option of the command
+            parser: argparse.ArgumentParser = self
+            for action in self._actions:  # (the top-level parser reports a subcommand's unknown arguments)
+                if isinstance(action, argparse._SubParsersAction):
+                    for word in getattr(self, "argv", []):
+                        if word in action.choices:
+                            parser = action.choices[word]
+                            break
+            options = [o for o in parser._option_string_actions if o.startswith("--")]
+            hints = [f"{a} → {m[0]}?" for a in message.split(": ", 1)[1].split() if a.startswith("--")
+                     for m in [difflib.get_close_matches(a.split("=")[0], options, n=1)] if m]
+            if hints:
+                message += f" (did you mean: {', '.join(hints)})"
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -338,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     rest, overrides = split_overrides(argv)
     parser = build_parser()
+    parser.argv = rest  # type: ignore[attr-defined]  # for typo suggestions in usage errors
     args = parser.parse_args(rest)
     try:
         if args.command == "train":

@@ -172,3 +172,10 @@ def test_overrides_outside_train_are_refused(trained, capsys):
 def test_not_a_run_dir(tmp_path, capsys):
     assert "no complete checkpoint" in error_of(capsys, "eval", str(tmp_path))
     assert "not found" in error_of(capsys, "eval", str(tmp_path / "missing"))
+
+
+def test_option_typos_get_a_suggestion(capsys):
+    assert "did you mean: --vocab-sise → --vocab-size?" in error_of(capsys, "prepare", "x", "--out", "y",
+                                                                    "--vocab-sise", "5")
+    assert "--lrr → --lr?" in error_of(capsys, "finetune", "r", "--train", "a", "--valid", "b", "--out", "o",
+                                       "--lrr", "3")
