@@ -175,7 +175,8 @@ def test_not_a_run_dir(tmp_path, capsys):
 
 
 def test_option_typos_get_a_suggestion(capsys):
-    assert "did you mean: --vocab-sise → --vocab-size?" in error_of(capsys, "prepare", "x", "--out", "y",
-                                                                    "--vocab-sise", "5")
-    assert "--lrr → --lr?" in error_of(capsys, "finetune", "r", "--train", "a", "--valid", "b", "--out", "o",
-                                       "--lrr", "3")
+    for args, hint in ((["prepare", "x", "--out", "y", "--vocab-sise", "5"], "did you mean: --vocab-sise → --vocab-size?"),
+                       (["finetune", "r", "--train", "a", "--valid", "b", "--out", "o", "--lrr", "3"], "--lrr → --lr?")):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2 and hint in capsys.readouterr().err
