@@ -799,3 +799,12 @@ def test_out_inside_an_input_folder_is_not_read_back(tmp_path):
     again = prepare([str(tmp_path / "corpus")], out, tokenizer="byte", overwrite=True, log=quiet)
     assert len(again["sources"]) == len(first["sources"]) == 1
     assert again["splits"] == first["splits"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram"])
+def test_a_vocabulary_smaller_than_asked_is_reported(tmp_path, kind):
+    (tmp_path / "a.txt").write_text("a tiny corpus with few words, a tiny corpus\n", encoding="utf-8")
+    lines: list[str] = []
+    meta = prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=kind, vocab_size=4000, log=lines.append)
+    assert meta["tokenizer"]["vocab_size"] < 4000
+    assert [x for x in lines if "fewer than the 4,000 asked for" in x], lines

@@ -598,6 +598,9 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             tok = build_tokenizer(tokenizer, texts_in, vocab_size)
         dtype = token_dtype(tok.vocab_size)
         log(f"tokenizer: {tok.kind}, vocab {tok.vocab_size:,} ({dtype.name} shards)")
+        if tok.kind in ("bpe", "wordpiece", "unigram") and tok.vocab_size < vocab_size:
+            log(f"warning: the {tok.kind} vocabulary has {tok.vocab_size:,} tokens, fewer than the {vocab_size:,} "
+                "asked for: the corpus (or its tokenizer sample) is too small for more")
 
         # Pass 3 (unless done during the scan): encode in the workers; write shards in corpus order.
         if output is None:
