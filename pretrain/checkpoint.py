@@ -199,10 +199,8 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, op
             _save_weights(full, tmp / MODEL_FILE)
             names.insert(0, MODEL_FILE)
         torch.save(state, tmp / STATE_FILE)
-        shards = {}
-        for f in sorted((tmp / DCP_DIR).iterdir()):  # size and sha256 of every shard: damage is caught on load
-            _fsync_file(f)
-            shards[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        # size and sha256 of every shard, as for the other files: damage is caught on load
+        shards = _file_records(tmp / DCP_DIR, sorted(f.name for f in (tmp / DCP_DIR).iterdir()))
         fsync_dir(tmp / DCP_DIR)
         meta = {**meta, "step": step, "format": "dcp", "world_size": dist.get_world_size(),
                 "files": _file_records(tmp, names), "dcp_files": shards}
@@ -218,14 +216,7 @@ def is_sharded(meta: dict[str, Any]) -> bool:
 def _verify_shards(ckpt: Path, meta: dict[str, Any]) -> Path:
     d = ckpt / DCP_DIR
     for name, info in meta.get("dcp_files", {}).items():
-        p = d / name
-        size, sha = (info["bytes"], info.get("sha256")) if isinstance(info, dict) else (info, None)  # old: size only
-        if not p.is_file():
-            raise CheckpointError(f"{p} is missing: the checkpoint is incomplete")
-        if p.stat().st_size != size:
-            raise CheckpointError(f"{p} is truncated or corrupt ({p.stat().st_size} bytes, expected {size})")
-        if sha is not None and _sha256(p) != sha:
-            raise CheckpointError(f"{p} is corrupt (sha256 does not match the one recorded at save time)")
+        _check_file(d / name, info if isinstance(info, dict) else {"bytes": info})  # older runs: a size only
     if not (d / ".metadata").is_file():
         raise CheckpointError(f"{d} has no .metadata: not a complete torch.distributed.checkpoint")
     return d
@@ -366,16 +357,20 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
 
 def _verify(ckpt: Path, meta: dict[str, Any], name: str) -> Path:
     p = ckpt / name
-    info = meta.get("files", {}).get(name)
+    _check_file(p, meta.get("files", {}).get(name))
+    return p
+
+
+def _check_file(p: Path, info: dict[str, Any] | None) -> None:
+    """``p`` exists and, as far as recorded at save time (``info``: bytes, sha256), is what was written."""
     if not p.is_file():
         raise CheckpointError(f"{p} is missing: the checkpoint is incomplete")
     if info:
         size = p.stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"{p} is truncated or corrupt ({size} bytes, expected {info['bytes']})")
-        if _sha256(p) != info["sha256"]:
+        if "sha256" in info and _sha256(p) != info["sha256"]:
             raise CheckpointError(f"{p} is corrupt (sha256 does not match the one recorded at save time)")
-    return p
 
 
 def load_weights(ckpt: Path, model: nn.Module, meta: dict[str, Any] | None = None) -> None:

@@ -498,6 +498,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
     meta = load_meta(cfg.data.path)
+    fingerprint = data_fingerprint(meta)  # saved with every checkpoint, checked on resume
     init_sd = None
     if cfg.train.init_from:
         cfg, init_sd = _from_hf(cfg, meta)
@@ -566,7 +567,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
         cmeta = read_meta(ckpt)
         if cmeta.get("tokenizer_sha256") not in (None, meta["tokenizer"]["sha256"]):
             raise PretrainError(f"{cfg.data.path} was tokenized with a different tokenizer than the run in {run}")
-        if cmeta.get("data_fingerprint") not in (None, data_fingerprint(meta)):
+        if cmeta.get("data_fingerprint") not in (None, fingerprint):
             raise PretrainError(f"the data in {cfg.data.path} is not the data the run in {run} was trained on (it "
                                 "was prepared again from other inputs, or with other settings), so resuming "
                                 "would not continue the same sample order; prepare it into another folder, or "
@@ -638,7 +639,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
         saved = {"loader": batches.state_dict(), "rng": rng_state(), "loss_sum": loss_acc.item(), "loss_n": loss_n}
         info = {"tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss,
                 "best_val_loss": None if math.isinf(best_val) else best_val,
-                "tokenizer_sha256": meta["tokenizer"]["sha256"], "data_fingerprint": data_fingerprint(meta),
+                "tokenizer_sha256": meta["tokenizer"]["sha256"], "data_fingerprint": fingerprint,
                 "config": cfg.to_dict(), "n_params": n_params,
                 "global_batch_size": global_batch}
         if env.active:

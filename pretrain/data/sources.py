@@ -312,9 +312,12 @@ def _binary_error(path: Path, head: bytes = b"") -> DataError:
     return DataError(f"{path} looks like a binary file (NUL bytes); not text")
 
 
+SKIP_HINT = " (or pass --bad-files skip to leave such files out)"  # dropped from the warning when skipping
+
+
 def _utf8_error(path: Path, e: UnicodeDecodeError, raw: bytes, offset: int = 0) -> DataError:
     return DataError(f"{path} is not valid UTF-8 (byte {offset + e.start}: {raw[e.start:e.start + 4]!r}); "
-                     "re-encode it as UTF-8 (or pass --bad-files skip to leave such files out)")
+                     f"re-encode it as UTF-8{SKIP_HINT}")
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -450,19 +453,16 @@ def _iter_table(path: Path, kind: str, field: str, src: Source | None = None) ->
         return
     # parquet, read in record batches
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if _split_suffix(path)[1]:  # .parquet.gz / .zst: Parquet needs random access, so decompress in memory
-            import pyarrow as pa
-
             pf = pq.ParquetFile(pa.BufferReader(b"".join(_chunks(path))))
         else:
             pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
         if field not in names:
             raise _column_error(path, field, names)
-        import pyarrow as pa
-
         tp = pf.schema_arrow.field(field).type
         if pa.types.is_dictionary(tp):  # a categorical column: its values' type
             tp = tp.value_type
@@ -597,7 +597,7 @@ def iter_documents(sources: list, text_field: str = "text", bad_files: str = "er
                 for _ in iter_source(src, text_field, text_unit):
                     pass
             except DataError as e:
-                reason = str(e).replace(" (or pass --bad-files skip to leave such files out)", "")
+                reason = str(e).replace(SKIP_HINT, "")
                 warnings.warn(f"skipping {src.label}: {reason}", stacklevel=2)
                 src.skipped = reason
                 continue
