@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -355,9 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.argv = rest  # type: ignore[attr-defined]  # for typo suggestions in usage errors
     args = parser.parse_args(rest)
+    previous_term = None
+    if threading.current_thread() is threading.main_thread():  # kill / SIGTERM unwinds like Ctrl-C: clean-up runs
+        previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "train":
-            cmd_train(args, overrides)
+            summary = cmd_train(args, overrides)
+            if summary["stop_reason"] in ("SIGINT", "SIGTERM"):  # stopped gracefully, checkpoint saved
+                if os.environ.get("RANK", "0") == "0":
+                    print(f"stopped by {summary['stop_reason']} at step {summary['step']}; checkpoint saved: "
+                          f"continue with `pretrain train --resume {summary['run_dir']}`", file=sys.stderr)
+                return 128 + int(getattr(signal, summary["stop_reason"]))
         else:
             if overrides:
                 raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
@@ -375,7 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     return 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -365,6 +367,40 @@ class Prefetcher:
             self.thread.join(timeout=5)
 
 
+class StopSignals:
+    """SIGTERM (a scheduler preempting the job, ``kill``, torchrun passing its own on) and SIGINT (Ctrl-C) ask the
+    loop to stop *gracefully*: it finishes the step in progress, saves a checkpoint and returns with
+    ``stop_reason`` "SIGTERM" / "SIGINT", so ``--resume`` continues from that very step. The same signal a
+    second time aborts at once (KeyboardInterrupt; the last checkpoint saved stays intact). Handlers are
+    installed only when training runs in the main thread, and the previous ones are restored on exit. Until
+    :attr:`armed` (set when the loop starts; before it there is no step to save) either signal aborts at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.armed = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if not self.armed or self.received == name:  # during set-up, or asked twice: stop now
+            raise KeyboardInterrupt
+        if self.received is None:
+            print(f"\n{name} received: stopping after this step and saving a checkpoint "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+            self.received = name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
 class Progress:
     """A tqdm bar on a terminal, plain log lines (to stderr) otherwise."""
 
@@ -461,7 +497,8 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
     try:
         run.mkdir(parents=True, exist_ok=True)
         with run_lock(run) if env.is_main else contextlib.nullcontext():  # rank 0 speaks for the job
-            return _train(cfg, run, quiet or not env.is_main, env)
+            with StopSignals() as stop:
+                return _train(cfg, run, quiet or not env.is_main, env, stop)
     except PretrainError as e:
         from pretrain.checkpoint import CheckpointError, list_checkpoints
 
@@ -494,7 +531,7 @@ def run_lock(run: Path):
         f.close()
 
 
-def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
+def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals) -> dict[str, Any]:
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
     meta = load_meta(cfg.data.path)
@@ -659,6 +696,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
     loss_acc = torch.tensor(loss_sum, device=device)
     done = step >= tc.max_steps or bool(tc.stop_at_step and step >= tc.stop_at_step)
     time_frac = elapsed / tc.max_time_s if tc.max_time_s else 0.0  # the same on every rank (see below)
+    signalled, stop.armed = False, True
     while not done:
         lr = set_lr(optimizer, step, tc, time_frac if tc.time_schedule else 0.0)  # time_schedule: decay by time too
         for micro in range(accum):
@@ -683,6 +721,11 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
         done = step >= tc.max_steps or time_up or bool(tc.stop_at_step and step >= tc.stop_at_step)
         if done and step < tc.max_steps:
             stop_reason = "max_time_s" if time_up else "stop_at_step"
+        # a stop signal: every rank stops at the same step (asked at logging steps when distributed, each step
+        # alone); no evaluation, straight to the checkpoint
+        if not done and (not env.active or step % tc.log_interval == 0) and any_rank(stop.received is not None,
+                                                                                      device):
+            done, stop_reason, signalled = True, stop.received or "SIGTERM", True
         record: dict[str, Any] = {}
 
         if step % tc.log_interval == 0 or step == tc.max_steps:
@@ -703,7 +746,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> dict[str, Any]:
             loss_acc.zero_()
             loss_n = 0
 
-        if tc.eval_interval and (step % tc.eval_interval == 0 or done):
+        if tc.eval_interval and (step % tc.eval_interval == 0 or done) and not signalled:
             ev = evaluate(fwd, val_split, cfg.data.seq_len, tc.batch_size, device, tc.dtype, tc.eval_batches,
                           objective, documents)
             elapsed = elapsed_start + time.time() - t_start

@@ -1,4 +1,4 @@
-"""Exact resume: a run stopped at step k (cleanly, or by SIGKILL mid-run) and resumed logs, at every later
+"""Exact resume: a run stopped at step k (cleanly, by SIGTERM/SIGINT, or by SIGKILL mid-run) and resumed logs, at every later
 step, the same train loss as an uninterrupted run, for both objectives (causal and masked LM)."""
 
 from __future__ import annotations
@@ -107,6 +107,52 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, objective, data_dir, ref
     assert 10 <= max(logged) < 30  # killed after the checkpoint, before the end
     assert main(args) == 0  # the same command again resumes from step 10
     assert losses(run) == reference
+
+
+def _signalling_child(objective: str, args: list[str], sends: list[str], at_call: int) -> subprocess.CompletedProcess:
+    """Run ``main(args)`` in a child that sends itself the signals ``sends`` during its ``at_call``-th training loss."""
+    module, fn = {"clm": ("clm", "loss"), "mlm": ("mlm", "loss_and_accuracy")}[objective]
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import torch
+        import pretrain.objectives.{module} as objective
+        _loss, calls = objective.{fn}, [0]
+        def signalling_loss(*args, **kwargs):
+            calls[0] += torch.is_grad_enabled()  # training steps only, not evaluation
+            if calls[0] == {at_call}:
+                for name in {sends!r}:
+                    os.kill(os.getpid(), getattr(signal, name))
+            return _loss(*args, **kwargs)
+        objective.{fn} = signalling_loss
+        from pretrain.cli import main
+        sys.exit(main({args!r}))
+    """)
+    return subprocess.run([sys.executable, "-c", script], cwd=os.getcwd(), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, objective, data_dir, reference, sig):
+    """A scheduler's SIGTERM (or Ctrl-C) mid-run: the step in progress finishes, a checkpoint of that very step
+    is saved (not only the last periodic one), the exit status says which signal, and resuming is exact."""
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), *train_args(objective, data_dir)]
+    proc = _signalling_child(objective, args, [sig], at_call=14)  # during step 14 (one loss per step)
+    assert proc.returncode == 128 + getattr(signal, sig), proc.stderr
+    assert f"stopped by {sig} at step 14" in proc.stderr and "--resume" in proc.stderr
+    assert (run / "checkpoints" / "step_000014" / "meta.json").is_file()
+    assert max(losses(run)) == 14
+    assert main(args) == 0  # the same command again continues from step 14
+    assert losses(run) == reference
+
+
+def test_second_stop_signal_aborts_at_once_keeping_the_last_checkpoint(tmp_path, objective, data_dir):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), *train_args(objective, data_dir)]
+    proc = _signalling_child(objective, args, ["SIGTERM", "SIGTERM"], at_call=14)
+    assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stderr
+    assert [p.name for p in sorted((run / "checkpoints").glob("step_*"))] == ["step_000010"]
+    assert main([*args, "--train.stop_at_step", "12"]) == 0  # the step-10 checkpoint is intact and resumes
 
 
 def test_resume_refuses_data_prepared_again_from_other_inputs(tmp_path, capsys):

@@ -163,8 +163,9 @@ _W: dict[str, Any] = {}  # per-process worker state (set by _init_worker)
 
 
 def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dtype: str, child: bool) -> None:
-    if child:  # Ctrl-C is handled by the main process, which stops the pool
+    if child:  # Ctrl-C and SIGTERM are handled by the main process, which stops the pool (SIGTERM: terminate)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from tokenizers import Tokenizer as HFTokenizer
 
     _W.clear()
