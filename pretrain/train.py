@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -384,9 +385,10 @@ class StopSignals:
         name = signal.Signals(signum).name
         if not self.armed or self.received == name:  # during set-up, or asked twice: stop now
             raise KeyboardInterrupt
-        if self.received is None:
+        if self.received is None and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks
             print(f"\n{name} received: stopping after this step and saving a checkpoint "
                   f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        if self.received is None:
             self.received = name
 
     def __enter__(self) -> StopSignals:
