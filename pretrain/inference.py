@@ -32,7 +32,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     if meta.get("tokenizer_sha256") and dmeta["tokenizer"]["sha256"] != meta["tokenizer_sha256"]:
         raise PretrainError(f"{data_dir} was tokenized with a different tokenizer than the model was trained on "
                             "(tokenizer.json differs); prepare it with --tokenizer RUN_DIR/tokenizer.json")
-    objective = build_objective(cfg.objective, tok, cfg.mlm, cfg.train.seed)
+    objective = build_objective(cfg.objective, tok, cfg.mlm, cfg.train.seed, cfg.data.doc_mask)  # as trained
     ev = evaluate(model, TokenSplit(data_dir, split), cfg.data.seq_len, batch_size or cfg.train.batch_size,
                   dev, cfg.train.dtype, max_batches, objective, padded_documents(cfg, tok))
     out = {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split, "objective": cfg.objective,

@@ -191,14 +191,16 @@ def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch
     return from_dict(Config, d), sd
 
 
-def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int] | None:
-    """(eot_id, pad_id) when sequences are single padded documents (data.packing false), else None."""
+def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int, int] | None:
+    """(eot_id, pad_id, piece_len) when sequences are single padded documents (data.packing false), else None.
+    ``piece_len``: the tokens of a document a row holds, the ones the model sees (a longer document is cut into
+    pieces of that many): seq_len, or seq_len - 1 when the masked LM puts [CLS] in front."""
     if cfg.data.packing:
         return None
     if cfg.objective != "mlm" or tokenizer.pad_id is None:
         raise ConfigError("data.packing false (one padded document per sequence) needs objective mlm and a "
                           "tokenizer with a [PAD] token (prepare with --tokenizer wordpiece)")
-    return tokenizer.eot_id, tokenizer.pad_id
+    return tokenizer.eot_id, tokenizer.pad_id, cfg.data.seq_len - (tokenizer.cls_id is not None)
 
 
 def resolve_batch(tc, world_size: int) -> tuple[int, int]:
@@ -288,7 +290,7 @@ def check_config_compatible(saved: Config, new: Config) -> None:
 
 def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int, device: torch.device,
              dtype: str = "auto", max_batches: int | None = None, objective=None,
-             documents: tuple[int, int] | None = None) -> dict[str, float]:
+             documents: tuple[int, int, int] | None = None) -> dict[str, float]:
     """Mean loss over (part of) a split with perplexity, and bits per byte (causal LM) or accuracy (masked LM)."""
     objective = objective or CausalLM()
     was_training = model.training

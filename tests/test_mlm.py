@@ -613,6 +613,28 @@ def test_document_loader_rows_are_single_padded_documents(token_dir):
     assert torch.equal(loader.next_batch(), nxt)  # O(1) resume
 
 
+def test_mlm_padded_documents_lose_no_token_to_cls(token_dir):
+    """With [CLS] in front, a masked-LM row shows the model seq_len - 1 of its tokens: documents are cut into
+    pieces of that length, so every token of a long document is in some model input (none dropped for good)."""
+    from pretrain.data.loader import DocumentLoader, TokenSplit, eval_batches
+    from pretrain.objectives.mlm import add_cls
+
+    eot, pad, cls, seq_len = 99, 98, 97, 8
+    docs = [np.arange(1, 24), np.arange(30, 39), np.arange(40, 43)]  # 23, 9 and 3 tokens (+ EOT)
+    stream = np.concatenate(sum(([d, [eot]] for d in docs), []))
+    split = TokenSplit(token_dir({"train": [stream], "val": [stream]}), "train")
+    loader = DocumentLoader(split, seq_len, batch_size=1, eot_id=eot, pad_id=pad, piece_len=seq_len - 1)
+    seen = []
+    for _ in range(loader.n_windows):  # one epoch
+        row = add_cls(loader.next_batch(), cls)[0].tolist()
+        assert row[0] == cls and len(row) == seq_len
+        seen += [t for t in row[1:] if t != pad]
+    assert sorted(seen) == sorted(stream.tolist())  # every token (EOTs included) exactly once
+    rows = torch.cat(list(eval_batches(split, seq_len, 2, documents=(eot, pad, seq_len - 1))))
+    evald = [t for r in add_cls(rows, cls)[:, 1:].tolist() for t in r if t != pad]
+    assert sorted(evald) == sorted(stream.tolist())
+
+
 def test_mlm_padded_documents_train_and_eval(mlm_run, tmp_path, capsys):
     root, _ = mlm_run
     run = tmp_path / "padded"

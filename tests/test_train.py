@@ -108,3 +108,22 @@ def test_doc_mask_activation_checkpointing_and_prefetch(tmp_path):
     assert len(masked) == 6 and masked != plain
     assert run("ckpt", "--data.doc_mask", "true", "--train.activation_checkpointing", "true",
                "--train.prefetch", "0") == pytest.approx(masked, rel=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_eval_of_a_doc_mask_run_matches_its_logged_val_loss(tmp_path, capsys, objective):
+    """`pretrain eval` evaluates with the attention the model was trained with (data.doc_mask), so on the same
+    windows it gives the val loss training logged."""
+    write_corpus(tmp_path / "corpus", n_docs=40, sents_per_doc=1)  # short documents: several per sequence
+    tok = ["--tokenizer", "char"] if objective == "clm" else ["--tokenizer", "wordpiece", "--vocab-size", "200"]
+    assert main(["prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "data"), *tok,
+                 "--val-fraction", "0.2"]) == 0
+    run = tmp_path / "run"
+    extra = [] if objective == "clm" else ["--objective", "mlm", "--model.arch", "bert"]
+    assert main(["train", "--out", str(run), "--quiet", *overrides(TINY_TRAIN), *extra, "--data.path",
+                 str(tmp_path / "data"), "--train.max_steps", "20", "--train.eval_interval", "20",
+                 "--train.eval_batches", "0", "--data.doc_mask", "true"]) == 0
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(logged, abs=2e-6)

@@ -225,14 +225,19 @@ def _padded_row(split: TokenSplit, span: np.ndarray, width: int, pad_id: int) ->
 
 
 class DocumentLoader(TrainLoader):
-    """One document per sequence, padded with ``pad_id`` (``data.packing: false``); documents longer than a
-    sequence are cut into several. Same ordering, rank slicing and O(1) resume as the packed loader."""
+    """One document per sequence, padded with ``pad_id`` (``data.packing: false``) to rows of seq_len + 1;
+    documents longer than ``piece_len`` tokens (default seq_len + 1: a whole row) are cut into several, so an
+    objective that uses fewer of a row's tokens (the masked LM with [CLS]: seq_len - 1) never loses any. Same
+    ordering, rank slicing and O(1) resume as the packed loader."""
 
     def __init__(self, split: TokenSplit, seq_len: int, batch_size: int, eot_id: int, pad_id: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 piece_len: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.seed, self.rank, self.world_size, self.pad_id = seed, rank, world_size, pad_id
-        self.spans = document_spans(split, eot_id, seq_len + 1)
+        piece_len = seq_len + 1 if piece_len is None else piece_len
+        if not 1 <= piece_len <= seq_len + 1:
+            raise ValueError(f"piece_len must be in [1, seq_len + 1], not {piece_len}")
+        self.spans = document_spans(split, eot_id, piece_len)
         self.n_windows = len(self.spans)
         if self.n_windows < 1:
             raise DataError(f"the {split.split} split has no documents")
@@ -256,12 +261,13 @@ def eval_windows(split: TokenSplit, seq_len: int) -> int:
 
 
 def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: int | None = None,
-                 documents: tuple[int, int] | None = None):
+                 documents: tuple[int, ...] | None = None):
     """Deterministic evaluation batches: non-overlapping windows from offset 0 (or, with ``documents`` =
-    (eot_id, pad_id), one padded document per row), evenly spread over the split when ``max_batches`` limits
-    how many are used (None or 0: all). Yields (batch_size', seq_len + 1) tensors."""
+    (eot_id, pad_id[, piece_len]), one padded document (piece) per row, as :class:`DocumentLoader`), evenly
+    spread over the split when ``max_batches`` limits how many are used (None or 0: all). Yields
+    (batch_size', seq_len + 1) tensors."""
     if documents is not None:
-        spans = document_spans(split, documents[0], seq_len + 1)
+        spans = document_spans(split, documents[0], documents[2] if len(documents) > 2 else seq_len + 1)
         if len(spans) < 1:
             raise DataError(f"the {split.split} split has no documents")
         n = len(spans) if not max_batches else min(len(spans), max_batches * batch_size)
