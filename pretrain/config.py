@@ -256,6 +256,10 @@ class Config:
         want = {"clm": ("gpt", "gpt2"), "mlm": ("bert",)}[self.objective]
         _check(self.model.arch in want, f"objective {self.objective!r} trains a {want[0]!r} model "
                                         f"(set model.arch: {want[0]}), not {self.model.arch!r}")
+        _check(self.objective != "mlm" or self.data.seq_len >= 2,
+               "objective mlm needs data.seq_len >= 2 ([CLS] takes the first position)")
+        _check(not (self.train.target_val_loss and not self.train.eval_interval),
+               "train.target_val_loss needs evaluations to check it: set train.eval_interval > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,6 +284,19 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _suggest(key: str, options: list[str]) -> str:
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(sorted(options))})"
+
+
+def _takes_text(parts: list[str]) -> bool:
+    """Is the Config field at this dotted path a string (not an int, bool, ...)? Unknown paths: no."""
+    cls: Any = Config
+    for name in parts:
+        if not dataclasses.is_dataclass(cls):
+            return False
+        tp = _field_types(cls).get(name)
+        if tp is None:
+            return False
+        cls = tp
+    return cls is str
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -368,7 +385,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``['--train.lr', '3e-4', '--model.n_layer=6']`` → nested dict. Values are parsed as YAML scalars."""
+    """``['--train.lr', '3e-4', '--model.n_layer=6']`` → nested dict. Values are YAML scalars, except that a
+    string field of :class:`Config` gets the text exactly as typed."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -386,12 +404,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raw = args[i + 1]
             i += 2
         key = key.replace("-", "_")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
         parts = key.split(".")
+        if _takes_text(parts):  # as typed: `--data.path 010` is "010", not YAML's octal 8
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
+        node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
@@ -400,12 +421,26 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
     if data is None:

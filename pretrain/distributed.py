@@ -123,6 +123,13 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over the ranks, in place (asynchronous on the device: no host sync)."""
+    if _active() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any (so all ranks take the same decision)."""
     return bool(max_over_ranks(1.0 if flag else 0.0, device))

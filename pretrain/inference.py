@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,10 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     objective = build_objective(cfg.objective, tok, cfg.mlm, cfg.train.seed, cfg.data.doc_mask)  # as trained
     ev = evaluate(model, TokenSplit(data_dir, split), cfg.data.seq_len, batch_size or cfg.train.batch_size,
                   dev, cfg.train.dtype, max_batches, objective, padded_documents(cfg, tok))
+    if not ev["tokens"]:
+        raise PretrainError(f"no token of the {split} split was scored (sequences too short for a target?)")
+    if not math.isfinite(ev["loss"]):
+        raise PretrainError(f"the {split} loss of {run} is {ev['loss']}: the model's weights have diverged")
     out = {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split, "objective": cfg.objective,
            "loss": ev["loss"], "perplexity": ev["ppl"], "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"]}
     if "accuracy" in ev:
@@ -79,6 +84,10 @@ def fill_mask(run: str | Path, text: str, top_k: int = 5, device: str = "auto") 
     ids = tok.encode(text)
     if tok.mask_id is None or tok.mask_id not in ids:
         raise PretrainError("the text has no [MASK] token to fill")
+    bad = tok.unknown_chars(text)
+    if bad:
+        raise PretrainError(f"the text contains characters (or words) outside the tokenizer's vocabulary: "
+                            f"{', '.join(repr(c) for c in bad[:10])}")
     if tok.cls_id is not None:
         ids = [tok.cls_id, *ids, tok.eot_id]
     if len(ids) > cfg.model.max_seq_len:

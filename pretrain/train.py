@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from pretrain.data.tokenizer import Tokenizer
 from pretrain.distributed import (
     DistEnv,
     all_reduce_mean_,
+    all_reduce_sum_,
     any_rank,
     apply_activation_checkpointing,
     apply_compile,
@@ -313,6 +315,25 @@ def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int,
     return out
 
 
+def backward_step(model: nn.Module, fwd: nn.Module, objective, parts: list[tuple], world_size: int,
+                  device: torch.device, dtype: str) -> torch.Tensor:
+    """Forward and backward over one step's prepared micro-batches (``objective.prepare``); returns this process's
+    share of the step's loss (detached; averaged over the processes: the step's loss). Every target token of
+    the *global* batch weighs the same: each micro-batch's summed loss is divided by the target count of all
+    micro-batches of all processes (times the world size, as gradients are averaged over processes), so the
+    gradient is that of one batch of all of them, however the batch is split."""
+    n_targets = all_reduce_sum_(sum(objective.targets(p) for p in parts))
+    scale = (world_size / n_targets.clamp(min=1).double()).float()
+    total = torch.zeros((), device=device)
+    for micro, part in enumerate(parts):
+        with grad_sync(model, micro == len(parts) - 1):  # all-reduce only after the last micro-batch
+            with autocast_context(device, dtype):
+                loss = objective.loss_sum(fwd, part) * scale
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
 class Prefetcher:
     """Draws the loader's next batches in a background thread into a queue of ``depth`` (pinned in page-locked
     memory when going to CUDA, so the copy in :meth:`next` overlaps compute). ``state_dict`` is the loader's
@@ -539,6 +560,8 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
     meta = load_meta(cfg.data.path)
+    # saved absolute (config.yaml, checkpoints): eval and --resume then work from any directory
+    cfg.data.path = str(Path(cfg.data.path).resolve())
     fingerprint = data_fingerprint(meta)  # saved with every checkpoint, checked on resume
     init_sd = None
     if cfg.train.init_from:
@@ -546,6 +569,9 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
     cfg = resolve_config(cfg, meta)
     tc = cfg.train
     accum, global_batch = resolve_batch(tc, env.world_size)
+    if tc.warmup_steps >= tc.max_steps and env.is_main:
+        warnings.warn(f"train.warmup_steps {tc.warmup_steps} >= train.max_steps {tc.max_steps}: the learning "
+                      "rate never reaches train.lr nor decays", stacklevel=2)
     if env.active and tc.parallelism == "fsdp" and tc.optimizer == "muon":
         raise ConfigError("train.optimizer muon is not supported with train.parallelism fsdp (Muon needs whole "
                           "matrices; FSDP shards them): use parallelism ddp, or optimizer adamw")
@@ -690,6 +716,17 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
             save_checkpoint(run, step, model, {"optimizer": optimizer.state_dict(), **saved}, info,
                             keep=tc.keep_checkpoints)
 
+    def diverged(value: float, what: str = "loss") -> None:
+        batches.close()
+        progress.close()
+        raise PretrainError(f"training diverged at step {step} ({what} {value}); lower train.lr (the last "
+                            f"checkpoint saved, if any, is from before)")
+
+    def check_finite() -> None:  # the losses since the last log line and the last step's gradient norm
+        bad = not (bool(torch.isfinite(loss_acc)) and bool(torch.isfinite(torch.as_tensor(grad_norm))))
+        if any_rank(bad, device):
+            diverged(float("nan"), "loss or gradient norm")
+
     batches = Prefetcher(loader, device, tc.prefetch)  # started after the loader state is restored
     model.train()
     stop_reason = "max_steps"
@@ -700,18 +737,15 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
     loss_acc = torch.tensor(loss_sum, device=device)
     done = step >= tc.max_steps or bool(tc.stop_at_step and step >= tc.stop_at_step)
     time_frac = elapsed / tc.max_time_s if tc.max_time_s else 0.0  # the same on every rank (see below)
-    signalled, stop.armed = False, True
+    if not done and tc.max_time_s and time_frac >= 1.0:  # resumed with the time budget already spent
+        done, stop_reason = True, "max_time_s"
+    signalled, stop.armed, grad_norm = False, True, 0.0
     while not done:
         lr = set_lr(optimizer, step, tc, time_frac if tc.time_schedule else 0.0)  # time_schedule: decay by time too
-        for micro in range(accum):
-            batch = batches.next()
-            # global micro-batch index: MLM masks depend on which samples, not on how many processes
-            seed = (tc.seed * 1_000_003 + step) * 1024 + micro * env.world_size + env.rank
-            with grad_sync(model, micro == accum - 1):  # all-reduce only after the last micro-batch
-                with autocast_context(device, tc.dtype):
-                    loss = objective.loss(fwd, batch, seed=seed) / accum
-                loss.backward()
-            loss_acc += loss.detach()
+        # global micro-batch index: MLM masks depend on which samples, not on how many processes
+        parts = [objective.prepare(batches.next(), seed=(tc.seed * 1_000_003 + step) * 1024
+                                   + micro * env.world_size + env.rank) for micro in range(accum)]
+        loss_acc += backward_step(model, fwd, objective, parts, env.world_size, device, tc.dtype)
         grad_norm = clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -737,9 +771,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
             now = time.time()
             elapsed = elapsed_start + now - t_start
             if not math.isfinite(train_loss):  # (the same on every rank)
-                batches.close()
-                progress.close()
-                raise PretrainError(f"training diverged at step {step} (loss {train_loss}); lower train.lr")
+                diverged(train_loss)
             tok_s = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
             record = {"step": step, "tokens": tokens_seen, "train_loss": round(train_loss, 6), "lr": lr,
                       "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tok_s, 1),
@@ -755,6 +787,8 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
                           objective, documents)
             elapsed = elapsed_start + time.time() - t_start
             last_val = ev["loss"]
+            if not math.isfinite(last_val):
+                diverged(last_val, "val loss")
             best_val = min(best_val, last_val)
             record.update({"step": step, "tokens": tokens_seen, "val_loss": round(ev["loss"], 6),
                            "val_ppl": round(ev["ppl"], 4), "elapsed_s": round(elapsed, 3)})
@@ -767,12 +801,14 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
         if record and metrics is not None:
             metrics.write(record)
         if done or (tc.ckpt_interval and step % tc.ckpt_interval == 0):
+            check_finite()  # never save diverged weights over the last good checkpoint
             checkpoint(last_val)
             saved_at = step
         if record and "train_loss" in record:
             t_last, tok_last = time.time(), tokens_seen
 
     if saved_at != step:
+        check_finite()
         checkpoint(last_val)
     batches.close()
     progress.close()

@@ -272,3 +272,25 @@ def test_field_docs_cover_every_field(cls):
     assert set(docs) == set(names)
     for name in names:
         assert isinstance(docs[name], str) and len(docs[name].strip()) > 5, name
+
+
+def test_string_fields_take_override_text_as_typed():
+    """YAML 1.1 would read 010 as octal 8 and yes as true; a string field keeps what was typed."""
+    out = parse_overrides(["--data.path", "010", "--train.init_from=yes", "--train.max_steps", "7"])
+    assert out == {"data": {"path": "010"}, "train": {"init_from": "yes", "max_steps": 7}}
+    assert load_config(None, ["--data.path", "1:30"]).data.path == "1:30"
+
+
+def test_a_key_given_twice_in_yaml_is_an_error(tmp_path):
+    p = write(tmp_path, "train:\n  lr: 0.5\ntrain:\n  max_steps: 2\n")
+    with pytest.raises(ConfigError, match="'train' is given twice.*line 3"):
+        load_yaml(p)
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["--objective", "mlm", "--model.arch", "bert", "--data.seq_len", "1"], "seq_len >= 2"),
+    (["--train.eval_interval", "0", "--train.target_val_loss", "2"], "target_val_loss needs evaluations"),
+])
+def test_combinations_that_would_do_nothing_are_errors(overrides, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, overrides)

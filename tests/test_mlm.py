@@ -396,6 +396,38 @@ def test_loss_and_accuracy_on_selected_positions_only():
     loss.backward()
 
 
+def test_step_weighs_every_masked_token_alike_however_the_batch_is_split():
+    """Gradient accumulation over micro-batches with different numbers of masked tokens gives the gradient of
+    the one batch they make up (token-weighted), not a mean of the micro-batches' means."""
+    from pretrain.objectives import MaskedLM
+    from pretrain.train import backward_step
+
+    enc = encoder().train()
+    obj = MaskedLM(spec(vocab_size=50), seed=0)
+    g = torch.Generator().manual_seed(5)
+    inputs = torch.randint(5, 50, (4, 16), generator=g)
+    labels = torch.full_like(inputs, IGNORE)
+    labels[0, [1, 4, 9]] = inputs[0, [1, 4, 9]]  # micro-batch 1 (rows 0-1): 4 targets
+    labels[1, 2] = inputs[1, 2]
+    labels[2:, ::2] = inputs[2:, ::2]  # micro-batch 2 (rows 2-3): 16 targets
+    parts = [(inputs[:2], labels[:2], None, None), (inputs[2:], labels[2:], None, None)]
+
+    def grads(fn) -> list[torch.Tensor]:
+        enc.zero_grad(set_to_none=True)
+        fn()
+        return [p.grad.clone() for p in enc.parameters() if p.grad is not None]
+
+    whole = grads(lambda: loss_and_accuracy(enc, inputs, labels)[0].backward())
+    step_loss = []
+    split = grads(lambda: step_loss.append(backward_step(enc, enc, obj, parts, 1, torch.device("cpu"), "fp32")))
+    means = grads(lambda: sum(loss_and_accuracy(enc, *p)[0] / 2 for p in parts).backward())
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert max(float((a - c).norm() / a.norm()) for a, c in zip(whole, means)) > 0.05  # what it used to be
+    with torch.no_grad():  # the step's loss is the whole batch's mean too
+        torch.testing.assert_close(step_loss[0], loss_and_accuracy(enc, inputs, labels)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_masked_lm_objective_is_deterministic_per_seed():
     tok = train_wordpiece(sentences(100, seed=1), vocab_size=150)
     obj = build_objective("mlm", tok, MLMConfig(), seed=0)
@@ -498,6 +530,9 @@ def test_fill_mask(mlm_run, capsys):
     assert sorted(o["id"] for o in everything) == list(range(vocab))
     assert sum(o["prob"] for o in everything) == pytest.approx(1.0, abs=vocab * 5e-5 + 1e-6)
     assert everything[:5] == options
+    # a character the tokenizer cannot represent is an error, as for generate, not a silent [UNK]
+    assert main(["fill-mask", str(run), "the king \u20ac [MASK]"]) == 2
+    assert "outside the tokenizer's vocabulary" in capsys.readouterr().err
 
 
 def test_fill_mask_scores_the_text_as_training_frames_it(mlm_run, monkeypatch):

@@ -184,6 +184,12 @@ def test_generate_stop_token(tiny_model):
 # ================================================================================================ sampling
 
 
+def test_sample_next_tiny_temperature_is_greedy_not_nan():
+    logits = torch.randn(4, V) * 30
+    for t in (1e-45, 1e-300, 1e-8):
+        assert torch.equal(sample_next(logits, t), logits.argmax(-1, keepdim=True))
+
+
 def test_sample_next_greedy_and_top_k_1():
     torch.manual_seed(0)
     logits = torch.randn(8, V)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -127,3 +128,36 @@ def test_eval_of_a_doc_mask_run_matches_its_logged_val_loss(tmp_path, capsys, ob
     capsys.readouterr()
     assert main(["eval", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(logged, abs=2e-6)
+
+
+def test_divergence_never_checkpoints_nan_weights(tmp_path, data_dir, capsys):
+    """A diverging run stops with an error before saving non-finite weights: whatever checkpoint it leaves
+    evaluates to a finite loss (it used to save, and keep as the newest, the diverged ones)."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--quiet", *overrides(TINY_TRAIN), "--data.path", str(data_dir),
+                 "--train.max_steps", "40", "--train.lr", "1e4", "--train.grad_clip", "0", "--train.warmup_steps",
+                 "0", "--train.log_interval", "10", "--train.eval_interval", "0", "--train.ckpt_interval", "1",
+                 "--train.keep_checkpoints", "1"]) == 2
+    assert "diverged" in capsys.readouterr().err
+    for ckpt in (run / "checkpoints").glob("step_*"):
+        assert main(["eval", str(ckpt), "--json"]) == 0
+        assert math.isfinite(json.loads(capsys.readouterr().out)["loss"])
+
+
+def test_resume_with_time_budget_spent_trains_no_more_and_paths_are_absolute(tmp_path, data_dir, capsys,
+                                                                              monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.chdir(data_dir.parent)  # a data path relative to the working directory ...
+    args = ["train", "--out", str(run), "--quiet", "--json", *overrides(TINY_TRAIN), "--data.path", data_dir.name,
+            "--train.max_steps", "100000", "--train.max_time_s", "0.5", "--train.eval_interval", "0"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["stop_reason"] == "max_time_s" and first["step"] < 100000
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]["path"]
+    assert saved == str(data_dir.resolve())  # ... is saved absolute
+    monkeypatch.chdir(tmp_path)  # so eval and resume work from elsewhere
+    for _ in range(2):
+        assert main(["train", "--resume", str(run), "--quiet", "--json"]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["step"] == first["step"] and again["stop_reason"] == "max_time_s"
+    assert main(["eval", str(run), "--json"]) == 0

@@ -202,7 +202,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p:
     """logits (B, V) → next ids (B, 1)."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # no overflow for a tiny temperature
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,7 +1,13 @@
 """Self-supervised objectives: build inputs/labels from a token batch and compute the loss.
 
-An objective turns a (B, T+1) batch of packed token ids into a training loss (``loss``) and into
-evaluation sums (``eval_batch``: summed loss, number of predicted tokens, number correct or None).
+An objective turns a (B, T+1) batch of packed token ids into a training loss (``loss``: the mean over the
+batch's predicted tokens) and into evaluation sums (``eval_batch``: summed loss, number of predicted tokens,
+number correct or None).
+
+The trainer weighs every predicted token alike across the micro-batches of a step and across processes
+(not a mean of per-micro-batch means, which over-weighs the tokens of a micro-batch with few targets, e.g.
+masked LM): it first ``prepare``-s all micro-batches of the step (inputs, labels, masks), counts their targets
+(``targets``; summed over processes), then back-propagates ``loss_sum`` of each scaled by one common factor.
 """
 
 from __future__ import annotations
@@ -22,6 +28,16 @@ class CausalLM:
 
     def loss(self, model: nn.Module, batch: torch.Tensor, seed: int) -> torch.Tensor:
         return clm.loss(model, batch, self.eot_id)
+
+    def prepare(self, batch: torch.Tensor, seed: int) -> tuple:
+        return (batch,)
+
+    def targets(self, prepared: tuple) -> torch.Tensor:
+        batch = prepared[0]
+        return torch.tensor((batch.size(1) - 1) * batch.size(0), device=batch.device)
+
+    def loss_sum(self, model: nn.Module, prepared: tuple) -> torch.Tensor:
+        return clm.loss(model, prepared[0], self.eot_id, reduction="sum")
 
     def eval_batch(self, model: nn.Module, batch: torch.Tensor, index: int):
         n = batch[:, 1:].numel()
@@ -51,6 +67,15 @@ class MaskedLM:
     def loss(self, model: nn.Module, batch: torch.Tensor, seed: int) -> torch.Tensor:
         inputs, labels, attn, docs = self._mask(batch, seed)
         return mlm.loss_and_accuracy(model, inputs, labels, attn, docs)[0]
+
+    def prepare(self, batch: torch.Tensor, seed: int) -> tuple:
+        return self._mask(batch, seed)  # (inputs, labels, attention mask, document ids)
+
+    def targets(self, prepared: tuple) -> torch.Tensor:
+        return (prepared[1] != mlm.IGNORE).sum()
+
+    def loss_sum(self, model: nn.Module, prepared: tuple) -> torch.Tensor:
+        return mlm.loss_and_accuracy(model, *prepared, reduction="sum")[0]
 
     def eval_batch(self, model: nn.Module, batch: torch.Tensor, index: int):
         inputs, labels, attn, docs = self._mask(batch, 0x5EED + index)  # the same masks at every evaluation

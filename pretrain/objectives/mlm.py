@@ -69,9 +69,10 @@ def mask_tokens(ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator
 
 def loss_and_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                       attention_mask: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean cross-entropy over selected positions, number correct, number selected (head only on those).
-    ``doc_ids`` (B, T): attention stays within each document (document masking)."""
+                      doc_ids: torch.Tensor | None = None,
+                      reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean cross-entropy over selected positions (``reduction="sum"``: their sum), number correct, number
+    selected (head only on those). ``doc_ids`` (B, T): attention stays within each document (document masking)."""
     extra = {} if doc_ids is None else {"doc_ids": doc_ids}
     sel = labels != IGNORE
     n = int(sel.sum())
@@ -85,7 +86,7 @@ def loss_and_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
         hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, **extra)[sel]
     logits = _unwrap(model).logits(hidden).float()  # (N, V)
     target = labels[sel]
-    loss = F.cross_entropy(logits, target)
+    loss = F.cross_entropy(logits, target, reduction=reduction)
     correct = (logits.argmax(-1) == target).sum()
     return loss, correct, n
 
