@@ -200,7 +200,7 @@ class GPT(nn.Module):
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) → next ids (B, 1)."""
-    if temperature <= 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or too small to divide by in this dtype: greedy
         return logits.argmax(dim=-1, keepdim=True)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # no overflow for a tiny temperature
     if top_k and top_k < logits.size(-1):
