@@ -30,7 +30,9 @@ def check(result: dict, pairs: tuple[str, ...]) -> None:
     for name in pairs:
         r = result[name]
         assert r["ours_params"] == r["hf_params"] > 0
-        assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["hf_tok_s"], rel=1e-3)
+        # tok/s are printed to 0.1: on a loaded machine (tens of tok/s) that rounding alone moves the ratio
+        rounding = 0.1 / min(r["ours_tok_s"], r["hf_tok_s"])
+        assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["hf_tok_s"], rel=1e-3 + rounding)
         assert len(r["ours_tok_s_per_round"]) == len(r["hf_tok_s_per_round"]) == result["config"]["rounds"]
         assert max(r["ours_tok_s_per_round"]) == pytest.approx(r["ours_tok_s"], rel=1e-3)
         assert r["ours_last_loss"] > 0 and r["hf_last_loss"] > 0
