@@ -362,8 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "train":
+            from pretrain.train import STOP_SIGNALS  # (torch is imported by training anyway)
+
             summary = cmd_train(args, overrides)
-            if summary["stop_reason"] in ("SIGINT", "SIGTERM"):  # stopped gracefully, checkpoint saved
+            if summary["stop_reason"] in STOP_SIGNALS:  # stopped gracefully, checkpoint saved
                 if os.environ.get("RANK", "0") == "0":
                     print(f"stopped by {summary['stop_reason']} at step {summary['step']}; checkpoint saved: "
                           f"continue with `pretrain train --resume {summary['run_dir']}`", file=sys.stderr)

@@ -391,6 +391,9 @@ class Prefetcher:
             self.thread.join(timeout=5)
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM")  # stop_reason of a run stopped gracefully by one of them
+
+
 class StopSignals:
     """SIGTERM (a scheduler preempting the job, ``kill``, torchrun passing its own on) and SIGINT (Ctrl-C) ask the
     loop to stop *gracefully*: it finishes the step in progress, saves a checkpoint and returns with
@@ -408,15 +411,15 @@ class StopSignals:
         name = signal.Signals(signum).name
         if not self.armed or self.received == name:  # during set-up, or asked twice: stop now
             raise KeyboardInterrupt
-        if self.received is None and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks
-            print(f"\n{name} received: stopping after this step and saving a checkpoint "
-                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
         if self.received is None:
             self.received = name
+            if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks
+                print(f"\n{name} received: stopping after this step and saving a checkpoint "
+                      f"(send it again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (getattr(signal, name) for name in STOP_SIGNALS):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -739,7 +742,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
     time_frac = elapsed / tc.max_time_s if tc.max_time_s else 0.0  # the same on every rank (see below)
     if not done and tc.max_time_s and time_frac >= 1.0:  # resumed with the time budget already spent
         done, stop_reason = True, "max_time_s"
-    signalled, stop.armed, grad_norm = False, True, 0.0
+    stop.armed, grad_norm = True, 0.0
     while not done:
         lr = set_lr(optimizer, step, tc, time_frac if tc.time_schedule else 0.0)  # time_schedule: decay by time too
         # global micro-batch index: MLM masks depend on which samples, not on how many processes
@@ -763,7 +766,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
         # alone); no evaluation, straight to the checkpoint
         if not done and (not env.active or step % tc.log_interval == 0) and any_rank(stop.received is not None,
                                                                                       device):
-            done, stop_reason, signalled = True, stop.received or "SIGTERM", True
+            done, stop_reason = True, stop.received or "SIGTERM"
         record: dict[str, Any] = {}
 
         if step % tc.log_interval == 0 or step == tc.max_steps:
@@ -782,7 +785,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
             loss_acc.zero_()
             loss_n = 0
 
-        if tc.eval_interval and (step % tc.eval_interval == 0 or done) and not signalled:
+        if tc.eval_interval and (step % tc.eval_interval == 0 or done) and stop_reason not in STOP_SIGNALS:
             ev = evaluate(fwd, val_split, cfg.data.seq_len, tc.batch_size, device, tc.dtype, tc.eval_batches,
                           objective, documents)
             elapsed = elapsed_start + time.time() - t_start
