@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -409,7 +410,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value: Any = raw
         else:
             try:
-                value = yaml.safe_load(raw) if raw != "" else ""
+                value = _load(raw) if raw != "" else ""
             except yaml.YAMLError:
                 value = raw
         node = out
@@ -421,8 +422,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load with YAML 1.2's numbers (``010`` is 10, not YAML 1.1's octal 8; ``3e-4`` is a float,
+    ``1:30`` a string, not 90) that refuses a key given twice in one mapping (YAML keeps the last silently)."""
 
     def construct_mapping(self, node, deep=False):
         seen: set = set()
@@ -435,12 +437,35 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_ConfigLoader.yaml_implicit_resolvers = {  # YAML 1.1's int/float resolvers out, the 1.2 core schema's in
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                    list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text[2:], 16 if text[1] == "x" else 8) if text[:2] in ("0x", "0o") else int(text, 10)
+
+
+_ConfigLoader.add_constructor(_INT, _yaml12_int)
+
+
+def _load(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        data = _load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
     if data is None:

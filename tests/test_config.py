@@ -36,7 +36,7 @@ def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 def test_parse_overrides_space_and_equals_forms():
     out = parse_overrides(["--train.lr", "3e-4", "--model.n_layer=6", "--data.path", "some/dir",
                            "--train.max-steps", "7"])
-    assert out == {"train": {"lr": "3e-4", "max_steps": 7}, "model": {"n_layer": 6}, "data": {"path": "some/dir"}}
+    assert out == {"train": {"lr": 3e-4, "max_steps": 7}, "model": {"n_layer": 6}, "data": {"path": "some/dir"}}
 
 
 def test_parse_overrides_yaml_scalars():
@@ -279,6 +279,16 @@ def test_string_fields_take_override_text_as_typed():
     out = parse_overrides(["--data.path", "010", "--train.init_from=yes", "--train.max_steps", "7"])
     assert out == {"data": {"path": "010"}, "train": {"init_from": "yes", "max_steps": 7}}
     assert load_config(None, ["--data.path", "1:30"]).data.path == "1:30"
+
+
+@pytest.mark.parametrize("text, value", [("010", 10), ("0x10", 16), ("0o10", 8), ("-3", -3), ("3e-4", 3e-4),
+                                         ("1.5", 1.5), (".inf", float("inf")), ("1:30", "1:30"), ("1_000", "1_000")])
+def test_numbers_are_read_as_yaml_1_2(tmp_path, text, value):
+    """YAML 1.1 (PyYAML's default) reads 010 as octal 8, 1:30 as 90, 1_000 as 1000 and 3e-4 as a string."""
+    assert parse_overrides(["--train.max_steps", text]) == {"train": {"max_steps": value}}
+    assert load_yaml(write(tmp_path, f"train:\n  max_steps: {text}\n")) == {"train": {"max_steps": value}}
+    if isinstance(value, int) and value > 0:
+        assert load_config(None, ["--train.max_steps", text]).train.max_steps == value
 
 
 def test_a_key_given_twice_in_yaml_is_an_error(tmp_path):
