@@ -13,7 +13,7 @@ from pretrain.checkpoint import load_pretrained
 from pretrain.data.loader import TokenSplit
 from pretrain.data.prepare import load_meta
 from pretrain.objectives import build_objective
-from pretrain.train import autocast_context, evaluate, padded_documents, resolve_device
+from pretrain.train import autocast_context, data_fingerprint, evaluate, padded_documents, resolve_device
 
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val",
@@ -33,6 +33,11 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     if meta.get("tokenizer_sha256") and dmeta["tokenizer"]["sha256"] != meta["tokenizer_sha256"]:
         raise PretrainError(f"{data_dir} was tokenized with a different tokenizer than the model was trained on "
                             "(tokenizer.json differs); prepare it with --tokenizer RUN_DIR/tokenizer.json")
+    same_data = meta.get("data_fingerprint") in (None, data_fingerprint(dmeta))
+    if data is None and not same_data:
+        raise PretrainError(f"the data in {data_dir} is not the data {run} was trained on (it was prepared again "
+                            "from other inputs or settings), so its held-out split may hold training text; pass "
+                            "--data to evaluate on it anyway")
     objective = build_objective(cfg.objective, tok, cfg.mlm, cfg.train.seed, cfg.data.doc_mask)  # as trained
     ev = evaluate(model, TokenSplit(data_dir, split), cfg.data.seq_len, batch_size or cfg.train.batch_size,
                   dev, cfg.train.dtype, max_batches, objective, padded_documents(cfg, tok))
@@ -41,7 +46,8 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     if not math.isfinite(ev["loss"]):
         raise PretrainError(f"the {split} loss of {run} is {ev['loss']}: the model's weights have diverged")
     out = {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split, "objective": cfg.objective,
-           "loss": ev["loss"], "perplexity": ev["ppl"], "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"]}
+           "loss": ev["loss"], "perplexity": ev["ppl"], "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"],
+           "data_matches_run": same_data}
     if "accuracy" in ev:
         out["accuracy"] = ev["accuracy"]
     return out

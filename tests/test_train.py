@@ -161,3 +161,24 @@ def test_resume_with_time_budget_spent_trains_no_more_and_paths_are_absolute(tmp
         again = json.loads(capsys.readouterr().out)
         assert again["step"] == first["step"] and again["stop_reason"] == "max_time_s"
     assert main(["eval", str(run), "--json"]) == 0
+
+
+def test_eval_refuses_a_data_folder_prepared_again_from_other_inputs(tmp_path, capsys):
+    import shutil
+    write_corpus(tmp_path / "a", n_docs=6)
+    write_corpus(tmp_path / "b", n_docs=6, seed=1)
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", str(tmp_path / "a"), "--out", str(data), "--tokenizer", "char", "--val-fraction", "0.2"]) == 0
+    assert main(["train", "--out", str(run), "--quiet", "--json", *overrides(TINY_TRAIN), "--data.path", str(data),
+                 "--train.max_steps", "2", "--train.warmup_steps", "0", "--train.eval_interval", "0"]) == 0
+    assert main(["prepare", str(tmp_path / "b"), "--out", str(tmp_path / "other"), "--tokenizer",
+                 str(run / "tokenizer.json"), "--val-fraction", "0.2"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_matches_run"] is True
+    assert main(["eval", str(run), "--data", str(tmp_path / "other"), "--json"]) == 0  # asked for: evaluated
+    assert json.loads(capsys.readouterr().out)["data_matches_run"] is False
+    shutil.rmtree(data)
+    (tmp_path / "other").rename(data)  # the run's own folder now holds other text: refused, not read silently
+    assert main(["eval", str(run), "--json"]) != 0
+    assert "not the data" in capsys.readouterr().err
