@@ -631,6 +631,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
     else:
         loader = DocumentLoader(train_split, cfg.data.seq_len, tc.batch_size, *documents, **shard)
     step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
+    last_val: float | None = None  # the latest evaluation's val loss (a resumed run starts from its checkpoint's)
     loss_sum, loss_n = 0.0, 0  # train loss summed since the last log line (checkpointed: exact resume)
     state = None
     if ckpt is not None:
@@ -653,6 +654,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
         state = load_state(ckpt, cmeta)
         step, tokens_seen = cmeta["step"], cmeta["tokens_seen"]
         elapsed, best_val = cmeta.get("elapsed_s", 0.0), cmeta.get("best_val_loss") or float("inf")
+        last_val = cmeta.get("val_loss")
         loss_sum, loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
     if state is None and init_sd is not None:  # a fresh run that starts from a Hugging Face checkpoint
         try:
@@ -733,7 +735,6 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
     batches = Prefetcher(loader, device, tc.prefetch)  # started after the loader state is restored
     model.train()
     stop_reason = "max_steps"
-    last_val: float | None = None
     saved_at = step if ckpt is not None else -1
     t_start, elapsed_start = time.time(), elapsed  # elapsed_s: wall time of all training so far
     t_last, tok_last = t_start, tokens_seen

@@ -57,6 +57,11 @@ def test_cli_end_to_end(tmp_path, data_dir, capsys):
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == gen  # seeded sampling is reproducible
 
+    assert main(["train", "--resume", str(run), "--quiet", "--json"]) == 0  # finished: trains no further
+    again = json.loads(capsys.readouterr().out)
+    assert again["step"] == 30 and again["val_loss"] == summary["val_loss"] == pytest.approx(rows[-1]["val_loss"])
+    assert again["best_val_loss"] == summary["best_val_loss"]
+
 
 def test_yaml_config_and_overrides(tmp_path, data_dir, capsys):
     cfg = dict(TINY_TRAIN, data={"path": str(data_dir), "seq_len": 16})
