@@ -266,7 +266,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return dump_yaml(self.to_dict())
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -456,8 +456,23 @@ def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 _ConfigLoader.add_constructor(_INT, _yaml12_int)
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """yaml.safe_dump that also quotes strings YAML 1.2 reads as numbers (``3e-4``), so the file reads back the
+    same with this module's loader and with any YAML 1.1 one."""
+
+
+_ConfigDumper.yaml_implicit_resolvers = {
+    first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []), *_ConfigLoader.yaml_implicit_resolvers.get(first, [])]
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *_ConfigLoader.yaml_implicit_resolvers}}
+
+
 def _load(text: str) -> Any:
     return yaml.load(text, Loader=_ConfigLoader)
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    """A config dict as YAML that :func:`load_yaml` (and ``yaml.safe_load``) read back as the same values."""
+    return yaml.dump(data, Dumper=_ConfigDumper, sort_keys=False)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pretrain.config import (
     Config,
@@ -289,6 +290,14 @@ def test_numbers_are_read_as_yaml_1_2(tmp_path, text, value):
     assert load_yaml(write(tmp_path, f"train:\n  max_steps: {text}\n")) == {"train": {"max_steps": value}}
     if isinstance(value, int) and value > 0:
         assert load_config(None, ["--train.max_steps", text]).train.max_steps == value
+
+
+def test_saved_config_reads_back_the_same(tmp_path):
+    """Strings that YAML 1.2 reads as numbers are quoted when saved, so a run's config.yaml round-trips."""
+    cfg = load_config(None, ["--data.path", "3e-4", "--train.init_from", "010"])
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    assert from_dict(Config, load_yaml(tmp_path / "c.yaml")) == cfg
+    assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
 
 
 def test_a_key_given_twice_in_yaml_is_an_error(tmp_path):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pretrain import PretrainError
-from pretrain.config import ConfigError, _check, from_dict
+from pretrain.config import ConfigError, _check, dump_yaml, from_dict
 from pretrain.finetune.data import (
     Examples,
     TaskDataError,
@@ -579,7 +579,7 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     tok.save(out / "tokenizer.json")
-    write_text_atomic(out / "finetune.yaml", _yaml(cfg))
+    write_text_atomic(out / "finetune.yaml", dump_yaml(dataclasses.asdict(cfg)))
     info_base = {"format": 1, "task": cfg.task, "labels": names, "pooling": pooling, "encoder": encoder,
                  "prompt": None if label_ids is None else {"label_ids": label_ids, "mask_id": tok.mask_id},
                  "max_length": max_len, "config": dataclasses.asdict(cfg), "backbone": pcfg.to_dict(),
@@ -670,12 +670,6 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     return {"out": str(out), "task": cfg.task, "best": best, "steps": step, "stop_reason": stop,
             "elapsed_s": round(time.time() - t0, 2), "trained_params": n_train, "total_params": n_total,
             "truncated": info_base["truncated"], "from_scratch": cfg.from_scratch, "history": history}
-
-
-def _yaml(cfg: FinetuneConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------- load / predict
