@@ -8,6 +8,8 @@ names and our fused projections (q/k/v and gate/up), which are split here.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import torch.nn as nn
 
 from pretrain.config import ModelConfig
 
+EXPORT_FILES = ("generation_config.json", "config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "README.md")
 
 def hf_config_dict(cfg: ModelConfig, special: dict[str, int | None] | None = None) -> dict[str, Any]:
     """The config.json of the equivalent `transformers` model."""
@@ -123,61 +127,91 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
         raise PretrainError(f"{out} exists and is not empty; pass --overwrite to replace its files")
     model, cfg, tok, meta = load_pretrained(run, "cpu")
     ckpt = resolve_checkpoint(run)
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # files an earlier export wrote and this one may not (weight shards, generation config)
-        for p in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json"),
-                  *(out / n for n in ("generation_config.json", "config.json", "tokenizer.json",
-                                      "tokenizer_config.json", "special_tokens_map.json"))]:
-            if p.is_file():
-                p.unlink()
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    sd = {k: v.to(torch_dtype).contiguous() for k, v in to_hf_state_dict(model).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"  # written whole, then moved into place
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        sd = {k: v.to(torch_dtype).contiguous() for k, v in to_hf_state_dict(model).items()}
 
-    # weights, sharded above the threshold
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        weight_files = ["model.safetensors"]
-    else:
-        weight_files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
-                 "weight_map": {k: name for name, shard in zip(weight_files, shards) for k in shard}}
-        for name, shard in zip(weight_files, shards):
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        # weights, sharded above the threshold
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            weight_files = ["model.safetensors"]
+        else:
+            weight_files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                     "weight_map": {k: name for name, shard in zip(weight_files, shards) for k in shard}}
+            for name, shard in zip(weight_files, shards):
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    special = {"eot_id": tok.eot_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
-    config = {**hf_config_dict(cfg.model, special), "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if cfg.model.arch in ("gpt", "gpt2"):
-        gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True, "temperature": 0.8,
-               "top_k": 50, "max_length": cfg.model.max_seq_len}
-        (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        special = {"eot_id": tok.eot_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
+        config = {**hf_config_dict(cfg.model, special), "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if cfg.model.arch in ("gpt", "gpt2"):
+            gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True, "temperature": 0.8,
+                   "top_k": 50, "max_length": cfg.model.max_seq_len}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
-    # tokenizer
-    tok.save(out / "tokenizer.json")
-    names = {}
-    arch = cfg.model.arch
-    for key, tid in (("eos_token", tok.eot_id), ("bos_token", tok.eot_id if arch != "bert" else None),
-                     ("unk_token", tok.unk_id), ("pad_token", tok.pad_id), ("cls_token", tok.cls_id),
-                     ("mask_token", tok.mask_id), ("sep_token", tok.eot_id if arch == "bert" else None)):
-        if tid is not None:
-            names[key] = tok.tk.id_to_token(tid)
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len,
-               "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False, **names}
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
-    (out / "README.md").write_text(_model_card(cfg.model, model, meta, ckpt, config))
+        # tokenizer
+        tok.save(tmp / "tokenizer.json")
+        names = {}
+        arch = cfg.model.arch
+        for key, tid in (("eos_token", tok.eot_id), ("bos_token", tok.eot_id if arch != "bert" else None),
+                         ("unk_token", tok.unk_id), ("pad_token", tok.pad_id), ("cls_token", tok.cls_id),
+                         ("mask_token", tok.mask_id), ("sep_token", tok.eot_id if arch == "bert" else None)):
+            if tid is not None:
+                names[key] = tok.tk.id_to_token(tid)
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len,
+                   "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False, **names}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+        (tmp / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+        (tmp / "README.md").write_text(_model_card(cfg.model, model, meta, ckpt, config))
+        _move_into(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "architecture": config["architectures"][0], "weights": weight_files,
             "dtype": dtype, "step": meta["step"], "n_params": model.num_params()}
+
+
+def _source_name(s: dict[str, Any]) -> str:
+    """A file source's file name, or a Hub source's ``hf:NAME[:CONFIG]``."""
+    if s.get("path"):
+        return Path(s["path"]).name
+    return "hf:" + str(s.get("name", "?")) + (f":{s['config']}" if s.get("config") else "")
+
+
+def _short_sha(sha: str | list[str] | None) -> str:
+    """The first 12 hex digits; a Hub source built from local files has one hash per file."""
+    shas = sha if isinstance(sha, list) else [sha] if sha else []
+    return ", ".join(f"`{h[:12]}`" for h in shas[:3]) + (" …" if len(shas) > 3 else "") if shas else "—"
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    """Put the finished export in ``tmp`` at ``out``: one rename when ``out`` is new or empty; otherwise drop the
+    files an earlier export wrote (weight shards, generation config, ...) and move each new file in."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    for p in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json"),
+              *(out / n for n in EXPORT_FILES)]:
+        if p.is_file():
+            p.unlink()
+    for p in tmp.iterdir():
+        os.replace(p, out / p.name)
 
 
 def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: Path, config: dict) -> str:
@@ -210,8 +244,9 @@ def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: 
             lines.append(f"- {split}: {info['tokens']:,} tokens, {info['documents']:,} documents")
         lines += ["", "| source | sha256 | bytes | documents | licence |", "|---|---|---|---|---|"]
         for s in data_meta["sources"][:50]:
-            lines.append(f"| {Path(s['path']).name} | `{s['sha256'][:12]}` | {s['bytes']:,} | {s['documents']:,} | "
-                         f"{s.get('licence', 'not given')} |")
+            nbytes = f"{s['bytes']:,}" if isinstance(s.get("bytes"), int) else "—"  # a Hub source has no size
+            lines.append(f"| {_source_name(s)} | {_short_sha(s.get('sha256'))} | {nbytes} | "
+                         f"{s.get('documents', 0):,} | {s.get('licence', 'not given')} |")
         if len(data_meta["sources"]) > 50:
             lines.append(f"| … {len(data_meta['sources']) - 50} more | | | | |")
     else:

@@ -300,3 +300,34 @@ def test_sharded_export_loads(runs, tmp_path):
     x = torch.randint(0, 300, (1, 16))
     with torch.no_grad():  # bf16 weights: agreement within bf16 rounding
         assert (ours(x) - hf(input_ids=x).logits).abs().max().item() < 0.1
+
+
+def test_export_of_a_hub_data_run_and_a_failed_export_leaves_nothing(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("datasets")
+    from _corpus import TINY_TRAIN, overrides, sentences
+
+    import pretrain.export as export
+    from pretrain.cli import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": " ".join(sentences(20, i))}) + "\n" for i in range(8)))
+    assert main(["prepare", "hf:json", "--hf-data-files", str(src), "--out", str(tmp_path / "d"), "--tokenizer",
+                 "byte", "--val-fraction", "0.2"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(tmp_path / "d"),
+                 "--train.max_steps", "2", "--train.warmup_steps", "0", "--quiet"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "| hf:json |" in card and "| — |" in card  # a Hub source: its name, no byte size
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "_model_card", broken)  # fails after the weights and tokenizer are written
+    for out in (tmp_path / "new", tmp_path / "hf"):
+        before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
+        with pytest.raises(OSError, match="disk full"):
+            export.export_hf(run, out, dtype="bf16", overwrite=True)
+        after = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
+        assert after == before  # no half-written export, the previous one intact
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
