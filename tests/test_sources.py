@@ -155,7 +155,9 @@ def test_table_rows_are_read_exactly_or_rejected(tmp_path, capsys):
     assert [d for s in expand_inputs([str(tmp_path / "long.csv")]) for d in read_documents(s)] == [long, "short"]
     bad = {
         "unbalanced.csv": ('id,text\n1,"a stray quote\n2,fine\n', "malformed CSV"),
-        "ragged.csv": ("id,text\n1,one\n2\n", "row has 1 field(s), no column 'text'"),
+        "ragged.csv": ("id,text\n1,one\n2\n", "ragged.csv:3: row has 1 field(s), the header 2"),
+        "comma.csv": ("id,text\n1,hello, world\n", "row has 3 field(s), the header 2 (a field with a comma"),
+        "tab.tsv": ("text\tid\nsome\ttext\t1\n", "tab.tsv:2: row has 3 field(s), the header 2"),
         "ints.json": ('[{"text": "ok"}, {"text": 5}]', "item 1: field 'text' is int, not a string"),
         "surrogate.json": ('[{"text": "a \\ud83d b"}]', "lone surrogate"),
     }

@@ -427,9 +427,10 @@ def _iter_table(path: Path, kind: str, field: str, src: Source | None = None) ->
             for row in reader:
                 if not row:  # blank lines are not rows
                     continue
-                if col >= len(row):
-                    raise DataError(f"{path}:{reader.line_num}: row has {len(row)} field(s), no column "
-                                    f"{field!r} (column {col + 1} of the header)")
+                if len(row) != len(header):  # a stray delimiter (unquoted comma, tab in a TSV text) shifts fields
+                    raise DataError(f"{path}:{reader.line_num}: row has {len(row)} field(s), the header "
+                                    f"{len(header)}" + ("" if kind == "tsv" else
+                                                        " (a field with a comma in it must be in double quotes)"))
                 yield row[col]
         except csv.Error as e:
             raise DataError(f"{path}:{reader.line_num}: malformed {kind.upper()} ({e})") from None
