@@ -411,3 +411,25 @@ def test_input_spec_parsing(tmp_path):
     assert srcs[0].weight == 1.0 and isinstance(srcs[1], HubSource)  # one weight given: the others get 1
     assert (srcs[1].spec.name, srcs[1].spec.config, srcs[1].weight, srcs[1].group) == ("someone/corpus", "cfg", 0.5, 1)
     assert srcs[1].label == "hf:someone/corpus:cfg"
+
+
+def test_near_dup_in_prepare_keeps_documents_without_words_and_encoders_get_no_index(tmp_path, monkeypatch):
+    """As Cleaner.keep: wordless documents have no MinHash, so none is a near-duplicate of another; and the
+    encoding workers (pass 3) get a cleaner without the duplicate index the scan built."""
+    import pickle
+
+    import pretrain.data.prepare as prep
+
+    docs = [*_docs(40), "!!!", "...", "---", "+++", ");"]
+    sizes = []
+    real = prep._Workers.__init__
+
+    def spy(self, workers, init_args, *a, **k):
+        sizes.append(len(pickle.dumps(init_args[0])))
+        real(self, workers, init_args, *a, **k)
+
+    monkeypatch.setattr(prep._Workers, "__init__", spy)
+    meta = prepare([str(_jsonl(tmp_path / "d.jsonl", docs))], tmp_path / "o", tokenizer="bpe", vocab_size=300,
+                   clean=CleanConfig(dedup_exact=True, near_dup_threshold=0.7), log=quiet, workers=0)
+    assert "near_duplicate" not in meta["cleaning"]["removed"]
+    assert len(sizes) == 2 and sizes[1] <= sizes[0] + 64  # pass 3's cleaner: no bigger than at the start

@@ -16,6 +16,7 @@ decontamination drops documents that share a word n-gram (default 13) with the e
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import unicodedata
@@ -124,6 +125,11 @@ class Cleaner:
                         self._short_lens.add(len(w))
         if not self._contam:
             raise DataError(f"no evaluation text of 3+ words found in {', '.join(inputs)} to decontaminate against")
+
+    def transformer(self) -> Cleaner:
+        """A cleaner that only transforms, for the encoding workers: none of this one's duplicate index or
+        evaluation n-grams to copy into each of them."""
+        return Cleaner(dataclasses.replace(self.cfg, dedup_exact=False, near_dup_threshold=0.0, decontaminate=[]))
 
     def transform(self, text: str) -> str:
         if self.cfg.normalize:

@@ -191,19 +191,20 @@ def _scan_batch(texts: list[str]) -> tuple:
     nbytes = np.zeros(n, np.int64)
     chars = np.zeros(n, np.int64)
     minhash = np.zeros((n, NUM_PERM), c.minhash_dtype) if c.cfg.near_dup_threshold else None
+    signed = np.zeros(n, np.bool_)  # has a MinHash signature (a document without words has none)
     passed: list[str] = []
     for i, raw in enumerate(texts):
         t = c.transform(raw)
         code, ex, ct, mh, nb = c.analyze(t)
         codes[i], exact[i], contam[i], nbytes[i], chars[i] = code, ex, ct, nb, len(t)
         if mh is not None:
-            minhash[i] = mh  # type: ignore[index]
+            minhash[i], signed[i] = mh, True  # type: ignore[index]
         if not code:
             passed.append(t)
             if vf > 0:
                 val[i] = _is_val(t, vf)
     encoded = _encode_texts(passed) if _W["enc"] is not None else None
-    return codes, exact, contam, minhash, nbytes, val, chars, encoded
+    return codes, exact, contam, minhash, signed, nbytes, val, chars, encoded
 
 
 def _encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -514,13 +515,13 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
                                   dtype.name if tok else "uint32"), start_method)
         scan_items = ((i, d, d) for i, d in docs(record=True))
         for (srcs, texts), res in pool.map(_scan_batch, _scan_batches(scan_items, batch_chars)):
-            codes, exact, contam, minhash, nbytes, val, chars, encoded = res
+            codes, exact, contam, minhash, signed, nbytes, val, chars, encoded = res
             if encoded is not None:
                 ids, lens = encoded
                 ends = np.cumsum(lens)
                 k = 0  # index among the documents that passed the filters (the encoded ones)
             for j, src_index in enumerate(srcs):
-                a = (int(codes[j]), int(exact[j]), bool(contam[j]), None if minhash is None else minhash[j],
+                a = (int(codes[j]), int(exact[j]), bool(contam[j]), minhash[j] if signed[j] else None,
                      int(nbytes[j]))
                 kept = cleaner.decide(a, src_index, lambda t=texts[j]: cleaner.transform(t))
                 if kept:
@@ -606,7 +607,7 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
         # Pass 3 (unless done during the scan): encode in the workers; write shards in corpus order.
         if output is None:
             output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
-            pool = _Workers(workers, (cleaner, tok.to_str(), val_fraction, dtype.name), start_method)
+            pool = _Workers(workers, (cleaner.transformer(), tok.to_str(), val_fraction, dtype.name), start_method)
             t_enc = time.time()
             enc_items = ((group_of[i], d, (d, code)) for i, code, d in planned())
             for grp, res in pool.map(_encode_batch, _batched(enc_items, batch_chars)):
