@@ -379,6 +379,13 @@ def test_bad_input(tmp_path, pretrained, capsys):
     assert "at least two labels" in err("probe", run, "--train", str(one), "--valid", str(one))
     assert "reads CoNLL text files" in err("finetune", run, "--task", "token", "--train", tr, "--valid", va,
                                            "--out", o)
+    # a stray comma or quote: an error naming the line, never a text cut short or rows merged
+    (tmp_path / "extra.csv").write_text("text,label\nthe cat, dog runs,pos\nred sun,neg\n")
+    assert "extra.csv:2: row has 3 field(s), the header 2" in err("finetune", run, "--train", str(tmp_path / "extra.csv"),
+                                                                  "--valid", va, "--out", o)
+    (tmp_path / "quote.csv").write_text('text\nthe cat\n"dog runs\nred sun\n')
+    assert "malformed CSV" in err("predict", str(tmp_path / "o"), "--input", str(tmp_path / "quote.csv"), "--out",
+                                  str(tmp_path / "q.jsonl"))
     ft_json = tmp_path / "o" / "finetune.json"
     ft_json.write_text("{not json", encoding="utf-8")
     assert "finetune.json is corrupt" in err("predict", str(tmp_path / "o"), "--input", va, "--out",

@@ -78,10 +78,23 @@ def _rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         return table.to_pylist(), table.column_names
     text = read_text(path)
     if src.kind in ("csv", "tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if src.kind == "tsv" else ",",
-                                quoting=csv.QUOTE_NONE if src.kind == "tsv" else csv.QUOTE_MINIMAL)
-        rows = list(reader)
-        return rows, list(reader.fieldnames or [])
+        # as pre-training reads them: CSV strict (an unbalanced quote is an error, not rows merged), TSV unquoted
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE) \
+            if src.kind == "tsv" else csv.reader(io.StringIO(text, newline=""), strict=True)
+        try:
+            header = next(reader, None) or []
+            rows = []
+            for row in reader:
+                if not row:  # blank lines are not rows
+                    continue
+                if len(row) != len(header):  # a stray delimiter would shift the text into the label
+                    raise TaskDataError(f"{path}:{reader.line_num}: row has {len(row)} field(s), the header "
+                                        f"{len(header)}" + ("" if src.kind == "tsv" else
+                                                            " (a field with a comma in it must be in double quotes)"))
+                rows.append(dict(zip(header, row)))
+        except csv.Error as e:
+            raise TaskDataError(f"{path}:{reader.line_num}: malformed {src.kind.upper()} ({e})") from None
+        return rows, header
     if src.kind == "json":
         try:
             data = json.loads(text)
