@@ -287,6 +287,30 @@ def test_token_classification(tmp_path, pretrained):
     assert [p[0] for p in pred if p] == [g[0] for g in gold if g]  # word-aligned
 
 
+def test_token_labels_sit_where_the_model_has_seen_the_word():
+    """A decoder labels a word's last sub-token (its first, with a char tokenizer, is the space before it); an
+    encoder its first that is not whitespace. Truncation drops whole words, at the end or the start, or errors."""
+    from pretrain.data.tokenizer import char_tokenizer, train_wordpiece
+    from pretrain.finetune.data import TaskDataError
+    from pretrain.finetune.trainer import IGNORE, encode_words
+
+    sent = [["the", "cat", "runs"]]
+    tok = char_tokenizer("the cat runs")
+    ids, labels, at, n = encode_words(tok, sent, [[0, 1, 2]], False, 64)
+    assert [tok.decode([ids[0][i]]) for i in at[0]] == ["e", "t", "s"] and n == 0
+    assert [lab for lab in labels[0] if lab != IGNORE] == [0, 1, 2] and [labels[0][i] for i in at[0]] == [0, 1, 2]
+    wp = train_wordpiece(["the cat runs fast"] * 20, 200)
+    ids, labels, at, _ = encode_words(wp, sent, [[0, 1, 2]], True, 64)
+    assert [wp.decode([ids[0][i]]) for i in at[0]] == ["the", "cat", "runs"] and ids[0][0] == wp.cls_id
+    # "the", " cat", " runs": 3 + 4 + 5 tokens; max_len 9 leaves 8 beside <eot>: "the cat" (7) or " runs" (5)
+    ids, labels, at, n = encode_words(tok, sent, [[0, 1, 2]], False, 9)
+    assert n == 1 and tok.decode(ids[0][:-1]) == "the cat" and at[0][2] == -1
+    ids, labels, at, n = encode_words(tok, sent, [[0, 1, 2]], False, 9, "start")
+    assert n == 1 and tok.decode(ids[0][:-1]) == " runs" and at[0][:2] == [-1, -1] and labels[0][at[0][2]] == 2
+    with pytest.raises(TaskDataError, match="t.conll: sentence 1 is 12 tokens, more than the 8"):
+        encode_words(tok, sent, None, False, 9, "error", "t.conll")
+
+
 def test_transfer_report(tmp_path, pretrained, capsys):
     objective, root = pretrained
     if objective == "clm":

@@ -165,8 +165,8 @@ def load_backbone(run: str | Path, dropout: float, from_scratch: bool, seed: int
 
 def _truncate(a: list[int], b: list[int] | None, room: int, mode: str, what: str) -> tuple[list[int], list[int] | None]:
     if mode == "error":
-        raise TaskDataError(f"{what} is {len(a) + len(b or []) + 0} tokens, more than the {room} that fit "
-                            "(use --truncation end|start or a larger --max-length)")
+        raise TaskDataError(f"{what} is {len(a) + len(b or [])} tokens, more than the {room} that fit with the special "
+                            "tokens (use --truncation end|start or a larger --max-length)")
     while len(a) + len(b or []) > room:
         if b is not None and len(b) > len(a):
             b = b[:-1] if mode == "end" else b[1:]
@@ -176,7 +176,7 @@ def _truncate(a: list[int], b: list[int] | None, room: int, mode: str, what: str
 
 
 def encode_inputs(tok, texts: list[str], pairs: list[str] | None, encoder: bool, max_len: int,
-                  truncation: str) -> tuple[list[list[int]], int]:
+                  truncation: str, source: str = "") -> tuple[list[list[int]], int]:
     """Token ids with the specials of the architecture, and how many inputs were truncated.
 
     Encoders: ``[CLS] a [SEP] (b [SEP])``; decoders: ``a <eot> (b <eot>)`` (the last token sees everything)."""
@@ -192,7 +192,7 @@ def encode_inputs(tok, texts: list[str], pairs: list[str] | None, encoder: bool,
                               f"({max_len - room}) are added; raise --max-length")
         if len(a) + len(b or []) > room:
             truncated += 1
-            a, b = _truncate(a, b, room, truncation, f"row {i + 1}")
+            a, b = _truncate(a, b, room, truncation, (f"{source}: " if source else "") + f"row {i + 1}")
         x = [*lead, *a, eot] + ([*b, eot] if b is not None else [])
         out.append(x)
     return out, truncated
@@ -257,7 +257,7 @@ def verbalizer_ids(tok, spec: str, names: list[Any], encoder: bool) -> list[int]
 
 
 def encode_prompts(tok, template: str, texts: list[str], pairs: list[str] | None, encoder: bool, max_len: int,
-                   truncation: str) -> tuple[list[list[int]], int]:
+                   truncation: str, source: str = "") -> tuple[list[list[int]], int]:
     """Ids of every text set into ``template``, and how many were truncated (the texts are cut, never the
     template). Encoders: ``[CLS] ... [MASK] ... [SEP]``; decoders end right before the slot."""
     parts = parse_template(template, pairs is not None)
@@ -284,7 +284,7 @@ def encode_prompts(tok, template: str, texts: list[str], pairs: list[str] | None
         a, b = clean(a), (clean(b) if b is not None else None)
         if len(a) + len(b or []) > room:
             truncated += 1
-            a, b = _truncate(a, b, room, truncation, f"row {i + 1}")
+            a, b = _truncate(a, b, room, truncation, (f"{source}: " if source else "") + f"row {i + 1}")
         x = list(lead)
         for j, p in enumerate(parts):
             x += a if p == "{text}" else (b or []) if p == "{text_pair}" else [tok.mask_id] if p == "{mask}" else literal[j]
@@ -292,29 +292,47 @@ def encode_prompts(tok, template: str, texts: list[str], pairs: list[str] | None
     return out, truncated
 
 
-def encode_words(tok, words: list[list[str]], tags: list[list[int]] | None, encoder: bool,
-                 max_len: int) -> tuple[list[list[int]], list[list[int]], list[list[int]], int]:
-    """CoNLL sentences → ids, per-token labels (the word's tag on its first sub-token, IGNORE elsewhere),
-    the token index of each word's first sub-token (-1 when truncated away), and the number truncated."""
+def encode_words(tok, words: list[list[str]], tags: list[list[int]] | None, encoder: bool, max_len: int,
+                 truncation: str = "end", source: str = "") -> tuple[list[list[int]], list[list[int]], list[list[int]], int]:
+    """CoNLL sentences → ids, per-token labels (the word's tag on one sub-token, IGNORE elsewhere), the index
+    of that sub-token for each word (-1 when truncated away), and the number of sentences truncated.
+
+    The labelled sub-token is the word's last for a decoder (the first position that has seen the whole word:
+    with a char or byte tokenizer the first is the space before it) and its first that is not just whitespace
+    for an encoder. Over-long sentences lose whole words at the end (``truncation`` 'end') or start ('start')."""
     lead = [tok.cls_id] if encoder and tok.cls_id is not None else []
-    out_ids, out_labels, out_first, truncated = [], [], [], 0
+    room = max_len - len(lead) - 1
+    out_ids, out_labels, out_at, truncated = [], [], [], 0
     for s, sent in enumerate(words):
-        ids, labels, first = list(lead), [IGNORE] * len(lead), []
-        for w, word in enumerate(sent):
-            pieces = tok.encode(word if w == 0 else " " + word) or [tok.eot_id]
-            if len(ids) + len(pieces) > max_len - 1:
-                first.extend([-1] * (len(sent) - w))
-                truncated += 1
-                break
-            first.append(len(ids))
-            labels += [tags[s][w] if tags is not None else IGNORE] + [IGNORE] * (len(pieces) - 1)
-            ids += pieces
+        pieces = [tok.encode(word if w == 0 else " " + word) or [tok.eot_id] for w, word in enumerate(sent)]
+        lens = [len(p) for p in pieces]
+        keep = range(len(sent))
+        if sum(lens) > room:
+            if truncation == "error":
+                raise TaskDataError((f"{source}: " if source else "") + f"sentence {s + 1} is {sum(lens)} tokens, more than the {room} that "
+                                    f"fit in --max-length {max_len} with the special tokens (use --truncation "
+                                    "end|start or a larger --max-length)")
+            truncated += 1
+            total, k = 0, 0  # the most whole words that fit, from the end or the start
+            order = range(len(sent) - 1, -1, -1) if truncation == "start" else range(len(sent))
+            for w in order:
+                if total + lens[w] > room:
+                    break
+                total, k = total + lens[w], k + 1
+            keep = range(len(sent) - k, len(sent)) if truncation == "start" else range(k)
+        ids, labels, at = list(lead), [IGNORE] * len(lead), [-1] * len(sent)
+        for w in keep:
+            p = pieces[w]
+            j = len(p) - 1 if not encoder else next((i for i, t in enumerate(p) if tok.decode([t]).strip()), 0)
+            at[w] = len(ids) + j
+            labels += [IGNORE] * j + [tags[s][w] if tags is not None else IGNORE] + [IGNORE] * (len(p) - 1 - j)
+            ids += p
         ids.append(tok.eot_id)
         labels.append(IGNORE)
         out_ids.append(ids)
         out_labels.append(labels)
-        out_first.append(first)
-    return out_ids, out_labels, out_first, truncated
+        out_at.append(at)
+    return out_ids, out_labels, out_at, truncated
 
 
 def _batch(rows: list[list[int]], pad: int, labels: list[list[int]] | None = None):
@@ -401,19 +419,19 @@ def compute_metrics(task: str, pred: list[Any], gold: list[Any]) -> dict[str, fl
 class Encoded:
     ids: list[list[int]]
     targets: list[Any]  # class index / float / per-token label list
-    first: list[list[int]] | None  # token tasks: first sub-token of each word
+    first: list[list[int]] | None  # token tasks: the labelled sub-token of each word (see encode_words)
     truncated: int
 
 
 def _encode_task(cfg: FinetuneConfig, tok, encoder: bool, max_len: int, ex, names: list[Any]) -> Encoded:
     if cfg.task == "token":
         tag_ids = None if ex.tags is None else [[names.index(t) for t in s] for s in ex.tags]
-        ids, labels, first, n = encode_words(tok, ex.words, tag_ids, encoder, max_len)
+        ids, labels, first, n = encode_words(tok, ex.words, tag_ids, encoder, max_len, cfg.truncation, ex.source)
         return Encoded(ids, labels, first, n)
     if cfg.prompt:
-        ids, n = encode_prompts(tok, cfg.prompt, ex.texts, ex.pairs, encoder, max_len, cfg.truncation)
+        ids, n = encode_prompts(tok, cfg.prompt, ex.texts, ex.pairs, encoder, max_len, cfg.truncation, ex.source)
     else:
-        ids, n = encode_inputs(tok, ex.texts, ex.pairs, encoder, max_len, cfg.truncation)
+        ids, n = encode_inputs(tok, ex.texts, ex.pairs, encoder, max_len, cfg.truncation, ex.source)
     if ex.labels is None:
         targets = [None] * len(ids)
     elif cfg.task == "regression":
