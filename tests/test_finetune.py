@@ -311,6 +311,19 @@ def test_token_labels_sit_where_the_model_has_seen_the_word():
         encode_words(tok, sent, None, False, 9, "error", "t.conll")
 
 
+def test_metrics_match_the_usual_definitions():
+    from scipy.stats import spearmanr
+    from sklearn.metrics import f1_score
+
+    from pretrain.finetune.trainer import compute_metrics
+
+    pred, gold = [0.1, 0.2, 0.3, 0.6, 0.5, 0.4], [0, 0, 0, 1, 1, 1]  # tied gold scores, as in STS data
+    assert compute_metrics("regression", pred, gold)["spearman"] == pytest.approx(spearmanr(pred, gold)[0])
+    gold_c, pred_c = ["a", "a", "b", "b"], ["a", "c", "b", "c"]  # a class only in the predictions counts too
+    assert compute_metrics("classification", pred_c, gold_c)["macro_f1"] == pytest.approx(
+        f1_score(gold_c, pred_c, average="macro"))
+
+
 def test_transfer_report(tmp_path, pretrained, capsys):
     objective, root = pretrained
     if objective == "clm":

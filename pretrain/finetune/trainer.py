@@ -380,13 +380,19 @@ def _spans(tags: list[str]) -> set[tuple[int, int, str]]:
     return spans
 
 
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties given their average rank (as Spearman's coefficient needs)."""
+    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + ends - 1) / 2.0)[inverse]
+
+
 def compute_metrics(task: str, pred: list[Any], gold: list[Any]) -> dict[str, float]:
     """Validation metrics; ``metric`` is the one early stopping and reports use (higher is better)."""
     if task == "regression":
         p, g = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
         pearson = float(np.corrcoef(p, g)[0, 1]) if p.std() > 0 and g.std() > 0 else 0.0
-        rank = lambda a: np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(np.float64)  # noqa: E731
-        spearman = float(np.corrcoef(rank(p), rank(g))[0, 1]) if p.std() > 0 and g.std() > 0 else 0.0
+        spearman = float(np.corrcoef(_ranks(p), _ranks(g))[0, 1]) if p.std() > 0 and g.std() > 0 else 0.0
         return {"metric": pearson, "pearson": pearson, "spearman": spearman, "mse": float(((p - g) ** 2).mean())}
     if task == "token":
         flat_p = [t for s in pred for t in s]
@@ -404,7 +410,7 @@ def compute_metrics(task: str, pred: list[Any], gold: list[Any]) -> dict[str, fl
         return out
     acc = float(np.mean([str(a) == str(b) for a, b in zip(pred, gold)]))
     f1s = []
-    for c in {str(g) for g in gold}:
+    for c in {str(v) for v in (*gold, *pred)}:  # as sklearn's macro average: the classes of both
         tp = sum(str(p) == c and str(g) == c for p, g in zip(pred, gold))
         fp = sum(str(p) == c and str(g) != c for p, g in zip(pred, gold))
         fn = sum(str(p) != c and str(g) == c for p, g in zip(pred, gold))
