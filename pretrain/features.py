@@ -31,7 +31,7 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
         raise PretrainError(f"input not found: {p}")
     (src,) = expand_inputs([str(p)])
     if kind_of(p) == "text":
-        texts: list[str | None] = read_text(src.path).split("\n")
+        texts: list[str | None] = [line.removesuffix("\r") for line in read_text(src.path).split("\n")]  # CRLF too
         if texts and texts[-1] == "":
             texts.pop()
     else:
@@ -115,6 +115,7 @@ def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str
           normalize: bool = False, batch_size: int = 32, text_field: str = "text",
           device: str = "auto") -> dict[str, Any]:
     """Embed every row of ``input_path`` with the run's newest checkpoint; write .npy or .parquet."""
+    from pretrain.data.prepare import atomic_path
     from pretrain.train import resolve_device
 
     out = Path(out)
@@ -127,12 +128,20 @@ def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str
     model, cfg, tok, meta = load_pretrained(run, dev)
     vectors, truncated = embed_texts(model, tok, cfg, texts, pooling, normalize, batch_size, dev)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, vectors)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with atomic_path(out) as tmp:  # a failed write keeps the previous file
+        if out.suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, vectors)
+            try:  # np.save can miss a short write (a full disk, a file size limit)
+                whole = np.load(tmp, mmap_mode="r").shape == vectors.shape
+            except ValueError:
+                whole = False
+            if not whole:
+                raise PretrainError(f"writing {out} failed: the file came out short (disk full?)")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"row": np.arange(len(texts)), "embedding": list(vectors)}), out)
+            pq.write_table(pa.table({"row": np.arange(len(texts)), "embedding": list(vectors)}), tmp)
     return {"out": str(out), "rows": len(texts), "dim": int(vectors.shape[1]), "pooling": pooling,
             "normalized": normalize, "truncated": truncated, "max_tokens": cfg.model.max_seq_len, "step": meta["step"]}

@@ -82,6 +82,9 @@ def test_binary_and_non_utf8(tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     assert "binary" in error_of(capsys, "prepare", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "d"))
     assert "UTF-8" in error_of(capsys, "prepare", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "d"))
+    assert "--bad-files skip" in error_of(capsys, "prepare", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "d"))
+    assert "--bad-files" not in error_of(capsys, "embed", str(tmp_path), "--input", str(tmp_path / "latin1.txt"),
+                                         "--out", str(tmp_path / "e.npy"))
     # --bad-files skip: warn and go on with the good file
     with pytest.warns(UserWarning, match="skipping") as record:
         assert main(["prepare", str(tmp_path / "*.txt"), "--out", str(tmp_path / "d"), "--tokenizer", "byte",

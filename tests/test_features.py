@@ -50,6 +50,12 @@ def test_embed_deterministic_aligned_batch_invariant(run, capsys):
         capsys.readouterr()
         np.testing.assert_allclose(np.load(root / "one.npy")[0], outs[0][7], atol=1e-5)
         assert not np.allclose(outs[0][0], outs[0][1])
+        # CRLF line ends: the same rows, the same vectors (no trailing carriage return in the texts)
+        (root / "crlf.txt").write_bytes(("\r\n".join(texts) + "\r\n").encode())
+        assert main(["embed", str(root / "run"), "--input", str(root / "crlf.txt"), "--out",
+                     str(root / "crlf.npy"), "--pooling", pool]) == 0
+        capsys.readouterr()
+        np.testing.assert_allclose(np.load(root / "crlf.npy"), outs[0], atol=1e-5)
     assert main(["embed", str(root / "run"), "--input", str(root / "in.txt"), "--out", str(root / "n.parquet"),
                  "--normalize"]) == 0
     import pyarrow.parquet as pq

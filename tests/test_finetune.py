@@ -12,6 +12,7 @@ import torch
 from _corpus import WORDS, write_corpus
 
 from pretrain.cli import main
+from pretrain.data.sources import sha256_file
 
 POS = ["light", "day", "summer", "green"]
 NEG = ["night", "dark", "winter", "rain"]
@@ -76,6 +77,19 @@ def test_classification_end_to_end(pretrained, capsys):
     acc = sum(p["prediction"] == g for p, g in zip(preds, gold)) / len(gold)
     assert acc == pytest.approx(res["best"]["val_accuracy"], abs=1e-6)
     assert all(abs(p["p_neg"] + p["p_pos"] - 1) < 1e-4 for p in preds)
+
+    # predictions are written whole or not at all: a failed write keeps the previous file
+    import pretrain.finetune.trainer as trainer
+
+    before = (root / "pred.jsonl").read_bytes()
+    with pytest.raises(ValueError):
+        trainer._write_rows(root / "pred.jsonl", [{"row": 0, "p": 0.5}, {"row": 1, "p": float("nan")}])
+    assert (root / "pred.jsonl").read_bytes() == before and not list(root.glob(".pred*"))
+    # weights that diverge are never evaluated nor saved as the best model
+    assert main(["finetune", str(root / "run"), "--train", str(root / "train.jsonl"), "--valid",
+                 str(root / "valid.jsonl"), "--out", str(root / "ft_nan"), "--epochs", "1", "--lr", "1e30",
+                 "--grad-clip", "0", "--warmup-frac", "0", "--batch-size", "60", "--quiet"]) == 2
+    assert "diverged" in capsys.readouterr().err and not (root / "ft_nan" / "finetune.json").exists()
 
 
 def test_from_scratch_differs_and_probe(pretrained, capsys):
@@ -282,6 +296,8 @@ def test_token_classification(tmp_path, pretrained):
     assert best["val_accuracy"] > 0.75 and "val_f1" in best, best
     assert main(["predict", str(tmp_path / "tok"), "--input", str(tmp_path / "va.conll"), "--out",
                  str(tmp_path / "pred.conll")]) == 0
+    assert main(["predict", str(tmp_path / "tok"), "--input", str(tmp_path / "va.conll"), "--out",
+                 str(tmp_path / "pred.jsonl")]) == 2  # CoNLL text, not JSON lines
     pred = [x.split() for x in (tmp_path / "pred.conll").read_text().splitlines()]
     gold = [x.split() for x in (tmp_path / "va.conll").read_text().splitlines()[2:]]
     assert [p[0] for p in pred if p] == [g[0] for g in gold if g]  # word-aligned
@@ -340,6 +356,20 @@ def test_transfer_report(tmp_path, pretrained, capsys):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| 20 |" in md and "| 240 |" in md
     assert (tmp_path / "rep" / "report.png").stat().st_size > 1000
+    # run again: finished runs are reused for the same inputs, redone when the data changed
+    done = sorted((tmp_path / "rep" / "runs").glob("*_n20_s*/done.json"))
+    stamp = lambda: [p.stat().st_mtime_ns for p in done]  # noqa: E731
+    first = stamp()
+    args = ["transfer", str(root / "run"), "--train", str(root / "train.jsonl"), "--out", str(tmp_path / "rep"),
+            "--budgets", "20", "--seeds", "1", "--min-steps", "10", "--max-epochs", "3", "--batch-size", "16",
+            "--quiet", "--valid"]
+    assert main([*args, str(root / "valid.jsonl")]) == 0
+    assert stamp() == first  # nothing retrained
+    valid2 = tmp_path / "valid2.jsonl"
+    valid2.write_text((root / "valid.jsonl").read_text().replace('"pos"', '"neg"', 1))
+    assert main([*args, str(valid2)]) == 0
+    redone = {p: json.loads(p.read_text())["inputs"]["valid_sha256"] for p in done if "_s0" in str(p.parent)}
+    assert len(redone) == 2 and all(v == sha256_file(valid2) for v in redone.values())
 
 
 def test_budget_sampling_keeps_every_class():

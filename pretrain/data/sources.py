@@ -312,12 +312,12 @@ def _binary_error(path: Path, head: bytes = b"") -> DataError:
     return DataError(f"{path} looks like a binary file (NUL bytes); not text")
 
 
-SKIP_HINT = " (or pass --bad-files skip to leave such files out)"  # dropped from the warning when skipping
+SKIP_HINT = " (or pass --bad-files skip to leave such files out)"  # prepare's errors about one file end with it
 
 
 def _utf8_error(path: Path, e: UnicodeDecodeError, raw: bytes, offset: int = 0) -> DataError:
     return DataError(f"{path} is not valid UTF-8 (byte {offset + e.start}: {raw[e.start:e.start + 4]!r}); "
-                     f"re-encode it as UTF-8{SKIP_HINT}")
+                     "re-encode it as UTF-8")
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -598,13 +598,16 @@ def iter_documents(sources: list, text_field: str = "text", bad_files: str = "er
                 for _ in iter_source(src, text_field, text_unit):
                     pass
             except DataError as e:
-                reason = str(e).replace(SKIP_HINT, "")
+                reason = str(e)
                 warnings.warn(f"skipping {src.label}: {reason}", stacklevel=2)
                 src.skipped = reason
                 continue
             src.checked = True
         docs = iter_source(src, text_field, text_unit, record=record)
-        if with_source:
-            yield from ((index, d) for d in docs)
-        else:
-            yield from docs
+        try:
+            if with_source:
+                yield from ((index, d) for d in docs)
+            else:
+                yield from docs
+        except DataError as e:  # a file that cannot be read: name the way round it
+            raise DataError(f"{e}{SKIP_HINT}") from None

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -523,15 +522,19 @@ def merged(model: nn.Module) -> TaskModel:
     return model
 
 
-def _save(out: Path, model: nn.Module, info: dict[str, Any]) -> None:
+def _save(out: Path, model: nn.Module, info: dict[str, Any], tok) -> None:
+    """The model, its tokenizer and finetune.json. finetune.json goes first and comes back last, so one always
+    describes the weights and tokenizer beside it (after a crash in between, the folder is no model at all)."""
     from safetensors.torch import save_model
 
-    from pretrain.data.prepare import write_json_atomic
+    from pretrain.data.prepare import atomic_path, write_json_atomic
 
-    tmp = out / f".{WEIGHTS}.tmp{os.getpid()}"
-    save_model(merged(model), str(tmp))  # tied embeddings are stored once
-    os.replace(tmp, out / WEIGHTS)
-    write_json_atomic(out / FT_FILE, info)  # written last: a finetune.json always describes the weights beside it
+    (out / FT_FILE).unlink(missing_ok=True)
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_model(merged(model), str(tmp))  # tied embeddings are stored once
+    with atomic_path(out / "tokenizer.json") as tmp:
+        tok.save(tmp)
+    write_json_atomic(out / FT_FILE, info)
 
 
 def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, out: str | Path,
@@ -602,7 +605,6 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    tok.save(out / "tokenizer.json")
     write_text_atomic(out / "finetune.yaml", dump_yaml(dataclasses.asdict(cfg)))
     info_base = {"format": 1, "task": cfg.task, "labels": names, "pooling": pooling, "encoder": encoder,
                  "prompt": None if label_ids is None else {"label_ids": label_ids, "mask_id": tok.mask_id},
@@ -625,6 +627,8 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     def evaluate(epoch_at: float, train_loss: float | None) -> float:
         """One validation pass: a metrics.jsonl line, the model saved when best; returns the metric."""
         nonlocal best
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # never evaluated, nor saved
+            raise PretrainError(f"fine-tuning diverged at step {step} (the weights are no longer finite); lower --lr")
         preds, _ = run_model(model, va, cfg.task, names, pad, cfg.batch_size * 2, device, cfg.dtype)
         m = compute_metrics(cfg.task, preds, _labels_of(cfg, valid_ex) if cfg.task != "token" else valid_ex.tags)
         rec = {"epoch": round(epoch_at, 3), "step": step,
@@ -639,7 +643,7 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
             + f", val {' '.join(f'{k} {v:.4f}' for k, v in m.items() if k != 'metric')}" + (" *" if improved else ""))
         if improved:
             best = rec
-            _save(out, model, {**info_base, "best": rec})
+            _save(out, model, {**info_base, "best": rec}, tok)
         model.train()
         return m["metric"]
 
@@ -730,13 +734,18 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
         load_model(model, str(path / WEIGHTS))
     except Exception as e:
         raise PretrainError(f"{path / WEIGHTS} is corrupt or does not match {FT_FILE}: {str(e).splitlines()[0][:200]}") from None
-    return model.to(device).eval(), info, Tokenizer.load(path / "tokenizer.json")
+    tok = Tokenizer.load(path / "tokenizer.json")
+    if tok.vocab_size > pcfg.model.vocab_size:
+        raise PretrainError(f"{path / 'tokenizer.json'} has {tok.vocab_size:,} tokens but the model {pcfg.model.vocab_size:,}: "
+                            "the tokenizer is not the one this model was fine-tuned with")
+    return model.to(device).eval(), info, tok
 
 
 def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_size: int = 64,
             device: str = "auto") -> dict[str, Any]:
     """Predict every row of ``input_path`` (same columns as training; labels not needed) into ``out``
     (.jsonl, .csv or .parquet; CoNLL .txt/.conll for token tasks)."""
+    from pretrain.data.prepare import write_text_atomic
     from pretrain.train import resolve_device
 
     if batch_size < 1:
@@ -744,6 +753,9 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
     dev = resolve_device(device)
     model, info, tok = load_finetuned(ft_dir, dev)
     cfg = from_dict(FinetuneConfig, info["config"])
+    if cfg.task == "token" and Path(out).suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet"):
+        raise PretrainError(f"token predictions are written as CoNLL text (one 'word tag' per line): --out "
+                            f"{Path(out).name} should end in .conll or .txt")
     ex = read_task(cfg, input_path, with_labels=False)
     enc = _encode_task(cfg, tok, info["encoder"], info["max_length"], ex, info["labels"])
     pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
@@ -755,7 +767,7 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
         lines = []
         for words, tags in zip(ex.words, preds):
             lines += [f"{w} {t}" for w, t in zip(words, tags)] + [""]
-        out.write_text("\n".join(lines), encoding="utf-8")
+        write_text_atomic(out, "\n".join(lines))
     else:
         assert isinstance(ex, Examples)
         rows = []
@@ -770,19 +782,23 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
 
 
 def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    """One row per prediction, written atomically (a failed write keeps the previous file)."""
     import csv
 
-    if out.suffix == ".jsonl":
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    elif out.suffix in (".csv", ".tsv"):
-        with open(out, "w", encoding="utf-8", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if out.suffix == ".tsv" else ",")
-            w.writeheader()
-            w.writerows(rows)
-    elif out.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    from pretrain.data.prepare import atomic_path
 
-        pq.write_table(pa.Table.from_pylist(rows), out)
-    else:
+    if out.suffix not in (".jsonl", ".csv", ".tsv", ".parquet"):
         raise PretrainError(f"--out must end in .jsonl, .csv, .tsv or .parquet, got {out.name}")
+    with atomic_path(out) as tmp:
+        if out.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows), encoding="utf-8")
+        elif out.suffix in (".csv", ".tsv"):
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if out.suffix == ".tsv" else ",")
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), tmp)

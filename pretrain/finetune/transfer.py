@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pretrain import PretrainError
+from pretrain.data.prepare import write_json_atomic, write_text_atomic
 from pretrain.finetune.trainer import FinetuneConfig, _labels_of, compute_metrics, finetune, read_task
 
 
@@ -93,6 +94,7 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
     n_total = len(full)
     labels = full.labels if cfg.task == "classification" else None
     sizes = parse_budgets(budgets, n_total)
+    ident = _inputs_identity(run, train, valid)  # a finished run is reused only for the same inputs
     results: list[dict[str, Any]] = []
     t0 = time.time()
     for n in sizes:
@@ -104,15 +106,16 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
                 run_cfg = dataclasses.replace(cfg, seed=seed, epochs=epochs, from_scratch=init == "scratch",
                                               lr=scratch_lr if init == "scratch" else cfg.lr)
                 work = out / "runs" / f"{init}_n{n}_s{seed}"
-                res = _finished(work, run_cfg, n) or finetune(run, train, valid, work, run_cfg, train_subset=subset,
-                                                              quiet=True)
+                res = _finished(work, run_cfg, n, ident)
+                if res is None:
+                    res = finetune(run, train, valid, work, run_cfg, train_subset=subset, quiet=True)
+                    (work / "model.safetensors").unlink(missing_ok=True)  # keep metrics and configs, not every model
+                    _write_done(work, res, ident)
                 best = res["best"]
                 results.append({"init": init, "n": n, "seed": seed, "epochs": epochs, "lr": run_cfg.lr,
                                 "metric": best["val_metric"], "best_epoch": best["epoch"], "steps": res["steps"],
                                 "elapsed_s": res["elapsed_s"],
                                 **{k: v for k, v in best.items() if k.startswith("val_") and k != "val_metric"}})
-                (work / "model.safetensors").unlink(missing_ok=True)  # keep metrics and configs, not every model
-                _write_done(work, res)
                 log(f"transfer: {init:10s} n={n:<7,} seed {seed}: val metric {best['val_metric']:.4f} "
                     f"({res['steps']} steps, {res['elapsed_s']:.0f}s)")
     summary = summarise(results, sizes)
@@ -121,31 +124,38 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
               "metric": _metric_name(cfg.task), "train_examples": n_total, "budgets": sizes, "seeds": seeds,
               "config": dataclasses.asdict(cfg), "scratch_lr": scratch_lr, "majority_baseline": baseline,
               "summary": summary, "runs": results, "elapsed_s": round(time.time() - t0, 1)}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", markdown(report))
     plot(report, out / "report.png")
     log(markdown(report))
     return {"out": str(out), "summary": summary, "majority_baseline": baseline, "elapsed_s": report["elapsed_s"]}
 
 
-def _finished(work: Path, cfg: FinetuneConfig, n: int) -> dict[str, Any] | None:
-    """The result of an earlier, completed fine-tuning run with the same settings (so an interrupted
-    transfer resumes where it stopped), or None."""
+def _inputs_identity(run: str | Path, train: str | Path, valid: str | Path) -> dict[str, Any]:
+    """What a fine-tuning result depends on besides its config: the pre-trained checkpoint and the data."""
+    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.data.sources import sha256_file
+
+    return {"checkpoint": str(resolve_checkpoint(run).resolve()), "train_sha256": sha256_file(Path(train)),
+            "valid_sha256": sha256_file(Path(valid))}
+
+
+def _finished(work: Path, cfg: FinetuneConfig, n: int, ident: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of an earlier, completed fine-tuning run with the same settings, checkpoint and data (so an
+    interrupted transfer resumes where it stopped), or None."""
     try:
         done = json.loads((work / "done.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if done.get("config") != dataclasses.asdict(cfg) or done.get("train_examples") != n:
+    if done.get("config") != dataclasses.asdict(cfg) or done.get("train_examples") != n or done.get("inputs") != ident:
         return None
     return done["result"]
 
 
-def _write_done(work: Path, res: dict[str, Any]) -> None:
-    from pretrain.data.prepare import write_json_atomic
-
+def _write_done(work: Path, res: dict[str, Any], ident: dict[str, Any]) -> None:
     info = json.loads((work / "finetune.json").read_text(encoding="utf-8"))
     write_json_atomic(work / "done.json", {"config": info["config"], "train_examples": info["train_examples"],
-                                           "result": {k: v for k, v in res.items() if k != "history"}})
+                                           "inputs": ident, "result": {k: v for k, v in res.items() if k != "history"}})
 
 
 def _metric_name(task: str) -> str:
