@@ -433,3 +433,22 @@ def test_near_dup_in_prepare_keeps_documents_without_words_and_encoders_get_no_i
                    clean=CleanConfig(dedup_exact=True, near_dup_threshold=0.7), log=quiet, workers=0)
     assert "near_duplicate" not in meta["cleaning"]["removed"]
     assert len(sizes) == 2 and sizes[1] <= sizes[0] + 64  # pass 3's cleaner: no bigger than at the start
+
+
+def test_special_tokens_written_in_a_document_are_text(tmp_path):
+    """Only the writer puts EOT between documents: a document spelling out <|endoftext|> stays one document."""
+    from pretrain.data.tokenizer import Tokenizer
+
+    docs = ["first document, it mentions <|endoftext|> in the middle of its text", "second document"]
+    for tok in ("byte", "bpe"):
+        counts = []
+        for name, texts in (("spelled", docs), ("plain", [d.replace("<|endoftext|>", "xx") for d in docs])):
+            out = tmp_path / f"{tok}_{name}"
+            prepare([str(_jsonl(tmp_path / f"{name}.jsonl", texts))], out, tokenizer=tok, vocab_size=300,
+                    val_fraction=0.0, log=quiet, workers=0)
+            ids = np.concatenate([np.fromfile(p, dtype=np.uint16) for p in sorted(out.glob("train_*.bin"))])
+            t = Tokenizer.load(out)
+            counts.append(int((ids == t.eot_id).sum()))
+            if name == "spelled":
+                assert "<|endoftext|>" in t.decode(ids.tolist(), skip_special_tokens=True)
+        assert counts[0] == counts[1], tok

@@ -10,8 +10,10 @@ token; on one core it is about 3× faster than ``encode_batch``, which also buil
 and masks for every document (see bench/prepare_throughput.py).
 
 The fast path is taken only when it is known to be exact: no normalizer, a ``ByteLevel`` pre-tokenizer
-with its regex and no prefix space, a BPE model without dropout. Documents that contain an added token's
-text (``<|endoftext|>`` written out, ...) go through ``encode_batch``, which matches added tokens first.
+with its regex and no prefix space, a BPE model without dropout. Special tokens written out in a
+document (``<|endoftext|>``, ``[SEP]``, ...) are encoded as the text they are (``encode_special_tokens``):
+only the writer puts real document boundaries. Documents that contain an added token's text go through
+``encode_batch``, which matches (non-special) added tokens first.
 The first batch is also encoded both ways and compared; a difference (a regex engine disagreeing on some
 character class) turns the fast path off for that encoder, with a warning.
 """
@@ -50,9 +52,11 @@ def fast_path_pattern(tk: Any) -> str | None:
 
 
 class IdsEncoder:
-    """``encode(texts) -> (ids of every text back to back, length of each)``, without special tokens."""
+    """``encode(texts) -> (ids of every text back to back, length of each)``, without special tokens (it
+    sets ``tk.encode_special_tokens``: give it a tokenizer of its own)."""
 
     def __init__(self, tk: Any, dtype: Any = np.int64, fast: bool = True):
+        tk.encode_special_tokens = True  # a document that spells out <|endoftext|> or [SEP] is text, not a boundary
         self.tk = tk
         self.dtype = np.dtype(dtype)
         self.memo: dict[str, tuple[int, ...]] = {}

@@ -189,7 +189,7 @@ def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dt
             tok.model._resize_cache(BPE_CACHE_WORDS)
         except Exception:
             pass
-    _W.update(cleaner=cleaner, vf=val_fraction, enc=IdsEncoder(tok, dtype) if tok is not None else None)
+    _W.update(cleaner=cleaner, vf=val_fraction, enc=IdsEncoder(tok, dtype) if tok is not None else None)  # (its own copy)
 
 
 def _scan_batch(texts: list[str]) -> tuple:
