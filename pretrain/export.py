@@ -266,10 +266,14 @@ def model_config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
     """A Hugging Face config.json → our model section (see :func:`_model_config_from_hf`)."""
     from pretrain import PretrainError
 
+    if not isinstance(conf, dict):
+        raise PretrainError(f"config.json must hold a JSON object, not a {type(conf).__name__}")
     try:
         return _model_config_from_hf(conf)
     except KeyError as e:
         raise PretrainError(f"config.json lacks the field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # a field of the wrong type (a string for a size, ...)
+        raise PretrainError(f"config.json has a field of the wrong type or value: {e}") from None
 
 
 def _model_config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
@@ -363,8 +367,12 @@ def load_hf(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     if (d / "model.safetensors").is_file():
         files = [d / "model.safetensors"]
     elif (d / "model.safetensors.index.json").is_file():
-        index = json.loads((d / "model.safetensors.index.json").read_text())
-        files = [d / f for f in sorted(set(index["weight_map"].values()))]
+        try:
+            index = json.loads((d / "model.safetensors.index.json").read_text(encoding="utf-8"))
+            files = [d / f for f in sorted(set(index["weight_map"].values()))]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise PretrainError(f"{d / 'model.safetensors.index.json'} is not a valid weight index "
+                                f"(a JSON object with a 'weight_map' of tensor names to files): {e!r}") from None
     else:
         raise PretrainError(f"{d} has no model.safetensors (PyTorch .bin checkpoints are not loaded: "
                             "convert them to safetensors first)")

@@ -219,6 +219,20 @@ def test_import_bad_inputs(hf_llama, tmp_path, capsys):
     (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     assert main([*base, "--train.init_from", str(other)]) == 2
     assert "lacks the field" in capsys.readouterr().err
+    # malformed config.json and weight index: a clear error, not a traceback
+    from pretrain import PretrainError
+    from pretrain.export import load_hf
+
+    (other / "config.json").write_text("[1, 2]")
+    with pytest.raises(PretrainError, match="must hold a JSON object, not a list"):
+        load_hf(other)
+    idx = tmp_path / "idx"
+    shutil.copytree(root / "hf", idx)
+    (idx / "model.safetensors").unlink()
+    for text in ('{"weight_map": ', '{"metadata": {}}', "[]"):
+        (idx / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(PretrainError, match="not a valid weight index"):
+            load_hf(idx)
     # missing tokenizer files
     no_tok = tmp_path / "no_tok"
     shutil.copytree(root / "hf", no_tok)
