@@ -310,7 +310,7 @@ def test_load_garbage_tokenizer(tmp_path):
         Tokenizer.load(tmp_path / "missing.json")
 
 
-def test_load_adds_missing_eot(tmp_path):
+def test_load_adds_missing_eot(tmp_path, capsys):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers
 
@@ -319,8 +319,15 @@ def test_load_adds_missing_eot(tmp_path):
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer.load(tmp_path)
     assert tok.eot_id == 3 and tok.vocab_size == 4
+    assert "added <|endoftext|> as id 3" in capsys.readouterr().err
     with pytest.raises(TokenizerError, match="end-of-document"):
         Tokenizer(hf)
+    for end in ("<|end_of_text|>", "<eos>"):  # Llama 3's and Gemma's end tokens are used as they are
+        hf2 = HFTokenizer(models.WordLevel({"a": 0, end: 1, "[UNK]": 2}, unk_token="[UNK]"))
+        hf2.add_special_tokens([end])
+        hf2.save(str(tmp_path / "tokenizer.json"))
+        tok = Tokenizer.load(tmp_path)
+        assert tok.eot_id == 1 and tok.vocab_size == 3 and capsys.readouterr().err == ""
 
 
 # ================================================================================================ prepare

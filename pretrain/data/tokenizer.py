@@ -10,6 +10,7 @@ end-of-document token: ``<|endoftext|>``, or ``[SEP]`` for BERT-style vocabulari
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +22,9 @@ from pretrain import PretrainError
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
-EOT_CANDIDATES = (EOT, "[SEP]", "</s>")
+# the end-of-document token, the first of these a tokenizer has: GPT-2 / ours, BERT, Llama 2 / T5 / RoBERTa,
+# Llama 3, Gemma
+EOT_CANDIDATES = (EOT, "[SEP]", "</s>", "<|end_of_text|>", "<eos>")
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 KINDS = ("byte", "char", "bpe", "wordpiece", "unigram")
 TRAINED = ("bpe", "wordpiece", "unigram")  # kinds learned from a sample of the corpus
@@ -123,6 +126,8 @@ class Tokenizer:
             raise TokenizerError(f"cannot load tokenizer {p}: {str(e).splitlines()[0][:200]}") from None
         if all(tk.token_to_id(t) is None for t in EOT_CANDIDATES):
             tk.add_special_tokens([EOT])
+            print(f"warning: {p} has no end-of-document token ({', '.join(EOT_CANDIDATES)}); added {EOT} as id "
+                  f"{tk.token_to_id(EOT)}", file=sys.stderr)
         return cls(tk, kind="file")
 
 
