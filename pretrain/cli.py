@@ -63,7 +63,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
                         max_symbol_ratio=args.max_symbol_ratio, min_alpha_ratio=args.min_alpha_ratio,
                         max_repeated_line_ratio=args.max_repeated_line_ratio, dedup_exact=args.dedup,
                         near_dup_threshold=args.near_dup, decontaminate=args.decontaminate or [],
-                        ngram=args.decontam_ngram)
+                        decontaminate_fields=args.decontaminate_field, ngram=args.decontam_ngram)
     if args.batch_mb <= 0:
         raise PretrainError("--batch-mb must be > 0")
     if args.tokenizer_sample_mb <= 0:
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--near-dup", type=float, default=0.0, metavar="JACCARD",
                    help="drop near-duplicates at this MinHash Jaccard similarity, e.g. 0.7")
     g.add_argument("--decontaminate", nargs="+", metavar="EVAL", help="drop documents sharing an n-gram with these")
+    g.add_argument("--decontaminate-field", nargs="+", default=["text"], metavar="FIELD",
+                   help="fields/columns of JSONL/CSV/Parquet --decontaminate files to match, each of them "
+                        "(default: text)")
     g.add_argument("--decontam-ngram", type=int, default=13, help="n for --decontaminate (default 13)")
     s.add_argument("--json", action="store_true", help="print one JSON object with the result")
 

@@ -65,6 +65,15 @@ def test_decontamination_removes_documents_with_test_sentences(tmp_path):
     dropped = {i for i, d in enumerate(docs) if not cleaner.keep(d)}
     assert dropped == leaked
     assert cleaner.report()["removed"]["contaminated"]["documents"] == 5
+    # a JSONL evaluation set: the fields named, each of them (question and answer)
+    rows = [{"question": test_sents[k], "answer": "x"} if k % 2 else {"question": "q?", "answer": test_sents[k]}
+            for k in range(5)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="no field 'text'.*choose one with --decontaminate-field"):
+        Cleaner(CleanConfig(decontaminate=[str(tmp_path / "eval.jsonl")]))
+    cleaner = Cleaner(CleanConfig(decontaminate=[str(tmp_path / "eval.jsonl")],
+                                  decontaminate_fields=["question", "answer"]))
+    assert {i for i, d in enumerate(docs) if not cleaner.keep(d)} == leaked
 
 
 def test_filters_and_report_through_prepare(tmp_path, capsys):

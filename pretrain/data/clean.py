@@ -57,6 +57,9 @@ class CleanConfig:
     this (e.g. 0.7; 0: off)."""
     decontaminate: list[str] = field(default_factory=list)
     """Evaluation files/folders: drop documents sharing a word n-gram with them."""
+    decontaminate_fields: list[str] = field(default_factory=lambda: ["text"])
+    """Fields (columns) of JSONL/JSON/CSV/TSV/Parquet evaluation files whose text is matched (each of them:
+    e.g. question and answer); plain text files are read whole."""
     ngram: int = 13
     """n for decontamination (evaluation texts shorter than n words are matched whole)."""
 
@@ -114,15 +117,21 @@ class Cleaner:
         from pretrain.data.sources import expand_inputs, read_documents
 
         n = self.cfg.ngram
+        texts: list[str] = []
         for src in expand_inputs(inputs):
-            for doc in read_documents(src):
-                for line in doc.splitlines() or [doc]:  # evaluation sets are usually one example per line
-                    w = _words(self.transform(line))
-                    if len(w) >= n:
-                        self._contam.update(_h(" ".join(w[i:i + n])) for i in range(len(w) - n + 1))
-                    elif len(w) >= 3:
-                        self._contam.add(_h(" ".join(w)))
-                        self._short_lens.add(len(w))
+            for name in self.cfg.decontaminate_fields if src.kind != "text" else ["text"]:
+                try:
+                    texts += read_documents(src, name)
+                except DataError as e:
+                    raise DataError(str(e).replace("--text-field", "--decontaminate-field")) from None
+        for doc in texts:
+            for line in doc.splitlines() or [doc]:  # evaluation sets are usually one example per line
+                w = _words(self.transform(line))
+                if len(w) >= n:
+                    self._contam.update(_h(" ".join(w[i:i + n])) for i in range(len(w) - n + 1))
+                elif len(w) >= 3:
+                    self._contam.add(_h(" ".join(w)))
+                    self._short_lens.add(len(w))
         if not self._contam:
             raise DataError(f"no evaluation text of 3+ words found in {', '.join(inputs)} to decontaminate against")
 
