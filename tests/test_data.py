@@ -739,7 +739,8 @@ def test_bad_cleaning_options_and_unencodable_text_are_clear_errors(tmp_path, ca
         assert message in capsys.readouterr().err, flags
         assert not (tmp_path / "o").exists()
     # a reused tokenizer.json whose model cannot encode an unseen word (WordLevel without an unknown token)
-    tk = HFTokenizer(models.WordLevel({"the": 0, "king": 1}))
+    tk = HFTokenizer(models.WordLevel({"the": 0, "king": 1, "<|endoftext|>": 2}))
+    tk.add_special_tokens(["<|endoftext|>"])
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.save(str(tmp_path / "wl.json"))
     assert main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "o"), "--tokenizer",

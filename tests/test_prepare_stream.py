@@ -314,6 +314,22 @@ def test_weight_errors(tmp_path):
     TrainLoader(TokenSplit(tmp_path / "d0", "train"), seq_len=64, batch_size=2)  # weight 0: never drawn, fine
 
 
+def test_a_one_document_input_of_a_mixture_is_cut_at_its_tail(tmp_path):
+    """The split rules hold per input: a weighted single document (a book) trains and validates, whatever
+    its content hash (it used to go wholly to one split, so training could find no sequence of it)."""
+    a = _jsonl(tmp_path / "a.jsonl", _docs(30))
+    book = _jsonl(tmp_path / "book.jsonl", [" ".join(_docs(20, seed=5))])
+    for workers in (0, 2):
+        meta = prepare([f"{a}::1", f"{book}::2"], tmp_path / f"d{workers}", tokenizer="byte", val_fraction=0.5,
+                       log=quiet, workers=workers)
+        comp = {m["input"]: m for m in meta["mixture"]}
+        assert comp[str(book)]["documents"] == {"train": 1, "val": 1}
+        assert comp[str(book)]["tokens"]["val"] == pytest.approx(comp[str(book)]["tokens"]["train"], rel=0.01)
+        assert 0 < comp[str(a)]["documents"]["val"] < 30 and meta["split_rule"].startswith("document-hash")
+        TrainLoader(TokenSplit(tmp_path / f"d{workers}", "train"), seq_len=64, batch_size=2)
+    assert _bins(tmp_path / "d0") == _bins(tmp_path / "d2")
+
+
 def test_cli_weights_and_new_options(tmp_path, capsys):
     a = _jsonl(tmp_path / "a.jsonl", _docs(30, seed=1))
     b = _jsonl(tmp_path / "b.jsonl", _docs(10, seed=2))

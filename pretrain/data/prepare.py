@@ -390,7 +390,8 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
     Split rule: with a single document (e.g. one .txt file) the last ``val_fraction`` of its text is the
     validation split (nanoGPT's rule); with several documents, each goes to validation with probability
     ``val_fraction`` by a hash of its content (stable across runs and machines), with at least one document
-    in each split.
+    in each split. With mixture weights the rule holds for each input: a one-document input is cut at its
+    text tail, so it trains whatever its hash.
 
     ``workers``: tokenizer/cleaning processes (0: in this process, the tokenizers library using its own
     threads; None: one per CPU, or in-process for inputs under 32 MB). ``batch_chars``: characters of text
@@ -519,9 +520,10 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
     try:
         # Pass 1: scan — read, clean and choose splits; one plan byte per document.
         plan = bytearray()
-        n_docs = n_val = 0
+        n_docs = 0
         total_chars = total_bytes = 0
-        first_kept = last_kept = -1
+        # per mixture component (one for an unweighted corpus): kept documents, validation ones, first and last
+        per_group: dict[int, list[int]] = {}
         if tok is not None:
             dtype = token_dtype(tok.vocab_size)
             output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
@@ -539,11 +541,9 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
                      int(nbytes[j]))
                 kept = cleaner.decide(a, src_index, lambda t=texts[j]: cleaner.transform(t))
                 if kept:
-                    if first_kept < 0:
-                        first_kept = len(plan)
-                    last_kept = len(plan)
+                    g = per_group.setdefault(group_of[src_index], [0, 0, len(plan), 0])
+                    g[0], g[1], g[3] = g[0] + 1, g[1] + bool(val[j]), len(plan)
                     n_docs += 1
-                    n_val += bool(val[j])
                     total_chars += int(chars[j])
                     total_bytes += int(nbytes[j])
                     plan.append(VAL if val[j] else TRAIN)
@@ -566,15 +566,22 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             log("cleaning:\n" + cleaner.table())
         if n_docs == 0:
             raise DataError(f"no documents left after cleaning ({len(plan):,} read): loosen the filters")
-        single = n_docs == 1
-        if single:
-            plan[first_kept] = TAIL
-        elif val_fraction > 0 and n_val == 0:  # nothing hashed into validation: the last document goes there
-            plan[last_kept] = VAL
-        elif n_val == n_docs:  # everything hashed into validation: the first document trains
-            plan[first_kept] = TRAIN
-        if output is not None and (single or val_fraction > 0 and n_val == 0 or n_val == n_docs):
-            output.discard()  # the splits changed after the fact (tiny corpora): encode again below
+        # each mixture component (or the whole corpus) gets documents in both splits: one document is cut at
+        # its text tail; if none hashed into validation the last goes there, if all did the first trains
+        tails = fixed = 0
+        for n_g, val_g, first_g, last_g in per_group.values():
+            if n_g == 1:
+                plan[first_g], tails = TAIL, tails + 1
+            elif val_fraction > 0 and val_g == 0:
+                plan[last_g] = VAL
+            elif val_g == n_g:
+                plan[first_g] = TRAIN
+            else:
+                continue
+            fixed += 1
+        single = tails == len(per_group)
+        if output is not None and fixed:
+            output.discard()  # the splits changed after the fact (tiny corpora or inputs): encode again below
             output = None
 
         def planned() -> Iterator[tuple[int, int, str]]:
@@ -645,7 +652,8 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
                           "eot_id": tok.eot_id, "mask_id": tok.mask_id, "sha256": tok.sha256()},
             "dtype": dtype.name,
             "val_fraction": val_fraction,
-            "split_rule": "text-tail" if single else "document-hash",
+            "split_rule": "text-tail" if single else "document-hash" + (", text-tail for single-document inputs"
+                                                                      if tails else ""),
             "splits": split_info,
             "sources": [{**s.manifest(), **({"licence": licence} if licence else {})} for s in sources],
             "cleaning": cleaner.report(),
