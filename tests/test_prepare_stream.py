@@ -455,8 +455,8 @@ def test_special_tokens_written_in_a_document_are_text(tmp_path):
     """Only the writer puts EOT between documents: a document spelling out <|endoftext|> stays one document."""
     from pretrain.data.tokenizer import Tokenizer
 
-    docs = ["first document, it mentions <|endoftext|> in the middle of its text", "second document"]
-    for tok in ("byte", "bpe"):
+    docs = ["first document, it mentions <|endoftext|> in the middle of its text", "second document"] * 3
+    for tok in ("byte", "bpe", "unigram", "wordpiece"):
         counts = []
         for name, texts in (("spelled", docs), ("plain", [d.replace("<|endoftext|>", "xx") for d in docs])):
             out = tmp_path / f"{tok}_{name}"
@@ -465,6 +465,6 @@ def test_special_tokens_written_in_a_document_are_text(tmp_path):
             ids = np.concatenate([np.fromfile(p, dtype=np.uint16) for p in sorted(out.glob("train_*.bin"))])
             t = Tokenizer.load(out)
             counts.append(int((ids == t.eot_id).sum()))
-            if name == "spelled":
+            if name == "spelled" and tok in ("byte", "bpe"):  # (wordpiece lower-cases and splits; unigram has no '<')
                 assert "<|endoftext|>" in t.decode(ids.tolist(), skip_special_tokens=True)
         assert counts[0] == counts[1], tok

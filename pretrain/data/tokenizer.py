@@ -10,6 +10,7 @@ end-of-document token: ``<|endoftext|>``, or ``[SEP]`` for BERT-style vocabulari
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from collections.abc import Iterable
 from functools import lru_cache
@@ -195,7 +196,14 @@ def train_unigram(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=[EOT, UNK], unk_token=UNK,
                                       show_progress=False)
     tk.train_from_iterator(texts, trainer=trainer)
-    return Tokenizer(tk, kind="unigram")
+    # the trainer gives its special tokens the best score (0), so the model itself would segment a written-out
+    # "<|endoftext|>" as the end token; with a score below any sum of piece scores it never does
+    spec = json.loads(tk.to_str())
+    low = min(score for _, score in spec["model"]["vocab"]) - 1e6
+    for entry in spec["model"]["vocab"]:
+        if entry[0] == EOT:
+            entry[1] = low
+    return Tokenizer(HFTokenizer.from_str(json.dumps(spec)), kind="unigram")
 
 
 def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int = 8192) -> Tokenizer:
