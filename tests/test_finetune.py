@@ -292,7 +292,9 @@ def test_token_classification(tmp_path, pretrained):
     (tmp_path / "va.conll").write_text(conll(40))
     assert main(["finetune", str(root / "run"), "--task", "token", "--train", str(tmp_path / "tr.conll"),
                  "--valid", str(tmp_path / "va.conll"), "--out", str(tmp_path / "tok"), *FAST]) == 0
-    best = json.loads((tmp_path / "tok" / "finetune.json").read_text())["best"]
+    info = json.loads((tmp_path / "tok" / "finetune.json").read_text())
+    best = info["best"]
+    assert info["token_label"] == ("first" if info["encoder"] else "last")
     assert best["val_accuracy"] > 0.75 and "val_f1" in best, best
     assert main(["predict", str(tmp_path / "tok"), "--input", str(tmp_path / "va.conll"), "--out",
                  str(tmp_path / "pred.conll")]) == 0
@@ -323,6 +325,8 @@ def test_token_labels_sit_where_the_model_has_seen_the_word():
     assert n == 1 and tok.decode(ids[0][:-1]) == "the cat" and at[0][2] == -1
     ids, labels, at, n = encode_words(tok, sent, [[0, 1, 2]], False, 9, "start")
     assert n == 1 and tok.decode(ids[0][:-1]) == " runs" and at[0][:2] == [-1, -1] and labels[0][at[0][2]] == 2
+    ids, labels, at, _ = encode_words(tok, sent, [[0, 1, 2]], False, 64, label_at="first_piece")  # older models
+    assert [tok.decode([ids[0][i]]) for i in at[0]] == ["t", " ", " "]
     with pytest.raises(TaskDataError, match="t.conll: sentence 1 is 12 tokens, more than the 8"):
         encode_words(tok, sent, None, False, 9, "error", "t.conll")
 

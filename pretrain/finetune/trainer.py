@@ -292,13 +292,17 @@ def encode_prompts(tok, template: str, texts: list[str], pairs: list[str] | None
 
 
 def encode_words(tok, words: list[list[str]], tags: list[list[int]] | None, encoder: bool, max_len: int,
-                 truncation: str = "end", source: str = "") -> tuple[list[list[int]], list[list[int]], list[list[int]], int]:
+                 truncation: str = "end", source: str = "", label_at: str | None = None,
+                 ) -> tuple[list[list[int]], list[list[int]], list[list[int]], int]:
     """CoNLL sentences → ids, per-token labels (the word's tag on one sub-token, IGNORE elsewhere), the index
     of that sub-token for each word (-1 when truncated away), and the number of sentences truncated.
 
     The labelled sub-token is the word's last for a decoder (the first position that has seen the whole word:
     with a char or byte tokenizer the first is the space before it) and its first that is not just whitespace
-    for an encoder. Over-long sentences lose whole words at the end (``truncation`` 'end') or start ('start')."""
+    for an encoder (``label_at`` None, or 'last' / 'first'; 'first_piece', the first whatever it is, is how models
+    fine-tuned before finetune.json recorded ``token_label`` were trained). Over-long sentences lose whole words
+    at the end (``truncation`` 'end') or start ('start')."""
+    label_at = label_at or ("first" if encoder else "last")
     lead = [tok.cls_id] if encoder and tok.cls_id is not None else []
     room = max_len - len(lead) - 1
     out_ids, out_labels, out_at, truncated = [], [], [], 0
@@ -322,7 +326,8 @@ def encode_words(tok, words: list[list[str]], tags: list[list[int]] | None, enco
         ids, labels, at = list(lead), [IGNORE] * len(lead), [-1] * len(sent)
         for w in keep:
             p = pieces[w]
-            j = len(p) - 1 if not encoder else next((i for i, t in enumerate(p) if tok.decode([t]).strip()), 0)
+            j = len(p) - 1 if label_at == "last" else 0 if label_at == "first_piece" else \
+                next((i for i, t in enumerate(p) if tok.decode([t]).strip()), 0)
             at[w] = len(ids) + j
             labels += [IGNORE] * j + [tags[s][w] if tags is not None else IGNORE] + [IGNORE] * (len(p) - 1 - j)
             ids += p
@@ -428,10 +433,12 @@ class Encoded:
     truncated: int
 
 
-def _encode_task(cfg: FinetuneConfig, tok, encoder: bool, max_len: int, ex, names: list[Any]) -> Encoded:
+def _encode_task(cfg: FinetuneConfig, tok, encoder: bool, max_len: int, ex, names: list[Any],
+                 token_label: str | None = None) -> Encoded:
     if cfg.task == "token":
         tag_ids = None if ex.tags is None else [[names.index(t) for t in s] for s in ex.tags]
-        ids, labels, first, n = encode_words(tok, ex.words, tag_ids, encoder, max_len, cfg.truncation, ex.source)
+        ids, labels, first, n = encode_words(tok, ex.words, tag_ids, encoder, max_len, cfg.truncation, ex.source,
+                                             token_label)
         return Encoded(ids, labels, first, n)
     if cfg.prompt:
         ids, n = encode_prompts(tok, cfg.prompt, ex.texts, ex.pairs, encoder, max_len, cfg.truncation, ex.source)
@@ -607,6 +614,7 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     (out / "metrics.jsonl").unlink(missing_ok=True)
     write_text_atomic(out / "finetune.yaml", dump_yaml(dataclasses.asdict(cfg)))
     info_base = {"format": 1, "task": cfg.task, "labels": names, "pooling": pooling, "encoder": encoder,
+                 "token_label": ("first" if encoder else "last") if cfg.task == "token" else None,
                  "prompt": None if label_ids is None else {"label_ids": label_ids, "mask_id": tok.mask_id},
                  "max_length": max_len, "config": dataclasses.asdict(cfg), "backbone": pcfg.to_dict(),
                  "pretrained_from": None if cfg.from_scratch else str(ckpt), "train_examples": len(tr.ids),
@@ -757,7 +765,8 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
         raise PretrainError(f"token predictions are written as CoNLL text (one 'word tag' per line): --out "
                             f"{Path(out).name} should end in .conll or .txt")
     ex = read_task(cfg, input_path, with_labels=False)
-    enc = _encode_task(cfg, tok, info["encoder"], info["max_length"], ex, info["labels"])
+    enc = _encode_task(cfg, tok, info["encoder"], info["max_length"], ex, info["labels"],
+                       info.get("token_label", "first_piece"))  # (absent: fine-tuned before it was recorded)
     pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
     preds, scores = run_model(model, enc, cfg.task, info["labels"], pad, batch_size, dev)
     out = Path(out)
