@@ -127,8 +127,12 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
         raise PretrainError(f"{out} exists and is not empty; pass --overwrite to replace its files")
     model, cfg, tok, meta = load_pretrained(run, "cpu")
     ckpt = resolve_checkpoint(run)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}"  # written whole, then moved into place
+    # written whole into a temporary folder, then moved into place: beside a new OUT (one rename), inside an
+    # existing one (a folder the user made, maybe a mount point or a symlink: it stays as it is)
+    fresh = not out.exists()
+    if fresh:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = (out.parent / f".{out.name}.export-{os.getpid()}") if fresh else out / f".export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -178,7 +182,10 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         (tmp / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
         (tmp / "README.md").write_text(_model_card(cfg.model, model, meta, ckpt, config))
-        _move_into(tmp, out)
+        if fresh:
+            os.replace(tmp, out)
+        else:
+            _move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "architecture": config["architectures"][0], "weights": weight_files,
@@ -199,19 +206,31 @@ def _short_sha(sha: str | list[str] | None) -> str:
 
 
 def _move_into(tmp: Path, out: Path) -> None:
-    """Put the finished export in ``tmp`` at ``out``: one rename when ``out`` is new or empty; otherwise drop the
-    files an earlier export wrote (weight shards, generation config, ...) and move each new file in."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    for p in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json"),
-              *(out / n for n in EXPORT_FILES)]:
-        if p.is_file():
-            p.unlink()
-    for p in tmp.iterdir():
-        os.replace(p, out / p.name)
+    """Swap the finished export in ``tmp`` (a folder inside ``out``) for the files of an earlier export in
+    ``out`` (weight shards, configs, tokenizer, model card); other files stay. Should a move fail, the
+    earlier export is put back."""
+    old = out / f".export-old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir()
+    stale = [p for p in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json"),
+                         *(out / n for n in EXPORT_FILES)] if p.is_file()]
+    moved: list[Path] = []
+    placed: list[Path] = []
+    try:
+        for p in stale:
+            os.replace(p, old / p.name)
+            moved.append(p)
+        for p in sorted(tmp.iterdir()):
+            os.replace(p, out / p.name)
+            placed.append(out / p.name)
+    except BaseException:
+        for p in placed:
+            p.unlink(missing_ok=True)
+        for p in moved:
+            os.replace(old / p.name, p)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: Path, config: dict) -> str:

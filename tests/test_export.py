@@ -345,3 +345,26 @@ def test_export_of_a_hub_data_run_and_a_failed_export_leaves_nothing(tmp_path, c
         after = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
         assert after == before  # no half-written export, the previous one intact
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir() if p.name.startswith(".")) == []
+    # an existing, empty --out that is a symlink (or a mount point) stays what it is
+    monkeypatch.undo()
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    export.export_hf(run, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "config.json").is_file()
+    # a move that fails part-way puts the earlier export back
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    real = export.os.replace
+    calls = []
+
+    def flaky(a, b):
+        calls.append(a)
+        if len(calls) == len(before) + 3:  # the old files moved aside, three of the new ones placed
+            raise OSError("device busy")
+        real(a, b)
+
+    monkeypatch.setattr(export.os, "replace", flaky)
+    with pytest.raises(OSError, match="device busy"):
+        export.export_hf(run, tmp_path / "hf", dtype="bf16", overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
