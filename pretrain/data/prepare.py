@@ -566,19 +566,17 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             log("cleaning:\n" + cleaner.table())
         if n_docs == 0:
             raise DataError(f"no documents left after cleaning ({len(plan):,} read): loosen the filters")
-        # each mixture component (or the whole corpus) gets documents in both splits: one document is cut at
-        # its text tail; if none hashed into validation the last goes there, if all did the first trains
+        # each mixture component (or the whole corpus) trains: a lone document is cut at its text tail, and if
+        # every document hashed into validation the first trains; if none of the corpus did, its last goes there
         tails = fixed = 0
-        for n_g, val_g, first_g, last_g in per_group.values():
+        for n_g, val_g, first_g, _ in per_group.values():
             if n_g == 1:
                 plan[first_g], tails = TAIL, tails + 1
-            elif val_fraction > 0 and val_g == 0:
-                plan[last_g] = VAL
+                fixed += val_fraction > 0  # (with no validation a tail is the whole text: encoded as it was)
             elif val_g == n_g:
-                plan[first_g] = TRAIN
-            else:
-                continue
-            fixed += 1
+                plan[first_g], fixed = TRAIN, fixed + 1
+        if val_fraction > 0 and VAL not in plan and TAIL not in plan:
+            plan[max(g[3] for g in per_group.values())], fixed = VAL, fixed + 1
         single = tails == len(per_group)
         if output is not None and fixed:
             output.discard()  # the splits changed after the fact (tiny corpora or inputs): encode again below
