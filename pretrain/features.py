@@ -76,7 +76,7 @@ def embed_texts(model, tok, cfg, texts: list[str], pooling: str = "mean", normal
     ids: list[list[int]] = []
     truncated = 0
     for t in texts:
-        x = tok.encode(t)
+        x = tok.encode(t, text_only=True)  # as prepare encoded the training text
         if encoder and tok.cls_id is not None:
             x = [tok.cls_id, *x, tok.eot_id]
         if len(x) > ctx:

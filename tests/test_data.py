@@ -816,3 +816,15 @@ def test_a_vocabulary_smaller_than_asked_is_reported(tmp_path, kind):
     meta = prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=kind, vocab_size=4000, log=lines.append)
     assert meta["tokenizer"]["vocab_size"] < 4000
     assert [x for x in lines if "fewer than the 4,000 asked for" in x], lines
+
+
+def test_text_only_encoding_matches_prepare():
+    """User text (fine-tuning, embeddings) is encoded as prepare encodes documents: a written-out special token
+    is text; the default (prompts, fill-mask) still reads it as the token, and the flag does not stick."""
+    from pretrain.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = "a <|endoftext|> b"
+    assert tok.eot_id in tok.encode(text) and tok.eot_id not in tok.encode(text, text_only=True)
+    assert tok.decode(tok.encode(text, text_only=True)) == text
+    assert tok.eot_id in tok.encode_batch([text])[0]

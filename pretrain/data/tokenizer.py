@@ -76,11 +76,17 @@ class Tokenizer:
         """One more than the largest token id (a loaded tokenizer.json may have gaps in its ids)."""
         return max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
 
-    def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, text_only: bool = False) -> list[int]:
+        """Token ids, no specials added. ``text_only``: a special token written out in ``text`` (``<|endoftext|>``,
+        ``[MASK]``) is encoded as the text it is, as `pretrain prepare` encodes documents — for user text."""
+        return self.encode_batch([text], text_only)[0]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], text_only: bool = False) -> list[list[int]]:
+        self.tk.encode_special_tokens = text_only
+        try:
+            return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.tk.encode_special_tokens = False
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -181,8 +181,8 @@ def encode_inputs(tok, texts: list[str], pairs: list[str] | None, encoder: bool,
     Encoders: ``[CLS] a [SEP] (b [SEP])``; decoders: ``a <eot> (b <eot>)`` (the last token sees everything)."""
     eot = tok.eot_id
     lead = [tok.cls_id] if encoder and tok.cls_id is not None else []
-    ids_a = tok.encode_batch(texts)
-    ids_b = tok.encode_batch(pairs) if pairs is not None else [None] * len(texts)
+    ids_a = tok.encode_batch(texts, text_only=True)
+    ids_b = tok.encode_batch(pairs, text_only=True) if pairs is not None else [None] * len(texts)
     out, truncated = [], 0
     for i, (a, b) in enumerate(zip(ids_a, ids_b)):
         room = max_len - len(lead) - (2 if b is not None else 1)
@@ -276,8 +276,8 @@ def encode_prompts(tok, template: str, texts: list[str], pairs: list[str] | None
     if room < (2 if pairs is not None else 1):
         raise ConfigError(f"prompt {template!r} leaves no room for the text in {max_len} tokens")
     clean = lambda ids: [t for t in ids if t != tok.mask_id] if encoder else ids  # noqa: E731 (one slot per row)
-    ids_a = tok.encode_batch(texts)
-    ids_b = tok.encode_batch(pairs) if pairs is not None else [None] * len(texts)
+    ids_a = tok.encode_batch(texts, text_only=True)
+    ids_b = tok.encode_batch(pairs, text_only=True) if pairs is not None else [None] * len(texts)
     out, truncated = [], 0
     for i, (a, b) in enumerate(zip(ids_a, ids_b)):
         a, b = clean(a), (clean(b) if b is not None else None)
@@ -307,7 +307,8 @@ def encode_words(tok, words: list[list[str]], tags: list[list[int]] | None, enco
     room = max_len - len(lead) - 1
     out_ids, out_labels, out_at, truncated = [], [], [], 0
     for s, sent in enumerate(words):
-        pieces = [tok.encode(word if w == 0 else " " + word) or [tok.eot_id] for w, word in enumerate(sent)]
+        pieces = [tok.encode(word if w == 0 else " " + word, text_only=True) or [tok.eot_id]
+                  for w, word in enumerate(sent)]
         lens = [len(p) for p in pieces]
         keep = range(len(sent))
         if sum(lens) > room:
