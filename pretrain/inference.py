@@ -33,8 +33,9 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     if meta.get("tokenizer_sha256") and dmeta["tokenizer"]["sha256"] != meta["tokenizer_sha256"]:
         raise PretrainError(f"{data_dir} was tokenized with a different tokenizer than the model was trained on "
                             "(tokenizer.json differs); prepare it with --tokenizer RUN_DIR/tokenizer.json")
-    same_data = meta.get("data_fingerprint") in (None, data_fingerprint(dmeta))
-    if data is None and not same_data:
+    saved = meta.get("data_fingerprint")  # (None: a checkpoint from before it was recorded, unknown)
+    same_data = None if saved is None else saved == data_fingerprint(dmeta)
+    if data is None and same_data is False:
         raise PretrainError(f"the data in {data_dir} is not the data {run} was trained on (it was prepared again "
                             "from other inputs or settings), so its held-out split may hold training text; pass "
                             "--data to evaluate on it anyway")

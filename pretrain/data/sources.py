@@ -610,4 +610,4 @@ def iter_documents(sources: list, text_field: str = "text", bad_files: str = "er
             else:
                 yield from docs
         except DataError as e:  # a file that cannot be read: name the way round it
-            raise DataError(f"{e}{SKIP_HINT}") from None
+            raise DataError(f"{e}{SKIP_HINT}" if bad_files == "error" and src.path is not None else str(e)) from None

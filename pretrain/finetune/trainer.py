@@ -612,7 +612,8 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     loss_fn = nn.MSELoss() if cfg.task == "regression" else nn.CrossEntropyLoss(ignore_index=IGNORE)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for stale in ("metrics.jsonl", FT_FILE):  # a folder used before: no finetune.json until this run saves a model
+        (out / stale).unlink(missing_ok=True)
     write_text_atomic(out / "finetune.yaml", dump_yaml(dataclasses.asdict(cfg)))
     info_base = {"format": 1, "task": cfg.task, "labels": names, "pooling": pooling, "encoder": encoder,
                  "token_label": ("first" if encoder else "last") if cfg.task == "token" else None,
