@@ -3,7 +3,9 @@
 Two pairs are measured, each in fp32 on the CPU, in this one process:
 
 * ``gpt``: our decoder (``pretrain.models.gpt.GPT``) against ``transformers.LlamaForCausalLM``, next-token
-  cross-entropy (the same ``F.cross_entropy`` on the logits of both);
+  cross-entropy: ours as our trainer computes it (``pretrain.objectives.clm.loss``: the output head and the
+  cross-entropy fused, chunk by chunk, ``pretrain.objectives.losses``), Hugging Face's as its own causal-LM
+  loss does (``F.cross_entropy`` on the fp32 logits of the whole batch);
 * ``bert``: our encoder (``pretrain.models.bert.Encoder``) against ``transformers.ModernBertForMaskedLM``,
   masked-LM loss on ~15% of the positions (``pretrain.objectives.mlm.loss_and_accuracy`` for ours, ``labels``
   with -100 at unselected positions for Hugging Face's). Both run the MLM head on the selected positions
@@ -208,29 +210,29 @@ def build_gpt(args: argparse.Namespace):
     ours.to(args.device)
     hf.to(args.device)
 
-    def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+    from pretrain.objectives import clm
 
-    def ours_loss(batch):
-        inputs, targets = batch
+    fwd = ours
+    if args.compile:  # the model, as the trainer compiles it (pretrain.distributed.apply_compile)
+        from pretrain.distributed import apply_compile
+
+        fwd = apply_compile(ours)
+
+    def ours_loss(seq):  # the trainer's loss: head and cross-entropy fused, chunk by chunk
         with autocast(args):
-            return next_token_loss(ours(inputs), targets)
+            return clm.loss(fwd, seq)
 
-    def hf_loss(batch):
-        inputs, targets = batch
+    def hf_loss(seq):  # what Hugging Face's own causal-LM loss computes: cross-entropy on fp32 logits
         with autocast(args):
-            return next_token_loss(hf(input_ids=inputs).logits, targets)
+            logits = hf(input_ids=seq[:, :-1]).logits
+            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), seq[:, 1:].reshape(-1))
 
-    if args.compile:  # model and loss in one graph (the cross-entropy fuses with the head)
-        ours_loss = torch.compile(ours_loss)
-    if args.hf_compile:
+    if args.hf_compile:  # model and loss in one graph (the cross-entropy fuses with the head)
         hf_loss = torch.compile(hf_loss)
 
     g = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for _ in range(4):
-        seq = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=g)
-        batches.append((seq[:, :-1].contiguous().to(args.device), seq[:, 1:].contiguous().to(args.device)))
+    batches = [torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=g).to(args.device)
+               for _ in range(4)]
     return cfg, ours, hf, ours_loss, hf_loss, batches
 
 

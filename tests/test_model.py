@@ -250,6 +250,55 @@ def test_loss_and_backward(tiny_model):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_clm_loss_is_cross_entropy_on_the_logits(tiny_model):
+    """The fused head + loss gives what F.cross_entropy on the model's logits gives: value and every gradient."""
+    import torch.nn.functional as F
+
+    batch = tokens(3, 21, seed=5)
+    fused, plain = tiny_model(seed=2).train(), tiny_model(seed=2).train()
+    clm.loss(fused, batch, reduction="sum").backward()
+    inputs, targets = clm.split_batch(batch)
+    logits = plain(inputs)
+    F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="sum").backward()
+    assert torch.allclose(clm.loss(fused, batch), F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1)))
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_matches_the_plain_loss(bf16, bias):
+    import torch.nn.functional as F
+
+    from pretrain.objectives.losses import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 50, 16, generator=g).requires_grad_()
+    w = (torch.randn(37, 16, generator=g) * 0.5).requires_grad_()
+    b = torch.randn(37, generator=g).requires_grad_() if bias else None
+    t = torch.randint(0, 37, (2, 50), generator=g)
+    t[0, ::3] = -100  # ignored positions take no loss and give no gradient
+    params = [x for x in (h, w, b) if x is not None]
+    tol = 1e-2 if bf16 else 1e-5  # relative error of a whole gradient (bf16: its rounding)
+    for reduction in ("mean", "sum"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            ref = F.cross_entropy(F.linear(h, w, b).float().reshape(-1, 37), t.reshape(-1), reduction=reduction)
+        want = torch.autograd.grad(ref, params)
+        for chunk in (1, 7, 100, 1000):  # chunks that do and do not divide the 100 rows
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                got = linear_cross_entropy(h, w, t, bias=b, reduction=reduction, chunk_rows=chunk)
+            assert torch.allclose(got, ref, rtol=1e-5 if not bf16 else 1e-3), (reduction, chunk)
+            for a, c in zip(torch.autograd.grad(got * 3.0, params), want):
+                assert (a - 3.0 * c).norm() <= tol * (3.0 * c).norm(), (reduction, chunk)
+    with torch.no_grad():  # evaluation: no gradient work, the same value
+        assert torch.allclose(linear_cross_entropy(h, w, t, bias=b), F.cross_entropy(
+            F.linear(h, w, b).reshape(-1, 37), t.reshape(-1)), rtol=1e-5 if not bf16 else 1e-2)
+    none = torch.full_like(t, -100)
+    assert linear_cross_entropy(h, w, none).item() == 0.0  # nothing to score: 0, not NaN
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, t, reduction="none")
+
+
 # ================================================================================================ schedules
 
 

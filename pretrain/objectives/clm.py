@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pretrain.models.layers import document_ids
+from pretrain.objectives.losses import linear_cross_entropy, unwrap_compiled
 
 
 def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,10 +17,11 @@ def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def loss(model: nn.Module, batch: torch.Tensor, eot_id: int | None = None, reduction: str = "mean") -> torch.Tensor:
     """Mean next-token cross-entropy (nats per token) over a (B, T+1) batch (``reduction="sum"``: the sum over
     its B*T targets). With ``eot_id``, attention stays within each document of the packed sequence (document
-    masking)."""
+    masking). The output head runs inside the loss, chunk by chunk (``losses.linear_cross_entropy``): the
+    model returns its final hidden states and the (B*T, V) logits are never held at once."""
     inputs, targets = split_batch(batch)
-    if eot_id is None:
-        logits = model(inputs)  # (B, T, V)
-    else:
-        logits = model(inputs, doc_ids=document_ids(inputs, eot_id))
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+    extra = {} if eot_id is None else {"doc_ids": document_ids(inputs, eot_id)}
+    hidden = model(inputs, return_hidden=True, **extra)  # (B, T, C)
+    head = unwrap_compiled(model).lm_head
+    return linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, reduction=reduction)
+

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.objectives.losses import unwrap_compiled
+
 IGNORE = -100
 
 
@@ -80,16 +82,13 @@ def loss_and_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
         hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, **extra)  # (B, T, C)
         zero = hidden.sum() * 0.0
         return zero, torch.zeros((), device=inputs.device), 0
-    if getattr(_unwrap(model), "sparse_output", False):  # the last block runs on the selected positions only
+    if getattr(unwrap_compiled(model), "sparse_output", False):  # the last block runs on the selected positions only
         hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, select=sel, **extra)  # (N, C)
     else:
         hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, **extra)[sel]
-    logits = _unwrap(model).logits(hidden).float()  # (N, V)
+    logits = unwrap_compiled(model).logits(hidden).float()  # (N, V)
     target = labels[sel]
     loss = F.cross_entropy(logits, target, reduction=reduction)
     correct = (logits.argmax(-1) == target).sum()
     return loss, correct, n
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
