@@ -150,7 +150,8 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
-    """Autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
+    """Autocast dtype: 'auto' (bf16 on CUDA and on CPUs with native bf16 instructions, AVX512-BF16 or AMX;
+    fp32 elsewhere), 'bf16' or 'fp32'. Weights, gradients and optimizer state stay fp32."""
     compile: bool | str = "auto"
     """Compile the model with torch.compile (falls back to eager with a warning if compilation fails):
     true, false, or 'auto' = on CUDA only (on a CPU, compiling takes about a minute on 2 cores for

@@ -104,7 +104,8 @@ def fill_mask(run: str | Path, text: str, top_k: int = 5, device: str = "auto") 
         probs = model(x)[0].float().softmax(-1)  # (T, V)
     out = []
     for pos in (i for i, t in enumerate(ids) if t == tok.mask_id):
-        p, idx = probs[pos].topk(min(top_k, probs.size(-1)))
+        idx = probs[pos].argsort(descending=True, stable=True)[:top_k]  # equal probabilities: lower id first
+        p = probs[pos][idx]
         out.append([{"token": tok.decode([int(i)]).strip() or tok.tk.id_to_token(int(i)), "id": int(i),
                      "prob": round(float(q), 4)} for q, i in zip(p, idx)])
     return out

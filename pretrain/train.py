@@ -9,6 +9,7 @@ logs and writes files, and checkpoints are sharded (torch.distributed.checkpoint
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -98,9 +99,24 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU runs bf16 matrix products in hardware (x86 AVX512-BF16 or AMX, as /proc/cpuinfo lists
+    them): there bf16 autocast trains ~1.5-2x faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:  # not Linux: no way to tell, so no
+        return False
+    flags = next((ln.split(":", 1)[-1].split() for ln in lines if ln.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype:
-    """bf16 autocast on CUDA by default ('auto'), or wherever 'bf16' is asked for; fp32 otherwise."""
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+    """bf16 autocast where 'bf16' is asked for, and by default ('auto') on CUDA and on CPUs with native bf16
+    (:func:`cpu_has_native_bf16`); fp32 otherwise."""
+    if dtype == "bf16":
+        return torch.bfloat16
+    if dtype == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())):
         return torch.bfloat16
     return torch.float32
 
@@ -672,7 +688,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
     if env.active:  # from outside the model: compile (per block), then shard or replicate
         if compile_model and tc.parallelism == "fsdp":
             model = apply_compile(model, progress, per_block=True)
-        bf16 = autocast_dtype(device, tc.dtype) == torch.bfloat16
+        bf16 = device.type == "cuda" and autocast_dtype(device, tc.dtype) == torch.bfloat16  # CPU: fp32 weights, autocast
         model = apply_fsdp(model, torch.bfloat16 if bf16 else torch.float32) if tc.parallelism == "fsdp" \
             else apply_ddp(model, device)
     optimizer = build_optimizer(unwrap(model), tc, device.type)
@@ -695,6 +711,7 @@ def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals)
         shutil.copyfile(Path(cfg.data.path) / meta["tokenizer"]["file"], run / "tokenizer.json")
         metrics = Metrics(run / "metrics.jsonl", keep_upto_step=step)
     where = f"{env.world_size} processes ({tc.parallelism}, {device.type})" if env.active else device.type
+    where += ", bf16 autocast" if autocast_dtype(device, tc.dtype) == torch.bfloat16 else ", fp32"
     progress.write(f"{'resuming ' + str(run) + ' at step ' + str(step) if step else 'training ' + str(run)}: "
                    f"{n_params / 1e6:.2f}M parameters on {where}, "
                    f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")

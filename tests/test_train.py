@@ -63,6 +63,24 @@ def test_cli_end_to_end(tmp_path, data_dir, capsys):
     assert again["best_val_loss"] == summary["best_val_loss"]
 
 
+def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(tmp_path, monkeypatch):
+    import torch
+
+    import pretrain.train as train
+
+    flags = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\nbugs\t\t: none\n"
+    for extra, native in (("", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512bw", False)):
+        (tmp_path / "cpuinfo").write_text(flags.format(extra))
+        assert train.cpu_has_native_bf16.__wrapped__(str(tmp_path / "cpuinfo")) is native, extra
+    assert train.cpu_has_native_bf16.__wrapped__(str(tmp_path / "no-such-file")) is False  # not Linux: fp32
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(train, "cpu_has_native_bf16", lambda native=native: native)
+        assert train.autocast_dtype(cpu, "auto") == (torch.bfloat16 if native else torch.float32)
+        assert train.autocast_dtype(cpu, "fp32") == torch.float32 and train.autocast_dtype(cpu, "bf16") == torch.bfloat16
+        assert train.autocast_dtype(cuda, "auto") == torch.bfloat16 and train.autocast_dtype(cuda, "fp32") == torch.float32
+
+
 def test_yaml_config_and_overrides(tmp_path, data_dir, capsys):
     cfg = dict(TINY_TRAIN, data={"path": str(data_dir), "seq_len": 16})
     cfg_path = tmp_path / "tiny.yaml"

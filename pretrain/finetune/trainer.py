@@ -111,7 +111,8 @@ class FinetuneConfig:
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'."""
     dtype: str = "auto"
-    """Autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
+    """Autocast dtype: 'auto' (bf16 on CUDA and on CPUs with native bf16 instructions, fp32 elsewhere), 'bf16' or
+    'fp32'."""
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
