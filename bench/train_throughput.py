@@ -1,6 +1,11 @@
 """CPU training throughput of our models against the same-size stock Hugging Face `transformers` models.
 
-Two pairs are measured, each in fp32 on the CPU, in this one process:
+Two pairs are measured, in this one process, on the CPU (or ``--device cuda``), each side in the dtype our
+trainer picks by default here (``--dtype auto``: bf16 autocast on CUDA and on CPUs with native bf16, AVX512-BF16
+or AMX; fp32 elsewhere) and Hugging Face's in the same one (``--hf-dtype same``). ``--hf-dtype fp32`` gives
+Hugging Face what a plain ``transformers`` training loop runs on a CPU (no autocast) instead: our default
+against its default, a different comparison from the same-dtype one, and named so in the output
+(``config.dtype`` / ``config.hf_dtype``). ``--dtype fp32`` puts our side in fp32 too.
 
 * ``gpt``: our decoder (``pretrain.models.gpt.GPT``) against ``transformers.LlamaForCausalLM``, next-token
   cross-entropy: ours as our trainer computes it (``pretrain.objectives.clm.loss``: the output head and the
@@ -20,6 +25,10 @@ counts are printed and checked to be equal. Each model trains with the same ``to
 Face's with ``foreach=True``, the plain default) in a plain loop: forward, loss, backward, optimizer step,
 zero_grad, on random token batches (``torch.randint``; no data files), made before timing and shared by both.
 
+On a CPU the process first tunes glibc's malloc as our trainer does (``pretrain.train.tune_cpu_allocator``:
+freed memory kept for reuse instead of faulted in afresh every step; ``config.malloc_tuned``). It is
+process-wide, so both sides run with it.
+
 Timing: a few untimed warmup steps per model (allocator, optimizer state), then ``--rounds`` rounds of
 ``--steps`` timed steps per model, alternating between the two models in ABBA order (ours, HF, HF, ours,
 ...), so machine noise (other processes on a shared machine) and slow drift hit both sides alike. A
@@ -38,16 +47,18 @@ within a few per cent; if they do not, rerun when the machine is idle.
                                                      #  "transformers": ...}
     python bench/train_throughput.py --threads 2 --d-model 512 --n-layer 8 --n-head 8 --rounds 6
 
-Roofline: the script also times plain fp32 matrix products of the shapes these models run (tokens x d_model
-against each projection, the output head included) and reports the best as ``matmul_peak_gflops``; each
+Roofline: the script also times plain matrix products (in our side's dtype) of the shapes these models run
+(tokens x d_model against each projection, the output head included) and reports the best as
+``matmul_peak_gflops``; each
 pair reports the model FLOP/s both sides reach (``*_gflops``: tokens/s x ``flops_per_token``, 6N +
 attention, as for MFU; an over-count for the encoder, whose head runs on the masked positions only on
 both sides, and our last block too) and
 ``ceiling_ratio`` = peak / Hugging Face's FLOP/s, the most *any* implementation of the same computation
-could gain over Hugging Face on this machine without doing less arithmetic.
+could gain over Hugging Face on this machine without doing less arithmetic (null when the two sides run
+different dtypes).
 
-On a GPU (``--device cuda --dtype bf16``; ``--preset gpt2-small`` is the 124M size, seq 1024) both sides train in
-bf16 autocast with fp32 weights; ``--compile --hf-compile`` compiles model and loss on both sides, and Hugging
+On a GPU (``--device cuda``, bf16 by default; ``--preset gpt2-small`` is the 124M size, seq 1024) both sides train
+in bf16 autocast with fp32 weights; ``--compile --hf-compile`` compiles model and loss on both sides, and Hugging
 Face's AdamW is the fused one there (its Trainer's default; ``--hf-optimizer``). Instead of the CPU roofline each
 pair then reports MFU, ``*_mfu`` = tokens/s x ``flops_per_token`` / the device's dense bf16 peak
 (``pretrain.train.peak_flops``), and each side's peak GPU memory. ``bash bench/gpu_check.sh`` runs that
@@ -89,9 +100,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a named size whose values become the defaults (explicit flags still win): "
                         + "; ".join(f"{k}: {v['_doc']}" for k, v in sorted(PRESETS.items())))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both models train")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32, or bf16 autocast with fp32 weights and optimizer state (the trainer's CUDA default), "
-                        "for both sides")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="our side: fp32, or bf16 autocast with fp32 weights and optimizer state; auto: what our "
+                        "trainer's train.dtype auto picks here (bf16 on CUDA and on CPUs with native bf16)")
+    p.add_argument("--hf-dtype", choices=("same", "fp32", "bf16"), default="same",
+                   help="Hugging Face's side: the same as ours, or fp32 (what a plain training loop of "
+                        "transformers runs on a CPU, without autocast) / bf16")
     p.add_argument("--d-model", type=int, default=256, help="hidden size")
     p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     p.add_argument("--n-head", type=int, default=4, help="attention heads")
@@ -142,9 +156,18 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def autocast(args: argparse.Namespace):
-    """bf16 autocast (fp32 weights, bf16 matmuls) when --dtype bf16, as the trainer runs on CUDA."""
-    if args.dtype == "bf16":
+def resolve_dtypes(args: argparse.Namespace) -> None:
+    """--dtype auto → the trainer's choice on this device (pretrain.train.autocast_dtype); --hf-dtype same."""
+    from pretrain.train import autocast_dtype
+
+    bf16 = autocast_dtype(torch.device(args.device), args.dtype) == torch.bfloat16
+    args.ours_dtype = "bf16" if bf16 else "fp32"
+    args.hf_dtype_resolved = args.ours_dtype if args.hf_dtype == "same" else args.hf_dtype
+
+
+def autocast(args: argparse.Namespace, side: str):
+    """bf16 autocast (fp32 weights, bf16 matmuls) for a side whose dtype is bf16, as the trainer runs it."""
+    if (args.ours_dtype if side == "ours" else args.hf_dtype_resolved) == "bf16":
         return torch.autocast(device_type=args.device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -219,11 +242,11 @@ def build_gpt(args: argparse.Namespace):
         fwd = apply_compile(ours)
 
     def ours_loss(seq):  # the trainer's loss: head and cross-entropy fused, chunk by chunk
-        with autocast(args):
+        with autocast(args, "ours"):
             return clm.loss(fwd, seq)
 
     def hf_loss(seq):  # what Hugging Face's own causal-LM loss computes: cross-entropy on fp32 logits
-        with autocast(args):
+        with autocast(args, "hf"):
             logits = hf(input_ids=seq[:, :-1]).logits
             return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), seq[:, 1:].reshape(-1))
 
@@ -262,12 +285,12 @@ def build_bert(args: argparse.Namespace):
 
     def ours_loss(batch):
         inputs, labels = batch
-        with autocast(args):
+        with autocast(args, "ours"):
             return loss_and_accuracy(fwd, inputs, labels)[0]
 
     def hf_loss(batch):
         inputs, labels = batch
-        with autocast(args):
+        with autocast(args, "hf"):
             return hf(input_ids=inputs, labels=labels).loss
 
     if args.hf_compile:
@@ -286,15 +309,16 @@ def build_bert(args: argparse.Namespace):
 
 
 def matmul_peak_gflops(args: argparse.Namespace, cfg, repeats: int = 5) -> dict:
-    """Best fp32 GFLOP/s of torch.mm over the models' own shapes: (tokens, d) @ (d, out) for the fused
-    qkv, attention output, gate/up and down projections and the output head (forward-pass shapes)."""
+    """Best GFLOP/s of torch.mm, in our side's dtype, over the models' own shapes: (tokens, d) @ (d, out) for
+    the fused qkv, attention output, gate/up and down projections and the output head (forward shapes)."""
+    dt = torch.bfloat16 if args.ours_dtype == "bf16" else torch.float32
     m = args.batch_size * args.seq_len
     d, f, v = cfg.d_model, cfg.ff_dim, cfg.vocab_size
     shapes = {"qkv": (m, d, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim), "o_proj": (m, d, d), "gate_up": (m, d, 2 * f), "down": (m, f, d),
               "head": (m, d, v)}
     out = {}
     for name, (a, b, c) in shapes.items():
-        x, w = torch.randn(a, b), torch.randn(b, c)
+        x, w = torch.randn(a, b, dtype=dt), torch.randn(b, c, dtype=dt)
         torch.mm(x, w)
         best = float("inf")
         for _ in range(repeats):
@@ -363,14 +387,16 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
                       "hf_gflops": round(best["hf"] * fpt / 1e9, 1)}
     if args.device == "cpu":
         peak = matmul_peak_gflops(args, cfg)
-        roofline.update(peak, ceiling_ratio=round(peak["matmul_peak_gflops"] * 1e9 / (best["hf"] * fpt), 3))
+        same = args.ours_dtype == args.hf_dtype_resolved  # a ceiling over HF only means something then
+        roofline.update(peak, ceiling_ratio=round(peak["matmul_peak_gflops"] * 1e9 / (best["hf"] * fpt), 3)
+                        if same else None)
         log(f"[{name}] roofline: ours {roofline['ours_gflops']} GFLOP/s, HF {roofline['hf_gflops']} GFLOP/s, "
-            f"best fp32 matmul of the model's shapes {peak['matmul_peak_gflops']} GFLOP/s -> at most "
-            f"{roofline['ceiling_ratio']:.2f}x over HF without less arithmetic")
+            f"best {args.ours_dtype} matmul of the model's shapes {peak['matmul_peak_gflops']} GFLOP/s"
+            + (f" -> at most {roofline['ceiling_ratio']:.2f}x over HF without less arithmetic" if same else ""))
     else:  # MFU the standard way: model FLOPs per token x tokens/s against the device's dense bf16 peak
         from pretrain.train import peak_flops
 
-        dev_peak = peak_flops(torch.device(args.device)) if args.dtype == "bf16" else None
+        dev_peak = peak_flops(torch.device(args.device)) if args.ours_dtype == "bf16" else None
         roofline["device_name"] = torch.cuda.get_device_name()
         roofline["peak_tflops"] = dev_peak / 1e12 if dev_peak else None
         roofline["ours_mfu"] = round(best["ours"] * fpt / dev_peak, 4) if dev_peak else None
@@ -397,7 +423,8 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
 def print_table(result: dict) -> None:
     c = result["config"]
     where = f"{c['threads']} CPU threads" if c["device"] == "cpu" else c["device"]
-    print(f"training throughput, {c['dtype']}, {where}, torch {result['torch']}, "
+    dtypes = c["dtype"] if c["dtype"] == c["hf_dtype"] else f"ours {c['dtype']}, HF {c['hf_dtype']}"
+    print(f"training throughput, {dtypes}, {where}, torch {result['torch']}, "
           f"transformers {result['transformers']}; compiled: ours {c['ours_compile']}, HF {c['hf_compile']}")
     print(f"d_model {c['d_model']}, {c['n_layer']} layers, {c['n_head']} heads, d_ff {c['d_ff']}, "
           f"vocab {c['vocab']}, seq {c['seq_len']}, batch {c['batch_size']}, "
@@ -419,8 +446,9 @@ def print_table(result: dict) -> None:
         if name in result:
             r = result[name]
             if "matmul_peak_gflops" in r:
-                print(f"{name}: model GFLOP/s ours {r['ours_gflops']}, HF {r['hf_gflops']}; best fp32 matmul of "
-                      f"its shapes {r['matmul_peak_gflops']} GFLOP/s: ceiling {r['ceiling_ratio']:.2f}x over HF")
+                ceiling = f": ceiling {r['ceiling_ratio']:.2f}x over HF" if r["ceiling_ratio"] else ""
+                print(f"{name}: model GFLOP/s ours {r['ours_gflops']}, HF {r['hf_gflops']}; best {c['dtype']} matmul "
+                      f"of its shapes {r['matmul_peak_gflops']} GFLOP/s{ceiling}")
             else:
                 print(f"{name}: model TFLOP/s ours {r['ours_gflops'] / 1e3:.1f}, HF {r['hf_gflops'] / 1e3:.1f} on "
                       f"{r['device_name']}; MFU ours {r['ours_mfu']}, HF {r['hf_mfu']}; peak memory ours "
@@ -432,6 +460,7 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    resolve_dtypes(args)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -442,6 +471,11 @@ def main(argv: list[str] | None = None) -> dict:
         dynamo.config.suppress_errors = True
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = False
+    if args.device == "cpu":  # as our trainer does on a CPU; process-wide, so both sides run with it
+        from pretrain.train import tune_cpu_allocator
+
+        allocator = tune_cpu_allocator()
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     result: dict = {}
@@ -460,7 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "optimizer": {"name": "AdamW", "ours": "fused", "hf": args.hf_optimizer, "lr": args.lr,
                                       "betas": [0.9, 0.95],
                                       "eps": 1e-8, "weight_decay": args.weight_decay},
-                        "dtype": args.dtype, "device": args.device, "seed": args.seed,
+                        "dtype": args.ours_dtype, "hf_dtype": args.hf_dtype_resolved, "dtype_flag": args.dtype,
+                        "device": args.device, "seed": args.seed, "malloc_tuned": allocator,
                         "wall_s": round(time.perf_counter() - t0, 1)}
     result["torch"] = torch.__version__
     result["transformers"] = transformers.__version__

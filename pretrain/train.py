@@ -111,6 +111,33 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+
+
+@functools.cache
+def tune_cpu_allocator() -> bool:
+    """For training on a CPU: make glibc's malloc keep freed memory for reuse, as the jemalloc / tcmalloc that
+    PyTorch's CPU performance guide recommends do. By default glibc gives every large block (a tensor of more
+    than a few MiB: activations, logits, gradients) fresh pages from the kernel and returns them when freed,
+    so each step faults in again, page by page, memory it just had; on a small model that costs ~10-15% of
+    the step. Here blocks up to 32 MiB come from the heap and up to 1 GiB of freed heap is kept
+    (``mallopt``: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD). Process-wide and once; skipped off Linux/glibc and
+    where the user chose for themselves (those MALLOC_* / GLIBC_TUNABLES variables, or another allocator in
+    LD_PRELOAD). Returns whether it was applied."""
+    import ctypes
+
+    if not sys.platform.startswith("linux") or any(v in os.environ for v in _MALLOC_ENV) \
+            or "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype:
     """bf16 autocast where 'bf16' is asked for, and by default ('auto') on CUDA and on CPUs with native bf16
     (:func:`cpu_has_native_bf16`); fp32 otherwise."""
@@ -538,6 +565,8 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
     """
     run = Path(out_dir)
     env = init_distributed(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
+    if env.device.type == "cpu":
+        tune_cpu_allocator()
     try:
         run.mkdir(parents=True, exist_ok=True)
         with run_lock(run) if env.is_main else contextlib.nullcontext():  # rank 0 speaks for the job

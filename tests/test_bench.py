@@ -44,6 +44,20 @@ def test_cpu_pairs(bench, capsys):
     check(result, ("gpt", "bert"))
     assert result["config"]["device"] == "cpu" and result["config"]["optimizer"]["hf"] == "foreach"
     assert result["gpt"]["matmul_peak_gflops"] > 0 and "ours_mfu" not in result["gpt"]
+    assert result["config"]["dtype"] == result["config"]["hf_dtype"] and result["gpt"]["ceiling_ratio"] > 0
+
+
+def test_dtypes_per_side(bench, monkeypatch):
+    import pretrain.train as train
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)  # --dtype auto as on such a CPU
+    result = bench.main([*TINY, "--only", "gpt", "--hf-dtype", "fp32"])
+    assert (result["config"]["dtype"], result["config"]["hf_dtype"]) == ("bf16", "fp32")
+    assert result["gpt"]["ceiling_ratio"] is None  # no ceiling across dtypes
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    args = bench.parse_args([])
+    bench.resolve_dtypes(args)
+    assert (args.ours_dtype, args.hf_dtype_resolved) == ("fp32", "fp32")
 
 
 def test_preset_sets_defaults_flags_win(bench):

@@ -81,6 +81,24 @@ def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(tmp_path, monke
         assert train.autocast_dtype(cuda, "auto") == torch.bfloat16 and train.autocast_dtype(cuda, "fp32") == torch.float32
 
 
+def test_cpu_allocator_tuning_respects_the_users_choice(monkeypatch):
+    import sys
+
+    import pretrain.train as train
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc malloc tuning is for Linux")
+    for var, value in (("MALLOC_TRIM_THRESHOLD_", "0"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
+                       ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")):
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            assert train.tune_cpu_allocator.__wrapped__() is False, var
+    import ctypes.util
+
+    if ctypes.util.find_library("c") and "libc.so.6" in (ctypes.util.find_library("c") or ""):
+        assert train.tune_cpu_allocator.__wrapped__() is True  # glibc: applied
+
+
 def test_yaml_config_and_overrides(tmp_path, data_dir, capsys):
     cfg = dict(TINY_TRAIN, data={"path": str(data_dir), "seq_len": 16})
     cfg_path = tmp_path / "tiny.yaml"

@@ -551,7 +551,7 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
              quiet: bool = False) -> dict[str, Any]:
     """Fine-tune ``run`` on ``train_path``, select on ``valid_path``; the best model goes to ``out``."""
     from pretrain.data.prepare import write_text_atomic
-    from pretrain.train import autocast_context, resolve_device
+    from pretrain.train import autocast_context, resolve_device, tune_cpu_allocator
 
     cfg = cfg or FinetuneConfig()
     out = Path(out)
@@ -575,6 +575,8 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
         check_known(_labels_of(cfg, valid_ex), names, str(valid_path))
 
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     backbone, pcfg, tok, ckpt = load_backbone(run, cfg.dropout, cfg.from_scratch, cfg.seed)
     encoder = pcfg.objective == "mlm"
     ctx = pcfg.model.max_seq_len

@@ -51,9 +51,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_w and bias is not None \
             else None
+        # buffers reused by every chunk: fresh (c, V) and (V, C) tensors per chunk would each be new memory
+        # the kernel has to fault in page by page, which on a CPU costs more than the arithmetic on them
+        v = weight.size(0)
+        rows = min(chunk, n)
+        low = dtype != torch.float32
+        z_buf = torch.empty(rows, v, dtype=torch.float32, device=h.device)
+        low_buf = torch.empty(rows, v, dtype=dtype, device=h.device) if low else None  # bf16 logits, then g
+        part = torch.empty(weight.shape, dtype=dtype, device=h.device) if need_w and low else None
+        part32 = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if need_w and low else None
+        wt = w.t()
         for s in range(0, n, chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            z = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).float()  # (c, V) logits
+            c = hc.size(0)
+            z = z_buf[:c]
+            out = low_buf[:c] if low else z
+            if b is None:
+                torch.mm(hc, wt, out=out)  # (c, V) logits
+            else:
+                torch.addmm(b, hc, wt, out=out)
+            if low:
+                z.copy_(out)  # the softmax in fp32
             valid = tc != ignore_index
             t = torch.where(valid, tc, torch.zeros_like(tc))[:, None]
             target_logit = z.gather(1, t).squeeze(1)
@@ -65,30 +83,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 g = e.mul_((valid / total_exp)[:, None])  # softmax; ignored rows: no gradient
                 g.scatter_add_(1, t, -valid[:, None].to(g.dtype))  # minus the one-hot target
-                g = g.to(dtype)
+                if low:
+                    g = out.copy_(g)  # back to the product dtype, in the logits' buffer
                 if need_h:
-                    grad_h[s:s + chunk] = g @ w
+                    torch.mm(g, w, out=grad_h[s:s + c])
                 if need_w:
-                    if dtype == torch.float32:
+                    if low:  # bf16 products, summed in fp32
+                        grad_w.add_(part32.copy_(torch.mm(g.t(), hc, out=part)))
+                    else:
                         grad_w.addmm_(g.t(), hc)
-                    else:  # bf16 products, summed in fp32
-                        grad_w += (g.t() @ hc).float()
                     if grad_b is not None:
-                        grad_b += g.float().sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+                        grad_b += g.sum(0, dtype=torch.float32)
+        # kept on ctx, not saved for backward: they are neither inputs nor outputs, and backward scales them
+        # in place (no new (V, C) tensors); a second backward through the same loss is an error, not a wrong sum
+        ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        h_dt, w_dt, b_dt = ctx.dtypes
-
-        def scaled(g, dt):
-            return None if g is None else (g * grad_out).to(dt)
-
-        return scaled(grad_h, h_dt), scaled(grad_w, w_dt), scaled(grad_b, b_dt), None, None, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy: backward through the same loss twice is not supported")
+        grads, ctx.grads = ctx.grads, None
+        out = [None if g is None else g.mul_(grad_out.to(g.dtype)).to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (*out, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
