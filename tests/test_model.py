@@ -293,6 +293,9 @@ def test_linear_cross_entropy_matches_the_plain_loss(bf16, bias):
     with torch.no_grad():  # evaluation: no gradient work, the same value
         assert torch.allclose(linear_cross_entropy(h, w, t, bias=b), F.cross_entropy(
             F.linear(h, w, b).reshape(-1, 37), t.reshape(-1)), rtol=1e-5 if not bf16 else 1e-2)
+    loss, correct = linear_cross_entropy(h, w, t, bias=b, chunk_rows=7, return_correct=True)
+    want_correct = ((F.linear(h, w, b).argmax(-1) == t) & (t != -100)).sum()
+    assert correct.item() == want_correct.item() and not correct.requires_grad
     twice = linear_cross_entropy(h, w, t, bias=b)
     twice.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):  # its gradients were used up, not summed again silently

@@ -159,4 +159,8 @@ class Encoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Masked-LM head: hidden states (..., C) → vocabulary logits (..., V)."""
-        return self.decoder(self.head_norm(F.gelu(self.head_dense(hidden))))
+        return self.decoder(self.head_features(hidden))
+
+    def head_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The masked-LM head up to its output projection (``decoder``): dense, GELU, norm (..., C)."""
+        return self.head_norm(F.gelu(self.head_dense(hidden)))

@@ -42,11 +42,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index: int, dtype: torch.dtype, chunk: int,
-                need_h: bool, need_w: bool):
+                need_h: bool, need_w: bool, count_correct: bool):
         n = hidden.size(0)
         h, w = hidden.to(dtype), weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)  # argmax == target, if counted
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_w and bias is not None \
@@ -75,6 +76,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = tc != ignore_index
             t = torch.where(valid, tc, torch.zeros_like(tc))[:, None]
             target_logit = z.gather(1, t).squeeze(1)
+            if count_correct:
+                correct += ((z.argmax(dim=1) == tc) & valid).sum()
             top = z.amax(dim=1, keepdim=True)
             e = z.sub_(top).exp_()  # in place of the logits: one pass for the loss and the softmax
             total_exp = e.sum(dim=1)
@@ -98,26 +101,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # in place (no new (V, C) tensors); a second backward through the same loss is an error, not a wrong sum
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return total
+        ctx.mark_non_differentiable(correct)
+        return total, correct
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_correct):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy: backward through the same loss twice is not supported")
         grads, ctx.grads = ctx.grads, None
         out = [None if g is None else g.mul_(grad_out.to(g.dtype)).to(dt) for g, dt in zip(grads, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, reduction: str = "mean",
-                         ignore_index: int = IGNORE_INDEX, chunk_rows: int | None = None) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, chunk_rows: int | None = None,
+                         return_correct: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, without the full logits.
 
     hidden (..., C), weight (V, C), targets (...) with ``ignore_index`` where no loss is taken. ``reduction``
     "mean" (over the targets that count; 0 when none do) or "sum". Equal to
-    ``F.cross_entropy((hidden @ weight.T).float(), targets)`` in value and gradients, up to rounding."""
+    ``F.cross_entropy((hidden @ weight.T).float(), targets)`` in value and gradients, up to rounding.
+    ``return_correct``: also the number of counted targets that are their row's argmax (accuracy)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     h = hidden.reshape(-1, hidden.size(-1))
@@ -132,8 +138,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         per = CHUNK_ELEMENTS.get(h.device.type, CHUNK_ELEMENTS["cuda"])
         chunk_rows = max(16, per // weight.size(0))
     with torch.autocast(h.device.type, enabled=False):
-        total = _LinearCrossEntropy.apply(h, weight, bias, t, ignore_index, dtype, max(1, chunk_rows),
-                                          need_h, need_w)
-    if reduction == "sum":
-        return total
-    return total / (t != ignore_index).sum().clamp(min=1)
+        total, correct = _LinearCrossEntropy.apply(h, weight, bias, t, ignore_index, dtype, max(1, chunk_rows),
+                                                   need_h, need_w, return_correct)
+    if reduction == "mean":
+        total = total / (t != ignore_index).sum().clamp(min=1)
+    return (total, correct) if return_correct else total

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from pretrain.objectives.losses import unwrap_compiled
+from pretrain.objectives.losses import linear_cross_entropy, unwrap_compiled
 
 IGNORE = -100
 
@@ -86,9 +85,9 @@ def loss_and_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
         hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, select=sel, **extra)  # (N, C)
     else:
         hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, **extra)[sel]
-    logits = unwrap_compiled(model).logits(hidden).float()  # (N, V)
-    target = labels[sel]
-    loss = F.cross_entropy(logits, target, reduction=reduction)
-    correct = (logits.argmax(-1) == target).sum()
+    m = unwrap_compiled(model)
+    # the head's output projection and the cross-entropy fused (losses.linear_cross_entropy)
+    loss, correct = linear_cross_entropy(m.head_features(hidden), m.decoder.weight, labels[sel],
+                                         bias=m.decoder.bias, reduction=reduction, return_correct=True)
     return loss, correct, n
 
