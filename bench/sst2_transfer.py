@@ -70,16 +70,6 @@ def build_in_domain(out: Path, sst2_weight: float) -> list[str]:
     return [f"{imdb}::{1.0 - sst2_weight:g}", f"{sst2}::{sst2_weight:g}"]
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on a CPU with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast trains ~1.4×
-    faster here; without them bf16 is emulated and slower than fp32."""
-    try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pretrain(work: Path, config: str, budget_s: float, overrides: list[str], quiet: bool,
              dtype: str = "auto", corpus: str = "in-domain", sst2_weight: float = 0.3) -> dict:
     from pretrain.config import load_config
@@ -93,7 +83,9 @@ def pretrain(work: Path, config: str, budget_s: float, overrides: list[str], qui
         prepare(inputs, data, tokenizer="wordpiece", vocab_size=8192, val_fraction=0.02,
                 log=(lambda *a: None) if quiet else (lambda m: print(m, file=sys.stderr)))
     t_prep = time.time() - t0
-    if dtype == "auto":
+    if dtype == "auto":  # what train.dtype auto picks on a CPU, named in the result
+        from pretrain.hardware import cpu_has_native_bf16
+
         dtype = "bf16" if cpu_has_native_bf16() else "fp32"
     # the time budget ends the run (the config's max_steps is a ceiling above it) and the LR schedule runs over
     # the time budget (train.time_schedule): a slower machine stops with a finished decay, not mid-cosine

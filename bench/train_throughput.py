@@ -25,7 +25,7 @@ counts are printed and checked to be equal. Each model trains with the same ``to
 Face's with ``foreach=True``, the plain default) in a plain loop: forward, loss, backward, optimizer step,
 zero_grad, on random token batches (``torch.randint``; no data files), made before timing and shared by both.
 
-On a CPU the process first tunes glibc's malloc as our trainer does (``pretrain.train.tune_cpu_allocator``:
+On a CPU the process first tunes glibc's malloc as our trainer does (``pretrain.hardware.tune_cpu_allocator``:
 freed memory kept for reuse instead of faulted in afresh every step; ``config.malloc_tuned``). It is
 process-wide, so both sides run with it.
 
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     allocator = False
     if args.device == "cpu":  # as our trainer does on a CPU; process-wide, so both sides run with it
-        from pretrain.train import tune_cpu_allocator
+        from pretrain.hardware import tune_cpu_allocator
 
         allocator = tune_cpu_allocator()
     torch.manual_seed(args.seed)

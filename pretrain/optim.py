@@ -52,9 +52,12 @@ class MultiOptimizer:
 
 def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximately orthogonalize a matrix (U V^T of its SVD) with a quintic Newton-Schulz iteration
-    (Keller Jordan's Muon coefficients). bf16 on CUDA; fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    (Keller Jordan's Muon coefficients). bf16 on CUDA and on CPUs with native bf16; fp32 on other CPUs,
+    where bf16 matrix products are emulated and many times slower."""
+    from pretrain.hardware import cpu_has_native_bf16
+
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16() if g.is_cuda else g.float()
+    x = g.bfloat16() if g.is_cuda or (g.device.type == "cpu" and cpu_has_native_bf16()) else g.float()
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
@@ -70,7 +73,7 @@ class Muon(torch.optim.Optimizer):
 
     Nesterov momentum, then the update is orthogonalized and scaled by sqrt(max(1, rows/cols)); decoupled
     weight decay. Written here (rather than torch.optim.Muon) so the orthogonalization runs in fp32 on
-    CPUs and the same code runs on torch 2.11+.
+    CPUs without native bf16 and the same code runs on torch 2.11+.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,

@@ -306,6 +306,26 @@ def test_linear_cross_entropy_matches_the_plain_loss(bf16, bias):
         linear_cross_entropy(h, w, t, reduction="none")
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_newton_schulz_orthogonalizes_in_the_dtype_the_cpu_has(native_bf16, monkeypatch):
+    """Muon's update is close to U V^T of the gradient's SVD (singular values near 1, same singular vectors),
+    computed in bf16 where the CPU has native bf16 and in fp32 elsewhere."""
+    import pretrain.hardware as hardware
+    from pretrain.optim import zeropower_newton_schulz
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
+    seen = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: seen.append(a.dtype) or real_mm(a, b))
+    g = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    out = zeropower_newton_schulz(g)
+    assert out.dtype == g.dtype and set(seen) == {torch.bfloat16 if native_bf16 else torch.float32}
+    s = torch.linalg.svdvals(out.float())
+    assert s.min() > 0.5 and s.max() < 1.3  # Muon's quintic: singular values pushed into ~[0.7, 1.2]
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    assert torch.nn.functional.cosine_similarity((u @ vh).flatten(), out.float().flatten(), dim=0) > 0.95
+
+
 # ================================================================================================ schedules
 
 

@@ -551,7 +551,8 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
              quiet: bool = False) -> dict[str, Any]:
     """Fine-tune ``run`` on ``train_path``, select on ``valid_path``; the best model goes to ``out``."""
     from pretrain.data.prepare import write_text_atomic
-    from pretrain.train import autocast_context, resolve_device, tune_cpu_allocator
+    from pretrain.hardware import tune_cpu_allocator
+    from pretrain.train import autocast_context, resolve_device
 
     cfg = cfg or FinetuneConfig()
     out = Path(out)
