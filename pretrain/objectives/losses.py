@@ -110,7 +110,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy: backward through the same loss twice is not supported")
         grads, ctx.grads = ctx.grads, None
-        out = [None if g is None else g.mul_(grad_out.to(g.dtype)).to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        out = []
+        for g, dt in zip(grads, ctx.dtypes):  # scaled in fp32 (in place where the gradient is fp32 already)
+            out.append(None if g is None else (g if g.dtype == torch.float32 else g.float()).mul_(grad_out).to(dt))
         return (*out, None, None, None, None, None, None, None)
 
 
