@@ -24,4 +24,3 @@ def loss(model: nn.Module, batch: torch.Tensor, eot_id: int | None = None, reduc
     hidden = model(inputs, return_hidden=True, **extra)  # (B, T, C)
     head = unwrap_compiled(model).lm_head
     return linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, reduction=reduction)
-

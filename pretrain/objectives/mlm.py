@@ -90,4 +90,3 @@ def loss_and_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
     loss, correct = linear_cross_entropy(m.head_features(hidden), m.decoder.weight, labels[sel],
                                          bias=m.decoder.bias, reduction=reduction, return_correct=True)
     return loss, correct, n
-
