@@ -171,6 +171,18 @@ def test_muon_with_fsdp_is_refused(tmp_path, data_dir, monkeypatch, capsys):
 # 2 processes (torchrun, gloo)
 
 
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_in_bf16_autocast_track_one(tmp_path, data_dir, parallelism):
+    """bf16 autocast on a CPU (the default where it has native bf16): FSDP keeps fp32 parameters there and the
+    fused head + loss runs on each rank's half; the curve is the one-process curve."""
+    bf16 = ["--train.device", "cpu", "--train.dtype", "bf16", "--train.max_steps", "8"]
+    ref = tmp_path / "ref"
+    assert main(["train", "--out", str(ref), *args_for(data_dir, *bf16)]) == 0
+    run = tmp_path / "run"
+    torchrun(["--out", str(run), *args_for(data_dir, *bf16, "--train.parallelism", parallelism)])
+    assert_same_curve(curve(run), curve(ref))  # each rank's half is one of the reference's two micro-batches
+
+
 def test_two_processes_match_one(reference, two_procs):
     parallelism, run = two_procs
     assert_same_curve(curve(run), curve(reference))
