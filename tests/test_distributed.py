@@ -35,8 +35,8 @@ from pretrain.train import resolve_batch
 TRAIN = {**TINY_TRAIN, "train": {**TINY_TRAIN["train"], "max_steps": 20, "global_batch_size": 8,
                                  "keep_checkpoints": 3}}
 TOL = 1e-4  # fp32 on CPU: the curves agree to ~1e-6
-# fp32: these compare a split batch with a whole one to 1e-4, beyond bf16 autocast (the default on CPUs with
-# native bf16), whose products round differently when the batch is split
+# fp32 for the checks below that compare curves to 1e-4 across resumes and process counts; bf16 autocast (the
+# default on CPUs with native bf16) has its own (test_two_processes_in_bf16_autocast_track_one)
 CPU = ["--train.device", "cpu", "--train.dtype", "fp32"]
 
 
