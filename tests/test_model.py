@@ -306,6 +306,27 @@ def test_linear_cross_entropy_matches_the_plain_loss(bf16, bias):
         linear_cross_entropy(h, w, t, reduction="none")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_linear_cross_entropy_on_cuda_in_bf16():
+    import torch.nn.functional as F
+
+    from pretrain.objectives.losses import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(4096, 128, device="cuda", generator=g).requires_grad_()
+    w = (torch.randn(50304, 128, device="cuda", generator=g) * 0.05).requires_grad_()
+    t = torch.randint(0, 50304, (4096,), device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), t)
+    want = torch.autograd.grad(ref, [h, w])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, t)  # default chunks: 667 rows of 50,304 logits
+    assert torch.allclose(got, ref, rtol=1e-3)
+    for a, c in zip(torch.autograd.grad(got, [h, w]), want):
+        assert (a - c).norm() <= 1e-2 * c.norm()
+
+
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_newton_schulz_orthogonalizes_in_the_dtype_the_cpu_has(native_bf16, monkeypatch):
     """Muon's update is close to U V^T of the gradient's SVD (singular values near 1, same singular vectors),
