@@ -86,6 +86,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 g = e.mul_((valid / total_exp)[:, None])  # softmax; ignored rows: no gradient
                 g.scatter_add_(1, t, -valid[:, None].to(g.dtype))  # minus the one-hot target
+                if grad_b is not None:
+                    grad_b += g.sum(0)  # from the fp32 gradient of the logits
                 if low:
                     g = out.copy_(g)  # back to the product dtype, in the logits' buffer
                 if need_h:
@@ -95,8 +97,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w.add_(part32.copy_(torch.mm(g.t(), hc, out=part)))
                     else:
                         grad_w.addmm_(g.t(), hc)
-                    if grad_b is not None:
-                        grad_b += g.sum(0, dtype=torch.float32)
         # kept on ctx, not saved for backward: they are neither inputs nor outputs, and backward scales them
         # in place (no new (V, C) tensors); a second backward through the same loss is an error, not a wrong sum
         ctx.grads = (grad_h, grad_w, grad_b)
