@@ -1,4 +1,4 @@
-"""What the machine can do, and runtime settings that make the most of it (no dependencies on the rest)."""
+"""What the machine can do, and runtime settings that make the most of it (torch only, nothing of the project)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import functools
 import os
 import sys
 from pathlib import Path
+
+import torch
 
 
 @functools.cache
@@ -18,6 +20,11 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
         return False
     flags = next((ln.split(":", 1)[-1].split() for ln in lines if ln.startswith("flags")), [])
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products are native on ``device``: CUDA, or a CPU with :func:`cpu_has_native_bf16`."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")

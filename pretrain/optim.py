@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import TrainConfig
+from pretrain.hardware import native_bf16
 
 
 class MultiOptimizer:
@@ -54,10 +55,8 @@ def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) 
     """Approximately orthogonalize a matrix (U V^T of its SVD) with a quintic Newton-Schulz iteration
     (Keller Jordan's Muon coefficients). bf16 on CUDA and on CPUs with native bf16; fp32 on other CPUs,
     where bf16 matrix products are emulated and many times slower."""
-    from pretrain.hardware import cpu_has_native_bf16
-
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16() if g.is_cuda or (g.device.type == "cpu" and cpu_has_native_bf16()) else g.float()
+    x = g.bfloat16() if native_bf16(g.device) else g.float()
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT

@@ -62,7 +62,7 @@ from pretrain.distributed import (
     teardown,
     unwrap,
 )
-from pretrain.hardware import cpu_has_native_bf16, tune_cpu_allocator
+from pretrain.hardware import native_bf16, tune_cpu_allocator
 from pretrain.models import build_model
 from pretrain.objectives import CausalLM, build_objective
 from pretrain.optim import build_optimizer, set_lr
@@ -101,10 +101,10 @@ def resolve_device(spec: str) -> torch.device:
 
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype:
     """bf16 autocast where 'bf16' is asked for, and by default ('auto') on CUDA and on CPUs with native bf16
-    (:func:`cpu_has_native_bf16`); fp32 otherwise."""
+    (:func:`pretrain.hardware.native_bf16`); fp32 otherwise."""
     if dtype == "bf16":
         return torch.bfloat16
-    if dtype == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())):
+    if dtype == "auto" and native_bf16(device):
         return torch.bfloat16
     return torch.float32
 

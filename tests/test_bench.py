@@ -48,13 +48,13 @@ def test_cpu_pairs(bench, capsys):
 
 
 def test_dtypes_per_side(bench, monkeypatch):
-    import pretrain.train as train
+    import pretrain.hardware as hardware
 
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)  # --dtype auto as on such a CPU
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)  # --dtype auto as on such a CPU
     result = bench.main([*TINY, "--only", "gpt", "--hf-dtype", "fp32"])
     assert (result["config"]["dtype"], result["config"]["hf_dtype"]) == ("bf16", "fp32")
     assert result["gpt"]["ceiling_ratio"] is None  # no ceiling across dtypes
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
     args = bench.parse_args([])
     bench.resolve_dtypes(args)
     assert (args.ours_dtype, args.hf_dtype_resolved) == ("fp32", "fp32")

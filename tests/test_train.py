@@ -66,16 +66,17 @@ def test_cli_end_to_end(tmp_path, data_dir, capsys):
 def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(tmp_path, monkeypatch):
     import torch
 
+    import pretrain.hardware as hardware
     import pretrain.train as train
 
     flags = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\nbugs\t\t: none\n"
     for extra, native in (("", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512bw", False)):
         (tmp_path / "cpuinfo").write_text(flags.format(extra))
-        assert train.cpu_has_native_bf16.__wrapped__(str(tmp_path / "cpuinfo")) is native, extra
-    assert train.cpu_has_native_bf16.__wrapped__(str(tmp_path / "no-such-file")) is False  # not Linux: fp32
+        assert hardware.cpu_has_native_bf16.__wrapped__(str(tmp_path / "cpuinfo")) is native, extra
+    assert hardware.cpu_has_native_bf16.__wrapped__(str(tmp_path / "no-such-file")) is False  # not Linux: fp32
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for native in (False, True):
-        monkeypatch.setattr(train, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda native=native: native)
         assert train.autocast_dtype(cpu, "auto") == (torch.bfloat16 if native else torch.float32)
         assert train.autocast_dtype(cpu, "fp32") == torch.float32 and train.autocast_dtype(cpu, "bf16") == torch.bfloat16
         assert train.autocast_dtype(cuda, "auto") == torch.bfloat16 and train.autocast_dtype(cuda, "fp32") == torch.float32
@@ -84,7 +85,7 @@ def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(tmp_path, monke
 def test_cpu_allocator_tuning_respects_the_users_choice(monkeypatch):
     import sys
 
-    import pretrain.train as train
+    import pretrain.hardware as hardware
 
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc malloc tuning is for Linux")
@@ -92,11 +93,11 @@ def test_cpu_allocator_tuning_respects_the_users_choice(monkeypatch):
                        ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")):
         with monkeypatch.context() as m:
             m.setenv(var, value)
-            assert train.tune_cpu_allocator.__wrapped__() is False, var
+            assert hardware.tune_cpu_allocator.__wrapped__() is False, var
     import ctypes.util
 
     if ctypes.util.find_library("c") and "libc.so.6" in (ctypes.util.find_library("c") or ""):
-        assert train.tune_cpu_allocator.__wrapped__() is True  # glibc: applied
+        assert hardware.tune_cpu_allocator.__wrapped__() is True  # glibc: applied
 
 
 def test_yaml_config_and_overrides(tmp_path, data_dir, capsys):
