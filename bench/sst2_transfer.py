@@ -8,7 +8,7 @@ samples (task-adaptive pre-training; the dev sentences are never seen). --corpus
 TinyStories (the earlier recipe, with --config configs/bert-cpu.yaml --train.max_steps 1600). Time limit:
 --budget-s (default 1740 s of training); the LR schedule decays over that budget (train.time_schedule), so a
 slower machine ends with fewer steps but a finished schedule. Precision: bf16 autocast on a CPU with native
-bf16 (AVX512-BF16 / AMX: ~1.4x the tokens/s), fp32 elsewhere; --dtype forces one.
+bf16 (AVX512-BF16 / AMX), fp32 elsewhere; --dtype forces one.
 
 Stage 2 (transfer): `pretrain transfer` fine-tunes the pre-trained encoder and the same architecture
 from a random init at several label budgets and seeds on SST-2 train, evaluates on SST-2 dev, and

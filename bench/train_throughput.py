@@ -1,70 +1,46 @@
 """CPU training throughput of our models against the same-size stock Hugging Face `transformers` models.
 
-Two pairs are measured, in this one process, on the CPU (or ``--device cuda``), each side in the dtype our
-trainer picks by default here (``--dtype auto``: bf16 autocast on CUDA and on CPUs with native bf16, AVX512-BF16
-or AMX; fp32 elsewhere) and Hugging Face's in the same one (``--hf-dtype same``). ``--hf-dtype fp32`` gives
-Hugging Face what a plain ``transformers`` training loop runs on a CPU (no autocast) instead: our default
-against its default, a different comparison from the same-dtype one, and named so in the output
-(``config.dtype`` / ``config.hf_dtype``). ``--dtype fp32`` puts our side in fp32 too.
+Two pairs, trained in this one process on the same random token batches (``torch.randint``, no data files):
 
-* ``gpt``: our decoder (``pretrain.models.gpt.GPT``) against ``transformers.LlamaForCausalLM``, next-token
-  cross-entropy: ours as our trainer computes it (``pretrain.objectives.clm.loss``: the output head and the
-  cross-entropy fused, chunk by chunk, ``pretrain.objectives.losses``), Hugging Face's as its own causal-LM
-  loss does (``F.cross_entropy`` on the fp32 logits of the whole batch);
-* ``bert``: our encoder (``pretrain.models.bert.Encoder``) against ``transformers.ModernBertForMaskedLM``,
-  masked-LM loss on ~15% of the positions (``pretrain.objectives.mlm.loss_and_accuracy`` for ours, ``labels``
-  with -100 at unselected positions for Hugging Face's). Both run the MLM head on the selected positions
-  only (ModernBERT's ``sparse_prediction``, as ModernBERT was trained); ``--hf-dense-head`` gives Hugging
-  Face its library default instead (head and loss over every position), which is more work per token.
+* ``gpt``: ``pretrain.models.gpt.GPT`` vs ``transformers.LlamaForCausalLM``, next-token cross-entropy (ours:
+  ``pretrain.objectives.clm.loss``, head and loss fused chunk by chunk; HF's: ``F.cross_entropy`` on the fp32
+  logits of the whole batch);
+* ``bert``: ``pretrain.models.bert.Encoder`` vs ``transformers.ModernBertForMaskedLM``, masked-LM loss on
+  ``--mask-prob`` of the positions, the MLM head on those positions only on both sides (ModernBERT's
+  ``sparse_prediction``; ``--hf-dense-head``: its library default, head and loss on every position).
 
-The two models of a pair have the same hidden size, layers, heads, MLP width (our ``ModelConfig.ff_dim`` is
-their ``intermediate_size``), vocabulary, sequence length, batch size and embedding tying (the Hugging Face
-config comes from ``pretrain.export.hf_config_dict``); Hugging Face attention is ``sdpa``. The parameter
-counts are printed and checked to be equal. Each model trains with the same ``torch.optim.AdamW`` update
-(weight decay on matrices only; ours with ``fused=True``, the implementation our trainer uses, Hugging
-Face's with ``foreach=True``, the plain default) in a plain loop: forward, loss, backward, optimizer step,
-zero_grad, on random token batches (``torch.randint``; no data files), made before timing and shared by both.
+The two models of a pair have the same sizes, vocabulary and tying (HF config from
+``pretrain.export.hf_config_dict``, attention ``sdpa``; parameter counts printed and checked equal) and
+train in a plain loop: forward, loss, backward, ``torch.optim.AdamW`` step (weight decay on matrices only;
+ours ``fused=True`` as our trainer, HF's per ``--hf-optimizer``: fused on CUDA, foreach on the CPU),
+zero_grad. ``--dtype`` is our side's (auto: what ``train.dtype auto`` picks, bf16 autocast on CUDA and on
+CPUs with native bf16, else fp32), ``--hf-dtype`` HF's (``same``, or ``fp32``: what a plain ``transformers``
+loop runs on a CPU); both are in the output (``config.dtype`` / ``config.hf_dtype``). On a CPU glibc's malloc
+is first tuned as our trainer tunes it (``pretrain.hardware.tune_cpu_allocator``, ``config.malloc_tuned``),
+process-wide.
 
-On a CPU the process first tunes glibc's malloc as our trainer does (``pretrain.hardware.tune_cpu_allocator``:
-freed memory kept for reuse instead of faulted in afresh every step; ``config.malloc_tuned``). It is
-process-wide, so both sides run with it.
+Timing: ``--warmup`` untimed steps per model, then ``--rounds`` rounds of ``--steps`` timed steps per model
+in ABBA order (ours, HF, HF, ours, ...), so noise hits both sides alike. A round's tokens/s is
+batch_size x seq_len x steps / its wall time (every input position). ``ours_tok_s`` / ``hf_tok_s`` are each
+side's best round, ``ratio`` = ours / HF (> 1: ours is faster); ``*_median`` / ``ratio_median`` are medians
+over rounds. Rounds whose CPU seconds per wall second fall well below the best are counted as
+``contended_rounds`` and warned about on stderr; when best and median disagree, rerun on an idle machine.
 
-Timing: a few untimed warmup steps per model (allocator, optimizer state), then ``--rounds`` rounds of
-``--steps`` timed steps per model, alternating between the two models in ABBA order (ours, HF, HF, ours,
-...), so machine noise (other processes on a shared machine) and slow drift hit both sides alike. A
-round's tokens/s is (batch_size * seq_len * steps) / its wall time, counting every input position (for
-the encoder too, not only the masked ones). ``ours_tok_s`` / ``hf_tok_s`` are each model's best round
-(as ``timeit`` does: noise only ever slows a round down, so the fastest one is the least disturbed) and
-``ratio`` is ours / HF (> 1: ours is faster); the ``*_median`` fields and ``ratio_median`` are the
-medians over rounds, per-round figures are in the JSON too. Each round also records the process's CPU
-seconds per wall second (about --threads when it has the cores to itself); rounds well below the best
-are counted as ``contended_rounds`` and reported on stderr. On a quiet machine best and median agree
-within a few per cent; if they do not, rerun when the machine is idle.
+Roofline (CPU): ``matmul_peak_gflops`` is the best ``torch.mm`` in our dtype over the models' projection
+shapes (output head included); ``*_gflops`` = tokens/s x ``flops_per_token`` (6N + attention; an over-count
+for the encoder), ``ceiling_ratio`` = peak / HF's GFLOP/s (null across dtypes). On ``--device cuda`` each
+pair reports ``*_mfu`` (against the device's dense bf16 peak, ``pretrain.hardware.peak_flops``) and peak GPU
+memory instead. ``--compile`` / ``--hf-compile`` compile each side; ``--preset gpt2-small`` is the 124M size
+(seq 1024); ``bash bench/gpu_check.sh`` runs that comparison on a GPU.
 
     python bench/train_throughput.py                 # a table
     python bench/train_throughput.py --json          # {"gpt": {"ours_tok_s", "hf_tok_s", "ratio", ...},
                                                      #  "bert": {...}, "config": {...}, "torch": ...,
                                                      #  "transformers": ...}
     python bench/train_throughput.py --threads 2 --d-model 512 --n-layer 8 --n-head 8 --rounds 6
+    python bench/train_throughput.py --preset gpt2-small --device cuda --compile --hf-compile --only gpt
 
-Roofline: the script also times plain matrix products (in our side's dtype) of the shapes these models run
-(tokens x d_model against each projection, the output head included) and reports the best as
-``matmul_peak_gflops``; each
-pair reports the model FLOP/s both sides reach (``*_gflops``: tokens/s x ``flops_per_token``, 6N +
-attention, as for MFU; an over-count for the encoder, whose head runs on the masked positions only on
-both sides, and our last block too) and
-``ceiling_ratio`` = peak / Hugging Face's FLOP/s, the most *any* implementation of the same computation
-could gain over Hugging Face on this machine without doing less arithmetic (null when the two sides run
-different dtypes).
-
-On a GPU (``--device cuda``, bf16 by default; ``--preset gpt2-small`` is the 124M size, seq 1024) both sides train
-in bf16 autocast with fp32 weights; ``--compile --hf-compile`` compiles model and loss on both sides, and Hugging
-Face's AdamW is the fused one there (its Trainer's default; ``--hf-optimizer``). Instead of the CPU roofline each
-pair then reports MFU, ``*_mfu`` = tokens/s x ``flops_per_token`` / the device's dense bf16 peak
-(``pretrain.train.peak_flops``), and each side's peak GPU memory. ``bash bench/gpu_check.sh`` runs that
-comparison and the GPU tests in one go.
-
-Needs ``transformers`` (``pip install -e '.[hf]'``). The defaults take about 70 s on two idle CPU cores.
+Needs ``transformers`` (``pip install -e '.[hf]'``).
 """
 
 from __future__ import annotations
@@ -157,8 +133,8 @@ def log(msg: str) -> None:
 
 
 def resolve_dtypes(args: argparse.Namespace) -> None:
-    """--dtype auto → the trainer's choice on this device (pretrain.train.autocast_dtype); --hf-dtype same."""
-    from pretrain.train import autocast_dtype
+    """--dtype auto → the trainer's choice on this device (pretrain.hardware.autocast_dtype); --hf-dtype same."""
+    from pretrain.hardware import autocast_dtype
 
     bf16 = autocast_dtype(torch.device(args.device), args.dtype) == torch.bfloat16
     args.ours_dtype = "bf16" if bf16 else "fp32"
@@ -382,7 +358,9 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
             f"CPU/wall ({top:.2f}): other processes were using the cores; the best rounds are reported")
     best = {side: max(r) for side, r in rates.items()}
     median = {side: statistics.median(r) for side, r in rates.items()}
-    fpt = ours.flops_per_token(args.seq_len)
+    from pretrain.models import spec_of
+
+    fpt = spec_of(ours).flops_per_token(ours, args.seq_len)
     roofline: dict = {"flops_per_token": fpt, "ours_gflops": round(best["ours"] * fpt / 1e9, 1),
                       "hf_gflops": round(best["hf"] * fpt / 1e9, 1)}
     if args.device == "cpu":
@@ -394,7 +372,7 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
             f"best {args.ours_dtype} matmul of the model's shapes {peak['matmul_peak_gflops']} GFLOP/s"
             + (f" -> at most {roofline['ceiling_ratio']:.2f}x over HF without less arithmetic" if same else ""))
     else:  # MFU the standard way: model FLOPs per token x tokens/s against the device's dense bf16 peak
-        from pretrain.train import peak_flops
+        from pretrain.hardware import peak_flops
 
         dev_peak = peak_flops(torch.device(args.device)) if args.ours_dtype == "bf16" else None
         roofline["device_name"] = torch.cuda.get_device_name()

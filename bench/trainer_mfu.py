@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         logs = [r for r in logs if "tokens_per_s" in r][args.skip:]
         tok_s = [r["tokens_per_s"] for r in logs]
         mfu = [r["mfu"] for r in logs if "mfu" in r]
-        from pretrain.train import resolve_device
+        from pretrain.hardware import resolve_device
 
         device = resolve_device(cfg.train.device)
         result = {

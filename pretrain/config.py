@@ -73,7 +73,12 @@ class ModelConfig:
     """Standard deviation of the normal weight init; output projections are scaled by 1/sqrt(2*n_layer)."""
 
     def __post_init__(self) -> None:
-        _check(self.arch in ("gpt", "bert", "gpt2"), f"model.arch must be 'gpt', 'bert' or 'gpt2', got {self.arch!r}")
+        from pretrain.models.spec import arch_names  # (the registry imports this module: resolved at use)
+
+        names = arch_names()
+        close = difflib.get_close_matches(self.arch, names, n=1)
+        _check(self.arch in names, f"model.arch must be one of {', '.join(map(repr, names))}, got {self.arch!r}"
+                                   + (f" (did you mean {close[0]!r}?)" if close else ""))
         _check(self.n_layer >= 1 and self.n_head >= 1 and self.d_model >= 1, "model sizes must be >= 1")
         for name in ("n_kv_head", "d_ff", "vocab_size", "max_seq_len", "init_std"):
             _check(getattr(self, name) >= 0, f"model.{name} must be >= 0")
@@ -254,10 +259,13 @@ class Config:
     """Masking, for objective 'mlm'."""
 
     def __post_init__(self) -> None:
+        from pretrain.models.spec import get_spec, specs
+
         _check(self.objective in ("clm", "mlm"), f"objective must be 'clm' or 'mlm', got {self.objective!r}")
-        want = {"clm": ("gpt", "gpt2"), "mlm": ("bert",)}[self.objective]
-        _check(self.model.arch in want, f"objective {self.objective!r} trains a {want[0]!r} model "
-                                        f"(set model.arch: {want[0]}), not {self.model.arch!r}")
+        if self.objective not in get_spec(self.model.arch).objectives:
+            want = [s.name for s in specs() if s.objectives[0] == self.objective]
+            _check(False, f"objective {self.objective!r} trains a {want[0]!r} model "
+                          f"(set model.arch: {want[0]}), not {self.model.arch!r}")
         _check(self.objective != "mlm" or self.data.seq_len >= 2,
                "objective mlm needs data.seq_len >= 2 ([CLS] takes the first position)")
         _check(not (self.train.target_val_loss and not self.train.eval_interval),

@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pretrain.config import ConfigError
+from pretrain.models import spec_of
 
 
 @dataclass
@@ -149,11 +150,8 @@ def max_over_ranks(value: float, device: torch.device) -> float:
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's transformer blocks: the modules of its (first) ModuleList child (``layers`` / ``h``)."""
-    for child in model.children():
-        if isinstance(child, nn.ModuleList):
-            return list(child)
-    return []
+    """The model's transformer blocks, as its architecture's spec names them."""
+    return spec_of(model).block_list(model)
 
 
 class _DDP(DDP):

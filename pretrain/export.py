@@ -1,8 +1,8 @@
 """Hugging Face layout: map our models onto stock `transformers` architectures.
 
-The decoder (`models/gpt.py`) is a Llama (``LlamaForCausalLM``); the encoder (`models/bert.py`) is a
-ModernBERT with global attention in every layer (``ModernBertForMaskedLM``). The only differences are
-names and our fused projections (q/k/v and gate/up), which are split here.
+Each architecture's spec (models/*_spec.py) holds its mapping (:class:`pretrain.models.spec.HFMapping`): the
+config.json, the state-dict names both ways, the Auto class, the tokenizer's special-token roles. This module
+writes and reads the files: weights (sharded above a size), configs, tokenizer, model card.
 """
 
 from __future__ import annotations
@@ -17,96 +17,31 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import ModelConfig
+from pretrain.models.spec import ArchSpec, HFMapping, get_spec, specs
 
 EXPORT_FILES = ("generation_config.json", "config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "README.md")
 
+def hf_mapping(cfg: ModelConfig) -> HFMapping:
+    """The architecture's Hugging Face mapping (its spec's), or a clear error when it has none."""
+    from pretrain import PretrainError
+
+    hf = get_spec(cfg.arch).hf
+    if hf is None:
+        raise PretrainError(f"architecture {cfg.arch!r} has no Hugging Face mapping: it cannot be exported")
+    return hf
+
+
 def hf_config_dict(cfg: ModelConfig, special: dict[str, int | None] | None = None) -> dict[str, Any]:
     """The config.json of the equivalent `transformers` model."""
-    special = special or {}
-    common = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.ff_dim,
-              "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-              "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
-              "initializer_range": cfg.init_std}
-    if cfg.arch == "gpt":
-        return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-                "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-                "bos_token_id": special.get("eot_id"), "eos_token_id": special.get("eot_id")}
-    if cfg.arch == "bert":
-        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        return {**common, "architectures": ["ModernBertForMaskedLM"], "model_type": "modernbert",
-                "hidden_activation": "gelu", "classifier_activation": "gelu", "norm_eps": cfg.norm_eps,
-                "norm_bias": False, "attention_bias": False, "mlp_bias": False, "classifier_bias": False,
-                "decoder_bias": True, "global_attn_every_n_layers": 1, "local_attention": cfg.max_seq_len,
-                "layer_types": ["full_attention"] * cfg.n_layer, "global_rope_theta": cfg.rope_theta,
-                "local_rope_theta": cfg.rope_theta,
-                "rope_parameters": {"full_attention": rope, "sliding_attention": rope},
-                "embedding_dropout": 0.0, "attention_dropout": 0.0, "mlp_dropout": 0.0,
-                "pad_token_id": special.get("pad_id"), "cls_token_id": special.get("cls_id"),
-                "sep_token_id": special.get("eot_id"), "mask_token_id": special.get("mask_id"),
-                # as ModernBERT's own configs: bos = [CLS], eos = [SEP] (else transformers fills in ids
-                # 50281/50282, outside a small vocabulary)
-                "bos_token_id": special.get("cls_id"), "eos_token_id": special.get("eot_id")}
-    if cfg.arch == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-                "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.max_seq_len,
-                "n_inner": cfg.d_ff or 4 * cfg.d_model, "activation_function": "gelu_new",
-                "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
-                "bos_token_id": special.get("eot_id"), "eos_token_id": special.get("eot_id")}
-    raise ValueError(f"no Hugging Face mapping for arch {cfg.arch!r}")
+    return hf_mapping(cfg).config(cfg, special or {})
 
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Our weights under the `transformers` names (fused projections split); tied weights once."""
     cfg: ModelConfig = model.cfg  # type: ignore[assignment]
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    if cfg.arch == "gpt":
-        nq, nkv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        for k, v in sd.items():
-            if k.endswith("qkv_proj.weight"):
-                base = "model." + k[: -len("qkv_proj.weight")]
-                q, kk, vv = v.split([nq, nkv, nkv], dim=0)
-                out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = q, kk, vv
-            elif k.endswith("gate_up_proj.weight"):
-                base = "model." + k[: -len("gate_up_proj.weight")]
-                out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = v.chunk(2, dim=0)
-            elif k == "lm_head.weight":
-                if not cfg.tie_embeddings:
-                    out[k] = v
-            else:
-                out["model." + k] = v
-        return {k: v.contiguous() for k, v in out.items()}
-    if cfg.arch == "gpt2":
-        for k, v in sd.items():
-            if k == "lm_head.weight":
-                if not cfg.tie_embeddings:
-                    out[k] = v
-                continue
-            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                v = v.t()  # Linear (out, in) → Conv1D (in, out)
-            out["transformer." + k] = v
-        return {k: v.contiguous() for k, v in out.items()}
-    if cfg.arch == "bert":
-        rename = {"tok_embeddings.weight": "model.embeddings.tok_embeddings.weight",
-                  "emb_norm.weight": "model.embeddings.norm.weight",
-                  "final_norm.weight": "model.final_norm.weight",
-                  "head_dense.weight": "head.dense.weight", "head_norm.weight": "head.norm.weight",
-                  "decoder.bias": "decoder.bias"}
-        for k, v in sd.items():
-            if k in rename:
-                out[rename[k]] = v
-            elif k == "decoder.weight":
-                if not cfg.tie_embeddings:
-                    out[k] = v
-            else:
-                out["model." + k] = v
-        return {k: v.contiguous() for k, v in out.items()}
-    raise ValueError(f"no Hugging Face mapping for arch {cfg.arch!r}")
+    return {k: v.contiguous() for k, v in hf_mapping(cfg).to_hf(sd, cfg).items()}
 
 
 def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_bytes: int = 5 * 1024**3,
@@ -163,7 +98,8 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
         special = {"eot_id": tok.eot_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
         config = {**hf_config_dict(cfg.model, special), "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if cfg.model.arch in ("gpt", "gpt2"):
+        spec = get_spec(cfg.model.arch)
+        if spec.generates:
             gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True, "temperature": 0.8,
                    "top_k": 50, "max_length": cfg.model.max_seq_len}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -171,17 +107,15 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
         # tokenizer
         tok.save(tmp / "tokenizer.json")
         names = {}
-        arch = cfg.model.arch
-        for key, tid in (("eos_token", tok.eot_id), ("bos_token", tok.eot_id if arch != "bert" else None),
-                         ("unk_token", tok.unk_id), ("pad_token", tok.pad_id), ("cls_token", tok.cls_id),
-                         ("mask_token", tok.mask_id), ("sep_token", tok.eot_id if arch == "bert" else None)):
+        for key, attr in hf_mapping(cfg.model).token_roles.items():
+            tid = getattr(tok, attr)
             if tid is not None:
                 names[key] = tok.tk.id_to_token(tid)
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len,
                    "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False, **names}
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         (tmp / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
-        (tmp / "README.md").write_text(_model_card(cfg.model, model, meta, ckpt, config))
+        (tmp / "README.md").write_text(_model_card(spec, cfg.model, model, meta, ckpt))
         if fresh:
             os.replace(tmp, out)
         else:
@@ -233,24 +167,25 @@ def _move_into(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: Path, config: dict) -> str:
+def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: Path) -> str:
     import yaml
 
     data_meta: dict[str, Any] = {}
     data_path = meta.get("config", {}).get("data", {}).get("path")
     if data_path and (Path(data_path) / "meta.json").is_file():
         data_meta = json.loads((Path(data_path) / "meta.json").read_text())
-    arch = config["architectures"][0]
+    hf = hf_mapping(cfg)
+    arch = hf.architecture
     lines = [
-        "---", "library_name: transformers", f"pipeline_tag: {'fill-mask' if cfg.arch == 'bert' else 'text-generation'}",
+        "---", "library_name: transformers", f"pipeline_tag: {hf.pipeline_tag}",
         "---", "", f"# {Path(str(ckpt)).parent.parent.name}", "",
-        f"A {model.num_params() / 1e6:.1f}M-parameter {'masked-language-model encoder' if cfg.arch == 'bert' else 'decoder-only language model'} "
+        f"A {model.num_params() / 1e6:.1f}M-parameter {spec.description} "
         f"pre-trained with `pretrain` and exported as a stock `{arch}` (no custom code needed).", "",
         "## Architecture", "",
         f"- {cfg.n_layer} layers, hidden size {cfg.d_model}, {cfg.n_head} attention heads"
         f"{f' ({cfg.kv_heads} key/value heads)' if cfg.kv_heads != cfg.n_head else ''}, MLP width {cfg.ff_dim}",
         f"- vocabulary {cfg.vocab_size:,}, context {cfg.max_seq_len} tokens, "
-        f"{'learned positions' if cfg.arch == 'gpt2' else f'rotary base {cfg.rope_theta:g}'}, "
+        f"{'learned positions' if spec.learned_positions else f'rotary base {cfg.rope_theta:g}'}, "
         f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings", "",
         "## Training", "",
         f"- objective `{meta['config']['objective']}`, {meta['step']:,} steps, {meta.get('tokens_seen', 0):,} tokens",
@@ -270,11 +205,7 @@ def _model_card(cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: 
             lines.append(f"| … {len(data_meta['sources']) - 50} more | | | | |")
     else:
         lines.append("The prepared data directory was not available at export time.")
-    usage = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-             "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)"
-             if cfg.arch != "bert" else
-             "from transformers import pipeline\nfill = pipeline('fill-mask', model=PATH)")
-    lines += ["", "## Use", "", "```python", usage, "```", ""]
+    lines += ["", "## Use", "", "```python", hf.usage, "```", ""]
     return "\n".join(lines)
 
 
@@ -296,77 +227,28 @@ def model_config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model_config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
-    """A Hugging Face config.json (Llama-architecture decoders, ModernBERT encoders) → our model section.
+    """A Hugging Face config.json → our model section, by the spec whose mapping imports its model_type.
     Anything our blocks cannot represent exactly is an error naming it."""
     from pretrain import PretrainError
 
     arch = (conf.get("architectures") or [conf.get("model_type", "?")])[0]
     mtype = conf.get("model_type")
-    if mtype in ("llama", "mistral") and not conf.get("sliding_window"):
-        for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
-            if conf.get(key, ok) != ok:
-                raise PretrainError(f"cannot import {arch}: {key}={conf.get(key)!r} is not supported (needs {ok!r})")
-        rope = conf.get("rope_scaling") or {}
-        if (conf.get("rope_parameters") or {}).get("rope_type", "default") != "default" or rope:
-            raise PretrainError(f"cannot import {arch}: scaled rotary embeddings ({rope or conf['rope_parameters']}) "
-                                "are not supported")
-        theta = (conf.get("rope_parameters") or {}).get("rope_theta", conf.get("rope_theta", 10000.0))
-        hd = conf.get("head_dim") or conf["hidden_size"] // conf["num_attention_heads"]
-        if hd * conf["num_attention_heads"] != conf["hidden_size"]:
-            raise PretrainError(f"cannot import {arch}: head_dim {hd} x heads != hidden_size")
-        return {"arch": "gpt", "n_layer": conf["num_hidden_layers"], "n_head": conf["num_attention_heads"],
-                "n_kv_head": conf.get("num_key_value_heads") or conf["num_attention_heads"],
-                "d_model": conf["hidden_size"], "d_ff": conf["intermediate_size"], "vocab_size": conf["vocab_size"],
-                "max_seq_len": conf.get("max_position_embeddings", 2048), "rope_theta": float(theta),
-                "norm_eps": conf.get("rms_norm_eps", 1e-6), "tie_embeddings": bool(conf.get("tie_word_embeddings", False)),
-                "dropout": 0.0}
-    if mtype == "gpt2":
-        if conf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise PretrainError(f"cannot import {arch}: activation {conf.get('activation_function')!r}")
-        if conf.get("scale_attn_by_inverse_layer_idx") or conf.get("reorder_and_upcast_attn"):
-            raise PretrainError(f"cannot import {arch}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn")
-        return {"arch": "gpt2", "n_layer": conf["n_layer"], "n_head": conf["n_head"], "d_model": conf["n_embd"],
-                "d_ff": conf.get("n_inner") or 4 * conf["n_embd"], "vocab_size": conf["vocab_size"],
-                "max_seq_len": conf["n_positions"], "norm_eps": conf.get("layer_norm_epsilon", 1e-5),
-                "tie_embeddings": bool(conf.get("tie_word_embeddings", True)), "dropout": 0.0}
-    raise PretrainError(f"cannot import {arch} (model_type {mtype!r}): supported are Llama-architecture decoders "
-                        "(LlamaForCausalLM; Mistral without sliding window) and GPT-2 (GPT2LMHeadModel)")
+    importers = [s.hf for s in specs() if s.hf is not None and s.hf.config_from_hf is not None]
+    for hf in importers:
+        if mtype in hf.model_types:
+            return hf.config_from_hf(conf)
+    known = ", ".join(f"{h.architecture} (model_type {'/'.join(h.model_types)})" for h in importers)
+    raise PretrainError(f"cannot import {arch} (model_type {mtype!r}): supported are {known}")
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_hf_state_dict` for decoders: fuse q/k/v and gate/up, strip the ``model.`` prefix.
-    GPT-2: strip ``transformer.``, transpose Conv1D weights, drop the causal-mask buffers."""
-    out: dict[str, torch.Tensor] = {}
-    if cfg.arch == "gpt2":
-        for k, v in sd.items():
-            k = k[len("transformer."):] if k.startswith("transformer.") else k
-            if k.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # old checkpoints store the causal mask as a buffer
-            if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                v = v.t()  # Conv1D (in, out) → Linear (out, in)
-            out[k] = v
-        if cfg.tie_embeddings:
-            out.pop("lm_head.weight", None)
-        return out
-    for i in range(cfg.n_layer):
-        p = f"model.layers.{i}."
-        try:
-            out[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
-                [sd.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
-            out[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
-                [sd.pop(p + "mlp.gate_proj.weight"), sd.pop(p + "mlp.up_proj.weight")], dim=0)
-        except KeyError as e:
-            from pretrain import PretrainError
+    """Inverse of :func:`to_hf_state_dict` (for architectures whose spec imports)."""
+    hf = hf_mapping(cfg)
+    if hf.from_hf is None:
+        from pretrain import PretrainError
 
-            raise PretrainError(f"the checkpoint has no tensor {e.args[0]}: not a Llama-layout checkpoint") from None
-    for k, v in sd.items():
-        if k.startswith("model."):
-            out[k[len("model."):]] = v
-        elif k == "lm_head.weight":
-            out[k] = v
-    if cfg.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+        raise PretrainError(f"architecture {cfg.arch!r} cannot be imported from the Hugging Face layout")
+    return hf.from_hf(sd, cfg)
 
 
 def load_hf(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

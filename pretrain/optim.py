@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from pretrain.config import TrainConfig
 from pretrain.hardware import native_bf16
+from pretrain.models.spec import spec_of
 
 
 class MultiOptimizer:
@@ -99,10 +100,6 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
 
 
-def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    return p.dim() == 2 and not any(k in name for k in ("embed", "lm_head", "decoder.weight", "wte", "wpe"))
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     """AdamW with decoupled weight decay on matrices (dim >= 2) only; norms' gains are not decayed.
 
@@ -115,15 +112,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             named.append((name, p))
+    spec = spec_of(model)
     extra = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}  # one kernel per step
     adam_params = named
     parts: list[torch.optim.Optimizer] = []
     if cfg.optimizer == "muon":
-        hidden = [p for n, p in named if _is_hidden_matrix(n, p)]
-        adam_params = [(n, p) for n, p in named if not _is_hidden_matrix(n, p)]
+        hidden = [p for n, p in named if spec.is_hidden_matrix(n, p)]
+        adam_params = [(n, p) for n, p in named if not spec.is_hidden_matrix(n, p)]
         parts.append(Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
-    decay = [p for _, p in adam_params if p.dim() >= 2]
-    no_decay = [p for _, p in adam_params if p.dim() < 2]
+    decay = [p for n, p in adam_params if spec.decays(n, p)]
+    no_decay = [p for n, p in adam_params if not spec.decays(n, p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     parts.insert(0, torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),

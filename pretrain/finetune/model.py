@@ -13,13 +13,7 @@ import torch
 from torch import nn
 
 from pretrain.features import hidden_states, pool_hidden
-
-# Linear layers inside the transformer blocks of each architecture: where LoRA adapters go.
-LORA_TARGETS = {
-    "gpt": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "bert": ["Wqkv", "Wo", "Wi"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
+from pretrain.models import spec_of
 
 
 class TaskModel(nn.Module):
@@ -55,14 +49,11 @@ class TaskModel(nn.Module):
 
     def layer_of(self, name: str) -> int:
         """Depth of a parameter for layer-wise learning rates: 0 = embeddings, i + 1 = block i, last = head."""
-        n_layers = len(_blocks(self.backbone))
+        spec = spec_of(self.backbone)
+        n_layers = len(spec.block_list(self.backbone))
         if name.startswith("classifier.") or ".classifier." in name:
             return n_layers + 1
-        for part in name.split("."):
-            if part.isdigit():
-                return int(part) + 1
-        return 0 if "emb" in name or ".wte." in name or ".wpe." in name else n_layers  # final norms: top
+        return spec.layer_of(name, n_layers)  # final norms and the pre-training head: the top block's
 
-
-def _blocks(backbone: nn.Module) -> nn.ModuleList:
-    return getattr(backbone, "layers", None) or backbone.h
+    def is_embedding(self, name: str) -> bool:
+        return spec_of(self.backbone).is_embedding(name)

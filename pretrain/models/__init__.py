@@ -1,23 +1,16 @@
-"""Model architectures (architecture only: no losses, no distributed logic)."""
+"""Model architectures (architecture only: no losses, no distributed logic), and one spec per architecture
+(models/spec.py) that tells the rest of the system what it needs to know about it."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
 from pretrain.config import ModelConfig
+from pretrain.models.spec import ArchSpec, get_spec, spec_of
+
+__all__ = ["ArchSpec", "build_model", "get_spec", "spec_of"]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    if cfg.arch == "gpt":
-        from pretrain.models.gpt import GPT
-
-        return GPT(cfg)
-    if cfg.arch == "gpt2":
-        from pretrain.models.gpt2 import GPT2
-
-        return GPT2(cfg)
-    if cfg.arch == "bert":
-        from pretrain.models.bert import Encoder
-
-        return Encoder(cfg)
-    raise ValueError(f"unknown architecture {cfg.arch!r}")
+    """The model ``cfg.arch`` names, built by its spec."""
+    return get_spec(cfg.arch).build(cfg)

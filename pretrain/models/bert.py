@@ -121,10 +121,6 @@ class Encoder(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_embeddings.weight.numel() if non_embedding else n
 
-    def flops_per_token(self, seq_len: int) -> float:
-        c = self.cfg
-        n = self.num_params(non_embedding=True) + (c.vocab_size * c.d_model if c.tie_embeddings else 0)
-        return 6.0 * n + 12.0 * c.n_layer * c.d_model * seq_len
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 return_hidden: bool = False, doc_ids: torch.Tensor | None = None,

@@ -159,11 +159,6 @@ class GPT(nn.Module):
         """Output head: final hidden states (..., C) → vocabulary logits (..., V)."""
         return self.lm_head(hidden)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 * (non-embedding params + lm_head) + attention (12 * L * d * T)."""
-        c = self.cfg
-        n = self.num_params(non_embedding=True) + (self.lm_head.weight.numel() if c.tie_embeddings else 0)
-        return 6.0 * n + 12.0 * c.n_layer * c.d_model * seq_len
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,

@@ -93,9 +93,5 @@ class GPT2(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wte.weight.numel() - self.wpe.weight.numel() if non_embedding else n
 
-    def flops_per_token(self, seq_len: int) -> float:
-        c = self.cfg
-        n = self.num_params(non_embedding=True) + (c.vocab_size * c.d_model if c.tie_embeddings else 0)
-        return 6.0 * n + 12.0 * c.n_layer * c.d_model * seq_len
 
     generate = GPT.generate  # the same KV-cached sampling loop

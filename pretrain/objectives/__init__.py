@@ -12,11 +12,17 @@ masked LM): it first ``prepare``-s all micro-batches of the step (inputs, labels
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 
+from pretrain.config import Config, ConfigError
 from pretrain.models.layers import document_ids
 from pretrain.objectives import clm, mlm
+
+if TYPE_CHECKING:
+    from pretrain.data.tokenizer import Tokenizer
 
 
 class CausalLM:
@@ -103,3 +109,15 @@ def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0, doc_mask:
                                pad_id=tokenizer.pad_id)
         return MaskedLM(spec, seed, eot)
     raise ValueError(f"unknown objective {name!r}")
+
+
+def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int, int] | None:
+    """(eot_id, pad_id, piece_len) when sequences are single padded documents (data.packing false), else None.
+    ``piece_len``: the tokens of a document a row holds, the ones the model sees (a longer document is cut into
+    pieces of that many): seq_len, or seq_len - 1 when the masked LM puts [CLS] in front."""
+    if cfg.data.packing:
+        return None
+    if cfg.objective != "mlm" or tokenizer.pad_id is None:
+        raise ConfigError("data.packing false (one padded document per sequence) needs objective mlm and a "
+                          "tokenizer with a [PAD] token (prepare with --tokenizer wordpiece)")
+    return tokenizer.eot_id, tokenizer.pad_id, cfg.data.seq_len - (tokenizer.cls_id is not None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from pretrain.models import spec_of
 from pretrain.models.layers import document_ids
 from pretrain.objectives.losses import linear_cross_entropy, unwrap_compiled
 
@@ -22,5 +23,6 @@ def loss(model: nn.Module, batch: torch.Tensor, eot_id: int | None = None, reduc
     inputs, targets = split_batch(batch)
     extra = {} if eot_id is None else {"doc_ids": document_ids(inputs, eot_id)}
     hidden = model(inputs, return_hidden=True, **extra)  # (B, T, C)
-    head = unwrap_compiled(model).lm_head
+    m = unwrap_compiled(model)
+    head = spec_of(m).output_head(m)
     return linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, reduction=reduction)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from pretrain.models import spec_of
 from pretrain.objectives.losses import linear_cross_entropy, unwrap_compiled
 
 IGNORE = -100
@@ -87,6 +88,7 @@ def loss_and_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
         hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, **extra)[sel]
     m = unwrap_compiled(model)
     # the head's output projection and the cross-entropy fused (losses.linear_cross_entropy)
-    loss, correct = linear_cross_entropy(m.head_features(hidden), m.decoder.weight, labels[sel],
-                                         bias=m.decoder.bias, reduction=reduction, return_correct=True)
+    head = spec_of(m).output_head(m)
+    loss, correct = linear_cross_entropy(m.head_features(hidden), head.weight, labels[sel],
+                                         bias=head.bias, reduction=reduction, return_correct=True)
     return loss, correct, n
