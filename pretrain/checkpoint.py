@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from pretrain import PretrainError
-from pretrain.data.prepare import fsync_dir
+from pretrain.io import atomic_path, fsync_dir, fsync_file, write_json_atomic
 
 CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -48,11 +50,6 @@ def _sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def rng_state() -> dict[str, Any]:
@@ -103,7 +100,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
 def _file_records(tmp: Path, names) -> dict[str, dict[str, Any]]:
     files = {}
     for name in names:
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
         files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
     return files
 
@@ -282,16 +279,11 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     model = build_model(from_dict(Config, meta["config"]).model)
     load_weights(ckpt, model, meta)
     target = Path(out) if out is not None else ckpt / MODEL_FILE
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    _save_weights(_without_aliases(model.state_dict(), model), tmp)
-    _fsync_file(tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        _save_weights(_without_aliases(model.state_dict(), model), tmp)
     if out is None:  # record it, so load_weights verifies it like any other
         meta["files"] = {**meta.get("files", {}), **_file_records(ckpt, (MODEL_FILE,))}
-        mtmp = ckpt / f".{META_FILE}.{os.getpid()}.tmp"
-        mtmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _fsync_file(mtmp)
-        os.replace(mtmp, ckpt / META_FILE)
+        write_json_atomic(ckpt / META_FILE, meta)
     return target
 
 
@@ -434,3 +426,112 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     if tok.vocab_size > cfg.model.vocab_size:
         raise CheckpointError(f"{tok_path} has {tok.vocab_size} tokens but the model only {cfg.model.vocab_size}")
     return model, cfg, tok, meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the trainer's view: every stateful part of a run, saved and restored together
+
+
+@dataclass
+class TrainState:
+    """What the loop advances besides the model, optimizer, loader and RNG; saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    """Wall time of all training so far (over every resume)."""
+    best_val: float = math.inf
+    last_val: float | None = None
+    """The latest evaluation's validation loss (a resumed run starts from its checkpoint's)."""
+    loss_sum: float = 0.0
+    """Train loss summed since the last log line, and over how many steps (exact resume of the mean)."""
+    loss_n: int = 0
+
+
+class Checkpointer:
+    """Owns a run's checkpoints: finds the newest complete one to resume from (the same on every rank), checks
+    that it belongs to this run (tokenizer, data, global batch), restores every stateful part (weights,
+    optimizer, loader position, RNG, :class:`TrainState`), and saves them all atomically every ``interval``
+    steps and at the end, keeping the newest ``keep`` (sharded with torch.distributed.checkpoint when several
+    processes train)."""
+
+    def __init__(self, run: Path, distributed: bool, interval: int, keep: int, consolidate: bool = True):
+        from pretrain.distributed import broadcast_object, is_main
+
+        self.run, self.distributed, self.interval, self.keep = Path(run), distributed, interval, keep
+        self.consolidate = consolidate
+        self.ckpt: Path | None = broadcast_object(latest_checkpoint(run) if is_main() else None)
+        self.meta: dict[str, Any] = read_meta(self.ckpt) if self.ckpt is not None else {}
+        self.identity: dict[str, Any] = {}
+        """What every checkpoint of this run records about it (tokenizer, data fingerprint, config, ...)."""
+        self.saved_step = self.meta.get("step", -1)
+
+    @property
+    def resuming(self) -> bool:
+        return self.ckpt is not None
+
+    def check(self, data_path: str, tokenizer_sha256: str, fingerprint: str, global_batch: int,
+              world_size: int) -> None:
+        """The checkpoint continues this run: the same tokenizer, the same data, the same global batch."""
+        from pretrain.config import ConfigError
+
+        if not self.resuming:
+            return
+        m = self.meta
+        if m.get("tokenizer_sha256") not in (None, tokenizer_sha256):
+            raise PretrainError(f"{data_path} was tokenized with a different tokenizer than the run in {self.run}")
+        if m.get("data_fingerprint") not in (None, fingerprint):
+            raise PretrainError(f"the data in {data_path} is not the data the run in {self.run} was trained on "
+                                "(it was prepared again from other inputs, or with other settings), so resuming "
+                                "would not continue the same sample order; prepare it into another folder, or "
+                                "start a new run from this one's weights (pretrain export, then --init-from)")
+        saved_tc = m.get("config", {}).get("train", {})
+        saved_batch = m.get("global_batch_size") or saved_tc.get("batch_size", 0) * saved_tc.get("grad_accum", 1)
+        if saved_batch != global_batch:
+            raise ConfigError(f"the run in {self.run} was trained with a global batch of {saved_batch} sequences, "
+                              f"this launch has {global_batch} (batch_size x grad_accum x {world_size} "
+                              f"process(es)); set --train.global_batch_size {saved_batch} to continue it")
+
+    def restore_weights(self, model: nn.Module) -> None:
+        """The weights of a whole-model checkpoint, into the bare model (before it is wrapped or sharded)."""
+        if self.resuming and not is_sharded(self.meta):
+            load_weights(self.ckpt, model, self.meta)
+
+    def restore(self, model: nn.Module, optimizer, loader) -> TrainState:
+        """Optimizer (and a sharded checkpoint's weights), loader position, RNG streams and train state, once
+        the model is wrapped and the optimizer built; a fresh TrainState for a new run."""
+        if not self.resuming:
+            return TrainState()
+        from pretrain.distributed import is_fsdp
+
+        m, state = self.meta, load_state(self.ckpt, self.meta)
+        try:
+            if is_sharded(m):
+                load_sharded(self.ckpt, model, optimizer, m)
+            elif is_fsdp(model):
+                load_full_optimizer(model, optimizer, state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise PretrainError(f"cannot restore the optimizer from {self.ckpt}: {e}") from None
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        return TrainState(step=m["step"], tokens_seen=m["tokens_seen"], elapsed_s=m.get("elapsed_s", 0.0),
+                          best_val=m.get("best_val_loss") or math.inf, last_val=m.get("val_loss"),
+                          loss_sum=state.get("loss_sum", 0.0), loss_n=state.get("loss_n", 0))
+
+    def due(self, step: int) -> bool:
+        return bool(self.interval) and step % self.interval == 0
+
+    def save(self, st: TrainState, model: nn.Module, optimizer, loader_state: dict[str, Any]) -> None:
+        """Checkpoint step ``st.step`` (every rank calls it; sharded, each writes its part)."""
+        saved = {"loader": loader_state, "rng": rng_state(), "loss_sum": st.loss_sum, "loss_n": st.loss_n}
+        info = {"tokens_seen": st.tokens_seen, "elapsed_s": st.elapsed_s, "val_loss": st.last_val,
+                "best_val_loss": None if math.isinf(st.best_val) else st.best_val, **self.identity}
+        if self.distributed:
+            save_sharded_checkpoint(self.run, st.step, model, optimizer, saved, info, keep=self.keep,
+                                    consolidate=self.consolidate)
+        else:
+            save_checkpoint(self.run, st.step, model, {"optimizer": optimizer.state_dict(), **saved}, info,
+                            keep=self.keep)
+        self.saved_step = st.step

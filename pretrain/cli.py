@@ -90,7 +90,7 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
-    from pretrain.data.prepare import inspect
+    from pretrain.data.inspect import inspect
 
     if args.samples < 0:
         raise PretrainError("--samples must be >= 0")

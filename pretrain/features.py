@@ -115,8 +115,8 @@ def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str
           normalize: bool = False, batch_size: int = 32, text_field: str = "text",
           device: str = "auto") -> dict[str, Any]:
     """Embed every row of ``input_path`` with the run's newest checkpoint; write .npy or .parquet."""
-    from pretrain.data.prepare import atomic_path
-    from pretrain.train import resolve_device
+    from pretrain.hardware import resolve_device
+    from pretrain.io import atomic_path
 
     out = Path(out)
     if out.suffix not in (".npy", ".parquet"):

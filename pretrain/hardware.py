@@ -1,13 +1,17 @@
-"""What the machine can do, and runtime settings that make the most of it (torch only, nothing of the project)."""
+"""What the machine can do, and how to use it: the device, the autocast dtype, whether to compile, the peak
+FLOP/s for MFU, and runtime settings that make the most of a CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+from pretrain.config import ConfigError
 
 
 @functools.cache
@@ -52,3 +56,58 @@ def tune_cpu_allocator() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+# Dense bf16 peak FLOP/s (no sparsity) by device-name substring, most specific first; for MFU.
+PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+              ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+              ("A10G", 70e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} was asked for but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {spec!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """bf16 autocast where 'bf16' is asked for, and by default ('auto') on CUDA and on CPUs with native bf16
+    (:func:`native_bf16`); fp32 otherwise."""
+    if dtype == "bf16":
+        return torch.bfloat16
+    if dtype == "auto" and native_bf16(device):
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_context(device: torch.device, dtype: str):
+    if autocast_dtype(device, dtype) == torch.bfloat16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def use_compile(setting: bool | str, device: torch.device) -> bool:
+    """train.compile: true / false, or 'auto': on CUDA, where compilation pays for itself quickly."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s, if known (for MFU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS:  # most specific names first
+        if key in name:
+            return value
+    return None

@@ -11,9 +11,10 @@ import torch
 from pretrain import PretrainError
 from pretrain.checkpoint import load_pretrained
 from pretrain.data.loader import TokenSplit
-from pretrain.data.prepare import load_meta
-from pretrain.objectives import build_objective
-from pretrain.train import autocast_context, data_fingerprint, evaluate, padded_documents, resolve_device
+from pretrain.data.manifest import data_fingerprint, load_meta
+from pretrain.evaluation import evaluate
+from pretrain.hardware import autocast_context, resolve_device
+from pretrain.objectives import build_objective, padded_documents
 
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val",

@@ -1,5 +1,6 @@
-"""The training loop: ``train(cfg, out_dir)``. One function you can read in one sitting; the step,
-evaluation, logging and checkpointing are small functions beside it.
+"""Pre-training: ``train(cfg, out_dir)`` = :func:`build` (everything a run needs, the config resolved once) →
+a :class:`~pretrain.checkpoint.Checkpointer` (every stateful part saved and restored together) → :func:`loop`
+(step, log, evaluate, checkpoint; one screen).
 
 The same loop runs as one process or as several under ``torchrun`` (see pretrain/distributed.py): each rank
 reads its own slice of every global batch, the model is wrapped (DDP or FSDP2) from outside, only rank 0
@@ -9,8 +10,7 @@ logs and writes files, and checkpoints are sharded (torch.distributed.checkpoint
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import dataclasses
 import math
 import os
 import shutil
@@ -20,6 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,10 @@ import torch
 import torch.nn as nn
 
 from pretrain import PretrainError
-from pretrain.checkpoint import (
-    is_sharded,
-    latest_checkpoint,
-    load_full_optimizer,
-    load_sharded,
-    load_state,
-    load_weights,
-    read_meta,
-    rng_state,
-    save_checkpoint,
-    save_sharded_checkpoint,
-    set_rng_state,
-)
+from pretrain.checkpoint import Checkpointer, TrainState
 from pretrain.config import Config, ConfigError, ModelConfig, from_dict, load_yaml
-from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_batches, eval_windows
-from pretrain.data.prepare import load_meta, write_text_atomic
+from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_windows
+from pretrain.data.manifest import data_fingerprint, load_meta
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.distributed import (
     DistEnv,
@@ -53,116 +42,57 @@ from pretrain.distributed import (
     apply_compile,
     apply_ddp,
     apply_fsdp,
-    broadcast_object,
     clip_grad_norm_,
     grad_sync,
     init_distributed,
-    is_fsdp,
     max_over_ranks,
     teardown,
     unwrap,
 )
-from pretrain.hardware import native_bf16, tune_cpu_allocator
-from pretrain.models import build_model
-from pretrain.objectives import CausalLM, build_objective
+from pretrain.evaluation import evaluate
+from pretrain.hardware import (
+    autocast_context,
+    autocast_dtype,
+    peak_flops,
+    resolve_device,
+    tune_cpu_allocator,
+    use_compile,
+)
+from pretrain.io import exclusive_lock, write_text_atomic
+from pretrain.metrics import Metrics, Progress, plot_metrics
+from pretrain.models import build_model, get_spec
+from pretrain.models.spec import specs
+from pretrain.objectives import build_objective, padded_documents
 from pretrain.optim import build_optimizer, set_lr
 
 # Keys that may change when a run is continued (they do not change what was trained so far).
-RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.time_schedule", "train.target_val_loss", "train.stop_at_step", "train.eval_interval",
-                  "train.eval_batches", "train.log_interval", "train.ckpt_interval", "train.keep_checkpoints",
-                  "train.plot", "train.threads", "train.device", "train.compile", "data.path",
-                  "train.activation_checkpointing", "train.prefetch",
+RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.time_schedule", "train.target_val_loss",
+                  "train.stop_at_step", "train.eval_interval", "train.eval_batches", "train.log_interval",
+                  "train.ckpt_interval", "train.keep_checkpoints", "train.plot", "train.threads", "train.device",
+                  "train.compile", "data.path", "train.activation_checkpointing", "train.prefetch",
                   # how the global batch is split over processes, and how they talk (checked: the global batch)
                   "train.grad_accum", "train.global_batch_size", "train.parallelism", "train.dist_timeout_s",
                   "train.consolidate"}
 
-# Dense bf16 peak FLOP/s (no sparsity) by device-name substring, most specific first; for MFU.
-PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-              ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
-              ("A10G", 70e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} was asked for but no CUDA device is available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type != "cpu":
-        raise ConfigError(f"device {spec!r} is not supported: use auto, cpu, cuda or cuda:N")
-    return dev
-
-
-def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype:
-    """bf16 autocast where 'bf16' is asked for, and by default ('auto') on CUDA and on CPUs with native bf16
-    (:func:`pretrain.hardware.native_bf16`); fp32 otherwise."""
-    if dtype == "bf16":
-        return torch.bfloat16
-    if dtype == "auto" and native_bf16(device):
-        return torch.bfloat16
-    return torch.float32
-
-
-def autocast_context(device: torch.device, dtype: str):
-    if autocast_dtype(device, dtype) == torch.bfloat16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def use_compile(setting: bool | str, device: torch.device) -> bool:
-    """train.compile: true / false, or 'auto': on CUDA, where compilation pays for itself quickly."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak FLOP/s, if known (for MFU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS:  # most specific names first
-        if key in name:
-            return value
-    return None
-
-
-def data_fingerprint(meta: dict[str, Any]) -> str:
-    """What identifies a prepared dataset's content, for resume: its splits (shards and their token counts)
-    and each input's content hash and mixture weight — not paths, so moved folders still match."""
-    ident = {"splits": meta.get("splits"), "mixture": meta.get("mixture"),
-             "sources": [(s.get("sha256"), s.get("weight")) for s in meta.get("sources", [])]}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# ----------------------------------------------------------------------------------------------------------
+# the config, resolved once (the caller's is left as it was)
 
 
 def resolve_config(cfg: Config, meta: dict[str, Any]) -> Config:
     """Fill in the values that come from the data (vocab size) and data.seq_len (max_seq_len)."""
-    d = cfg.to_dict()
-    data_vocab = int(meta["tokenizer"]["vocab_size"])
-    if d["model"]["vocab_size"] == 0:
-        d["model"]["vocab_size"] = data_vocab
-    elif d["model"]["vocab_size"] < data_vocab:
-        raise ConfigError(f"model.vocab_size {d['model']['vocab_size']} is smaller than the data's tokenizer "
-                          f"vocabulary ({data_vocab}); leave it at 0 to take it from the data")
-    if d["model"]["max_seq_len"] == 0:
-        d["model"]["max_seq_len"] = d["data"]["seq_len"]
-    elif d["model"]["max_seq_len"] < d["data"]["seq_len"]:
-        raise ConfigError(f"data.seq_len {d['data']['seq_len']} exceeds model.max_seq_len {d['model']['max_seq_len']}")
-    return from_dict(Config, d)
+    m, data_vocab, seq_len = cfg.model, int(meta["tokenizer"]["vocab_size"]), cfg.data.seq_len
+    if m.vocab_size and m.vocab_size < data_vocab:
+        raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than the data's tokenizer vocabulary "
+                          f"({data_vocab}); leave it at 0 to take it from the data")
+    if m.max_seq_len and m.max_seq_len < seq_len:
+        raise ConfigError(f"data.seq_len {seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        m, vocab_size=m.vocab_size or data_vocab, max_seq_len=m.max_seq_len or seq_len))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _with_train(cfg: Config, **changes: Any) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
 
 
 def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -179,34 +109,27 @@ def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch
                             f"`pretrain prepare ... --tokenizer {hf_dir}`")
     if cfg.objective != "clm":
         raise ConfigError("train.init_from supports causal-LM (Llama-architecture) checkpoints: objective clm")
-    d = cfg.to_dict()
     # the architecture comes from config.json: model.* values set (in a preset or on the command line) that
     # contradict it are ignored, and said so; dropout (not architecture) may be set for the continued training
-    defaults, given = ModelConfig().__dict__, d["model"]
+    defaults, given = ModelConfig().__dict__, cfg.model.__dict__
     ignored = [f"model.{k}={v!r} (checkpoint: {model_section[k]!r})" for k, v in given.items()
                if k not in ("dropout", "max_seq_len") and k in model_section and v != defaults.get(k)
                and v != model_section[k]]
     if ignored:
         print(f"warning: train.init_from takes the architecture from {hf_dir / 'config.json'}; ignoring "
               + ", ".join(ignored), file=sys.stderr, flush=True)
-    if model_section.get("arch") == "gpt2" and d["data"]["seq_len"] > model_section["max_seq_len"]:
-        raise ConfigError(f"data.seq_len {d['data']['seq_len']} exceeds {hf_dir}'s {model_section['max_seq_len']} "
+    seq_len = cfg.data.seq_len
+    if get_spec(model_section["arch"]).learned_positions and seq_len > model_section["max_seq_len"]:
+        raise ConfigError(f"data.seq_len {seq_len} exceeds {hf_dir}'s {model_section['max_seq_len']} "
                           "learned positions (n_positions); use a seq_len of at most that")
-    d["model"] = {**model_section, "dropout": given.get("dropout", model_section.get("dropout", 0.0)),
-                  "max_seq_len": max(model_section["max_seq_len"], d["data"]["seq_len"])}
-    return from_dict(Config, d), sd
+    model = from_dict(ModelConfig, {**model_section, "dropout": given.get("dropout", model_section.get("dropout", 0.0)),
+                                    "max_seq_len": max(model_section["max_seq_len"], seq_len)}, "model.")
+    return dataclasses.replace(cfg, model=model), sd
 
 
-def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int, int] | None:
-    """(eot_id, pad_id, piece_len) when sequences are single padded documents (data.packing false), else None.
-    ``piece_len``: the tokens of a document a row holds, the ones the model sees (a longer document is cut into
-    pieces of that many): seq_len, or seq_len - 1 when the masked LM puts [CLS] in front."""
-    if cfg.data.packing:
-        return None
-    if cfg.objective != "mlm" or tokenizer.pad_id is None:
-        raise ConfigError("data.packing false (one padded document per sequence) needs objective mlm and a "
-                          "tokenizer with a [PAD] token (prepare with --tokenizer wordpiece)")
-    return tokenizer.eot_id, tokenizer.pad_id, cfg.data.seq_len - (tokenizer.cls_id is not None)
+
+# ----------------------------------------------------------------------------------------------------------
+# the batch
 
 
 def resolve_batch(tc, world_size: int) -> tuple[int, int]:
@@ -284,6 +207,16 @@ def cuda_fits(model: nn.Module, objective, seq_len: int, vocab: int, device: tor
     return fits
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_config_compatible(saved: Config, new: Config) -> None:
     a, b = _flatten(saved.to_dict()), _flatten(new.to_dict())
     diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k) and k not in RESUMABLE_KEYS]
@@ -294,29 +227,8 @@ def check_config_compatible(saved: Config, new: Config) -> None:
                           "train.device may change), or start a new run with another --out")
 
 
-def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int, device: torch.device,
-             dtype: str = "auto", max_batches: int | None = None, objective=None,
-             documents: tuple[int, int, int] | None = None) -> dict[str, float]:
-    """Mean loss over (part of) a split with perplexity, and bits per byte (causal LM) or accuracy (masked LM)."""
-    objective = objective or CausalLM()
-    was_training = model.training
-    model.eval()
-    total, n, correct = 0.0, 0, 0
-    with torch.no_grad():
-        for i, batch in enumerate(eval_batches(split, seq_len, batch_size, max_batches, documents)):
-            batch = batch.to(device, non_blocking=True)
-            with autocast_context(device, dtype):
-                loss_sum, count, right = objective.eval_batch(model, batch, i)
-            total, n = total + loss_sum, n + count
-            correct = None if right is None else correct + right
-    model.train(was_training)
-    mean = total / max(n, 1)
-    out = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": n}
-    if correct is not None:
-        out["accuracy"] = correct / max(n, 1)
-    if objective.reports_bpb and split.bytes:
-        out["bpb"] = mean / math.log(2) * split.tokens / split.bytes
-    return out
+# ----------------------------------------------------------------------------------------------------------
+# the step's parts
 
 
 def backward_step(model: nn.Module, fwd: nn.Module, objective, parts: list[tuple], world_size: int,
@@ -433,93 +345,12 @@ class StopSignals:
         self._previous.clear()
 
 
-class Progress:
-    """A tqdm bar on a terminal, plain log lines (to stderr) otherwise."""
-
-    def __init__(self, total: int, initial: int, quiet: bool = False):
-        self.total, self.quiet = total, quiet
-        self.bar = None
-        self.t0 = time.time()
-        self.initial = initial
-        if not quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, step: int, info: dict[str, Any]) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix({k: v for k, v in info.items() if k != "val_loss" or v}, refresh=True)
-            return
-        done = step - self.initial
-        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
-        parts = [f"step {step}/{self.total}"] + [f"{k} {v}" for k, v in info.items()] + [f"eta {eta:.0f}s"]
-        print(" | ".join(parts), file=sys.stderr, flush=True)
-
-    def write(self, msg: str) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
-        else:
-            print(msg, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class Metrics:
-    """Appends one JSON object per line to metrics.jsonl; on resume, drops lines past the checkpoint."""
-
-    def __init__(self, path: Path, keep_upto_step: int):
-        self.path = path
-        if path.exists():
-            kept = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= keep_upto_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash
-            write_text_atomic(path, "".join(k + "\n" for k in kept))
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def plot_metrics(metrics_path: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    tr = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if tr:
-        ax.plot(*zip(*tr), label="train", lw=1)
-    if va:
-        ax.plot(*zip(*va), "o-", label="val", lw=1.5, ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+# ----------------------------------------------------------------------------------------------------------
+# build
 
 
 def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
-    """Train (or continue training) a model into ``out_dir``; returns a summary dict.
+    """Train (or continue training) a model into ``out_dir``; returns a summary dict. ``cfg`` is not changed.
 
     If ``out_dir`` already holds a checkpoint of a run with a compatible config, training resumes from
     its newest complete checkpoint exactly where it stopped.
@@ -530,9 +361,11 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
         tune_cpu_allocator()
     try:
         run.mkdir(parents=True, exist_ok=True)
-        with run_lock(run) if env.is_main else contextlib.nullcontext():  # rank 0 speaks for the job
+        lock = exclusive_lock(run / ".lock", f"{run} is in use by another training process")
+        with lock if env.is_main else contextlib.nullcontext():  # rank 0 speaks for the job
             with StopSignals() as stop:
-                return _train(cfg, run, quiet or not env.is_main, env, stop)
+                job = build(cfg, run, quiet or not env.is_main, env)
+                return loop(job, stop)
     except PretrainError as e:
         from pretrain.checkpoint import CheckpointError, list_checkpoints
 
@@ -547,286 +380,312 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
         teardown(env)
 
 
-@contextlib.contextmanager
-def run_lock(run: Path):
-    """One trainer per run directory: a second one fails at once instead of fighting over checkpoints."""
-    import fcntl
+@dataclass
+class Job:
+    """Everything one run needs, built before the loop starts."""
 
-    f = open(run / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise PretrainError(f"{run} is in use by another training process") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+    cfg: Config
+    """The resolved config (vocabulary, context, data path, batch), as saved with the run."""
+    run: Path
+    env: DistEnv
+    model: nn.Module
+    """The model as trained: wrapped (DDP / FSDP) when several processes train."""
+    fwd: nn.Module
+    """What the forward pass calls: the model, or its compiled version."""
+    objective: Any
+    optimizer: torch.optim.Optimizer
+    batches: Prefetcher
+    val_split: TokenSplit
+    documents: tuple[int, int, int] | None
+    checkpointer: Checkpointer
+    state: TrainState
+    accum: int
+    global_batch: int
+    progress: Progress
+    metrics: Metrics | None
+    n_params: int
+    flops_per_token: float
 
 
-def _train(cfg: Config, run: Path, quiet: bool, env: DistEnv, stop: StopSignals) -> dict[str, Any]:
-    if not cfg.data.path:
-        raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
-    meta = load_meta(cfg.data.path)
+def _resolve(cfg: Config, run: Path, env: DistEnv, meta: dict[str, Any],
+             ckpt: Checkpointer) -> tuple[Config, dict[str, torch.Tensor] | None]:
+    """The config of this launch, resolved once: absolute data path, the Hugging Face starting point, values
+    taken from the data, the batch of a resumed auto-batch run; checked against the run it continues."""
     # saved absolute (config.yaml, checkpoints): eval and --resume then work from any directory
-    cfg.data.path = str(Path(cfg.data.path).resolve())
-    fingerprint = data_fingerprint(meta)  # saved with every checkpoint, checked on resume
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
     init_sd = None
     if cfg.train.init_from:
         cfg, init_sd = _from_hf(cfg, meta)
     cfg = resolve_config(cfg, meta)
     tc = cfg.train
-    accum, global_batch = resolve_batch(tc, env.world_size)
     if tc.warmup_steps >= tc.max_steps and env.is_main:
         warnings.warn(f"train.warmup_steps {tc.warmup_steps} >= train.max_steps {tc.max_steps}: the learning "
-                      "rate never reaches train.lr nor decays", stacklevel=2)
+                      "rate never reaches train.lr nor decays", stacklevel=3)
     if env.active and tc.parallelism == "fsdp" and tc.optimizer == "muon":
         raise ConfigError("train.optimizer muon is not supported with train.parallelism fsdp (Muon needs whole "
                           "matrices; FSDP shards them): use parallelism ddp, or optimizer adamw")
+    if ckpt.resuming and (run / "config.yaml").is_file():
+        saved = from_dict(Config, load_yaml(run / "config.yaml"))
+        if tc.auto_batch:  # keep the batch found at the start
+            _, global_batch = resolve_batch(tc, env.world_size)
+            cfg = _with_train(cfg, batch_size=saved.train.batch_size, grad_accum=saved.train.grad_accum,
+                              global_batch_size=saved.train.global_batch_size or global_batch)
+        check_config_compatible(saved, cfg)
+    resolve_batch(cfg.train, env.world_size)  # (a batch that does not divide: an error now)
+    if cfg.data.doc_mask and not get_spec(cfg.model.arch).doc_mask:
+        raise ConfigError(f"data.doc_mask is supported for model.arch "
+                          f"{' and '.join(s.name for s in specs() if s.doc_mask)}, not {cfg.model.arch!r}")
+    return cfg, init_sd
 
-    ckpt = broadcast_object(latest_checkpoint(run) if env.is_main else None)  # all ranks continue the same one
-    if ckpt is not None and tc.auto_batch and (run / "config.yaml").is_file():  # keep the batch found at the start
-        saved = from_dict(Config, load_yaml(run / "config.yaml")).train
-        d = cfg.to_dict()
-        d["train"].update(batch_size=saved.batch_size, grad_accum=saved.grad_accum,
-                          global_batch_size=saved.global_batch_size or global_batch)
-        cfg = from_dict(Config, d)
-        tc = cfg.train
-        accum, global_batch = resolve_batch(tc, env.world_size)
-    if ckpt is not None and (run / "config.yaml").is_file():
-        check_config_compatible(from_dict(Config, load_yaml(run / "config.yaml")), cfg)
+
+def build(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> Job:
+    """Resolve the config, build the model (wrapped and compiled from outside), objective, loader and optimizer,
+    and restore them all from the run's newest checkpoint when it has one."""
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
+    meta = load_meta(cfg.data.path)
+    ckpt = Checkpointer(run, env.active, cfg.train.ckpt_interval, cfg.train.keep_checkpoints, cfg.train.consolidate)
+    cfg, init_sd = _resolve(cfg, run, env, meta, ckpt)
+    tc, device = cfg.train, env.device
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = env.device
     torch.manual_seed(tc.seed)
     train_split, val_split = TokenSplit(cfg.data.path, "train"), TokenSplit(cfg.data.path, "val")
     if tc.eval_interval and eval_windows(val_split, cfg.data.seq_len) < 1:
         raise PretrainError(f"the validation split of {cfg.data.path} has {val_split.tokens:,} tokens, too few "
                             f"for one sequence of {cfg.data.seq_len}: prepare with a larger --val-fraction, "
                             "use a smaller data.seq_len, or set train.eval_interval 0")
-
-    model = build_model(cfg.model)
+    spec, model = get_spec(cfg.model.arch), build_model(cfg.model)
     tokenizer = Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"])
-    if cfg.data.doc_mask and cfg.model.arch not in ("gpt", "bert"):
-        raise ConfigError(f"data.doc_mask is supported for model.arch gpt and bert, not {cfg.model.arch!r}")
     objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed, cfg.data.doc_mask)
     documents = padded_documents(cfg, tokenizer)
     # (on CPU: the configured batch_size; under FSDP the probe would need the whole unsharded model: likewise)
-    if tc.auto_batch and ckpt is None and env.device.type == "cuda" and not (env.active and tc.parallelism == "fsdp"):
-        per_rank = global_batch // env.world_size
-        model.to(env.device)
-        micro, _ = auto_micro_batch(per_rank, cuda_fits(model, objective, cfg.data.seq_len, cfg.model.vocab_size,
-                                                        env.device, tc.dtype))
-        if env.active:  # every rank takes the smallest size found
-            t = torch.tensor([micro], device=env.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-            micro = int(t.item())
-            micro = max(d for d in range(1, micro + 1) if per_rank % d == 0)
-        d = cfg.to_dict()
-        d["train"].update(batch_size=micro, grad_accum=1, global_batch_size=global_batch)
-        cfg = from_dict(Config, d)
+    if tc.auto_batch and not ckpt.resuming and device.type == "cuda" and not (env.active and tc.parallelism == "fsdp"):
+        cfg = _auto_batch(cfg, model, objective, env, quiet)
         tc = cfg.train
-        accum, global_batch = resolve_batch(tc, env.world_size)
-        if env.is_main and not quiet:
-            print(f"train.auto_batch: micro-batch {micro} x grad_accum {accum} x {env.world_size} process(es) "
-                  f"= {global_batch} sequences per step", file=sys.stderr)
+    accum, global_batch = resolve_batch(tc, env.world_size)
     shard = {"seed": tc.seed, "rank": env.rank, "world_size": env.world_size}  # each rank its slice of a batch
     if documents is None:
         loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, **shard)
     else:
         loader = DocumentLoader(train_split, cfg.data.seq_len, tc.batch_size, *documents, **shard)
-    step, tokens_seen, elapsed, best_val = 0, 0, 0.0, float("inf")
-    last_val: float | None = None  # the latest evaluation's val loss (a resumed run starts from its checkpoint's)
-    loss_sum, loss_n = 0.0, 0  # train loss summed since the last log line (checkpointed: exact resume)
-    state = None
-    if ckpt is not None:
-        cmeta = read_meta(ckpt)
-        if cmeta.get("tokenizer_sha256") not in (None, meta["tokenizer"]["sha256"]):
-            raise PretrainError(f"{cfg.data.path} was tokenized with a different tokenizer than the run in {run}")
-        if cmeta.get("data_fingerprint") not in (None, fingerprint):
-            raise PretrainError(f"the data in {cfg.data.path} is not the data the run in {run} was trained on (it "
-                                "was prepared again from other inputs, or with other settings), so resuming "
-                                "would not continue the same sample order; prepare it into another folder, or "
-                                "start a new run from this one's weights (pretrain export, then --init-from)")
-        saved_tc = cmeta.get("config", {}).get("train", {})
-        saved_batch = cmeta.get("global_batch_size") or saved_tc.get("batch_size", 0) * saved_tc.get("grad_accum", 1)
-        if saved_batch != global_batch:
-            raise ConfigError(f"the run in {run} was trained with a global batch of {saved_batch} sequences, this "
-                              f"launch has {global_batch} (batch_size x grad_accum x {env.world_size} process(es)); "
-                              f"set --train.global_batch_size {saved_batch} to continue it")
-        if not is_sharded(cmeta):
-            load_weights(ckpt, model, cmeta)
-        state = load_state(ckpt, cmeta)
-        step, tokens_seen = cmeta["step"], cmeta["tokens_seen"]
-        elapsed, best_val = cmeta.get("elapsed_s", 0.0), cmeta.get("best_val_loss") or float("inf")
-        last_val = cmeta.get("val_loss")
-        loss_sum, loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
-    if state is None and init_sd is not None:  # a fresh run that starts from a Hugging Face checkpoint
-        try:
-            missing, unexpected = model.load_state_dict(init_sd, strict=False)
-        except RuntimeError as e:
-            raise PretrainError(f"{tc.init_from}: weights do not fit its config.json ({str(e).splitlines()[1:2]})") from None
-        if unexpected or set(missing) - ({"lm_head.weight"} if cfg.model.tie_embeddings else set()):
-            raise PretrainError(f"{tc.init_from}: missing {missing[:4]} / unexpected {unexpected[:4]} tensors")
+    ckpt.check(cfg.data.path, meta["tokenizer"]["sha256"], data_fingerprint(meta), global_batch, env.world_size)
+    ckpt.restore_weights(model)
+    if not ckpt.resuming and init_sd is not None:  # a fresh run that starts from a Hugging Face checkpoint
+        _load_init(model, init_sd, spec.head, cfg)
     model.to(device)
-    n_params, flops_tok = model.num_params(), model.flops_per_token(cfg.data.seq_len)
-    progress = Progress(tc.max_steps, step, quiet)
-    if tc.activation_checkpointing:  # from outside the model, before compile and sharding
-        apply_activation_checkpointing(model)
-    compile_model = use_compile(tc.compile, device)
-    if env.active:  # from outside the model: compile (per block), then shard or replicate
-        if compile_model and tc.parallelism == "fsdp":
-            model = apply_compile(model, progress, per_block=True)
-        bf16 = device.type == "cuda" and autocast_dtype(device, tc.dtype) == torch.bfloat16  # CPU: fp32 weights, autocast
-        model = apply_fsdp(model, torch.bfloat16 if bf16 else torch.float32) if tc.parallelism == "fsdp" \
-            else apply_ddp(model, device)
+    n_params, flops_tok = model.num_params(), spec.flops_per_token(model, cfg.data.seq_len)
+    ckpt.identity = {"tokenizer_sha256": meta["tokenizer"]["sha256"], "data_fingerprint": data_fingerprint(meta),
+                     "config": cfg.to_dict(), "n_params": n_params, "global_batch_size": global_batch}
+    progress = Progress(tc.max_steps, ckpt.meta.get("step", 0), quiet)
+    model, fwd = _apply_parallelism(model, cfg, env, progress)
     optimizer = build_optimizer(unwrap(model), tc, device.type)
-    if state is not None:
-        try:
-            if is_sharded(cmeta):
-                load_sharded(ckpt, model, optimizer, cmeta)
-            elif is_fsdp(model):
-                load_full_optimizer(model, optimizer, state["optimizer"])
-            else:
-                optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise PretrainError(f"cannot restore the optimizer from {ckpt}: {e}") from None
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-
+    state = ckpt.restore(model, optimizer, loader)
     metrics = None
     if env.is_main:
         write_text_atomic(run / "config.yaml", cfg.to_yaml())
         shutil.copyfile(Path(cfg.data.path) / meta["tokenizer"]["file"], run / "tokenizer.json")
-        metrics = Metrics(run / "metrics.jsonl", keep_upto_step=step)
+        metrics = Metrics(run / "metrics.jsonl", keep_upto_step=state.step)
     where = f"{env.world_size} processes ({tc.parallelism}, {device.type})" if env.active else device.type
     where += ", bf16 autocast" if autocast_dtype(device, tc.dtype) == torch.bfloat16 else ", fp32"
-    progress.write(f"{'resuming ' + str(run) + ' at step ' + str(step) if step else 'training ' + str(run)}: "
+    progress.write(f"{'resuming ' + str(run) + ' at step ' + str(state.step) if state.step else 'training ' + str(run)}: "
                    f"{n_params / 1e6:.2f}M parameters on {where}, "
                    f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")
-    if compile_model and not (env.active and tc.parallelism == "fsdp"):
-        fwd = apply_compile(model, progress)
-    else:
-        fwd = model
-    peak = peak_flops(device) if autocast_dtype(device, tc.dtype) == torch.bfloat16 else None
-    tokens_per_step = global_batch * cfg.data.seq_len
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def checkpoint(val_loss: float | None) -> None:
-        all_reduce_mean_(loss_acc)  # the job's running loss (the same on every rank from here on)
-        saved = {"loader": batches.state_dict(), "rng": rng_state(), "loss_sum": loss_acc.item(), "loss_n": loss_n}
-        info = {"tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss,
-                "best_val_loss": None if math.isinf(best_val) else best_val,
-                "tokenizer_sha256": meta["tokenizer"]["sha256"], "data_fingerprint": fingerprint,
-                "config": cfg.to_dict(), "n_params": n_params,
-                "global_batch_size": global_batch}
-        if env.active:
-            save_sharded_checkpoint(run, step, model, optimizer, saved, info, keep=tc.keep_checkpoints,
-                                    consolidate=tc.consolidate)
-        else:
-            save_checkpoint(run, step, model, {"optimizer": optimizer.state_dict(), **saved}, info,
-                            keep=tc.keep_checkpoints)
-
-    def diverged(value: float, what: str = "loss") -> None:
-        batches.close()
-        progress.close()
-        raise PretrainError(f"training diverged at step {step} ({what} {value}); lower train.lr (the last "
-                            f"checkpoint saved, if any, is from before)")
-
-    def check_finite() -> None:  # the losses since the last log line and the last step's gradient norm
-        bad = not (bool(torch.isfinite(loss_acc)) and bool(torch.isfinite(torch.as_tensor(grad_norm))))
-        if any_rank(bad, device):
-            diverged(float("nan"), "loss or gradient norm")
-
     batches = Prefetcher(loader, device, tc.prefetch)  # started after the loader state is restored
-    model.train()
-    stop_reason = "max_steps"
-    saved_at = step if ckpt is not None else -1
-    t_start, elapsed_start = time.time(), elapsed  # elapsed_s: wall time of all training so far
-    t_last, tok_last = t_start, tokens_seen
-    loss_acc = torch.tensor(loss_sum, device=device)
-    done = step >= tc.max_steps or bool(tc.stop_at_step and step >= tc.stop_at_step)
-    time_frac = elapsed / tc.max_time_s if tc.max_time_s else 0.0  # the same on every rank (see below)
+    return Job(cfg, run, env, model, fwd, objective, optimizer, batches, val_split, documents, ckpt, state,
+               accum, global_batch, progress, metrics, n_params, flops_tok)
+
+
+def _load_init(model: nn.Module, init_sd: dict[str, torch.Tensor], head: str, cfg: Config) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(init_sd, strict=False)
+    except RuntimeError as e:
+        raise PretrainError(f"{cfg.train.init_from}: weights do not fit its config.json "
+                            f"({str(e).splitlines()[1:2]})") from None
+    if unexpected or set(missing) - ({f"{head}.weight"} if cfg.model.tie_embeddings else set()):
+        raise PretrainError(f"{cfg.train.init_from}: missing {missing[:4]} / unexpected {unexpected[:4]} tensors")
+
+
+def _apply_parallelism(model: nn.Module, cfg: Config, env: DistEnv, progress: Progress) -> tuple[nn.Module, nn.Module]:
+    """From outside the model, in torchtitan's order: activation checkpointing, compile (per block under FSDP),
+    then shard (FSDP2) or replicate (DDP). Returns (the model as trained, what the forward pass calls)."""
+    tc, device = cfg.train, env.device
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    compile_model = use_compile(tc.compile, device)
+    fsdp = env.active and tc.parallelism == "fsdp"
+    if env.active:
+        if compile_model and fsdp:
+            model = apply_compile(model, progress, per_block=True)
+        bf16 = device.type == "cuda" and autocast_dtype(device, tc.dtype) == torch.bfloat16  # CPU: fp32 weights
+        model = apply_fsdp(model, torch.bfloat16 if bf16 else torch.float32) if fsdp else apply_ddp(model, device)
+    return model, (apply_compile(model, progress) if compile_model and not fsdp else model)
+
+
+def _auto_batch(cfg: Config, model: nn.Module, objective, env: DistEnv, quiet: bool) -> Config:
+    """train.auto_batch on CUDA: the largest micro-batch that fits, grad_accum making up the configured batch."""
+    accum, global_batch = resolve_batch(cfg.train, env.world_size)
+    per_rank = global_batch // env.world_size
+    model.to(env.device)
+    micro, _ = auto_micro_batch(per_rank, cuda_fits(model, objective, cfg.data.seq_len, cfg.model.vocab_size,
+                                                    env.device, cfg.train.dtype))
+    if env.active:  # every rank takes the smallest size found
+        t = torch.tensor([micro], device=env.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        micro = int(t.item())
+        micro = max(d for d in range(1, micro + 1) if per_rank % d == 0)
+    cfg = _with_train(cfg, batch_size=micro, grad_accum=1, global_batch_size=global_batch)
+    accum, global_batch = resolve_batch(cfg.train, env.world_size)
+    if env.is_main and not quiet:
+        print(f"train.auto_batch: micro-batch {micro} x grad_accum {accum} x {env.world_size} process(es) "
+              f"= {global_batch} sequences per step", file=sys.stderr)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def loop(job: Job, stop: StopSignals) -> dict[str, Any]:
+    """Train until max_steps, the time budget, the target loss, stop_at_step or a stop signal; log, evaluate and
+    checkpoint on their intervals; always end on a checkpoint of the last step. Returns the run's summary."""
+    cfg, tc, st, env, device = job.cfg, job.cfg.train, job.state, job.env, job.env.device
+    params = [p for p in job.model.parameters() if p.requires_grad]
+    peak = peak_flops(device) if autocast_dtype(device, tc.dtype) == torch.bfloat16 else None
+    tokens_per_step = job.global_batch * cfg.data.seq_len
+    clock = Clock(st.elapsed_s, st.tokens_seen)
+    loss_acc = torch.tensor(st.loss_sum, device=device)  # train loss summed since the last log line
+    stop_reason, grad_norm = "max_steps", 0.0
+    job.model.train()
+    done = st.step >= tc.max_steps or bool(tc.stop_at_step and st.step >= tc.stop_at_step)
+    time_frac = st.elapsed_s / tc.max_time_s if tc.max_time_s else 0.0  # the same on every rank (see below)
     if not done and tc.max_time_s and time_frac >= 1.0:  # resumed with the time budget already spent
         done, stop_reason = True, "max_time_s"
-    stop.armed, grad_norm = True, 0.0
+    stop.armed = True
     while not done:
-        lr = set_lr(optimizer, step, tc, time_frac if tc.time_schedule else 0.0)  # time_schedule: decay by time too
-        # global micro-batch index: MLM masks depend on which samples, not on how many processes
-        parts = [objective.prepare(batches.next(), seed=(tc.seed * 1_000_003 + step) * 1024
-                                   + micro * env.world_size + env.rank) for micro in range(accum)]
-        loss_acc += backward_step(model, fwd, objective, parts, env.world_size, device, tc.dtype)
+        lr = set_lr(job.optimizer, st.step, tc, time_frac if tc.time_schedule else 0.0)  # time_schedule: by time too
+        loss_acc += train_step(job)
         grad_norm = clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_n += 1
-        tokens_seen += tokens_per_step
-        elapsed = elapsed_start + time.time() - t_start
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        st.step, st.loss_n, st.tokens_seen = st.step + 1, st.loss_n + 1, st.tokens_seen + tokens_per_step
+        st.elapsed_s = clock.elapsed()
         if tc.max_time_s:  # every rank stops together, and sets the same time-scheduled LR
-            time_frac = max_over_ranks(elapsed, device) / tc.max_time_s
+            time_frac = max_over_ranks(st.elapsed_s, device) / tc.max_time_s
         time_up = bool(tc.max_time_s) and time_frac >= 1.0
-        done = step >= tc.max_steps or time_up or bool(tc.stop_at_step and step >= tc.stop_at_step)
-        if done and step < tc.max_steps:
+        done = st.step >= tc.max_steps or time_up or bool(tc.stop_at_step and st.step >= tc.stop_at_step)
+        if done and st.step < tc.max_steps:
             stop_reason = "max_time_s" if time_up else "stop_at_step"
         # a stop signal: every rank stops at the same step (asked at logging steps when distributed, each step
         # alone); no evaluation, straight to the checkpoint
-        if not done and (not env.active or step % tc.log_interval == 0) and any_rank(stop.received is not None,
-                                                                                      device):
+        if not done and (not env.active or st.step % tc.log_interval == 0) and \
+                any_rank(stop.received is not None, device):
             done, stop_reason = True, stop.received or "SIGTERM"
         record: dict[str, Any] = {}
-
-        if step % tc.log_interval == 0 or step == tc.max_steps:
-            train_loss = all_reduce_mean_(loss_acc).item() / loss_n  # .item() syncs: time is read after it
-            now = time.time()
-            elapsed = elapsed_start + now - t_start
-            if not math.isfinite(train_loss):  # (the same on every rank)
-                diverged(train_loss)
-            tok_s = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
-            record = {"step": step, "tokens": tokens_seen, "train_loss": round(train_loss, 6), "lr": lr,
-                      "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tok_s, 1),
-                      "elapsed_s": round(elapsed, 3)}
-            if peak:
-                record["mfu"] = round(flops_tok * tok_s / (peak * env.world_size), 4)
-            progress.update(step, {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"})
-            loss_acc.zero_()
-            loss_n = 0
-
-        if tc.eval_interval and (step % tc.eval_interval == 0 or done) and stop_reason not in STOP_SIGNALS:
-            ev = evaluate(fwd, val_split, cfg.data.seq_len, tc.batch_size, device, tc.dtype, tc.eval_batches,
-                          objective, documents)
-            elapsed = elapsed_start + time.time() - t_start
-            last_val = ev["loss"]
-            if not math.isfinite(last_val):
-                diverged(last_val, "val loss")
-            best_val = min(best_val, last_val)
-            record.update({"step": step, "tokens": tokens_seen, "val_loss": round(ev["loss"], 6),
-                           "val_ppl": round(ev["ppl"], 4), "elapsed_s": round(elapsed, 3)})
-            for key in ("bpb", "accuracy"):
-                if key in ev:
-                    record[f"val_{key}"] = round(ev[key], 6)
-            progress.write(f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) at {elapsed:.1f}s")
-            if tc.target_val_loss and any_rank(last_val <= tc.target_val_loss, device) and not done:
+        if st.step % tc.log_interval == 0 or st.step == tc.max_steps:
+            record = log_step(job, clock, loss_acc, lr, grad_norm, peak)
+        if tc.eval_interval and (st.step % tc.eval_interval == 0 or done) and stop_reason not in STOP_SIGNALS:
+            record.update(validate(job, clock))
+            if tc.target_val_loss and any_rank(st.last_val <= tc.target_val_loss, device) and not done:
                 done, stop_reason = True, "target_val_loss"
-        if record and metrics is not None:
-            metrics.write(record)
-        if done or (tc.ckpt_interval and step % tc.ckpt_interval == 0):
-            check_finite()  # never save diverged weights over the last good checkpoint
-            checkpoint(last_val)
-            saved_at = step
-        if record and "train_loss" in record:
-            t_last, tok_last = time.time(), tokens_seen
+        if record and job.metrics is not None:
+            job.metrics.write(record)
+        if done or job.checkpointer.due(st.step):
+            save(job, loss_acc, grad_norm)
+        if "train_loss" in record:
+            clock.mark(st.tokens_seen)
+    if job.checkpointer.saved_step != st.step:
+        save(job, loss_acc, grad_norm)
+    return finish(job, stop_reason)
 
-    if saved_at != step:
-        check_finite()
-        checkpoint(last_val)
-    batches.close()
-    progress.close()
-    if metrics is not None:
-        metrics.close()
-        if tc.plot and (run / "metrics.jsonl").stat().st_size:
-            plot_metrics(run / "metrics.jsonl", run / "loss_curve.png")
-    return {"run_dir": str(run), "step": step, "tokens_seen": tokens_seen, "elapsed_s": round(elapsed, 3),
-            "val_loss": last_val, "best_val_loss": None if math.isinf(best_val) else best_val,
-            "stop_reason": stop_reason, "n_params": n_params}
+
+class Clock:
+    """Wall time of the whole run (``elapsed_s`` of a resumed run goes on from its checkpoint's), and the
+    tokens-per-second window since the last log line."""
+
+    def __init__(self, elapsed_before: float, tokens: int):
+        self.t_start, self.before = time.time(), elapsed_before
+        self.t_last, self.tok_last = self.t_start, tokens
+
+    def elapsed(self, now: float | None = None) -> float:
+        return self.before + (now if now is not None else time.time()) - self.t_start
+
+    def mark(self, tokens: int) -> None:
+        self.t_last, self.tok_last = time.time(), tokens
+
+
+def train_step(job: Job) -> torch.Tensor:
+    """One optimizer step's forward and backward over ``accum`` micro-batches; returns its (detached) loss."""
+    tc, env, step = job.cfg.train, job.env, job.state.step
+    # global micro-batch index: MLM masks depend on which samples, not on how many processes
+    parts = [job.objective.prepare(job.batches.next(), seed=(tc.seed * 1_000_003 + step) * 1024
+                                   + micro * env.world_size + env.rank) for micro in range(job.accum)]
+    return backward_step(job.model, job.fwd, job.objective, parts, env.world_size, env.device, tc.dtype)
+
+
+def log_step(job: Job, clock: Clock, loss_acc: torch.Tensor, lr: float, grad_norm, peak: float | None) -> dict:
+    """The mean train loss since the last log line (over all ranks), the step's lr, gradient norm, speed."""
+    st = job.state
+    train_loss = all_reduce_mean_(loss_acc).item() / st.loss_n  # .item() syncs: time is read after it
+    now = time.time()
+    st.elapsed_s = clock.elapsed(now)
+    if not math.isfinite(train_loss):  # (the same on every rank)
+        diverged(job, train_loss)
+    tok_s = (st.tokens_seen - clock.tok_last) / max(now - clock.t_last, 1e-9)
+    record = {"step": st.step, "tokens": st.tokens_seen, "train_loss": round(train_loss, 6), "lr": lr,
+              "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tok_s, 1),
+              "elapsed_s": round(st.elapsed_s, 3)}
+    if peak:
+        record["mfu"] = round(job.flops_per_token * tok_s / (peak * job.env.world_size), 4)
+    job.progress.update(st.step, {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"})
+    loss_acc.zero_()
+    st.loss_n = 0
+    return record
+
+
+def validate(job: Job, clock: Clock) -> dict[str, Any]:
+    cfg, tc, st = job.cfg, job.cfg.train, job.state
+    ev = evaluate(job.fwd, job.val_split, cfg.data.seq_len, tc.batch_size, job.env.device, tc.dtype,
+                  tc.eval_batches, job.objective, job.documents)
+    st.elapsed_s = clock.elapsed()
+    st.last_val = ev["loss"]
+    if not math.isfinite(st.last_val):
+        diverged(job, st.last_val, "val loss")
+    st.best_val = min(st.best_val, st.last_val)
+    record = {"step": st.step, "tokens": st.tokens_seen, "val_loss": round(ev["loss"], 6),
+              "val_ppl": round(ev["ppl"], 4), "elapsed_s": round(st.elapsed_s, 3)}
+    for key in ("bpb", "accuracy"):
+        if key in ev:
+            record[f"val_{key}"] = round(ev[key], 6)
+    job.progress.write(f"step {st.step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) at {st.elapsed_s:.1f}s")
+    return record
+
+
+def save(job: Job, loss_acc: torch.Tensor, grad_norm) -> None:
+    """Checkpoint the current step, never diverged weights over the last good checkpoint."""
+    bad = not (bool(torch.isfinite(loss_acc)) and bool(torch.isfinite(torch.as_tensor(grad_norm))))
+    if any_rank(bad, job.env.device):
+        diverged(job, float("nan"), "loss or gradient norm")
+    job.state.loss_sum = all_reduce_mean_(loss_acc).item()  # the job's running loss (then the same on every rank)
+    job.checkpointer.save(job.state, job.model, job.optimizer, job.batches.state_dict())
+
+
+def diverged(job: Job, value: float, what: str = "loss") -> None:
+    job.batches.close()
+    job.progress.close()
+    raise PretrainError(f"training diverged at step {job.state.step} ({what} {value}); lower train.lr (the last "
+                        f"checkpoint saved, if any, is from before)")
+
+
+def finish(job: Job, stop_reason: str) -> dict[str, Any]:
+    st = job.state
+    job.batches.close()
+    job.progress.close()
+    if job.metrics is not None:
+        job.metrics.close()
+        if job.cfg.train.plot and (job.run / "metrics.jsonl").stat().st_size:
+            plot_metrics(job.run / "metrics.jsonl", job.run / "loss_curve.png")
+    return {"run_dir": str(job.run), "step": st.step, "tokens_seen": st.tokens_seen,
+            "elapsed_s": round(st.elapsed_s, 3), "val_loss": st.last_val,
+            "best_val_loss": None if math.isinf(st.best_val) else st.best_val, "stop_reason": stop_reason,
+            "n_params": job.n_params}

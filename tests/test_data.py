@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pretrain.data.loader import TokenSplit, TrainLoader, eval_batches
-from pretrain.data.prepare import _is_val, load_meta, prepare, token_dtype
+from pretrain.data.manifest import load_meta, token_dtype
+from pretrain.data.prepare import _is_val, prepare
 from pretrain.data.sources import DataError, Source, expand_inputs, iter_documents, read_documents
 from pretrain.data.tokenizer import (
     EOT,

@@ -128,7 +128,7 @@ def test_lora_trains_only_adapters_and_merge_matches(pretrained, tmp_path):
 
     backbone, pcfg, tok, _ = load_backbone(root / "run", 0.0, False, 0)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    model = _apply_lora(TaskModel(backbone, 32, 2, "mean", objective == "mlm"), cfg, pcfg.model.arch)
+    model = _apply_lora(TaskModel(backbone, 32, 2, "mean", objective == "mlm"), cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or ".classifier." in n for n in trainable), trainable
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

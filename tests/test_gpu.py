@@ -51,7 +51,7 @@ def test_defaults_train_in_bf16_compiled_and_log_mfu(gpu_run):
     vals = [r["val_loss"] for r in log if "val_loss" in r]
     assert len(vals) == 4 and all(math.isfinite(v) for v in vals) and vals[-1] < vals[0], vals
     train = [r for r in log if "train_loss" in r]
-    from pretrain.train import peak_flops
+    from pretrain.hardware import peak_flops
 
     if peak_flops(torch.device("cuda")):
         assert all(0 < r["mfu"] < 1 for r in train), [r.get("mfu") for r in train]

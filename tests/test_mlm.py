@@ -557,7 +557,7 @@ def test_fill_mask_scores_the_text_as_training_frames_it(mlm_run, monkeypatch):
     text = "the king [MASK] the crown"
     ids = [tok.cls_id, *tok.encode(text), tok.eot_id]
     assert tok.decode([tok.eot_id]) == "[SEP]"
-    from pretrain.train import autocast_context
+    from pretrain.hardware import autocast_context
 
     with torch.no_grad(), autocast_context(torch.device("cpu"), "auto"):  # the dtype fill-mask runs in
         probs = model(torch.tensor([ids]))[0, ids.index(tok.mask_id)].float().softmax(-1)

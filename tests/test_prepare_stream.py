@@ -21,9 +21,11 @@ import pretrain.data.loader as loader_mod
 from pretrain.cli import main
 from pretrain.data.clean import CleanConfig, Cleaner
 from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader
-from pretrain.data.prepare import _output_lock, _scan_batch, _Workers, load_meta, prepare
+from pretrain.data.manifest import load_meta
+from pretrain.data.prepare import _scan_batch, _Workers, prepare
 from pretrain.data.sources import DataError, HubSpec, expand_inputs, read_documents
 from pretrain.data.tokenizer import Tokenizer, byte_tokenizer
+from pretrain.io import exclusive_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,7 +213,7 @@ def test_shards_in_progress_are_never_complete_names(tmp_path, monkeypatch):
 def test_concurrent_prepare_into_the_same_output_is_refused(tmp_path):
     src = _jsonl(tmp_path / "docs.jsonl", _docs(5))
     out = tmp_path / "d"
-    with _output_lock(out):
+    with exclusive_lock(tmp_path / ".d.lock", "held by this test"):  # what a running prepare holds
         with pytest.raises(DataError, match="another prepare"):
             prepare([str(src)], out, tokenizer="byte", log=quiet)
     prepare([str(src)], out, tokenizer="byte", log=quiet)  # the lock is released (and its file removed)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.data.prepare import load_meta
+from pretrain.data.manifest import load_meta
 from pretrain.data.sources import DataError
 
 MIX_BLOCK = 1 << 16

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -46,7 +45,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +52,7 @@ import numpy as np
 
 from pretrain.data.clean import NUM_PERM, CleanConfig, Cleaner
 from pretrain.data.encode import IdsEncoder
+from pretrain.data.manifest import FORMAT_VERSION, META, SPLITS, token_dtype
 from pretrain.data.sources import (
     DataError,
     HubSpec,
@@ -62,59 +61,11 @@ from pretrain.data.sources import (
     parse_weight,
 )
 from pretrain.data.tokenizer import TRAINED, Tokenizer, build_tokenizer
+from pretrain.io import exclusive_lock, fsync_dir, write_json_atomic
 
-META = "meta.json"
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
 DROP, TRAIN, VAL, TAIL = 0, 1, 2, 3  # plan codes; TAIL: the single document, cut at its text tail
 BPE_CACHE_WORDS = 100_000  # words whose BPE pieces a tokenizing process remembers (~10 MB)
 AUTO_INPROCESS_BYTES = 32 << 20  # below this much input, workers=None runs in-process (no pool start-up)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` (same suffix) to write the whole file to; once the block ends it is
-    fsync'ed and renamed over ``path``, so readers see the old file or the new one, never half of one. If the
-    block fails, the temporary file is removed and ``path`` is left as it was."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 class ShardWriter:
@@ -328,39 +279,6 @@ def _batched(items: Iterator[tuple[Any, str, Any]], batch_chars: int) -> Iterato
 # ------------------------------------------------------------------------------------------------ locking
 
 
-@contextmanager
-def _output_lock(out: Path):
-    """An exclusive lock on ``out`` (a hidden lock file next to it), removed on exit."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    lock = out.parent / f".{out.name}.lock"
-    while True:
-        f = open(lock, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise DataError(f"another prepare is writing {out} (lock file {lock})") from None
-        try:
-            same = os.path.samestat(os.fstat(f.fileno()), os.stat(lock))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        f.close()  # the lock file was removed by a prepare that just finished: take the new one
-    try:
-        yield
-    finally:
-        try:
-            os.unlink(lock)
-        except FileNotFoundError:
-            pass
-        f.close()
-
-
 def _input_labels(inputs: list) -> list[str]:
     out = []
     for item in inputs:
@@ -423,7 +341,8 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
         size = sum(s.path.stat().st_size if s.path is not None else AUTO_INPROCESS_BYTES for s in sources)
         workers = usable_cpus() if usable_cpus() > 1 and size >= AUTO_INPROCESS_BYTES else 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _output_lock(out):
+    with exclusive_lock(out.parent / f".{out.name}.lock", f"another prepare is writing {out} "
+                        f"(lock file {out.parent / f'.{out.name}.lock'})", DataError):
         partial = out.parent / f".{out.name}.partial"
         stale = out.parent / f".{out.name}.old"
         if stale.exists() and not out.exists():  # a crash inside the final swap (between its two renames)
@@ -718,53 +637,4 @@ def _mixture(sources, labels, groups, writers, log) -> list[dict[str, Any]]:
         raise DataError("every mixture weight is 0: give at least one input a positive weight")
     for e in out:
         e["share"] = e["weight"] / total
-    return out
-
-
-def load_meta(data_dir: str | Path) -> dict[str, Any]:
-    d = Path(data_dir)
-    if not d.is_dir():
-        raise DataError(f"data directory not found: {d} (create one with `pretrain prepare`)")
-    p = d / META
-    if not p.is_file():
-        raise DataError(f"{d} has no {META}: not a prepared data directory, or its prepare did not finish")
-    try:
-        meta = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{p} is corrupt: {e}") from None
-    if not isinstance(meta, dict) or not all(k in meta for k in ("tokenizer", "dtype", "splits")):
-        raise DataError(f"{p} is not a pretrain data manifest (expected keys tokenizer, dtype, splits)")
-    if meta.get("format") != FORMAT_VERSION:
-        raise DataError(f"{p}: unsupported data format {meta.get('format')!r} (expected {FORMAT_VERSION})")
-    return meta
-
-
-def inspect(data_dir: str | Path, samples: int = 3, sample_tokens: int = 64, top: int = 20) -> dict[str, Any]:
-    """What a prepared directory holds: counts per split, the most frequent tokens, decoded samples and
-    the manifest (sources, cleaning report)."""
-    from pretrain.data.loader import TokenSplit
-
-    meta = load_meta(data_dir)
-    tok = Tokenizer.load(Path(data_dir) / meta["tokenizer"]["file"])
-    out: dict[str, Any] = {"data_dir": str(data_dir), "tokenizer": meta["tokenizer"], "dtype": meta["dtype"],
-                           "splits": {}, "sources": meta["sources"], "cleaning": meta.get("cleaning")}
-    if meta.get("mixture"):
-        out["mixture"] = meta["mixture"]
-    for split in meta["splits"]:
-        sp = TokenSplit(data_dir, split)
-        info = {k: meta["splits"][split][k] for k in ("tokens", "documents", "bytes")}
-        if sp.tokens:
-            counts = np.zeros(max(tok.vocab_size, 1), dtype=np.int64)
-            for shard in sp.shards:
-                for i in range(0, len(shard), 1 << 24):  # bounded memory on large shards
-                    counts += np.bincount(np.asarray(shard[i:i + (1 << 24)]), minlength=len(counts))[:len(counts)]
-            order = np.argsort(-counts)[:top]
-            info["top_tokens"] = [{"id": int(i), "token": tok.tk.id_to_token(int(i)), "count": int(counts[i])}
-                                  for i in order if counts[i]]
-            info["distinct_tokens"] = int((counts > 0).sum())
-            rng = np.random.default_rng(0)
-            first = sp.shards[0]
-            starts = rng.integers(0, max(1, len(first) - sample_tokens), size=samples)
-            info["samples"] = [tok.decode(np.asarray(first[s:s + sample_tokens]).tolist()) for s in starts]
-        out["splits"][split] = info
     return out

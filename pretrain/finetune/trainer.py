@@ -35,7 +35,8 @@ from pretrain.finetune.data import (
     read_conll,
     read_examples,
 )
-from pretrain.finetune.model import LORA_TARGETS, TaskModel
+from pretrain.finetune.model import TaskModel
+from pretrain.models import spec_of
 
 TASKS = ("classification", "regression", "token")
 IGNORE = -100
@@ -472,7 +473,7 @@ def _labels_of(cfg: FinetuneConfig, ex) -> list[Any]:
 def run_model(model: TaskModel, enc: Encoded, task: str, names: list[Any], pad: int, batch_size: int,
               device: torch.device, dtype: str = "auto") -> tuple[list[Any], np.ndarray | list]:
     """Predictions (label names / floats / per-word tags) and scores (class probabilities / floats)."""
-    from pretrain.train import autocast_context
+    from pretrain.hardware import autocast_context
 
     model.eval()
     n = len(enc.ids)
@@ -509,18 +510,18 @@ def _param_groups(model: nn.Module, cfg: FinetuneConfig, n_layers: int) -> list[
         depth = inner.layer_of(name.removeprefix("base_model.model."))
         is_head = depth == n_layers + 1
         lr = (cfg.head_lr or cfg.lr) if is_head else cfg.lr * cfg.layer_decay ** (n_layers - depth)
-        wd = cfg.weight_decay if p.ndim >= 2 and "emb" not in name and not is_head else 0.0
+        wd = cfg.weight_decay if p.ndim >= 2 and not inner.is_embedding(name) and not is_head else 0.0
         groups.setdefault((lr, wd), []).append(p)
     return [{"params": ps, "lr": lr, "weight_decay": wd, "base_lr": lr} for (lr, wd), ps in groups.items()]
 
 
-def _apply_lora(model: TaskModel, cfg: FinetuneConfig, arch: str) -> nn.Module:
+def _apply_lora(model: TaskModel, cfg: FinetuneConfig) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise PretrainError("LoRA needs the peft library: pip install 'pretrain[lora]' (or pip install peft)") from None
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=LORA_TARGETS[arch], modules_to_save=None if model.prompt else ["classifier"])
+                    target_modules=list(spec_of(model.backbone).lora_targets), modules_to_save=None if model.prompt else ["classifier"])
     return get_peft_model(model, lc)
 
 
@@ -536,7 +537,7 @@ def _save(out: Path, model: nn.Module, info: dict[str, Any], tok) -> None:
     describes the weights and tokenizer beside it (after a crash in between, the folder is no model at all)."""
     from safetensors.torch import save_model
 
-    from pretrain.data.prepare import atomic_path, write_json_atomic
+    from pretrain.io import atomic_path, write_json_atomic
 
     (out / FT_FILE).unlink(missing_ok=True)
     with atomic_path(out / WEIGHTS) as tmp:
@@ -550,9 +551,8 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
              cfg: FinetuneConfig | None = None, train_subset: list[int] | None = None,
              quiet: bool = False) -> dict[str, Any]:
     """Fine-tune ``run`` on ``train_path``, select on ``valid_path``; the best model goes to ``out``."""
-    from pretrain.data.prepare import write_text_atomic
-    from pretrain.hardware import tune_cpu_allocator
-    from pretrain.train import autocast_context, resolve_device
+    from pretrain.hardware import autocast_context, resolve_device, tune_cpu_allocator
+    from pretrain.io import write_text_atomic
 
     cfg = cfg or FinetuneConfig()
     out = Path(out)
@@ -599,7 +599,7 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     if cfg.lora:
-        model = _apply_lora(model, cfg, pcfg.model.arch)
+        model = _apply_lora(model, cfg)
     model.to(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -759,8 +759,8 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
             device: str = "auto") -> dict[str, Any]:
     """Predict every row of ``input_path`` (same columns as training; labels not needed) into ``out``
     (.jsonl, .csv or .parquet; CoNLL .txt/.conll for token tasks)."""
-    from pretrain.data.prepare import write_text_atomic
-    from pretrain.train import resolve_device
+    from pretrain.hardware import resolve_device
+    from pretrain.io import write_text_atomic
 
     if batch_size < 1:
         raise PretrainError("--batch-size must be >= 1")
@@ -800,7 +800,7 @@ def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
     """One row per prediction, written atomically (a failed write keeps the previous file)."""
     import csv
 
-    from pretrain.data.prepare import atomic_path
+    from pretrain.io import atomic_path
 
     if out.suffix not in (".jsonl", ".csv", ".tsv", ".parquet"):
         raise PretrainError(f"--out must end in .jsonl, .csv, .tsv or .parquet, got {out.name}")

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from pretrain import PretrainError
-from pretrain.data.prepare import write_json_atomic, write_text_atomic
 from pretrain.finetune.trainer import FinetuneConfig, _labels_of, compute_metrics, finetune, read_task
+from pretrain.io import write_json_atomic, write_text_atomic
 
 
 def parse_budgets(spec: str | list, n_train: int) -> list[int]:
@@ -239,7 +239,7 @@ def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_col
     from pretrain.checkpoint import CheckpointError, load_pretrained
     from pretrain.features import embed_texts
     from pretrain.finetune.data import check_known, read_examples
-    from pretrain.train import resolve_device
+    from pretrain.hardware import resolve_device
 
     if batch_size < 1 or max_train < 0:
         raise PretrainError("--batch-size must be >= 1 and --max-train >= 0 (0: every row)")

@@ -1,0 +1,98 @@
+"""What a run reports as it goes, for pre-training and fine-tuning alike: progress (a tqdm bar on a terminal,
+plain log lines otherwise), metrics.jsonl (one JSON object per line, cut back to the checkpoint on resume)
+and the loss curve."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain.io import write_text_atomic
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines (to stderr) otherwise."""
+
+    def __init__(self, total: int, initial: int, quiet: bool = False):
+        self.total, self.quiet = total, quiet
+        self.bar = None
+        self.t0 = time.time()
+        self.initial = initial
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, info: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: v for k, v in info.items() if k != "val_loss" or v}, refresh=True)
+            return
+        done = step - self.initial
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
+        parts = [f"step {step}/{self.total}"] + [f"{k} {v}" for k, v in info.items()] + [f"eta {eta:.0f}s"]
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+    def write(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Metrics:
+    """Appends one JSON object per line to metrics.jsonl; on resume, drops lines past the checkpoint."""
+
+    def __init__(self, path: Path, keep_upto_step: int):
+        self.path = path
+        if path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= keep_upto_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash
+            write_text_atomic(path, "".join(k + "\n" for k in kept))
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="val", lw=1.5, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
