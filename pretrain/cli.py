@@ -223,11 +223,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pretrain", description="Pre-train your own foundation model.")
-    p.add_argument("--version", action="version", version=f"pretrain {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    """`pretrain prepare`: corpus → cleaned, tokenized shards."""
     s = sub.add_parser("prepare", help="corpus → tokenizer → train/val token shards")
     s.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="files, folders, globs or hf:NAME[:CONFIG] (a Hugging Face dataset, streamed); append "
@@ -275,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decontam-ngram", type=int, default=13, help="n for --decontaminate (default 13)")
     s.add_argument("--json", action="store_true", help="print one JSON object with the result")
 
+
+def _add_data_and_train(sub: argparse._SubParsersAction) -> None:
+    """`pretrain data inspect` and `pretrain train`."""
     s = sub.add_parser("data", help="inspect a prepared data directory")
     dsub = s.add_subparsers(dest="data_command", required=True, metavar="ACTION", parser_class=_Parser)
     s = dsub.add_parser("inspect", help="counts, token histogram, decoded samples, the manifest")
@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.add_argument("--json", action="store_true", help="print one JSON object with the summary")
 
+
+def _add_inference(sub: argparse._SubParsersAction) -> None:
+    """`pretrain eval | generate | fill-mask | embed`: using a pre-trained run."""
     s = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
@@ -330,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
 
+
+def _add_export_and_demo(sub: argparse._SubParsersAction) -> None:
+    """`pretrain export` and `pretrain demo`."""
     s = sub.add_parser("export", help="write a run in the Hugging Face layout (Llama / ModernBERT)")
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, tokenizer...)")
@@ -342,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default 600)")
     s.add_argument("--budget-s", type=float, default=300.0, help="stop pre-training after this many seconds")
     s.add_argument("--json", action="store_true")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pretrain", description="Pre-train your own foundation model.")
+    p.add_argument("--version", action="version", version=f"pretrain {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    for add in (_add_prepare, _add_data_and_train, _add_inference, _add_export_and_demo):
+        add(sub)
 
     from pretrain.finetune.cli import add_parsers as add_transfer_parsers
 

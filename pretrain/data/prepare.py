@@ -438,43 +438,13 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
     partial.mkdir(parents=True)
     try:
         # Pass 1: scan — read, clean and choose splits; one plan byte per document.
-        plan = bytearray()
-        n_docs = 0
-        total_chars = total_bytes = 0
-        # per mixture component (one for an unweighted corpus): kept documents, validation ones, first and last
-        per_group: dict[int, list[int]] = {}
         if tok is not None:
             dtype = token_dtype(tok.vocab_size)
             output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
         pool = _Workers(workers, (cleaner, tok.to_str() if tok else None, val_fraction,
                                   dtype.name if tok else "uint32"), start_method)
-        scan_items = ((i, d, d) for i, d in docs(record=True))
-        for (srcs, texts), res in pool.map(_scan_batch, _scan_batches(scan_items, batch_chars)):
-            codes, exact, contam, minhash, signed, nbytes, val, chars, encoded = res
-            if encoded is not None:
-                ids, lens = encoded
-                ends = np.cumsum(lens)
-                k = 0  # index among the documents that passed the filters (the encoded ones)
-            for j, src_index in enumerate(srcs):
-                a = (int(codes[j]), int(exact[j]), bool(contam[j]), minhash[j] if signed[j] else None,
-                     int(nbytes[j]))
-                kept = cleaner.decide(a, src_index, lambda t=texts[j]: cleaner.transform(t))
-                if kept:
-                    g = per_group.setdefault(group_of[src_index], [0, 0, len(plan), 0])
-                    g[0], g[1], g[3] = g[0] + 1, g[1] + bool(val[j]), len(plan)
-                    n_docs += 1
-                    total_chars += int(chars[j])
-                    total_bytes += int(nbytes[j])
-                    plan.append(VAL if val[j] else TRAIN)
-                else:
-                    plan.append(DROP)
-                if encoded is not None and not codes[j]:
-                    if kept:
-                        output.add(plan[-1], group_of[src_index], ids[ends[k] - lens[k]:ends[k]], int(nbytes[j]))
-                    k += 1
-            if output is not None:
-                output.flush()
-                progress(output.bytes, "tokenized", t0)
+        plan, per_group, n_docs, total_chars = _scan(pool, cleaner, docs(record=True), group_of, output,
+                                                     batch_chars, lambda done: progress(done, "tokenized", t0))
         pool.close()
         if not plan:
             raise DataError("no text found in the input: every file was empty or skipped")
@@ -485,17 +455,8 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             log("cleaning:\n" + cleaner.table())
         if n_docs == 0:
             raise DataError(f"no documents left after cleaning ({len(plan):,} read): loosen the filters")
-        # each mixture component (or the whole corpus) trains: a lone document is cut at its text tail, and if
-        # every document hashed into validation the first trains; if none of the corpus did, its last goes there
-        tails = fixed = 0
-        for n_g, val_g, first_g, _ in per_group.values():
-            if n_g == 1:
-                plan[first_g], tails = TAIL, tails + 1
-                fixed += val_fraction > 0  # (with no validation a tail is the whole text: encoded as it was)
-            elif val_g == n_g:
-                plan[first_g], fixed = TRAIN, fixed + 1
-        if val_fraction > 0 and VAL not in plan and TAIL not in plan:
-            plan[max(g[3] for g in per_group.values())], fixed = VAL, fixed + 1
+        # each mixture component (or the whole corpus) trains (see _fix_splits)
+        tails, fixed = _fix_splits(plan, per_group, val_fraction)
         single = tails == len(per_group)
         if output is not None and fixed:
             output.discard()  # the splits changed after the fact (tiny corpora or inputs): encode again below
@@ -522,20 +483,9 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
         # an evenly spread sample (by a content hash) of about tokenizer_sample_chars of the train split,
         # streamed to the trainer.
         if tok is None:
-            texts_in: Iterator[str] | None = None
-            if tokenizer == "char":
-                texts_in = (cleaner.transform(d) for _, _, d in planned())
-            else:
-                rate = min(1.0, tokenizer_sample_chars / max(total_chars, 1))
-
-                def train_texts() -> Iterator[str]:
-                    for _, code, d in planned():
-                        if code in (TRAIN, TAIL) and (rate >= 1.0 or _is_val("sample:" + d, rate)):
-                            t = cleaner.transform(d)
-                            yield t[:int(len(t) * (1.0 - val_fraction))] if code == TAIL else t
-
-                texts_in = train_texts()
-            tok = build_tokenizer(tokenizer, texts_in, vocab_size)
+            rate = min(1.0, tokenizer_sample_chars / max(total_chars, 1))
+            tok = build_tokenizer(tokenizer, _tokenizer_texts(tokenizer, planned(), cleaner, rate, val_fraction),
+                                  vocab_size)
         dtype = token_dtype(tok.vocab_size)
         log(f"tokenizer: {tok.kind}, vocab {tok.vocab_size:,} ({dtype.name} shards)")
         if tok.kind in ("bpe", "wordpiece", "unigram") and tok.vocab_size < vocab_size:
@@ -546,16 +496,8 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
         if output is None:
             output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
             pool = _Workers(workers, (cleaner.transformer(), tok.to_str(), val_fraction, dtype.name), start_method)
-            t_enc = time.time()
-            enc_items = ((group_of[i], d, (d, code)) for i, code, d in planned())
-            for grp, res in pool.map(_encode_batch, _batched(enc_items, batch_chars)):
-                ids, lens, codes, nbytes, owner = res
-                ends = np.cumsum(lens)
-                for k in range(len(lens)):
-                    output.add(int(codes[k]), grp[owner[k]], ids[ends[k] - lens[k]:ends[k]], int(nbytes[k]))
-                output.flush()
-                progress(output.bytes, "tokenized", t_enc)
-            pool.close()
+            _encode_pass(pool, output, ((group_of[i], d, (d, code)) for i, code, d in planned()), batch_chars,
+                         progress)
         log(f"tokenized {output.bytes / 1e6:,.1f} MB ({time.time() - t0:.1f} s since the start)")
         split_info = output.close()
         if split_info["train"]["tokens"] < 2:
@@ -563,23 +505,10 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
         tok.save(partial / "tokenizer.json")
         with open(partial / "tokenizer.json", "rb+") as f:
             os.fsync(f.fileno())
-        meta = {
-            "format": FORMAT_VERSION,
-            "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size,
-                          "eot_id": tok.eot_id, "mask_id": tok.mask_id, "sha256": tok.sha256()},
-            "dtype": dtype.name,
-            "val_fraction": val_fraction,
-            "split_rule": "text-tail" if single else "document-hash" + (", text-tail for single-document inputs"
-                                                                      if tails else ""),
-            "splits": split_info,
-            "sources": [{**s.manifest(), **({"licence": licence} if licence else {})} for s in sources],
-            "cleaning": cleaner.report(),
-            "settings": {"text_field": text_field, "text_unit": text_unit, "workers": workers,
-                         "start_method": (start_method or "default") if workers else None,
-                         "batch_chars": batch_chars, "shard_tokens": shard_tokens},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.time() - t0, 3),
-        }
+        meta = _manifest(tok, dtype, val_fraction, tails, single, split_info, sources, licence, cleaner,
+                         {"text_field": text_field, "text_unit": text_unit, "workers": workers,
+                          "start_method": (start_method or "default") if workers else None,
+                          "batch_chars": batch_chars, "shard_tokens": shard_tokens}, t0)
         if weighted:
             meta["mixture"] = _mixture(sources, labels, groups, output.writers, log)
         write_json_atomic(partial / META, meta)
@@ -601,17 +530,124 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
         info = split_info[sp]
         log(f"{sp}: {info['tokens']:,} tokens, {info['documents']:,} documents, {info['bytes']:,} bytes")
     if tok.kind == "file" and tok.unk_id is not None:  # a reused tokenizer may not cover this corpus
-        unk = total = 0
-        for sp in SPLITS:
-            for shard in (x for x in meta["splits"][sp]["shards"] if x["tokens"]):
-                ids = np.memmap(out / shard["file"], dtype=dtype, mode="r")
-                unk += int(np.count_nonzero(ids == tok.unk_id))
-                total += ids.size
-        if total and unk / total > 0.001:
-            log(f"warning: {unk:,} of {total:,} tokens ({unk / total:.1%}) are the unknown token: the reused "
-                "tokenizer does not cover this corpus's characters (train one with --tokenizer bpe, or reuse "
-                "one with a byte-level alphabet)")
+        _warn_unknown(out, meta, tok.unk_id, dtype, log)
     return meta
+
+
+def _scan(pool: _Workers, cleaner: Cleaner, docs: Iterator[tuple[int, str]], group_of: list[int],
+          output: _Output | None, batch_chars: int, progress: Callable[[int], None],
+          ) -> tuple[bytearray, dict[int, list[int]], int, int]:
+    """Pass 1: read, clean and choose splits, one plan byte per document (and encode, when the tokenizer is known
+    upfront). Returns the plan, per mixture component (one for an unweighted corpus) [kept documents,
+    validation ones, first and last plan index], the number kept and their characters."""
+    plan = bytearray()
+    n_docs = total_chars = 0
+    per_group: dict[int, list[int]] = {}
+    scan_items = ((i, d, d) for i, d in docs)
+    for (srcs, texts), res in pool.map(_scan_batch, _scan_batches(scan_items, batch_chars)):
+        codes, exact, contam, minhash, signed, nbytes, val, chars, encoded = res
+        if encoded is not None:
+            ids, lens = encoded
+            ends = np.cumsum(lens)
+            k = 0  # index among the documents that passed the filters (the encoded ones)
+        for j, src_index in enumerate(srcs):
+            a = (int(codes[j]), int(exact[j]), bool(contam[j]), minhash[j] if signed[j] else None,
+                 int(nbytes[j]))
+            kept = cleaner.decide(a, src_index, lambda t=texts[j]: cleaner.transform(t))
+            if kept:
+                g = per_group.setdefault(group_of[src_index], [0, 0, len(plan), 0])
+                g[0], g[1], g[3] = g[0] + 1, g[1] + bool(val[j]), len(plan)
+                n_docs += 1
+                total_chars += int(chars[j])
+                plan.append(VAL if val[j] else TRAIN)
+            else:
+                plan.append(DROP)
+            if encoded is not None and not codes[j]:
+                if kept:
+                    output.add(plan[-1], group_of[src_index], ids[ends[k] - lens[k]:ends[k]], int(nbytes[j]))
+                k += 1
+        if output is not None:
+            output.flush()
+            progress(output.bytes)
+    return plan, per_group, n_docs, total_chars
+
+
+def _manifest(tok: Tokenizer, dtype: np.dtype, val_fraction: float, tails: int, single: bool,
+              split_info: dict[str, Any], sources: list, licence: str, cleaner: Cleaner, settings: dict[str, Any],
+              t0: float) -> dict[str, Any]:
+    """meta.json: the format, tokenizer, splits, every source (with its hash and licence), the cleaning report
+    and the settings (see data/manifest.py)."""
+    return {
+        "format": FORMAT_VERSION,
+        "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size,
+                      "eot_id": tok.eot_id, "mask_id": tok.mask_id, "sha256": tok.sha256()},
+        "dtype": dtype.name,
+        "val_fraction": val_fraction,
+        "split_rule": "text-tail" if single else "document-hash" + (", text-tail for single-document inputs"
+                                                                  if tails else ""),
+        "splits": split_info,
+        "sources": [{**s.manifest(), **({"licence": licence} if licence else {})} for s in sources],
+        "cleaning": cleaner.report(),
+        "settings": settings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.time() - t0, 3),
+    }
+
+
+def _fix_splits(plan: bytearray, per_group: dict[int, list[int]], val_fraction: float) -> tuple[int, int]:
+    """Each mixture component (or the whole corpus) trains: a lone document is cut at its text tail, and if
+    every document hashed into validation the first trains; if none of the corpus did, its last goes there.
+    Returns (tails, documents whose split changed)."""
+    tails = fixed = 0
+    for n_g, val_g, first_g, _ in per_group.values():
+        if n_g == 1:
+            plan[first_g], tails = TAIL, tails + 1
+            fixed += val_fraction > 0  # (with no validation a tail is the whole text: encoded as it was)
+        elif val_g == n_g:
+            plan[first_g], fixed = TRAIN, fixed + 1
+    if val_fraction > 0 and VAL not in plan and TAIL not in plan:
+        plan[max(g[3] for g in per_group.values())], fixed = VAL, fixed + 1
+    return tails, fixed
+
+
+def _tokenizer_texts(tokenizer: str, planned: Iterator[tuple[int, int, str]], cleaner: Cleaner, rate: float,
+                     val_fraction: float) -> Iterator[str]:
+    """What a tokenizer learns from: a char vocabulary every kept document (so validation text is always
+    representable, as nanoGPT's), a trained one an evenly spread sample (by content hash, at ``rate``) of the
+    train split."""
+    for _, code, d in planned:
+        if tokenizer == "char":
+            yield cleaner.transform(d)
+        elif code in (TRAIN, TAIL) and (rate >= 1.0 or _is_val("sample:" + d, rate)):
+            t = cleaner.transform(d)
+            yield t[:int(len(t) * (1.0 - val_fraction))] if code == TAIL else t
+
+
+def _encode_pass(pool: _Workers, output: _Output, items: Iterator[tuple[int, str, Any]], batch_chars: int,
+                 progress: Callable[[int, str, float], None]) -> None:
+    """Encode the kept documents in the workers; write them to the shards in corpus order."""
+    t_enc = time.time()
+    for grp, res in pool.map(_encode_batch, _batched(items, batch_chars)):
+        ids, lens, codes, nbytes, owner = res
+        ends = np.cumsum(lens)
+        for k in range(len(lens)):
+            output.add(int(codes[k]), grp[owner[k]], ids[ends[k] - lens[k]:ends[k]], int(nbytes[k]))
+        output.flush()
+        progress(output.bytes, "tokenized", t_enc)
+    pool.close()
+
+
+def _warn_unknown(out: Path, meta: dict[str, Any], unk_id: int, dtype: np.dtype, log: Callable[[str], None]) -> None:
+    unk = total = 0
+    for sp in SPLITS:
+        for shard in (x for x in meta["splits"][sp]["shards"] if x["tokens"]):
+            ids = np.memmap(out / shard["file"], dtype=dtype, mode="r")
+            unk += int(np.count_nonzero(ids == unk_id))
+            total += ids.size
+    if total and unk / total > 0.001:
+        log(f"warning: {unk:,} of {total:,} tokens ({unk / total:.1%}) are the unknown token: the reused "
+            "tokenizer does not cover this corpus's characters (train one with --tokenizer bpe, or reuse "
+            "one with a byte-level alphabet)")
 
 
 def _scan_batches(items: Iterator[tuple[int, str, str]], batch_chars: int) -> Iterator[tuple[tuple[list, list], list]]:
