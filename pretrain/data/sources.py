@@ -22,7 +22,7 @@ import io
 import json
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,98 +361,97 @@ def _lines(path: Path, src: Source | None = None, keepends: bool = True) -> Iter
             raise _utf8_error(path, e, rest, offset) from None
 
 
-# ------------------------------------------------------------------------------------------------ formats
+# ------------------------------------------------------------------------------------------------ tables
 
 
-def _json_value(path: Path, where: str, obj: Any, text_field: str) -> str | None:
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}:{where}: expected a JSON object, got {type(obj).__name__}")
-    if text_field not in obj:
-        raise DataError(f"{path}:{where}: no field {text_field!r}; fields present: "
-                        f"{', '.join(sorted(obj)) or '(none)'} (choose one with --text-field)")
-    value = obj[text_field]
+def column_error(path: Path, name: str, present: list[str], flag: str = "--text-field") -> DataError:
+    """The error for a column that ``path`` lacks: it lists the ``present`` ones and names ``flag``."""
+    return DataError(f"{path}: no column {name!r}; columns present: {', '.join(present) or '(none)'} "
+                     f"(choose one with {flag})")
+
+
+def _text_value(path: Path, where: str, name: str, value: Any) -> str | None:
+    """A JSON value that must be text (None stays None)."""
     if value is None:
         return None
     if not isinstance(value, str):
-        raise DataError(f"{path}:{where}: field {text_field!r} is {type(value).__name__}, not a string")
+        raise DataError(f"{path}:{where}: field {name!r} is {type(value).__name__}, not a string")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise DataError(f"{path}:{where}: field {text_field!r} holds a lone surrogate escape (e.g. a "
+        raise DataError(f"{path}:{where}: field {name!r} holds a lone surrogate escape (e.g. a "
                         "truncated emoji), which is not valid Unicode text") from None
     return value
 
 
-def _iter_jsonl(path: Path, text_field: str, src: Source | None = None) -> Iterator[str | None]:
-    # lines end at '\n' only (not str.splitlines()): JSON strings may hold U+2028
-    for lineno, line in _lines(path, src, keepends=False):
+def _json_record(path: Path, where: str, obj: Any, columns: list[str] | None, text: bool,
+                 flag: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{where}: expected a JSON object, got {type(obj).__name__}")
+    row: dict[str, Any] = {}
+    for name in obj if columns is None else columns:
+        if name not in obj:
+            raise DataError(f"{path}:{where}: no field {name!r}; fields present: "
+                            f"{', '.join(sorted(obj)) or '(none)'} (choose one with {flag})")
+        row[name] = _text_value(path, where, name, obj[name]) if text else obj[name]
+    return row
+
+
+def _json_records(path: Path, kind: str, columns: list[str] | None, text: bool, flag: str,
+                  src: Source | None) -> Iterator[dict[str, Any]]:
+    lines: Iterator[tuple[int, str]]
+    if kind == "json":  # a JSON array of objects (or one object, or one object per line); read whole
+        doc = _decode(path, b"".join(_chunks(path, src)))
+        try:
+            data = json.loads(doc)
+        except json.JSONDecodeError:
+            lines = enumerate(doc.split("\n"), 1)
+        else:
+            for i, obj in enumerate(data if isinstance(data, list) else [data]):
+                yield _json_record(path, f"item {i}", obj, columns, text, flag)
+            return
+    else:  # lines end at '\n' only (not str.splitlines()): JSON strings may hold U+2028
+        lines = _lines(path, src, keepends=False)
+    for lineno, line in lines:
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        yield _json_value(path, str(lineno), obj, text_field)
+        yield _json_record(path, str(lineno), obj, columns, text, flag)
 
 
-def _column_error(path: Path, field: str, present: list[str]) -> DataError:
-    return DataError(f"{path}: no column {field!r}; columns present: {', '.join(present) or '(none)'} "
-                     "(choose one with --text-field)")
+def _csv_records(path: Path, kind: str, columns: list[str] | None, flag: str,
+                 src: Source | None) -> Iterator[dict[str, Any]]:
+    import csv
+
+    lines = (line for _, line in _lines(path, src))
+    csv.field_size_limit(2**31 - 1)  # a document may be longer than the module's 128 KiB default
+    # CSV: RFC 4180 quoting, strict (an unbalanced quote is an error, not rows silently merged); TSV: no
+    # quoting at all, as GLUE-style TSV files are written (a '"' is text)
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if kind == "tsv" else \
+        csv.reader(lines, strict=True)
+    try:
+        header = next(reader, None) or []  # an empty file has no columns (and no rows)
+        for name in columns or ():
+            if name not in header:
+                raise column_error(path, name, header, flag)
+        index = {name: header.index(name) for name in (header if columns is None else columns)}
+        for row in reader:
+            if not row:  # blank lines are not rows
+                continue
+            if len(row) != len(header):  # a stray delimiter (unquoted comma, tab in a TSV text) shifts fields
+                raise DataError(f"{path}:{reader.line_num}: row has {len(row)} field(s), the header "
+                                f"{len(header)}" + ("" if kind == "tsv" else
+                                                    " (a field with a comma in it must be in double quotes)"))
+            yield {name: row[i] for name, i in index.items()}
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed {kind.upper()} ({e})") from None
 
 
-def iter_rows(path: Path, kind: str, field: str, src: Source | None = None) -> Iterator[str | None]:
-    """The ``field`` value of every row of a JSONL/JSON/CSV/TSV/Parquet file, in order, empty ones included
-    (so callers that need row alignment, like `pretrain embed`, can keep it)."""
-    if kind == "jsonl":
-        yield from _iter_jsonl(path, field, src)
-    else:
-        yield from _iter_table(path, kind, field, src)
-
-
-def _iter_table(path: Path, kind: str, field: str, src: Source | None = None) -> Iterator[str | None]:
-    if kind in ("csv", "tsv"):
-        import csv
-
-        lines = (line for _, line in _lines(path, src))
-        csv.field_size_limit(2**31 - 1)  # a document may be longer than the module's 128 KiB default
-        # CSV: RFC 4180 quoting, strict (an unbalanced quote is an error, not rows silently merged); TSV: no
-        # quoting at all, as GLUE-style TSV files are written (a '"' is text), the same as fine-tuning reads
-        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if kind == "tsv" else \
-            csv.reader(lines, strict=True)
-        try:
-            header = next(reader, None)
-            if header is None or field not in header:
-                raise _column_error(path, field, list(header or []))
-            col = header.index(field)
-            for row in reader:
-                if not row:  # blank lines are not rows
-                    continue
-                if len(row) != len(header):  # a stray delimiter (unquoted comma, tab in a TSV text) shifts fields
-                    raise DataError(f"{path}:{reader.line_num}: row has {len(row)} field(s), the header "
-                                    f"{len(header)}" + ("" if kind == "tsv" else
-                                                        " (a field with a comma in it must be in double quotes)"))
-                yield row[col]
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: malformed {kind.upper()} ({e})") from None
-        return
-    if kind == "json":  # a JSON array of objects (or one object per line); read whole
-        text = _decode(path, b"".join(_chunks(path, src)))
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            for lineno, line in enumerate(text.split("\n"), 1):
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                    yield _json_value(path, str(lineno), obj, field)
-            return
-        rows = data if isinstance(data, list) else [data]
-        for i, obj in enumerate(rows):
-            yield _json_value(path, f"item {i}", obj, field)
-        return
-    # parquet, read in record batches
+def _parquet_records(path: Path, columns: list[str] | None, text: bool, flag: str,
+                     src: Source | None) -> Iterator[dict[str, Any]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -461,25 +460,71 @@ def _iter_table(path: Path, kind: str, field: str, src: Source | None = None) ->
             pf = pq.ParquetFile(pa.BufferReader(b"".join(_chunks(path))))
         else:
             pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        if field not in names:
-            raise _column_error(path, field, names)
-        tp = pf.schema_arrow.field(field).type
-        if pa.types.is_dictionary(tp):  # a categorical column: its values' type
-            tp = tp.value_type
+        schema = pf.schema_arrow
         is_view = getattr(pa.types, "is_string_view", lambda _t: False)
-        if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or is_view(tp) or pa.types.is_null(tp)):
-            raise DataError(f"{path}: column {field!r} is {tp}, not a string column (choose the text column "
-                            "with --text-field)")
-        for batch in pf.iter_batches(columns=[field], batch_size=8192):
-            for value in batch.column(0).to_pylist():
-                yield value if isinstance(value, str) else None
+        for name in columns or ():
+            if name not in schema.names:
+                raise column_error(path, name, schema.names, flag)
+        for name in (schema.names if columns is None else columns) if text else []:
+            tp = schema.field(name).type
+            if pa.types.is_dictionary(tp):  # a categorical column: its values' type
+                tp = tp.value_type
+            if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or is_view(tp)
+                    or pa.types.is_null(tp)):
+                raise DataError(f"{path}: column {name!r} is {tp}, not a string column (choose the text "
+                                f"column with {flag})")
+        for batch in pf.iter_batches(columns=columns, batch_size=8192):
+            yield from batch.to_pylist()
     except DataError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError on damaged files
         raise DataError(f"{path} is not a readable Parquet file: {str(e).splitlines()[0]}") from None
     if src is not None:
         src.sha256, src.bytes = sha256_file(path), path.stat().st_size
+
+
+def iter_records(path: Path, kind: str | None = None, columns: Sequence[str] | None = None, *,
+                 text: bool = False, flag: str = "--text-field",
+                 src: Source | None = None) -> Iterator[dict[str, Any]]:
+    """Every row of a CSV, TSV, JSONL, JSON or Parquet file as a dict (column → value), in file order,
+    streamed (a .json file is read whole); gzip/zstd-compressed files are read as the format inside.
+
+    ``kind`` is the format (by default from the extension, as :func:`kind_of` says). ``columns`` are the
+    columns to read (default: all). A column the file lacks is a :class:`DataError` that lists the columns
+    it has and suggests ``flag``: before any row for CSV/TSV/Parquet (their header or schema), at the row
+    for JSON/JSONL (each object names its own fields). With ``text=True`` every column read must hold
+    text: a JSON value that is not a string (or holds a lone surrogate) or a Parquet column of another
+    type is an error; nulls come out as None.
+
+    Values are as stored: strings for CSV/TSV, JSON values, Python values for Parquet. A name repeated in
+    a CSV/TSV header means its first column. Blank lines are not rows. CSV is RFC 4180 quoted, strictly;
+    TSV is not quoted at all (GLUE-style). Damaged input raises DataError naming the file and, where there
+    is one, the line (``path:LINE:``) or JSON array item (``path:item N:``): a binary file, a non-UTF-8
+    (or UTF-16) one, a damaged gzip/zstd stream, malformed CSV or JSON, a row with more or fewer fields
+    than the header, a JSON row that is not an object, an unreadable Parquet file. With ``src``, its
+    sha256 and size are filled in once the file has been read to the end.
+    """
+    kind = kind or kind_of(path)
+    cols = None if columns is None else list(columns)
+    if kind in ("csv", "tsv"):
+        yield from _csv_records(path, kind, cols, flag, src)
+    elif kind in ("jsonl", "json"):
+        yield from _json_records(path, kind, cols, text, flag, src)
+    elif kind == "parquet":
+        yield from _parquet_records(path, cols, text, flag, src)
+    else:
+        raise DataError(f"{path}: not a table (CSV, TSV, JSONL, JSON or Parquet), but {kind}")
+
+
+def iter_rows(path: Path, kind: str, field: str, src: Source | None = None) -> Iterator[str | None]:
+    """The ``field`` value of every row of a JSONL/JSON/CSV/TSV/Parquet file, in order, empty ones included
+    (so callers that need row alignment, like `pretrain embed`, can keep it): :func:`iter_records` of that
+    one text column."""
+    for row in iter_records(path, kind, [field], text=True, src=src):
+        yield row[field]
+
+
+# ------------------------------------------------------------------------------------------------ text
 
 
 def _iter_text(path: Path, unit: str, src: Source | None = None) -> Iterator[str]:

@@ -1,8 +1,9 @@
 """Labelled data for fine-tuning: rows of text (or text pairs) with a label, and CoNLL token labels.
 
-Tables: CSV, TSV, JSONL/JSON or Parquet (optionally gzip/zstd, as for `pretrain prepare`). Columns are
-named by the user; a missing column is an error that lists the columns that exist. Labels are checked
-once, here: empty text, missing labels, and a label column mixing numbers and words are errors.
+Tables: CSV, TSV, JSONL/JSON or Parquet (optionally gzip/zstd), read by the reader `pretrain prepare` uses
+(:func:`pretrain.data.sources.iter_records`). Columns are named by the user; a missing column is an error
+that lists the columns that exist. Labels are checked once, here: empty text, missing labels, and a label
+column mixing numbers and words are errors.
 
 Token classification reads CoNLL-style files: one token per line with its tag in the last
 whitespace-separated column, sentences separated by blank lines, ``-DOCSTART-`` lines ignored.
@@ -10,14 +11,12 @@ whitespace-separated column, sentences separated by blank lines, ``-DOCSTART-`` 
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pretrain import PretrainError
+from pretrain.data.sources import DataError, column_error, expand_inputs, iter_records, kind_of, read_text
 
 TABLE_KINDS = ("csv", "tsv", "jsonl", "json", "parquet")
 
@@ -60,69 +59,25 @@ class TokenExamples:
 
 
 def _rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """All rows of a table file as dicts, and the column names."""
-    from pretrain.data.sources import expand_inputs, read_text
-
+    """All rows of a table file as dicts, and the column names (a JSON file's: every field of any row)."""
     if not path.is_file():
         raise TaskDataError(f"file not found: {path}")
     (src,) = expand_inputs([str(path)])
     if src.kind not in TABLE_KINDS:
-        raise TaskDataError(f"{path}: labelled data must be CSV, TSV, JSONL, JSON or Parquet (got {src.kind})")
-    if src.kind == "parquet":
-        try:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises ArrowInvalid / OSError on damaged files
-            raise TaskDataError(f"{path} is not a readable Parquet file: {str(e).splitlines()[0]}") from None
-        return table.to_pylist(), table.column_names
-    text = read_text(path)
-    if src.kind in ("csv", "tsv"):
-        # as pre-training reads them: CSV strict (an unbalanced quote is an error, not rows merged), TSV unquoted
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE) \
-            if src.kind == "tsv" else csv.reader(io.StringIO(text, newline=""), strict=True)
-        try:
-            header = next(reader, None) or []
-            rows = []
-            for row in reader:
-                if not row:  # blank lines are not rows
-                    continue
-                if len(row) != len(header):  # a stray delimiter would shift the text into the label
-                    raise TaskDataError(f"{path}:{reader.line_num}: row has {len(row)} field(s), the header "
-                                        f"{len(header)}" + ("" if src.kind == "tsv" else
-                                                            " (a field with a comma in it must be in double quotes)"))
-                rows.append(dict(zip(header, row)))
-        except csv.Error as e:
-            raise TaskDataError(f"{path}:{reader.line_num}: malformed {src.kind.upper()} ({e})") from None
-        return rows, header
-    if src.kind == "json":
-        try:
-            data = json.loads(text)
-            items = data if isinstance(data, list) else [data]
-        except json.JSONDecodeError:
-            items = None
-        if items is not None:
-            if not all(isinstance(r, dict) for r in items):
-                raise TaskDataError(f"{path}: expected a JSON array of objects")
-            return items, sorted({k for r in items for k in r})
-    rows = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskDataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise TaskDataError(f"{path}:{lineno}: expected a JSON object per line")
-        rows.append(obj)
-    return rows, sorted({k for r in rows for k in r})
+        raise TaskDataError(f"{path}: labelled data must be CSV, TSV, JSONL, JSON or Parquet "
+                            f"(got {src.kind})")
+    try:  # read as pre-training reads them: CSV strictly quoted, TSV unquoted, a row's fields checked
+        rows = list(iter_records(path, src.kind))
+    except DataError as e:
+        raise TaskDataError(str(e)) from None
+    if src.kind in ("jsonl", "json"):
+        return rows, sorted({k for r in rows for k in r})
+    return rows, list(rows[0]) if rows else []
 
 
 def _column(rows: list[dict[str, Any]], columns: list[str], name: str, path: Path, flag: str) -> list[Any]:
     if name not in columns:
-        raise TaskDataError(f"{path}: no column {name!r}; columns present: {', '.join(columns) or '(none)'} "
-                            f"(choose one with {flag})")
+        raise TaskDataError(str(column_error(path, name, columns, flag)))
     return [r.get(name) for r in rows]
 
 
@@ -179,13 +134,9 @@ def _normalise_labels(values: list[Any], path: Path, column: str) -> list[Any]:
 
 def read_conll(path: str | Path, with_tags: bool = True) -> TokenExamples:
     """CoNLL-style token file: ``token ... tag`` per line, blank line between sentences."""
-    from pretrain.data.sources import read_text
-
     path = Path(path)
     if not path.is_file():
         raise TaskDataError(f"file not found: {path}")
-    from pretrain.data.sources import kind_of
-
     if kind_of(path) != "text":  # a table read as 'token tag' lines would train on garbage
         raise TaskDataError(f"{path}: --task token reads CoNLL text files (one 'token tag' per line, a blank "
                             f"line between sentences), not {kind_of(path).upper()}")
