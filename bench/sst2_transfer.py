@@ -87,8 +87,9 @@ def pretrain(work: Path, config: str, budget_s: float, overrides: list[str], qui
         from pretrain.hardware import cpu_has_native_bf16
 
         dtype = "bf16" if cpu_has_native_bf16() else "fp32"
-    # the time budget ends the run (the config's max_steps is a ceiling above it) and the LR schedule runs over
-    # the time budget (train.time_schedule): a slower machine stops with a finished decay, not mid-cosine
+    # the time budget ends the run (the config's max_steps is a ceiling above it) and the LR schedule runs
+    # over the time budget (train.time_schedule): a slower machine stops with a finished decay, not
+    # mid-cosine
     cfg = load_config(config, ["--data.path", str(data), "--train.max_time_s",
                                str(budget_s), "--train.time_schedule", "true",
                                "--train.eval_interval", "500", "--train.ckpt_interval", "500",
@@ -106,10 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default=str(ROOT / "configs" / "bert-cpu-sst2.yaml"))
     ap.add_argument("--budget-s", type=float, default=1740.0, help="pre-training time limit (default 1740)")
     ap.add_argument("--corpus", default="in-domain", choices=["mixed", "in-domain"],
-                    help="pre-training text: in-domain (default: IMDB and SST-2 train only, a weighted mixture) "
-                         "or mixed (those plus WikiText-2 and TinyStories, as one file)")
+                    help="pre-training text: in-domain (default: IMDB and SST-2 train only, a weighted "
+                         "mixture) or mixed (those plus WikiText-2 and TinyStories, as one file)")
     ap.add_argument("--sst2-weight", type=float, default=0.3,
-                    help="in-domain corpus: share of training samples drawn from the SST-2 sentences (default 0.3)")
+                    help="in-domain corpus: share of training samples drawn from the SST-2 sentences "
+                         "(default 0.3)")
     ap.add_argument("--stage", choices=["pretrain", "transfer", "all"], default="all")
     ap.add_argument("--budgets", default="100,1000,all", help="label budgets for the transfer stage")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per budget (the full set: 1)")
@@ -117,10 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scratch-lr", type=float, default=1e-3, help="fine-tuning LR of the random init")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                     help="pre-training precision: auto = bf16 on CPUs with native bf16, else fp32")
-    ap.add_argument("--pooling", default="auto", help="fine-tuning pooling, both sides: auto (cls) | mean | cls")
+    ap.add_argument("--pooling", default="auto",
+                    help="fine-tuning pooling, both sides: auto (cls) | mean | cls")
     ap.add_argument("--prompt", default="",
-                    help="prompt-based fine-tuning on both sides, e.g. '{text} it was {mask}.' (default: a linear head)")
-    ap.add_argument("--verbalizer", default="0=terrible,1=great", help="label words for --prompt (default 0=terrible,1=great)")
+                    help="prompt-based fine-tuning on both sides, e.g. '{text} it was {mask}.' "
+                         "(default: a linear head)")
+    ap.add_argument("--verbalizer", default="0=terrible,1=great",
+                    help="label words for --prompt (default 0=terrible,1=great)")
     ap.add_argument("--min-steps", type=int, default=200, help="small budgets train at least this many steps")
     ap.add_argument("--max-epochs", type=int, default=10, help="epoch cap for small budgets")
     ap.add_argument("--out", default=None, help="where the transfer report goes (default WORK/transfer)")
@@ -133,14 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
         result["pretrain"] = pretrain(work, args.config, args.budget_s, overrides, args.json, args.dtype,
                                        args.corpus, args.sst2_weight)
     if args.stage in ("transfer", "all"):
-        from pretrain.finetune.trainer import FinetuneConfig
+        from pretrain.config import FinetuneConfig
         from pretrain.finetune.transfer import transfer
 
-        # one epoch over all 67k labels; small budgets get up to --max-epochs epochs (at least --min-steps steps)
-        cfg = FinetuneConfig(text_column="sentence", label_column="label", epochs=1, lr=args.lr, pooling=args.pooling,
-                             prompt=args.prompt, verbalizer=args.verbalizer if args.prompt else "")
-        result["transfer"] = transfer(work / "run", SHARED / "sst2" / "train.tsv", SHARED / "sst2" / "dev.tsv",
-                                      Path(args.out or work / "transfer"), cfg, budgets=args.budgets, seeds=args.seeds,
+        # one epoch over all 67k labels; small budgets get up to --max-epochs epochs (at least --min-steps
+        # steps)
+        cfg = FinetuneConfig(text_column="sentence", label_column="label", epochs=1, lr=args.lr,
+                             pooling=args.pooling, prompt=args.prompt,
+                             verbalizer=args.verbalizer if args.prompt else "")
+        result["transfer"] = transfer(work / "run", SHARED / "sst2" / "train.tsv",
+                                      SHARED / "sst2" / "dev.tsv", Path(args.out or work / "transfer"), cfg,
+                                      budgets=args.budgets, seeds=args.seeds,
                                       scratch_lr=args.scratch_lr, min_steps=args.min_steps,
                                       max_epochs=args.max_epochs, quiet=False)
     if args.json:

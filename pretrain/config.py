@@ -124,7 +124,8 @@ class TrainConfig:
     warmup_steps: int = 100
     """Linear warmup steps from 0 to the peak learning rate."""
     schedule: str = "cosine"
-    """Learning-rate schedule after warmup: 'cosine', 'wsd' (warmup-stable-decay) or 'constant'."""
+    """Learning-rate schedule after warmup: 'cosine', 'linear' (to the floor), 'wsd' (warmup-stable-decay) or
+    'constant'."""
     decay_frac: float = 0.2
     """wsd only: fraction of max_steps spent in the final (linear) decay."""
     optimizer: str = "adamw"
@@ -209,8 +210,8 @@ class TrainConfig:
         _check(self.compile in (True, False, "auto"), f"train.compile must be true, false or 'auto', got {self.compile!r}")
         _check(self.lr > 0 and self.muon_lr > 0, "train.lr and train.muon_lr must be > 0")
         _check(self.optimizer in ("adamw", "muon"), f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-        _check(self.schedule in ("cosine", "wsd", "constant"),
-               f"train.schedule must be 'cosine', 'wsd' or 'constant', got {self.schedule!r}")
+        _check(self.schedule in ("cosine", "linear", "wsd", "constant"),
+               f"train.schedule must be 'cosine', 'linear', 'wsd' or 'constant', got {self.schedule!r}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
         _check(0.0 < self.decay_frac <= 1.0, "train.decay_frac must be in (0, 1]")
         _check(self.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
@@ -276,6 +277,107 @@ class Config:
 
     def to_yaml(self) -> str:
         return dump_yaml(self.to_dict())
+
+
+TASKS = ("classification", "regression", "token")
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "classification"
+    """'classification' (one label per text or text pair), 'regression' (a number per text or pair) or
+    'token' (one tag per word, CoNLL files)."""
+    text_column: str = "text"
+    """Column (CSV/TSV/Parquet) or field (JSONL) holding the text."""
+    text_pair_column: str | None = None
+    """Second text column for sentence-pair tasks (entailment, paraphrase, similarity)."""
+    label_column: str = "label"
+    """Column holding the label (a class name or number; a float for regression)."""
+    epochs: int = 3
+    """Passes over the training data (early stopping may end sooner)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = no limit)."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate (of the top layer when layer_decay < 1)."""
+    head_lr: float = 0.0
+    """Learning rate of the task head (0 = same as lr)."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay: the top block gets lr, each block below a factor layer_decay less, the
+    embeddings lr × layer_decay^n_layer (1 = off)."""
+    head_only: bool = False
+    """Freeze the backbone; train the task head only."""
+    lora: bool = False
+    """Train LoRA adapters on the blocks' linear layers (and the head) instead of all weights (needs peft)."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA adapters' input."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices (not on biases, norms or embeddings)."""
+    warmup_frac: float = 0.06
+    """Fraction of the steps spent warming the LR up linearly; it then decays linearly to 0."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
+    dropout: float = 0.1
+    """Dropout in the backbone and before the head while fine-tuning."""
+    pooling: str = "auto"
+    """Sequence representation: 'cls' (encoders), 'last' (decoders), 'mean', or 'auto' (cls / last)."""
+    max_length: int = 0
+    """Longest input in tokens, specials included (0 = the model's context)."""
+    truncation: str = "end"
+    """Over-long inputs: 'end' (cut the end; the longer text of a pair first), 'start' (keep the end)
+    or 'error'. The number truncated is reported."""
+    patience: int = 3
+    """Early stopping: stop after this many evaluations without a better validation metric (0 = never)."""
+    evals_per_epoch: int = 1
+    """Validation passes per epoch (early stopping counts them)."""
+    prompt: str = ""
+    """Prompt-based classification (PET / LM-BFF): a template with {text} (and {text_pair} for pairs) and
+    {mask}, e.g. '{text} It was {mask}.' The backbone's own LM head scores the --verbalizer words at {mask}
+    (encoders: a [MASK] token; decoders: the next token, so {mask} must end the template), so no head
+    starts from random. '' = a linear head on pooled features."""
+    verbalizer: str = ""
+    """With --prompt: one word per label, 'label=word,...' (e.g. '0=terrible,1=great'); each word must be a
+    single token of the run's vocabulary."""
+    from_scratch: bool = False
+    """Start from a random init of the run's architecture instead of its weights (the baseline)."""
+    seed: int = 0
+    """Seed of the head init, dropout, shuffling (and the scratch init)."""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'."""
+    dtype: str = "auto"
+    """Autocast dtype: 'auto' (bf16 on CUDA and on CPUs with native bf16 instructions, fp32 elsewhere), 'bf16' or
+    'fp32'."""
+
+    def __post_init__(self) -> None:
+        _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(self.max_steps >= 0, "max_steps must be >= 0")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.lr > 0 and self.head_lr >= 0, "lr must be > 0 and head_lr >= 0")
+        _check(0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]")
+        _check(not (self.head_only and self.lora), "head_only and lora exclude each other")
+        _check(self.lora_r >= 1, "lora_r must be >= 1")
+        _check(self.lora_alpha > 0, "lora_alpha must be > 0")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)")
+        _check(0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)")
+        _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
+        _check(self.pooling in ("auto", "cls", "last", "mean"), f"pooling must be auto, cls, last or mean, got {self.pooling!r}")
+        _check(self.max_length >= 0, "max_length must be >= 0")
+        _check(self.truncation in ("end", "start", "error"), f"truncation must be end, start or error, got {self.truncation!r}")
+        _check(self.patience >= 0 and self.evals_per_epoch >= 1, "patience must be >= 0, evals_per_epoch >= 1")
+        _check(self.dtype in ("auto", "bf16", "fp32"), f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.prompt or self.verbalizer:
+            _check(self.task == "classification", "prompt/verbalizer are for task classification only")
+            _check(bool(self.prompt and self.verbalizer), "prompt-based classification needs both prompt and verbalizer")
+            from pretrain.finetune.encode import parse_template, parse_verbalizer  # (the prompt grammar)
+
+            parse_template(self.prompt, self.text_pair_column is not None)
+            parse_verbalizer(self.verbalizer)
 
 
 def _check(ok: bool, msg: str) -> None:

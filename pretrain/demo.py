@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from pretrain import PretrainError
-from pretrain.config import load_config
+from pretrain.config import FinetuneConfig, load_config
 from pretrain.data.prepare import prepare
-from pretrain.finetune.trainer import FinetuneConfig, finetune
+from pretrain.finetune.loop import finetune
 from pretrain.inference import evaluate_run, generate_text
 from pretrain.train import train
 
@@ -48,12 +48,14 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
     t0 = time.time()
     files = demo_corpus()
     say(f"== 1/6 prepare: {len(files)} Python standard-library modules from {Path(files[0]).parent}")
-    meta = prepare(files, out / "data", tokenizer="bpe", vocab_size=4096, val_fraction=0.1, overwrite=True, log=log)
+    meta = prepare(files, out / "data", tokenizer="bpe", vocab_size=4096, val_fraction=0.1, overwrite=True,
+                   log=log)
     t_prep = time.time() - t0
 
     say("== 2/6 pre-train a small GPT (causal LM)")
     # a time budget: the schedule decays over it too, so a slower machine still ends with a decayed LR
-    overrides = {"data": {"path": str(out / "data")}, "train": {"max_time_s": budget_s, "time_schedule": budget_s > 0}}
+    overrides = {"data": {"path": str(out / "data")},
+                 "train": {"max_time_s": budget_s, "time_schedule": budget_s > 0}}
     if max_steps:
         overrides["train"]["max_steps"] = max_steps
     cfg = load_config(None, overrides, base=DEMO_CONFIG)
@@ -76,8 +78,9 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
     task = _module_task(files, out / "task")
     ft = {}
     for init in ("pretrained", "scratch"):
-        fcfg = FinetuneConfig(text_column="text", label_column="module", epochs=finetune_epochs, batch_size=32, patience=3,
-                              lr=1e-3 if init == "pretrained" else 2e-3, from_scratch=init == "scratch")
+        fcfg = FinetuneConfig(text_column="text", label_column="module", epochs=finetune_epochs,
+                              batch_size=32, patience=3, lr=1e-3 if init == "pretrained" else 2e-3,
+                              from_scratch=init == "scratch")
         res = finetune(run, task["train"], task["valid"], out / f"finetune_{init}", fcfg, quiet=True)
         ft[init] = res["best"]["val_accuracy"]
         say(f"   {init:10s}: validation accuracy {100 * ft[init]:.1f}% (best of {res['steps']} steps)")
@@ -98,7 +101,8 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
     }
     say("\n== summary")
     say(f"corpus      {result['corpus_files']} files, {result['corpus_bytes'] / 1e6:.1f} MB → "
-        f"{result['train_tokens']:,} train / {result['val_tokens']:,} val tokens (BPE vocab {result['vocab_size']:,})")
+        f"{result['train_tokens']:,} train / {result['val_tokens']:,} val tokens "
+        f"(BPE vocab {result['vocab_size']:,})")
     say(f"model       GPT, {result['n_params'] / 1e6:.2f}M parameters, {result['steps']} steps, "
         f"{result['tokens_seen']:,} tokens in {result['train_s']:.0f}s")
     say(f"held-out    loss {ev['loss']:.3f} nats/token, perplexity {ev['perplexity']:.1f}, "
@@ -119,7 +123,8 @@ def _uniform_bpb(meta: dict[str, Any]) -> float:
     return math.log2(meta["tokenizer"]["vocab_size"]) * val["tokens"] / max(val["bytes"], 1)
 
 
-def _module_task(files: list[str], out: Path, n_modules: int = 4, n_train: int = 100, n_valid: int = 50) -> dict[str, Any]:
+def _module_task(files: list[str], out: Path, n_modules: int = 4, n_train: int = 100,
+                 n_valid: int = 50) -> dict[str, Any]:
     """A labelled task from the corpus itself: lines of code (≥ 30 characters, no comments) labelled with the
     module they come from, for the 4 largest modules. Pre-training saw the text, never these labels."""
     import json
@@ -127,7 +132,8 @@ def _module_task(files: list[str], out: Path, n_modules: int = 4, n_train: int =
 
     lines_of: dict[str, list[str]] = {}
     for f in files:
-        lines = sorted({ln.strip() for ln in Path(f).read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = sorted({ln.strip()
+                        for ln in Path(f).read_text(encoding="utf-8", errors="replace").splitlines()
                         if len(ln.strip()) >= 30 and not ln.strip().startswith(("#", '"', "'"))})
         if len(lines) >= n_train + n_valid:
             lines_of[Path(f).stem] = lines

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pretrain import PretrainError
 from pretrain.io import write_text_atomic
 
 
@@ -26,12 +27,15 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, step: int, info: dict[str, Any]) -> None:
+    def update(self, step: int, info: dict[str, Any], line: bool = True) -> None:
+        """Move the bar to ``step`` showing ``info``; without a bar, a log line (unless ``line`` is false)."""
         if self.quiet:
             return
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix({k: v for k, v in info.items() if k != "val_loss" or v}, refresh=True)
+            return
+        if not line:
             return
         done = step - self.initial
         eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
@@ -96,3 +100,10 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
+
+
+def divergence(kind: str, step: int, what: str, value: float, knob: str, kept: str) -> PretrainError:
+    """The error that ends a diverged run, pre-training and fine-tuning alike: ``{kind} diverged at step N
+    ({what} {value}); lower {knob}`` and what on disk is still good. Both loops check the loss (and the gradient
+    norm) at every log line and before anything is saved, so a diverged model is never written."""
+    return PretrainError(f"{kind} diverged at step {step} ({what} {value}); lower {knob} ({kept})")

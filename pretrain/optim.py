@@ -124,8 +124,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     no_decay = [p for n, p in adam_params if not spec.decays(n, p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    parts.insert(0, torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                      eps=1e-8, **extra))
+    parts.insert(0, torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), eps=1e-8, **extra))
     for opt in parts:
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
@@ -136,41 +136,59 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig, time_f
     """Scale every group's peak lr by the schedule at ``step`` (and ``time_frac``, see lr_at); returns the
     main (AdamW) lr."""
     scale = lr_at(step, cfg, time_frac) / cfg.lr
-    for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * scale
+    scale_lr(optimizer, scale)
     return cfg.lr * scale
 
 
+def scale_lr(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """Every parameter group's lr = its peak (``base_lr``) x ``scale``."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * scale
+
+
 def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine / wsd / constant.
+    """Learning rate of pre-training's optimizer step ``step`` (0-based): :func:`schedule` with the train config."""
+    return schedule(step, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps, cfg.schedule,
+                    cfg.decay_frac, time_frac)
+
+
+def schedule(step: int, peak: float, floor: float, warmup: int, total: int, kind: str = "cosine",
+             decay_frac: float = 0.2, time_frac: float = 0.0) -> float:
+    """The learning rate at optimizer step ``step`` (0-based) of ``total``: linear warmup over ``warmup`` steps,
+    then ``kind``: 'cosine' (to ``floor`` at ``total``), 'linear' (likewise, in a straight line), 'wsd' (hold
+    the peak, then decay linearly over the last ``decay_frac``) or 'constant'. Pre-training and fine-tuning
+    (linear to 0) both take their schedule from here.
 
     ``time_frac`` (train.time_schedule: the fraction of the time budget spent) moves the decay on when
     time runs out before the steps do: after the warmup (always in steps) the lr is the lower of the
     schedule at ``step`` and the schedule at that fraction of training."""
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if kind == "constant":
         return peak
-    by_steps = _decayed(step, cfg, peak, floor)
+    by_steps = _decayed(step, peak, floor, warmup, total, kind, decay_frac)
     if time_frac <= 0.0:
         return by_steps
     tf = min(1.0, time_frac)
-    if cfg.schedule == "cosine":
+    if kind == "cosine":
         by_time = floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * tf))
+    elif kind == "linear":
+        by_time = floor + (peak - floor) * (1.0 - tf)
     else:  # wsd: the decay takes the last decay_frac of the time
-        by_time = peak + (floor - peak) * max(0.0, (tf - (1.0 - cfg.decay_frac)) / cfg.decay_frac)
+        by_time = peak + (floor - peak) * max(0.0, (tf - (1.0 - decay_frac)) / decay_frac)
     return min(by_steps, by_time)
 
 
-def _decayed(step: int, cfg: TrainConfig, peak: float, floor: float) -> float:
-    if cfg.schedule == "cosine":
-        span = max(1, cfg.max_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
+def _decayed(step: int, peak: float, floor: float, warmup: int, total: int, kind: str, decay_frac: float) -> float:
+    if kind == "cosine":
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
         return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return floor + (peak - floor) * max(0.0, (total - step) / max(total - warmup, 1))
     # wsd: hold the peak, then decay linearly to the floor over the last decay_frac of training
-    decay_steps = max(1, int(cfg.max_steps * cfg.decay_frac))
-    decay_start = cfg.max_steps - decay_steps
+    decay_steps = max(1, int(total * decay_frac))
+    decay_start = total - decay_steps
     if step < decay_start:
         return peak
     progress = min(1.0, (step - decay_start) / decay_steps)

@@ -59,7 +59,7 @@ from pretrain.hardware import (
     use_compile,
 )
 from pretrain.io import exclusive_lock, write_text_atomic
-from pretrain.metrics import Metrics, Progress, plot_metrics
+from pretrain.metrics import Metrics, Progress, divergence, plot_metrics
 from pretrain.models import build_model, get_spec
 from pretrain.models.spec import specs
 from pretrain.objectives import build_objective, padded_documents
@@ -673,8 +673,8 @@ def save(job: Job, loss_acc: torch.Tensor, grad_norm) -> None:
 def diverged(job: Job, value: float, what: str = "loss") -> None:
     job.batches.close()
     job.progress.close()
-    raise PretrainError(f"training diverged at step {job.state.step} ({what} {value}); lower train.lr (the last "
-                        f"checkpoint saved, if any, is from before)")
+    raise divergence("training", job.state.step, what, value, "train.lr",
+                     "the last checkpoint saved, if any, is from before")
 
 
 def finish(job: Job, stop_reason: str) -> dict[str, Any]:

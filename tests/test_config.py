@@ -37,7 +37,8 @@ def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 def test_parse_overrides_space_and_equals_forms():
     out = parse_overrides(["--train.lr", "3e-4", "--model.n_layer=6", "--data.path", "some/dir",
                            "--train.max-steps", "7"])
-    assert out == {"train": {"lr": 3e-4, "max_steps": 7}, "model": {"n_layer": 6}, "data": {"path": "some/dir"}}
+    assert out == {"train": {"lr": 3e-4, "max_steps": 7}, "model": {"n_layer": 6},
+                   "data": {"path": "some/dir"}}
 
 
 def test_parse_overrides_yaml_scalars():
@@ -61,7 +62,8 @@ def test_parse_overrides_errors(args, msg):
 
 def test_load_config_precedence(tmp_path):
     p = write(tmp_path, "train:\n  lr: 0.002\n  max_steps: 50\nmodel:\n  n_layer: 3\n")
-    cfg = load_config(p, ["--train.lr", "3e-4"], base={"train": {"lr": 1.0, "batch_size": 3}, "model": {"n_layer": 9}})
+    cfg = load_config(p, ["--train.lr", "3e-4"],
+                      base={"train": {"lr": 1.0, "batch_size": 3}, "model": {"n_layer": 9}})
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)  # override wins
     assert cfg.train.max_steps == 50  # YAML
     assert cfg.model.n_layer == 3  # YAML over base
@@ -206,7 +208,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
 
 
 @pytest.mark.parametrize("overrides, msg", [
-    (["--train.schedule", "linear"], "train.schedule"),
+    (["--train.schedule", "exponential"], "train.schedule"),
     (["--train.dtype", "fp16"], "train.dtype"),
     (["--train.lr", "0"], "train.lr"),
     (["--train.lr", "-1e-3"], "train.lr"),
@@ -246,7 +248,7 @@ def test_from_dict_directly():
         from_dict(TrainConfig, {"schedul": "wsd"})
 
 
-# ---------------------------------------------------------------------------------------------- presets & docs
+# -------------------------------------------------------------------------------------------- presets & docs
 
 
 def test_there_are_presets():
@@ -283,7 +285,8 @@ def test_string_fields_take_override_text_as_typed():
 
 
 @pytest.mark.parametrize("text, value", [("010", 10), ("0x10", 16), ("0o10", 8), ("-3", -3), ("3e-4", 3e-4),
-                                         ("1.5", 1.5), (".inf", float("inf")), ("1:30", "1:30"), ("1_000", "1_000")])
+                                         ("1.5", 1.5), (".inf", float("inf")), ("1:30", "1:30"),
+                                         ("1_000", "1_000")])
 def test_numbers_are_read_as_yaml_1_2(tmp_path, text, value):
     """YAML 1.1 (PyYAML's default) reads 010 as octal 8, 1:30 as 90, 1_000 as 1000 and 3e-4 as a string."""
     assert parse_overrides(["--train.max_steps", text]) == {"train": {"max_steps": value}}

@@ -79,7 +79,7 @@ def test_classification_end_to_end(pretrained, capsys):
     assert all(abs(p["p_neg"] + p["p_pos"] - 1) < 1e-4 for p in preds)
 
     # predictions are written whole or not at all: a failed write keeps the previous file
-    import pretrain.finetune.trainer as trainer
+    import pretrain.finetune.predict as trainer
 
     before = (root / "pred.jsonl").read_bytes()
     with pytest.raises(ValueError):
@@ -93,7 +93,7 @@ def test_classification_end_to_end(pretrained, capsys):
 
 
 def test_from_scratch_differs_and_probe(pretrained, capsys):
-    from pretrain.finetune.trainer import load_backbone
+    from pretrain.finetune.model import load_backbone
 
     objective, root = pretrained
     pre, *_ = load_backbone(root / "run", 0.0, False, 0)
@@ -109,17 +109,11 @@ def test_from_scratch_differs_and_probe(pretrained, capsys):
 
 def test_lora_trains_only_adapters_and_merge_matches(pretrained, tmp_path):
     pytest.importorskip("peft")
-    from pretrain.finetune.model import TaskModel
-    from pretrain.finetune.trainer import (
-        FinetuneConfig,
-        _apply_lora,
-        _batch,
-        encode_inputs,
-        finetune,
-        load_backbone,
-        load_finetuned,
-        merged,
-    )
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune.encode import _batch, encode_inputs
+    from pretrain.finetune.loop import finetune
+    from pretrain.finetune.model import TaskModel, _apply_lora, load_backbone, merged
+    from pretrain.finetune.predict import load_finetuned
 
     objective, root = pretrained
     cfg = FinetuneConfig(lora=True, lora_r=4, epochs=4, lr=3e-3, batch_size=16, patience=0)
@@ -192,14 +186,10 @@ def test_prompt_classification_end_to_end(pretrained, tmp_path, capsys):
 
 
 def test_prompt_encoding_and_errors(pretrained, tmp_path, capsys):
-    from pretrain.config import ConfigError
-    from pretrain.finetune.trainer import (
-        FinetuneConfig,
-        encode_prompts,
-        finetune,
-        load_backbone,
-        verbalizer_ids,
-    )
+    from pretrain.config import ConfigError, FinetuneConfig
+    from pretrain.finetune.encode import encode_prompts, verbalizer_ids
+    from pretrain.finetune.loop import finetune
+    from pretrain.finetune.model import load_backbone
 
     objective, root = pretrained
     encoder = objective == "mlm"
@@ -243,7 +233,8 @@ def test_prompt_encoding_and_errors(pretrained, tmp_path, capsys):
 
 
 def test_pairs_and_regression(tmp_path, pretrained):
-    from pretrain.finetune.trainer import FinetuneConfig, finetune
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune.loop import finetune
 
     _, root = pretrained
     rng = random.Random(3)
@@ -310,7 +301,7 @@ def test_token_labels_sit_where_the_model_has_seen_the_word():
     encoder its first that is not whitespace. Truncation drops whole words, at the end or the start, or errors."""
     from pretrain.data.tokenizer import char_tokenizer, train_wordpiece
     from pretrain.finetune.data import TaskDataError
-    from pretrain.finetune.trainer import IGNORE, encode_words
+    from pretrain.finetune.encode import IGNORE, encode_words
 
     sent = [["the", "cat", "runs"]]
     tok = char_tokenizer("the cat runs")
@@ -335,7 +326,7 @@ def test_metrics_match_the_usual_definitions():
     from scipy.stats import spearmanr
     from sklearn.metrics import f1_score
 
-    from pretrain.finetune.trainer import compute_metrics
+    from pretrain.finetune.metrics import compute_metrics
 
     pred, gold = [0.1, 0.2, 0.3, 0.6, 0.5, 0.4], [0, 0, 0, 1, 1, 1]  # tied gold scores, as in STS data
     assert compute_metrics("regression", pred, gold)["spearman"] == pytest.approx(spearmanr(pred, gold)[0])
@@ -389,8 +380,9 @@ def test_budget_sampling_keeps_every_class():
 
 
 def test_layer_wise_learning_rates(pretrained):
-    from pretrain.finetune.model import TaskModel
-    from pretrain.finetune.trainer import FinetuneConfig, _param_groups, load_backbone
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune.loop import param_groups as _param_groups
+    from pretrain.finetune.model import TaskModel, load_backbone
 
     objective, root = pretrained
     backbone, pcfg, _, _ = load_backbone(root / "run", 0.0, False, 0)

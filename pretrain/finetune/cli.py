@@ -20,8 +20,7 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    from pretrain.config import field_docs
-    from pretrain.finetune.trainer import FinetuneConfig
+    from pretrain.config import FinetuneConfig, field_docs
 
     docs = field_docs(FinetuneConfig)
     for f in dataclasses.fields(FinetuneConfig):
@@ -42,7 +41,7 @@ def _add_columns(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, **extra: Any):
-    from pretrain.finetune.trainer import FinetuneConfig
+    from pretrain.config import FinetuneConfig
 
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
@@ -50,7 +49,7 @@ def _config(args: argparse.Namespace, **extra: Any):
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from pretrain.finetune.trainer import finetune
+    from pretrain.finetune.loop import finetune
 
     res = finetune(args.run, args.train, args.valid, args.out, _config(args), quiet=args.quiet or args.json)
     best = res["best"]
@@ -62,7 +61,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
-    from pretrain.finetune.trainer import predict
+    from pretrain.finetune.predict import predict
 
     res = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device)
     _emit(args, res, f"wrote {res['rows']:,} predictions to {res['out']}"

@@ -9,11 +9,20 @@ the last one of a decoder), as in PET / LM-BFF — what pre-training learned is 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
+from pretrain import PretrainError
 from pretrain.features import hidden_states, pool_hidden
 from pretrain.models import spec_of
+
+if TYPE_CHECKING:
+    from pretrain.config import FinetuneConfig
 
 
 class TaskModel(nn.Module):
@@ -57,3 +66,38 @@ class TaskModel(nn.Module):
 
     def is_embedding(self, name: str) -> bool:
         return spec_of(self.backbone).is_embedding(name)
+
+
+def load_backbone(run: str | Path, dropout: float, from_scratch: bool, seed: int):
+    """The run's model rebuilt with fine-tuning dropout → (backbone, Config, Tokenizer, checkpoint path)."""
+    from pretrain.checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
+    from pretrain.models import build_model
+
+    try:
+        ckpt = resolve_checkpoint(run)
+        pre, cfg, tok, _ = load_pretrained(ckpt)
+    except CheckpointError as e:
+        raise PretrainError(f"{run} is not a pre-trained run: {e}") from None
+    cfg.model = dataclasses.replace(cfg.model, dropout=dropout)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    if not from_scratch:
+        model.load_state_dict(pre.state_dict())
+    return model, cfg, tok, ckpt
+
+
+def _apply_lora(model: TaskModel, cfg: FinetuneConfig) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise PretrainError("LoRA needs the peft library: pip install 'pretrain[lora]' (or pip install peft)") from None
+    lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=list(spec_of(model.backbone).lora_targets), modules_to_save=None if model.prompt else ["classifier"])
+    return get_peft_model(model, lc)
+
+
+def merged(model: nn.Module) -> TaskModel:
+    """A plain TaskModel: LoRA adapters folded into the weights (a copy; training goes on untouched)."""
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    return model

@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 
 from pretrain import PretrainError
-from pretrain.finetune.trainer import FinetuneConfig, _labels_of, compute_metrics, finetune, read_task
+from pretrain.config import FinetuneConfig
+from pretrain.finetune.encode import _labels_of, read_task
+from pretrain.finetune.loop import finetune
+from pretrain.finetune.metrics import compute_metrics
 from pretrain.io import write_json_atomic, write_text_atomic
 
 

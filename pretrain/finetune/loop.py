@@ -1,0 +1,299 @@
+"""Fine-tune a pre-trained run on labelled data: ``finetune(run, train, valid, out, cfg)``.
+
+Adapts the run's backbone (or a random init of the same architecture with ``from_scratch``) to sequence
+classification, regression or token classification; full fine-tuning, head-only, or LoRA adapters (peft);
+layer-wise learning-rate decay; early stopping on the validation metric; the best model kept in OUT
+(model.safetensors + finetune.json + tokenizer.json) and one metrics.jsonl line per evaluation.
+
+Built from the parts pre-training uses: the schedule (optim.schedule, linear to 0), gradient clipping
+(distributed.clip_grad_norm_), the divergence rule and the metrics writer (metrics.py), the device and
+autocast (hardware.py), atomic writes (io.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.config import ConfigError, FinetuneConfig, dump_yaml
+from pretrain.distributed import clip_grad_norm_
+from pretrain.finetune.data import TaskDataError, check_known, label_names
+from pretrain.finetune.encode import (
+    IGNORE,
+    Encoded,
+    _batch,
+    _encode_task,
+    _labels_of,
+    length_batches,
+    read_task,
+    verbalizer_ids,
+)
+from pretrain.finetune.metrics import compute_metrics
+from pretrain.finetune.model import TaskModel, _apply_lora, load_backbone
+from pretrain.finetune.predict import FT_FILE, run_model, save_finetuned
+from pretrain.hardware import autocast_context, resolve_device, tune_cpu_allocator
+from pretrain.io import write_text_atomic
+from pretrain.metrics import Metrics, Progress, divergence
+from pretrain.models import spec_of
+from pretrain.optim import scale_lr, schedule
+
+KEPT = "the best model saved, if any, is from before"
+
+
+@dataclass
+class TaskData:
+    """The task's examples, label names (none for regression) and their encodings."""
+
+    train: Any
+    valid: Any
+    names: list[Any]
+    tr: Encoded | None = None
+    va: Encoded | None = None
+
+
+def read_data(cfg: FinetuneConfig, train_path: str | Path, valid_path: str | Path,
+              train_subset: list[int] | None) -> TaskData:
+    """Both files read and their labels checked: numeric for regression, at least two classes, no validation
+    label unseen in training."""
+    train_ex = read_task(cfg, train_path)
+    if train_subset is not None:
+        train_ex = train_ex.subset(train_subset)
+    valid_ex = read_task(cfg, valid_path)
+    if cfg.task == "regression":
+        for ex, where in ((train_ex, train_path), (valid_ex, valid_path)):
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ex.labels):
+                raise TaskDataError(f"{where}: regression needs finite numeric labels in {cfg.label_column!r}")
+        return TaskData(train_ex, valid_ex, [])
+    names = label_names(_labels_of(cfg, train_ex))
+    if len(names) < 2 and cfg.task == "classification":
+        raise TaskDataError(f"{train_path}: classification needs at least two labels, found {names}")
+    check_known(_labels_of(cfg, valid_ex), names, str(valid_path))
+    return TaskData(train_ex, valid_ex, names)
+
+
+@dataclass
+class FtJob:
+    """Everything a fine-tuning run needs, built before its loop."""
+
+    cfg: FinetuneConfig
+    out: Path
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: TaskData
+    device: torch.device
+    pad: int
+    total: int
+    warmup: int
+    info: dict[str, Any]
+    """finetune.json's content (without the best evaluation)."""
+    tok: Any
+    progress: Progress
+    n_train: int = 0
+    """Parameters trained (all, the head's, or LoRA's), of n_total."""
+    n_total: int = 0
+    metrics: Metrics | None = None
+
+
+def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet: bool) -> FtJob:
+    """The task model on the run's backbone (LoRA or frozen as asked), the encoded data, the optimizer with
+    layer-wise learning rates, and the step budget."""
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    backbone, pcfg, tok, ckpt = load_backbone(run, cfg.dropout, cfg.from_scratch, cfg.seed)
+    spec = spec_of(backbone)
+    encoder = spec.bidirectional
+    ctx = pcfg.model.max_seq_len
+    if cfg.max_length > ctx:
+        raise ConfigError(f"max_length {cfg.max_length} exceeds the model's context of {ctx} tokens")
+    max_len = cfg.max_length or ctx
+    pooling = cfg.pooling if cfg.pooling != "auto" else spec.pooling
+    if pooling == "cls" and not encoder:
+        raise ConfigError("cls pooling needs an encoder (masked-LM) run; use last or mean for a decoder")
+    names = data.names
+    n_out = 1 if cfg.task == "regression" else len(names)
+    label_ids = verbalizer_ids(tok, cfg.verbalizer, names, encoder) if cfg.prompt else None
+    if cfg.prompt and cfg.head_only:
+        raise ConfigError("head_only has no head to train with a prompt (the LM head is the backbone's); use lora")
+    torch.manual_seed(cfg.seed)
+    model: nn.Module = TaskModel(backbone, pcfg.model.d_model, n_out, pooling, encoder, cfg.dropout,
+                                 token_level=cfg.task == "token", label_ids=label_ids, mask_id=tok.mask_id)
+    if cfg.head_only:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    if cfg.lora:
+        model = _apply_lora(model, cfg)
+    model.to(device)
+    data.tr = _encode_task(cfg, tok, encoder, max_len, data.train, names)
+    data.va = _encode_task(cfg, tok, encoder, max_len, data.valid, names)
+    steps_per_epoch = math.ceil(len(data.tr.ids) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    opt = torch.optim.AdamW(param_groups(model, cfg, pcfg.model.n_layer), betas=(0.9, 0.98), eps=1e-6,
+                            fused=device.type == "cuda")
+    info = {"format": 1, "task": cfg.task, "labels": names, "pooling": pooling, "encoder": encoder,
+            "token_label": ("first" if encoder else "last") if cfg.task == "token" else None,
+            "prompt": None if label_ids is None else {"label_ids": label_ids, "mask_id": tok.mask_id},
+            "max_length": max_len, "config": dataclasses.asdict(cfg), "backbone": pcfg.to_dict(),
+            "pretrained_from": None if cfg.from_scratch else str(ckpt), "train_examples": len(data.tr.ids),
+            "valid_examples": len(data.va.ids),
+            "truncated": {"train": data.tr.truncated, "valid": data.va.truncated}}
+    pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
+    job = FtJob(cfg, out, model, opt, data, device, pad, total, int(cfg.warmup_frac * total), info, tok,
+                Progress(total, 0, quiet))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    tr, va = data.tr, data.va
+    job.progress.write(
+        f"fine-tuning {'a random init of ' if cfg.from_scratch else ''}{ckpt} for {cfg.task}: "
+        f"{len(tr.ids):,} train / {len(va.ids):,} valid examples, {n_out} output(s), "
+        f"{n_train:,} of {n_total:,} parameters trained" + (" (LoRA)" if cfg.lora else "")
+        + (f"; truncated to {max_len} tokens: {tr.truncated} train, {va.truncated} valid"
+           if tr.truncated or va.truncated else ""))
+    job.n_train, job.n_total = n_train, n_total
+    return job
+
+
+def param_groups(model: nn.Module, cfg: FinetuneConfig, n_layers: int) -> list[dict[str, Any]]:
+    """AdamW groups: layer-wise learning rates (the head at head_lr), weight decay on matrices other than
+    embeddings and the head; each group's peak as ``base_lr`` for the schedule."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        depth = inner.layer_of(name.removeprefix("base_model.model."))
+        is_head = depth == n_layers + 1
+        lr = (cfg.head_lr or cfg.lr) if is_head else cfg.lr * cfg.layer_decay ** (n_layers - depth)
+        wd = cfg.weight_decay if p.ndim >= 2 and not inner.is_embedding(name) and not is_head else 0.0
+        groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd, "base_lr": lr} for (lr, wd), ps in groups.items()]
+
+
+def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, out: str | Path,
+             cfg: FinetuneConfig | None = None, train_subset: list[int] | None = None,
+             quiet: bool = False) -> dict[str, Any]:
+    """Fine-tune ``run`` on ``train_path``, select on ``valid_path``; the best model goes to ``out``."""
+    cfg = cfg or FinetuneConfig()
+    out = Path(out)
+    if (out / "checkpoints").is_dir():
+        raise ConfigError(f"{out} is a pre-training run (it holds checkpoints/); fine-tuning would overwrite its "
+                          "files: choose another --out")
+    data = read_data(cfg, train_path, valid_path, train_subset)
+    job = build(run, out, cfg, data, quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", FT_FILE):  # a folder used before: no finetune.json until this run saves a model
+        (out / stale).unlink(missing_ok=True)
+    write_text_atomic(out / "finetune.yaml", dump_yaml(dataclasses.asdict(cfg)))
+    job.metrics = Metrics(out / "metrics.jsonl", keep_upto_step=0)
+    try:
+        return loop(job)
+    finally:
+        job.metrics.close()
+        job.progress.close()
+
+
+def loop(job: FtJob) -> dict[str, Any]:
+    """Epochs of shuffled, length-bucketed batches; evaluations ``evals_per_epoch`` times an epoch (and after a
+    zero-shot prompt's first look), early stopping after ``patience`` evaluations without a better metric."""
+    cfg, tr = job.cfg, job.data.tr
+    loss_fn = nn.MSELoss() if cfg.task == "regression" else nn.CrossEntropyLoss(ignore_index=IGNORE)
+    params = [p for p in job.model.parameters() if p.requires_grad]
+    steps_per_epoch = math.ceil(len(tr.ids) / cfg.batch_size)
+    eval_at = {round(steps_per_epoch * (k + 1) / cfg.evals_per_epoch) for k in range(cfg.evals_per_epoch)}
+    rng = random.Random(cfg.seed)
+    ev = Evaluator(job)
+    step, stop, bad_evals, best_trained = 0, "epochs", 0, None
+    if cfg.prompt:  # the prompt works before any training: that zero-shot figure is the first evaluation
+        ev(0.0, step, None)
+    for epoch in range(cfg.epochs):
+        job.model.train()
+        loss_sum, loss_n = 0.0, 0
+        for b, idx in enumerate(length_batches([len(r) for r in tr.ids], cfg.batch_size, rng)):
+            scale_lr(job.optimizer, schedule(step, 1.0, 0.0, job.warmup, job.total, "linear"))
+            loss = _loss(job, loss_fn, idx)
+            loss.backward()
+            grad_norm = clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            job.optimizer.step()
+            job.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            for what, value in (("loss", loss_sum), ("gradient norm", float(grad_norm))):
+                if not math.isfinite(value):
+                    raise divergence("fine-tuning", step, what, value, "--lr", KEPT)
+            job.progress.update(step, {"loss": f"{loss_sum / loss_n:.4f}"}, line=False)
+            last = step >= job.total
+            if (b + 1) in eval_at or last:
+                metric = ev(epoch + (b + 1) / steps_per_epoch, step, loss_sum / max(loss_n, 1))
+                loss_sum, loss_n = 0.0, 0
+                # patience counts from the first trained evaluation: a zero-shot start may beat the first epochs
+                bad_evals = 0 if best_trained is None or metric > best_trained else bad_evals + 1
+                best_trained = metric if best_trained is None else max(best_trained, metric)
+                if cfg.patience and bad_evals >= cfg.patience:
+                    stop = "early_stopping"
+                    break
+            if last:
+                stop = "max_steps" if cfg.max_steps and step >= cfg.max_steps else stop
+                break
+        if stop != "epochs" or step >= job.total:
+            break
+    assert ev.best is not None
+    return {"out": str(job.out), "task": cfg.task, "best": ev.best, "steps": step, "stop_reason": stop,
+            "elapsed_s": round(time.time() - ev.t0, 2), "trained_params": job.n_train,
+            "total_params": job.n_total, "truncated": job.info["truncated"],
+            "from_scratch": cfg.from_scratch, "history": ev.history}
+
+
+def _loss(job: FtJob, loss_fn: nn.Module, idx: list[int]) -> torch.Tensor:
+    cfg, tr = job.cfg, job.data.tr
+    if cfg.task == "token":
+        x, mask, y = _batch([tr.ids[i] for i in idx], job.pad, [tr.targets[i] for i in idx])
+    else:
+        x, mask, _ = _batch([tr.ids[i] for i in idx], job.pad)
+        y = torch.tensor([tr.targets[i] for i in idx], dtype=torch.float32 if cfg.task == "regression" else torch.long)
+    x, mask, y = x.to(job.device), mask.to(job.device), y.to(job.device)
+    with autocast_context(job.device, cfg.dtype):
+        logits = job.model(x, mask)
+    if cfg.task == "regression":
+        return loss_fn(logits.squeeze(-1), y)
+    return loss_fn(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+class Evaluator:
+    """One validation pass: a metrics.jsonl line, the model saved when it is the best so far."""
+
+    def __init__(self, job: FtJob):
+        self.job, self.t0 = job, time.time()
+        self.best: dict[str, Any] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def __call__(self, epoch_at: float, step: int, train_loss: float | None) -> float:
+        job, cfg = self.job, self.job.cfg
+        if not all(bool(torch.isfinite(p).all()) for p in job.model.parameters()):  # never evaluated, nor saved
+            raise divergence("fine-tuning", step, "weights", float("nan"), "--lr", KEPT)
+        va, valid = job.data.va, job.data.valid
+        preds, _ = run_model(job.model, va, cfg.task, job.data.names, job.pad, cfg.batch_size * 2, job.device,
+                             cfg.dtype)
+        m = compute_metrics(cfg.task, preds, _labels_of(cfg, valid) if cfg.task != "token" else valid.tags)
+        rec = {"epoch": round(epoch_at, 3), "step": step,
+               "train_loss": None if train_loss is None else round(train_loss, 6),
+               "elapsed_s": round(time.time() - self.t0, 2), **{f"val_{k}": round(v, 6) for k, v in m.items()}}
+        job.metrics.write(rec)
+        self.history.append(rec)
+        improved = self.best is None or m["metric"] > self.best["val_metric"]
+        job.progress.write(f"epoch {rec['epoch']:g} step {step}: "
+                           + ("before training" if train_loss is None else f"train loss {train_loss:.4f}")
+                           + f", val {' '.join(f'{k} {v:.4f}' for k, v in m.items() if k != 'metric')}"
+                           + (" *" if improved else ""))
+        if improved:
+            self.best = rec
+            save_finetuned(job.out, job.model, {**job.info, "best": rec}, job.tok)
+        job.model.train()
+        return m["metric"]

@@ -1,0 +1,162 @@
+"""A fine-tuned model on disk (model.safetensors + finetune.json + tokenizer.json): saved atomically, loaded,
+and run over a file of inputs (``pretrain predict``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pretrain import PretrainError
+from pretrain.config import FinetuneConfig, from_dict
+from pretrain.finetune.data import Examples, TokenExamples
+from pretrain.finetune.encode import Encoded, _batch, _encode_task, length_batches, read_task
+from pretrain.finetune.model import TaskModel, merged
+from pretrain.hardware import autocast_context, resolve_device
+from pretrain.io import atomic_path, write_json_atomic, write_text_atomic
+
+FT_FILE = "finetune.json"
+
+
+WEIGHTS = "model.safetensors"
+
+
+def save_finetuned(out: Path, model: nn.Module, info: dict[str, Any], tok) -> None:
+    """The model, its tokenizer and finetune.json. finetune.json goes first and comes back last, so one always
+    describes the weights and tokenizer beside it (after a crash in between, the folder is no model at all)."""
+    from safetensors.torch import save_model
+
+    (out / FT_FILE).unlink(missing_ok=True)
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_model(merged(model), str(tmp))  # tied embeddings are stored once
+    with atomic_path(out / "tokenizer.json") as tmp:
+        tok.save(tmp)
+    write_json_atomic(out / FT_FILE, info)
+
+
+def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
+    """A fine-tuning output directory → (TaskModel in eval mode, its finetune.json dict, Tokenizer)."""
+    from safetensors.torch import load_model
+
+    from pretrain.config import Config
+    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.models import build_model
+
+    path = Path(path)
+    if not (path / FT_FILE).is_file() or not (path / WEIGHTS).is_file():
+        raise PretrainError(f"{path} is not a fine-tuned model (expected {FT_FILE} and {WEIGHTS}; "
+                            "make one with `pretrain finetune`)")
+    try:
+        info = json.loads((path / FT_FILE).read_text(encoding="utf-8"))
+        missing = [k for k in ("backbone", "task", "labels", "pooling", "encoder", "config", "max_length")
+                   if k not in info]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise PretrainError(f"{path / FT_FILE} is corrupt ({e})") from None
+    if missing:
+        raise PretrainError(f"{path / FT_FILE} is incomplete: no {', '.join(missing)}")
+    pcfg = from_dict(Config, info["backbone"])
+    backbone = build_model(pcfg.model)
+    n_out = 1 if info["task"] == "regression" else len(info["labels"])
+    prompt = info.get("prompt") or {}
+    model = TaskModel(backbone, pcfg.model.d_model, n_out, info["pooling"], info["encoder"], 0.0,
+                      token_level=info["task"] == "token", label_ids=prompt.get("label_ids"),
+                      mask_id=prompt.get("mask_id"))
+    try:
+        load_model(model, str(path / WEIGHTS))
+    except Exception as e:
+        raise PretrainError(f"{path / WEIGHTS} is corrupt or does not match {FT_FILE}: {str(e).splitlines()[0][:200]}") from None
+    tok = Tokenizer.load(path / "tokenizer.json")
+    if tok.vocab_size > pcfg.model.vocab_size:
+        raise PretrainError(f"{path / 'tokenizer.json'} has {tok.vocab_size:,} tokens but the model {pcfg.model.vocab_size:,}: "
+                            "the tokenizer is not the one this model was fine-tuned with")
+    return model.to(device).eval(), info, tok
+
+
+def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_size: int = 64,
+            device: str = "auto") -> dict[str, Any]:
+    """Predict every row of ``input_path`` (same columns as training; labels not needed) into ``out``
+    (.jsonl, .csv or .parquet; CoNLL .txt/.conll for token tasks)."""
+    if batch_size < 1:
+        raise PretrainError("--batch-size must be >= 1")
+    dev = resolve_device(device)
+    model, info, tok = load_finetuned(ft_dir, dev)
+    cfg = from_dict(FinetuneConfig, info["config"])
+    if cfg.task == "token" and Path(out).suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet"):
+        raise PretrainError(f"token predictions are written as CoNLL text (one 'word tag' per line): --out "
+                            f"{Path(out).name} should end in .conll or .txt")
+    ex = read_task(cfg, input_path, with_labels=False)
+    enc = _encode_task(cfg, tok, info["encoder"], info["max_length"], ex, info["labels"],
+                       info.get("token_label", "first_piece"))  # (absent: fine-tuned before it was recorded)
+    pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
+    preds, scores = run_model(model, enc, cfg.task, info["labels"], pad, batch_size, dev)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.task == "token":
+        assert isinstance(ex, TokenExamples)
+        lines = []
+        for words, tags in zip(ex.words, preds):
+            lines += [f"{w} {t}" for w, t in zip(words, tags)] + [""]
+        write_text_atomic(out, "\n".join(lines))
+    else:
+        assert isinstance(ex, Examples)
+        rows = []
+        for i, (p, s) in enumerate(zip(preds, scores)):
+            row: dict[str, Any] = {"row": i, "prediction": p}
+            if cfg.task == "classification":
+                row.update({f"p_{name}": round(float(v), 6) for name, v in zip(info["labels"], s)})
+            rows.append(row)
+        _write_rows(out, rows)
+    return {"out": str(out), "rows": len(preds), "task": cfg.task, "truncated": enc.truncated,
+            "max_length": info["max_length"]}
+
+
+def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    """One row per prediction, written atomically (a failed write keeps the previous file)."""
+    import csv
+
+    if out.suffix not in (".jsonl", ".csv", ".tsv", ".parquet"):
+        raise PretrainError(f"--out must end in .jsonl, .csv, .tsv or .parquet, got {out.name}")
+    with atomic_path(out) as tmp:
+        if out.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows), encoding="utf-8")
+        elif out.suffix in (".csv", ".tsv"):
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if out.suffix == ".tsv" else ",")
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+
+
+@torch.no_grad()
+def run_model(model: TaskModel, enc: Encoded, task: str, names: list[Any], pad: int, batch_size: int,
+              device: torch.device, dtype: str = "auto") -> tuple[list[Any], np.ndarray | list]:
+    """Predictions (label names / floats / per-word tags) and scores (class probabilities / floats)."""
+    model.eval()
+    n = len(enc.ids)
+    preds: list[Any] = [None] * n
+    scores: list[Any] = [None] * n
+    for idx in length_batches([len(r) for r in enc.ids], batch_size, None):
+        x, mask, _ = _batch([enc.ids[i] for i in idx], pad)
+        with autocast_context(device, dtype):
+            out = model(x.to(device), mask.to(device)).float().cpu()
+        for r, i in enumerate(idx):
+            if task == "regression":
+                preds[i] = scores[i] = float(out[r, 0])
+            elif task == "token":
+                tag_idx = out[r].argmax(-1).tolist()
+                default = names.index("O") if "O" in names else 0
+                preds[i] = [names[tag_idx[t]] if t >= 0 else names[default] for t in enc.first[i]]
+                scores[i] = None
+            else:
+                p = torch.softmax(out[r], -1)
+                preds[i] = names[int(p.argmax())]
+                scores[i] = p.numpy()
+    return preds, scores
