@@ -1,4 +1,4 @@
-"""Shared transformer pieces: RMSNorm, rotary embedding (Llama/HF layout), SwiGLU MLP."""
+"""Shared transformer pieces: RMSNorm, rotary embedding (Llama/HF layout), attention masks."""
 
 from __future__ import annotations
 
@@ -57,14 +57,3 @@ def document_mask(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor:
     if causal:
         mask = mask.tril()
     return mask[:, None]
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
