@@ -4,7 +4,8 @@ Corpus (from ../shared/data, labels unused): WikiText-2 valid+test raw (one docu
 the TinyStories samples (one document per story paragraph block), IMDB train review texts (one per
 review). WordPiece vocabulary, a ModernBERT-style encoder (configs/bert-cpu.yaml), 15% dynamic masking.
 
-    python bench/mlm_cpu.py --json      # {"val_masked_accuracy", "val_loss", "train_s", "fill_mask": {...}, ...}
+    python bench/mlm_cpu.py --json
+    # {"val_masked_accuracy", "val_loss", "train_s", "fill_mask": {...}, ...}
 """
 
 from __future__ import annotations
@@ -73,14 +74,16 @@ def main(argv: list[str] | None = None) -> dict:
         prepare([str(build_corpus(work))], data, tokenizer="wordpiece", vocab_size=8192, val_fraction=0.05,
                 log=(lambda *a: None) if args.json else (lambda m: print(m, file=sys.stderr)))
     t_prep = time.time() - t0
-    cfg = load_config(args.config, [*overrides, "--data.path", str(data), "--train.max_time_s", str(args.budget_s)])
+    cfg = load_config(args.config, [*overrides, "--data.path", str(data),
+                                    "--train.max_time_s", str(args.budget_s)])
     run = work / f"run_{int(time.time())}"
     summary = train(cfg, run, quiet=args.json)
     ev = evaluate_run(run)
     fills = {p: [f"{o['token']} ({o['prob']:.2f})" for o in fill_mask(run, p, top_k=5)[0]] for p in PROBES}
     result = {"val_masked_accuracy": round(ev["accuracy"], 4), "val_loss": round(ev["loss"], 4),
               "val_masked_tokens": ev["tokens"], "train_s": summary["elapsed_s"], "steps": summary["step"],
-              "tokens_seen": summary["tokens_seen"], "n_params": summary["n_params"], "prepare_s": round(t_prep, 1),
+              "tokens_seen": summary["tokens_seen"], "n_params": summary["n_params"],
+              "prepare_s": round(t_prep, 1),
               "config": args.config, "overrides": overrides, "fill_mask": fills}
     if args.json:
         print(json.dumps(result))

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--input", default=str(DEFAULT_INPUT), help="Tiny Shakespeare input.txt")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="model and recipe (the optimizer is overridden)")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG),
+                    help="model and recipe (the optimizer is overridden)")
     ap.add_argument("--target", type=float, default=1.88, help="validation loss to reach")
     ap.add_argument("--max-steps", type=int, default=600, help="schedule length, the same for both")
     ap.add_argument("--eval-interval", type=int, default=20)
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = Path(args.out) / "data"
     if not (data / "meta.json").exists():
         prepare([args.input], data, tokenizer="char", val_fraction=0.1, log=lambda *a: None)
-    runs = {"muon": ["--train.optimizer", "muon", "--train.muon_lr", str(args.muon_lr), "--train.lr", str(args.lr)],
+    runs = {"muon": ["--train.optimizer", "muon", "--train.muon_lr", str(args.muon_lr),
+                     "--train.lr", str(args.lr)],
             "adamw": ["--train.optimizer", "adamw", "--train.lr", str(args.adamw_lr)]}
     result: dict = {}
     for name, overrides in runs.items():

@@ -62,7 +62,8 @@ def shared_documents(data: Path) -> list[str]:
 
 
 def build_corpus(work: Path, data: Path, size_mb: float) -> tuple[list[Path], int, int]:
-    """JSONL files holding the shared documents repeated to ``size_mb`` MB of text → (files, text bytes, docs)."""
+    """JSONL files holding the shared documents repeated to ``size_mb`` MB of text → (files, text bytes,
+    docs)."""
     docs = shared_documents(data)
     lines = [(json.dumps({"text": d}) + "\n").encode() for d in docs]
     sizes = [len(d.encode()) for d in docs]
@@ -161,7 +162,8 @@ def baseline(files: list[str], tokenizer: str, out: str, cache: str, num_proc: i
     eot = tok.token_to_id("<|endoftext|>")
 
     def encode(batch):
-        return {"input_ids": [e.ids + [eot] for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
+        return {"input_ids": [e.ids + [eot]
+                              for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
 
     ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache)
     ds = ds.map(encode, batched=True, num_proc=num_proc, remove_columns=ds.column_names)
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mb", type=float, default=200.0, help="MB of text in the corpus (default 200)")
     ap.add_argument("--data", default=str(SHARED), help="the shared data folder (default ../shared/data)")
-    ap.add_argument("--workers", type=int, default=None, help="our --workers (default: prepare's own default)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="our --workers (default: prepare's own default)")
     ap.add_argument("--batch-mb", type=float, default=1.0, help="our --batch-mb (default 1)")
     ap.add_argument("--num-proc", type=int, default=2, help="the baseline's map num_proc (default 2)")
     ap.add_argument("--skip-baseline", action="store_true", help="measure ours only")
@@ -208,8 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
                "--tokenizer", str(tok), "--batch-mb", str(args.batch_mb), "--json"]
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
-        base_cmd = [sys.executable, str(Path(__file__).resolve()), "--_baseline", os.pathsep.join(map(str, files)),
-                    str(tok), str(work / "baseline.bin"), str(work / "hf_cache"), str(args.num_proc)]
+        base_cmd = [sys.executable, str(Path(__file__).resolve()), "--_baseline",
+                    os.pathsep.join(map(str, files)), str(tok), str(work / "baseline.bin"),
+                    str(work / "hf_cache"), str(args.num_proc)]
         rounds: list[dict] = []
         for r in range(args.rounds):  # alternate ours and the baseline: a shared machine's load hits both
             ours = run_measured(cmd)
@@ -217,23 +221,28 @@ def main(argv: list[str] | None = None) -> dict:
             meta = json.loads((work / "ours" / "meta.json").read_text())
             shutil.rmtree(work / "ours")
             row = {"ours_s": round(ours["wall_s"], 1), "ours_peak_rss_mb": round(ours["peak_tree_rss_mb"], 1),
-                   "ours_max_process_rss_mb": ours["max_process_rss_mb"] and round(ours["max_process_rss_mb"], 1),
-                   "ours_workers": meta["settings"]["workers"], "ours_tokens": res["train_tokens"] + res["val_tokens"]}
+                   "ours_max_process_rss_mb": ours["max_process_rss_mb"]
+                   and round(ours["max_process_rss_mb"], 1),
+                   "ours_workers": meta["settings"]["workers"],
+                   "ours_tokens": res["train_tokens"] + res["val_tokens"]}
             say(f"round {r + 1} ours: {row['ours_s']} s, {mb / ours['wall_s']:.2f} MB/s, peak RSS "
                 f"{row['ours_peak_rss_mb']} MB ({row['ours_workers']} workers)")
             if not args.skip_baseline:
                 base = run_measured(base_cmd)
                 shutil.rmtree(work / "hf_cache", ignore_errors=True)
                 (work / "baseline.bin").unlink()
-                row.update(baseline_s=round(base["wall_s"], 1), baseline_peak_rss_mb=round(base["peak_tree_rss_mb"], 1),
+                row.update(baseline_s=round(base["wall_s"], 1),
+                           baseline_peak_rss_mb=round(base["peak_tree_rss_mb"], 1),
                            baseline_tokens=json.loads(base["stdout"].strip().splitlines()[-1])["tokens"])
-                say(f"round {r + 1} baseline: {row['baseline_s']} s, {mb / base['wall_s']:.2f} MB/s, peak RSS "
-                    f"{row['baseline_peak_rss_mb']} MB; ratio {base['wall_s'] / ours['wall_s']:.2f}x")
+                say(f"round {r + 1} baseline: {row['baseline_s']} s, {mb / base['wall_s']:.2f} MB/s, "
+                    f"peak RSS {row['baseline_peak_rss_mb']} MB; "
+                    f"ratio {base['wall_s'] / ours['wall_s']:.2f}x")
             rounds.append(row)
 
         def med(key: str) -> float:
             vals = sorted(r[key] for r in rounds)
-            return vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+            return (vals[len(vals) // 2] if len(vals) % 2
+                    else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2)
 
         result = {"size_mb": round(mb, 1), "documents": n_docs, "rounds": len(rounds),
                   "ours_mb_s": round(mb / med("ours_s"), 2), "baseline_mb_s": None, "ratio": None,

@@ -74,8 +74,9 @@ def run_one(config: str, overrides: list[str], args: argparse.Namespace, quiet: 
     data = work / "data"
     if not (data / "meta.json").exists():
         prepare([args.input], data, tokenizer="char", val_fraction=0.1, log=lambda *a: None)
-    own = load_config(config, overrides).train.max_time_s  # a config's own, shorter budget stands (5min: 280 s,
-    budget = min(args.budget_s, own) if own > 0 else args.budget_s  # leaving time for the final evaluation)
+    # a config's own, shorter budget stands (5min: 280 s, leaving time for the final evaluation)
+    own = load_config(config, overrides).train.max_time_s
+    budget = min(args.budget_s, own) if own > 0 else args.budget_s
     extra = ["--data.path", str(data), "--train.max_time_s", str(budget)]
     if args.stop_at_target:
         extra += ["--train.target_val_loss", str(args.target)]

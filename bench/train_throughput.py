@@ -62,8 +62,8 @@ N_SPECIAL = 4  # random MLM batches draw content ids from [N_SPECIAL, vocab); MA
 MASK_ID = 3
 CONTENDED = 0.8  # a round with CPU/wall below this fraction of the best round's counts as contended
 PRESETS = {  # named sizes; each value becomes an argparse default
-    "gpt2-small": {"_doc": "124M (GPT-2 small: 12 x 768, 12 heads, MLP 2048, vocab 50304, seq 1024, batch 16), "
-                           "for a GPU", "d_model": 768, "n_layer": 12, "n_head": 12, "d_ff": 2048,
+    "gpt2-small": {"_doc": "124M (GPT-2 small: 12 x 768, 12 heads, MLP 2048, vocab 50304, seq 1024, "
+                           "batch 16), for a GPU", "d_model": 768, "n_layer": 12, "n_head": 12, "d_ff": 2048,
                    "vocab": 50304, "seq_len": 1024, "batch_size": 16, "steps": 10, "rounds": 4, "warmup": 3},
 }
 
@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         + "; ".join(f"{k}: {v['_doc']}" for k, v in sorted(PRESETS.items())))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both models train")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="our side: fp32, or bf16 autocast with fp32 weights and optimizer state; auto: what our "
-                        "trainer's train.dtype auto picks here (bf16 on CUDA and on CPUs with native bf16)")
+                   help="our side: fp32, or bf16 autocast with fp32 weights and optimizer state; auto: what "
+                        "our trainer's train.dtype auto picks here (bf16 on CUDA and on CPUs with native "
+                        "bf16)")
     p.add_argument("--hf-dtype", choices=("same", "fp32", "bf16"), default="same",
                    help="Hugging Face's side: the same as ours, or fp32 (what a plain training loop of "
                         "transformers runs on a CPU, without autocast) / bf16")
@@ -104,10 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ours runs under torch.compile (train.compile: true); compile time, spent in the "
                         "untimed warmup, is reported as ours_warmup_s")
     p.add_argument("--hf-compile", action="store_true",
-                   help="Hugging Face's model and loss run under torch.compile too (its best settings on a GPU)")
+                   help="Hugging Face's model and loss run under torch.compile too (its best settings on a "
+                        "GPU)")
     p.add_argument("--hf-optimizer", choices=("auto", "foreach", "fused"), default="auto",
-                   help="Hugging Face's AdamW implementation; auto: fused on CUDA (the default of its Trainer, "
-                        "adamw_torch_fused), foreach on the CPU (torch's plain default)")
+                   help="Hugging Face's AdamW implementation; auto: fused on CUDA (the default of its "
+                        "Trainer, adamw_torch_fused), foreach on the CPU (torch's plain default)")
     p.add_argument("--only", choices=("gpt", "bert"), default=None, help="measure one pair only")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for weights and batches")
     known, _ = p.parse_known_args(argv)
@@ -133,7 +135,8 @@ def log(msg: str) -> None:
 
 
 def resolve_dtypes(args: argparse.Namespace) -> None:
-    """--dtype auto → the trainer's choice on this device (pretrain.hardware.autocast_dtype); --hf-dtype same."""
+    """--dtype auto → the trainer's choice on this device (pretrain.hardware.autocast_dtype); --hf-dtype
+    same."""
     from pretrain.hardware import autocast_dtype
 
     bf16 = autocast_dtype(torch.device(args.device), args.dtype) == torch.bfloat16
@@ -160,7 +163,8 @@ def adamw(model: nn.Module, args: argparse.Namespace, fused: bool = False) -> to
     groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
     impl = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), eps=1e-8, **impl)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                             **impl)
 
 
 def n_params(model: nn.Module) -> int:
@@ -290,8 +294,8 @@ def matmul_peak_gflops(args: argparse.Namespace, cfg, repeats: int = 5) -> dict:
     dt = torch.bfloat16 if args.ours_dtype == "bf16" else torch.float32
     m = args.batch_size * args.seq_len
     d, f, v = cfg.d_model, cfg.ff_dim, cfg.vocab_size
-    shapes = {"qkv": (m, d, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim), "o_proj": (m, d, d), "gate_up": (m, d, 2 * f), "down": (m, f, d),
-              "head": (m, d, v)}
+    shapes = {"qkv": (m, d, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim), "o_proj": (m, d, d),
+              "gate_up": (m, d, 2 * f), "down": (m, f, d), "head": (m, d, v)}
     out = {}
     for name, (a, b, c) in shapes.items():
         x, w = torch.randn(a, b, dtype=dt), torch.randn(b, c, dtype=dt)
@@ -336,7 +340,8 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
         compiled = args.compile if side == "ours" else args.hf_compile
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        warmup_s[side] = train_steps(fn, opt, batches, max(args.warmup, 1 if compiled else 0), 0, args.device)[0]
+        warmup_s[side] = train_steps(fn, opt, batches, max(args.warmup, 1 if compiled else 0), 0,
+                                     args.device)[0]
         if args.device == "cuda":
             peak_mem[side] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     step = {"ours": args.warmup, "hf": args.warmup}
@@ -370,7 +375,8 @@ def bench_pair(name: str, build: Callable, args: argparse.Namespace) -> dict:
                         if same else None)
         log(f"[{name}] roofline: ours {roofline['ours_gflops']} GFLOP/s, HF {roofline['hf_gflops']} GFLOP/s, "
             f"best {args.ours_dtype} matmul of the model's shapes {peak['matmul_peak_gflops']} GFLOP/s"
-            + (f" -> at most {roofline['ceiling_ratio']:.2f}x over HF without less arithmetic" if same else ""))
+            + (f" -> at most {roofline['ceiling_ratio']:.2f}x over HF without less arithmetic"
+               if same else ""))
     else:  # MFU the standard way: model FLOPs per token x tokens/s against the device's dense bf16 peak
         from pretrain.hardware import peak_flops
 
@@ -425,11 +431,12 @@ def print_table(result: dict) -> None:
             r = result[name]
             if "matmul_peak_gflops" in r:
                 ceiling = f": ceiling {r['ceiling_ratio']:.2f}x over HF" if r["ceiling_ratio"] else ""
-                print(f"{name}: model GFLOP/s ours {r['ours_gflops']}, HF {r['hf_gflops']}; best {c['dtype']} matmul "
-                      f"of its shapes {r['matmul_peak_gflops']} GFLOP/s{ceiling}")
+                print(f"{name}: model GFLOP/s ours {r['ours_gflops']}, HF {r['hf_gflops']}; "
+                      f"best {c['dtype']} matmul of its shapes {r['matmul_peak_gflops']} GFLOP/s{ceiling}")
             else:
-                print(f"{name}: model TFLOP/s ours {r['ours_gflops'] / 1e3:.1f}, HF {r['hf_gflops'] / 1e3:.1f} on "
-                      f"{r['device_name']}; MFU ours {r['ours_mfu']}, HF {r['hf_mfu']}; peak memory ours "
+                print(f"{name}: model TFLOP/s ours {r['ours_gflops'] / 1e3:.1f}, "
+                      f"HF {r['hf_gflops'] / 1e3:.1f} on {r['device_name']}; "
+                      f"MFU ours {r['ours_mfu']}, HF {r['hf_mfu']}; peak memory ours "
                       f"{r['ours_peak_mem_gib']} GiB, HF {r['hf_peak_mem_gib']} GiB")
     print()
     print("tok/s: batch*seq*steps / round time (forward, loss, backward, AdamW step), best round and median")
@@ -469,10 +476,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "mask_prob": args.mask_prob,
                         "hf_mlm_head": "dense" if args.hf_dense_head else "sparse",
                         "ours_compile": args.compile, "hf_compile": args.hf_compile, "preset": args.preset,
-                        "optimizer": {"name": "AdamW", "ours": "fused", "hf": args.hf_optimizer, "lr": args.lr,
-                                      "betas": [0.9, 0.95],
+                        "optimizer": {"name": "AdamW", "ours": "fused", "hf": args.hf_optimizer,
+                                      "lr": args.lr, "betas": [0.9, 0.95],
                                       "eps": 1e-8, "weight_decay": args.weight_decay},
-                        "dtype": args.ours_dtype, "hf_dtype": args.hf_dtype_resolved, "dtype_flag": args.dtype,
+                        "dtype": args.ours_dtype, "hf_dtype": args.hf_dtype_resolved,
+                        "dtype_flag": args.dtype,
                         "device": args.device, "seed": args.seed, "malloc_tuned": allocator,
                         "wall_s": round(time.perf_counter() - t0, 1)}
     result["torch"] = torch.__version__

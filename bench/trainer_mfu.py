@@ -1,5 +1,5 @@
-"""Tokens/s and MFU of `pretrain train` itself — the whole trainer a user runs (prefetching loader, bf16 autocast
-and torch.compile by default on CUDA, gradient clipping, fused AdamW, metrics) — as it logs them.
+"""Tokens/s and MFU of `pretrain train` itself — the whole trainer a user runs (prefetching loader, bf16
+autocast and torch.compile by default on CUDA, gradient clipping, fused AdamW, metrics) — as it logs them.
 
 The corpus is the demo's (the Python standard library's modules: on every machine, no download), prepared with
 a byte-level BPE; the model is a YAML preset (default ``configs/gpt2-small.yaml``: 124M, seq 1024) whose
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "gpt2-small.yaml"), help="model/train preset (YAML)")
+    p.add_argument("--config", default=str(ROOT / "configs" / "gpt2-small.yaml"),
+                   help="model/train preset (YAML)")
     p.add_argument("--vocab", type=int, default=50304, help="model.vocab_size (0: the tokenizer's)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="train.batch_size (sequences per micro-batch)")
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = p.parse_args(argv)
     if args.steps < (args.skip + 1) * args.log_interval:
-        p.error(f"--steps must be at least (--skip + 1) x --log-interval = {(args.skip + 1) * args.log_interval}")
+        p.error("--steps must be at least (--skip + 1) x --log-interval = "
+                f"{(args.skip + 1) * args.log_interval}")
     return args
 
 
@@ -62,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(args.work) if args.work else Path(tmp)
         t0 = time.perf_counter()
         files = demo_corpus()
-        meta = prepare(files, work / "data", tokenizer="bpe", vocab_size=args.tokenizer_vocab, val_fraction=0.01,
-                       overwrite=True, log=lambda m: print(m, file=sys.stderr, flush=True))
+        meta = prepare(files, work / "data", tokenizer="bpe", vocab_size=args.tokenizer_vocab,
+                       val_fraction=0.01, overwrite=True, log=lambda m: print(m, file=sys.stderr, flush=True))
         prep_s = time.perf_counter() - t0
         overrides = [f"--{kv.split('=', 1)[0]}={kv.split('=', 1)[1]}" if "=" in kv else kv for kv in args.set]
         base = [f"--data.path={work / 'data'}", f"--model.vocab_size={args.vocab}",
@@ -92,9 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
             "final_train_loss": logs[-1]["train_loss"], "steps": summary["step"],
             "tokens_per_step": cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len,
             "train_wall_s": round(wall, 1), "prepare_s": round(prep_s, 1),
-            "tokenizer_vocab": meta["tokenizer"]["vocab_size"], "model_vocab": args.vocab or meta["tokenizer"]["vocab_size"],
+            "tokenizer_vocab": meta["tokenizer"]["vocab_size"],
+            "model_vocab": args.vocab or meta["tokenizer"]["vocab_size"],
             "config": args.config, "overrides": base + overrides,
-            "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "compile": cfg.train.compile, "dtype": cfg.train.dtype, "torch": torch.__version__,
         }
     if args.json:

@@ -93,7 +93,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
     torch.save(state, tmp / STATE_FILE)
-    _commit(run_dir, tmp, final, {**meta, "step": step, "files": _file_records(tmp, (MODEL_FILE, STATE_FILE))}, keep)
+    _commit(run_dir, tmp, final,
+            {**meta, "step": step, "files": _file_records(tmp, (MODEL_FILE, STATE_FILE))}, keep)
     return final
 
 
@@ -167,11 +168,13 @@ def _save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
     save_file(sd, str(path), metadata={"format": "pt"})
 
 
-def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, state: dict[str, Any],
-                            meta: dict[str, Any], keep: int = 2, consolidate: bool = True) -> Path:
-    """Called by every rank: each writes its shard of model + optimizer (DCP); rank 0 writes ``state`` (loader,
-    RNG: the same on every rank), the consolidated model.safetensors (``consolidate``) and meta.json, and
-    renames the checkpoint into place once all shards are on disk. Needs a filesystem shared by all ranks."""
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
+                            state: dict[str, Any], meta: dict[str, Any], keep: int = 2,
+                            consolidate: bool = True) -> Path:
+    """Called by every rank: each writes its shard of model + optimizer (DCP); rank 0 writes ``state``
+    (loader, RNG: the same on every rank), the consolidated model.safetensors (``consolidate``) and meta.json,
+    and renames the checkpoint into place once all shards are on disk. Needs a filesystem shared by all
+    ranks."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -232,7 +235,8 @@ def _dcp_load(state_dict: dict[str, Any], path: Path) -> None:
         try:
             dcp.load(state_dict, checkpoint_id=path, no_dist=single)
         except (Exception, CheckpointException) as e:  # DCP raises assorted errors (and wraps each rank's)
-            raise CheckpointError(f"cannot load the sharded checkpoint {path}: {str(e).splitlines()[0][:300]}") from None
+            raise CheckpointError(f"cannot load the sharded checkpoint {path}: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
 
 
 def load_sharded(ckpt: Path, model: nn.Module, optimizer, meta: dict[str, Any] | None = None) -> None:
@@ -262,7 +266,8 @@ def load_full_optimizer(model: nn.Module, optimizer, saved: dict[str, Any]) -> N
         if len(order) != sum(len(g["params"]) for g in sd["param_groups"]):
             raise ValueError("optimizer state does not match this optimizer's parameters")
         fqn_sd = {"state": {order[int(i)]: v for i, v in sd["state"].items()},
-                  "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in sd["param_groups"]]}
+                  "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]}
+                                   for g in sd["param_groups"]]}
         set_optimizer_state_dict(model, opt, fqn_sd, options=StateDictOptions(full_state_dict=True))
 
 
@@ -275,7 +280,8 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     if not is_sharded(meta):
-        raise CheckpointError(f"{ckpt} is not a sharded checkpoint: its {MODEL_FILE} is already the whole model")
+        raise CheckpointError(f"{ckpt} is not a sharded checkpoint: its {MODEL_FILE} is already the whole "
+                              "model")
     model = build_model(from_dict(Config, meta["config"]).model)
     load_weights(ckpt, model, meta)
     target = Path(out) if out is not None else ckpt / MODEL_FILE
@@ -385,13 +391,16 @@ def load_weights(ckpt: Path, model: nn.Module, meta: dict[str, Any] | None = Non
     ptrs = {}
     for k, v in own.items():
         ptrs.setdefault(v.data_ptr(), []).append(k)
-    tied_ok = {k for names in ptrs.values() if len(names) > 1 and any(n in tensors for n in names) for k in names}
+    tied_ok = {k for names in ptrs.values() if len(names) > 1 and any(n in tensors for n in names)
+               for k in names}
     missing = [k for k in missing if k not in tied_ok]
     if missing or unexpected:
-        raise CheckpointError(f"{p} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{p} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
     for k, v in tensors.items():
         if own[k].shape != v.shape:
-            raise CheckpointError(f"{p}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            raise CheckpointError(f"{p}: {k} has shape {tuple(v.shape)}, "
+                                  f"the model expects {tuple(own[k].shape)}")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -419,12 +428,14 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     model = build_model(cfg.model)
     load_weights(ckpt, model, meta)
     model.to(device).eval()
-    tok_path = next((p for p in (ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json") if p.is_file()), None)
+    tok_path = next((p for p in (ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json")
+                     if p.is_file()), None)
     if tok_path is None:
         raise CheckpointError(f"no tokenizer.json beside {ckpt} or in its run directory")
     tok = Tokenizer.load(tok_path)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise CheckpointError(f"{tok_path} has {tok.vocab_size} tokens but the model only {cfg.model.vocab_size}")
+        raise CheckpointError(f"{tok_path} has {tok.vocab_size} tokens but the model only "
+                              f"{cfg.model.vocab_size}")
     return model, cfg, tok, meta
 
 
@@ -479,18 +490,22 @@ class Checkpointer:
             return
         m = self.meta
         if m.get("tokenizer_sha256") not in (None, tokenizer_sha256):
-            raise PretrainError(f"{data_path} was tokenized with a different tokenizer than the run in {self.run}")
+            raise PretrainError(f"{data_path} was tokenized with a different tokenizer than the run in "
+                                f"{self.run}")
         if m.get("data_fingerprint") not in (None, fingerprint):
-            raise PretrainError(f"the data in {data_path} is not the data the run in {self.run} was trained on "
-                                "(it was prepared again from other inputs, or with other settings), so resuming "
-                                "would not continue the same sample order; prepare it into another folder, or "
-                                "start a new run from this one's weights (pretrain export, then --init-from)")
+            raise PretrainError(f"the data in {data_path} is not the data the run in {self.run} was trained "
+                                "on (it was prepared again from other inputs, or with other settings), so "
+                                "resuming would not continue the same sample order; prepare it into another "
+                                "folder, or start a new run from this one's weights (pretrain export, then "
+                                "--init-from)")
         saved_tc = m.get("config", {}).get("train", {})
-        saved_batch = m.get("global_batch_size") or saved_tc.get("batch_size", 0) * saved_tc.get("grad_accum", 1)
+        saved_batch = (m.get("global_batch_size")
+                       or saved_tc.get("batch_size", 0) * saved_tc.get("grad_accum", 1))
         if saved_batch != global_batch:
-            raise ConfigError(f"the run in {self.run} was trained with a global batch of {saved_batch} sequences, "
-                              f"this launch has {global_batch} (batch_size x grad_accum x {world_size} "
-                              f"process(es)); set --train.global_batch_size {saved_batch} to continue it")
+            raise ConfigError(f"the run in {self.run} was trained with a global batch of {saved_batch} "
+                              f"sequences, this launch has {global_batch} (batch_size x grad_accum x "
+                              f"{world_size} process(es)); set --train.global_batch_size {saved_batch} to "
+                              "continue it")
 
     def restore_weights(self, model: nn.Module) -> None:
         """The weights of a whole-model checkpoint, into the bare model (before it is wrapped or sharded)."""

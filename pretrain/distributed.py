@@ -79,8 +79,8 @@ def _local_device(device: torch.device, local_rank: int) -> torch.device:
     if device.type != "cuda":
         return device
     if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
-                          "start at most one process per GPU (--nproc-per-node)")
+        raise ConfigError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                          "visible): start at most one process per GPU (--nproc-per-node)")
     return torch.device("cuda", local_rank)
 
 
@@ -172,16 +172,17 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     Buffers are not re-broadcast each forward (ours are deterministic rotary tables)."""
     import inspect
 
-    newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters  # broadcast_buffers' new name
+    # broadcast_buffers' new name
+    newer = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
     no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
     return _DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def apply_fsdp(model: nn.Module, param_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """FSDP2 (``fully_shard``): each transformer block, then the root (embeddings, final norm, head). Parameters,
-    gradients and optimizer state are sharded over the ranks; a block's parameters are all-gathered just
-    before it runs. ``param_dtype`` bf16 computes in bf16 with gradients reduced in fp32 (on CUDA); on CPU
-    everything stays fp32. The model is changed in place and returned."""
+    """FSDP2 (``fully_shard``): each transformer block, then the root (embeddings, final norm, head).
+    Parameters, gradients and optimizer state are sharded over the ranks; a block's parameters are
+    all-gathered just before it runs. ``param_dtype`` bf16 computes in bf16 with gradients reduced in fp32
+    (on CUDA); on CPU everything stays fp32. The model is changed in place and returned."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -210,7 +211,8 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_compile(model: nn.Module, log: Callable[[str], None] | Any = None, per_block: bool = False) -> nn.Module:
+def apply_compile(model: nn.Module, log: Callable[[str], None] | Any = None,
+                  per_block: bool = False) -> nn.Module:
     """torch.compile the model (or, with ``per_block``, each transformer block in place, the order FSDP
     needs: compile, then shard); graphs that fail to compile run eagerly (with a warning) instead."""
     import torch._dynamo

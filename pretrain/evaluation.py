@@ -16,7 +16,8 @@ from pretrain.objectives import CausalLM
 def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int, device: torch.device,
              dtype: str = "auto", max_batches: int | None = None, objective=None,
              documents: tuple[int, int, int] | None = None) -> dict[str, float]:
-    """Mean loss over (part of) a split with perplexity, and bits per byte (causal LM) or accuracy (masked LM)."""
+    """Mean loss over (part of) a split with perplexity, and bits per byte (causal LM) or accuracy (masked
+    LM)."""
     objective = objective or CausalLM()
     was_training = model.training
     model.eval()

@@ -96,12 +96,13 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
         special = {"eot_id": tok.eot_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
-        config = {**hf_config_dict(cfg.model, special), "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
+        config = {**hf_config_dict(cfg.model, special),
+                  "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         spec = get_spec(cfg.model.arch)
         if spec.generates:
-            gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True, "temperature": 0.8,
-                   "top_k": 50, "max_length": cfg.model.max_seq_len}
+            gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True,
+                   "temperature": 0.8, "top_k": 50, "max_length": cfg.model.max_seq_len}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
         # tokenizer
@@ -112,7 +113,8 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
             if tid is not None:
                 names[key] = tok.tk.id_to_token(tid)
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len,
-                   "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False, **names}
+                   "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+                   **names}
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         (tmp / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
         (tmp / "README.md").write_text(_model_card(spec, cfg.model, model, meta, ckpt))
@@ -183,14 +185,18 @@ def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[s
         f"pre-trained with `pretrain` and exported as a stock `{arch}` (no custom code needed).", "",
         "## Architecture", "",
         f"- {cfg.n_layer} layers, hidden size {cfg.d_model}, {cfg.n_head} attention heads"
-        f"{f' ({cfg.kv_heads} key/value heads)' if cfg.kv_heads != cfg.n_head else ''}, MLP width {cfg.ff_dim}",
+        f"{f' ({cfg.kv_heads} key/value heads)' if cfg.kv_heads != cfg.n_head else ''}, "
+        f"MLP width {cfg.ff_dim}",
         f"- vocabulary {cfg.vocab_size:,}, context {cfg.max_seq_len} tokens, "
         f"{'learned positions' if spec.learned_positions else f'rotary base {cfg.rope_theta:g}'}, "
         f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings", "",
         "## Training", "",
-        f"- objective `{meta['config']['objective']}`, {meta['step']:,} steps, {meta.get('tokens_seen', 0):,} tokens",
-        f"- final validation loss {meta['val_loss']:.4f}" if meta.get("val_loss") is not None else "- no validation result recorded",
-        "", "Training configuration:", "", "```yaml", yaml.safe_dump(meta["config"], sort_keys=False).rstrip(), "```", "",
+        f"- objective `{meta['config']['objective']}`, {meta['step']:,} steps, "
+        f"{meta.get('tokens_seen', 0):,} tokens",
+        (f"- final validation loss {meta['val_loss']:.4f}" if meta.get("val_loss") is not None
+         else "- no validation result recorded"),
+        "", "Training configuration:", "", "```yaml",
+        yaml.safe_dump(meta["config"], sort_keys=False).rstrip(), "```", "",
         "## Data", "",
     ]
     if data_meta:
@@ -273,7 +279,8 @@ def load_hf(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             files = [d / f for f in sorted(set(index["weight_map"].values()))]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise PretrainError(f"{d / 'model.safetensors.index.json'} is not a valid weight index "
-                                f"(a JSON object with a 'weight_map' of tensor names to files): {e!r}") from None
+                                "(a JSON object with a 'weight_map' of tensor names to files): "
+                                f"{e!r}") from None
     else:
         raise PretrainError(f"{d} has no model.safetensors (PyTorch .bin checkpoints are not loaded: "
                             "convert them to safetensors first)")

@@ -23,7 +23,8 @@ POOLINGS = ("mean", "cls", "last")
 
 
 def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
-    """Row-aligned texts from .txt (one per line), .jsonl/.json, .csv/.tsv or .parquet; empty rows are errors."""
+    """Row-aligned texts from .txt (one per line), .jsonl/.json, .csv/.tsv or .parquet; empty rows are
+    errors."""
     from pretrain.data.sources import expand_inputs, iter_rows, kind_of, read_text
 
     p = Path(path)
@@ -31,7 +32,8 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
         raise PretrainError(f"input not found: {p}")
     (src,) = expand_inputs([str(p)])
     if kind_of(p) == "text":
-        texts: list[str | None] = [line.removesuffix("\r") for line in read_text(src.path).split("\n")]  # CRLF too
+        # CRLF too
+        texts: list[str | None] = [line.removesuffix("\r") for line in read_text(src.path).split("\n")]
         if texts and texts[-1] == "":
             texts.pop()
     else:
@@ -144,4 +146,5 @@ def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str
 
             pq.write_table(pa.table({"row": np.arange(len(texts)), "embedding": list(vectors)}), tmp)
     return {"out": str(out), "rows": len(texts), "dim": int(vectors.shape[1]), "pooling": pooling,
-            "normalized": normalize, "truncated": truncated, "max_tokens": cfg.model.max_seq_len, "step": meta["step"]}
+            "normalized": normalize, "truncated": truncated, "max_tokens": cfg.model.max_seq_len,
+            "step": meta["step"]}

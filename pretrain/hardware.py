@@ -27,7 +27,8 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products are native on ``device``: CUDA, or a CPU with :func:`cpu_has_native_bf16`."""
+    """Whether bf16 matrix products are native on ``device``: CUDA, or a CPU with
+    :func:`cpu_has_native_bf16`."""
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 

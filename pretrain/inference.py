@@ -29,17 +29,17 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     dmeta = load_meta(data_dir)
     dvocab = int(dmeta["tokenizer"]["vocab_size"])
     if dvocab > cfg.model.vocab_size:
-        raise PretrainError(f"{data_dir} was tokenized with a vocabulary of {dvocab} tokens but the model has "
-                            f"{cfg.model.vocab_size}: the data does not match this model's tokenizer")
+        raise PretrainError(f"{data_dir} was tokenized with a vocabulary of {dvocab} tokens but the model "
+                            f"has {cfg.model.vocab_size}: the data does not match this model's tokenizer")
     if meta.get("tokenizer_sha256") and dmeta["tokenizer"]["sha256"] != meta["tokenizer_sha256"]:
-        raise PretrainError(f"{data_dir} was tokenized with a different tokenizer than the model was trained on "
-                            "(tokenizer.json differs); prepare it with --tokenizer RUN_DIR/tokenizer.json")
+        raise PretrainError(f"{data_dir} was tokenized with a different tokenizer than the model was trained "
+                            "on (tokenizer.json differs); prepare it with --tokenizer RUN_DIR/tokenizer.json")
     saved = meta.get("data_fingerprint")  # (None: a checkpoint from before it was recorded, unknown)
     same_data = None if saved is None else saved == data_fingerprint(dmeta)
     if data is None and same_data is False:
-        raise PretrainError(f"the data in {data_dir} is not the data {run} was trained on (it was prepared again "
-                            "from other inputs or settings), so its held-out split may hold training text; pass "
-                            "--data to evaluate on it anyway")
+        raise PretrainError(f"the data in {data_dir} is not the data {run} was trained on (it was prepared "
+                            "again from other inputs or settings), so its held-out split may hold training "
+                            "text; pass --data to evaluate on it anyway")
     objective = build_objective(cfg.objective, tok, cfg.mlm, cfg.train.seed, cfg.data.doc_mask)  # as trained
     ev = evaluate(model, TokenSplit(data_dir, split), cfg.data.seq_len, batch_size or cfg.train.batch_size,
                   dev, cfg.train.dtype, max_batches, objective, padded_documents(cfg, tok))
@@ -47,9 +47,9 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
         raise PretrainError(f"no token of the {split} split was scored (sequences too short for a target?)")
     if not math.isfinite(ev["loss"]):
         raise PretrainError(f"the {split} loss of {run} is {ev['loss']}: the model's weights have diverged")
-    out = {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split, "objective": cfg.objective,
-           "loss": ev["loss"], "perplexity": ev["ppl"], "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"],
-           "data_matches_run": same_data}
+    out = {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split,
+           "objective": cfg.objective, "loss": ev["loss"], "perplexity": ev["ppl"],
+           "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"], "data_matches_run": same_data}
     if "accuracy" in ev:
         out["accuracy"] = ev["accuracy"]
     return out
@@ -59,13 +59,15 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, device: str = "auto",
                   num_samples: int = 1) -> list[str]:
     """Continue ``prompt`` with the run's newest checkpoint (KV-cached sampling)."""
-    if max_new_tokens < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or num_samples < 1 or not 0 <= temperature < float("inf"):
+    if (max_new_tokens < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or num_samples < 1
+            or not 0 <= temperature < float("inf")):
         raise PretrainError("need max_new_tokens >= 0, top_k >= 0, 0 < top_p <= 1, temperature >= 0 and "
                             "num_samples >= 1")
     dev = resolve_device(device)
     model, cfg, tok, _ = load_pretrained(run, dev)
     if cfg.objective != "clm":
-        raise PretrainError(f"{run} is a masked-LM encoder; it cannot generate text (try `pretrain fill-mask`)")
+        raise PretrainError(f"{run} is a masked-LM encoder; it cannot generate text "
+                            "(try `pretrain fill-mask`)")
     bad = tok.unknown_chars(prompt)
     if bad:
         raise PretrainError(f"the prompt contains characters outside the tokenizer's vocabulary: "
@@ -88,7 +90,8 @@ def fill_mask(run: str | Path, text: str, top_k: int = 5, device: str = "auto") 
     dev = resolve_device(device)
     model, cfg, tok, _ = load_pretrained(run, dev)
     if cfg.objective != "mlm":
-        raise PretrainError(f"{run} is a {cfg.objective!r} model; fill-mask needs a masked-LM (objective mlm) run")
+        raise PretrainError(f"{run} is a {cfg.objective!r} model; fill-mask needs a masked-LM "
+                            "(objective mlm) run")
     ids = tok.encode(text)
     if tok.mask_id is None or tok.mask_id not in ids:
         raise PretrainError("the text has no [MASK] token to fill")

@@ -104,6 +104,6 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
 
 def divergence(kind: str, step: int, what: str, value: float, knob: str, kept: str) -> PretrainError:
     """The error that ends a diverged run, pre-training and fine-tuning alike: ``{kind} diverged at step N
-    ({what} {value}); lower {knob}`` and what on disk is still good. Both loops check the loss (and the gradient
-    norm) at every log line and before anything is saved, so a diverged model is never written."""
+    ({what} {value}); lower {knob}`` and what on disk is still good. Both loops check the loss (and the
+    gradient norm) at every log line and before anything is saved, so a diverged model is never written."""
     return PretrainError(f"{kind} diverged at step {step} ({what} {value}); lower {knob} ({kept})")

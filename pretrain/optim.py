@@ -147,17 +147,18 @@ def scale_lr(optimizer: torch.optim.Optimizer, scale: float) -> None:
 
 
 def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
-    """Learning rate of pre-training's optimizer step ``step`` (0-based): :func:`schedule` with the train config."""
+    """Learning rate of pre-training's optimizer step ``step`` (0-based): :func:`schedule` with the train
+    config."""
     return schedule(step, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.max_steps, cfg.schedule,
                     cfg.decay_frac, time_frac)
 
 
 def schedule(step: int, peak: float, floor: float, warmup: int, total: int, kind: str = "cosine",
              decay_frac: float = 0.2, time_frac: float = 0.0) -> float:
-    """The learning rate at optimizer step ``step`` (0-based) of ``total``: linear warmup over ``warmup`` steps,
-    then ``kind``: 'cosine' (to ``floor`` at ``total``), 'linear' (likewise, in a straight line), 'wsd' (hold
-    the peak, then decay linearly over the last ``decay_frac``) or 'constant'. Pre-training and fine-tuning
-    (linear to 0) both take their schedule from here.
+    """The learning rate at optimizer step ``step`` (0-based) of ``total``: linear warmup over ``warmup``
+    steps, then ``kind``: 'cosine' (to ``floor`` at ``total``), 'linear' (likewise, in a straight line), 'wsd'
+    (hold the peak, then decay linearly over the last ``decay_frac``) or 'constant'. Pre-training and
+    fine-tuning (linear to 0) both take their schedule from here.
 
     ``time_frac`` (train.time_schedule: the fraction of the time budget spent) moves the decay on when
     time runs out before the steps do: after the warmup (always in steps) the lr is the lower of the
@@ -179,7 +180,8 @@ def schedule(step: int, peak: float, floor: float, warmup: int, total: int, kind
     return min(by_steps, by_time)
 
 
-def _decayed(step: int, peak: float, floor: float, warmup: int, total: int, kind: str, decay_frac: float) -> float:
+def _decayed(step: int, peak: float, floor: float, warmup: int, total: int, kind: str,
+             decay_frac: float) -> float:
     if kind == "cosine":
         span = max(1, total - warmup)
         progress = min(1.0, (step - warmup) / span)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 WORDS = ("the a an of to and in is was for on that with as by at from it this be are his her they "
          "king queen lord castle river stone light night day sword crown field wind rain summer winter "
-         "spoke walked found gave held ran saw made came went took kept said told old young green dark").split()
+         "spoke walked found gave held ran saw made came went took kept said told old young "
+         "green dark").split()
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:

@@ -20,8 +20,8 @@ from pretrain.data.prepare import prepare
 
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
-    "they you were her she there been one all we their has would when if so no will more time can out up into "
-    "only about like other could some king queen river stone light night morning garden window letter"
+    "they you were her she there been one all we their has would when if so no will more time can out up "
+    "into only about like other could some king queen river stone light night morning garden window letter"
 ).split()
 
 
@@ -50,7 +50,8 @@ def _quiet(*_args, **_kwargs) -> None:
 
 @pytest.fixture
 def text_factory() -> Callable[..., str]:
-    """The :func:`make_text` generator: ``text_factory(n_words=200, seed=0)`` → deterministic English-like text."""
+    """The :func:`make_text` generator: ``text_factory(n_words=200, seed=0)`` → deterministic English-like
+    text."""
     return make_text
 
 
@@ -174,7 +175,8 @@ def write_token_dir(path: Path, splits: dict[str, list[np.ndarray]], dtype: str 
 
 @pytest.fixture
 def token_dir(tmp_path: Path) -> Callable[..., Path]:
-    """Factory around :func:`write_token_dir`: ``token_dir({"train": [arr, ...], "val": [...]}, name="tok")``."""
+    """Factory around :func:`write_token_dir`:
+    ``token_dir({"train": [arr, ...], "val": [...]}, name="tok")``."""
     def factory(splits: dict[str, list[np.ndarray]], name: str = "tok", **kwargs) -> Path:
         return write_token_dir(tmp_path / name, splits, **kwargs)
 

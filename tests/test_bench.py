@@ -98,9 +98,9 @@ def test_trainer_mfu_reports_the_trainers_own_figures():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     root = BENCH.parents[1]
-    r = mod.main(["--config", str(root / "configs" / "tiny.yaml"), "--vocab", "300", "--tokenizer-vocab", "300",
-                  "--steps", "20", "--log-interval", "5", "--skip", "1", "--batch-size", "2", "--device", "cpu",
-                  "--set", "data.seq_len=32"])
+    r = mod.main(["--config", str(root / "configs" / "tiny.yaml"), "--vocab", "300",
+                  "--tokenizer-vocab", "300", "--steps", "20", "--log-interval", "5", "--skip", "1",
+                  "--batch-size", "2", "--device", "cpu", "--set", "data.seq_len=32"])
     assert r["steps"] == 20 and r["intervals_used"] == 3 and len(r["tok_s_per_log"]) == 3
     assert r["tok_s_median"] > 0 and r["tok_s_best"] == max(r["tok_s_per_log"])
     assert r["model_vocab"] == 300 and r["tokens_per_step"] == 2 * 32

@@ -280,7 +280,7 @@ def test_structure_mismatch(tmp_path, tiny_model, change):
         load_weights(ckpt, tiny_model(**change))
 
 
-# ================================================================================================ crash safety
+# ============================================================================================== crash safety
 
 CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys
@@ -365,8 +365,8 @@ def test_crash_between_renames_when_resaving_keeps_a_checkpoint(tmp_path):
         checkpoint.save_checkpoint(run, 1, model, {}, {}, keep=2)
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=120,
-                          env=env)
+    proc = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True,
+                          timeout=120, env=env)
     assert proc.returncode == -9, proc.stderr
     assert [p.name for p in list_checkpoints(run)] == ["step_000001"]
 

@@ -66,8 +66,8 @@ def test_decontamination_removes_documents_with_test_sentences(tmp_path):
     assert dropped == leaked
     assert cleaner.report()["removed"]["contaminated"]["documents"] == 5
     # a JSONL evaluation set: the fields named, each of them (question and answer)
-    rows = [{"question": test_sents[k], "answer": "x"} if k % 2 else {"question": "q?", "answer": test_sents[k]}
-            for k in range(5)]
+    rows = [{"question": test_sents[k], "answer": "x"} if k % 2
+            else {"question": "q?", "answer": test_sents[k]} for k in range(5)]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match="no field 'text'.*choose one with --decontaminate-field"):
         Cleaner(CleanConfig(decontaminate=[str(tmp_path / "eval.jsonl")]))
@@ -81,16 +81,19 @@ def test_filters_and_report_through_prepare(tmp_path, capsys):
     corpus.mkdir()
     base = " ".join(sentences(12, seed=1))
     files = {"a.txt": base, "b.txt": base, "c.txt": "short", "d.txt": "#$%&*@! " * 40,
-             "e.txt": "same line\n" * 30, "f.txt": " ".join(sentences(12, seed=2)), "g.txt": "caf\u0065\u0301 " + base[:300]}
+             "e.txt": "same line\n" * 30, "f.txt": " ".join(sentences(12, seed=2)),
+             "g.txt": "caf\u0065\u0301 " + base[:300]}
     for name, text in files.items():
         (corpus / name).write_text(text)
     assert main(["prepare", str(corpus), "--out", str(tmp_path / "d"), "--tokenizer", "byte", "--dedup",
-                 "--min-chars", "20", "--max-symbol-ratio", "0.5", "--max-repeated-line-ratio", "0.5", "--json"]) == 0
+                 "--min-chars", "20", "--max-symbol-ratio", "0.5", "--max-repeated-line-ratio", "0.5",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["removed"] == {"min_chars": 1, "symbol_ratio": 1, "repeated_lines": 1, "exact_duplicate": 1}
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     rep = meta["cleaning"]
-    assert rep["kept"]["documents"] == 3 == meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
+    assert (rep["kept"]["documents"] == 3
+            == meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"])
     assert rep["removed"]["min_chars"]["examples"] == ["short"]
     assert sum(v["exact_duplicate"] for v in rep["per_source"].values()) == 1
     assert any(name.endswith("b.txt") and v["exact_duplicate"] == 1 for name, v in rep["per_source"].items())
@@ -144,6 +147,6 @@ def test_tokenizer_trains_on_a_bounded_sample(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tk, "train_bpe", spy)
     total = sum(len(d) for d in docs)
-    prepare([str(tmp_path)], tmp_path / "d", tokenizer="bpe", vocab_size=300, tokenizer_sample_chars=total // 4,
-            val_fraction=0.0, log=lambda *a: None)
+    prepare([str(tmp_path)], tmp_path / "d", tokenizer="bpe", vocab_size=300,
+            tokenizer_sample_chars=total // 4, val_fraction=0.0, log=lambda *a: None)
     assert 0.1 * total < seen[0] < 0.45 * total  # about a quarter, spread over the corpus

@@ -13,7 +13,8 @@ from pretrain.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "pretrain", *args], capture_output=True, text=True,
+                          timeout=120)
 
 
 def assert_clean_error(res, *needles: str) -> None:
@@ -58,8 +59,8 @@ def trained_mlm(tmp_path_factory):
     assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "wordpiece",
                  "--vocab-size", "300", "--val-fraction", "0.3"]) == 0
     run = root / "run"
-    assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), *MLM_ARGS, "--data.path", str(root / "data"),
-                 "--train.max_steps", "4", "--quiet"]) == 0
+    assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), *MLM_ARGS,
+                 "--data.path", str(root / "data"), "--train.max_steps", "4", "--quiet"]) == 0
     return root, run
 
 
@@ -71,9 +72,11 @@ def trained_any(request):
 
 
 def test_missing_and_empty_input_subprocess(tmp_path):
-    assert_clean_error(run_cli("prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d")), "not found")
+    assert_clean_error(run_cli("prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "d")),
+                       "not found")
     (tmp_path / "empty.txt").write_text("  \n")
-    assert_clean_error(run_cli("prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "d")), "no text")
+    assert_clean_error(run_cli("prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "d")),
+                       "no text")
 
 
 def test_binary_and_non_utf8(tmp_path, capsys):
@@ -82,8 +85,10 @@ def test_binary_and_non_utf8(tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     assert "binary" in error_of(capsys, "prepare", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "d"))
     assert "UTF-8" in error_of(capsys, "prepare", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "d"))
-    assert "--bad-files skip" in error_of(capsys, "prepare", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "d"))
-    assert "--bad-files" not in error_of(capsys, "embed", str(tmp_path), "--input", str(tmp_path / "latin1.txt"),
+    assert "--bad-files skip" in error_of(capsys, "prepare", str(tmp_path / "latin1.txt"),
+                                          "--out", str(tmp_path / "d"))
+    assert "--bad-files" not in error_of(capsys, "embed", str(tmp_path),
+                                         "--input", str(tmp_path / "latin1.txt"),
                                          "--out", str(tmp_path / "e.npy"))
     # --bad-files skip: warn and go on with the good file
     with pytest.warns(UserWarning, match="skipping") as record:
@@ -134,7 +139,8 @@ def test_corrupt_checkpoint(tmp_path, trained_any, capsys):
 
 def test_damaged_newest_checkpoint_names_the_one_before(tmp_path, trained, capsys):
     root, _ = trained
-    args = [*overrides(TINY_TRAIN), "--data.path", str(root / "data"), "--train.ckpt_interval", "2", "--quiet"]
+    args = [*overrides(TINY_TRAIN), "--data.path", str(root / "data"), "--train.ckpt_interval", "2",
+            "--quiet"]
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *args, "--train.max_steps", "4"]) == 0
     newest = run / "checkpoints" / "step_000004"
@@ -148,7 +154,8 @@ def test_damaged_newest_checkpoint_names_the_one_before(tmp_path, trained, capsy
 
 def test_data_with_other_tokenizer(tmp_path, trained, capsys):
     root, run = trained
-    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "bytes"), "--tokenizer", "byte"]) == 0
+    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "bytes"),
+                 "--tokenizer", "byte"]) == 0
     err = error_of(capsys, "eval", str(run), "--data", str(tmp_path / "bytes"))
     assert "vocabulary" in err and "does not match" in err
     # same vocab size, different tokenizer: also refused
@@ -178,8 +185,10 @@ def test_not_a_run_dir(tmp_path, capsys):
 
 
 def test_option_typos_get_a_suggestion(capsys):
-    for args, hint in ((["prepare", "x", "--out", "y", "--vocab-sise", "5"], "did you mean: --vocab-sise → --vocab-size?"),
-                       (["finetune", "r", "--train", "a", "--valid", "b", "--out", "o", "--lrr", "3"], "--lrr → --lr?")):
+    for args, hint in ((["prepare", "x", "--out", "y", "--vocab-sise", "5"],
+                        "did you mean: --vocab-sise → --vocab-size?"),
+                       (["finetune", "r", "--train", "a", "--valid", "b", "--out", "o", "--lrr", "3"],
+                        "--lrr → --lr?")):
         with pytest.raises(SystemExit) as e:
             main(args)
         assert e.value.code == 2 and hint in capsys.readouterr().err

@@ -33,7 +33,8 @@ def quiet(*_a, **_k):
 def read_split(data_dir: Path, split: str) -> np.ndarray:
     """All token ids of a split (its shards concatenated), read independently of the loader."""
     meta = json.loads((data_dir / "meta.json").read_text())
-    parts = [np.fromfile(data_dir / sh["file"], dtype=meta["dtype"]) for sh in meta["splits"][split]["shards"]]
+    parts = [np.fromfile(data_dir / sh["file"], dtype=meta["dtype"])
+             for sh in meta["splits"][split]["shards"]]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=meta["dtype"])
 
 
@@ -76,7 +77,8 @@ def test_folder_is_recursive_and_filters_extensions(tiny_corpus):
 
 def test_glob_and_explicit_other_extension(tiny_corpus):
     root = tiny_corpus["root"]
-    rel = sorted(s.path.relative_to(root.resolve()).as_posix() for s in expand_inputs([str(root / "**" / "*.txt")]))
+    rel = sorted(s.path.relative_to(root.resolve()).as_posix()
+                 for s in expand_inputs([str(root / "**" / "*.txt")]))
     assert rel == ["a.txt", "sub/c.txt"]
     (log,) = expand_inputs([str(root / "notes.log")])  # named explicitly: read whatever the extension
     assert log.kind == "text" and read_documents(log) == ["a,b\n1,2\n"]
@@ -92,8 +94,8 @@ def test_inputs_are_deduplicated(tiny_corpus):
 
 def test_jsonl_text_field(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"text": "one"}\n\n{"text": "two", "x": 1}\n{"text": null}\n{"text": "   "}\n{"body": "b", "text": "3"}\n',
-                 encoding="utf-8")
+    p.write_text('{"text": "one"}\n\n{"text": "two", "x": 1}\n{"text": null}\n{"text": "   "}\n'
+                 '{"body": "b", "text": "3"}\n', encoding="utf-8")
     (src,) = expand_inputs([str(p)])
     assert src.kind == "jsonl"
     assert read_documents(src) == ["one", "two", "3"]  # null and blank documents are dropped
@@ -192,7 +194,8 @@ def test_jsonl_invalid_json_line_number(tmp_path):
         list(iter_documents(expand_inputs([str(p)])))
 
 
-@pytest.mark.parametrize("line, msg", [('["a list"]', "expected a JSON object"), ('{"text": 5}', "not a string")])
+@pytest.mark.parametrize("line, msg", [('["a list"]', "expected a JSON object"),
+                                       ('{"text": 5}', "not a string")])
 def test_jsonl_wrong_shapes(tmp_path, line, msg):
     p = tmp_path / "d.jsonl"
     p.write_text(line + "\n", encoding="utf-8")
@@ -208,7 +211,8 @@ def test_record_fills_manifest(tiny_corpus):
         assert s.sha256 == hashlib.sha256(raw).hexdigest()
         assert s.bytes == len(raw)
     assert [s.documents for s in sources] == [1, 1, 3, 1]
-    assert set(Source(path=Path("x"), kind="text").manifest()) == {"path", "format", "sha256", "bytes", "documents"}
+    assert set(Source(path=Path("x"), kind="text").manifest()) == {"path", "format", "sha256", "bytes",
+                                                                    "documents"}
 
 
 # ================================================================================================ tokenizers
@@ -469,7 +473,8 @@ def test_prepare_refuses_to_overwrite(corpus_file, prepared_data, tmp_path, text
     other.write_text(text_factory(400, seed=99), encoding="utf-8")
     meta = prepare([str(other)], prepared_data, tokenizer="byte", val_fraction=0.2, overwrite=True, log=quiet)
     assert load_meta(prepared_data)["tokenizer"]["kind"] == "byte" == meta["tokenizer"]["kind"]
-    assert read_split(prepared_data, "train").tolist() == list(other.read_bytes()[: int(len(other.read_text()) * 0.8)])
+    assert (read_split(prepared_data, "train").tolist()
+            == list(other.read_bytes()[: int(len(other.read_text()) * 0.8)]))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp/old dirs left
 
 
@@ -522,7 +527,8 @@ def test_prepare_keeps_a_training_document(prepare_corpus, text_factory):
 def test_train_batches_are_contiguous_slices(prepared_data):
     split = TokenSplit(prepared_data, "train")
     stream = read_split(prepared_data, "train").astype(np.int64)
-    assert split.tokens == len(stream) and split.vocab_size == load_meta(prepared_data)["tokenizer"]["vocab_size"]
+    assert (split.tokens == len(stream)
+            and split.vocab_size == load_meta(prepared_data)["tokenizer"]["vocab_size"])
     loader = TrainLoader(split, seq_len=16, batch_size=4, seed=3)
     for _ in range(5):
         batch = loader.next_batch()
@@ -748,7 +754,8 @@ def test_bad_cleaning_options_and_unencodable_text_are_clear_errors(tmp_path, ca
                  str(tmp_path / "wl.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "cannot encode this text" in err and "Traceback" not in err
-    assert main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "ok"), "--tokenizer", "char"]) == 0
+    assert main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "ok"),
+                 "--tokenizer", "char"]) == 0
     capsys.readouterr()
     assert main(["data", "inspect", str(tmp_path / "ok"), "--samples", "-1"]) == 2
     assert "--samples must be >= 0" in capsys.readouterr().err
@@ -769,7 +776,8 @@ def test_crash_inside_the_final_swap_loses_nothing(tmp_path, finished):
     if not finished:
         (partial / "meta.json").unlink()  # the new one was not complete
     with pytest.raises(DataError, match="recovered from an interrupted prepare"):
-        prepare([str(tmp_path / "b.txt")], out, tokenizer="byte", log=quiet)  # no --overwrite: nothing replaced
+        # no --overwrite: nothing replaced
+        prepare([str(tmp_path / "b.txt")], out, tokenizer="byte", log=quiet)
     got = load_meta(out)
     assert got["sources"][0]["path"].endswith("b.txt" if finished else "a.txt")
     assert finished or got == old_meta
@@ -814,14 +822,16 @@ def test_out_inside_an_input_folder_is_not_read_back(tmp_path):
 def test_a_vocabulary_smaller_than_asked_is_reported(tmp_path, kind):
     (tmp_path / "a.txt").write_text("a tiny corpus with few words, a tiny corpus\n", encoding="utf-8")
     lines: list[str] = []
-    meta = prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=kind, vocab_size=4000, log=lines.append)
+    meta = prepare([str(tmp_path / "a.txt")], tmp_path / "d", tokenizer=kind, vocab_size=4000,
+                   log=lines.append)
     assert meta["tokenizer"]["vocab_size"] < 4000
     assert [x for x in lines if "fewer than the 4,000 asked for" in x], lines
 
 
 def test_text_only_encoding_matches_prepare():
-    """User text (fine-tuning, embeddings) is encoded as prepare encodes documents: a written-out special token
-    is text; the default (prompts, fill-mask) still reads it as the token, and the flag does not stick."""
+    """User text (fine-tuning, embeddings) is encoded as prepare encodes documents: a written-out special
+    token is text; the default (prompts, fill-mask) still reads it as the token, and the flag does not
+    stick."""
     from pretrain.data.tokenizer import byte_tokenizer
 
     tok = byte_tokenizer()

@@ -66,7 +66,8 @@ def assert_same_curve(a: dict[int, dict], b: dict[int, dict], tol: float = TOL) 
         for key in ("train_loss", "val_loss", "grad_norm"):
             assert (key in a[step]) == (key in b[step]), (step, key)
             if key in a[step]:
-                assert a[step][key] == pytest.approx(b[step][key], abs=tol), (step, key, a[step][key], b[step][key])
+                assert a[step][key] == pytest.approx(b[step][key], abs=tol), (step, key, a[step][key],
+                                                                               b[step][key])
 
 
 def free_port() -> int:
@@ -80,9 +81,10 @@ def launch(args: list[str], nproc: int = 2, script: Path | None = None, launcher
     """torchrun (``python -m torch.distributed.run``) of ``pretrain train ARGS`` (or of ``script``)."""
     target = [str(script)] if script else ["-m", "pretrain", "train"]
     launcher = launcher or ["--standalone"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *launcher, *target, *args]
-    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *launcher, *target,
+           *args]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 180) -> str:
@@ -125,8 +127,10 @@ def two_procs(request, tmp_path_factory, data_dir) -> tuple[str, Path]:
 
 def test_global_batch_derives_grad_accum():
     tc = TrainConfig(batch_size=4, global_batch_size=32)
-    assert resolve_batch(tc, 1) == (8, 32) and resolve_batch(tc, 2) == (4, 32) and resolve_batch(tc, 8) == (1, 32)
-    assert resolve_batch(TrainConfig(batch_size=4, grad_accum=3), 2) == (3, 24)  # unset: per-process semantics
+    assert (resolve_batch(tc, 1) == (8, 32) and resolve_batch(tc, 2) == (4, 32)
+            and resolve_batch(tc, 8) == (1, 32))
+    # unset: per-process semantics
+    assert resolve_batch(TrainConfig(batch_size=4, grad_accum=3), 2) == (3, 24)
     with pytest.raises(ConfigError, match="not a multiple"):
         resolve_batch(tc, 3)
     with pytest.raises(ConfigError, match="not a multiple"):
@@ -152,7 +156,8 @@ def test_ranks_read_disjoint_slices_of_the_global_batch(data_dir):
 
 def test_resume_needs_the_same_global_batch(tmp_path, data_dir, reference, capsys):
     run = copy_until(reference, tmp_path / "run", 10)
-    assert main(["train", "--out", str(run), *args_for(data_dir, *CPU, "--train.global_batch_size", "4")]) == 2
+    assert main(["train", "--out", str(run),
+                 *args_for(data_dir, *CPU, "--train.global_batch_size", "4")]) == 2
     assert "global batch of 8" in capsys.readouterr().err
 
 
@@ -161,8 +166,8 @@ def test_muon_with_fsdp_is_refused(tmp_path, data_dir, monkeypatch, capsys):
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(k, v)
-    assert main(["train", "--out", str(tmp_path / "run"), *args_for(data_dir, *CPU, "--train.parallelism", "fsdp",
-                                                                    "--train.optimizer", "muon")]) == 2
+    assert main(["train", "--out", str(tmp_path / "run"),
+                 *args_for(data_dir, *CPU, "--train.parallelism", "fsdp", "--train.optimizer", "muon")]) == 2
     assert "muon is not supported with train.parallelism fsdp" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()  # torn down
 
@@ -189,7 +194,8 @@ def test_two_processes_match_one(reference, two_procs):
     ck = latest_checkpoint(run)
     meta = read_meta(ck)
     assert meta["format"] == "dcp" and meta["world_size"] == 2 and meta["step"] == 20
-    assert sorted(p.name for p in (ck / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # a shard each
+    # a shard each
+    assert sorted(p.name for p in (ck / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not list((run / "checkpoints").glob(".tmp_*"))
 
 
@@ -197,7 +203,8 @@ def test_two_processes_match_one(reference, two_procs):
 def test_two_process_checkpoint_resumes_in_one(tmp_path, data_dir, reference, two_procs, step):
     parallelism, run = two_procs
     resumed = copy_until(run, tmp_path / "run", step)
-    assert main(["train", "--out", str(resumed), *args_for(data_dir, *CPU)]) == 0  # 1 process: 2 micro-batches
+    # 1 process: 2 micro-batches
+    assert main(["train", "--out", str(resumed), *args_for(data_dir, *CPU)]) == 0
     assert_same_curve(curve(resumed), curve(run))
     assert_same_curve(curve(resumed), curve(reference))
 
@@ -316,9 +323,11 @@ def test_error_on_one_rank_stops_the_job_with_its_message(tmp_path, data_dir):
 def test_two_nodes_on_one_machine(tmp_path, data_dir):
     run = tmp_path / "run"
     port = free_port()
-    args = ["--out", str(run), *args_for(data_dir, *CPU, "--train.max_steps", "4", "--train.eval_interval", "0")]
-    procs = [launch(args, nproc=1, launcher=["--nnodes", "2", "--node-rank", str(node), "--rdzv-backend", "c10d",
-                                             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"])
+    args = ["--out", str(run),
+            *args_for(data_dir, *CPU, "--train.max_steps", "4", "--train.eval_interval", "0")]
+    procs = [launch(args, nproc=1, launcher=["--nnodes", "2", "--node-rank", str(node),
+                                             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                                             "--rdzv-id", "two-nodes"])
              for node in (0, 1)]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)

@@ -1,4 +1,5 @@
-"""The ids-only encoder of prepare: the fast byte-level BPE path gives the tokenizer's own ids, token for token."""
+"""The ids-only encoder of prepare: the fast byte-level BPE path gives the tokenizer's own ids, token for
+token."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ TRICKY = [
     "Hello, world! It's 2026; we'll see what's what, isn't it?",
     "  leading spaces,\ttabs\t\tand   runs of   spaces  \n\n\n  then lines \r\n windows\r\n",
     "numbers 3.14159 1,000,000 and 12ab34 and ½ ² ٣ (Arabic-Indic three)",
-    "Ünïcödé: naïve café — “quotes” ‘single’ … ellipsis; CJK 漢字かな交じり文; emoji 🙂👍🏽; Ελληνικά; русский",
+    ("Ünïcödé: naïve café — “quotes” ‘single’ … ellipsis; CJK 漢字かな交じり文; "
+     "emoji 🙂👍🏽; Ελληνικά; русский"),
     "combining: e\u0301 a\u0308; zero-width\u200bjoiner; no-break\u00a0space; ideographic\u3000space",
     "SHOUTING'S FINE'LL 'RE 'VE 'M 'D 'T 'S ''' \"\" ---- ==== !!!!",
     "a document with the end token <|endoftext|> written out in the middle",

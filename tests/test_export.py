@@ -41,8 +41,8 @@ def _hf_model(cfg: ModelConfig, model: torch.nn.Module, cls_name: str, config_cl
 @pytest.mark.parametrize("kv,tie", [(0, True), (2, False)])
 def test_gpt_matches_llama(kv, tie):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="gpt", n_layer=2, n_head=4, n_kv_head=kv, d_model=64, vocab_size=97, max_seq_len=32,
-                      tie_embeddings=tie, rope_theta=500.0)
+    cfg = ModelConfig(arch="gpt", n_layer=2, n_head=4, n_kv_head=kv, d_model=64, vocab_size=97,
+                      max_seq_len=32, tie_embeddings=tie, rope_theta=500.0)
     model = build_model(cfg).eval()
     _randomize_gains(model)
     hf = _hf_model(cfg, model, "LlamaForCausalLM", "LlamaConfig")
@@ -81,14 +81,17 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     write_corpus(root / "corpus", n_docs=8)
-    (root / "corpus" / "uni.txt").write_text("Ünïcödé text — naïve café, 日本語, emoji 🙂 and  spaces\ttabs.\n" * 20)
+    (root / "corpus" / "uni.txt").write_text(
+        "Ünïcödé text — naïve café, 日本語, emoji 🙂 and  spaces\ttabs.\n" * 20)
     out = {}
-    for name, tok, extra in (("gpt", "bpe", []), ("bert", "wordpiece", ["--objective", "mlm", "--model.arch", "bert"])):
+    for name, tok, extra in (("gpt", "bpe", []),
+                             ("bert", "wordpiece", ["--objective", "mlm", "--model.arch", "bert"])):
         assert main(["prepare", str(root / "corpus"), "--out", str(root / f"data_{name}"), "--tokenizer", tok,
                      "--vocab-size", "400", "--val-fraction", "0.2"]) == 0
         run = root / f"run_{name}"
         assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), *extra, "--data.path",
-                     str(root / f"data_{name}"), "--data.seq_len", "64", "--train.max_steps", "15", "--quiet"]) == 0
+                     str(root / f"data_{name}"), "--data.seq_len", "64", "--train.max_steps", "15",
+                     "--quiet"]) == 0
         assert main(["export", str(run), "--out", str(root / f"hf_{name}")]) == 0
         out[name] = (run, root / f"hf_{name}")
     return out
@@ -114,7 +117,8 @@ def test_exported_decoder_loads_with_auto_classes(runs):
         assert (model(x) - hf(input_ids=x).logits).abs().max().item() <= 1e-4
     prompt = torch.tensor([tok.encode("The king")])
     ours = model.generate(prompt, 32, temperature=0)
-    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=tok.eot_id)
+    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None,
+                         pad_token_id=tok.eot_id)
     assert ours.tolist() == theirs.tolist()
 
 
@@ -192,8 +196,8 @@ def test_import_llama_matches_and_trains(hf_llama, tmp_path, capsys):
                  str(root / "hf"), "--val-fraction", "0.2"]) == 0
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(tmp_path / "data"),
-                 "--train.init_from", str(root / "hf"), "--train.max_steps", "6", "--train.eval_interval", "6",
-                 "--train.lr", "1e-3", "--quiet", "--json"]) == 0
+                 "--train.init_from", str(root / "hf"), "--train.max_steps", "6",
+                 "--train.eval_interval", "6", "--train.lr", "1e-3", "--quiet", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 6 and summary["n_params"] == sum(p.numel() for p in hf.parameters())
 
@@ -213,10 +217,12 @@ def test_import_bad_inputs(hf_llama, tmp_path, capsys):
     # an unsupported architecture
     other = tmp_path / "falcon"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}))
+    (other / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"],
+                                                   "model_type": "falcon"}))
     assert main([*base, "--train.init_from", str(other)]) == 2
     assert "cannot import FalconForCausalLM" in capsys.readouterr().err
-    (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
+                                                   "model_type": "gpt2"}))
     assert main([*base, "--train.init_from", str(other)]) == 2
     assert "lacks the field" in capsys.readouterr().err
     # malformed config.json and weight index: a clear error, not a traceback
@@ -245,18 +251,21 @@ def test_import_bad_inputs(hf_llama, tmp_path, capsys):
     conf = json.loads((bad / "config.json").read_text())
     conf["intermediate_size"] = 96
     (bad / "config.json").write_text(json.dumps(conf))
-    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "d2"), "--tokenizer", str(bad)]) == 0
+    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "d2"),
+                 "--tokenizer", str(bad)]) == 0
     capsys.readouterr()
-    assert main(["train", "--out", str(tmp_path / "r2"), "--data.path", str(tmp_path / "d2"), "--data.seq_len", "16",
-                 "--train.init_from", str(bad)]) == 2
+    assert main(["train", "--out", str(tmp_path / "r2"), "--data.path", str(tmp_path / "d2"),
+                 "--data.seq_len", "16", "--train.init_from", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err and "bad" in err
     # a --model.* override that contradicts the checkpoint's architecture is ignored with a warning
     conf = json.loads((root / "hf" / "config.json").read_text())
-    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "d3"), "--tokenizer", str(root / "hf")]) == 0
+    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "d3"),
+                 "--tokenizer", str(root / "hf")]) == 0
     capsys.readouterr()
-    assert main(["train", "--out", str(tmp_path / "r3"), "--data.path", str(tmp_path / "d3"), "--data.seq_len", "16",
-                 "--train.init_from", str(root / "hf"), "--model.n_layer", str(conf["num_hidden_layers"] + 3),
+    assert main(["train", "--out", str(tmp_path / "r3"), "--data.path", str(tmp_path / "d3"),
+                 "--data.seq_len", "16", "--train.init_from", str(root / "hf"),
+                 "--model.n_layer", str(conf["num_hidden_layers"] + 3),
                  "--model.dropout", "0.1", "--train.max_steps", "2", "--quiet"]) == 0
     assert f"ignoring model.n_layer={conf['num_hidden_layers'] + 3}" in capsys.readouterr().err
     saved = (tmp_path / "r3" / "config.yaml").read_text()
@@ -325,8 +334,8 @@ def test_export_of_a_hub_data_run_and_a_failed_export_leaves_nothing(tmp_path, c
 
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": " ".join(sentences(20, i))}) + "\n" for i in range(8)))
-    assert main(["prepare", "hf:json", "--hf-data-files", str(src), "--out", str(tmp_path / "d"), "--tokenizer",
-                 "byte", "--val-fraction", "0.2"]) == 0
+    assert main(["prepare", "hf:json", "--hf-data-files", str(src), "--out", str(tmp_path / "d"),
+                 "--tokenizer", "byte", "--val-fraction", "0.2"]) == 0
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), "--data.path", str(tmp_path / "d"),
                  "--train.max_steps", "2", "--train.warmup_steps", "0", "--quiet"]) == 0

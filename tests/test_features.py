@@ -45,8 +45,8 @@ def test_embed_deterministic_aligned_batch_invariant(run, capsys):
         np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
         # row-aligned: embedding one text alone gives that row
         (root / "one.txt").write_text(texts[7] + "\n")
-        assert main(["embed", str(root / "run"), "--input", str(root / "one.txt"), "--out", str(root / "one.npy"),
-                     "--pooling", pool]) == 0
+        assert main(["embed", str(root / "run"), "--input", str(root / "one.txt"),
+                     "--out", str(root / "one.npy"), "--pooling", pool]) == 0
         capsys.readouterr()
         np.testing.assert_allclose(np.load(root / "one.npy")[0], outs[0][7], atol=1e-5)
         assert not np.allclose(outs[0][0], outs[0][1])
@@ -56,8 +56,8 @@ def test_embed_deterministic_aligned_batch_invariant(run, capsys):
                      str(root / "crlf.npy"), "--pooling", pool]) == 0
         capsys.readouterr()
         np.testing.assert_allclose(np.load(root / "crlf.npy"), outs[0], atol=1e-5)
-    assert main(["embed", str(root / "run"), "--input", str(root / "in.txt"), "--out", str(root / "n.parquet"),
-                 "--normalize"]) == 0
+    assert main(["embed", str(root / "run"), "--input", str(root / "in.txt"),
+                 "--out", str(root / "n.parquet"), "--normalize"]) == 0
     import pyarrow.parquet as pq
 
     emb = np.array(pq.read_table(root / "n.parquet").column("embedding").to_pylist())
@@ -67,14 +67,17 @@ def test_embed_deterministic_aligned_batch_invariant(run, capsys):
 def test_embed_bad_input(run, capsys):
     objective, root, _ = run
     (root / "bad.txt").write_text("fine text\n\nmore text\n")
-    assert main(["embed", str(root / "run"), "--input", str(root / "bad.txt"), "--out", str(root / "x.npy")]) == 2
+    assert main(["embed", str(root / "run"), "--input", str(root / "bad.txt"),
+                 "--out", str(root / "x.npy")]) == 2
     assert "row 2 has no text" in capsys.readouterr().err
     (root / "t.csv").write_text("sentence,label\nhello,1\n")
-    assert main(["embed", str(root / "run"), "--input", str(root / "t.csv"), "--out", str(root / "x.npy")]) == 2
+    assert main(["embed", str(root / "run"), "--input", str(root / "t.csv"),
+                 "--out", str(root / "x.npy")]) == 2
     assert "sentence" in capsys.readouterr().err
-    assert main(["embed", str(root / "run"), "--input", str(root / "in.txt"), "--out", str(root / "x.txt")]) == 2
+    assert main(["embed", str(root / "run"), "--input", str(root / "in.txt"),
+                 "--out", str(root / "x.txt")]) == 2
     capsys.readouterr()
     if objective == "clm":
-        assert main(["embed", str(root / "run"), "--input", str(root / "in.txt"), "--out", str(root / "x.npy"),
-                     "--pooling", "cls"]) == 2
+        assert main(["embed", str(root / "run"), "--input", str(root / "in.txt"),
+                     "--out", str(root / "x.npy"), "--pooling", "cls"]) == 2
         assert "encoder" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from _corpus import TINY_TRAIN, overrides, write_corpus
 
 from pretrain.cli import main
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # device/dtype/compile left at their defaults (auto: cuda, bf16, compiled)
 TRAIN = overrides({**TINY_TRAIN, "train": {**TINY_TRAIN["train"], "max_steps": 40, "log_interval": 5}})
@@ -35,8 +36,10 @@ def out_json(capsys) -> dict:
 def gpu_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"gpu_{request.param}")
     write_corpus(root / "corpus", n_docs=8)
-    tok = ["--tokenizer", "char"] if request.param == "clm" else ["--tokenizer", "wordpiece", "--vocab-size", "300"]
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), *tok, "--val-fraction", "0.2"]) == 0
+    tok = (["--tokenizer", "char"] if request.param == "clm"
+           else ["--tokenizer", "wordpiece", "--vocab-size", "300"])
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), *tok,
+                 "--val-fraction", "0.2"]) == 0
     extra = MLM if request.param == "mlm" else []
     args = [*TRAIN, *extra, "--data.path", str(root / "data"), "--quiet"]
     assert main(["train", "--out", str(root / "run"), *args]) == 0
@@ -99,7 +102,8 @@ def test_use_the_model_on_gpu(gpu_run, tmp_path, capsys):
         capsys.readouterr()
         emb[device] = np.load(tmp_path / f"{device}.npy")
     assert emb["cuda"].shape == emb["cpu"].shape == (2, 32)
-    cos = (emb["cuda"] * emb["cpu"]).sum(1) / np.linalg.norm(emb["cuda"], axis=1) / np.linalg.norm(emb["cpu"], axis=1)
+    cos = ((emb["cuda"] * emb["cpu"]).sum(1) / np.linalg.norm(emb["cuda"], axis=1)
+           / np.linalg.norm(emb["cpu"], axis=1))
     assert (cos > 0.99).all(), cos
     assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--json"]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
@@ -116,8 +120,8 @@ def test_finetune_and_predict_on_gpu(gpu_run, tmp_path, capsys):
     (tmp_path / "valid.jsonl").write_text("\n".join(lines[120:]) + "\n", encoding="utf-8")
     capsys.readouterr()
     assert main(["finetune", str(root / "run"), "--train", str(tmp_path / "train.jsonl"), "--valid",
-                 str(tmp_path / "valid.jsonl"), "--out", str(tmp_path / "ft"), "--epochs", "8", "--lr", "3e-3",
-                 "--batch-size", "16", "--patience", "0", "--quiet", "--json"]) == 0
+                 str(tmp_path / "valid.jsonl"), "--out", str(tmp_path / "ft"), "--epochs", "8",
+                 "--lr", "3e-3", "--batch-size", "16", "--patience", "0", "--quiet", "--json"]) == 0
     res = out_json(capsys)
     assert res["best"]["val_accuracy"] >= 0.9, res["best"]
     assert main(["predict", str(tmp_path / "ft"), "--input", str(tmp_path / "valid.jsonl"), "--out",

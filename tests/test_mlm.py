@@ -80,8 +80,8 @@ def test_selection_rate_and_80_10_10_split(p):
 def test_custom_replacement_fractions(fracs):
     mask_frac, rand_frac = fracs
     ids = random_ids()
-    inputs, labels = mask_tokens(ids, spec(mask_prob=0.2, mask_token_frac=mask_frac, random_token_frac=rand_frac),
-                                 gen())
+    inputs, labels = mask_tokens(ids, spec(mask_prob=0.2, mask_token_frac=mask_frac,
+                                           random_token_frac=rand_frac), gen())
     sel, to_mask, to_random, unchanged = outcome(ids, inputs, labels)
     n = int(sel.sum())
     assert n > 2000
@@ -103,7 +103,8 @@ def test_special_tokens_never_selected_nor_produced():
     # sprinkle every special token (including [MASK] itself) over 20% of the positions
     g = torch.Generator().manual_seed(7)
     where = torch.rand(ids.shape, generator=g) < 0.2
-    ids = torch.where(where, torch.tensor(SPECIALS)[torch.randint(len(SPECIALS), ids.shape, generator=g)], ids)
+    ids = torch.where(where, torch.tensor(SPECIALS)[torch.randint(len(SPECIALS), ids.shape, generator=g)],
+                      ids)
     s = spec(mask_prob=0.5, mask_token_frac=0.2, random_token_frac=0.6)  # many random replacements
     inputs, labels = mask_tokens(ids, s, gen())
     is_special = torch.isin(ids, torch.tensor(SPECIALS))
@@ -419,13 +420,15 @@ def test_step_weighs_every_masked_token_alike_however_the_batch_is_split():
 
     whole = grads(lambda: loss_and_accuracy(enc, inputs, labels)[0].backward())
     step_loss = []
-    split = grads(lambda: step_loss.append(backward_step(enc, enc, obj, parts, 1, torch.device("cpu"), "fp32")))
+    split = grads(lambda: step_loss.append(backward_step(enc, enc, obj, parts, 1, torch.device("cpu"),
+                                                         "fp32")))
     means = grads(lambda: sum(loss_and_accuracy(enc, *p)[0] / 2 for p in parts).backward())
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert max(float((a - c).norm() / a.norm()) for a, c in zip(whole, means)) > 0.05  # what it used to be
     with torch.no_grad():  # the step's loss is the whole batch's mean too
-        torch.testing.assert_close(step_loss[0], loss_and_accuracy(enc, inputs, labels)[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(step_loss[0], loss_and_accuracy(enc, inputs, labels)[0], rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_masked_lm_objective_is_deterministic_per_seed():
@@ -437,7 +440,8 @@ def test_masked_lm_objective_is_deterministic_per_seed():
     with torch.no_grad():
         assert obj.loss(enc, batch, seed=5).item() == obj.loss(enc, batch, seed=5).item()
         assert obj.loss(enc, batch, seed=5).item() != obj.loss(enc, batch, seed=6).item()
-        assert obj.eval_batch(enc, batch, 0) == obj.eval_batch(enc, batch, 0)  # the same masks every evaluation
+        # the same masks every evaluation
+        assert obj.eval_batch(enc, batch, 0) == obj.eval_batch(enc, batch, 0)
 
 
 def test_mlm_objective_needs_a_mask_token():
@@ -468,8 +472,8 @@ def mlm_run(tmp_path_factory):
     assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "wordpiece",
                  "--vocab-size", "300", "--val-fraction", "0.2"]) == 0
     run = root / "run"
-    assert main(["train", "--out", str(run), *MLM_ARGS, *overrides(TINY_TRAIN), "--data.path", str(root / "data"),
-                 "--quiet"]) == 0
+    assert main(["train", "--out", str(run), *MLM_ARGS, *overrides(TINY_TRAIN),
+                 "--data.path", str(root / "data"), "--quiet"]) == 0
     return root, run
 
 
@@ -593,7 +597,8 @@ def test_mlm_config_errors(mlm_run, tmp_path, capsys):
     assert "mask_prob" in error_of(capsys, "train", "--out", str(tmp_path / "c"), *MLM_ARGS, *base,
                                    "--mlm.mask_prob", "1.5")
     # char data has no [MASK] token
-    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "char"), "--tokenizer", "char"]) == 0
+    assert main(["prepare", str(root / "corpus"), "--out", str(tmp_path / "char"),
+                 "--tokenizer", "char"]) == 0
     err = error_of(capsys, "train", "--out", str(tmp_path / "d"), *MLM_ARGS, *overrides(TINY_TRAIN),
                    "--data.path", str(tmp_path / "char"), "--quiet")
     assert "wordpiece" in err
@@ -603,7 +608,8 @@ def test_mlm_config_errors(mlm_run, tmp_path, capsys):
 def test_mlm_whole_word_training_runs(mlm_run, tmp_path, capsys):
     root, _ = mlm_run
     run = tmp_path / "wwm"
-    assert main(["train", "--out", str(run), *MLM_ARGS, *overrides(TINY_TRAIN), "--data.path", str(root / "data"),
+    assert main(["train", "--out", str(run), *MLM_ARGS, *overrides(TINY_TRAIN),
+                 "--data.path", str(root / "data"),
                  "--mlm.whole_word", "true", "--mlm.mask_prob", "0.3", "--train.max_steps", "3",
                  "--train.eval_interval", "3", "--quiet"]) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -652,7 +658,8 @@ def test_document_loader_rows_are_single_padded_documents(token_dir):
 
 def test_mlm_padded_documents_lose_no_token_to_cls(token_dir):
     """With [CLS] in front, a masked-LM row shows the model seq_len - 1 of its tokens: documents are cut into
-    pieces of that length, so every token of a long document is in some model input (none dropped for good)."""
+    pieces of that length, so every token of a long document is in some model input (none dropped for
+    good)."""
     from pretrain.data.loader import DocumentLoader, TokenSplit, eval_batches
     from pretrain.objectives.mlm import add_cls
 
@@ -675,8 +682,9 @@ def test_mlm_padded_documents_lose_no_token_to_cls(token_dir):
 def test_mlm_padded_documents_train_and_eval(mlm_run, tmp_path, capsys):
     root, _ = mlm_run
     run = tmp_path / "padded"
-    assert main(["train", "--out", str(run), *MLM_ARGS, *overrides(TINY_TRAIN), "--data.path", str(root / "data"),
-                 "--data.packing", "false", "--train.max_steps", "4", "--train.eval_interval", "4", "--quiet"]) == 0
+    assert main(["train", "--out", str(run), *MLM_ARGS, *overrides(TINY_TRAIN),
+                 "--data.path", str(root / "data"), "--data.packing", "false", "--train.max_steps", "4",
+                 "--train.eval_interval", "4", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["eval", str(run), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)

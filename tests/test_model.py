@@ -251,7 +251,8 @@ def test_loss_and_backward(tiny_model):
 
 
 def test_clm_loss_is_cross_entropy_on_the_logits(tiny_model):
-    """The fused head + loss gives what F.cross_entropy on the model's logits gives: value and every gradient."""
+    """The fused head + loss gives what F.cross_entropy on the model's logits gives: value and every
+    gradient."""
     import torch.nn.functional as F
 
     batch = tokens(3, 21, seed=5)
@@ -282,7 +283,8 @@ def test_linear_cross_entropy_matches_the_plain_loss(bf16, bias):
     tol = 1e-2 if bf16 else 1e-5  # relative error of a whole gradient (bf16: its rounding)
     for reduction in ("mean", "sum"):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            ref = F.cross_entropy(F.linear(h, w, b).float().reshape(-1, 37), t.reshape(-1), reduction=reduction)
+            ref = F.cross_entropy(F.linear(h, w, b).float().reshape(-1, 37), t.reshape(-1),
+                                  reduction=reduction)
         want = torch.autograd.grad(ref, params)
         for chunk in (1, 7, 100, 1000):  # chunks that do and do not divide the 100 rows
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -429,7 +431,8 @@ def test_optimizer_step_reduces_loss(tiny_model):
 
 
 def test_time_fraction_moves_the_decay_on():
-    """train.time_schedule: after the (step) warmup the lr is the lower of the schedule by steps and by time."""
+    """train.time_schedule: after the (step) warmup the lr is the lower of the schedule by steps and by
+    time."""
     cfg = tc(schedule="cosine", max_steps=100_000)
     assert [lr_at(s, cfg, 0.5) for s in range(10)] == [lr_at(s, cfg) for s in range(10)]  # warmup in steps
     assert lr_at(20, cfg, 0.5) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the time budget

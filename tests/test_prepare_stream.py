@@ -66,10 +66,11 @@ def test_workers_and_batch_size_do_not_change_the_output(tmp_path):
     clean = CleanConfig(dedup_exact=True, near_dup_threshold=0.8, min_chars=20,
                         decontaminate=[str(tmp_path / "eval.txt")])
     metas = {}
-    for name, kw in {"inproc": dict(workers=0), "pool": dict(workers=2, batch_chars=3000, start_method="spawn"),
+    for name, kw in {"inproc": dict(workers=0),
+                     "pool": dict(workers=2, batch_chars=3000, start_method="spawn"),
                      "pool_tiny_batches": dict(workers=2, batch_chars=1)}.items():
-        metas[name] = prepare([str(src)], tmp_path / name, tokenizer="bpe", vocab_size=400, clean=clean, log=quiet,
-                              **kw)
+        metas[name] = prepare([str(src)], tmp_path / name, tokenizer="bpe", vocab_size=400, clean=clean,
+                              log=quiet, **kw)
     # a tokenizer known upfront is applied during the scan (one read): same bytes as the three-pass path
     tok = str(tmp_path / "inproc" / "tokenizer.json")
     for name, kw in {"file_inproc": dict(workers=0), "file_pool": dict(workers=2, batch_chars=2000)}.items():
@@ -105,7 +106,8 @@ def test_in_flight_batches_are_bounded():
 _RSS_SCRIPT = """
 import resource, sys
 from pretrain.data.prepare import prepare
-prepare([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], workers=0, batch_chars=200_000, log=lambda *a: None)
+prepare([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], workers=0, batch_chars=200_000, \
+log=lambda *a: None)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -121,15 +123,15 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
         with gzip.open(path, "wb", compresslevel=1) as f:
             for r in range(-(-mb * 1_000_000 // len(block))):
                 f.write(block.replace(b'{"text": "', f'{{"text": "{r} '.encode()))
-        res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), str(tmp_path / f"d{mb}"), str(tok)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+        res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), str(tmp_path / f"d{mb}"),
+                              str(tok)], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert res.returncode == 0, res.stderr
         rss[mb] = int(res.stdout.split()[-1]) / 1024  # MB
     assert load_meta(tmp_path / "d12")["splits"]["train"]["bytes"] > 10_000_000
     assert rss[12] - rss[2] < 8, rss  # 10 MB more text (in a single compressed file), not 10 MB more memory
 
 
-# ================================================================================================ crash safety
+# ============================================================================================== crash safety
 
 _KILL_SCRIPT = """
 import os, signal, sys
@@ -184,14 +186,16 @@ def test_sigkill_mid_prepare_then_rerun_restarts_cleanly(tmp_path):
     meta = prepare([str(src)], out, tokenizer="byte", workers=2, batch_chars=4000, shard_tokens=5000,
                    log=logs.append)
     assert any("interrupted" in m for m in logs)
-    reference = prepare([str(src)], tmp_path / "reference", tokenizer="byte", workers=0, shard_tokens=5000, log=quiet)
+    reference = prepare([str(src)], tmp_path / "reference", tokenizer="byte", workers=0, shard_tokens=5000,
+                        log=quiet)
     _same_meta(meta, reference)
     assert _bins(out) == _bins(tmp_path / "reference")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_shards_in_progress_are_never_complete_names(tmp_path, monkeypatch):
-    """While a shard is being written it is NAME.partial; meta.json (written last) lists only sealed shards."""
+    """While a shard is being written it is NAME.partial; meta.json (written last) lists only sealed
+    shards."""
     import pretrain.data.prepare as P
 
     seen: list[list[str]] = []
@@ -265,7 +269,8 @@ def test_drawn_batches_follow_the_weights(mixture, monkeypatch):
     loader = TrainLoader(split, seq_len=32, batch_size=40, seed=5)
     counts = collections.Counter(_group_of_row(r) for _ in range(20) for r in loader.next_batch().numpy())
     assert counts == {1: 600, 0: 200}
-    docs = DocumentLoader(split, seq_len=1024, batch_size=40, eot_id=256, pad_id=0, seed=1)  # a document per row
+    # a document per row
+    docs = DocumentLoader(split, seq_len=1024, batch_size=40, eot_id=256, pad_id=0, seed=1)
     counts = collections.Counter(_group_of_row(r) for _ in range(20) for r in docs.next_batch().numpy())
     assert counts == {1: 600, 0: 200}
 
@@ -322,8 +327,8 @@ def test_a_one_document_input_of_a_mixture_is_cut_at_its_tail(tmp_path):
     a = _jsonl(tmp_path / "a.jsonl", _docs(30))
     book = _jsonl(tmp_path / "book.jsonl", [" ".join(_docs(20, seed=5))])
     for workers in (0, 2):
-        meta = prepare([f"{a}::1", f"{book}::2"], tmp_path / f"d{workers}", tokenizer="byte", val_fraction=0.5,
-                       log=quiet, workers=workers)
+        meta = prepare([f"{a}::1", f"{book}::2"], tmp_path / f"d{workers}", tokenizer="byte",
+                       val_fraction=0.5, log=quiet, workers=workers)
         comp = {m["input"]: m for m in meta["mixture"]}
         assert comp[str(book)]["documents"] == {"train": 1, "val": 1}
         assert comp[str(book)]["tokens"]["val"] == pytest.approx(comp[str(book)]["tokens"]["train"], rel=0.01)
@@ -344,7 +349,7 @@ def test_cli_weights_and_new_options(tmp_path, capsys):
     assert max(sh["tokens"] for sh in meta["splits"]["train"]["shards"]) <= 3000
 
 
-# ================================================================================================ Hugging Face
+# ============================================================================================== Hugging Face
 
 
 def test_hub_path_on_local_parquet_gives_the_same_ids(tmp_path):
@@ -366,8 +371,8 @@ def test_hub_path_on_local_parquet_gives_the_same_ids(tmp_path):
     assert src["documents"] == 25 and len(src["fingerprint"]) >= 16 and src["weight"] == 2.0
     assert src["sha256"] == [local["sources"][0]["sha256"]]
     with pytest.raises(DataError, match="no column 'body'; columns present: id, text"):
-        prepare([HubSpec("parquet", data_files=str(path))], tmp_path / "x", tokenizer="byte", text_field="body",
-                log=quiet)
+        prepare([HubSpec("parquet", data_files=str(path))], tmp_path / "x", tokenizer="byte",
+                text_field="body", log=quiet)
 
 
 def test_hub_cli_on_local_jsonl(tmp_path):
@@ -402,8 +407,10 @@ def test_text_units(tmp_path):
     p = tmp_path / "t.txt"
     p.write_text("first line\nsecond line\n\n\nthird para line one\nline two\n", encoding="utf-8")
     (src,) = expand_inputs([str(p)])
-    assert read_documents(src, text_unit="line") == ["first line", "second line", "third para line one", "line two"]
-    assert read_documents(src, text_unit="paragraph") == ["first line\nsecond line", "third para line one\nline two"]
+    assert read_documents(src, text_unit="line") == ["first line", "second line", "third para line one",
+                                                     "line two"]
+    assert read_documents(src, text_unit="paragraph") == ["first line\nsecond line",
+                                                          "third para line one\nline two"]
     assert read_documents(src) == [p.read_text()]
     meta = prepare([str(p)], tmp_path / "d", tokenizer="byte", text_unit="line", val_fraction=0.0, log=quiet)
     assert meta["splits"]["train"]["documents"] == 4 and meta["settings"]["text_unit"] == "line"
@@ -427,7 +434,8 @@ def test_input_spec_parsing(tmp_path):
     a = _jsonl(tmp_path / "a.jsonl", _docs(2))
     srcs = expand_inputs([str(a), "hf:someone/corpus:cfg::0.5"])
     assert srcs[0].weight == 1.0 and isinstance(srcs[1], HubSource)  # one weight given: the others get 1
-    assert (srcs[1].spec.name, srcs[1].spec.config, srcs[1].weight, srcs[1].group) == ("someone/corpus", "cfg", 0.5, 1)
+    assert ((srcs[1].spec.name, srcs[1].spec.config, srcs[1].weight, srcs[1].group)
+            == ("someone/corpus", "cfg", 0.5, 1))
     assert srcs[1].label == "hf:someone/corpus:cfg"
 
 
@@ -454,7 +462,8 @@ def test_near_dup_in_prepare_keeps_documents_without_words_and_encoders_get_no_i
 
 
 def test_special_tokens_written_in_a_document_are_text(tmp_path):
-    """Only the writer puts EOT between documents: a document spelling out <|endoftext|> stays one document."""
+    """Only the writer puts EOT between documents: a document spelling out <|endoftext|> stays one
+    document."""
     from pretrain.data.tokenizer import Tokenizer
 
     docs = ["first document, it mentions <|endoftext|> in the middle of its text", "second document"] * 3
@@ -467,6 +476,7 @@ def test_special_tokens_written_in_a_document_are_text(tmp_path):
             ids = np.concatenate([np.fromfile(p, dtype=np.uint16) for p in sorted(out.glob("train_*.bin"))])
             t = Tokenizer.load(out)
             counts.append(int((ids == t.eot_id).sum()))
-            if name == "spelled" and tok in ("byte", "bpe"):  # (wordpiece lower-cases and splits; unigram has no '<')
+            # (wordpiece lower-cases and splits; unigram has no '<')
+            if name == "spelled" and tok in ("byte", "bpe"):
                 assert "<|endoftext|>" in t.decode(ids.tolist(), skip_special_tokens=True)
         assert counts[0] == counts[1], tok

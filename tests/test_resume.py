@@ -1,5 +1,6 @@
-"""Exact resume: a run stopped at step k (cleanly, by SIGTERM/SIGINT, or by SIGKILL mid-run) and resumed logs, at every later
-step, the same train loss as an uninterrupted run, for both objectives (causal and masked LM)."""
+"""Exact resume: a run stopped at step k (cleanly, by SIGTERM/SIGINT, or by SIGKILL mid-run) and resumed
+logs, at every later step, the same train loss as an uninterrupted run, for both objectives (causal and
+masked LM)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def objective(request) -> str:
 def data_dir(tmp_path_factory, objective):
     root = tmp_path_factory.mktemp(f"resume_{objective}")
     write_corpus(root / "corpus")
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), *OBJECTIVES[objective]["prepare"],
-                 "--val-fraction", "0.2"]) == 0
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"),
+                 *OBJECTIVES[objective]["prepare"], "--val-fraction", "0.2"]) == 0
     return root / "data"
 
 
@@ -109,8 +110,10 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, objective, data_dir, ref
     assert losses(run) == reference
 
 
-def _signalling_child(objective: str, args: list[str], sends: list[str], at_call: int) -> subprocess.CompletedProcess:
-    """Run ``main(args)`` in a child that sends itself the signals ``sends`` during its ``at_call``-th training loss."""
+def _signalling_child(objective: str, args: list[str], sends: list[str],
+                      at_call: int) -> subprocess.CompletedProcess:
+    """Run ``main(args)`` in a child that sends itself the signals ``sends`` during its ``at_call``-th
+    training loss."""
     module, fn = {"clm": ("clm", "loss"), "mlm": ("mlm", "loss_and_accuracy")}[objective]
     script = textwrap.dedent(f"""
         import os, signal, sys
@@ -133,8 +136,9 @@ def _signalling_child(objective: str, args: list[str], sends: list[str], at_call
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, objective, data_dir, reference, sig):
-    """A scheduler's SIGTERM (or Ctrl-C) mid-run: the step in progress finishes, a checkpoint of that very step
-    is saved (not only the last periodic one), the exit status says which signal, and resuming is exact."""
+    """A scheduler's SIGTERM (or Ctrl-C) mid-run: the step in progress finishes, a checkpoint of that very
+    step is saved (not only the last periodic one), the exit status says which signal, and resuming is
+    exact."""
     run = tmp_path / "run"
     args = ["train", "--out", str(run), *train_args(objective, data_dir)]
     proc = _signalling_child(objective, args, [sig], at_call=14)  # during step 14 (one loss per step)

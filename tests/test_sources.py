@@ -42,7 +42,8 @@ def _write(fmt: str, root, docs=DOCS):
 
         buf = io.StringIO()
         # TSV as GLUE-style files are written: no quoting (a '"' is text; texts hold no tab or newline)
-        w = csv.writer(buf, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None) if fmt == "tsv" else csv.writer(buf)
+        w = (csv.writer(buf, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None) if fmt == "tsv"
+             else csv.writer(buf))
         w.writerow(["id", "text"])
         for i, d in enumerate(docs):
             w.writerow([i, d])
@@ -78,8 +79,10 @@ def test_same_documents_same_token_ids_in_every_format(tmp_path):
     streams = {}
     for fmt in FORMATS:
         out = tmp_path / f"data_{fmt.replace('.', '_')}"
-        prepare(_write(fmt, tmp_path / f"in_{fmt}"), out, tokenizer=str(tok_path), val_fraction=0.3, log=lambda *a: None)
-        streams[fmt] = {s: np.fromfile(out / f"{s}_000000.bin", dtype=np.uint16).tolist() for s in ("train", "val")}
+        prepare(_write(fmt, tmp_path / f"in_{fmt}"), out, tokenizer=str(tok_path), val_fraction=0.3,
+                log=lambda *a: None)
+        streams[fmt] = {s: np.fromfile(out / f"{s}_000000.bin", dtype=np.uint16).tolist()
+                        for s in ("train", "val")}
     first = streams["txt"]
     assert first["train"] and first["val"]
     for fmt, ids in streams.items():
@@ -90,8 +93,8 @@ def test_missing_column_names_the_columns(tmp_path):
     for fmt in ("csv", "parquet", "jsonl"):
         (path,) = _write(fmt, tmp_path / fmt)
         with pytest.raises(DataError, match=r"id.*text|text.*id") as e:
-            read_documents(Source(path=__import__("pathlib").Path(path), kind=fmt if fmt != "jsonl" else "jsonl"),
-                           text_field="body")
+            read_documents(Source(path=__import__("pathlib").Path(path),
+                                  kind=fmt if fmt != "jsonl" else "jsonl"), text_field="body")
         assert "body" in str(e.value)
 
 
@@ -116,7 +119,8 @@ def test_streamed_reading_across_chunk_boundaries(tmp_path, monkeypatch):
     good = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in DOCS).encode()
     (tmp_path / "mixed.jsonl").write_bytes(good + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
     (src,) = expand_inputs([str(tmp_path / "mixed.jsonl")])
-    with pytest.raises(DataError, match=rf"mixed\.jsonl is not valid UTF-8 \(byte {len(good) + 13}: b'\\xe9") as e:
+    with pytest.raises(DataError,
+                       match=rf"mixed\.jsonl is not valid UTF-8 \(byte {len(good) + 13}: b'\\xe9") as e:
         read_documents(src)
     assert "\n" not in str(e.value)
 
@@ -138,8 +142,8 @@ def test_zero_documents_after_cleaning_names_the_problem(tmp_path):
 
     (tmp_path / "a.jsonl").write_text('{"text": "tiny"}\n{"text": "also tiny"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"no documents left after cleaning \(2 read\)"):
-        prepare([str(tmp_path / "a.jsonl")], tmp_path / "d", tokenizer="byte", clean=CleanConfig(min_chars=50),
-                log=lambda *a: None)
+        prepare([str(tmp_path / "a.jsonl")], tmp_path / "d", tokenizer="byte",
+                clean=CleanConfig(min_chars=50), log=lambda *a: None)
     assert not (tmp_path / "d").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -152,7 +156,8 @@ def test_table_rows_are_read_exactly_or_rejected(tmp_path, capsys):
     # CSV: a field longer than the csv module's 128 KiB default is a document like any other
     long = "word " * 40_000
     (tmp_path / "long.csv").write_text(f"text\n{long}\nshort\n", encoding="utf-8")
-    assert [d for s in expand_inputs([str(tmp_path / "long.csv")]) for d in read_documents(s)] == [long, "short"]
+    assert [d for s in expand_inputs([str(tmp_path / "long.csv")])
+            for d in read_documents(s)] == [long, "short"]
     bad = {
         "unbalanced.csv": ('id,text\n1,"a stray quote\n2,fine\n', "malformed CSV"),
         "ragged.csv": ("id,text\n1,one\n2\n", "ragged.csv:3: row has 1 field(s), the header 2"),

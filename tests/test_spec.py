@@ -71,10 +71,11 @@ def _from_hf(sd, cfg):
 TOY = ArchSpec(
     name="toy", build=Toy, objectives=("clm",), blocks="stack", embeddings=("tok",), head="out",
     lora_targets=("mix",), description="toy causal model",
-    hf=HFMapping(architecture="ToyForCausalLM", auto_class="AutoModelForCausalLM", pipeline_tag="text-generation",
+    hf=HFMapping(architecture="ToyForCausalLM", auto_class="AutoModelForCausalLM",
+                 pipeline_tag="text-generation",
                  config=lambda cfg, special: {"architectures": ["ToyForCausalLM"], "model_type": "toy",
-                                              "hidden": cfg.d_model, "layers": cfg.n_layer, "vocab": cfg.vocab_size,
-                                              "eos_token_id": special.get("eot_id")},
+                                              "hidden": cfg.d_model, "layers": cfg.n_layer,
+                                              "vocab": cfg.vocab_size, "eos_token_id": special.get("eot_id")},
                  to_hf=_to_hf, token_roles={"eos_token": "eot_id"}, model_types=("toy",),
                  config_from_hf=lambda c: {"arch": "toy", "d_model": c["hidden"], "n_layer": c["layers"],
                                            "n_head": 1, "vocab_size": c["vocab"], "max_seq_len": 32,
@@ -124,7 +125,8 @@ def test_unknown_arch_is_a_config_error_with_a_suggestion():
 
 def test_toy_architecture_trains_resumes_and_exports_through_its_spec(toy, tmp_path):
     write_corpus(tmp_path / "corpus", n_docs=6)
-    prepare([str(tmp_path / "corpus")], tmp_path / "data", tokenizer="char", val_fraction=0.2, log=lambda *_: None)
+    prepare([str(tmp_path / "corpus")], tmp_path / "data", tokenizer="char", val_fraction=0.2,
+            log=lambda *_: None)
     base = {"model": {"arch": "toy", "n_layer": 2, "n_head": 1, "d_model": 16, "tie_embeddings": False},
             "data": {"path": str(tmp_path / "data"), "seq_len": 16},
             "train": {"batch_size": 4, "max_steps": 12, "lr": 3e-3, "warmup_steps": 2, "eval_interval": 6,
@@ -157,9 +159,11 @@ def test_toy_architecture_trains_resumes_and_exports_through_its_spec(toy, tmp_p
     assert set(sd) == {"toy." + k for k in model.state_dict()}
     trained, _, _, _ = load_pretrained(tmp_path / "whole")
     assert all(torch.equal(v, ours[k]) for k, v in trained.state_dict().items())
-    assert json.loads((tmp_path / "hf" / "special_tokens_map.json").read_text()) == {"eos_token": "<|endoftext|>"}
+    assert json.loads((tmp_path / "hf" / "special_tokens_map.json").read_text()) == {
+        "eos_token": "<|endoftext|>"}
 
 
 def test_nothing_outside_models_branches_on_an_architecture_name():
-    out = subprocess.run(["grep", "-rn", "arch ==", "pretrain/"], cwd=ROOT, capture_output=True, text=True).stdout
+    out = subprocess.run(["grep", "-rn", "arch ==", "pretrain/"], cwd=ROOT, capture_output=True,
+                         text=True).stdout
     assert [ln for ln in out.splitlines() if not ln.startswith("pretrain/models/")] == []

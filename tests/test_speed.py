@@ -1,4 +1,5 @@
-"""Speed features: document masking, activation checkpointing, batch prefetching, the auto batch-size search."""
+"""Speed features: document masking, activation checkpointing, batch prefetching, the auto batch-size
+search."""
 
 from __future__ import annotations
 

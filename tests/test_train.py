@@ -23,8 +23,8 @@ def data_dir(tmp_path_factory):
 
 def test_cli_end_to_end(tmp_path, data_dir, capsys):
     run = tmp_path / "run"
-    args = ["train", "--out", str(run), "--json", "--quiet", *overrides(TINY_TRAIN), "--data.path", str(data_dir),
-            "--train.plot", "true"]
+    args = ["train", "--out", str(run), "--json", "--quiet", *overrides(TINY_TRAIN),
+            "--data.path", str(data_dir), "--train.plot", "true"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 30 and summary["stop_reason"] == "max_steps"
@@ -59,7 +59,8 @@ def test_cli_end_to_end(tmp_path, data_dir, capsys):
 
     assert main(["train", "--resume", str(run), "--quiet", "--json"]) == 0  # finished: trains no further
     again = json.loads(capsys.readouterr().out)
-    assert again["step"] == 30 and again["val_loss"] == summary["val_loss"] == pytest.approx(rows[-1]["val_loss"])
+    assert (again["step"] == 30
+            and again["val_loss"] == summary["val_loss"] == pytest.approx(rows[-1]["val_loss"]))
     assert again["best_val_loss"] == summary["best_val_loss"]
 
 
@@ -70,16 +71,20 @@ def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(tmp_path, monke
     import pretrain.train as train
 
     flags = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\nbugs\t\t: none\n"
-    for extra, native in (("", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512bw", False)):
+    for extra, native in (("", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True),
+                          ("avx512bw", False)):
         (tmp_path / "cpuinfo").write_text(flags.format(extra))
         assert hardware.cpu_has_native_bf16.__wrapped__(str(tmp_path / "cpuinfo")) is native, extra
-    assert hardware.cpu_has_native_bf16.__wrapped__(str(tmp_path / "no-such-file")) is False  # not Linux: fp32
+    # not Linux: fp32
+    assert hardware.cpu_has_native_bf16.__wrapped__(str(tmp_path / "no-such-file")) is False
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for native in (False, True):
         monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda native=native: native)
         assert train.autocast_dtype(cpu, "auto") == (torch.bfloat16 if native else torch.float32)
-        assert train.autocast_dtype(cpu, "fp32") == torch.float32 and train.autocast_dtype(cpu, "bf16") == torch.bfloat16
-        assert train.autocast_dtype(cuda, "auto") == torch.bfloat16 and train.autocast_dtype(cuda, "fp32") == torch.float32
+        assert (train.autocast_dtype(cpu, "fp32") == torch.float32
+                and train.autocast_dtype(cpu, "bf16") == torch.bfloat16)
+        assert (train.autocast_dtype(cuda, "auto") == torch.bfloat16
+                and train.autocast_dtype(cuda, "fp32") == torch.float32)
 
 
 def test_cpu_allocator_tuning_respects_the_users_choice(monkeypatch):
@@ -108,7 +113,8 @@ def test_yaml_config_and_overrides(tmp_path, data_dir, capsys):
     assert main(["train", str(cfg_path), "--out", str(run), "--train.max_steps", "5", "--train.lr=1e-3",
                  "--quiet", "--json"]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["data"]["seq_len"] == 16 and saved["train"]["max_steps"] == 5 and saved["train"]["lr"] == 1e-3
+    assert (saved["data"]["seq_len"] == 16 and saved["train"]["max_steps"] == 5
+            and saved["train"]["lr"] == 1e-3)
 
 
 def test_time_and_target_stops(tmp_path, data_dir, capsys):
@@ -141,8 +147,9 @@ def test_doc_mask_activation_checkpointing_and_prefetch(tmp_path):
 
     def run(name: str, *extra: str) -> list[float]:
         out = tmp_path / name
-        assert main(["train", "--out", str(out), "--quiet", *overrides(TINY_TRAIN), "--data.path", str(data_dir),
-                     "--train.max_steps", "6", "--train.eval_interval", "0", *extra]) == 0
+        assert main(["train", "--out", str(out), "--quiet", *overrides(TINY_TRAIN),
+                     "--data.path", str(data_dir), "--train.max_steps", "6", "--train.eval_interval", "0",
+                     *extra]) == 0
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         return [r["train_loss"] for r in rows if "train_loss" in r]
 
@@ -158,7 +165,8 @@ def test_eval_of_a_doc_mask_run_matches_its_logged_val_loss(tmp_path, capsys, ob
     """`pretrain eval` evaluates with the attention the model was trained with (data.doc_mask), so on the same
     windows it gives the val loss training logged."""
     write_corpus(tmp_path / "corpus", n_docs=40, sents_per_doc=1)  # short documents: several per sequence
-    tok = ["--tokenizer", "char"] if objective == "clm" else ["--tokenizer", "wordpiece", "--vocab-size", "200"]
+    tok = (["--tokenizer", "char"] if objective == "clm"
+           else ["--tokenizer", "wordpiece", "--vocab-size", "200"])
     assert main(["prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "data"), *tok,
                  "--val-fraction", "0.2"]) == 0
     run = tmp_path / "run"
@@ -177,9 +185,9 @@ def test_divergence_never_checkpoints_nan_weights(tmp_path, data_dir, capsys):
     evaluates to a finite loss (it used to save, and keep as the newest, the diverged ones)."""
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--quiet", *overrides(TINY_TRAIN), "--data.path", str(data_dir),
-                 "--train.max_steps", "40", "--train.lr", "1e4", "--train.grad_clip", "0", "--train.warmup_steps",
-                 "0", "--train.log_interval", "10", "--train.eval_interval", "0", "--train.ckpt_interval", "1",
-                 "--train.keep_checkpoints", "1"]) == 2
+                 "--train.max_steps", "40", "--train.lr", "1e4", "--train.grad_clip", "0",
+                 "--train.warmup_steps", "0", "--train.log_interval", "10", "--train.eval_interval", "0",
+                 "--train.ckpt_interval", "1", "--train.keep_checkpoints", "1"]) == 2
     assert "diverged" in capsys.readouterr().err
     for ckpt in (run / "checkpoints").glob("step_*"):
         assert main(["eval", str(ckpt), "--json"]) == 0
@@ -190,8 +198,9 @@ def test_resume_with_time_budget_spent_trains_no_more_and_paths_are_absolute(tmp
                                                                               monkeypatch):
     run = tmp_path / "run"
     monkeypatch.chdir(data_dir.parent)  # a data path relative to the working directory ...
-    args = ["train", "--out", str(run), "--quiet", "--json", *overrides(TINY_TRAIN), "--data.path", data_dir.name,
-            "--train.max_steps", "100000", "--train.max_time_s", "0.5", "--train.eval_interval", "0"]
+    args = ["train", "--out", str(run), "--quiet", "--json", *overrides(TINY_TRAIN),
+            "--data.path", data_dir.name, "--train.max_steps", "100000", "--train.max_time_s", "0.5",
+            "--train.eval_interval", "0"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["stop_reason"] == "max_time_s" and first["step"] < 100000
@@ -210,9 +219,11 @@ def test_eval_refuses_a_data_folder_prepared_again_from_other_inputs(tmp_path, c
     write_corpus(tmp_path / "a", n_docs=6)
     write_corpus(tmp_path / "b", n_docs=6, seed=1)
     data, run = tmp_path / "data", tmp_path / "run"
-    assert main(["prepare", str(tmp_path / "a"), "--out", str(data), "--tokenizer", "char", "--val-fraction", "0.2"]) == 0
-    assert main(["train", "--out", str(run), "--quiet", "--json", *overrides(TINY_TRAIN), "--data.path", str(data),
-                 "--train.max_steps", "2", "--train.warmup_steps", "0", "--train.eval_interval", "0"]) == 0
+    assert main(["prepare", str(tmp_path / "a"), "--out", str(data), "--tokenizer", "char",
+                 "--val-fraction", "0.2"]) == 0
+    assert main(["train", "--out", str(run), "--quiet", "--json", *overrides(TINY_TRAIN),
+                 "--data.path", str(data), "--train.max_steps", "2", "--train.warmup_steps", "0",
+                 "--train.eval_interval", "0"]) == 0
     assert main(["prepare", str(tmp_path / "b"), "--out", str(tmp_path / "other"), "--tokenizer",
                  str(run / "tokenizer.json"), "--val-fraction", "0.2"]) == 0
     capsys.readouterr()

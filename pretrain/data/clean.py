@@ -28,8 +28,8 @@ from pretrain.data.sources import DataError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 _WORD = re.compile(r"\w+", re.UNICODE)
-STEPS = ("empty", "min_chars", "max_chars", "symbol_ratio", "alpha_ratio", "repeated_lines", "exact_duplicate",
-         "near_duplicate", "contaminated")
+STEPS = ("empty", "min_chars", "max_chars", "symbol_ratio", "alpha_ratio", "repeated_lines",
+         "exact_duplicate", "near_duplicate", "contaminated")
 _STEP_INDEX = {s: i + 1 for i, s in enumerate(STEPS)}
 NUM_PERM = 128
 
@@ -45,7 +45,8 @@ class CleanConfig:
     max_chars: int = 0
     """Drop documents longer than this many characters (0: off)."""
     max_symbol_ratio: float = 0.0
-    """Drop documents whose share of characters that are neither letters, digits nor space exceeds this (0: off)."""
+    """Drop documents whose share of characters that are neither letters, digits nor space exceeds this
+    (0: off)."""
     min_alpha_ratio: float = 0.0
     """Drop documents whose share of letters is below this (0: off)."""
     max_repeated_line_ratio: float = 0.0
@@ -79,7 +80,8 @@ class CleanConfig:
 
     def active(self) -> bool:
         return any([self.min_chars, self.max_chars, self.max_symbol_ratio, self.min_alpha_ratio,
-                    self.max_repeated_line_ratio, self.dedup_exact, self.near_dup_threshold, self.decontaminate])
+                    self.max_repeated_line_ratio, self.dedup_exact, self.near_dup_threshold,
+                    self.decontaminate])
 
 
 def _words(text: str) -> list[str]:
@@ -95,7 +97,8 @@ class Cleaner:
         self.cfg = cfg
         self.source_names = source_names or []
         self.n_examples = examples
-        self.stats: dict[str, dict[str, Any]] = {s: {"documents": 0, "bytes": 0, "examples": []} for s in STEPS}
+        self.stats: dict[str, dict[str, Any]] = {s: {"documents": 0, "bytes": 0, "examples": []}
+                                                 for s in STEPS}
         self.per_source: dict[int, dict[str, Any]] = {}
         self.kept = {"documents": 0, "bytes": 0}
         self._exact: set[int] = set()
@@ -133,12 +136,14 @@ class Cleaner:
                     self._contam.add(_h(" ".join(w)))
                     self._short_lens.add(len(w))
         if not self._contam:
-            raise DataError(f"no evaluation text of 3+ words found in {', '.join(inputs)} to decontaminate against")
+            raise DataError(f"no evaluation text of 3+ words found in {', '.join(inputs)} to decontaminate "
+                            "against")
 
     def transformer(self) -> Cleaner:
         """A cleaner that only transforms, for the encoding workers: none of this one's duplicate index or
         evaluation n-grams to copy into each of them."""
-        return Cleaner(dataclasses.replace(self.cfg, dedup_exact=False, near_dup_threshold=0.0, decontaminate=[]))
+        return Cleaner(dataclasses.replace(self.cfg, dedup_exact=False, near_dup_threshold=0.0,
+                                           decontaminate=[]))
 
     def transform(self, text: str) -> str:
         if self.cfg.normalize:
@@ -161,8 +166,10 @@ class Cleaner:
         if self._contam:
             w = _words(text)
             n = c.ngram
-            contaminated = any(_h(" ".join(w[i:i + n])) in self._contam for i in range(len(w) - n + 1)) or any(
-                _h(" ".join(w[i:i + k])) in self._contam for k in self._short_lens for i in range(len(w) - k + 1))
+            contaminated = any(_h(" ".join(w[i:i + n])) in self._contam
+                               for i in range(len(w) - n + 1)) or any(
+                _h(" ".join(w[i:i + k])) in self._contam
+                for k in self._short_lens for i in range(len(w) - k + 1))
         minhash = None
         w = _words(text) if self._lsh is not None else []
         if w:  # a document without words (punctuation, emoji) has no shingles: exact dedup only

@@ -1,4 +1,5 @@
-"""Ids-only batch encoding for prepare: `tokenizers`' ``encode_batch``, or a faster exact path for byte-level BPE.
+"""Ids-only batch encoding for prepare: `tokenizers`' ``encode_batch``, or a faster exact path for
+byte-level BPE.
 
 A byte-level BPE tokenizer (GPT-2 / RoBERTa style, and what ``--tokenizer bpe`` trains) cuts text into
 pieces with one regular expression and runs BPE on each piece independently, so a piece's ids never
@@ -31,7 +32,8 @@ import regex
 
 # GPT-2's pre-tokenization pattern, as in tokenizers' ByteLevel pre-tokenizer (use_regex=True).
 BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-MEMO_PIECES = 262_144  # pieces whose ids one encoder remembers (~40 MB); beyond that, new pieces are not memoized
+# pieces whose ids one encoder remembers (~40 MB); beyond that, new pieces are not memoized
+MEMO_PIECES = 262_144
 MEMO_PIECE_CHARS = 64  # longer pieces are encoded for their batch but not remembered
 CHECK_CHARS = 1 << 20  # characters of the first batch encoded both ways to confirm the fast path
 
@@ -46,7 +48,8 @@ def fast_path_pattern(tk: Any) -> str | None:
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
     if spec.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout"):
         return None
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
+    if (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space", False)):
         return BYTE_LEVEL_PATTERN
     return None
 
@@ -56,7 +59,8 @@ class IdsEncoder:
     sets ``tk.encode_special_tokens``: give it a tokenizer of its own)."""
 
     def __init__(self, tk: Any, dtype: Any = np.int64, fast: bool = True):
-        tk.encode_special_tokens = True  # a document that spells out <|endoftext|> or [SEP] is text, not a boundary
+        # a document that spells out <|endoftext|> or [SEP] is text, not a boundary
+        tk.encode_special_tokens = True
         self.tk = tk
         self.dtype = np.dtype(dtype)
         self.memo: dict[str, tuple[int, ...]] = {}
@@ -72,7 +76,8 @@ class IdsEncoder:
     def reference(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         try:
             encs = self.tk.encode_batch(texts, add_special_tokens=False)
-        except Exception as e:  # tokenizers raises bare Exceptions (e.g. a WordLevel model without an unk token)
+        except Exception as e:
+            # tokenizers raises bare Exceptions (e.g. a WordLevel model without an unk token)
             from pretrain.data.tokenizer import TokenizerError
 
             raise TokenizerError(f"the tokenizer cannot encode this text: {str(e).splitlines()[0][:200]} "

@@ -28,7 +28,8 @@ def inspect(data_dir: str | Path, samples: int = 3, sample_tokens: int = 64, top
             counts = np.zeros(max(tok.vocab_size, 1), dtype=np.int64)
             for shard in sp.shards:
                 for i in range(0, len(shard), 1 << 24):  # bounded memory on large shards
-                    counts += np.bincount(np.asarray(shard[i:i + (1 << 24)]), minlength=len(counts))[:len(counts)]
+                    counts += np.bincount(np.asarray(shard[i:i + (1 << 24)]),
+                                          minlength=len(counts))[:len(counts)]
             order = np.argsort(-counts)[:top]
             info["top_tokens"] = [{"id": int(i), "token": tok.tk.id_to_token(int(i)), "count": int(counts[i])}
                                   for i in order if counts[i]]

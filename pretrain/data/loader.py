@@ -109,9 +109,9 @@ class TrainLoader:
         self.counts = _window_counts(split.shards, seq_len, slack=seq_len - 1)
         self.n_windows = int(self.counts.sum())
         if self.n_windows < 1:
-            raise DataError(f"the {split.split} split has {split.tokens:,} tokens: too few for even one sequence "
-                            f"of seq_len {seq_len} (need at least {2 * seq_len}); use a smaller data.seq_len "
-                            "or more data")
+            raise DataError(f"the {split.split} split has {split.tokens:,} tokens: too few for even one "
+                            f"sequence of seq_len {seq_len} (need at least {2 * seq_len}); use a smaller "
+                            "data.seq_len or more data")
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.samples_seen = 0  # global samples consumed (all ranks)
         self._epoch_cache: tuple[int, np.ndarray, int] | None = None
@@ -128,15 +128,15 @@ class TrainLoader:
         self._g_units = [np.flatnonzero(unit_groups == int(c["group"])) for c in comps]
         for c, units in zip(comps, self._g_units):
             if len(units) == 0:
-                raise DataError(f"input {c.get('input')!r} (mixture weight {c['weight']}) has no {unit} in the "
-                                f"{self.split.split} split (too few tokens for seq_len {self.seq_len}): give it "
-                                "weight 0 or more data")
+                raise DataError(f"input {c.get('input')!r} (mixture weight {c['weight']}) has no {unit} in "
+                                f"the {self.split.split} split (too few tokens for seq_len {self.seq_len}): "
+                                "give it weight 0 or more data")
         self.mixture_weights = [float(c["weight"]) for c in comps]
         self._mix = _Mixture(np.asarray(self.mixture_weights), self.seed)
         for c, n in zip(comps, self._mix.counts):
             if n == 0:
-                raise DataError(f"input {c.get('input')!r}: mixture weight {c['weight']} is below 1/{MIX_BLOCK} of "
-                                "the total; raise it or set it to 0")
+                raise DataError(f"input {c.get('input')!r}: mixture weight {c['weight']} is below "
+                                f"1/{MIX_BLOCK} of the total; raise it or set it to 0")
         self._g_cache: dict[int, tuple[int, np.ndarray, int]] = {}
 
     def _mixed(self, index: int) -> tuple[int, int]:
@@ -189,8 +189,9 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seq_len") != self.seq_len or state.get("seed") != self.seed:
-            raise DataError(f"loader state was saved with seq_len={state.get('seq_len')} seed={state.get('seed')}, "
-                            f"but this run has seq_len={self.seq_len} seed={self.seed}")
+            raise DataError(f"loader state was saved with seq_len={state.get('seq_len')} "
+                            f"seed={state.get('seed')}, but this run has seq_len={self.seq_len} "
+                            f"seed={self.seed}")
         saved = state.get("mixture")
         if (list(saved) if saved is not None else None) != self.mixture_weights:
             raise DataError(f"loader state was saved with mixture weights {saved}, but the data now has "

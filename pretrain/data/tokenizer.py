@@ -38,7 +38,8 @@ class TokenizerError(PretrainError):
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -57,11 +58,15 @@ class Tokenizer:
         self.kind = kind
         eot = next((tk.token_to_id(t) for t in EOT_CANDIDATES if tk.token_to_id(t) is not None), None)
         if eot is None:
-            raise TokenizerError(f"tokenizer has no end-of-document token (one of {', '.join(EOT_CANDIDATES)})")
+            raise TokenizerError("tokenizer has no end-of-document token "
+                                 f"(one of {', '.join(EOT_CANDIDATES)})")
         self.eot_id: int = eot
-        self.mask_id: int | None = next((tk.token_to_id(t) for t in ("[MASK]", "<mask>") if tk.token_to_id(t) is not None), None)
-        self.pad_id: int | None = next((tk.token_to_id(t) for t in ("[PAD]", "<pad>") if tk.token_to_id(t) is not None), None)
-        self.cls_id: int | None = next((tk.token_to_id(t) for t in ("[CLS]", "<s>") if tk.token_to_id(t) is not None), None)
+        self.mask_id: int | None = next((tk.token_to_id(t) for t in ("[MASK]", "<mask>")
+                                         if tk.token_to_id(t) is not None), None)
+        self.pad_id: int | None = next((tk.token_to_id(t) for t in ("[PAD]", "<pad>")
+                                        if tk.token_to_id(t) is not None), None)
+        self.cls_id: int | None = next((tk.token_to_id(t) for t in ("[CLS]", "<s>")
+                                        if tk.token_to_id(t) is not None), None)
         unk = UNK
         try:  # the model's own unknown token, whatever its name ([UNK], <unk>, ...)
             import json
@@ -77,8 +82,9 @@ class Tokenizer:
         return max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
 
     def encode(self, text: str, text_only: bool = False) -> list[int]:
-        """Token ids, no specials added. ``text_only``: a special token written out in ``text`` (``<|endoftext|>``,
-        ``[MASK]``) is encoded as the text it is, as `pretrain prepare` encodes documents — for user text."""
+        """Token ids, no specials added. ``text_only``: a special token written out in ``text``
+        (``<|endoftext|>``, ``[MASK]``) is encoded as the text it is, as `pretrain prepare` encodes
+        documents — for user text."""
         return self.encode_batch([text], text_only)[0]
 
     def encode_batch(self, texts: list[str], text_only: bool = False) -> list[list[int]]:
@@ -94,8 +100,8 @@ class Tokenizer:
     @property
     def special_ids(self) -> list[int]:
         """Ids of every added special token (EOT, [CLS], [MASK], [PAD], ...)."""
-        return sorted({t.content and self.tk.token_to_id(t.content) for t in self.tk.get_added_tokens_decoder().values()
-                       if t.special} - {None})
+        return sorted({t.content and self.tk.token_to_id(t.content)
+                       for t in self.tk.get_added_tokens_decoder().values() if t.special} - {None})
 
     def continuation_mask(self) -> list[bool]:
         """Per id: True where the token continues a word (WordPiece '##' pieces), for whole-word masking."""
@@ -133,8 +139,8 @@ class Tokenizer:
             raise TokenizerError(f"cannot load tokenizer {p}: {str(e).splitlines()[0][:200]}") from None
         if all(tk.token_to_id(t) is None for t in EOT_CANDIDATES):
             tk.add_special_tokens([EOT])
-            print(f"warning: {p} has no end-of-document token ({', '.join(EOT_CANDIDATES)}); added {EOT} as id "
-                  f"{tk.token_to_id(EOT)}", file=sys.stderr)
+            print(f"warning: {p} has no end-of-document token ({', '.join(EOT_CANDIDATES)}); added {EOT} as "
+                  f"id {tk.token_to_id(EOT)}", file=sys.stderr)
         return cls(tk, kind="file")
 
 
@@ -162,7 +168,8 @@ def char_tokenizer(chars: Iterable[str]) -> Tokenizer:
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenization) trained on ``texts``."""
     if vocab_size < 257 + 1:
-        raise TokenizerError(f"bpe vocab size must be at least 258 (256 bytes + EOT + merges), got {vocab_size}")
+        raise TokenizerError("bpe vocab size must be at least 258 (256 bytes + EOT + merges), "
+                             f"got {vocab_size}")
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -183,11 +190,13 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Tokenizer:
                                                lowercase=True)
     tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tk.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS,
+                                        show_progress=False)
     tk.train_from_iterator(texts, trainer=trainer)
     cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
     tk.post_processor = processors.TemplateProcessing(  # used by Hugging Face loaders, not by prepare
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return Tokenizer(tk, kind="wordpiece")
 
 
@@ -213,7 +222,8 @@ def train_unigram(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int = 8192) -> Tokenizer:
-    """``spec`` is a kind (byte/char/bpe/wordpiece/unigram) or a path to a tokenizer.json (or a folder holding one)."""
+    """``spec`` is a kind (byte/char/bpe/wordpiece/unigram) or a path to a tokenizer.json (or a folder
+    holding one)."""
     if spec == "byte":
         return byte_tokenizer()
     if spec == "char":
@@ -226,8 +236,10 @@ def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: i
     if spec in TRAINED:
         if texts is None:
             raise TokenizerError(f"{spec} tokenizer needs the corpus text")
-        return {"bpe": train_bpe, "wordpiece": train_wordpiece, "unigram": train_unigram}[spec](texts, vocab_size)
+        return {"bpe": train_bpe, "wordpiece": train_wordpiece,
+                "unigram": train_unigram}[spec](texts, vocab_size)
     p = Path(spec)
     if p.exists():
         return Tokenizer.load(p)
-    raise TokenizerError(f"unknown tokenizer {spec!r}: use one of {', '.join(KINDS)} or a path to tokenizer.json")
+    raise TokenizerError(f"unknown tokenizer {spec!r}: use one of {', '.join(KINDS)} or a path to "
+                         "tokenizer.json")

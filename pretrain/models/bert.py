@@ -35,7 +35,8 @@ class EncoderAttention(nn.Module):
         keys and values everywhere)."""
         B, T, C = x.shape
         if rows is None:
-            q, k, v = self.Wqkv(x).view(B, T, 3, self.n_head, self.hd).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, D)
+            # 3 × (B, H, T, D)
+            q, k, v = self.Wqkv(x).view(B, T, 3, self.n_head, self.hd).permute(2, 0, 3, 1, 4)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
             M = rows.size(1)
@@ -47,7 +48,8 @@ class EncoderAttention(nn.Module):
             if mask is not None and mask.size(-2) > 1:  # per-query rows of a (B, 1, T, T) mask
                 mask = mask.gather(2, rows[:, None, :, None].expand(B, 1, M, T))
             T = M
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.Wo(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -83,7 +85,8 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Bidirectional encoder: ids (B, T) [+ attention_mask (B, T), 1 = real token] → logits or hidden states."""
+    """Bidirectional encoder: ids (B, T) [+ attention_mask (B, T), 1 = real token] → logits or hidden
+    states."""
 
     sparse_output = True  # forward(..., select=) computes the outputs at selected positions only
 
@@ -114,7 +117,8 @@ class Encoder(nn.Module):
             if name.endswith("decoder.bias"):
                 nn.init.zeros_(p)
             elif p.dim() >= 2:
-                scale = math.sqrt(2 * self.cfg.n_layer) if name.endswith(("attn.Wo.weight", "mlp.Wo.weight")) else 1.0
+                scale = (math.sqrt(2 * self.cfg.n_layer) if name.endswith(("attn.Wo.weight", "mlp.Wo.weight"))
+                         else 1.0)
                 nn.init.normal_(p, 0.0, std / scale)
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -136,7 +140,8 @@ class Encoder(nn.Module):
         if attention_mask is not None:  # (B, T) 1/True = real token → (B, 1, 1, T) keys to attend to
             mask = attention_mask.bool()[:, None, None, :]
         if doc_ids is not None:  # (B, 1, T, T) block-diagonal, and padding keys still excluded
-            mask = document_mask(doc_ids, causal=False) if mask is None else document_mask(doc_ids, False) & mask
+            mask = (document_mask(doc_ids, causal=False) if mask is None
+                    else document_mask(doc_ids, False) & mask)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.drop(self.emb_norm(self.tok_embeddings(idx)))  # (B, T, C)
         rows = valid = None

@@ -57,10 +57,11 @@ def to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
 
 
 SPEC = register(ArchSpec(
-    name="bert", build=_build, objectives=("mlm",), blocks="layers", embeddings=("tok_embeddings", "emb_norm"),
-    head="decoder", lora_targets=("Wqkv", "Wo", "Wi"), description="masked-language-model encoder",
-    bidirectional=True, doc_mask=True,
-    hf=HFMapping(architecture="ModernBertForMaskedLM", auto_class="AutoModelForMaskedLM", pipeline_tag="fill-mask",
+    name="bert", build=_build, objectives=("mlm",), blocks="layers",
+    embeddings=("tok_embeddings", "emb_norm"), head="decoder", lora_targets=("Wqkv", "Wo", "Wi"),
+    description="masked-language-model encoder", bidirectional=True, doc_mask=True,
+    hf=HFMapping(architecture="ModernBertForMaskedLM", auto_class="AutoModelForMaskedLM",
+                 pipeline_tag="fill-mask",
                  config=hf_config, to_hf=to_hf,
                  token_roles={"eos_token": "eot_id", "unk_token": "unk_id", "pad_token": "pad_id",
                               "cls_token": "cls_id", "mask_token": "mask_id", "sep_token": "eot_id"},

@@ -28,7 +28,8 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is None:  # allocated on first use, in the dtype attention runs in (bf16 under autocast)
+        # allocated on first use, in the dtype attention runs in (bf16 under autocast)
+        if self.k[layer] is None:
             self.k[layer] = k.new_zeros(self.shape)
             self.v[layer] = v.new_zeros(self.shape)
         t = k.size(2)
@@ -48,7 +49,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd],
+                                         dim=-1)
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
@@ -137,7 +139,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's max_seq_len "
+                             f"{self.cfg.max_seq_len}")
         cos = self.rope_cos[start:start + T].to(idx.device)
         sin = self.rope_sin[start:start + T].to(idx.device)
         mask = None

@@ -27,7 +27,8 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.hd).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, D)
+        # 3 × (B, H, T, D)
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.hd).permute(2, 0, 3, 1, 4)
         past = 0
         if cache is not None:
             past = cache.pos
@@ -45,7 +46,8 @@ class GPT2Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = GPT2Attention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(cfg.d_model, hidden), "c_proj": nn.Linear(hidden, cfg.d_model)})
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(cfg.d_model, hidden),
+                                  "c_proj": nn.Linear(hidden, cfg.d_model)})
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cache=None, layer=0):
@@ -76,7 +78,8 @@ class GPT2(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's max_seq_len "
+                             f"{self.cfg.max_seq_len}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for i, block in enumerate(self.h):

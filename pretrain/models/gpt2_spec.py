@@ -20,8 +20,9 @@ def _build(cfg: ModelConfig):
 
 def hf_config(cfg: ModelConfig, special: dict[str, int | None]) -> dict[str, Any]:
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-            "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_positions": cfg.max_seq_len,
-            "n_inner": cfg.d_ff or 4 * cfg.d_model, "activation_function": "gelu_new",
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+            "n_positions": cfg.max_seq_len, "n_inner": cfg.d_ff or 4 * cfg.d_model,
+            "activation_function": "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
             "bos_token_id": special.get("eot_id"), "eos_token_id": special.get("eot_id")}
@@ -45,7 +46,8 @@ def config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
     if conf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise PretrainError(f"cannot import {arch}: activation {conf.get('activation_function')!r}")
     if conf.get("scale_attn_by_inverse_layer_idx") or conf.get("reorder_and_upcast_attn"):
-        raise PretrainError(f"cannot import {arch}: scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn")
+        raise PretrainError(f"cannot import {arch}: scale_attn_by_inverse_layer_idx / "
+                            "reorder_and_upcast_attn")
     return {"arch": "gpt2", "n_layer": conf["n_layer"], "n_head": conf["n_head"], "d_model": conf["n_embd"],
             "d_ff": conf.get("n_inner") or 4 * conf["n_embd"], "vocab_size": conf["vocab_size"],
             "max_seq_len": conf["n_positions"], "norm_eps": conf.get("layer_norm_epsilon", 1e-5),
@@ -69,7 +71,8 @@ SPEC = register(ArchSpec(
     name="gpt2", build=_build, objectives=("clm",), blocks="h", embeddings=("wte", "wpe"), head="lm_head",
     lora_targets=("c_attn", "c_proj", "c_fc"), description="decoder-only language model",
     learned_positions=True,
-    hf=HFMapping(architecture="GPT2LMHeadModel", auto_class="AutoModelForCausalLM", pipeline_tag="text-generation",
-                 config=hf_config, to_hf=to_hf, token_roles=DECODER_ROLES, model_types=("gpt2",),
+    hf=HFMapping(architecture="GPT2LMHeadModel", auto_class="AutoModelForCausalLM",
+                 pipeline_tag="text-generation", config=hf_config, to_hf=to_hf, token_roles=DECODER_ROLES,
+                 model_types=("gpt2",),
                  config_from_hf=config_from_hf, from_hf=from_hf, usage=DECODER_USAGE),
 ))

@@ -58,19 +58,21 @@ def config_from_hf(conf: dict[str, Any]) -> dict[str, Any]:
         raise PretrainError(f"cannot import {arch}: sliding-window attention is not supported")
     for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if conf.get(key, ok) != ok:
-            raise PretrainError(f"cannot import {arch}: {key}={conf.get(key)!r} is not supported (needs {ok!r})")
+            raise PretrainError(f"cannot import {arch}: {key}={conf.get(key)!r} is not supported "
+                                f"(needs {ok!r})")
     rope = conf.get("rope_scaling") or {}
     if (conf.get("rope_parameters") or {}).get("rope_type", "default") != "default" or rope:
-        raise PretrainError(f"cannot import {arch}: scaled rotary embeddings ({rope or conf['rope_parameters']}) "
-                            "are not supported")
+        raise PretrainError(f"cannot import {arch}: scaled rotary embeddings "
+                            f"({rope or conf['rope_parameters']}) are not supported")
     theta = (conf.get("rope_parameters") or {}).get("rope_theta", conf.get("rope_theta", 10000.0))
     hd = conf.get("head_dim") or conf["hidden_size"] // conf["num_attention_heads"]
     if hd * conf["num_attention_heads"] != conf["hidden_size"]:
         raise PretrainError(f"cannot import {arch}: head_dim {hd} x heads != hidden_size")
     return {"arch": "gpt", "n_layer": conf["num_hidden_layers"], "n_head": conf["num_attention_heads"],
             "n_kv_head": conf.get("num_key_value_heads") or conf["num_attention_heads"],
-            "d_model": conf["hidden_size"], "d_ff": conf["intermediate_size"], "vocab_size": conf["vocab_size"],
-            "max_seq_len": conf.get("max_position_embeddings", 2048), "rope_theta": float(theta),
+            "d_model": conf["hidden_size"], "d_ff": conf["intermediate_size"],
+            "vocab_size": conf["vocab_size"], "max_seq_len": conf.get("max_position_embeddings", 2048),
+            "rope_theta": float(theta),
             "norm_eps": conf.get("rms_norm_eps", 1e-6),
             "tie_embeddings": bool(conf.get("tie_word_embeddings", False)), "dropout": 0.0}
 
@@ -88,7 +90,8 @@ def from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
             out[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
                 [sd.pop(p + "mlp.gate_proj.weight"), sd.pop(p + "mlp.up_proj.weight")], dim=0)
         except KeyError as e:
-            raise PretrainError(f"the checkpoint has no tensor {e.args[0]}: not a Llama-layout checkpoint") from None
+            raise PretrainError(f"the checkpoint has no tensor {e.args[0]}: not a Llama-layout "
+                                "checkpoint") from None
     for k, v in sd.items():
         if k.startswith("model."):
             out[k[len("model."):]] = v
@@ -102,13 +105,15 @@ def from_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
 DECODER_ROLES = {"eos_token": "eot_id", "bos_token": "eot_id", "unk_token": "unk_id", "pad_token": "pad_id",
                  "cls_token": "cls_id", "mask_token": "mask_id"}
 DECODER_USAGE = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                 "tok = AutoTokenizer.from_pretrained(PATH)\nmodel = AutoModelForCausalLM.from_pretrained(PATH)")
+                 "tok = AutoTokenizer.from_pretrained(PATH)\n"
+                 "model = AutoModelForCausalLM.from_pretrained(PATH)")
 
 SPEC = register(ArchSpec(
     name="gpt", build=_build, objectives=("clm",), blocks="layers", embeddings=("embed_tokens",),
     head="lm_head", lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     description="decoder-only language model", doc_mask=True,
-    hf=HFMapping(architecture="LlamaForCausalLM", auto_class="AutoModelForCausalLM", pipeline_tag="text-generation",
-                 config=hf_config, to_hf=to_hf, token_roles=DECODER_ROLES, model_types=("llama", "mistral"),
+    hf=HFMapping(architecture="LlamaForCausalLM", auto_class="AutoModelForCausalLM",
+                 pipeline_tag="text-generation", config=hf_config, to_hf=to_hf, token_roles=DECODER_ROLES,
+                 model_types=("llama", "mistral"),
                  config_from_hf=config_from_hf, from_hf=from_hf, usage=DECODER_USAGE),
 ))

@@ -99,14 +99,16 @@ class ArchSpec:
         return getattr(model, self.head)
 
     def is_embedding(self, name: str) -> bool:
-        """Whether parameter ``name`` (of the model, or of a wrapper holding it) belongs to an input embedding."""
+        """Whether parameter ``name`` (of the model, or of a wrapper holding it) belongs to an input
+        embedding."""
         return any(_has_part(name, e) for e in self.embeddings)
 
     def is_head(self, name: str) -> bool:
         return _has_part(name, self.head)
 
     def decays(self, name: str, p: torch.Tensor) -> bool:
-        """Whether AdamW's weight decay applies: to matrices (embeddings included), not to gains and biases."""
+        """Whether AdamW's weight decay applies: to matrices (embeddings included), not to gains and
+        biases."""
         return p.dim() >= 2
 
     def is_hidden_matrix(self, name: str, p: torch.Tensor) -> bool:

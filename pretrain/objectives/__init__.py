@@ -99,11 +99,12 @@ def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0, doc_mask:
         from pretrain import PretrainError
 
         if tokenizer.mask_id is None:
-            raise PretrainError("objective 'mlm' needs a tokenizer with a [MASK] token: prepare the data with "
-                                "--tokenizer wordpiece (or a tokenizer.json that has [MASK])")
+            raise PretrainError("objective 'mlm' needs a tokenizer with a [MASK] token: prepare the data "
+                                "with --tokenizer wordpiece (or a tokenizer.json that has [MASK])")
         cont = torch.tensor(tokenizer.continuation_mask()) if mlm_cfg.whole_word else None
-        spec = mlm.MaskingSpec(mask_id=tokenizer.mask_id, cls_id=tokenizer.cls_id, vocab_size=tokenizer.vocab_size,
-                               special_ids=tokenizer.special_ids, mask_prob=mlm_cfg.mask_prob,
+        spec = mlm.MaskingSpec(mask_id=tokenizer.mask_id, cls_id=tokenizer.cls_id,
+                               vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids,
+                               mask_prob=mlm_cfg.mask_prob,
                                mask_token_frac=mlm_cfg.mask_token_frac,
                                random_token_frac=mlm_cfg.random_token_frac, continuation=cont,
                                pad_id=tokenizer.pad_id)
@@ -113,8 +114,8 @@ def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0, doc_mask:
 
 def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int, int] | None:
     """(eot_id, pad_id, piece_len) when sequences are single padded documents (data.packing false), else None.
-    ``piece_len``: the tokens of a document a row holds, the ones the model sees (a longer document is cut into
-    pieces of that many): seq_len, or seq_len - 1 when the masked LM puts [CLS] in front."""
+    ``piece_len``: the tokens of a document a row holds, the ones the model sees (a longer document is cut
+    into pieces of that many): seq_len, or seq_len - 1 when the masked LM puts [CLS] in front."""
     if cfg.data.packing:
         return None
     if cfg.objective != "mlm" or tokenizer.pad_id is None:

@@ -15,7 +15,8 @@ def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[:, :-1], batch[:, 1:]
 
 
-def loss(model: nn.Module, batch: torch.Tensor, eot_id: int | None = None, reduction: str = "mean") -> torch.Tensor:
+def loss(model: nn.Module, batch: torch.Tensor, eot_id: int | None = None,
+         reduction: str = "mean") -> torch.Tensor:
     """Mean next-token cross-entropy (nats per token) over a (B, T+1) batch (``reduction="sum"``: the sum over
     its B*T targets). With ``eot_id``, attention stays within each document of the packed sequence (document
     masking). The output head runs inside the loss, chunk by chunk (``losses.linear_cross_entropy``): the

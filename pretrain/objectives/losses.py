@@ -53,8 +53,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)  # argmax == target, if counted
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_w and bias is not None \
-            else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if need_w and bias is not None else None
         # buffers reused by every chunk: fresh (c, V) and (V, C) tensors per chunk would each be new memory
         # the kernel has to fault in page by page, which on a CPU costs more than the arithmetic on them
         v = weight.size(0)
@@ -100,8 +100,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w.add_(part32.copy_(torch.mm(g.t(), hc, out=part)))
                     else:
                         grad_w.addmm_(g.t(), hc)
-        # kept on ctx, not saved for backward: they are neither inputs nor outputs, and backward scales them
-        # in place (no new (V, C) tensors); a second backward through the same loss is an error, not a wrong sum
+        # kept on ctx, not saved for backward: they are neither inputs nor outputs, and backward scales
+        # them in place (no new (V, C) tensors); a second backward through the same loss is an error, not
+        # a wrong sum
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(correct)
@@ -115,7 +116,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         out = []
         for g, dt in zip(grads, ctx.dtypes):  # scaled in fp32 (in place where the gradient is fp32 already)
-            out.append(None if g is None else (g if g.dtype == torch.float32 else g.float()).mul_(grad_out).to(dt))
+            out.append(None if g is None
+                       else (g if g.dtype == torch.float32 else g.float()).mul_(grad_out).to(dt))
         return (*out, None, None, None, None, None, None, None)
 
 
@@ -143,8 +145,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         per = CHUNK_ELEMENTS.get(h.device.type, CHUNK_ELEMENTS["cuda"])
         chunk_rows = max(16, per // weight.size(0), weight.size(1))
     with torch.autocast(h.device.type, enabled=False):
-        total, correct = _LinearCrossEntropy.apply(h, weight, bias, t, ignore_index, dtype, max(1, chunk_rows),
-                                                   need_h, need_w, return_correct)
+        total, correct = _LinearCrossEntropy.apply(h, weight, bias, t, ignore_index, dtype,
+                                                   max(1, chunk_rows), need_h, need_w, return_correct)
     if reduction == "mean":
         total = total / (t != ignore_index).sum().clamp(min=1)
     return (total, correct) if return_correct else total

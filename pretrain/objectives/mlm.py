@@ -55,13 +55,15 @@ def mask_tokens(ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator
         # whole words: a word's pieces share the draw of its first piece
         cont = spec.continuation.to(device)[ids] & eligible
         pos = torch.arange(ids.size(1), device=device).expand_as(ids)
-        word_start = torch.where(cont, torch.zeros_like(pos), pos).cummax(dim=1).values  # position of each word's first piece
+        # position of each word's first piece
+        word_start = torch.where(cont, torch.zeros_like(pos), pos).cummax(dim=1).values
         rand = torch.gather(rand, 1, word_start)
     selected = eligible & (rand < spec.mask_prob)
     labels = torch.where(selected, ids, torch.full_like(ids, IGNORE))
     action = torch.rand(ids.shape, generator=generator, device="cpu").to(device)
     to_mask = selected & (action < spec.mask_token_frac)
-    to_random = selected & (action >= spec.mask_token_frac) & (action < spec.mask_token_frac + spec.random_token_frac)
+    to_random = (selected & (action >= spec.mask_token_frac)
+                 & (action < spec.mask_token_frac + spec.random_token_frac))
     normal = (~special).nonzero().squeeze(1)  # ids a random replacement may take
     random_ids = normal[torch.randint(len(normal), ids.shape, generator=generator, device="cpu").to(device)]
     inputs = torch.where(to_mask, torch.full_like(ids, spec.mask_id), ids)
@@ -74,7 +76,8 @@ def loss_and_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
                       doc_ids: torch.Tensor | None = None,
                       reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean cross-entropy over selected positions (``reduction="sum"``: their sum), number correct, number
-    selected (head only on those). ``doc_ids`` (B, T): attention stays within each document (document masking)."""
+    selected (head only on those). ``doc_ids`` (B, T): attention stays within each document (document
+    masking)."""
     extra = {} if doc_ids is None else {"doc_ids": doc_ids}
     sel = labels != IGNORE
     n = int(sel.sum())
@@ -82,8 +85,10 @@ def loss_and_accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
         hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, **extra)  # (B, T, C)
         zero = hidden.sum() * 0.0
         return zero, torch.zeros((), device=inputs.device), 0
-    if getattr(unwrap_compiled(model), "sparse_output", False):  # the last block runs on the selected positions only
-        hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, select=sel, **extra)  # (N, C)
+    # the last block runs on the selected positions only
+    if getattr(unwrap_compiled(model), "sparse_output", False):
+        hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, select=sel,
+                       **extra)  # (N, C)
     else:
         hidden = model(inputs, attention_mask=attention_mask, return_hidden=True, **extra)[sel]
     m = unwrap_compiled(model)
