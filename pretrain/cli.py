@@ -70,13 +70,15 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
         raise PretrainError("--tokenizer-sample-mb must be > 0")
     meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, text_field=args.text_field, bad_files=args.bad_files,
-                   shard_tokens=args.shard_tokens, overwrite=args.overwrite, clean=clean, licence=args.licence,
-                   tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), log=_log, workers=args.workers,
-                   batch_chars=max(1, int(args.batch_mb * 1e6)), text_unit=args.text_unit, hf_split=args.hf_split,
-                   hf_revision=args.hf_revision, hf_data_files=args.hf_data_files,
+                   shard_tokens=args.shard_tokens, overwrite=args.overwrite, clean=clean,
+                   licence=args.licence, tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), log=_log,
+                   workers=args.workers, batch_chars=max(1, int(args.batch_mb * 1e6)),
+                   text_unit=args.text_unit, hf_split=args.hf_split, hf_revision=args.hf_revision,
+                   hf_data_files=args.hf_data_files,
                    start_method="spawn")  # workers start clean, without this process's imports
     result = {"out": str(args.out), "vocab_size": meta["tokenizer"]["vocab_size"], "dtype": meta["dtype"],
-              "train_tokens": meta["splits"]["train"]["tokens"], "val_tokens": meta["splits"]["val"]["tokens"],
+              "train_tokens": meta["splits"]["train"]["tokens"],
+              "val_tokens": meta["splits"]["val"]["tokens"],
               "train_documents": meta["splits"]["train"]["documents"],
               "val_documents": meta["splits"]["val"]["documents"],
               "removed": {k: v["documents"] for k, v in meta["cleaning"]["removed"].items()},
@@ -84,8 +86,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     if "mixture" in meta:
         result["mixture"] = {m["input"]: {"weight": m["weight"], "train_tokens": m["tokens"]["train"]}
                              for m in meta["mixture"]}
-    _emit(args, result, f"prepared {args.out}: {result['train_tokens']:,} train / {result['val_tokens']:,} val "
-                        f"tokens, vocab {result['vocab_size']:,}")
+    _emit(args, result, f"prepared {args.out}: {result['train_tokens']:,} train / {result['val_tokens']:,} "
+                        f"val tokens, vocab {result['vocab_size']:,}")
     return result
 
 
@@ -95,17 +97,22 @@ def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.samples < 0:
         raise PretrainError("--samples must be >= 0")
     res = inspect(args.data_dir, samples=args.samples)
-    lines = [f"{res['data_dir']}: tokenizer {res['tokenizer']['kind']}, vocab {res['tokenizer']['vocab_size']:,}, "
-             f"{res['dtype']} shards, {len(res['sources'])} sources"]
+    lines = [f"{res['data_dir']}: tokenizer {res['tokenizer']['kind']}, "
+             f"vocab {res['tokenizer']['vocab_size']:,}, {res['dtype']} shards, "
+             f"{len(res['sources'])} sources"]
     for split, info in res["splits"].items():
-        lines.append(f"\n[{split}] {info['tokens']:,} tokens, {info['documents']:,} documents, {info['bytes']:,} bytes"
-                     + (f", {info['distinct_tokens']:,} distinct tokens" if "distinct_tokens" in info else ""))
+        lines.append(f"\n[{split}] {info['tokens']:,} tokens, {info['documents']:,} documents, "
+                     f"{info['bytes']:,} bytes"
+                     + (f", {info['distinct_tokens']:,} distinct tokens" if "distinct_tokens" in info
+                        else ""))
         if info.get("top_tokens"):
-            lines.append("  most frequent: " + ", ".join(f"{t['token']!r} {t['count']:,}" for t in info["top_tokens"][:10]))
+            lines.append("  most frequent: " + ", ".join(f"{t['token']!r} {t['count']:,}"
+                                                         for t in info["top_tokens"][:10]))
         for s in info.get("samples", []):
             lines.append(f"  sample: {s!r}")
     if res.get("cleaning") and res["cleaning"]["removed"]:
-        lines.append("\ncleaning removed: " + ", ".join(f"{k} {v['documents']:,}" for k, v in res["cleaning"]["removed"].items()))
+        lines.append("\ncleaning removed: " + ", ".join(f"{k} {v['documents']:,}"
+                                                        for k, v in res["cleaning"]["removed"].items()))
     _emit(args, res, "\n".join(lines))
     return res
 
@@ -123,7 +130,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             raise PretrainError(f"--resume: {run} is not a run directory (no config.yaml)")
         if args.out and Path(args.out).resolve() != run.resolve():
             raise PretrainError("--resume RUN_DIR continues in RUN_DIR; do not also give a different --out")
-        cfg = load_config(saved, overrides, base=None) if args.config is None else load_config(args.config, overrides)
+        cfg = (load_config(saved, overrides, base=None) if args.config is None
+               else load_config(args.config, overrides))
         out = run
     else:
         if not args.out:
@@ -135,14 +143,16 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         return summary
     val = summary["val_loss"]
     _emit(args, summary, f"trained {out}: step {summary['step']}, "
-                         f"val loss {val:.4f} " if val is not None else f"trained {out}: step {summary['step']}")
+                         f"val loss {val:.4f} " if val is not None
+                         else f"trained {out}: step {summary['step']}")
     return summary
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.inference import evaluate_run
 
-    res = evaluate_run(args.run, args.data, split=args.split, max_batches=args.max_batches, device=args.device)
+    res = evaluate_run(args.run, args.data, split=args.split, max_batches=args.max_batches,
+                       device=args.device)
     bpb = f", {res['bits_per_byte']:.4f} bits/byte" if res["bits_per_byte"] is not None else ""
     if "accuracy" in res:
         bpb += f", masked-token accuracy {res['accuracy']:.2%}"
@@ -154,8 +164,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.inference import generate_text
 
-    texts = generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          args.seed, args.device, args.num_samples)
+    texts = generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                          args.top_p, args.seed, args.device, args.num_samples)
     res = {"prompt": args.prompt, "samples": texts}
     _emit(args, res, "\n---\n".join(texts))
     return res
@@ -176,10 +186,11 @@ def cmd_fill_mask(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.features import embed
 
-    res = embed(args.run, args.input, args.out, args.pooling, args.normalize, args.batch_size, args.text_field,
-                args.device)
+    res = embed(args.run, args.input, args.out, args.pooling, args.normalize, args.batch_size,
+                args.text_field, args.device)
     trunc = f"; {res['truncated']:,} truncated to {res['max_tokens']} tokens" if res["truncated"] else ""
-    _emit(args, res, f"wrote {res['rows']:,} x {res['dim']} embeddings ({res['pooling']} pooling) to {res['out']}{trunc}")
+    _emit(args, res, f"wrote {res['rows']:,} x {res['dim']} embeddings ({res['pooling']} pooling) "
+                     f"to {res['out']}{trunc}")
     return res
 
 
@@ -227,29 +238,34 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     """`pretrain prepare`: corpus → cleaned, tokenized shards."""
     s = sub.add_parser("prepare", help="corpus → tokenizer → train/val token shards")
     s.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="files, folders, globs or hf:NAME[:CONFIG] (a Hugging Face dataset, streamed); append "
-                        "::WEIGHT to give an input a mixture weight (e.g. wiki/::3 code/::1)")
+                   help="files, folders, globs or hf:NAME[:CONFIG] (a Hugging Face dataset, streamed); "
+                        "append ::WEIGHT to give an input a mixture weight (e.g. wiki/::3 code/::1)")
     s.add_argument("--out", required=True, help="data directory to write")
     s.add_argument("--tokenizer", default="bpe",
                    help="byte | char | bpe | wordpiece | unigram | path to tokenizer.json (default bpe)")
     s.add_argument("--vocab-size", type=int, default=8192,
                    help="vocabulary size for bpe/wordpiece/unigram (default 8192)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (default 0.1)")
-    s.add_argument("--text-field", default="text", help="JSON field or CSV/TSV/Parquet column holding the text (default text)")
+    s.add_argument("--text-field", default="text",
+                   help="JSON field or CSV/TSV/Parquet column holding the text (default text)")
     s.add_argument("--text-unit", choices=["file", "paragraph", "line"], default="file",
-                   help="a .txt document is the whole file (default), each blank-line separated paragraph, or each line")
+                   help="a .txt document is the whole file (default), each blank-line separated paragraph, "
+                        "or each line")
     s.add_argument("--bad-files", choices=["error", "skip"], default="error",
                    help="binary or non-UTF-8 files: fail (default) or skip with a warning")
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     s.add_argument("--licence", default="", help="licence of the sources, recorded in the manifest")
     s.add_argument("--tokenizer-sample-mb", type=float, default=1000.0,
-                   help="train bpe/wordpiece/unigram on an evenly spread sample of about this many MB of text (default 1000)")
+                   help="train bpe/wordpiece/unigram on an evenly spread sample of about this many MB "
+                        "of text (default 1000)")
     s.add_argument("--workers", type=int, default=None,
-                   help="cleaning/tokenizing processes (0: in this process; default: one per CPU, in-process for "
-                        "inputs under 32 MB)")
+                   help="cleaning/tokenizing processes (0: in this process; default: one per CPU, "
+                        "in-process for inputs under 32 MB)")
     s.add_argument("--batch-mb", type=float, default=1.0,
-                   help="MB of text per batch handed to a worker; with --workers it bounds peak memory (default 1)")
-    s.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
+                   help="MB of text per batch handed to a worker; with --workers it bounds peak memory "
+                        "(default 1)")
+    s.add_argument("--shard-tokens", type=int, default=100_000_000,
+                   help="tokens per shard file (default 1e8)")
     s.add_argument("--hf-split", default="train", help="split of hf:NAME inputs (default train)")
     s.add_argument("--hf-revision", default=None, help="revision (branch, tag or commit) of hf:NAME inputs")
     s.add_argument("--hf-data-files", nargs="+", default=None, metavar="FILE",
@@ -258,14 +274,17 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--normalize", default="NFC", help="Unicode normalisation form, '' for none (default NFC)")
     g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
     g.add_argument("--max-chars", type=int, default=0, help="drop documents longer than this")
-    g.add_argument("--max-symbol-ratio", type=float, default=0.0, help="drop documents with more symbols than this")
-    g.add_argument("--min-alpha-ratio", type=float, default=0.0, help="drop documents with fewer letters than this")
+    g.add_argument("--max-symbol-ratio", type=float, default=0.0,
+                   help="drop documents with more symbols than this")
+    g.add_argument("--min-alpha-ratio", type=float, default=0.0,
+                   help="drop documents with fewer letters than this")
     g.add_argument("--max-repeated-line-ratio", type=float, default=0.0,
                    help="drop documents in which more than this share of lines repeat")
     g.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
     g.add_argument("--near-dup", type=float, default=0.0, metavar="JACCARD",
                    help="drop near-duplicates at this MinHash Jaccard similarity, e.g. 0.7")
-    g.add_argument("--decontaminate", nargs="+", metavar="EVAL", help="drop documents sharing an n-gram with these")
+    g.add_argument("--decontaminate", nargs="+", metavar="EVAL",
+                   help="drop documents sharing an n-gram with these")
     g.add_argument("--decontaminate-field", nargs="+", default=["text"], metavar="FIELD",
                    help="fields/columns of JSONL/CSV/Parquet --decontaminate files to match, each of them "
                         "(default: text)")
@@ -338,12 +357,14 @@ def _add_export_and_demo(sub: argparse._SubParsersAction) -> None:
     """`pretrain export` and `pretrain demo`."""
     s = sub.add_parser("export", help="write a run in the Hugging Face layout (Llama / ModernBERT)")
     s.add_argument("run", help="run directory or checkpoint directory")
-    s.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, tokenizer...)")
+    s.add_argument("--out", required=True,
+                   help="directory to write (config.json, model.safetensors, tokenizer...)")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("demo", help="the whole pipeline on a built-in corpus, offline (a few minutes on a CPU)")
+    s = sub.add_parser("demo",
+                       help="the whole pipeline on a built-in corpus, offline (a few minutes on a CPU)")
     s.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
     s.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default 600)")
     s.add_argument("--budget-s", type=float, default=300.0, help="stop pre-training after this many seconds")
@@ -375,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.argv = rest  # type: ignore[attr-defined]  # for typo suggestions in usage errors
     args = parser.parse_args(rest)
     previous_term = None
-    if threading.current_thread() is threading.main_thread():  # kill / SIGTERM unwinds like Ctrl-C: clean-up runs
+    # kill / SIGTERM unwinds like Ctrl-C: clean-up runs
+    if threading.current_thread() is threading.main_thread():
         previous_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "train":
@@ -390,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if overrides:
                 raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
-            handlers = {"prepare": cmd_prepare, "data": cmd_data, "eval": cmd_eval, "generate": cmd_generate,
-                        "fill-mask": cmd_fill_mask, "embed": cmd_embed, "export": cmd_export, "demo": cmd_demo}
+            handlers = {"prepare": cmd_prepare, "data": cmd_data, "eval": cmd_eval,
+                        "generate": cmd_generate, "fill-mask": cmd_fill_mask, "embed": cmd_embed,
+                        "export": cmd_export, "demo": cmd_demo}
             # commands defined in other modules (pretrain/finetune/cli.py) carry their handler as args.func
             handler = handlers.get(args.command) or args.func
             handler(args)

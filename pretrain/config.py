@@ -77,8 +77,9 @@ class ModelConfig:
 
         names = arch_names()
         close = difflib.get_close_matches(self.arch, names, n=1)
-        _check(self.arch in names, f"model.arch must be one of {', '.join(map(repr, names))}, got {self.arch!r}"
-                                   + (f" (did you mean {close[0]!r}?)" if close else ""))
+        _check(self.arch in names,
+               f"model.arch must be one of {', '.join(map(repr, names))}, got {self.arch!r}"
+               + (f" (did you mean {close[0]!r}?)" if close else ""))
         _check(self.n_layer >= 1 and self.n_head >= 1 and self.d_model >= 1, "model sizes must be >= 1")
         for name in ("n_kv_head", "d_ff", "vocab_size", "max_seq_len", "init_std"):
             _check(getattr(self, name) >= 0, f"model.{name} must be >= 0")
@@ -87,7 +88,8 @@ class ModelConfig:
                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         _check((self.d_model // self.n_head) % 2 == 0, "head size (d_model / n_head) must be even for rotary")
         kv = self.n_kv_head or self.n_head
-        _check(self.n_head % kv == 0, f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({kv})")
+        _check(self.n_head % kv == 0,
+               f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({kv})")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
 
     @property
@@ -203,28 +205,35 @@ class TrainConfig:
     to start from; its architecture replaces the model section. Prepare the data with --tokenizer DIR."""
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1,
+               "train.batch_size and train.grad_accum must be >= 1")
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
-        _check(not self.time_schedule or self.max_time_s > 0, "train.time_schedule needs train.max_time_s > 0")
+        _check(not self.time_schedule or self.max_time_s > 0,
+               "train.time_schedule needs train.max_time_s > 0")
         _check(self.prefetch >= 0, "train.prefetch must be >= 0")
-        _check(self.compile in (True, False, "auto"), f"train.compile must be true, false or 'auto', got {self.compile!r}")
+        _check(self.compile in (True, False, "auto"),
+               f"train.compile must be true, false or 'auto', got {self.compile!r}")
         _check(self.lr > 0 and self.muon_lr > 0, "train.lr and train.muon_lr must be > 0")
-        _check(self.optimizer in ("adamw", "muon"), f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        _check(self.optimizer in ("adamw", "muon"),
+               f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         _check(self.schedule in ("cosine", "linear", "wsd", "constant"),
                f"train.schedule must be 'cosine', 'linear', 'wsd' or 'constant', got {self.schedule!r}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
         _check(0.0 < self.decay_frac <= 1.0, "train.decay_frac must be in (0, 1]")
-        _check(self.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        _check(self.dtype in ("auto", "bf16", "fp32"),
+               f"train.dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.log_interval >= 1, "train.log_interval must be >= 1")
-        _check(self.parallelism in ("ddp", "fsdp"), f"train.parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}")
+        _check(self.parallelism in ("ddp", "fsdp"),
+               f"train.parallelism must be 'ddp' or 'fsdp', got {self.parallelism!r}")
         _check(self.global_batch_size == 0 or self.global_batch_size >= self.batch_size,
                "train.global_batch_size must be 0 or at least train.batch_size")
         _check(self.dist_timeout_s > 0, "train.dist_timeout_s must be > 0")
         for name in ("warmup_steps", "eval_interval", "eval_batches", "ckpt_interval", "seed", "threads",
                      "stop_at_step", "weight_decay", "grad_clip", "max_time_s", "target_val_loss"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
-        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "train.beta1 and train.beta2 must be in [0, 1)")
+        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0,
+               "train.beta1 and train.beta2 must be in [0, 1)")
 
 
 @dataclass
@@ -350,8 +359,8 @@ class FinetuneConfig:
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'."""
     dtype: str = "auto"
-    """Autocast dtype: 'auto' (bf16 on CUDA and on CPUs with native bf16 instructions, fp32 elsewhere), 'bf16' or
-    'fp32'."""
+    """Autocast dtype: 'auto' (bf16 on CUDA and on CPUs with native bf16 instructions, fp32 elsewhere),
+    'bf16' or 'fp32'."""
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
@@ -366,14 +375,19 @@ class FinetuneConfig:
         _check(0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)")
         _check(0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)")
         _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
-        _check(self.pooling in ("auto", "cls", "last", "mean"), f"pooling must be auto, cls, last or mean, got {self.pooling!r}")
+        _check(self.pooling in ("auto", "cls", "last", "mean"),
+               f"pooling must be auto, cls, last or mean, got {self.pooling!r}")
         _check(self.max_length >= 0, "max_length must be >= 0")
-        _check(self.truncation in ("end", "start", "error"), f"truncation must be end, start or error, got {self.truncation!r}")
-        _check(self.patience >= 0 and self.evals_per_epoch >= 1, "patience must be >= 0, evals_per_epoch >= 1")
-        _check(self.dtype in ("auto", "bf16", "fp32"), f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        _check(self.truncation in ("end", "start", "error"),
+               f"truncation must be end, start or error, got {self.truncation!r}")
+        _check(self.patience >= 0 and self.evals_per_epoch >= 1,
+               "patience must be >= 0, evals_per_epoch >= 1")
+        _check(self.dtype in ("auto", "bf16", "fp32"),
+               f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.prompt or self.verbalizer:
             _check(self.task == "classification", "prompt/verbalizer are for task classification only")
-            _check(bool(self.prompt and self.verbalizer), "prompt-based classification needs both prompt and verbalizer")
+            _check(bool(self.prompt and self.verbalizer),
+                   "prompt-based classification needs both prompt and verbalizer")
             from pretrain.finetune.encode import parse_template, parse_verbalizer  # (the prompt grammar)
 
             parse_template(self.prompt, self.text_pair_column is not None)
@@ -535,14 +549,16 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 class _ConfigLoader(yaml.SafeLoader):
     """yaml.safe_load with YAML 1.2's numbers (``010`` is 10, not YAML 1.1's octal 8; ``3e-4`` is a float,
-    ``1:30`` a string, not 90) that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+    ``1:30`` a string, not 90) that refuses a key given twice in one mapping (YAML keeps the last
+    silently)."""
 
     def construct_mapping(self, node, deep=False):
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice "
+                                                        f"(line {key_node.start_mark.line + 1})",
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -555,7 +571,8 @@ _ConfigLoader.yaml_implicit_resolvers = {  # YAML 1.1's int/float resolvers out,
 _ConfigLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
                                     list("-+0123456789"))
 _ConfigLoader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
 
 
@@ -568,12 +585,13 @@ _ConfigLoader.add_constructor(_INT, _yaml12_int)
 
 
 class _ConfigDumper(yaml.SafeDumper):
-    """yaml.safe_dump that also quotes strings YAML 1.2 reads as numbers (``3e-4``), so the file reads back the
-    same with this module's loader and with any YAML 1.1 one."""
+    """yaml.safe_dump that also quotes strings YAML 1.2 reads as numbers (``3e-4``), so the file reads back
+    the same with this module's loader and with any YAML 1.1 one."""
 
 
 _ConfigDumper.yaml_implicit_resolvers = {
-    first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []), *_ConfigLoader.yaml_implicit_resolvers.get(first, [])]
+    first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []),
+            *_ConfigLoader.yaml_implicit_resolvers.get(first, [])]
     for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *_ConfigLoader.yaml_implicit_resolvers}}
 
 

@@ -124,8 +124,9 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
             _move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out), "architecture": config["architectures"][0], "weights": weight_files,
-            "dtype": dtype, "step": meta["step"], "n_params": model.num_params()}
+    hf = hf_mapping(cfg.model)
+    return {"out": str(out), "architecture": hf.architecture, "auto_class": hf.auto_class,
+            "weights": weight_files, "dtype": dtype, "step": meta["step"], "n_params": model.num_params()}
 
 
 def _source_name(s: dict[str, Any]) -> str:

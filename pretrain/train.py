@@ -68,9 +68,11 @@ from pretrain.optim import build_optimizer, set_lr
 # Keys that may change when a run is continued (they do not change what was trained so far).
 RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.time_schedule", "train.target_val_loss",
                   "train.stop_at_step", "train.eval_interval", "train.eval_batches", "train.log_interval",
-                  "train.ckpt_interval", "train.keep_checkpoints", "train.plot", "train.threads", "train.device",
-                  "train.compile", "data.path", "train.activation_checkpointing", "train.prefetch",
-                  # how the global batch is split over processes, and how they talk (checked: the global batch)
+                  "train.ckpt_interval", "train.keep_checkpoints", "train.plot", "train.threads",
+                  "train.device", "train.compile", "data.path", "train.activation_checkpointing",
+                  "train.prefetch",
+                  # how the global batch is split over processes, and how they talk
+                  # (checked: the global batch)
                   "train.grad_accum", "train.global_batch_size", "train.parallelism", "train.dist_timeout_s",
                   "train.consolidate"}
 
@@ -103,12 +105,14 @@ def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch
     hf_dir = Path(cfg.train.init_from)
     model_section, sd = load_hf(hf_dir)
     if not (hf_dir / "tokenizer.json").is_file():
-        raise PretrainError(f"{hf_dir} has no tokenizer.json: the model's tokenizer is needed to prepare the data")
+        raise PretrainError(f"{hf_dir} has no tokenizer.json: the model's tokenizer is needed "
+                            "to prepare the data")
     if Tokenizer.load(hf_dir).sha256() != meta["tokenizer"]["sha256"]:
         raise PretrainError(f"{cfg.data.path} was not tokenized with {hf_dir}'s tokenizer: prepare it with "
                             f"`pretrain prepare ... --tokenizer {hf_dir}`")
     if cfg.objective != "clm":
-        raise ConfigError("train.init_from supports causal-LM (Llama-architecture) checkpoints: objective clm")
+        raise ConfigError("train.init_from supports causal-LM (Llama-architecture) checkpoints: "
+                          "objective clm")
     # the architecture comes from config.json: model.* values set (in a preset or on the command line) that
     # contradict it are ignored, and said so; dropout (not architecture) may be set for the continued training
     defaults, given = ModelConfig().__dict__, cfg.model.__dict__
@@ -122,7 +126,8 @@ def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch
     if get_spec(model_section["arch"]).learned_positions and seq_len > model_section["max_seq_len"]:
         raise ConfigError(f"data.seq_len {seq_len} exceeds {hf_dir}'s {model_section['max_seq_len']} "
                           "learned positions (n_positions); use a seq_len of at most that")
-    model = from_dict(ModelConfig, {**model_section, "dropout": given.get("dropout", model_section.get("dropout", 0.0)),
+    model = from_dict(ModelConfig, {**model_section,
+                                    "dropout": given.get("dropout", model_section.get("dropout", 0.0)),
                                     "max_seq_len": max(model_section["max_seq_len"], seq_len)}, "model.")
     return dataclasses.replace(cfg, model=model), sd
 
@@ -134,18 +139,20 @@ def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch
 
 def resolve_batch(tc, world_size: int) -> tuple[int, int]:
     """(micro-batches per step on each process, global batch in sequences) for ``world_size`` processes:
-    batch_size x grad_accum x world_size = global_batch_size, grad_accum derived when global_batch_size is set."""
+    batch_size x grad_accum x world_size = global_batch_size, grad_accum derived when global_batch_size is
+    set."""
     if not tc.global_batch_size:
         return tc.grad_accum, tc.batch_size * tc.grad_accum * world_size
     per_micro = tc.batch_size * world_size
     accum, rest = divmod(tc.global_batch_size, per_micro)
     if rest or accum < 1:
-        raise ConfigError(f"train.global_batch_size {tc.global_batch_size} is not a multiple of train.batch_size "
-                          f"{tc.batch_size} x {world_size} process(es) = {per_micro}")
+        raise ConfigError(f"train.global_batch_size {tc.global_batch_size} is not a multiple of "
+                          f"train.batch_size {tc.batch_size} x {world_size} process(es) = {per_micro}")
     if tc.grad_accum not in (1, accum):
         raise ConfigError(f"train.global_batch_size {tc.global_batch_size} = batch_size {tc.batch_size} x "
-                          f"grad_accum x {world_size} process(es) needs grad_accum {accum}, but train.grad_accum "
-                          f"is {tc.grad_accum}: leave grad_accum at 1 when global_batch_size is set")
+                          f"grad_accum x {world_size} process(es) needs grad_accum {accum}, but "
+                          f"train.grad_accum is {tc.grad_accum}: leave grad_accum at 1 when "
+                          "global_batch_size is set")
     return accum, tc.global_batch_size
 
 
@@ -221,10 +228,12 @@ def check_config_compatible(saved: Config, new: Config) -> None:
     a, b = _flatten(saved.to_dict()), _flatten(new.to_dict())
     diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k) and k not in RESUMABLE_KEYS]
     if diffs:
-        raise ConfigError("the run directory holds a run with a different configuration (" + "; ".join(diffs[:6])
-                          + "); to continue it, drop those changes (`pretrain train --resume RUN_DIR` takes its "
-                          "saved config; only settings such as train.max_steps, train.eval_interval or "
-                          "train.device may change), or start a new run with another --out")
+        raise ConfigError("the run directory holds a run with a different configuration ("
+                          + "; ".join(diffs[:6])
+                          + "); to continue it, drop those changes (`pretrain train --resume RUN_DIR` "
+                          "takes its saved config; only settings such as train.max_steps, "
+                          "train.eval_interval or train.device may change), or start a new run with "
+                          "another --out")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,11 +242,11 @@ def check_config_compatible(saved: Config, new: Config) -> None:
 
 def backward_step(model: nn.Module, fwd: nn.Module, objective, parts: list[tuple], world_size: int,
                   device: torch.device, dtype: str) -> torch.Tensor:
-    """Forward and backward over one step's prepared micro-batches (``objective.prepare``); returns this process's
-    share of the step's loss (detached; averaged over the processes: the step's loss). Every target token of
-    the *global* batch weighs the same: each micro-batch's summed loss is divided by the target count of all
-    micro-batches of all processes (times the world size, as gradients are averaged over processes), so the
-    gradient is that of one batch of all of them, however the batch is split."""
+    """Forward and backward over one step's prepared micro-batches (``objective.prepare``); returns this
+    process's share of the step's loss (detached; averaged over the processes: the step's loss). Every target
+    token of the *global* batch weighs the same: each micro-batch's summed loss is divided by the target count
+    of all micro-batches of all processes (times the world size, as gradients are averaged over processes), so
+    the gradient is that of one batch of all of them, however the batch is split."""
     n_targets = all_reduce_sum_(sum(objective.targets(p) for p in parts))
     scale = (world_size / n_targets.clamp(min=1).double()).float()
     total = torch.zeros((), device=device)
@@ -254,7 +263,8 @@ class Prefetcher:
     """Draws the loader's next batches in a background thread into a queue of ``depth`` (pinned in page-locked
     memory when going to CUDA, so the copy in :meth:`next` overlaps compute). ``state_dict`` is the loader's
     state after the last batch *consumed* (taken by :meth:`next`), not after the last one prefetched, so a
-    checkpoint resumes exactly at the next unconsumed batch. ``depth`` 0: no thread, batches drawn in the loop."""
+    checkpoint resumes exactly at the next unconsumed batch. ``depth`` 0: no thread, batches drawn in the
+    loop."""
 
     def __init__(self, loader, device: torch.device, depth: int = 2):
         import queue
@@ -311,12 +321,13 @@ STOP_SIGNALS = ("SIGINT", "SIGTERM")  # stop_reason of a run stopped gracefully 
 
 
 class StopSignals:
-    """SIGTERM (a scheduler preempting the job, ``kill``, torchrun passing its own on) and SIGINT (Ctrl-C) ask the
-    loop to stop *gracefully*: it finishes the step in progress, saves a checkpoint and returns with
+    """SIGTERM (a scheduler preempting the job, ``kill``, torchrun passing its own on) and SIGINT (Ctrl-C) ask
+    the loop to stop *gracefully*: it finishes the step in progress, saves a checkpoint and returns with
     ``stop_reason`` "SIGTERM" / "SIGINT", so ``--resume`` continues from that very step. The same signal a
     second time aborts at once (KeyboardInterrupt; the last checkpoint saved stays intact). Handlers are
     installed only when training runs in the main thread, and the previous ones are restored on exit. Until
-    :attr:`armed` (set when the loop starts; before it there is no step to save) either signal aborts at once."""
+    :attr:`armed` (set when the loop starts; before it there is no step to save) either signal aborts at
+    once."""
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -370,7 +381,8 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
         from pretrain.checkpoint import CheckpointError, list_checkpoints
 
         ckpts = list_checkpoints(run) if isinstance(e, CheckpointError) and run.is_dir() else []
-        if len(ckpts) > 1 and str(ckpts[-1]) in str(e):  # the newest is damaged: say how to use the one before
+        # the newest is damaged: say how to use the one before
+        if len(ckpts) > 1 and str(ckpts[-1]) in str(e):
             e.args = (f"{e}; the previous checkpoint {ckpts[-2]} is kept: move {ckpts[-1].name} out of "
                       f"{ckpts[-1].parent} to resume from it", *e.args[1:])
         if env.world_size > 1:  # say which rank failed (torchrun then stops the others)
@@ -412,7 +424,8 @@ def _resolve(cfg: Config, run: Path, env: DistEnv, meta: dict[str, Any],
     """The config of this launch, resolved once: absolute data path, the Hugging Face starting point, values
     taken from the data, the batch of a resumed auto-batch run; checked against the run it continues."""
     # saved absolute (config.yaml, checkpoints): eval and --resume then work from any directory
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                            path=str(Path(cfg.data.path).resolve())))
     init_sd = None
     if cfg.train.init_from:
         cfg, init_sd = _from_hf(cfg, meta)
@@ -422,8 +435,8 @@ def _resolve(cfg: Config, run: Path, env: DistEnv, meta: dict[str, Any],
         warnings.warn(f"train.warmup_steps {tc.warmup_steps} >= train.max_steps {tc.max_steps}: the learning "
                       "rate never reaches train.lr nor decays", stacklevel=3)
     if env.active and tc.parallelism == "fsdp" and tc.optimizer == "muon":
-        raise ConfigError("train.optimizer muon is not supported with train.parallelism fsdp (Muon needs whole "
-                          "matrices; FSDP shards them): use parallelism ddp, or optimizer adamw")
+        raise ConfigError("train.optimizer muon is not supported with train.parallelism fsdp (Muon needs "
+                          "whole matrices; FSDP shards them): use parallelism ddp, or optimizer adamw")
     if ckpt.resuming and (run / "config.yaml").is_file():
         saved = from_dict(Config, load_yaml(run / "config.yaml"))
         if tc.auto_batch:  # keep the batch found at the start
@@ -439,12 +452,13 @@ def _resolve(cfg: Config, run: Path, env: DistEnv, meta: dict[str, Any],
 
 
 def build(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> Job:
-    """Resolve the config, build the model (wrapped and compiled from outside), objective, loader and optimizer,
-    and restore them all from the run's newest checkpoint when it has one."""
+    """Resolve the config, build the model (wrapped and compiled from outside), objective, loader and
+    optimizer, and restore them all from the run's newest checkpoint when it has one."""
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
     meta = load_meta(cfg.data.path)
-    ckpt = Checkpointer(run, env.active, cfg.train.ckpt_interval, cfg.train.keep_checkpoints, cfg.train.consolidate)
+    ckpt = Checkpointer(run, env.active, cfg.train.ckpt_interval, cfg.train.keep_checkpoints,
+                        cfg.train.consolidate)
     cfg, init_sd = _resolve(cfg, run, env, meta, ckpt)
     tc, device = cfg.train, env.device
     if tc.threads:
@@ -452,31 +466,35 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> Job:
     torch.manual_seed(tc.seed)
     train_split, val_split = TokenSplit(cfg.data.path, "train"), TokenSplit(cfg.data.path, "val")
     if tc.eval_interval and eval_windows(val_split, cfg.data.seq_len) < 1:
-        raise PretrainError(f"the validation split of {cfg.data.path} has {val_split.tokens:,} tokens, too few "
-                            f"for one sequence of {cfg.data.seq_len}: prepare with a larger --val-fraction, "
-                            "use a smaller data.seq_len, or set train.eval_interval 0")
+        raise PretrainError(f"the validation split of {cfg.data.path} has {val_split.tokens:,} tokens, "
+                            f"too few for one sequence of {cfg.data.seq_len}: prepare with a larger "
+                            "--val-fraction, use a smaller data.seq_len, or set train.eval_interval 0")
     spec, model = get_spec(cfg.model.arch), build_model(cfg.model)
     tokenizer = Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"])
     objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed, cfg.data.doc_mask)
     documents = padded_documents(cfg, tokenizer)
     # (on CPU: the configured batch_size; under FSDP the probe would need the whole unsharded model: likewise)
-    if tc.auto_batch and not ckpt.resuming and device.type == "cuda" and not (env.active and tc.parallelism == "fsdp"):
+    if (tc.auto_batch and not ckpt.resuming and device.type == "cuda"
+            and not (env.active and tc.parallelism == "fsdp")):
         cfg = _auto_batch(cfg, model, objective, env, quiet)
         tc = cfg.train
     accum, global_batch = resolve_batch(tc, env.world_size)
-    shard = {"seed": tc.seed, "rank": env.rank, "world_size": env.world_size}  # each rank its slice of a batch
+    # each rank its slice of a batch
+    shard = {"seed": tc.seed, "rank": env.rank, "world_size": env.world_size}
     if documents is None:
         loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, **shard)
     else:
         loader = DocumentLoader(train_split, cfg.data.seq_len, tc.batch_size, *documents, **shard)
-    ckpt.check(cfg.data.path, meta["tokenizer"]["sha256"], data_fingerprint(meta), global_batch, env.world_size)
+    ckpt.check(cfg.data.path, meta["tokenizer"]["sha256"], data_fingerprint(meta), global_batch,
+               env.world_size)
     ckpt.restore_weights(model)
     if not ckpt.resuming and init_sd is not None:  # a fresh run that starts from a Hugging Face checkpoint
         _load_init(model, init_sd, spec.head, cfg)
     model.to(device)
     n_params, flops_tok = model.num_params(), spec.flops_per_token(model, cfg.data.seq_len)
-    ckpt.identity = {"tokenizer_sha256": meta["tokenizer"]["sha256"], "data_fingerprint": data_fingerprint(meta),
-                     "config": cfg.to_dict(), "n_params": n_params, "global_batch_size": global_batch}
+    ckpt.identity = {"tokenizer_sha256": meta["tokenizer"]["sha256"],
+                     "data_fingerprint": data_fingerprint(meta), "config": cfg.to_dict(),
+                     "n_params": n_params, "global_batch_size": global_batch}
     progress = Progress(tc.max_steps, ckpt.meta.get("step", 0), quiet)
     model, fwd = _apply_parallelism(model, cfg, env, progress)
     optimizer = build_optimizer(unwrap(model), tc, device.type)
@@ -488,9 +506,10 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> Job:
         metrics = Metrics(run / "metrics.jsonl", keep_upto_step=state.step)
     where = f"{env.world_size} processes ({tc.parallelism}, {device.type})" if env.active else device.type
     where += ", bf16 autocast" if autocast_dtype(device, tc.dtype) == torch.bfloat16 else ", fp32"
-    progress.write(f"{'resuming ' + str(run) + ' at step ' + str(state.step) if state.step else 'training ' + str(run)}: "
-                   f"{n_params / 1e6:.2f}M parameters on {where}, "
-                   f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")
+    progress.write(
+        f"{'resuming ' + str(run) + ' at step ' + str(state.step) if state.step else 'training ' + str(run)}"
+        f": {n_params / 1e6:.2f}M parameters on {where}, "
+        f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")
     batches = Prefetcher(loader, device, tc.prefetch)  # started after the loader state is restored
     return Job(cfg, run, env, model, fwd, objective, optimizer, batches, val_split, documents, ckpt, state,
                accum, global_batch, progress, metrics, n_params, flops_tok)
@@ -503,12 +522,15 @@ def _load_init(model: nn.Module, init_sd: dict[str, torch.Tensor], head: str, cf
         raise PretrainError(f"{cfg.train.init_from}: weights do not fit its config.json "
                             f"({str(e).splitlines()[1:2]})") from None
     if unexpected or set(missing) - ({f"{head}.weight"} if cfg.model.tie_embeddings else set()):
-        raise PretrainError(f"{cfg.train.init_from}: missing {missing[:4]} / unexpected {unexpected[:4]} tensors")
+        raise PretrainError(f"{cfg.train.init_from}: missing {missing[:4]} / unexpected {unexpected[:4]} "
+                            "tensors")
 
 
-def _apply_parallelism(model: nn.Module, cfg: Config, env: DistEnv, progress: Progress) -> tuple[nn.Module, nn.Module]:
-    """From outside the model, in torchtitan's order: activation checkpointing, compile (per block under FSDP),
-    then shard (FSDP2) or replicate (DDP). Returns (the model as trained, what the forward pass calls)."""
+def _apply_parallelism(model: nn.Module, cfg: Config, env: DistEnv,
+                       progress: Progress) -> tuple[nn.Module, nn.Module]:
+    """From outside the model, in torchtitan's order: activation checkpointing, compile (per block under
+    FSDP), then shard (FSDP2) or replicate (DDP). Returns (the model as trained, what the forward pass
+    calls)."""
     tc, device = cfg.train, env.device
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -517,13 +539,16 @@ def _apply_parallelism(model: nn.Module, cfg: Config, env: DistEnv, progress: Pr
     if env.active:
         if compile_model and fsdp:
             model = apply_compile(model, progress, per_block=True)
-        bf16 = device.type == "cuda" and autocast_dtype(device, tc.dtype) == torch.bfloat16  # CPU: fp32 weights
-        model = apply_fsdp(model, torch.bfloat16 if bf16 else torch.float32) if fsdp else apply_ddp(model, device)
+        # CPU: fp32 weights
+        bf16 = device.type == "cuda" and autocast_dtype(device, tc.dtype) == torch.bfloat16
+        model = (apply_fsdp(model, torch.bfloat16 if bf16 else torch.float32) if fsdp
+                 else apply_ddp(model, device))
     return model, (apply_compile(model, progress) if compile_model and not fsdp else model)
 
 
 def _auto_batch(cfg: Config, model: nn.Module, objective, env: DistEnv, quiet: bool) -> Config:
-    """train.auto_batch on CUDA: the largest micro-batch that fits, grad_accum making up the configured batch."""
+    """train.auto_batch on CUDA: the largest micro-batch that fits, grad_accum making up the configured
+    batch."""
     accum, global_batch = resolve_batch(cfg.train, env.world_size)
     per_rank = global_batch // env.world_size
     model.to(env.device)
@@ -547,8 +572,9 @@ def _auto_batch(cfg: Config, model: nn.Module, objective, env: DistEnv, quiet: b
 
 
 def loop(job: Job, stop: StopSignals) -> dict[str, Any]:
-    """Train until max_steps, the time budget, the target loss, stop_at_step or a stop signal; log, evaluate and
-    checkpoint on their intervals; always end on a checkpoint of the last step. Returns the run's summary."""
+    """Train until max_steps, the time budget, the target loss, stop_at_step or a stop signal; log, evaluate
+    and checkpoint on their intervals; always end on a checkpoint of the last step. Returns the run's
+    summary."""
     cfg, tc, st, env, device = job.cfg, job.cfg.train, job.state, job.env, job.env.device
     params = [p for p in job.model.parameters() if p.requires_grad]
     peak = peak_flops(device) if autocast_dtype(device, tc.dtype) == torch.bfloat16 else None
@@ -563,7 +589,8 @@ def loop(job: Job, stop: StopSignals) -> dict[str, Any]:
         done, stop_reason = True, "max_time_s"
     stop.armed = True
     while not done:
-        lr = set_lr(job.optimizer, st.step, tc, time_frac if tc.time_schedule else 0.0)  # time_schedule: by time too
+        # time_schedule: by time too
+        lr = set_lr(job.optimizer, st.step, tc, time_frac if tc.time_schedule else 0.0)
         loss_acc += train_step(job)
         grad_norm = clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         job.optimizer.step()
@@ -623,7 +650,8 @@ def train_step(job: Job) -> torch.Tensor:
     return backward_step(job.model, job.fwd, job.objective, parts, env.world_size, env.device, tc.dtype)
 
 
-def log_step(job: Job, clock: Clock, loss_acc: torch.Tensor, lr: float, grad_norm, peak: float | None) -> dict:
+def log_step(job: Job, clock: Clock, loss_acc: torch.Tensor, lr: float, grad_norm,
+             peak: float | None) -> dict:
     """The mean train loss since the last log line (over all ranks), the step's lr, gradient norm, speed."""
     st = job.state
     train_loss = all_reduce_mean_(loss_acc).item() / st.loss_n  # .item() syncs: time is read after it
@@ -657,7 +685,8 @@ def validate(job: Job, clock: Clock) -> dict[str, Any]:
     for key in ("bpb", "accuracy"):
         if key in ev:
             record[f"val_{key}"] = round(ev[key], 6)
-    job.progress.write(f"step {st.step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) at {st.elapsed_s:.1f}s")
+    job.progress.write(f"step {st.step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) "
+                       f"at {st.elapsed_s:.1f}s")
     return record
 
 
@@ -666,7 +695,8 @@ def save(job: Job, loss_acc: torch.Tensor, grad_norm) -> None:
     bad = not (bool(torch.isfinite(loss_acc)) and bool(torch.isfinite(torch.as_tensor(grad_norm))))
     if any_rank(bad, job.env.device):
         diverged(job, float("nan"), "loss or gradient norm")
-    job.state.loss_sum = all_reduce_mean_(loss_acc).item()  # the job's running loss (then the same on every rank)
+    # the job's running loss (then the same on every rank)
+    job.state.loss_sum = all_reduce_mean_(loss_acc).item()
     job.checkpointer.save(job.state, job.model, job.optimizer, job.batches.state_dict())
 
 

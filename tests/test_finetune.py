@@ -45,10 +45,11 @@ def pretrained(request, tmp_path_factory):
     extra = ["--objective", "mlm", "--model.arch", "bert"] if request.param == "mlm" else []
     assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", tok,
                  "--vocab-size", "300", "--val-fraction", "0.3"]) == 0
-    assert main(["train", "--out", str(root / "run"), *extra, "--data.path", str(root / "data"), "--data.seq_len", "32",
-                 "--model.n_layer", "2", "--model.n_head", "2", "--model.d_model", "32", "--train.max_steps", "20",
-                 "--train.batch_size", "4", "--train.eval_interval", "0", "--train.plot", "false",
-                 "--train.threads", "1", "--quiet"]) == 0
+    assert main(["train", "--out", str(root / "run"), *extra, "--data.path", str(root / "data"),
+                 "--data.seq_len", "32", "--model.n_layer", "2", "--model.n_head", "2",
+                 "--model.d_model", "32", "--train.max_steps", "20", "--train.batch_size", "4",
+                 "--train.eval_interval", "0", "--train.plot", "false", "--train.threads", "1",
+                 "--quiet"]) == 0
     write_jsonl(root / "train.jsonl", sentiment_rows(240, 1))
     write_jsonl(root / "valid.jsonl", sentiment_rows(60, 2))
     return request.param, root
@@ -117,7 +118,8 @@ def test_lora_trains_only_adapters_and_merge_matches(pretrained, tmp_path):
 
     objective, root = pretrained
     cfg = FinetuneConfig(lora=True, lora_r=4, epochs=4, lr=3e-3, batch_size=16, patience=0)
-    res = finetune(root / "run", root / "train.jsonl", root / "valid.jsonl", tmp_path / "lora", cfg, quiet=True)
+    res = finetune(root / "run", root / "train.jsonl", root / "valid.jsonl", tmp_path / "lora", cfg,
+                   quiet=True)
     assert res["trained_params"] < res["total_params"] / 4
 
     backbone, pcfg, tok, _ = load_backbone(root / "run", 0.0, False, 0)
@@ -162,25 +164,29 @@ def test_prompt_classification_end_to_end(pretrained, tmp_path, capsys):
     tr, va = str(root / "train.jsonl"), str(root / "valid.jsonl")
     w = one_token_words(root, objective == "mlm")
     capsys.readouterr()
-    assert main(["finetune", str(root / "run"), "--train", tr, "--valid", va, "--out", str(tmp_path / "ft"), *FAST,
-                 "--prompt", "{text} . it was {mask}", "--verbalizer", f"neg={w[0]},pos={w[1]}", "--json"]) == 0
+    assert main(["finetune", str(root / "run"), "--train", tr, "--valid", va, "--out", str(tmp_path / "ft"),
+                 *FAST, "--prompt", "{text} . it was {mask}", "--verbalizer", f"neg={w[0]},pos={w[1]}",
+                 "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["best"]["val_accuracy"] >= 0.8, res["best"]
     lines = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["step"] == 0 and lines[0]["train_loss"] is None and len(lines) == 9  # zero-shot + 8 epochs
-    assert res["trained_params"] == res["total_params"]  # the whole backbone, its LM head included; nothing new
+    # zero-shot + 8 epochs
+    assert lines[0]["step"] == 0 and lines[0]["train_loss"] is None and len(lines) == 9
+    # the whole backbone, its LM head included; nothing new
+    assert res["trained_params"] == res["total_params"]
     info = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert len(info["prompt"]["label_ids"]) == 2
-    assert main(["predict", str(tmp_path / "ft"), "--input", va, "--out", str(tmp_path / "pred.jsonl"), "--json"]) == 0
+    assert main(["predict", str(tmp_path / "ft"), "--input", va, "--out", str(tmp_path / "pred.jsonl"),
+                 "--json"]) == 0
     preds = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
     gold = [json.loads(x)["label"] for x in (root / "valid.jsonl").read_text().splitlines()]
     acc = sum(p["prediction"] == g for p, g in zip(preds, gold)) / len(gold)
     assert acc == pytest.approx(res["best"]["val_accuracy"], abs=1e-6)
     # early stopping counts from the first trained evaluation, not from the zero-shot one: with a learning
     # rate too small to change anything, patience 1 stops after the second epoch, not the first
-    assert main(["finetune", str(root / "run"), "--train", tr, "--valid", va, "--out", str(tmp_path / "ft2"), "--quiet",
-                 "--epochs", "5", "--lr", "1e-9", "--patience", "1", "--prompt", "{text} . it was {mask}",
-                 "--verbalizer", f"neg={w[0]},pos={w[1]}"]) == 0
+    assert main(["finetune", str(root / "run"), "--train", tr, "--valid", va, "--out", str(tmp_path / "ft2"),
+                 "--quiet", "--epochs", "5", "--lr", "1e-9", "--patience", "1",
+                 "--prompt", "{text} . it was {mask}", "--verbalizer", f"neg={w[0]},pos={w[1]}"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "ft2" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1, 2]
 
@@ -224,12 +230,14 @@ def test_prompt_encoding_and_errors(pretrained, tmp_path, capsys):
                        ({"prompt": "{text} was", "verbalizer": "a=b,c=d"}, "must hold {mask}"),
                        ({"prompt": "{text} {label} {mask}", "verbalizer": "a=b"}, "unknown field"),
                        ({"prompt": "{text} {mask}", "verbalizer": "a=b,c"}, "label=word"),
-                       ({"prompt": "{text} {mask}", "verbalizer": "a=b", "task": "regression"}, "classification only")):
+                       ({"prompt": "{text} {mask}", "verbalizer": "a=b", "task": "regression"},
+                        "classification only")):
         with pytest.raises(ConfigError, match=match):
             FinetuneConfig(**bad)
     with pytest.raises(ConfigError, match="no head to train"):
         finetune(root / "run", root / "train.jsonl", root / "valid.jsonl", tmp_path / "o",
-                 FinetuneConfig(prompt="{text} {mask}", verbalizer=f"neg={w[0]},pos={w[1]}", head_only=True), quiet=True)
+                 FinetuneConfig(prompt="{text} {mask}", verbalizer=f"neg={w[0]},pos={w[1]}", head_only=True),
+                 quiet=True)
 
 
 def test_pairs_and_regression(tmp_path, pretrained):
@@ -253,11 +261,13 @@ def test_pairs_and_regression(tmp_path, pretrained):
     write_jsonl(tmp_path / "va.jsonl", pair_rows(50))
     cfg = FinetuneConfig(text_column="a", text_pair_column="b", label_column="same", epochs=3, lr=3e-3,
                          batch_size=16, patience=0)
-    res = finetune(root / "run", tmp_path / "tr.jsonl", tmp_path / "va.jsonl", tmp_path / "pair", cfg, quiet=True)
+    res = finetune(root / "run", tmp_path / "tr.jsonl", tmp_path / "va.jsonl", tmp_path / "pair", cfg,
+                   quiet=True)
     assert 0 <= res["best"]["val_accuracy"] <= 1 and res["steps"] == 3 * 13
-    cfg = FinetuneConfig(task="regression", text_column="a", text_pair_column="b", label_column="score", epochs=6,
-                         lr=3e-3, batch_size=16, patience=0)
-    res = finetune(root / "run", tmp_path / "tr.jsonl", tmp_path / "va.jsonl", tmp_path / "reg", cfg, quiet=True)
+    cfg = FinetuneConfig(task="regression", text_column="a", text_pair_column="b", label_column="score",
+                         epochs=6, lr=3e-3, batch_size=16, patience=0)
+    res = finetune(root / "run", tmp_path / "tr.jsonl", tmp_path / "va.jsonl", tmp_path / "reg", cfg,
+                   quiet=True)
     assert res["best"]["val_pearson"] > 0.3, res["best"]  # learns something about the score
     assert main(["predict", str(tmp_path / "reg"), "--input", str(tmp_path / "va.jsonl"), "--out",
                  str(tmp_path / "reg.csv")]) == 0
@@ -298,7 +308,8 @@ def test_token_classification(tmp_path, pretrained):
 
 def test_token_labels_sit_where_the_model_has_seen_the_word():
     """A decoder labels a word's last sub-token (its first, with a char tokenizer, is the space before it); an
-    encoder its first that is not whitespace. Truncation drops whole words, at the end or the start, or errors."""
+    encoder its first that is not whitespace. Truncation drops whole words, at the end or the start, or
+    errors."""
     from pretrain.data.tokenizer import char_tokenizer, train_wordpiece
     from pretrain.finetune.data import TaskDataError
     from pretrain.finetune.encode import IGNORE, encode_words
@@ -307,7 +318,8 @@ def test_token_labels_sit_where_the_model_has_seen_the_word():
     tok = char_tokenizer("the cat runs")
     ids, labels, at, n = encode_words(tok, sent, [[0, 1, 2]], False, 64)
     assert [tok.decode([ids[0][i]]) for i in at[0]] == ["e", "t", "s"] and n == 0
-    assert [lab for lab in labels[0] if lab != IGNORE] == [0, 1, 2] and [labels[0][i] for i in at[0]] == [0, 1, 2]
+    assert ([lab for lab in labels[0] if lab != IGNORE] == [0, 1, 2]
+            and [labels[0][i] for i in at[0]] == [0, 1, 2])
     wp = train_wordpiece(["the cat runs fast"] * 20, 200)
     ids, labels, at, _ = encode_words(wp, sent, [[0, 1, 2]], True, 64)
     assert [wp.decode([ids[0][i]]) for i in at[0]] == ["the", "cat", "runs"] and ids[0][0] == wp.cls_id
@@ -315,8 +327,10 @@ def test_token_labels_sit_where_the_model_has_seen_the_word():
     ids, labels, at, n = encode_words(tok, sent, [[0, 1, 2]], False, 9)
     assert n == 1 and tok.decode(ids[0][:-1]) == "the cat" and at[0][2] == -1
     ids, labels, at, n = encode_words(tok, sent, [[0, 1, 2]], False, 9, "start")
-    assert n == 1 and tok.decode(ids[0][:-1]) == " runs" and at[0][:2] == [-1, -1] and labels[0][at[0][2]] == 2
-    ids, labels, at, _ = encode_words(tok, sent, [[0, 1, 2]], False, 64, label_at="first_piece")  # older models
+    assert (n == 1 and tok.decode(ids[0][:-1]) == " runs" and at[0][:2] == [-1, -1]
+            and labels[0][at[0][2]] == 2)
+    # older models
+    ids, labels, at, _ = encode_words(tok, sent, [[0, 1, 2]], False, 64, label_at="first_piece")
     assert [tok.decode([ids[0][i]]) for i in at[0]] == ["t", " ", " "]
     with pytest.raises(TaskDataError, match="t.conll: sentence 1 is 12 tokens, more than the 8"):
         encode_words(tok, sent, None, False, 9, "error", "t.conll")
@@ -341,8 +355,9 @@ def test_transfer_report(tmp_path, pretrained, capsys):
         pytest.skip("one backbone is enough for the report machinery")
     capsys.readouterr()
     assert main(["transfer", str(root / "run"), "--train", str(root / "train.jsonl"), "--valid",
-                 str(root / "valid.jsonl"), "--out", str(tmp_path / "rep"), "--budgets", "20,all", "--seeds", "2",
-                 "--min-steps", "10", "--max-epochs", "3", "--batch-size", "16", "--json"]) == 0
+                 str(root / "valid.jsonl"), "--out", str(tmp_path / "rep"), "--budgets", "20,all",
+                 "--seeds", "2", "--min-steps", "10", "--max-epochs", "3", "--batch-size", "16",
+                 "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert [r["n"] for r in res["summary"]] == [20, 240]
     assert res["summary"][0]["pretrained"]["seeds"] == 2 and res["summary"][1]["scratch"]["seeds"] == 1
@@ -355,9 +370,9 @@ def test_transfer_report(tmp_path, pretrained, capsys):
     done = sorted((tmp_path / "rep" / "runs").glob("*_n20_s*/done.json"))
     stamp = lambda: [p.stat().st_mtime_ns for p in done]  # noqa: E731
     first = stamp()
-    args = ["transfer", str(root / "run"), "--train", str(root / "train.jsonl"), "--out", str(tmp_path / "rep"),
-            "--budgets", "20", "--seeds", "1", "--min-steps", "10", "--max-epochs", "3", "--batch-size", "16",
-            "--quiet", "--valid"]
+    args = ["transfer", str(root / "run"), "--train", str(root / "train.jsonl"),
+            "--out", str(tmp_path / "rep"), "--budgets", "20", "--seeds", "1", "--min-steps", "10",
+            "--max-epochs", "3", "--batch-size", "16", "--quiet", "--valid"]
     assert main([*args, str(root / "valid.jsonl")]) == 0
     assert stamp() == first  # nothing retrained
     valid2 = tmp_path / "valid2.jsonl"
@@ -408,26 +423,35 @@ def test_bad_input(tmp_path, pretrained, capsys):
         assert main(list(args)) == 2
         return capsys.readouterr().err
 
-    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": "a b", "label": "pos"}, {"text": "c", "label": "meh"}])
-    assert "never seen in the training data: meh" in err("finetune", run, "--train", tr, "--valid", str(unseen), "--out", str(tmp_path / "o"))
-    empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "a b", "label": "pos"}, {"text": "  ", "label": "neg"}])
-    assert "row 2 has no text" in err("finetune", run, "--train", str(empty), "--valid", va, "--out", str(tmp_path / "o"))
+    unseen = write_jsonl(tmp_path / "unseen.jsonl",
+                         [{"text": "a b", "label": "pos"}, {"text": "c", "label": "meh"}])
+    assert "never seen in the training data: meh" in err("finetune", run, "--train", tr,
+                                                         "--valid", str(unseen), "--out", str(tmp_path / "o"))
+    empty = write_jsonl(tmp_path / "empty.jsonl",
+                        [{"text": "a b", "label": "pos"}, {"text": "  ", "label": "neg"}])
+    assert "row 2 has no text" in err("finetune", run, "--train", str(empty), "--valid", va,
+                                      "--out", str(tmp_path / "o"))
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "neg"}])
-    assert "mixes numbers and text" in err("finetune", run, "--train", str(mixed), "--valid", va, "--out", str(tmp_path / "o"))
+    assert "mixes numbers and text" in err("finetune", run, "--train", str(mixed), "--valid", va,
+                                           "--out", str(tmp_path / "o"))
     (tmp_path / "mixed.csv").write_text("text,label\na b,1\nc d,pos\n")
-    assert "mixes numbers and text" in err("finetune", run, "--train", str(tmp_path / "mixed.csv"), "--valid", va, "--out", str(tmp_path / "o"))
-    e = err("finetune", run, "--train", tr, "--valid", va, "--out", str(tmp_path / "o"), "--label-column", "sentiment")
+    assert "mixes numbers and text" in err("finetune", run, "--train", str(tmp_path / "mixed.csv"),
+                                           "--valid", va, "--out", str(tmp_path / "o"))
+    e = err("finetune", run, "--train", tr, "--valid", va, "--out", str(tmp_path / "o"),
+            "--label-column", "sentiment")
     assert "no column 'sentiment'" in e and "text, label" in e or "label, text" in e
-    assert "not a pre-trained run" in err("finetune", str(tmp_path), "--train", tr, "--valid", va, "--out", str(tmp_path / "o"))
+    assert "not a pre-trained run" in err("finetune", str(tmp_path), "--train", tr, "--valid", va,
+                                          "--out", str(tmp_path / "o"))
     assert "not a fine-tuned model" in err("predict", run, "--input", va, "--out", str(tmp_path / "p.jsonl"))
-    long = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(BASE * 3), "label": "pos"}, {"text": "day", "label": "neg"}])
-    assert "more than the" in err("finetune", run, "--train", str(long), "--valid", va, "--out", str(tmp_path / "o"),
-                                  "--truncation", "error")
-    assert "max_length 999 exceeds" in err("finetune", run, "--train", tr, "--valid", va, "--out", str(tmp_path / "o"),
-                                           "--max-length", "999")
+    long = write_jsonl(tmp_path / "long.jsonl",
+                       [{"text": " ".join(BASE * 3), "label": "pos"}, {"text": "day", "label": "neg"}])
+    assert "more than the" in err("finetune", run, "--train", str(long), "--valid", va,
+                                  "--out", str(tmp_path / "o"), "--truncation", "error")
+    assert "max_length 999 exceeds" in err("finetune", run, "--train", tr, "--valid", va,
+                                           "--out", str(tmp_path / "o"), "--max-length", "999")
     capsys.readouterr()
-    assert main(["finetune", run, "--train", str(long), "--valid", va, "--out", str(tmp_path / "o"), "--epochs", "1",
-                 "--json", "--quiet"]) == 0
+    assert main(["finetune", run, "--train", str(long), "--valid", va, "--out", str(tmp_path / "o"),
+                 "--epochs", "1", "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["truncated"] == {"train": 1, "valid": 0}
     o = str(tmp_path / "o2")
     # no room for the text (this used to loop forever), the pre-training run as --out, bad numbers
@@ -438,17 +462,19 @@ def test_bad_input(tmp_path, pretrained, capsys):
                                                    "--lora", "--lora-dropout", "5")
     assert "--batch-size must be >= 1" in err("predict", str(tmp_path / "o"), "--input", va, "--out",
                                               str(tmp_path / "p.jsonl"), "--batch-size", "0")
-    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "a b", "label": "pos"}, {"text": "c", "label": "pos"}])
+    one = write_jsonl(tmp_path / "one.jsonl",
+                      [{"text": "a b", "label": "pos"}, {"text": "c", "label": "pos"}])
     assert "at least two labels" in err("probe", run, "--train", str(one), "--valid", str(one))
     assert "reads CoNLL text files" in err("finetune", run, "--task", "token", "--train", tr, "--valid", va,
                                            "--out", o)
     # a stray comma or quote: an error naming the line, never a text cut short or rows merged
     (tmp_path / "extra.csv").write_text("text,label\nthe cat, dog runs,pos\nred sun,neg\n")
-    assert "extra.csv:2: row has 3 field(s), the header 2" in err("finetune", run, "--train", str(tmp_path / "extra.csv"),
+    assert "extra.csv:2: row has 3 field(s), the header 2" in err("finetune", run, "--train",
+                                                                  str(tmp_path / "extra.csv"),
                                                                   "--valid", va, "--out", o)
     (tmp_path / "quote.csv").write_text('text\nthe cat\n"dog runs\nred sun\n')
-    assert "malformed CSV" in err("predict", str(tmp_path / "o"), "--input", str(tmp_path / "quote.csv"), "--out",
-                                  str(tmp_path / "q.jsonl"))
+    assert "malformed CSV" in err("predict", str(tmp_path / "o"), "--input", str(tmp_path / "quote.csv"),
+                                  "--out", str(tmp_path / "q.jsonl"))
     ft_json = tmp_path / "o" / "finetune.json"
     ft_json.write_text("{not json", encoding="utf-8")
     assert "finetune.json is corrupt" in err("predict", str(tmp_path / "o"), "--input", va, "--out",
@@ -479,5 +505,6 @@ def test_every_table_format_reads_the_same_examples(tmp_path):
     for name in ("t.jsonl", "t.json", "t.parquet", "t.csv", "t.tsv"):
         ex = read_examples(tmp_path / name, "a", "y", pair_column="b")
         assert (ex.texts, ex.pairs, ex.labels) == want, name
-    nums = read_examples(tmp_path / "n.csv", "a", "y") if (tmp_path / "n.csv").write_text("a,y\nx,1\nz,0.5\n") else None
+    nums = (read_examples(tmp_path / "n.csv", "a", "y")
+            if (tmp_path / "n.csv").write_text("a,y\nx,1\nz,0.5\n") else None)
     assert nums.labels == [1, 0.5]

@@ -1,9 +1,9 @@
-"""Golden runs: the first 30 training losses of the tiny causal-LM and masked-LM configs and the 20 step losses
-of a fine-tune, pinned, so that a refactor that should not change behaviour provably does not.
+"""Golden runs: the first 30 training losses of the tiny causal-LM and masked-LM configs and the 20 step
+losses of a fine-tune, pinned, so that a refactor that should not change behaviour provably does not.
 
 fp32 on the CPU, one thread. On the kind of CPU the figures were recorded on they must match to 1e-6; another
-CPU (another instruction set, so other matmul kernels and summation orders) gets 1e-4, still far below what any
-change to the model, the data order, the masking or the schedule moves them by.
+CPU (another instruction set, so other matmul kernels and summation orders) gets 1e-4, still far below what
+any change to the model, the data order, the masking or the schedule moves them by.
 
 Regenerate (only for an intended behaviour change, said so in the commit):
 ``PRETRAIN_REGOLD=1 python -m pytest tests/test_golden.py``.
@@ -88,8 +88,8 @@ def test_pretraining_losses_are_pinned(corpus, objective, capsys):
 
 def test_finetune_losses_are_pinned(corpus, capsys):
     root = corpus
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "ft_data"), "--tokenizer", str(WORDPIECE),
-                 "--val-fraction", "0.2"]) == 0
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "ft_data"),
+                 "--tokenizer", str(WORDPIECE), "--val-fraction", "0.2"]) == 0
     assert main(["train", str(CONFIGS / "bert-tiny.yaml"), "--out", str(root / "ft_run"),
                  "--data.path", str(root / "ft_data"), "--data.seq_len", "32", *PIN,
                  "--train.max_steps", "10", "--train.warmup_steps", "2"]) == 0

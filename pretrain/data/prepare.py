@@ -73,7 +73,8 @@ class ShardWriter:
     mixture component), starting a new shard every ``shard_tokens``. A shard is written as
     ``NAME.partial``, fsync'ed and renamed to NAME once full (or at :meth:`close`)."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int, group: int | None = None):
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int,
+                 group: int | None = None):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.group = group
         self.prefix = split if group is None else f"{split}_g{group:03d}"
@@ -88,7 +89,8 @@ class ShardWriter:
         name = f"{self.prefix}_{len(self.shards):06d}.bin"
         self._f = open(self.out_dir / f"{name}.partial", "wb")
         self._n = 0
-        self.shards.append({"file": name, "tokens": 0, **({} if self.group is None else {"group": self.group})})
+        self.shards.append({"file": name, "tokens": 0,
+                            **({} if self.group is None else {"group": self.group})})
 
     def write(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=self.dtype)
@@ -114,11 +116,13 @@ class ShardWriter:
 
     def close(self) -> dict[str, Any]:
         self._seal()
-        return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.shards}
+        return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes,
+                "shards": self.shards}
 
 
 def _is_val(doc: str, val_fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                       "little")
     return (h / 2**64) < val_fraction
 
 
@@ -127,7 +131,8 @@ def _is_val(doc: str, val_fraction: float) -> bool:
 _W: dict[str, Any] = {}  # per-process worker state (set by _init_worker)
 
 
-def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dtype: str, child: bool) -> None:
+def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dtype: str,
+                 child: bool) -> None:
     if child:  # Ctrl-C and SIGTERM are handled by the main process, which stops the pool (SIGTERM: terminate)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -140,7 +145,8 @@ def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dt
             tok.model._resize_cache(BPE_CACHE_WORDS)
         except Exception:
             pass
-    _W.update(cleaner=cleaner, vf=val_fraction, enc=IdsEncoder(tok, dtype) if tok is not None else None)  # (its own copy)
+    # (its own copy)
+    _W.update(cleaner=cleaner, vf=val_fraction, enc=IdsEncoder(tok, dtype) if tok is not None else None)
 
 
 def _scan_batch(texts: list[str]) -> tuple:
@@ -363,8 +369,8 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
         if stale.exists():
             shutil.rmtree(stale)
         return _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files,
-                        shard_tokens, clean, licence, tokenizer_sample_chars, log, workers, batch_chars, text_unit,
-                        weighted, _input_labels(inputs), progress_s, t0, start_method)
+                        shard_tokens, clean, licence, tokenizer_sample_chars, log, workers, batch_chars,
+                        text_unit, weighted, _input_labels(inputs), progress_s, t0, start_method)
 
 
 class _Output:
@@ -402,8 +408,10 @@ class _Output:
         info: dict[str, dict[str, Any]] = {}
         for sp in SPLITS:
             parts = [self.writers[(sp, g)].close() for g in self.groups]
-            info[sp] = {"tokens": sum(p["tokens"] for p in parts), "documents": sum(p["documents"] for p in parts),
-                        "bytes": sum(p["bytes"] for p in parts), "shards": [sh for p in parts for sh in p["shards"]]}
+            info[sp] = {"tokens": sum(p["tokens"] for p in parts),
+                        "documents": sum(p["documents"] for p in parts),
+                        "bytes": sum(p["bytes"] for p in parts),
+                        "shards": [sh for p in parts for sh in p["shards"]]}
         return info
 
     def discard(self) -> None:
@@ -418,13 +426,15 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
              clean, licence, tokenizer_sample_chars, log, workers, batch_chars, text_unit, weighted, labels,
              progress_s, t0, start_method) -> dict[str, Any]:
     def docs(record: bool = False) -> Iterator[tuple[int, str]]:
-        return iter_documents(sources, text_field, bad_files, record=record, with_source=True, text_unit=text_unit)
+        return iter_documents(sources, text_field, bad_files, record=record, with_source=True,
+                              text_unit=text_unit)
 
     groups = sorted({s.group for s in sources}) if weighted else [0]
     group_of = [s.group if weighted else 0 for s in sources]
     cleaner = Cleaner(clean or CleanConfig(), [s.label for s in sources])
     # A tokenizer known upfront (a tokenizer.json, byte) is applied during the scan: one read of the input.
-    tok: Tokenizer | None = None if tokenizer == "char" or tokenizer in TRAINED else build_tokenizer(tokenizer)
+    tok: Tokenizer | None = (None if tokenizer == "char" or tokenizer in TRAINED
+                             else build_tokenizer(tokenizer))
     output: _Output | None = None
     pool: _Workers | None = None
     t_log = time.time()
@@ -444,7 +454,8 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
         pool = _Workers(workers, (cleaner, tok.to_str() if tok else None, val_fraction,
                                   dtype.name if tok else "uint32"), start_method)
         plan, per_group, n_docs, total_chars = _scan(pool, cleaner, docs(record=True), group_of, output,
-                                                     batch_chars, lambda done: progress(done, "tokenized", t0))
+                                                     batch_chars,
+                                                     lambda done: progress(done, "tokenized", t0))
         pool.close()
         if not plan:
             raise DataError("no text found in the input: every file was empty or skipped")
@@ -463,7 +474,8 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             output = None
 
         def planned() -> Iterator[tuple[int, int, str]]:
-            """(source index, plan code, raw text) of every kept document, checking the input did not change."""
+            """(source index, plan code, raw text) of every kept document, checking the input did not
+            change."""
             i = 0
             for src_index, doc in docs():
                 if i >= len(plan):
@@ -484,18 +496,20 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
         # streamed to the trainer.
         if tok is None:
             rate = min(1.0, tokenizer_sample_chars / max(total_chars, 1))
-            tok = build_tokenizer(tokenizer, _tokenizer_texts(tokenizer, planned(), cleaner, rate, val_fraction),
+            tok = build_tokenizer(tokenizer, _tokenizer_texts(tokenizer, planned(), cleaner, rate,
+                                                              val_fraction),
                                   vocab_size)
         dtype = token_dtype(tok.vocab_size)
         log(f"tokenizer: {tok.kind}, vocab {tok.vocab_size:,} ({dtype.name} shards)")
         if tok.kind in ("bpe", "wordpiece", "unigram") and tok.vocab_size < vocab_size:
-            log(f"warning: the {tok.kind} vocabulary has {tok.vocab_size:,} tokens, fewer than the {vocab_size:,} "
-                "asked for: the corpus (or its tokenizer sample) is too small for more")
+            log(f"warning: the {tok.kind} vocabulary has {tok.vocab_size:,} tokens, fewer than the "
+                f"{vocab_size:,} asked for: the corpus (or its tokenizer sample) is too small for more")
 
         # Pass 3 (unless done during the scan): encode in the workers; write shards in corpus order.
         if output is None:
             output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
-            pool = _Workers(workers, (cleaner.transformer(), tok.to_str(), val_fraction, dtype.name), start_method)
+            pool = _Workers(workers, (cleaner.transformer(), tok.to_str(), val_fraction, dtype.name),
+                            start_method)
             _encode_pass(pool, output, ((group_of[i], d, (d, code)) for i, code, d in planned()), batch_chars,
                          progress)
         log(f"tokenized {output.bytes / 1e6:,.1f} MB ({time.time() - t0:.1f} s since the start)")
@@ -537,8 +551,8 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
 def _scan(pool: _Workers, cleaner: Cleaner, docs: Iterator[tuple[int, str]], group_of: list[int],
           output: _Output | None, batch_chars: int, progress: Callable[[int], None],
           ) -> tuple[bytearray, dict[int, list[int]], int, int]:
-    """Pass 1: read, clean and choose splits, one plan byte per document (and encode, when the tokenizer is known
-    upfront). Returns the plan, per mixture component (one for an unweighted corpus) [kept documents,
+    """Pass 1: read, clean and choose splits, one plan byte per document (and encode, when the tokenizer is
+    known upfront). Returns the plan, per mixture component (one for an unweighted corpus) [kept documents,
     validation ones, first and last plan index], the number kept and their characters."""
     plan = bytearray()
     n_docs = total_chars = 0
@@ -573,8 +587,8 @@ def _scan(pool: _Workers, cleaner: Cleaner, docs: Iterator[tuple[int, str]], gro
 
 
 def _manifest(tok: Tokenizer, dtype: np.dtype, val_fraction: float, tails: int, single: bool,
-              split_info: dict[str, Any], sources: list, licence: str, cleaner: Cleaner, settings: dict[str, Any],
-              t0: float) -> dict[str, Any]:
+              split_info: dict[str, Any], sources: list, licence: str, cleaner: Cleaner,
+              settings: dict[str, Any], t0: float) -> dict[str, Any]:
     """meta.json: the format, tokenizer, splits, every source (with its hash and licence), the cleaning report
     and the settings (see data/manifest.py)."""
     return {
@@ -637,7 +651,8 @@ def _encode_pass(pool: _Workers, output: _Output, items: Iterator[tuple[int, str
     pool.close()
 
 
-def _warn_unknown(out: Path, meta: dict[str, Any], unk_id: int, dtype: np.dtype, log: Callable[[str], None]) -> None:
+def _warn_unknown(out: Path, meta: dict[str, Any], unk_id: int, dtype: np.dtype,
+                  log: Callable[[str], None]) -> None:
     unk = total = 0
     for sp in SPLITS:
         for shard in (x for x in meta["splits"][sp]["shards"] if x["tokens"]):
@@ -650,7 +665,8 @@ def _warn_unknown(out: Path, meta: dict[str, Any], unk_id: int, dtype: np.dtype,
             "one with a byte-level alphabet)")
 
 
-def _scan_batches(items: Iterator[tuple[int, str, str]], batch_chars: int) -> Iterator[tuple[tuple[list, list], list]]:
+def _scan_batches(items: Iterator[tuple[int, str, str]],
+                  batch_chars: int) -> Iterator[tuple[tuple[list, list], list]]:
     """Scan batches: meta = (source indices, raw texts) kept by the main process for the report's examples."""
     for srcs, texts in _batched(items, batch_chars):
         yield (srcs, texts), texts

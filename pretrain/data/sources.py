@@ -152,7 +152,8 @@ def parse_weight(item: str) -> tuple[str, float | None]:
     return spec, weight
 
 
-def parse_hub(item: str, split: str = "train", revision: str | None = None, data_files: Any = None) -> HubSpec:
+def parse_hub(item: str, split: str = "train", revision: str | None = None,
+              data_files: Any = None) -> HubSpec:
     """'hf:NAME[:CONFIG]' → HubSpec."""
     rest = item[len(HUB_PREFIX):]
     name, _, config = rest.partition(":")
@@ -312,7 +313,8 @@ def _binary_error(path: Path, head: bytes = b"") -> DataError:
     return DataError(f"{path} looks like a binary file (NUL bytes); not text")
 
 
-SKIP_HINT = " (or pass --bad-files skip to leave such files out)"  # prepare's errors about one file end with it
+# prepare's errors about one file end with it
+SKIP_HINT = " (or pass --bad-files skip to leave such files out)"
 
 
 def _utf8_error(path: Path, e: UnicodeDecodeError, raw: bytes, offset: int = 0) -> DataError:
@@ -578,11 +580,12 @@ def _iter_hub(src: HubSource, text_field: str) -> Iterator[str | None]:
     try:
         ds = b.as_streaming_dataset(split=src.spec.split)
     except Exception as e:
-        raise DataError(f"{src.label}: cannot stream split {src.spec.split!r}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"{src.label}: cannot stream split {src.spec.split!r}: "
+                        f"{str(e).splitlines()[0]}") from None
     names = ds.column_names
     if names is not None and text_field not in names:
-        raise DataError(f"{src.label}: no column {text_field!r}; columns present: {', '.join(names) or '(none)'} "
-                        "(choose one with --text-field)")
+        raise DataError(f"{src.label}: no column {text_field!r}; columns present: "
+                        f"{', '.join(names) or '(none)'} (choose one with --text-field)")
     try:
         for batch in ds.iter(batch_size=1000):
             if text_field not in batch:
@@ -593,13 +596,15 @@ def _iter_hub(src: HubSource, text_field: str) -> Iterator[str | None]:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{src.label}: reading failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise DataError(f"{src.label}: reading failed: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 # ------------------------------------------------------------------------------------------------ documents
 
 
-def iter_source(src, text_field: str = "text", text_unit: str = "file", record: bool = False) -> Iterator[str]:
+def iter_source(src, text_field: str = "text", text_unit: str = "file",
+                record: bool = False) -> Iterator[str]:
     """The non-empty documents of one source, streamed."""
     if text_unit not in TEXT_UNITS:
         raise DataError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
@@ -655,4 +660,5 @@ def iter_documents(sources: list, text_field: str = "text", bad_files: str = "er
             else:
                 yield from docs
         except DataError as e:  # a file that cannot be read: name the way round it
-            raise DataError(f"{e}{SKIP_HINT}" if bad_files == "error" and src.path is not None else str(e)) from None
+            raise DataError(f"{e}{SKIP_HINT}" if bad_files == "error" and src.path is not None
+                            else str(e)) from None

@@ -1,1 +1,2 @@
-"""Transfer: fine-tuning a pre-trained backbone on labelled data, prediction, linear probes, transfer reports."""
+"""Transfer: fine-tuning a pre-trained backbone on labelled data, prediction, linear probes, transfer
+reports."""

@@ -31,7 +31,8 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
         if isinstance(f.default, bool):
             p.add_argument(flag, dest=f.name, action="store_true", help=help_)
         else:
-            p.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=f"{help_} (default {f.default})")
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                           help=f"{help_} (default {f.default})")
 
 
 def _add_columns(p: argparse.ArgumentParser) -> None:
@@ -54,9 +55,11 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     res = finetune(args.run, args.train, args.valid, args.out, _config(args), quiet=args.quiet or args.json)
     best = res["best"]
     res.pop("history")
-    shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items() if k.startswith("val_") and k != "val_metric")
-    _emit(args, res, f"fine-tuned {args.out}: best at epoch {best['epoch']:g} (step {best['step']}): {shown}; "
-                     f"stopped by {res['stop_reason']} after {res['steps']} steps in {res['elapsed_s']:.0f}s")
+    shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items()
+                     if k.startswith("val_") and k != "val_metric")
+    _emit(args, res, f"fine-tuned {args.out}: best at epoch {best['epoch']:g} (step {best['step']}): "
+                     f"{shown}; stopped by {res['stop_reason']} after {res['steps']} steps in "
+                     f"{res['elapsed_s']:.0f}s")
     return res
 
 
@@ -65,7 +68,8 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
     res = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device)
     _emit(args, res, f"wrote {res['rows']:,} predictions to {res['out']}"
-                     + (f" ({res['truncated']} inputs truncated to {res['max_length']} tokens)" if res["truncated"] else ""))
+                     + (f" ({res['truncated']} inputs truncated to {res['max_length']} tokens)"
+                        if res["truncated"] else ""))
     return res
 
 
@@ -74,8 +78,9 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
 
     res = linear_probe(args.run, args.train, args.valid, args.text_column, args.label_column, args.pooling,
                        args.max_train, args.seed, args.batch_size, args.device)
-    _emit(args, res, f"linear probe ({res['pooling']} pooling, {res['dim']} features, {res['train_examples']:,} "
-                     f"train examples): validation accuracy {100 * res['accuracy']:.2f}%")
+    _emit(args, res, f"linear probe ({res['pooling']} pooling, {res['dim']} features, "
+                     f"{res['train_examples']:,} train examples): validation accuracy "
+                     f"{100 * res['accuracy']:.2f}%")
     return res
 
 
@@ -97,8 +102,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("finetune", help="fine-tune a pre-trained run on labelled data (classification, "
                                         "regression, token labels; full, head-only or LoRA)")
     s.add_argument("run", help="pre-trained run directory or checkpoint")
-    s.add_argument("--train", required=True, help="labelled training file (CSV/TSV/JSONL/Parquet; CoNLL for --task token)")
-    s.add_argument("--valid", required=True, help="labelled validation file (model selection, early stopping)")
+    s.add_argument("--train", required=True,
+                   help="labelled training file (CSV/TSV/JSONL/Parquet; CoNLL for --task token)")
+    s.add_argument("--valid", required=True,
+                   help="labelled validation file (model selection, early stopping)")
     s.add_argument("--out", required=True, help="output directory (best model, metrics.jsonl)")
     _add_columns(s)
     _add_config_flags(s)
@@ -108,7 +115,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("predict", help="predictions of a fine-tuned model for every row of a file")
     s.add_argument("model", help="directory written by `pretrain finetune`")
-    s.add_argument("--input", required=True, help="file with the same text column(s) as training; labels not needed")
+    s.add_argument("--input", required=True,
+                   help="file with the same text column(s) as training; labels not needed")
     s.add_argument("--out", required=True, help=".jsonl, .csv, .tsv or .parquet (CoNLL text for token tasks)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto")
@@ -139,7 +147,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seeds", type=int, default=3, help="seeds per budget (default 3)")
     s.add_argument("--all-seeds", type=int, default=1, help="seeds for the full training set (default 1)")
     s.add_argument("--scratch-lr", type=float, default=1e-3, help="learning rate of the from-scratch runs")
-    s.add_argument("--min-steps", type=int, default=300, help="small budgets get epochs for at least this many steps")
+    s.add_argument("--min-steps", type=int, default=300,
+                   help="small budgets get epochs for at least this many steps")
     s.add_argument("--max-epochs", type=int, default=20, help="cap on those epochs")
     _add_columns(s)
     _add_config_flags(s, skip=("from_scratch", "seed"))

@@ -38,7 +38,8 @@ class Examples:
         return len(self.texts)
 
     def subset(self, idx: list[int]) -> Examples:
-        return Examples([self.texts[i] for i in idx], None if self.pairs is None else [self.pairs[i] for i in idx],
+        return Examples([self.texts[i] for i in idx],
+                        None if self.pairs is None else [self.pairs[i] for i in idx],
                         None if self.labels is None else [self.labels[i] for i in idx], self.source)
 
 
@@ -54,8 +55,8 @@ class TokenExamples:
         return len(self.words)
 
     def subset(self, idx: list[int]) -> TokenExamples:
-        return TokenExamples([self.words[i] for i in idx], None if self.tags is None else [self.tags[i] for i in idx],
-                             self.source)
+        return TokenExamples([self.words[i] for i in idx],
+                             None if self.tags is None else [self.tags[i] for i in idx], self.source)
 
 
 def _rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -93,7 +94,8 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
     for name, col in ((text_column, texts), (pair_column, pairs)):
         for i, t in enumerate(col or []):
             if not isinstance(t, str) or not t.strip():
-                raise TaskDataError(f"{path}: row {i + 1} has no text in column {name!r} (empty or not a string)")
+                raise TaskDataError(f"{path}: row {i + 1} has no text in column {name!r} "
+                                    "(empty or not a string)")
     labels = None
     if label_column:
         labels = _column(rows, columns, label_column, path, "--label-column")
@@ -122,7 +124,8 @@ def _normalise_labels(values: list[Any], path: Path, column: str) -> list[Any]:
     if any(numeric) and not all(numeric):
         i_num, i_word = numeric.index(True), numeric.index(False)
         raise TaskDataError(f"{path}: label column {column!r} mixes numbers and text (row {i_num + 1}: "
-                            f"{values[i_num]!r}, row {i_word + 1}: {values[i_word]!r}); use one kind of label")
+                            f"{values[i_num]!r}, row {i_word + 1}: {values[i_word]!r}); "
+                            "use one kind of label")
     if not all(numeric):
         return [str(v).strip() for v in values]
     out = []
@@ -153,7 +156,8 @@ def read_conll(path: str | Path, with_tags: bool = True) -> TokenExamples:
                 cur_w, cur_t = [], []
             continue
         if with_tags and len(parts) < 2:
-            raise TaskDataError(f"{path}:{lineno}: expected 'token tag' (the tag in the last column), got {line!r}")
+            raise TaskDataError(f"{path}:{lineno}: expected 'token tag' (the tag in the last column), "
+                                f"got {line!r}")
         cur_w.append(parts[0])
         cur_t.append(parts[-1] if with_tags else "")
     if cur_w:
@@ -173,4 +177,5 @@ def check_known(labels: list[Any], names: list[Any], where: str) -> None:
     unseen = sorted({str(v) for v in labels} - {str(n) for n in names})
     if unseen:
         raise TaskDataError(f"{where} has labels never seen in the training data: {', '.join(unseen[:10])}"
-                            f"{' …' if len(unseen) > 10 else ''} (training labels: {', '.join(map(str, names[:20]))})")
+                            f"{' …' if len(unseen) > 10 else ''} "
+                            f"(training labels: {', '.join(map(str, names[:20]))})")

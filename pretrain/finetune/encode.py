@@ -1,5 +1,5 @@
-"""Task data → model inputs: texts and text pairs with the specials of the architecture, prompts with a slot for
-the label word, CoNLL words with one labelled sub-token each; truncation; batches of similar lengths."""
+"""Task data → model inputs: texts and text pairs with the specials of the architecture, prompts with a slot
+for the label word, CoNLL words with one labelled sub-token each; truncation; batches of similar lengths."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ IGNORE = -100
 PROMPT_FIELDS = ("{text}", "{text_pair}", "{mask}")
 
 
-def _truncate(a: list[int], b: list[int] | None, room: int, mode: str, what: str) -> tuple[list[int], list[int] | None]:
+def _truncate(a: list[int], b: list[int] | None, room: int, mode: str,
+              what: str) -> tuple[list[int], list[int] | None]:
     if mode == "error":
-        raise TaskDataError(f"{what} is {len(a) + len(b or [])} tokens, more than the {room} that fit with the special "
-                            "tokens (use --truncation end|start or a larger --max-length)")
+        raise TaskDataError(f"{what} is {len(a) + len(b or [])} tokens, more than the {room} that fit with "
+                            "the special tokens (use --truncation end|start or a larger --max-length)")
     while len(a) + len(b or []) > room:
         if b is not None and len(b) > len(a):
             b = b[:-1] if mode == "end" else b[1:]
@@ -36,7 +37,8 @@ def encode_inputs(tok, texts: list[str], pairs: list[str] | None, encoder: bool,
                   truncation: str, source: str = "") -> tuple[list[list[int]], int]:
     """Token ids with the specials of the architecture, and how many inputs were truncated.
 
-    Encoders: ``[CLS] a [SEP] (b [SEP])``; decoders: ``a <eot> (b <eot>)`` (the last token sees everything)."""
+    Encoders: ``[CLS] a [SEP] (b [SEP])``; decoders: ``a <eot> (b <eot>)`` (the last token sees
+    everything)."""
     eot = tok.eot_id
     lead = [tok.cls_id] if encoder and tok.cls_id is not None else []
     ids_a = tok.encode_batch(texts, text_only=True)
@@ -61,10 +63,12 @@ def parse_template(template: str, pair: bool) -> list[str]:
     for field in PROMPT_FIELDS:
         want = 0 if field == "{text_pair}" and not pair else 1
         if parts.count(field) != want:
-            raise ConfigError(f"prompt {template!r} must hold {field} {'exactly once' if want else 'only with --text-pair-column'}"
+            raise ConfigError(f"prompt {template!r} must hold {field} "
+                              f"{'exactly once' if want else 'only with --text-pair-column'}"
                               f" (fields: {', '.join(PROMPT_FIELDS)}; other braces are not allowed)")
     if any("{" in p or "}" in p for p in parts if p not in PROMPT_FIELDS):
-        raise ConfigError(f"prompt {template!r} has an unknown field; the fields are {', '.join(PROMPT_FIELDS)}")
+        raise ConfigError(f"prompt {template!r} has an unknown field; "
+                          f"the fields are {', '.join(PROMPT_FIELDS)}")
     return parts
 
 
@@ -91,17 +95,19 @@ def verbalizer_ids(tok, spec: str, names: list[Any], encoder: bool) -> list[int]
     missing = [str(n) for n in names if str(n) not in words]
     if unknown or missing:
         raise ConfigError(f"verbalizer {spec!r} does not match the labels {[str(n) for n in names]}"
-                          + (f"; no word for {missing}" if missing else "") + (f"; not a label: {unknown}" if unknown else ""))
+                          + (f"; no word for {missing}" if missing else "")
+                          + (f"; not a label: {unknown}" if unknown else ""))
     ids = []
     for n in names:
         word = words[str(n)]
         pieces = tok.encode(word if encoder else " " + word)
         if len(pieces) != 1:
             raise ConfigError(f"verbalizer word {word!r} is {len(pieces)} tokens in this vocabulary "
-                              f"({[tok.decode([p]) for p in pieces]}); prompt-based classification needs one-token words")
+                              f"({[tok.decode([p]) for p in pieces]}); "
+                              "prompt-based classification needs one-token words")
         if tok.unk_id is not None and pieces[0] == tok.unk_id:
-            raise ConfigError(f"verbalizer word {word!r} is not in this vocabulary (it encodes to the unknown "
-                              "token); choose a word the tokenizer knows")
+            raise ConfigError(f"verbalizer word {word!r} is not in this vocabulary (it encodes to the "
+                              "unknown token); choose a word the tokenizer knows")
         ids.append(pieces[0])
     if len(set(ids)) != len(ids):
         raise ConfigError(f"verbalizer {spec!r}: two labels map to the same token")
@@ -116,7 +122,8 @@ def encode_prompts(tok, template: str, texts: list[str], pairs: list[str] | None
     if encoder and tok.mask_id is None:
         raise ConfigError("prompt-based classification on an encoder needs a tokenizer with a mask token")
     if not encoder and parts[-1] != "{mask}" and parts[-1].strip():
-        raise ConfigError(f"prompt {template!r}: a decoder predicts the next token, so {{mask}} must end the template")
+        raise ConfigError(f"prompt {template!r}: a decoder predicts the next token, so {{mask}} "
+                          "must end the template")
     if not encoder:
         parts = parts[:parts.index("{mask}")]
         if parts and parts[-1] not in PROMPT_FIELDS:
@@ -139,7 +146,8 @@ def encode_prompts(tok, template: str, texts: list[str], pairs: list[str] | None
             a, b = _truncate(a, b, room, truncation, (f"{source}: " if source else "") + f"row {i + 1}")
         x = list(lead)
         for j, p in enumerate(parts):
-            x += a if p == "{text}" else (b or []) if p == "{text_pair}" else [tok.mask_id] if p == "{mask}" else literal[j]
+            x += (a if p == "{text}" else (b or []) if p == "{text_pair}"
+                  else [tok.mask_id] if p == "{mask}" else literal[j])
         out.append(x + tail)
     return out, truncated
 
@@ -152,9 +160,9 @@ def encode_words(tok, words: list[list[str]], tags: list[list[int]] | None, enco
 
     The labelled sub-token is the word's last for a decoder (the first position that has seen the whole word:
     with a char or byte tokenizer the first is the space before it) and its first that is not just whitespace
-    for an encoder (``label_at`` None, or 'last' / 'first'; 'first_piece', the first whatever it is, is how models
-    fine-tuned before finetune.json recorded ``token_label`` were trained). Over-long sentences lose whole words
-    at the end (``truncation`` 'end') or start ('start')."""
+    for an encoder (``label_at`` None, or 'last' / 'first'; 'first_piece', the first whatever it is, is how
+    models fine-tuned before finetune.json recorded ``token_label`` were trained). Over-long sentences lose
+    whole words at the end (``truncation`` 'end') or start ('start')."""
     label_at = label_at or ("first" if encoder else "last")
     lead = [tok.cls_id] if encoder and tok.cls_id is not None else []
     room = max_len - len(lead) - 1
@@ -166,9 +174,10 @@ def encode_words(tok, words: list[list[str]], tags: list[list[int]] | None, enco
         keep = range(len(sent))
         if sum(lens) > room:
             if truncation == "error":
-                raise TaskDataError((f"{source}: " if source else "") + f"sentence {s + 1} is {sum(lens)} tokens, more than the {room} that "
-                                    f"fit in --max-length {max_len} with the special tokens (use --truncation "
-                                    "end|start or a larger --max-length)")
+                raise TaskDataError((f"{source}: " if source else "")
+                                    + f"sentence {s + 1} is {sum(lens)} tokens, more than the {room} that "
+                                    f"fit in --max-length {max_len} with the special tokens "
+                                    "(use --truncation end|start or a larger --max-length)")
             truncated += 1
             total, k = 0, 0  # the most whole words that fit, from the end or the start
             order = range(len(sent) - 1, -1, -1) if truncation == "start" else range(len(sent))
@@ -183,7 +192,8 @@ def encode_words(tok, words: list[list[str]], tags: list[list[int]] | None, enco
             j = len(p) - 1 if label_at == "last" else 0 if label_at == "first_piece" else \
                 next((i for i, t in enumerate(p) if tok.decode([t]).strip()), 0)
             at[w] = len(ids) + j
-            labels += [IGNORE] * j + [tags[s][w] if tags is not None else IGNORE] + [IGNORE] * (len(p) - 1 - j)
+            labels += ([IGNORE] * j + [tags[s][w] if tags is not None else IGNORE]
+                       + [IGNORE] * (len(p) - 1 - j))
             ids += p
         ids.append(tok.eot_id)
         labels.append(IGNORE)
@@ -234,11 +244,12 @@ def _encode_task(cfg: FinetuneConfig, tok, encoder: bool, max_len: int, ex, name
                  token_label: str | None = None) -> Encoded:
     if cfg.task == "token":
         tag_ids = None if ex.tags is None else [[names.index(t) for t in s] for s in ex.tags]
-        ids, labels, first, n = encode_words(tok, ex.words, tag_ids, encoder, max_len, cfg.truncation, ex.source,
-                                             token_label)
+        ids, labels, first, n = encode_words(tok, ex.words, tag_ids, encoder, max_len, cfg.truncation,
+                                             ex.source, token_label)
         return Encoded(ids, labels, first, n)
     if cfg.prompt:
-        ids, n = encode_prompts(tok, cfg.prompt, ex.texts, ex.pairs, encoder, max_len, cfg.truncation, ex.source)
+        ids, n = encode_prompts(tok, cfg.prompt, ex.texts, ex.pairs, encoder, max_len, cfg.truncation,
+                                ex.source)
     else:
         ids, n = encode_inputs(tok, ex.texts, ex.pairs, encoder, max_len, cfg.truncation, ex.source)
     if ex.labels is None:
@@ -254,7 +265,8 @@ def _encode_task(cfg: FinetuneConfig, tok, encoder: bool, max_len: int, ex, name
 def read_task(cfg: FinetuneConfig, path: str | Path, with_labels: bool = True):
     if cfg.task == "token":
         return read_conll(path, with_tags=with_labels)
-    return read_examples(path, cfg.text_column, cfg.label_column if with_labels else None, cfg.text_pair_column)
+    return read_examples(path, cfg.text_column, cfg.label_column if with_labels else None,
+                         cfg.text_pair_column)
 
 
 def _labels_of(cfg: FinetuneConfig, ex) -> list[Any]:

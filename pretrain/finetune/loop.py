@@ -70,7 +70,8 @@ def read_data(cfg: FinetuneConfig, train_path: str | Path, valid_path: str | Pat
     if cfg.task == "regression":
         for ex, where in ((train_ex, train_path), (valid_ex, valid_path)):
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ex.labels):
-                raise TaskDataError(f"{where}: regression needs finite numeric labels in {cfg.label_column!r}")
+                raise TaskDataError(f"{where}: regression needs finite numeric labels in "
+                                    f"{cfg.label_column!r}")
         return TaskData(train_ex, valid_ex, [])
     names = label_names(_labels_of(cfg, train_ex))
     if len(names) < 2 and cfg.task == "classification":
@@ -122,7 +123,8 @@ def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet
     n_out = 1 if cfg.task == "regression" else len(names)
     label_ids = verbalizer_ids(tok, cfg.verbalizer, names, encoder) if cfg.prompt else None
     if cfg.prompt and cfg.head_only:
-        raise ConfigError("head_only has no head to train with a prompt (the LM head is the backbone's); use lora")
+        raise ConfigError("head_only has no head to train with a prompt (the LM head is the backbone's); "
+                          "use lora")
     torch.manual_seed(cfg.seed)
     model: nn.Module = TaskModel(backbone, pcfg.model.d_model, n_out, pooling, encoder, cfg.dropout,
                                  token_level=cfg.task == "token", label_ids=label_ids, mask_id=tok.mask_id)
@@ -135,7 +137,8 @@ def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet
     data.tr = _encode_task(cfg, tok, encoder, max_len, data.train, names)
     data.va = _encode_task(cfg, tok, encoder, max_len, data.valid, names)
     steps_per_epoch = math.ceil(len(data.tr.ids) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    total = (steps_per_epoch * cfg.epochs if not cfg.max_steps
+             else min(cfg.max_steps, steps_per_epoch * cfg.epochs))
     opt = torch.optim.AdamW(param_groups(model, cfg, pcfg.model.n_layer), betas=(0.9, 0.98), eps=1e-6,
                             fused=device.type == "cuda")
     info = {"format": 1, "task": cfg.task, "labels": names, "pooling": pooling, "encoder": encoder,
@@ -184,12 +187,13 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     cfg = cfg or FinetuneConfig()
     out = Path(out)
     if (out / "checkpoints").is_dir():
-        raise ConfigError(f"{out} is a pre-training run (it holds checkpoints/); fine-tuning would overwrite its "
-                          "files: choose another --out")
+        raise ConfigError(f"{out} is a pre-training run (it holds checkpoints/); fine-tuning would overwrite "
+                          "its files: choose another --out")
     data = read_data(cfg, train_path, valid_path, train_subset)
     job = build(run, out, cfg, data, quiet)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", FT_FILE):  # a folder used before: no finetune.json until this run saves a model
+    # a folder used before: no finetune.json until this run saves a model
+    for stale in ("metrics.jsonl", FT_FILE):
         (out / stale).unlink(missing_ok=True)
     write_text_atomic(out / "finetune.yaml", dump_yaml(dataclasses.asdict(cfg)))
     job.metrics = Metrics(out / "metrics.jsonl", keep_upto_step=0)
@@ -201,8 +205,9 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
 
 
 def loop(job: FtJob) -> dict[str, Any]:
-    """Epochs of shuffled, length-bucketed batches; evaluations ``evals_per_epoch`` times an epoch (and after a
-    zero-shot prompt's first look), early stopping after ``patience`` evaluations without a better metric."""
+    """Epochs of shuffled, length-bucketed batches; evaluations ``evals_per_epoch`` times an epoch (and after
+    a zero-shot prompt's first look), early stopping after ``patience`` evaluations without a better
+    metric."""
     cfg, tr = job.cfg, job.data.tr
     loss_fn = nn.MSELoss() if cfg.task == "regression" else nn.CrossEntropyLoss(ignore_index=IGNORE)
     params = [p for p in job.model.parameters() if p.requires_grad]
@@ -233,7 +238,8 @@ def loop(job: FtJob) -> dict[str, Any]:
             if (b + 1) in eval_at or last:
                 metric = ev(epoch + (b + 1) / steps_per_epoch, step, loss_sum / max(loss_n, 1))
                 loss_sum, loss_n = 0.0, 0
-                # patience counts from the first trained evaluation: a zero-shot start may beat the first epochs
+                # patience counts from the first trained evaluation:
+                # a zero-shot start may beat the first epochs
                 bad_evals = 0 if best_trained is None or metric > best_trained else bad_evals + 1
                 best_trained = metric if best_trained is None else max(best_trained, metric)
                 if cfg.patience and bad_evals >= cfg.patience:
@@ -257,7 +263,8 @@ def _loss(job: FtJob, loss_fn: nn.Module, idx: list[int]) -> torch.Tensor:
         x, mask, y = _batch([tr.ids[i] for i in idx], job.pad, [tr.targets[i] for i in idx])
     else:
         x, mask, _ = _batch([tr.ids[i] for i in idx], job.pad)
-        y = torch.tensor([tr.targets[i] for i in idx], dtype=torch.float32 if cfg.task == "regression" else torch.long)
+        y = torch.tensor([tr.targets[i] for i in idx],
+                         dtype=torch.float32 if cfg.task == "regression" else torch.long)
     x, mask, y = x.to(job.device), mask.to(job.device), y.to(job.device)
     with autocast_context(job.device, cfg.dtype):
         logits = job.model(x, mask)
@@ -276,7 +283,8 @@ class Evaluator:
 
     def __call__(self, epoch_at: float, step: int, train_loss: float | None) -> float:
         job, cfg = self.job, self.job.cfg
-        if not all(bool(torch.isfinite(p).all()) for p in job.model.parameters()):  # never evaluated, nor saved
+        # never evaluated, nor saved
+        if not all(bool(torch.isfinite(p).all()) for p in job.model.parameters()):
             raise divergence("fine-tuning", step, "weights", float("nan"), "--lr", KEPT)
         va, valid = job.data.va, job.data.valid
         preds, _ = run_model(job.model, va, cfg.task, job.data.names, job.pad, cfg.batch_size * 2, job.device,
@@ -284,7 +292,8 @@ class Evaluator:
         m = compute_metrics(cfg.task, preds, _labels_of(cfg, valid) if cfg.task != "token" else valid.tags)
         rec = {"epoch": round(epoch_at, 3), "step": step,
                "train_loss": None if train_loss is None else round(train_loss, 6),
-               "elapsed_s": round(time.time() - self.t0, 2), **{f"val_{k}": round(v, 6) for k, v in m.items()}}
+               "elapsed_s": round(time.time() - self.t0, 2),
+               **{f"val_{k}": round(v, 6) for k, v in m.items()}}
         job.metrics.write(rec)
         self.history.append(rec)
         improved = self.best is None or m["metric"] > self.best["val_metric"]

@@ -34,7 +34,8 @@ def compute_metrics(task: str, pred: list[Any], gold: list[Any]) -> dict[str, fl
         p, g = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
         pearson = float(np.corrcoef(p, g)[0, 1]) if p.std() > 0 and g.std() > 0 else 0.0
         spearman = float(np.corrcoef(_ranks(p), _ranks(g))[0, 1]) if p.std() > 0 and g.std() > 0 else 0.0
-        return {"metric": pearson, "pearson": pearson, "spearman": spearman, "mse": float(((p - g) ** 2).mean())}
+        return {"metric": pearson, "pearson": pearson, "spearman": spearman,
+                "mse": float(((p - g) ** 2).mean())}
     if task == "token":
         flat_p = [t for s in pred for t in s]
         flat_g = [t for s in gold for t in s]

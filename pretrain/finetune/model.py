@@ -57,7 +57,8 @@ class TaskModel(nn.Module):
         return self.classifier(self.drop(h)).float()
 
     def layer_of(self, name: str) -> int:
-        """Depth of a parameter for layer-wise learning rates: 0 = embeddings, i + 1 = block i, last = head."""
+        """Depth of a parameter for layer-wise learning rates: 0 = embeddings, i + 1 = block i,
+        last = head."""
         spec = spec_of(self.backbone)
         n_layers = len(spec.block_list(self.backbone))
         if name.startswith("classifier.") or ".classifier." in name:
@@ -90,9 +91,11 @@ def _apply_lora(model: TaskModel, cfg: FinetuneConfig) -> nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise PretrainError("LoRA needs the peft library: pip install 'pretrain[lora]' (or pip install peft)") from None
+        raise PretrainError("LoRA needs the peft library: pip install 'pretrain[lora]' "
+                            "(or pip install peft)") from None
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=list(spec_of(model.backbone).lora_targets), modules_to_save=None if model.prompt else ["classifier"])
+                    target_modules=list(spec_of(model.backbone).lora_targets),
+                    modules_to_save=None if model.prompt else ["classifier"])
     return get_peft_model(model, lc)
 
 

@@ -27,7 +27,8 @@ WEIGHTS = "model.safetensors"
 
 def save_finetuned(out: Path, model: nn.Module, info: dict[str, Any], tok) -> None:
     """The model, its tokenizer and finetune.json. finetune.json goes first and comes back last, so one always
-    describes the weights and tokenizer beside it (after a crash in between, the folder is no model at all)."""
+    describes the weights and tokenizer beside it (after a crash in between, the folder is no model at
+    all)."""
     from safetensors.torch import save_model
 
     (out / FT_FILE).unlink(missing_ok=True)
@@ -68,10 +69,12 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
     try:
         load_model(model, str(path / WEIGHTS))
     except Exception as e:
-        raise PretrainError(f"{path / WEIGHTS} is corrupt or does not match {FT_FILE}: {str(e).splitlines()[0][:200]}") from None
+        raise PretrainError(f"{path / WEIGHTS} is corrupt or does not match {FT_FILE}: "
+                            f"{str(e).splitlines()[0][:200]}") from None
     tok = Tokenizer.load(path / "tokenizer.json")
     if tok.vocab_size > pcfg.model.vocab_size:
-        raise PretrainError(f"{path / 'tokenizer.json'} has {tok.vocab_size:,} tokens but the model {pcfg.model.vocab_size:,}: "
+        raise PretrainError(f"{path / 'tokenizer.json'} has {tok.vocab_size:,} tokens but the model "
+                            f"{pcfg.model.vocab_size:,}: "
                             "the tokenizer is not the one this model was fine-tuned with")
     return model.to(device).eval(), info, tok
 
@@ -125,7 +128,8 @@ def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
             tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows), encoding="utf-8")
         elif out.suffix in (".csv", ".tsv"):
             with open(tmp, "w", encoding="utf-8", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if out.suffix == ".tsv" else ",")
+                w = csv.DictWriter(f, fieldnames=list(rows[0]),
+                                   delimiter="\t" if out.suffix == ".tsv" else ",")
                 w.writeheader()
                 w.writerows(rows)
         else:

@@ -77,7 +77,8 @@ def epochs_for(n: int, batch_size: int, min_steps: int, base_epochs: int, max_ep
 def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | Path,
              cfg: FinetuneConfig | None = None, budgets: str | list = "100,1000,10000,all", seeds: int = 3,
              scratch_lr: float = 1e-3, min_steps: int = 300, max_epochs: int = 20, all_seeds: int | None = 1,
-             text_column: str | None = None, label_column: str | None = None, quiet: bool = False) -> dict[str, Any]:
+             text_column: str | None = None, label_column: str | None = None,
+             quiet: bool = False) -> dict[str, Any]:
     """Pre-trained vs from-scratch fine-tuning at each label budget; the report goes to ``out``.
 
     ``cfg.epochs`` is the minimum number of epochs; smaller budgets get up to ``max_epochs`` so each trains
@@ -112,13 +113,15 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
                 res = _finished(work, run_cfg, n, ident)
                 if res is None:
                     res = finetune(run, train, valid, work, run_cfg, train_subset=subset, quiet=True)
-                    (work / "model.safetensors").unlink(missing_ok=True)  # keep metrics and configs, not every model
+                    # keep metrics and configs, not every model
+                    (work / "model.safetensors").unlink(missing_ok=True)
                     _write_done(work, res, ident)
                 best = res["best"]
                 results.append({"init": init, "n": n, "seed": seed, "epochs": epochs, "lr": run_cfg.lr,
-                                "metric": best["val_metric"], "best_epoch": best["epoch"], "steps": res["steps"],
-                                "elapsed_s": res["elapsed_s"],
-                                **{k: v for k, v in best.items() if k.startswith("val_") and k != "val_metric"}})
+                                "metric": best["val_metric"], "best_epoch": best["epoch"],
+                                "steps": res["steps"], "elapsed_s": res["elapsed_s"],
+                                **{k: v for k, v in best.items()
+                                   if k.startswith("val_") and k != "val_metric"}})
                 log(f"transfer: {init:10s} n={n:<7,} seed {seed}: val metric {best['val_metric']:.4f} "
                     f"({res['steps']} steps, {res['elapsed_s']:.0f}s)")
     summary = summarise(results, sizes)
@@ -131,7 +134,8 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
     write_text_atomic(out / "report.md", markdown(report))
     plot(report, out / "report.png")
     log(markdown(report))
-    return {"out": str(out), "summary": summary, "majority_baseline": baseline, "elapsed_s": report["elapsed_s"]}
+    return {"out": str(out), "summary": summary, "majority_baseline": baseline,
+            "elapsed_s": report["elapsed_s"]}
 
 
 def _inputs_identity(run: str | Path, train: str | Path, valid: str | Path) -> dict[str, Any]:
@@ -150,7 +154,8 @@ def _finished(work: Path, cfg: FinetuneConfig, n: int, ident: dict[str, Any]) ->
         done = json.loads((work / "done.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if done.get("config") != dataclasses.asdict(cfg) or done.get("train_examples") != n or done.get("inputs") != ident:
+    if (done.get("config") != dataclasses.asdict(cfg) or done.get("train_examples") != n
+            or done.get("inputs") != ident):
         return None
     return done["result"]
 
@@ -158,7 +163,8 @@ def _finished(work: Path, cfg: FinetuneConfig, n: int, ident: dict[str, Any]) ->
 def _write_done(work: Path, res: dict[str, Any], ident: dict[str, Any]) -> None:
     info = json.loads((work / "finetune.json").read_text(encoding="utf-8"))
     write_json_atomic(work / "done.json", {"config": info["config"], "train_examples": info["train_examples"],
-                                           "inputs": ident, "result": {k: v for k, v in res.items() if k != "history"}})
+                                           "inputs": ident,
+                                           "result": {k: v for k, v in res.items() if k != "history"}})
 
 
 def _metric_name(task: str) -> str:
@@ -194,11 +200,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Transfer report: {report['task']} ({metric}, validation)", "",
              f"Pre-trained run: `{report['run']}`; train `{report['train']}` ({report['train_examples']:,} "
              f"examples); valid `{report['valid']}`.", "",
-             "| labelled examples | pre-trained | from scratch | gain | seeds |", "|---:|---:|---:|---:|---:|"]
+             "| labelled examples | pre-trained | from scratch | gain | seeds |",
+             "|---:|---:|---:|---:|---:|"]
     for row in report["summary"]:
         p, s = row["pretrained"], row["scratch"]
-        lines.append(f"| {row['n']:,} | {100 * p['mean']:.1f} ± {100 * p['std']:.1f} | {100 * s['mean']:.1f} ± "
-                     f"{100 * s['std']:.1f} | {100 * row['gain']:+.1f} | {p['seeds']} |")
+        lines.append(f"| {row['n']:,} | {100 * p['mean']:.1f} ± {100 * p['std']:.1f} | "
+                     f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {100 * row['gain']:+.1f} | "
+                     f"{p['seeds']} |")
     if report.get("majority_baseline") is not None:
         lines += ["", f"Majority-class baseline: {100 * report['majority_baseline']:.1f}."]
     lines += ["", "Values are percentages: mean ± standard deviation over seeds (different label subsets and "
@@ -218,7 +226,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for init, style in (("pretrained", "o-"), ("scratch", "s--")):
         ys = [100 * row[init]["mean"] for row in report["summary"]]
         es = [100 * row[init]["std"] for row in report["summary"]]
-        ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label="pre-trained" if init == "pretrained" else "from scratch")
+        ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3,
+                    label="pre-trained" if init == "pretrained" else "from scratch")
     if report.get("majority_baseline") is not None:
         ax.axhline(100 * report["majority_baseline"], color="gray", lw=0.8, ls=":", label="majority class")
     ax.set_xscale("log")
@@ -258,7 +267,8 @@ def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_col
         tr = tr.subset(sample_budget(tr.labels, max_train, seed, len(tr)))
     check_known(va.labels, sorted(set(tr.labels)), str(valid))
     if len(set(tr.labels)) < 2:
-        raise PretrainError(f"{train}: a linear probe needs at least two labels, found {sorted(set(tr.labels))}")
+        raise PretrainError(f"{train}: a linear probe needs at least two labels, "
+                            f"found {sorted(set(tr.labels))}")
     t0 = time.time()
     xtr, trunc_tr = embed_texts(model, tok, cfg, tr.texts, pool, False, batch_size, dev)
     xva, trunc_va = embed_texts(model, tok, cfg, va.texts, pool, False, batch_size, dev)
