@@ -388,10 +388,42 @@ class FinetuneConfig:
             _check(self.task == "classification", "prompt/verbalizer are for task classification only")
             _check(bool(self.prompt and self.verbalizer),
                    "prompt-based classification needs both prompt and verbalizer")
-            from pretrain.finetune.encode import parse_template, parse_verbalizer  # (the prompt grammar)
-
             parse_template(self.prompt, self.text_pair_column is not None)
             parse_verbalizer(self.verbalizer)
+
+
+# the grammar of FinetuneConfig.prompt and .verbalizer (checked here, used by finetune/encode.py)
+PROMPT_FIELDS = ("{text}", "{text_pair}", "{mask}")
+
+
+def parse_template(template: str, pair: bool) -> list[str]:
+    """``'{text} It was {mask}.'`` → ``['{text}', ' It was ', '{mask}', '.']`` (fields and literal text)."""
+    parts = [p for p in re.split(r"(\{text\}|\{text_pair\}|\{mask\})", template) if p]
+    for slot in PROMPT_FIELDS:
+        want = 0 if slot == "{text_pair}" and not pair else 1
+        if parts.count(slot) != want:
+            raise ConfigError(f"prompt {template!r} must hold {slot} "
+                              f"{'exactly once' if want else 'only with --text-pair-column'}"
+                              f" (fields: {', '.join(PROMPT_FIELDS)}; other braces are not allowed)")
+    if any("{" in p or "}" in p for p in parts if p not in PROMPT_FIELDS):
+        raise ConfigError(f"prompt {template!r} has an unknown field; "
+                          f"the fields are {', '.join(PROMPT_FIELDS)}")
+    return parts
+
+
+def parse_verbalizer(spec: str) -> dict[str, str]:
+    """``'0=terrible,1=great'`` → ``{'0': 'terrible', '1': 'great'}``."""
+    out: dict[str, str] = {}
+    for item in spec.split(","):
+        label, sep, word = item.partition("=")
+        if not sep or not label.strip() or not word.strip():
+            raise ConfigError(f"verbalizer {spec!r}: each item is label=word, got {item!r}")
+        if label.strip() in out:
+            raise ConfigError(f"verbalizer {spec!r} names label {label.strip()!r} twice")
+        out[label.strip()] = word.strip()
+    if len(set(out.values())) < len(out):
+        raise ConfigError(f"verbalizer {spec!r}: every label needs its own word")
+    return out
 
 
 def _check(ok: bool, msg: str) -> None:

@@ -4,20 +4,18 @@ for the label word, CoNLL words with one labelled sub-token each; truncation; ba
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pretrain.config import ConfigError, FinetuneConfig
+from pretrain.config import PROMPT_FIELDS, ConfigError, FinetuneConfig, parse_template, parse_verbalizer
 from pretrain.finetune.data import TaskDataError, read_conll, read_examples
 
 IGNORE = -100
 
 
-PROMPT_FIELDS = ("{text}", "{text_pair}", "{mask}")
 
 
 def _truncate(a: list[int], b: list[int] | None, room: int, mode: str,
@@ -55,36 +53,6 @@ def encode_inputs(tok, texts: list[str], pairs: list[str] | None, encoder: bool,
         x = [*lead, *a, eot] + ([*b, eot] if b is not None else [])
         out.append(x)
     return out, truncated
-
-
-def parse_template(template: str, pair: bool) -> list[str]:
-    """``'{text} It was {mask}.'`` → ``['{text}', ' It was ', '{mask}', '.']`` (fields and literal text)."""
-    parts = [p for p in re.split(r"(\{text\}|\{text_pair\}|\{mask\})", template) if p]
-    for field in PROMPT_FIELDS:
-        want = 0 if field == "{text_pair}" and not pair else 1
-        if parts.count(field) != want:
-            raise ConfigError(f"prompt {template!r} must hold {field} "
-                              f"{'exactly once' if want else 'only with --text-pair-column'}"
-                              f" (fields: {', '.join(PROMPT_FIELDS)}; other braces are not allowed)")
-    if any("{" in p or "}" in p for p in parts if p not in PROMPT_FIELDS):
-        raise ConfigError(f"prompt {template!r} has an unknown field; "
-                          f"the fields are {', '.join(PROMPT_FIELDS)}")
-    return parts
-
-
-def parse_verbalizer(spec: str) -> dict[str, str]:
-    """``'0=terrible,1=great'`` → ``{'0': 'terrible', '1': 'great'}``."""
-    out: dict[str, str] = {}
-    for item in spec.split(","):
-        label, sep, word = item.partition("=")
-        if not sep or not label.strip() or not word.strip():
-            raise ConfigError(f"verbalizer {spec!r}: each item is label=word, got {item!r}")
-        if label.strip() in out:
-            raise ConfigError(f"verbalizer {spec!r} names label {label.strip()!r} twice")
-        out[label.strip()] = word.strip()
-    if len(set(out.values())) < len(out):
-        raise ConfigError(f"verbalizer {spec!r}: every label needs its own word")
-    return out
 
 
 def verbalizer_ids(tok, spec: str, names: list[Any], encoder: bool) -> list[int]:
