@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -28,6 +29,18 @@ def write_corpus(root: Path, n_docs: int = 12, sents_per_doc: int = 40, seed: in
         p.write_text(" ".join(sentences(sents_per_doc, seed * 1000 + i)) + "\n", encoding="utf-8")
         paths.append(p)
     return paths
+
+
+def _docs(n: int, seed: int = 0, sents: int = 6) -> list[str]:
+    """``n`` distinct documents of ``sents`` sentences each."""
+    return [" ".join(sentences(sents, seed=seed * 10_000 + i)) for i in range(n)]
+
+
+def _jsonl(path: Path, docs: list[str]) -> Path:
+    """Write ``docs`` to a JSONL file (field "text"), creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path
 
 
 TINY_TRAIN = {

@@ -1,4 +1,4 @@
-"""Shared fixtures for the test suite.
+"""Shared fixtures and helpers for the test suite.
 
 Everything is generated under pytest's ``tmp_path`` (no network, no data outside the test's own folder)
 and is small enough that the whole suite runs in seconds on a laptop CPU.
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _corpus import _docs, _jsonl
 
 from pretrain.config import ModelConfig
 from pretrain.data.prepare import prepare
@@ -44,8 +45,8 @@ def make_text(n_words: int = 200, seed: int = 0) -> str:
     return text.strip() + "\n"
 
 
-def _quiet(*_args, **_kwargs) -> None:
-    pass
+def quiet(*_args, **_kwargs) -> None:
+    """A ``log`` that prints nothing."""
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def prepare_corpus(tmp_path: Path) -> Callable[..., Path]:
             raise ValueError(fmt)
         kwargs.setdefault("tokenizer", "char")
         kwargs.setdefault("val_fraction", 0.2)
-        kwargs.setdefault("log", _quiet)
+        kwargs.setdefault("log", quiet)
         out = tmp_path / name
         prepare([str(src)], out, **kwargs)
         return out
@@ -143,7 +144,7 @@ def prepared_data(tmp_path: Path, corpus_file: Path) -> Path:
     for ``seq_len`` 16-32 and batch sizes up to ~8.
     """
     out = tmp_path / "data"
-    prepare([str(corpus_file)], out, tokenizer="char", val_fraction=0.2, log=_quiet)
+    prepare([str(corpus_file)], out, tokenizer="char", val_fraction=0.2, log=quiet)
     return out
 
 
@@ -183,6 +184,41 @@ def token_dir(tmp_path: Path) -> Callable[..., Path]:
     return factory
 
 
+def read_split(data_dir: Path, split: str) -> np.ndarray:
+    """All token ids of a split (its shards concatenated), read independently of the loader."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    parts = [np.fromfile(data_dir / sh["file"], dtype=meta["dtype"])
+             for sh in meta["splits"][split]["shards"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=meta["dtype"])
+
+
+def _bins(d: Path) -> dict[str, bytes]:
+    """The bytes of every shard of a prepared directory, by file name."""
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.bin"))}
+
+
+@pytest.fixture
+def mixture(tmp_path):
+    """Two inputs: 'a' (big, weight 1) and 'b' (small, weight 3)."""
+    a = _jsonl(tmp_path / "a" / "a.jsonl", _docs(60, seed=1))
+    for i, d in enumerate(_docs(8, seed=2)):
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / f"{i}.txt").write_text(d.upper(), encoding="utf-8")  # recognisable: upper case
+    out = tmp_path / "mix"
+    meta = prepare([f"{a}::1", f"{tmp_path / 'b'}::3"], out, tokenizer="byte", val_fraction=0.1, log=quiet)
+    return out, meta
+
+
+V = 50  # vocab of the tiny model (tiny_model_cfg)
+CTX = 32  # its max_seq_len
+
+
+def tokens(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    """A seeded ``(b, t)`` batch of token ids in the tiny vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (b, t), generator=g)
+
+
 @pytest.fixture
 def tiny_model_cfg() -> Callable[..., ModelConfig]:
     """Factory for a tiny :class:`ModelConfig` (2 layers, d_model 32, 4 heads, vocab 50, max_seq_len 32);
@@ -206,6 +242,21 @@ def tiny_model(tiny_model_cfg):
         return GPT(tiny_model_cfg(**kw)).eval()
 
     return factory
+
+
+def bert_cfg(**kw) -> ModelConfig:
+    """A tiny encoder config (2 layers, d_model 32, 2 heads, vocab 50, max_seq_len 32); ``kw`` overrides."""
+    base = dict(arch="bert", n_layer=2, n_head=2, d_model=32, vocab_size=50, max_seq_len=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def encoder(seed: int = 0, **kw):
+    """A tiny :class:`pretrain.models.bert.Encoder` (see :func:`bert_cfg`) in eval mode, seeded."""
+    from pretrain.models.bert import Encoder
+
+    torch.manual_seed(seed)
+    return Encoder(bert_cfg(**kw)).eval()
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ def check(result: dict, pairs: tuple[str, ...]) -> None:
         assert r["ours_last_loss"] > 0 and r["hf_last_loss"] > 0
 
 
+@pytest.mark.slow
 def test_cpu_pairs(bench, capsys):
     result = bench.main(TINY)
     json.loads(capsys.readouterr().out)  # --json: one object on stdout
@@ -74,6 +75,7 @@ def test_preset_sets_defaults_flags_win(bench):
     assert 120e6 < n < 130e6  # "GPT-2 small size": 124M with tied embeddings
 
 
+@pytest.mark.slow
 def test_cpu_bf16_and_compiled_both_sides(bench):
     result = bench.main([*TINY, "--only", "gpt", "--dtype", "bf16", "--compile", "--hf-compile"])
     check(result, ("gpt",))
@@ -93,6 +95,7 @@ def test_cuda_bf16_compiled_reports_mfu(bench):
         assert 0 < r["ours_mfu"] < 1 and 0 < r["hf_mfu"] < 1
 
 
+@pytest.mark.slow
 def test_trainer_mfu_reports_the_trainers_own_figures():
     spec = importlib.util.spec_from_file_location("trainer_mfu", BENCH.parent / "trainer_mfu.py")
     mod = importlib.util.module_from_spec(spec)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pretrain.demo import SNIPPETS, run_demo
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     res = run_demo(tmp_path / "demo", max_steps=3, quiet=True, finetune_epochs=1)
     assert res["corpus_files"] > 50 and res["train_tokens"] > 100_000 and res["steps"] == 3

@@ -28,8 +28,6 @@ from _corpus import TINY_TRAIN, overrides, write_corpus
 
 from pretrain.checkpoint import consolidate, latest_checkpoint, load_pretrained, read_meta
 from pretrain.cli import main
-from pretrain.config import ConfigError, TrainConfig
-from pretrain.train import resolve_batch
 
 # global batch 8 = 4 sequences x 2 processes, or 4 x 2 micro-batches in one process
 TRAIN = {**TINY_TRAIN, "train": {**TINY_TRAIN["train"], "max_steps": 20, "global_batch_size": 8,
@@ -122,23 +120,7 @@ def two_procs(request, tmp_path_factory, data_dir) -> tuple[str, Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the global batch and the loader's slices (no processes needed)
-
-
-def test_global_batch_derives_grad_accum():
-    tc = TrainConfig(batch_size=4, global_batch_size=32)
-    assert (resolve_batch(tc, 1) == (8, 32) and resolve_batch(tc, 2) == (4, 32)
-            and resolve_batch(tc, 8) == (1, 32))
-    # unset: per-process semantics
-    assert resolve_batch(TrainConfig(batch_size=4, grad_accum=3), 2) == (3, 24)
-    with pytest.raises(ConfigError, match="not a multiple"):
-        resolve_batch(tc, 3)
-    with pytest.raises(ConfigError, match="not a multiple"):
-        resolve_batch(tc, 16)
-    with pytest.raises(ConfigError, match="needs grad_accum 4"):
-        resolve_batch(TrainConfig(batch_size=4, global_batch_size=32, grad_accum=2), 2)
-    with pytest.raises(ConfigError, match="parallelism"):
-        TrainConfig(parallelism="tp")
+# the loader's slices, and what is refused (no processes needed)
 
 
 def test_ranks_read_disjoint_slices_of_the_global_batch(data_dir):
@@ -176,6 +158,7 @@ def test_muon_with_fsdp_is_refused(tmp_path, data_dir, monkeypatch, capsys):
 # 2 processes (torchrun, gloo)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_two_processes_in_bf16_autocast_track_one(tmp_path, data_dir, parallelism):
     """bf16 autocast on a CPU (the default where it has native bf16): FSDP keeps fp32 parameters there and the
@@ -188,6 +171,7 @@ def test_two_processes_in_bf16_autocast_track_one(tmp_path, data_dir, parallelis
     assert_same_curve(curve(run), curve(ref))  # each rank's half is one of the reference's two micro-batches
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(reference, two_procs):
     parallelism, run = two_procs
     assert_same_curve(curve(run), curve(reference))
@@ -199,6 +183,7 @@ def test_two_processes_match_one(reference, two_procs):
     assert not list((run / "checkpoints").glob(".tmp_*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [10])
 def test_two_process_checkpoint_resumes_in_one(tmp_path, data_dir, reference, two_procs, step):
     parallelism, run = two_procs
@@ -209,6 +194,7 @@ def test_two_process_checkpoint_resumes_in_one(tmp_path, data_dir, reference, tw
     assert_same_curve(curve(resumed), curve(reference))
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_in_two(tmp_path, data_dir, reference):
     resumed = copy_until(reference, tmp_path / "run", 10)
     torchrun(["--out", str(resumed), *args_for(data_dir, *CPU, "--train.parallelism", "fsdp")])
@@ -216,6 +202,7 @@ def test_one_process_checkpoint_resumes_in_two(tmp_path, data_dir, reference):
     assert read_meta(latest_checkpoint(resumed))["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_consolidates_for_eval_and_export(tmp_path, two_procs, capsys):
     parallelism, run = two_procs
     ck = latest_checkpoint(run)
@@ -237,6 +224,7 @@ def test_sharded_checkpoint_consolidates_for_eval_and_export(tmp_path, two_procs
     assert json.loads(capsys.readouterr().out)["loss"] > 0
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_a_clear_error(tmp_path, data_dir, two_procs, capsys):
     parallelism, run = two_procs
     broken = copy_until(run, tmp_path / "run", 20)
@@ -280,6 +268,7 @@ SLOW_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killing_one_rank_stops_the_job(tmp_path, data_dir, reference):
     script = tmp_path / "worker.py"
     script.write_text(SLOW_WORKER)
@@ -306,6 +295,7 @@ def test_killing_one_rank_stops_the_job(tmp_path, data_dir, reference):
     assert_same_curve(curve(run), curve(reference))
 
 
+@pytest.mark.slow
 def test_error_on_one_rank_stops_the_job_with_its_message(tmp_path, data_dir):
     script = tmp_path / "worker.py"
     script.write_text(SLOW_WORKER)
@@ -320,6 +310,7 @@ def test_error_on_one_rank_stops_the_job_with_its_message(tmp_path, data_dir):
 # two "nodes" on one machine
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine(tmp_path, data_dir):
     run = tmp_path / "run"
     port = free_port()
@@ -339,6 +330,7 @@ def test_two_nodes_on_one_machine(tmp_path, data_dir):
 # on a GPU (NCCL): the same checks, on as many GPUs as there are (up to 2)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])

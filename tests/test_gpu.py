@@ -16,7 +16,7 @@ from _corpus import TINY_TRAIN, overrides, write_corpus
 
 from pretrain.cli import main
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # device/dtype/compile left at their defaults (auto: cuda, bf16, compiled)

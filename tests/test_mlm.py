@@ -1,19 +1,19 @@
-"""Masked language modelling (BERT-style): masking statistics, the bidirectional encoder, and the CLI
+"""Masked language modelling (BERT-style): masking statistics, the masked-LM loss and objective, and the CLI
 end to end (prepare with WordPiece → train --objective mlm → eval / fill-mask), with its errors."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 from _corpus import TINY_TRAIN, overrides, sentences, write_corpus
+from conftest import encoder
 
 from pretrain.cli import main
-from pretrain.config import MLMConfig, ModelConfig
+from pretrain.config import MLMConfig
 from pretrain.data.tokenizer import train_wordpiece
 from pretrain.objectives import build_objective
 from pretrain.objectives.mlm import IGNORE, MaskingSpec, add_cls, loss_and_accuracy, mask_tokens
@@ -241,140 +241,7 @@ def test_add_cls():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the encoder
-
-
-def bert_cfg(**kw) -> ModelConfig:
-    base = dict(arch="bert", n_layer=2, n_head=2, d_model=32, vocab_size=50, max_seq_len=32)
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def encoder(seed: int = 0, **kw):
-    from pretrain.models.bert import Encoder
-
-    torch.manual_seed(seed)
-    return Encoder(bert_cfg(**kw)).eval()
-
-
-def test_build_model_bert_is_encoder():
-    from pretrain.models import build_model
-    from pretrain.models.bert import Encoder
-
-    assert isinstance(build_model(bert_cfg()), Encoder)
-
-
-def test_encoder_is_bidirectional_gpt_is_not():
-    from pretrain.models.gpt import GPT
-
-    torch.manual_seed(0)
-    x = torch.randint(5, 50, (2, 16))
-    y = x.clone()
-    y[:, -1] = (x[:, -1] + 1 - 5) % 45 + 5  # change only the last token
-    enc = encoder()
-    with torch.no_grad():
-        a, b = enc(x), enc(y)
-    assert (a[:, 0] - b[:, 0]).abs().max() > 1e-4  # the first position sees the last token
-    assert ((a - b).abs().amax(dim=-1) > 1e-4).all()  # ... and so does every position
-    torch.manual_seed(0)
-    gpt = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, vocab_size=50, max_seq_len=32)).eval()
-    with torch.no_grad():
-        a, b = gpt(x), gpt(y)
-    torch.testing.assert_close(a[:, :-1], b[:, :-1], rtol=0, atol=1e-6)
-    assert (a[:, -1] - b[:, -1]).abs().max() > 1e-4
-
-
-def test_encoder_padding_invariance():
-    enc = encoder(seed=1)
-    g = torch.Generator().manual_seed(2)
-    short = torch.randint(5, 50, (1, 10), generator=g)
-    full = torch.randint(5, 50, (1, 16), generator=g)
-    with torch.no_grad():
-        h_short = enc(short, return_hidden=True)
-        l_short = enc(short)
-        h_full = enc(full, return_hidden=True)
-        # batch: a full-length row and the short row right-padded with [PAD]
-        padded = torch.cat([full, torch.cat([short, torch.full((1, 6), PAD)], 1)])
-        attn = torch.ones_like(padded)
-        attn[1, 10:] = 0
-        h = enc(padded, attention_mask=attn, return_hidden=True)
-        lg = enc(padded, attention_mask=attn)
-        # an all-ones mask is the same as no mask
-        h_ones = enc(full, attention_mask=torch.ones_like(full), return_hidden=True)
-        # the pad positions' content does not matter either
-        padded2 = padded.clone()
-        padded2[1, 10:] = 17
-        h2 = enc(padded2, attention_mask=attn, return_hidden=True)
-        # without the mask the padding does leak into the real positions
-        h_nomask = enc(padded, return_hidden=True)
-    torch.testing.assert_close(h[1, :10], h_short[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(lg[1, :10], l_short[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(h[0], h_full[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(h_ones, h_full, rtol=0, atol=1e-5)
-    torch.testing.assert_close(h2[1, :10], h_short[0], rtol=0, atol=1e-5)
-    assert (h_nomask[1, :10] - h_short[0]).abs().max() > 1e-4
-
-
-def test_encoder_tied_decoder_and_logits_shape():
-    enc = encoder()
-    assert enc.decoder.weight is enc.tok_embeddings.weight
-    assert enc.decoder.weight.data_ptr() == enc.tok_embeddings.weight.data_ptr()
-    assert enc.decoder.bias is not None and enc.decoder.bias.shape == (50,)
-    assert len(list(enc.parameters())) == len({id(p) for p in enc.parameters()})  # counted once
-    untied = encoder(tie_embeddings=False)
-    assert untied.decoder.weight.data_ptr() != untied.tok_embeddings.weight.data_ptr()
-    assert untied.num_params() == enc.num_params() + 50 * 32
-
-    x = torch.randint(0, 50, (3, 12))
-    with torch.no_grad():
-        hidden = enc(x, return_hidden=True)
-        assert hidden.shape == (3, 12, 32)
-        logits = enc(x)
-        assert logits.shape == (3, 12, 50)
-        torch.testing.assert_close(enc.logits(hidden), logits)
-        assert enc.logits(hidden[0, :5]).shape == (5, 50)  # (N, C) → (N, V), e.g. only masked positions
-    with pytest.raises(ValueError, match="max_seq_len"):
-        enc(torch.zeros(1, 33, dtype=torch.long))
-
-
-def _optimizer_split(enc):
-    """The encoder's parameters that Muon / AdamW update under train.optimizer muon (by id)."""
-    from pretrain.config import TrainConfig
-    from pretrain.optim import build_optimizer
-
-    opt = build_optimizer(enc, TrainConfig(optimizer="muon"), "cpu")
-    adamw, muon = opt.parts
-    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
-    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
-    assert in_muon.isdisjoint(in_adamw) and in_muon | in_adamw == {id(p) for p in enc.parameters()}
-    return in_muon, in_adamw
-
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_muon_takes_the_hidden_matrices(tie):
-    enc = encoder(tie_embeddings=tie)
-    in_muon, in_adamw = _optimizer_split(enc)
-    assert id(enc.tok_embeddings.weight) in in_adamw
-    for block in enc.layers:
-        for w in (block.attn.Wqkv.weight, block.attn.Wo.weight, block.mlp.Wi.weight, block.mlp.Wo.weight):
-            assert id(w) in in_muon
-    assert id(enc.decoder.bias) in in_adamw
-
-
-def test_muon_leaves_the_untied_mlm_output_head_to_adamw():
-    enc = encoder(tie_embeddings=False)
-    _, in_adamw = _optimizer_split(enc)
-    assert id(enc.decoder.weight) in in_adamw
-
-
-def test_tied_weights_get_gradient_from_both_uses():
-    enc = encoder().train()
-    x = torch.randint(5, 50, (2, 8))
-    enc(x).sum().backward()
-    g_tied = enc.tok_embeddings.weight.grad.clone()
-    # rows of tokens that never appear in the input still get a gradient, through the decoder
-    unused = sorted(set(range(50)) - set(x.flatten().tolist()))
-    assert g_tied[unused].abs().sum() > 0
+# the loss and the objective
 
 
 def test_loss_and_accuracy_on_selected_positions_only():
@@ -614,69 +481,6 @@ def test_mlm_whole_word_training_runs(mlm_run, tmp_path, capsys):
                  "--train.eval_interval", "3", "--quiet"]) == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and 0.0 <= rows[-1]["val_accuracy"] <= 1.0
-
-
-
-# ======================================================================== padded documents (packing false)
-
-
-def test_document_spans_cut_long_documents(token_dir):
-    from pretrain.data.loader import TokenSplit, document_spans
-
-    eot = 99
-    stream = np.array([1, 2, eot, 3, 4, 5, 6, 7, eot, 8])
-    split = TokenSplit(token_dir({"train": [stream], "val": [stream]}), "train")
-    spans = document_spans(split, eot, max_len=3)
-    assert spans.tolist() == [[0, 0, 3], [0, 3, 3], [0, 6, 3], [0, 9, 1]]
-    pieces = [stream[s:s + n].tolist() for _, s, n in spans]
-    assert sum(pieces, []) == stream.tolist()  # every token exactly once, in order
-
-
-def test_document_loader_rows_are_single_padded_documents(token_dir):
-    from pretrain.data.loader import DocumentLoader, TokenSplit
-
-    eot, pad = 99, 98
-    docs = [np.arange(10 * k + 1, 10 * k + 1 + n) for k, n in enumerate([3, 7, 1, 5, 2])]
-    stream = np.concatenate(sum(([d, [eot]] for d in docs), [])[:-1])
-    split = TokenSplit(token_dir({"train": [stream], "val": [stream]}), "train")
-    loader = DocumentLoader(split, seq_len=7, batch_size=5, eot_id=eot, pad_id=pad, seed=3)
-    assert loader.n_windows == len(docs)  # every document with its EOT fits in seq_len + 1 = 8 tokens
-    rows = loader.next_batch().tolist()
-    seen = []
-    for row in rows:
-        real = [t for t in row if t != pad]
-        assert row[len(real):] == [pad] * (len(row) - len(real))  # padding only at the end
-        body = [t for t in real if t != eot]
-        assert any(body == d.tolist() for d in docs)  # exactly one whole document per row
-        seen.append(tuple(body))
-    assert len(set(seen)) == len(docs)  # an epoch visits each document once
-    state = loader.state_dict()
-    nxt = loader.next_batch()
-    loader.load_state_dict(state)
-    assert torch.equal(loader.next_batch(), nxt)  # O(1) resume
-
-
-def test_mlm_padded_documents_lose_no_token_to_cls(token_dir):
-    """With [CLS] in front, a masked-LM row shows the model seq_len - 1 of its tokens: documents are cut into
-    pieces of that length, so every token of a long document is in some model input (none dropped for
-    good)."""
-    from pretrain.data.loader import DocumentLoader, TokenSplit, eval_batches
-    from pretrain.objectives.mlm import add_cls
-
-    eot, pad, cls, seq_len = 99, 98, 97, 8
-    docs = [np.arange(1, 24), np.arange(30, 39), np.arange(40, 43)]  # 23, 9 and 3 tokens (+ EOT)
-    stream = np.concatenate(sum(([d, [eot]] for d in docs), []))
-    split = TokenSplit(token_dir({"train": [stream], "val": [stream]}), "train")
-    loader = DocumentLoader(split, seq_len, batch_size=1, eot_id=eot, pad_id=pad, piece_len=seq_len - 1)
-    seen = []
-    for _ in range(loader.n_windows):  # one epoch
-        row = add_cls(loader.next_batch(), cls)[0].tolist()
-        assert row[0] == cls and len(row) == seq_len
-        seen += [t for t in row[1:] if t != pad]
-    assert sorted(seen) == sorted(stream.tolist())  # every token (EOTs included) exactly once
-    rows = torch.cat(list(eval_batches(split, seq_len, 2, documents=(eot, pad, seq_len - 1))))
-    evald = [t for r in add_cls(rows, cls)[:, 1:].tolist() for t in r if t != pad]
-    assert sorted(evald) == sorted(stream.tolist())
 
 
 def test_mlm_padded_documents_train_and_eval(mlm_run, tmp_path, capsys):

@@ -77,6 +77,7 @@ def test_stop_and_resume_is_exact(tmp_path, objective, data_dir, reference, extr
     assert losses(run) == reference
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_exact(tmp_path, objective, data_dir, reference):
     run = tmp_path / "run"
     args = ["train", "--out", str(run), *train_args(objective, data_dir)]
@@ -134,6 +135,7 @@ def _signalling_child(objective: str, args: list[str], sends: list[str],
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_stop_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, objective, data_dir, reference, sig):
     """A scheduler's SIGTERM (or Ctrl-C) mid-run: the step in progress finishes, a checkpoint of that very
@@ -150,6 +152,7 @@ def test_stop_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, objective,
     assert losses(run) == reference
 
 
+@pytest.mark.slow
 def test_second_stop_signal_aborts_at_once_keeping_the_last_checkpoint(tmp_path, objective, data_dir):
     run = tmp_path / "run"
     args = ["train", "--out", str(run), *train_args(objective, data_dir)]

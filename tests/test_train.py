@@ -1,4 +1,5 @@
-"""End to end through the CLI: prepare → train → eval → generate, and what a run directory holds."""
+"""Training: end to end through the CLI (prepare → train → eval → generate, and what a run directory
+holds), its stop conditions, and the global batch split into micro-batches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import yaml
 from _corpus import TINY_TRAIN, overrides, write_corpus
 
 from pretrain.cli import main
+from pretrain.config import ConfigError, TrainConfig
+from pretrain.train import resolve_batch
 
 
 @pytest.fixture(scope="module")
@@ -64,45 +67,20 @@ def test_cli_end_to_end(tmp_path, data_dir, capsys):
     assert again["best_val_loss"] == summary["best_val_loss"]
 
 
-def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(tmp_path, monkeypatch):
-    import torch
-
-    import pretrain.hardware as hardware
-    import pretrain.train as train
-
-    flags = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\nbugs\t\t: none\n"
-    for extra, native in (("", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True),
-                          ("avx512bw", False)):
-        (tmp_path / "cpuinfo").write_text(flags.format(extra))
-        assert hardware.cpu_has_native_bf16.__wrapped__(str(tmp_path / "cpuinfo")) is native, extra
-    # not Linux: fp32
-    assert hardware.cpu_has_native_bf16.__wrapped__(str(tmp_path / "no-such-file")) is False
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for native in (False, True):
-        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda native=native: native)
-        assert train.autocast_dtype(cpu, "auto") == (torch.bfloat16 if native else torch.float32)
-        assert (train.autocast_dtype(cpu, "fp32") == torch.float32
-                and train.autocast_dtype(cpu, "bf16") == torch.bfloat16)
-        assert (train.autocast_dtype(cuda, "auto") == torch.bfloat16
-                and train.autocast_dtype(cuda, "fp32") == torch.float32)
-
-
-def test_cpu_allocator_tuning_respects_the_users_choice(monkeypatch):
-    import sys
-
-    import pretrain.hardware as hardware
-
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc malloc tuning is for Linux")
-    for var, value in (("MALLOC_TRIM_THRESHOLD_", "0"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
-                       ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")):
-        with monkeypatch.context() as m:
-            m.setenv(var, value)
-            assert hardware.tune_cpu_allocator.__wrapped__() is False, var
-    import ctypes.util
-
-    if ctypes.util.find_library("c") and "libc.so.6" in (ctypes.util.find_library("c") or ""):
-        assert hardware.tune_cpu_allocator.__wrapped__() is True  # glibc: applied
+def test_global_batch_derives_grad_accum():
+    tc = TrainConfig(batch_size=4, global_batch_size=32)
+    assert (resolve_batch(tc, 1) == (8, 32) and resolve_batch(tc, 2) == (4, 32)
+            and resolve_batch(tc, 8) == (1, 32))
+    # unset: per-process semantics
+    assert resolve_batch(TrainConfig(batch_size=4, grad_accum=3), 2) == (3, 24)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        resolve_batch(tc, 3)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        resolve_batch(tc, 16)
+    with pytest.raises(ConfigError, match="needs grad_accum 4"):
+        resolve_batch(TrainConfig(batch_size=4, global_batch_size=32, grad_accum=2), 2)
+    with pytest.raises(ConfigError, match="parallelism"):
+        TrainConfig(parallelism="tp")
 
 
 def test_yaml_config_and_overrides(tmp_path, data_dir, capsys):
@@ -117,6 +95,7 @@ def test_yaml_config_and_overrides(tmp_path, data_dir, capsys):
             and saved["train"]["lr"] == 1e-3)
 
 
+@pytest.mark.slow
 def test_time_and_target_stops(tmp_path, data_dir, capsys):
     base = [*overrides(TINY_TRAIN), "--data.path", str(data_dir), "--quiet", "--json"]
     assert main(["train", "--out", str(tmp_path / "a"), *base, "--train.max_steps", "100000",
