@@ -214,3 +214,23 @@ def test_eval_refuses_a_data_folder_prepared_again_from_other_inputs(tmp_path, c
     (tmp_path / "other").rename(data)  # the run's own folder now holds other text: refused, not read silently
     assert main(["eval", str(run), "--json"]) != 0
     assert "not the data" in capsys.readouterr().err
+
+
+def test_train_leaves_the_callers_config_as_it_was(tmp_path, data_dir, monkeypatch):
+    """train resolves the config once into its own copy: the data path made absolute, the vocabulary and the
+    context taken from the data, the one saved with the run; the caller's object is not changed."""
+    import copy
+    import shutil
+
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {**TINY_TRAIN, "data": {"seq_len": 32, "path": "data"},
+                             "train": {**TINY_TRAIN["train"], "max_steps": 3, "eval_interval": 0}})
+    before = copy.deepcopy(cfg)
+    train(cfg, "run", quiet=True)
+    assert cfg == before and cfg.data.path == "data" and cfg.model.vocab_size == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(tmp_path / "data") and saved["model"]["vocab_size"] > 0
