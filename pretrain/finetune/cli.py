@@ -28,25 +28,38 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
             continue
         flag = "--" + f.name.replace("_", "-")
         help_ = docs.get(f.name, "").replace("%", "%%")
+        # unset flags stay out of the namespace, so a --config file's values hold unless a flag is given
         if isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action="store_true", help=help_)
+            state = "on" if f.default else "off"
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=f"{help_} (default {state})")
         else:
-            p.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
                            help=f"{help_} (default {f.default})")
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="fine-tuning options from a YAML file that states only what differs from the "
+                        "defaults (the keys are the options' names: lr, layer_decay, ...; OUT/finetune.yaml "
+                        "of an earlier run works); flags given on the command line override it")
 
 
 def _add_columns(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text-column", default="text", help="column/field with the text (default text)")
-    p.add_argument("--text-pair-column", default=None, help="second text column for sentence-pair tasks")
-    p.add_argument("--label-column", default="label", help="column/field with the label (default label)")
+    p.add_argument("--text-column", default=argparse.SUPPRESS,
+                   help="column/field with the text (default text)")
+    p.add_argument("--text-pair-column", default=argparse.SUPPRESS,
+                   help="second text column for sentence-pair tasks")
+    p.add_argument("--label-column", default=argparse.SUPPRESS,
+                   help="column/field with the label (default label)")
 
 
 def _config(args: argparse.Namespace, **extra: Any):
-    from pretrain.config import FinetuneConfig
+    """The options: the defaults, then a --config YAML file (unknown keys are errors, with a suggestion), then
+    the flags given on the command line."""
+    from pretrain.config import FinetuneConfig, from_dict, load_yaml
 
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    return FinetuneConfig(**{**values, **extra})
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return from_dict(FinetuneConfig, {**values, **extra})
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
