@@ -531,15 +531,7 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             pool.close(ok=False)
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    # Swap the finished directory into place.
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
-    fsync_dir(out.parent)
+    _swap_into_place(partial, out)
     for sp in SPLITS:
         info = split_info[sp]
         log(f"{sp}: {info['tokens']:,} tokens, {info['documents']:,} documents, {info['bytes']:,} bytes")
@@ -584,6 +576,18 @@ def _scan(pool: _Workers, cleaner: Cleaner, docs: Iterator[tuple[int, str]], gro
             output.flush()
             progress(output.bytes)
     return plan, per_group, n_docs, total_chars
+
+
+def _swap_into_place(partial: Path, out: Path) -> None:
+    """The finished directory replaces ``out`` (an earlier one is moved aside first, then removed)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+    fsync_dir(out.parent)
 
 
 def _manifest(tok: Tokenizer, dtype: np.dtype, val_fraction: float, tails: int, single: bool,
