@@ -122,7 +122,7 @@ class TrainConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak (cosine and wsd)."""
+    """Final learning rate as a fraction of the peak (cosine, linear and wsd)."""
     warmup_steps: int = 100
     """Linear warmup steps from 0 to the peak learning rate."""
     schedule: str = "cosine"

@@ -18,6 +18,7 @@ import torch
 
 from pretrain import PretrainError
 from pretrain.checkpoint import load_pretrained
+from pretrain.models import spec_of
 
 POOLINGS = ("mean", "cls", "last")
 
@@ -71,7 +72,7 @@ def embed_texts(model, tok, cfg, texts: list[str], pooling: str = "mean", normal
     """(N, d_model) float32 embeddings and the number of texts that were truncated."""
     if pooling not in POOLINGS:
         raise PretrainError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    encoder = cfg.objective == "mlm"
+    encoder = spec_of(model).bidirectional
     if pooling == "cls" and not encoder:
         raise PretrainError("cls pooling needs an encoder (masked-LM) run; use mean or last for a decoder")
     ctx = cfg.model.max_seq_len

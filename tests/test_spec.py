@@ -167,3 +167,27 @@ def test_nothing_outside_models_branches_on_an_architecture_name():
     out = subprocess.run(["grep", "-rn", "arch ==", "pretrain/"], cwd=ROOT, capture_output=True,
                          text=True).stdout
     assert [ln for ln in out.splitlines() if not ln.startswith("pretrain/models/")] == []
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert", "gpt2"])
+def test_fine_tuning_groups_follow_the_spec(arch, tiny_model_cfg):
+    """Layer-wise depth and weight decay come from the spec: no decay on any input embedding (GPT-2's wte and
+    wpe too: the old name test, "emb" in the name, missed them), nor on the head, gains or biases."""
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune.loop import param_groups
+    from pretrain.finetune.model import TaskModel
+
+    backbone = build_model(tiny_model_cfg(arch=arch))
+    model = TaskModel(backbone, 32, 2, "mean", get_spec(arch).bidirectional)
+    groups = param_groups(model, FinetuneConfig(layer_decay=0.5, weight_decay=0.1), 2)
+    decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
+    for name, p in model.named_parameters():
+        inside = name.removeprefix("backbone.")
+        if get_spec(arch).is_embedding(inside) or p.dim() < 2 or name.startswith("classifier."):
+            assert id(p) not in decayed, name
+        else:
+            assert id(p) in decayed, name
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    emb = next(p for n, p in model.named_parameters()
+               if get_spec(arch).is_embedding(n.removeprefix("backbone.")))
+    assert lr_of[id(emb)] == pytest.approx(FinetuneConfig().lr * 0.5 ** 2)  # the bottom of layer-wise decay

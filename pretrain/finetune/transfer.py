@@ -25,6 +25,7 @@ from pretrain.finetune.encode import _labels_of, read_task
 from pretrain.finetune.loop import finetune
 from pretrain.finetune.metrics import compute_metrics
 from pretrain.io import write_json_atomic, write_text_atomic
+from pretrain.models import spec_of
 
 
 def parse_budgets(spec: str | list, n_train: int) -> list[int]:
@@ -260,7 +261,7 @@ def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_col
         model, cfg, tok, _ = load_pretrained(run, dev)
     except CheckpointError as e:
         raise PretrainError(f"{run} is not a pre-trained run: {e}") from None
-    pool = pooling if pooling != "auto" else ("cls" if cfg.objective == "mlm" else "last")
+    pool = pooling if pooling != "auto" else spec_of(model).pooling
     tr = read_examples(train, text_column, label_column)
     va = read_examples(valid, text_column, label_column)
     if max_train and max_train < len(tr):

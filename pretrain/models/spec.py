@@ -11,7 +11,7 @@ branches on an architecture's name: it asks the spec. Adding an architecture is 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,8 +77,6 @@ class ArchSpec:
     """Positions are a learned table of max_seq_len rows (cannot be extended) rather than rotary."""
     hf: HFMapping | None = None
     """The Hugging Face mapping; None: no export."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Anything else an architecture wants to say (read by nothing generic)."""
 
     @property
     def pooling(self) -> str:
