@@ -459,6 +459,70 @@ class TrainState:
     loss_n: int = 0
 
 
+def verify_checkpoint(ckpt: Path) -> None:
+    """Every file a checkpoint recorded is there, with the size and sha256 it was written with (a clear
+    CheckpointError otherwise)."""
+    meta = read_meta(ckpt)
+    for name in meta.get("files", {}):
+        _verify(ckpt, meta, name)
+    if is_sharded(meta):
+        _verify_shards(ckpt, meta)
+
+
+def resume_point(run: Path, resume: bool = False) -> Path | None:
+    """The checkpoint a run continues from: its newest complete one, verified. An incomplete checkpoint
+    (a save that never finished) is skipped with a warning naming it; a damaged newest one is an error that
+    names the newest one that does verify, so nothing is overwritten unseen; a run with a training history
+    (metrics.jsonl) but no checkpoint, or ``resume`` asked with none, is an error rather than a new start
+    from step 0."""
+    import warnings
+
+    root = run / CKPT_DIR
+    complete = list_checkpoints(run)
+    for d in sorted(root.glob("step_*")) if root.is_dir() else []:
+        if d.is_dir() and d not in complete:
+            warnings.warn(f"skipping {d}: an incomplete checkpoint (no {META_FILE}: its save did not finish)",
+                          stacklevel=2)
+    if not complete:
+        history = _last_logged_step(run / "metrics.jsonl")
+        if history or resume:
+            what = f"a training history to step {history} (metrics.jsonl)" if history else "no checkpoint"
+            raise CheckpointError(f"{run} holds {what} but no complete checkpoint to continue from, and "
+                                  "training again from step 0 would write over it: continue from a copy that "
+                                  "has its checkpoints, or start the run in another --out")
+        return None
+    newest = complete[-1]
+    try:
+        verify_checkpoint(newest)
+        return newest
+    except CheckpointError as e:
+        problem = str(e)
+    good = None
+    for older in reversed(complete[:-1]):
+        try:
+            verify_checkpoint(older)
+            good = older
+            break
+        except CheckpointError:
+            continue
+    hint = (f"{good} verifies: move {newest.name} out of {root} to resume from it" if good is not None
+            else "no earlier checkpoint verifies either")
+    raise CheckpointError(f"the newest checkpoint {newest} is damaged ({problem}); it is left as it is; "
+                          f"{hint}")
+
+
+def _last_logged_step(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    last = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            last = max(last, int(json.loads(line).get("step", 0)))
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+            continue  # a line torn by a crash
+    return last
+
+
 class Checkpointer:
     """Owns a run's checkpoints: finds the newest complete one to resume from (the same on every rank), checks
     that it belongs to this run (tokenizer, data, global batch), restores every stateful part (weights,
@@ -466,12 +530,16 @@ class Checkpointer:
     steps and at the end, keeping the newest ``keep`` (sharded with torch.distributed.checkpoint when several
     processes train)."""
 
-    def __init__(self, run: Path, distributed: bool, interval: int, keep: int, consolidate: bool = True):
+    def __init__(self, run: Path, distributed: bool, interval: int, keep: int, consolidate: bool = True,
+                 resume: bool = False):
+        """``resume``: the user asked to continue (``--resume``): a run without a usable checkpoint is then
+        an error, not a fresh start."""
         from pretrain.distributed import broadcast_object, is_main
 
         self.run, self.distributed, self.interval, self.keep = Path(run), distributed, interval, keep
         self.consolidate = consolidate
-        self.ckpt: Path | None = broadcast_object(latest_checkpoint(run) if is_main() else None)
+        found = resume_point(self.run, resume) if is_main() else None
+        self.ckpt: Path | None = broadcast_object(found)
         self.meta: dict[str, Any] = read_meta(self.ckpt) if self.ckpt is not None else {}
         self.identity: dict[str, Any] = {}
         """What every checkpoint of this run records about it (tokenizer, data fingerprint, config, ...)."""

@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             raise PretrainError("--out RUN_DIR is required (or --resume RUN_DIR)")
         cfg = load_config(args.config, overrides)
         out = Path(args.out)
-    summary = train(cfg, out, quiet=args.quiet)
+    summary = train(cfg, out, quiet=args.quiet, resume=bool(args.resume))
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return summary
     val = summary["val_loss"]

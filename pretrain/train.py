@@ -360,11 +360,12 @@ class StopSignals:
 # build
 
 
-def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, Any]:
+def train(cfg: Config, out_dir: str | Path, quiet: bool = False, resume: bool = False) -> dict[str, Any]:
     """Train (or continue training) a model into ``out_dir``; returns a summary dict. ``cfg`` is not changed.
 
     If ``out_dir`` already holds a checkpoint of a run with a compatible config, training resumes from
-    its newest complete checkpoint exactly where it stopped.
+    its newest complete checkpoint exactly where it stopped (``resume``: it must; see
+    :func:`pretrain.checkpoint.resume_point` for what is refused).
     """
     run = Path(out_dir)
     env = init_distributed(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
@@ -375,16 +376,9 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False) -> dict[str, An
         lock = exclusive_lock(run / ".lock", f"{run} is in use by another training process")
         with lock if env.is_main else contextlib.nullcontext():  # rank 0 speaks for the job
             with StopSignals() as stop:
-                job = build(cfg, run, quiet or not env.is_main, env)
+                job = build(cfg, run, quiet or not env.is_main, env, resume)
                 return loop(job, stop)
     except PretrainError as e:
-        from pretrain.checkpoint import CheckpointError, list_checkpoints
-
-        ckpts = list_checkpoints(run) if isinstance(e, CheckpointError) and run.is_dir() else []
-        # the newest is damaged: say how to use the one before
-        if len(ckpts) > 1 and str(ckpts[-1]) in str(e):
-            e.args = (f"{e}; the previous checkpoint {ckpts[-2]} is kept: move {ckpts[-1].name} out of "
-                      f"{ckpts[-1].parent} to resume from it", *e.args[1:])
         if env.world_size > 1:  # say which rank failed (torchrun then stops the others)
             e.args = (f"[rank {env.rank}/{env.world_size}] {e}", *e.args[1:])
         raise
@@ -451,14 +445,14 @@ def _resolve(cfg: Config, run: Path, env: DistEnv, meta: dict[str, Any],
     return cfg, init_sd
 
 
-def build(cfg: Config, run: Path, quiet: bool, env: DistEnv) -> Job:
+def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = False) -> Job:
     """Resolve the config, build the model (wrapped and compiled from outside), objective, loader and
     optimizer, and restore them all from the run's newest checkpoint when it has one."""
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a directory made by `pretrain prepare`")
     meta = load_meta(cfg.data.path)
     ckpt = Checkpointer(run, env.active, cfg.train.ckpt_interval, cfg.train.keep_checkpoints,
-                        cfg.train.consolidate)
+                        cfg.train.consolidate, resume)
     cfg, init_sd = _resolve(cfg, run, env, meta, ckpt)
     tc, device = cfg.train, env.device
     if tc.threads:

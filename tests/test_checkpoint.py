@@ -376,3 +376,60 @@ def test_checkpoint_meta_is_json(tmp_path, tiny_model):
     json.loads((ckpt / "meta.json").read_text())
     with pytest.raises(CheckpointError):
         read_meta(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------------- what a run resumes from
+
+
+def _tiny_run(tmp_path: Path, prepared_data: Path, **train):
+    from pretrain.config import load_config
+
+    base = {"data": {"path": str(prepared_data), "seq_len": 16},
+            "model": {"n_layer": 1, "n_head": 2, "d_model": 16},
+            "train": {"batch_size": 2, "max_steps": 4, "warmup_steps": 1, "eval_interval": 0,
+                      "log_interval": 1, "ckpt_interval": 2, "plot": False, "threads": 1, **train}}
+    return load_config(None, base)
+
+
+def test_a_history_without_a_checkpoint_is_never_trained_over(tmp_path, prepared_data):
+    from pretrain.train import train
+
+    run = tmp_path / "run"
+    train(_tiny_run(tmp_path, prepared_data), run, quiet=True)
+    before = (run / "metrics.jsonl").read_text()
+    for d in (run / "checkpoints").glob("step_*"):  # the checkpoints lost, the history still there
+        d.rename(tmp_path / d.name)
+    with pytest.raises(CheckpointError, match="training history to step 4"):
+        train(_tiny_run(tmp_path, prepared_data, max_steps=6), run, quiet=True)
+    assert (run / "metrics.jsonl").read_text() == before
+    # --resume of a run that has no checkpoint refuses too, even without a history
+    (run / "metrics.jsonl").unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train(_tiny_run(tmp_path, prepared_data, max_steps=6), run, quiet=True, resume=True)
+
+
+def test_an_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path, prepared_data):
+    from pretrain.train import train
+
+    run = tmp_path / "run"
+    train(_tiny_run(tmp_path, prepared_data), run, quiet=True)
+    newest = run / "checkpoints" / "step_000004"
+    (newest / "meta.json").unlink()  # a save that never finished
+    with pytest.warns(UserWarning, match="step_000004: an incomplete checkpoint"):
+        res = train(_tiny_run(tmp_path, prepared_data, max_steps=6), run, quiet=True)
+    assert res["step"] == 6 and (run / "checkpoints" / "step_000006").is_dir()
+
+
+def test_a_damaged_newest_checkpoint_names_the_newest_that_verifies(tmp_path, prepared_data):
+    from pretrain.checkpoint import resume_point, verify_checkpoint
+    from pretrain.train import train
+
+    run = tmp_path / "run"
+    train(_tiny_run(tmp_path, prepared_data, keep_checkpoints=3, max_steps=6), run, quiet=True)
+    for step in (6, 4):
+        weights = run / "checkpoints" / f"step_{step:06d}" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
+    with pytest.raises(CheckpointError, match="sha256"):
+        verify_checkpoint(run / "checkpoints" / "step_000006")
+    with pytest.raises(CheckpointError, match="step_000006 is damaged.*step_000002 verifies"):
+        resume_point(run)

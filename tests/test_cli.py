@@ -146,7 +146,8 @@ def test_damaged_newest_checkpoint_names_the_one_before(tmp_path, trained, capsy
     newest = run / "checkpoints" / "step_000004"
     (newest / "state.pt").write_bytes(b"garbage")
     err = error_of(capsys, "train", "--out", str(run), *args, "--train.max_steps", "6")
-    assert "the previous checkpoint" in err and "step_000002" in err and "\n" not in err.strip()
+    assert "damaged" in err and "step_000002 verifies" in err and "\n" not in err.strip()
+    assert (newest / "state.pt").read_bytes() == b"garbage"  # left as it is
     newest.rename(tmp_path / "aside")  # as the message says: then it resumes from step 2
     assert main(["train", "--out", str(run), *args, "--train.max_steps", "6"]) == 0
     assert (run / "checkpoints" / "step_000006").is_dir()
