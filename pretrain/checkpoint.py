@@ -433,10 +433,61 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     if tok_path is None:
         raise CheckpointError(f"no tokenizer.json beside {ckpt} or in its run directory")
     tok = Tokenizer.load(tok_path)
+    _verify_tokenizer(tok, tok_path, ckpt, meta, cfg.data.path)
     if tok.vocab_size > cfg.model.vocab_size:
         raise CheckpointError(f"{tok_path} has {tok.vocab_size} tokens but the model only "
                               f"{cfg.model.vocab_size}")
     return model, cfg, tok, meta
+
+
+class TokenizerMismatchError(PretrainError):
+    """A run's tokenizer.json is not the tokenizer it was trained with (the checkpoint is fine: not a
+    :class:`CheckpointError`, which callers report as "not a pre-trained run")."""
+
+
+def _verify_tokenizer(tok, tok_path: Path, ckpt: Path, meta: dict[str, Any], data_path: str) -> None:
+    """``tok`` (read from ``tok_path``) is the tokenizer the run was trained with: its sha256 is the
+    ``tokenizer_sha256`` the checkpoint recorded at training time. A swapped tokenizer.json, even one of the
+    same size, would give the model other token ids than it learned: an error that names both hashes and what
+    to do. Checkpoints from before the hash was recorded load unchecked."""
+    from pretrain.data.tokenizer import Tokenizer, TokenizerError
+
+    expected = meta.get("tokenizer_sha256")
+    if not expected:
+        return
+    actual = tok.sha256()
+    if actual == expected:
+        return
+    data_tok, data_sha = _data_tokenizer(data_path)
+    if (data_tok is not None and data_sha == expected
+            and tok_path.read_bytes() == data_tok.read_bytes()):
+        # the very file the data was prepared with (its manifest records the same hash): the hash differs
+        # only because this version of `tokenizers` serialises the same tokenizer differently
+        return
+    fix = ("put back the tokenizer.json this run was trained with (a copy is in the data folder it was "
+           "trained on, if that folder was not prepared again since)")
+    if data_tok is not None:
+        try:
+            if Tokenizer.load(data_tok).sha256() == expected:
+                fix = f"copy {data_tok} (the training data's tokenizer, whose sha256 matches) to {tok_path}"
+        except TokenizerError:
+            pass
+    raise TokenizerMismatchError(
+        f"{tok_path} is not the tokenizer this run was trained with: its sha256 is {actual}, but "
+        f"{ckpt / META_FILE} records tokenizer_sha256 {expected} (a different tokenizer, even one of the "
+        f"same size, would feed the model token ids it was not trained on); {fix}")
+
+
+def _data_tokenizer(data_path: str) -> tuple[Path | None, str | None]:
+    """The training data's tokenizer.json (when it is still there) and the sha256 its manifest records."""
+    if not data_path:
+        return None, None
+    try:
+        tmeta = json.loads((Path(data_path) / "meta.json").read_text(encoding="utf-8"))["tokenizer"]
+        p = Path(data_path) / tmeta.get("file", "tokenizer.json")
+        return (p if p.is_file() else None), tmeta.get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -544,6 +595,10 @@ class Checkpointer:
         self.identity: dict[str, Any] = {}
         """What every checkpoint of this run records about it (tokenizer, data fingerprint, config, ...)."""
         self.saved_step = self.meta.get("step", -1)
+        self.latest: Path | None = self.ckpt
+        """The checkpoint written last (or resumed from): where a rollback goes back to."""
+        self.extra: dict[str, Any] = {}
+        """State of other parts (the spike guard's window) restored from the checkpoint."""
 
     @property
     def resuming(self) -> bool:
@@ -585,36 +640,68 @@ class Checkpointer:
         the model is wrapped and the optimizer built; a fresh TrainState for a new run."""
         if not self.resuming:
             return TrainState()
-        from pretrain.distributed import is_fsdp
-
         m, state = self.meta, load_state(self.ckpt, self.meta)
-        try:
-            if is_sharded(m):
-                load_sharded(self.ckpt, model, optimizer, m)
-            elif is_fsdp(model):
-                load_full_optimizer(model, optimizer, state["optimizer"])
-            else:
-                optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise PretrainError(f"cannot restore the optimizer from {self.ckpt}: {e}") from None
+        _load_optimizer(self.ckpt, m, state, model, optimizer)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-        return TrainState(step=m["step"], tokens_seen=m["tokens_seen"], elapsed_s=m.get("elapsed_s", 0.0),
-                          best_val=m.get("best_val_loss") or math.inf, last_val=m.get("val_loss"),
-                          loss_sum=state.get("loss_sum", 0.0), loss_n=state.get("loss_n", 0))
+        self.extra = state.get("extra", {})
+        return _train_state(m, state)
+
+    def rewind(self, model: nn.Module, optimizer) -> tuple[TrainState, dict[str, Any]]:
+        """Back to :attr:`latest`: weights, optimizer, RNG streams and train state (the loader is left where
+        it is, so the samples drawn since are not seen again; its state then comes back with the train
+        state). For the spike guard's rollback."""
+        from pretrain.distributed import unwrap
+
+        ckpt = self.latest
+        assert ckpt is not None
+        m = read_meta(ckpt)
+        state = load_state(ckpt, m)
+        if not is_sharded(m):
+            load_weights(ckpt, unwrap(model), m)
+        _load_optimizer(ckpt, m, state, model, optimizer)
+        set_rng_state(state["rng"])
+        return _train_state(m, state), state["loader"]
 
     def due(self, step: int) -> bool:
         return bool(self.interval) and step % self.interval == 0
 
-    def save(self, st: TrainState, model: nn.Module, optimizer, loader_state: dict[str, Any]) -> None:
-        """Checkpoint step ``st.step`` (every rank calls it; sharded, each writes its part)."""
+    def save(self, st: TrainState, model: nn.Module, optimizer, loader_state: dict[str, Any],
+             extra: dict[str, Any] | None = None) -> None:
+        """Checkpoint step ``st.step`` (every rank calls it; sharded, each writes its part); ``extra``: the
+        state of other parts (comes back as :attr:`extra`)."""
         saved = {"loader": loader_state, "rng": rng_state(), "loss_sum": st.loss_sum, "loss_n": st.loss_n}
+        if extra:
+            saved["extra"] = extra
         info = {"tokens_seen": st.tokens_seen, "elapsed_s": st.elapsed_s, "val_loss": st.last_val,
                 "best_val_loss": None if math.isinf(st.best_val) else st.best_val, **self.identity}
         if self.distributed:
-            save_sharded_checkpoint(self.run, st.step, model, optimizer, saved, info, keep=self.keep,
-                                    consolidate=self.consolidate)
+            self.latest = save_sharded_checkpoint(self.run, st.step, model, optimizer, saved, info,
+                                                  keep=self.keep, consolidate=self.consolidate)
         else:
-            save_checkpoint(self.run, st.step, model, {"optimizer": optimizer.state_dict(), **saved}, info,
-                            keep=self.keep)
+            state = {"optimizer": optimizer.state_dict(), **saved}
+            self.latest = save_checkpoint(self.run, st.step, model, state, info, keep=self.keep)
         self.saved_step = st.step
+
+
+def _load_optimizer(ckpt: Path, meta: dict[str, Any], state: dict[str, Any], model: nn.Module,
+                    optimizer) -> None:
+    """The optimizer (and a sharded checkpoint's weights) from checkpoint ``ckpt``."""
+    from pretrain.distributed import is_fsdp
+
+    try:
+        if is_sharded(meta):
+            load_sharded(ckpt, model, optimizer, meta)
+        elif is_fsdp(model):
+            load_full_optimizer(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise PretrainError(f"cannot restore the optimizer from {ckpt}: {e}") from None
+
+
+def _train_state(meta: dict[str, Any], state: dict[str, Any]) -> TrainState:
+    return TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"],
+                      elapsed_s=meta.get("elapsed_s", 0.0), best_val=meta.get("best_val_loss") or math.inf,
+                      last_val=meta.get("val_loss"),
+                      loss_sum=state.get("loss_sum", 0.0), loss_n=state.get("loss_n", 0))

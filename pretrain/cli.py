@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
             raise PretrainError("--out RUN_DIR is required (or --resume RUN_DIR)")
         cfg = load_config(args.config, overrides)
         out = Path(args.out)
-    summary = train(cfg, out, quiet=args.quiet, resume=bool(args.resume))
+    summary = train(cfg, out, quiet=args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return summary
     val = summary["val_loss"]
@@ -187,7 +187,7 @@ def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.features import embed
 
     res = embed(args.run, args.input, args.out, args.pooling, args.normalize, args.batch_size,
-                args.text_field, args.device)
+                args.text_field, args.device, overwrite=args.overwrite)
     trunc = f"; {res['truncated']:,} truncated to {res['max_tokens']} tokens" if res["truncated"] else ""
     _emit(args, res, f"wrote {res['rows']:,} x {res['dim']} embeddings ({res['pooling']} pooling) "
                      f"to {res['out']}{trunc}")
@@ -206,7 +206,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.demo import run_demo
 
-    res = run_demo(args.out, max_steps=args.max_steps, quiet=args.json, budget_s=args.budget_s)
+    res = run_demo(args.out, max_steps=args.max_steps, quiet=args.json, budget_s=args.budget_s,
+                   overwrite=args.overwrite)
     if args.json:
         print(json.dumps(res))
     return res
@@ -308,6 +309,8 @@ def _add_data_and_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
     s.add_argument("--init-from", metavar="HF_DIR",
                    help="start from a local Hugging Face checkpoint (same as --train.init_from HF_DIR)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="write the run into a non-empty folder that is not a run (a run is always continued)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.add_argument("--json", action="store_true", help="print one JSON object with the summary")
 
@@ -345,6 +348,9 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--input", required=True, help=".txt (one text per line), .jsonl, .csv, .tsv or .parquet")
     s.add_argument("--out", required=True, help="FILE.npy or FILE.parquet")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that an earlier `pretrain embed` did not write (or that "
+                        "changed since)")
     s.add_argument("--pooling", choices=["mean", "cls", "last"], default="mean")
     s.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     s.add_argument("--batch-size", type=int, default=32)
@@ -360,7 +366,9 @@ def _add_export_and_demo(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True,
                    help="directory to write (config.json, model.safetensors, tokenizer...)")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    s.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    s.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory that is not an earlier export, or one whose files "
+                        "were edited since (only the files an export writes are replaced)")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("demo",
@@ -368,6 +376,8 @@ def _add_export_and_demo(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
     s.add_argument("--max-steps", type=int, default=None, help="pre-training steps (default 600)")
     s.add_argument("--budget-s", type=float, default=300.0, help="stop pre-training after this many seconds")
+    s.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out that is not an earlier demo's")
     s.add_argument("--json", action="store_true")
 
 def build_parser() -> argparse.ArgumentParser:

@@ -203,8 +203,37 @@ class TrainConfig:
     init_from: str = ""
     """A local Hugging Face model directory (Llama architecture: config.json + safetensors + tokenizer.json)
     to start from; its architecture replaces the model section. Prepare the data with --tokenizer DIR."""
+    guard: str = "off"
+    """Loss-spike guard (pretrain/guard.py): 'off', 'stop' (end the run at a spike), 'skip' (drop that update)
+    or 'rollback' (back to the last checkpoint, past the samples since, LR x guard_lr_scale). A step whose
+    loss or gradient norm is not finite, or lies guard_z standard deviations above the recent ones, is a
+    spike."""
+    guard_z: float = 6.0
+    """Spike threshold in standard deviations above the mean of the last guard_window accepted steps."""
+    guard_warmup: int = 50
+    """Accepted steps before spikes are judged (the loss falls fast at first)."""
+    guard_window: int = 100
+    """Accepted steps the mean and standard deviation are taken over."""
+    guard_max_events: int = 5
+    """More skips or rollbacks than this end the run."""
+    guard_lr_scale: float = 1.0
+    """After a rollback, every learning rate is multiplied by this (e.g. 0.5)."""
+    skip_samples: str = ""
+    """Global sample ranges the loader passes over, 'A-B[,C-D...]' (B excluded): data a run should not see
+    again (e.g. the batches before a spike; see the summary's guard events)."""
+    fault: str = ""
+    """For tests: 'nan@STEP' or 'spike@STEP' makes that step's loss and gradients NaN or 1000x."""
 
     def __post_init__(self) -> None:
+        _check(self.guard in ("off", "stop", "skip", "rollback"),
+               f"train.guard must be 'off', 'stop', 'skip' or 'rollback', got {self.guard!r}")
+        _check(self.guard_z > 0 and self.guard_warmup >= 0 and self.guard_window >= 2
+               and self.guard_max_events >= 0 and 0 < self.guard_lr_scale <= 1,
+               "train.guard_z must be > 0, guard_warmup >= 0, guard_window >= 2, guard_max_events >= 0 and "
+               "guard_lr_scale in (0, 1]")
+        parse_sample_ranges(self.skip_samples)
+        _check(self.fault == "" or re.fullmatch(r"(nan|spike)@\d+", self.fault) is not None,
+               f"train.fault must be 'nan@STEP' or 'spike@STEP', got {self.fault!r}")
         _check(self.batch_size >= 1 and self.grad_accum >= 1,
                "train.batch_size and train.grad_accum must be >= 1")
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
@@ -234,6 +263,17 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
         _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0,
                "train.beta1 and train.beta2 must be in [0, 1)")
+
+
+def parse_sample_ranges(spec: str) -> list[tuple[int, int]]:
+    """'A-B,C-D' → [(A, B), (C, D)] (B excluded); '' → []."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        m = re.fullmatch(r"(\d+)-(\d+)", item)
+        _check(m is not None and int(m[1]) < int(m[2]),
+               f"train.skip_samples: {item!r} is not a range A-B of sample indices with A < B")
+        out.append((int(m[1]), int(m[2])))
+    return out
 
 
 @dataclass
@@ -515,9 +555,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a (possibly partial, possibly nested) dict; unknown keys are errors."""
-    data = data or {}
+    if data is None:  # an empty section (`train:` with nothing under it)
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(_not_a_mapping(prefix.rstrip(".") or "config", data))
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -532,11 +573,37 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _not_a_mapping(name: str, value: Any, where: str = "") -> str:
+    return (f"{where}{name} must be a mapping (indented `key: value` lines), got {type(value).__name__} "
+            f"{value!r}")
+
+
+def _check_sections(data: dict[str, Any], cls: type, where: str, prefix: str = "") -> None:
+    """Every section of ``data`` (a field of ``cls`` that is itself a dataclass) is a mapping (or empty), so
+    that merging overrides into it can never replace it silently (``train: 5`` + ``--train.lr 1e-3``)."""
+    hints = _field_types(cls)
+    for key, value in data.items():
+        tp = hints.get(key) if isinstance(key, str) else None
+        if tp is None or not dataclasses.is_dataclass(tp) or value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(_not_a_mapping(prefix + key, value, f"{where}: "))
+        _check_sections(value, tp, where, prefix + key + ".")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``extra`` over ``base``, mappings merged key by key. A mapping never replaces a value that is not one
+    (``train: 5`` with ``--train.lr 1e-3`` is an error, not a ``train`` section holding only ``lr``)."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        old, name = out.get(k), f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(old, dict):
+            out[k] = _merge(old, v, name + ".")
+        elif isinstance(v, dict) and old is not None:
+            raise ConfigError(f"{name!r} is {old!r}, not a mapping, so {name}.{next(iter(v), '...')} cannot "
+                              "be set in it")
+        elif v is None and isinstance(old, dict):  # an empty section (`train:`) changes nothing
+            continue
         else:
             out[k] = v
     return out
@@ -655,11 +722,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults ← ``base`` dict ← YAML file ← overrides, validated into a :class:`Config`."""
     merged: dict[str, Any] = dict(base or {})
+    _check_sections(merged, Config, "base config")
     if path is not None:
-        merged = _merge(merged, load_yaml(path))
+        data = load_yaml(path)
+        _check_sections(data, Config, f"config file {path}")
+        merged = _merge(merged, data)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     if overrides:
+        _check_sections(overrides, Config, "overrides")
         merged = _merge(merged, overrides)
     return from_dict(Config, merged)
 

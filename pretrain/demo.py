@@ -21,6 +21,7 @@ from pretrain.config import FinetuneConfig, load_config
 from pretrain.data.prepare import prepare
 from pretrain.finetune.loop import finetune
 from pretrain.inference import evaluate_run, generate_text
+from pretrain.io import check_output_dir, output_kinds
 from pretrain.train import train
 
 DEMO_CONFIG = {
@@ -40,9 +41,13 @@ def demo_corpus() -> list[str]:
 
 
 def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: bool = False,
-             budget_s: float = 300.0, finetune_epochs: int = 10) -> dict[str, Any]:
-    """Run the demo in ``out`` and return its results; prints a summary unless ``quiet``."""
+             budget_s: float = 300.0, finetune_epochs: int = 10, overwrite: bool = False) -> dict[str, Any]:
+    """Run the demo in ``out`` and return its results; prints a summary unless ``quiet``. ``out`` is a new or
+    empty folder or an earlier demo's, whose results it replaces; ``overwrite`` lets it write into another
+    folder (a prepared data/ in it is replaced; in run/, task/ and finetune_*/ the files of the names the
+    demo writes, nothing else)."""
     out = Path(out)
+    check_output_dir(out, "demo", overwrite=overwrite)
     say = (lambda *a: None) if quiet else (lambda msg: print(msg, flush=True))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
@@ -60,11 +65,11 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
         overrides["train"]["max_steps"] = max_steps
     cfg = load_config(None, overrides, base=DEMO_CONFIG)
     run = out / "run"
-    if run.exists():
+    if run.exists() and output_kinds(out) == ["demo"]:  # an earlier demo's run: start again
         import shutil
 
         shutil.rmtree(run)
-    summary = train(cfg, run, quiet=quiet)
+    summary = train(cfg, run, quiet=quiet, overwrite=overwrite)
 
     say("== 3/6 evaluate on the held-out split")
     ev = evaluate_run(run)
@@ -81,7 +86,8 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
         fcfg = FinetuneConfig(text_column="text", label_column="module", epochs=finetune_epochs,
                               batch_size=32, patience=3, lr=1e-3 if init == "pretrained" else 2e-3,
                               from_scratch=init == "scratch")
-        res = finetune(run, task["train"], task["valid"], out / f"finetune_{init}", fcfg, quiet=True)
+        res = finetune(run, task["train"], task["valid"], out / f"finetune_{init}", fcfg, quiet=True,
+                       overwrite=overwrite)
         ft[init] = res["best"]["val_accuracy"]
         say(f"   {init:10s}: validation accuracy {100 * ft[init]:.1f}% (best of {res['steps']} steps)")
 

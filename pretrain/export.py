@@ -49,17 +49,22 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     """Write a run's newest checkpoint in the Hugging Face layout: config.json, model.safetensors (sharded
     with an index above ``max_shard_bytes``), generation_config.json (decoders), tokenizer.json,
     tokenizer_config.json, special_tokens_map.json and a model card (README.md). Loadable with
-    ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and ``AutoTokenizer`` without custom code."""
+    ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and ``AutoTokenizer`` without custom code.
+
+    ``out`` is a new or empty folder or an earlier export, whose files it replaces (unless one was edited
+    since it was written); ``overwrite`` writes into any other folder, replacing only the files an export
+    writes."""
     from safetensors.torch import save_file
 
     from pretrain import PretrainError
     from pretrain.checkpoint import load_pretrained, resolve_checkpoint
+    from pretrain.io import card_record, check_output_dir
 
     if dtype not in ("fp32", "bf16"):
         raise PretrainError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PretrainError(f"{out} exists and is not empty; pass --overwrite to replace its files")
+    # a new or empty folder, or an earlier export none of whose files changed since; else --overwrite
+    check_output_dir(out, "export", [run], overwrite)
     model, cfg, tok, meta = load_pretrained(run, "cpu")
     ckpt = resolve_checkpoint(run)
     # written whole into a temporary folder, then moved into place: beside a new OUT (one rename), inside an
@@ -117,7 +122,10 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
                    **names}
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         (tmp / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
-        (tmp / "README.md").write_text(_model_card(spec, cfg.model, model, meta, ckpt))
+        # the card ends with a record of every file written, so a later export can tell an edited one
+        card = _model_card(spec, cfg.model, model, meta, ckpt).rstrip("\n") + "\n"
+        record = card_record(tmp, "export", [p.name for p in tmp.iterdir()], card)
+        (tmp / "README.md").write_text(card + record, encoding="utf-8")
         if fresh:
             os.replace(tmp, out)
         else:

@@ -116,16 +116,19 @@ def embed_texts(model, tok, cfg, texts: list[str], pooling: str = "mean", normal
 
 def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str = "mean",
           normalize: bool = False, batch_size: int = 32, text_field: str = "text",
-          device: str = "auto") -> dict[str, Any]:
-    """Embed every row of ``input_path`` with the run's newest checkpoint; write .npy or .parquet."""
+          device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+    """Embed every row of ``input_path`` with the run's newest checkpoint; write .npy or .parquet. An existing
+    ``out`` is replaced only if an earlier ``embed`` wrote it (and it is unchanged since) or with
+    ``overwrite``; never when it is the input."""
     from pretrain.hardware import resolve_device
-    from pretrain.io import atomic_path
+    from pretrain.io import atomic_path, check_output_file, record_output
 
     out = Path(out)
     if out.suffix not in (".npy", ".parquet"):
         raise PretrainError(f"--out must end in .npy or .parquet, got {out.name}")
     if batch_size < 1:
         raise PretrainError("batch_size must be >= 1")
+    check_output_file(out, "embed", [input_path, run], overwrite)
     texts = read_texts(input_path, text_field)
     dev = resolve_device(device)
     model, cfg, tok, meta = load_pretrained(run, dev)
@@ -146,6 +149,7 @@ def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str
             import pyarrow.parquet as pq
 
             pq.write_table(pa.table({"row": np.arange(len(texts)), "embedding": list(vectors)}), tmp)
+    record_output(out, "embed")
     return {"out": str(out), "rows": len(texts), "dim": int(vectors.shape[1]), "pooling": pooling,
             "normalized": normalize, "truncated": truncated, "max_tokens": cfg.model.max_seq_len,
             "step": meta["step"]}

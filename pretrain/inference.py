@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pretrain import PretrainError
@@ -41,7 +43,14 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
                             "again from other inputs or settings), so its held-out split may hold training "
                             "text; pass --data to evaluate on it anyway")
     objective = build_objective(cfg.objective, tok, cfg.mlm, cfg.train.seed, cfg.data.doc_mask)  # as trained
-    ev = evaluate(model, TokenSplit(data_dir, split), cfg.data.seq_len, batch_size or cfg.train.batch_size,
+    tokens = TokenSplit(data_dir, split)
+    unknown = _count_unknown(tokens, tok.unk_id)
+    if unknown:
+        warnings.warn(f"{unknown:,} of {tokens.tokens:,} tokens of the {split} split of {data_dir} are the "
+                      f"unknown token {tok.tk.id_to_token(tok.unk_id)!r} (text the tokenizer could not "
+                      "represent when the data was prepared): they are scored like any other token",
+                      stacklevel=2)
+    ev = evaluate(model, tokens, cfg.data.seq_len, batch_size or cfg.train.batch_size,
                   dev, cfg.train.dtype, max_batches, objective, padded_documents(cfg, tok))
     if not ev["tokens"]:
         raise PretrainError(f"no token of the {split} split was scored (sequences too short for a target?)")
@@ -49,10 +58,19 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
         raise PretrainError(f"the {split} loss of {run} is {ev['loss']}: the model's weights have diverged")
     out = {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split,
            "objective": cfg.objective, "loss": ev["loss"], "perplexity": ev["ppl"],
-           "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"], "data_matches_run": same_data}
+           "bits_per_byte": ev.get("bpb"), "tokens": ev["tokens"], "data_matches_run": same_data,
+           "unknown_tokens": unknown}
     if "accuracy" in ev:
         out["accuracy"] = ev["accuracy"]
     return out
+
+
+def _count_unknown(split: TokenSplit, unk_id: int | None, block: int = 1 << 24) -> int:
+    """How many tokens of ``split`` are the unknown token (read in blocks: memory stays small)."""
+    if unk_id is None:
+        return 0
+    return sum(int(np.count_nonzero(s[i:i + block] == unk_id)) for s in split.shards
+               for i in range(0, len(s), block))
 
 
 def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -75,6 +93,11 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
     ids = (tok.encode(prompt) if prompt else []) or [tok.eot_id]
     if any(i >= cfg.model.vocab_size for i in ids):
         raise PretrainError("the prompt encodes to token ids outside the model's vocabulary")
+    ctx = cfg.model.max_seq_len
+    if len(ids) > ctx:
+        warnings.warn(f"the prompt is {len(ids):,} tokens, longer than the model's context of {ctx:,}: "
+                      f"the model sees only its last {ctx:,} tokens (the first {len(ids) - ctx:,} are "
+                      "dropped); shorten the prompt to keep them in view", stacklevel=2)
     gen = torch.Generator(device=dev).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     with autocast_context(dev, cfg.train.dtype):
@@ -101,8 +124,12 @@ def fill_mask(run: str | Path, text: str, top_k: int = 5, device: str = "auto") 
                             f"{', '.join(repr(c) for c in bad[:10])}")
     if tok.cls_id is not None:
         ids = [tok.cls_id, *ids, tok.eot_id]
-    if len(ids) > cfg.model.max_seq_len:
-        raise PretrainError(f"the text is {len(ids)} tokens; the model's context is {cfg.model.max_seq_len}")
+    ctx = cfg.model.max_seq_len
+    if len(ids) > ctx:  # never cut: a cut could drop a [MASK] or the words it is guessed from
+        framed = (f" with {tok.tk.id_to_token(tok.cls_id)} and {tok.tk.id_to_token(tok.eot_id)}"
+                  if tok.cls_id is not None else "")
+        raise PretrainError(f"the text is {len(ids):,} tokens{framed}, {len(ids) - ctx:,} more than the "
+                            f"model's context of {ctx:,}: shorten it to the words around the [MASK]")
     x = torch.tensor([ids], device=dev)
     with torch.no_grad(), autocast_context(dev, cfg.train.dtype):
         probs = model(x)[0].float().softmax(-1)  # (T, V)

@@ -5,6 +5,7 @@ and the loss curve."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,9 @@ class Metrics:
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self.f.write(json.dumps(record) + "\n")
+        """One line of strict JSON: a non-finite number (an infinite gradient norm) is written as null."""
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.f.write(json.dumps(clean, allow_nan=False) + "\n")
         self.f.flush()
 
     def close(self) -> None:

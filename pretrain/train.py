@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from pretrain import PretrainError
 from pretrain.checkpoint import Checkpointer, TrainState
-from pretrain.config import Config, ConfigError, ModelConfig, from_dict, load_yaml
+from pretrain.config import Config, ConfigError, ModelConfig, from_dict, load_yaml, parse_sample_ranges
 from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_windows
 from pretrain.data.manifest import data_fingerprint, load_meta
 from pretrain.data.tokenizer import Tokenizer
@@ -50,6 +50,7 @@ from pretrain.distributed import (
     unwrap,
 )
 from pretrain.evaluation import evaluate
+from pretrain.guard import SpikeGuard, parse_fault
 from pretrain.hardware import (
     autocast_context,
     autocast_dtype,
@@ -74,7 +75,10 @@ RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.time_schedule", 
                   # how the global batch is split over processes, and how they talk
                   # (checked: the global batch)
                   "train.grad_accum", "train.global_batch_size", "train.parallelism", "train.dist_timeout_s",
-                  "train.consolidate"}
+                  "train.consolidate",
+                  # the spike guard and what to skip (they decide about the steps still to come)
+                  "train.guard", "train.guard_z", "train.guard_warmup", "train.guard_window",
+                  "train.guard_max_events", "train.guard_lr_scale", "train.skip_samples", "train.fault"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,14 +364,20 @@ class StopSignals:
 # build
 
 
-def train(cfg: Config, out_dir: str | Path, quiet: bool = False, resume: bool = False) -> dict[str, Any]:
+def train(cfg: Config, out_dir: str | Path, quiet: bool = False, resume: bool = False,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train (or continue training) a model into ``out_dir``; returns a summary dict. ``cfg`` is not changed.
 
     If ``out_dir`` already holds a checkpoint of a run with a compatible config, training resumes from
     its newest complete checkpoint exactly where it stopped (``resume``: it must; see
-    :func:`pretrain.checkpoint.resume_point` for what is refused).
+    :func:`pretrain.checkpoint.resume_point` for what is refused). Any other non-empty ``out_dir`` needs
+    ``overwrite`` (:func:`pretrain.io.check_output_dir`).
     """
+    from pretrain.io import check_output_dir
+
     run = Path(out_dir)
+    # before the ranks meet in init_distributed, so before rank 0 writes anything: all see the same folder
+    check_output_dir(run, "train", [cfg.data.path, cfg.train.init_from], overwrite)
     env = init_distributed(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
     if env.device.type == "cpu":
         tune_cpu_allocator()
@@ -411,6 +421,9 @@ class Job:
     metrics: Metrics | None
     n_params: int
     flops_per_token: float
+    guard: SpikeGuard
+    fault: tuple[str, int] | None = None
+    """train.fault (tests): ('nan' | 'spike', step)."""
 
 
 def _resolve(cfg: Config, run: Path, env: DistEnv, meta: dict[str, Any],
@@ -504,9 +517,12 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = Fals
         f"{'resuming ' + str(run) + ' at step ' + str(state.step) if state.step else 'training ' + str(run)}"
         f": {n_params / 1e6:.2f}M parameters on {where}, "
         f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")
+    loader.skip_samples(parse_sample_ranges(tc.skip_samples))
+    guard = SpikeGuard(tc.guard, tc.guard_z, tc.guard_warmup, tc.guard_window, tc.guard_max_events)
+    guard.load_state_dict(ckpt.extra.get("guard"))
     batches = Prefetcher(loader, device, tc.prefetch)  # started after the loader state is restored
     return Job(cfg, run, env, model, fwd, objective, optimizer, batches, val_split, documents, ckpt, state,
-               accum, global_batch, progress, metrics, n_params, flops_tok)
+               accum, global_batch, progress, metrics, n_params, flops_tok, guard, parse_fault(tc.fault))
 
 
 def _load_init(model: nn.Module, init_sd: dict[str, torch.Tensor], head: str, cfg: Config) -> None:
@@ -585,11 +601,17 @@ def loop(job: Job, stop: StopSignals) -> dict[str, Any]:
     while not done:
         # time_schedule: by time too
         lr = set_lr(job.optimizer, st.step, tc, time_frac if tc.time_schedule else 0.0)
-        loss_acc += train_step(job)
+        step_loss = train_step(job)
         grad_norm = clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        job.optimizer.step()
+        verdict = guard_step(job, step_loss, grad_norm, loss_acc) if job.guard.active else "ok"
+        if verdict == "ok":  # (the spike guard may drop the update, or go back to the last checkpoint)
+            loss_acc += step_loss
+            job.optimizer.step()
         job.optimizer.zero_grad(set_to_none=True)
-        st.step, st.loss_n, st.tokens_seen = st.step + 1, st.loss_n + 1, st.tokens_seen + tokens_per_step
+        if verdict == "rollback":
+            continue
+        st.step, st.tokens_seen = st.step + 1, st.tokens_seen + tokens_per_step
+        st.loss_n += verdict == "ok"
         st.elapsed_s = clock.elapsed()
         if tc.max_time_s:  # every rank stops together, and sets the same time-scheduled LR
             time_frac = max_over_ranks(st.elapsed_s, device) / tc.max_time_s
@@ -641,17 +663,68 @@ def train_step(job: Job) -> torch.Tensor:
     # global micro-batch index: MLM masks depend on which samples, not on how many processes
     parts = [job.objective.prepare(job.batches.next(), seed=(tc.seed * 1_000_003 + step) * 1024
                                    + micro * env.world_size + env.rank) for micro in range(job.accum)]
-    return backward_step(job.model, job.fwd, job.objective, parts, env.world_size, env.device, tc.dtype)
+    loss = backward_step(job.model, job.fwd, job.objective, parts, env.world_size, env.device, tc.dtype)
+    if job.fault is not None and job.fault[1] == step + 1:  # train.fault (tests): a NaN or a spike, once
+        scale = float("nan") if job.fault[0] == "nan" else 1000.0
+        job.fault = None
+        loss.mul_(scale)
+        for p in job.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return loss
+
+
+def guard_step(job: Job, step_loss: torch.Tensor, grad_norm, loss_acc: torch.Tensor) -> str:
+    """The spike guard's verdict on this step, before the optimizer applies it (pretrain/guard.py): 'ok',
+    'skip' (drop the update) or 'rollback' (done here: back to the last checkpoint); 'stop', or more events
+    than train.guard_max_events, end the run. The same on every rank: the loss is averaged over them and the
+    gradient norm is global."""
+    tc, st, guard = job.cfg.train, job.state, job.guard
+    loss, norm = all_reduce_mean_(step_loss.clone()).item(), float(grad_norm)
+    bad, z = guard.judge(loss, norm)
+    if not bad:
+        return "ok"
+    at = st.step + 1  # (the step being taken, as metrics.jsonl numbers it)
+    mode = "skip" if guard.mode == "rollback" and job.checkpointer.latest is None else guard.mode
+    extra: dict[str, Any] = {}
+    if mode == "rollback":
+        seen = job.batches.state_dict()["samples_seen"]
+        back, loader_then = job.checkpointer.rewind(job.model, job.optimizer)
+        extra = {"to_step": back.step, "skipped_samples": [loader_then["samples_seen"], seen]}
+        job.batches.loader.skip_samples([tuple(extra["skipped_samples"])])  # (already behind its position)
+        for g in job.optimizer.param_groups:
+            g["base_lr"] *= tc.guard_lr_scale
+        elapsed = st.elapsed_s
+        for f in dataclasses.fields(TrainState):
+            setattr(st, f.name, getattr(back, f.name))
+        st.elapsed_s = elapsed
+        loss_acc.fill_(st.loss_sum)
+    event = guard.record(at, loss, norm, z, action=mode, **extra)
+    if job.metrics is not None:
+        job.metrics.write(event)
+    job.progress.write(f"train.guard: step {event['step']} loss {loss:.4g}, gradient norm {norm:.4g} "
+                       f"(z {z:.1f}): {mode}")
+    if mode == "stop" or guard.exhausted:
+        why = (f"{len(guard.events)} spikes, more than train.guard_max_events {tc.guard_max_events}"
+               if mode != "stop" else f"a spike at step {event['step']} (train.guard stop)")
+        job.batches.close()
+        job.progress.close()
+        raise PretrainError(f"training stopped by {why}: loss {loss:.4g}, gradient norm {norm:.4g}, "
+                            f"z {z:.1f}; the last checkpoint, if any, is from before it: resume with a "
+                            "lower train.lr, train.guard skip or rollback, or --train.skip_samples past the "
+                            "batches")
+    return mode
 
 
 def log_step(job: Job, clock: Clock, loss_acc: torch.Tensor, lr: float, grad_norm,
              peak: float | None) -> dict:
     """The mean train loss since the last log line (over all ranks), the step's lr, gradient norm, speed."""
     st = job.state
-    train_loss = all_reduce_mean_(loss_acc).item() / st.loss_n  # .item() syncs: time is read after it
+    # .item() syncs: time is read after it; (no step since the last line, all dropped by the spike guard: nan)
+    train_loss = all_reduce_mean_(loss_acc).item() / st.loss_n if st.loss_n else float("nan")
     now = time.time()
     st.elapsed_s = clock.elapsed(now)
-    if not math.isfinite(train_loss):  # (the same on every rank)
+    if st.loss_n and not math.isfinite(train_loss):  # (the same on every rank)
         diverged(job, train_loss)
     tok_s = (st.tokens_seen - clock.tok_last) / max(now - clock.t_last, 1e-9)
     record = {"step": st.step, "tokens": st.tokens_seen, "train_loss": round(train_loss, 6), "lr": lr,
@@ -689,9 +762,21 @@ def save(job: Job, loss_acc: torch.Tensor, grad_norm) -> None:
     bad = not (bool(torch.isfinite(loss_acc)) and bool(torch.isfinite(torch.as_tensor(grad_norm))))
     if any_rank(bad, job.env.device):
         diverged(job, float("nan"), "loss or gradient norm")
+    if any_rank(not params_finite(job.model), job.env.device):  # (a last step can overflow the weights)
+        diverged(job, float("nan"), "weights")
     # the job's running loss (then the same on every rank)
     job.state.loss_sum = all_reduce_mean_(loss_acc).item()
-    job.checkpointer.save(job.state, job.model, job.optimizer, job.batches.state_dict())
+    job.checkpointer.save(job.state, job.model, job.optimizer, job.batches.state_dict(),
+                          {"guard": job.guard.state_dict()} if job.guard.active else None)
+
+
+def params_finite(model: nn.Module) -> bool:
+    """Whether every parameter (this rank's shard of it, under FSDP) is finite."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+                   for p in model.parameters())
 
 
 def diverged(job: Job, value: float, what: str = "loss") -> None:
@@ -712,4 +797,4 @@ def finish(job: Job, stop_reason: str) -> dict[str, Any]:
     return {"run_dir": str(job.run), "step": st.step, "tokens_seen": st.tokens_seen,
             "elapsed_s": round(st.elapsed_s, 3), "val_loss": st.last_val,
             "best_val_loss": None if math.isinf(st.best_val) else st.best_val, "stop_reason": stop_reason,
-            "n_params": job.n_params}
+            "n_params": job.n_params, **({"guard_events": job.guard.events} if job.guard.events else {})}

@@ -433,3 +433,89 @@ def test_a_damaged_newest_checkpoint_names_the_newest_that_verifies(tmp_path, pr
         verify_checkpoint(run / "checkpoints" / "step_000006")
     with pytest.raises(CheckpointError, match="step_000006 is damaged.*step_000002 verifies"):
         resume_point(run)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# load_pretrained: the run's tokenizer.json is the one it was trained with (the sha256 in meta.json)
+
+
+def _run_with_tokenizer(tmp_path: Path, tiny_model, chars: str = "abcdef", sha: str | None = "auto",
+                        data: Path | None = None) -> tuple[Path, object]:
+    """A run whose checkpoint records ``tokenizer_sha256`` (``sha``: "auto" = the tokenizer's own, None =
+    not recorded, as older checkpoints) and whose tokenizer.json is a char tokenizer of ``chars``."""
+    from pretrain.config import Config, DataConfig
+    from pretrain.data.tokenizer import char_tokenizer
+
+    tok = char_tokenizer(chars)
+    run = tmp_path / "run"
+    run.mkdir()
+    tok.save(run / "tokenizer.json")
+    model = tiny_model()
+    meta = {"config": Config(data=DataConfig(path=str(data or "")), model=model.cfg).to_dict()}
+    if sha is not None:
+        meta["tokenizer_sha256"] = tok.sha256() if sha == "auto" else sha
+    save_checkpoint(run, 1, model, {}, meta)
+    return run, tok
+
+
+def test_load_pretrained_refuses_a_swapped_tokenizer_of_the_same_size(tmp_path, tiny_model):
+    from pretrain.checkpoint import TokenizerMismatchError, load_pretrained
+    from pretrain.data.tokenizer import char_tokenizer
+
+    run, tok = _run_with_tokenizer(tmp_path, tiny_model)
+    assert load_pretrained(run)[2].sha256() == tok.sha256()
+    other = char_tokenizer("abcdeg")  # as many tokens, one character different: every later id shifts
+    assert other.vocab_size == tok.vocab_size
+    other.save(run / "tokenizer.json")
+    with pytest.raises(TokenizerMismatchError) as e:
+        load_pretrained(run)
+    msg = str(e.value)
+    assert msg.startswith(f"{run / 'tokenizer.json'} is not the tokenizer this run was trained with")
+    assert other.sha256() in msg and tok.sha256() in msg
+    assert str(run / "checkpoints" / "step_000001" / "meta.json") in msg and "put back" in msg
+
+
+def test_a_swapped_tokenizer_error_names_the_training_datas_copy(tmp_path, tiny_model):
+    from pretrain.checkpoint import TokenizerMismatchError, load_pretrained
+    from pretrain.data.tokenizer import char_tokenizer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    tok = char_tokenizer("abcdef")
+    tok.save(data / "tokenizer.json")
+    (data / "meta.json").write_text(json.dumps({"tokenizer": {"file": "tokenizer.json",
+                                                              "sha256": tok.sha256()}}))
+    run, _ = _run_with_tokenizer(tmp_path, tiny_model, data=data)
+    char_tokenizer("abcdeg").save(run / "tokenizer.json")
+    want = f"copy {data / 'tokenizer.json'} .*whose sha256 matches"
+    with pytest.raises(TokenizerMismatchError, match=want):
+        load_pretrained(run)
+    (run / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())  # what the error says to do
+    load_pretrained(run)
+
+
+def test_older_checkpoints_without_the_tokenizer_hash_still_load(tmp_path, tiny_model):
+    from pretrain.checkpoint import load_pretrained
+    from pretrain.data.tokenizer import char_tokenizer
+
+    run, _ = _run_with_tokenizer(tmp_path, tiny_model, sha=None)
+    char_tokenizer("abcdeg").save(run / "tokenizer.json")  # nothing recorded to check it against
+    load_pretrained(run)
+
+
+def test_the_training_datas_own_file_passes_when_the_library_serialises_it_differently(tmp_path, tiny_model):
+    # the hash is of the tokenizer as `tokenizers` serialises it: another version of the library may write the
+    # same tokenizer differently. The very file the data was prepared with (byte for byte, its manifest
+    # recording the checkpoint's hash) is the one the run was trained with.
+    from pretrain.checkpoint import TokenizerMismatchError, load_pretrained
+
+    old = "0" * 64  # the hash an older library gave
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"tokenizer": {"file": "tokenizer.json", "sha256": old}}))
+    run, _ = _run_with_tokenizer(tmp_path, tiny_model, sha=old, data=data)
+    (data / "tokenizer.json").write_bytes((run / "tokenizer.json").read_bytes())
+    load_pretrained(run)
+    (data / "tokenizer.json").write_text("{}")  # not the same file: refused
+    with pytest.raises(TokenizerMismatchError, match="is not the tokenizer this run was trained with"):
+        load_pretrained(run)

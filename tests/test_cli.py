@@ -193,3 +193,39 @@ def test_option_typos_get_a_suggestion(capsys):
         with pytest.raises(SystemExit) as e:
             main(args)
         assert e.value.code == 2 and hint in capsys.readouterr().err
+
+
+def test_train_writes_only_into_its_own_runs(tmp_path, trained, capsys):
+    """Rule 1 for `train --out`: a new or empty folder, or a run (continued); anything else needs --overwrite,
+    and the data it trains on is never the output."""
+    root, run = trained
+    args = ["train", *overrides(TINY_TRAIN), "--data.path", str(root / "data"), "--train.max_steps", "4",
+            "--quiet", "--out"]
+    assert main([*args, str(run)]) == 0  # its own earlier output: continued (nothing left to train)
+    capsys.readouterr()
+    # someone else's: a Hugging Face export, a fine-tune, a folder of other files; nothing of theirs changes
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    for name in ("finetune.json", "tokenizer.json", "model.safetensors"):
+        (ft / name).write_text(f"the fine-tune's {name}")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tokenizer.json").write_text("my tokenizer")
+    for out, what in ((tmp_path / "hf", "a Hugging Face export"), (ft, "a fine-tuned model"),
+                      (mine, "other files (tokenizer.json)")):
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        err = error_of(capsys, *args, str(out))
+        assert what in err and "--overwrite" in err and "not an earlier `pretrain train`'s output" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+        assert not (out / "checkpoints").exists()
+    # --overwrite: the run is written into the folder, the user's other files stay
+    (mine / "tokenizer.json").unlink()
+    (mine / "notes.txt").write_text("mine")
+    assert main([*args, str(mine), "--overwrite"]) == 0
+    assert (mine / "checkpoints" / "latest").exists() and (mine / "notes.txt").read_text() == "mine"
+    # the data folder, or a folder holding it: refused, --overwrite or not
+    for out in (root / "data", root):
+        err = error_of(capsys, *args, str(out), "--overwrite")
+        assert "an input of `pretrain train`" in err and str(root / "data") in err
+    assert not (root / "data" / "checkpoints").exists()

@@ -316,3 +316,30 @@ def test_a_key_given_twice_in_yaml_is_an_error(tmp_path):
 def test_combinations_that_would_do_nothing_are_errors(overrides, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(None, overrides)
+
+
+# ------------------------------------------------------------------------------- sections are mappings
+
+
+def test_a_section_that_is_not_a_mapping_is_an_error_even_when_an_override_touches_it(tmp_path):
+    path = write(tmp_path, "train: 5\n")
+    for overrides in (None, ["--train.lr", "1e-3"], {"train": {"lr": 1e-3}}):  # never silently replaced
+        with pytest.raises(ConfigError) as e:
+            load_config(path, overrides)
+        assert str(e.value) == (f"config file {path}: train must be a mapping (indented `key: value` lines), "
+                                "got int 5")
+    with pytest.raises(ConfigError, match="model must be a mapping .*got list"):
+        load_config(write(tmp_path, "model: [1, 2]\n", "list.yaml"), ["--model.n_layer", "2"])
+    with pytest.raises(ConfigError, match="train must be a mapping"):  # falsy values too, not taken as {}
+        from_dict(Config, {"train": 0})
+    with pytest.raises(ConfigError, match="'train.lr' is 0.01, not a mapping"):
+        load_config(write(tmp_path, "train:\n  lr: 0.01\n", "lr.yaml"), ["--train.lr.x", "1"])
+
+
+def test_an_empty_section_changes_nothing(tmp_path):
+    path = write(tmp_path, "train:\nmodel:\n  n_layer: 3\n")
+    cfg = load_config(path, ["--train.lr", "1e-3"])
+    assert cfg.train.lr == 1e-3 and cfg.train.max_steps == TrainConfig().max_steps and cfg.model.n_layer == 3
+    # an empty section over a base that fills it keeps the base's values
+    cfg = load_config(path, base={"train": {"max_steps": 7}})
+    assert cfg.train.max_steps == 7

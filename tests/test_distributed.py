@@ -349,3 +349,28 @@ def test_gpu_processes_match_one_and_resume(tmp_path, data_dir, parallelism):
     back = copy_until(ref, tmp_path / "back", 10)  # and the reverse
     torchrun(["--out", str(back), *args_for(data_dir, *gpu, "--train.parallelism", parallelism)], nproc=nproc)
     assert_same_curve(curve(back), curve(ref), tol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["skip", "rollback"])
+def test_spike_guard_decides_the_same_on_every_rank(tmp_path, data_dir, mode):
+    """A spike injected at step 7: two processes take the same decision at the same step (else their
+    collectives would part ways) and train on to the same curve as one process."""
+    extra = ("--train.guard", mode, "--train.guard_warmup", "3", "--train.fault", "spike@7",
+             "--train.ckpt_interval", "4")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", "--out", str(one), *args_for(data_dir, *CPU, *extra)]) == 0
+    torchrun(["--out", str(two), *args_for(data_dir, *CPU, *extra)])
+
+    def rows(run: Path) -> tuple[list[dict], dict[int, dict]]:
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        events = [r for r in lines if "guard" in r]
+        last = {r["step"]: r for r in lines if "train_loss" in r}  # (after a rollback, the steps again)
+        return events, last
+
+    (ev1, last1), (ev2, last2) = rows(one), rows(two)
+    assert [(e["step"], e["action"]) for e in ev1] == [(e["step"], e["action"]) for e in ev2] == [(7, mode)]
+    assert ev1[0]["loss"] == pytest.approx(ev2[0]["loss"], rel=1e-4)
+    assert sorted(last1) == sorted(last2) and max(last1) == 20
+    for step in last1:
+        assert last1[step]["train_loss"] == pytest.approx(last2[step]["train_loss"], abs=TOL), step

@@ -377,3 +377,35 @@ def test_export_of_a_hub_data_run_and_a_failed_export_leaves_nothing(tmp_path, c
         export.export_hf(run, tmp_path / "hf", dtype="bf16", overwrite=True)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+
+
+def test_export_replaces_only_its_own_unedited_export(runs, hf_llama, tmp_path, capsys):
+    """Rule 1 for `export --out`: an earlier export is exported over as long as none of its files was edited;
+    another Hugging Face model, a fine-tune or the run itself are not."""
+    from pretrain.cli import main
+
+    run, _ = runs["gpt"]
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0  # its own earlier export, as it was written
+    card = out / "README.md"
+    assert card.read_text().splitlines()[-1].startswith("<!-- pretrain-record: ")  # invisible on the Hub
+    card.write_text(card.read_text().replace("## Use", "## Intended use\n\nMy own words.\n\n## Use"))
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "README.md changed after it was written" in err and "--overwrite" in err
+    assert "My own words" in card.read_text()
+    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert "My own words" not in card.read_text()
+    # a model that pretrain did not export (a transformers checkpoint) keeps its weights
+    hf_dir = hf_llama[0] / "hf"
+    before = (hf_dir / "model.safetensors").read_bytes()
+    assert main(["export", str(run), "--out", str(hf_dir)]) == 2
+    assert "a Hugging Face model not exported by pretrain" in capsys.readouterr().err
+    assert (hf_dir / "model.safetensors").read_bytes() == before
+    # the run itself, or a folder holding it: refused, --overwrite or not
+    for where in (run, run.parent):
+        assert main(["export", str(run), "--out", str(where), "--overwrite"]) == 2
+        assert "an input of `pretrain export`" in capsys.readouterr().err
+    assert not (run / "config.json").exists() and not (run.parent / "config.json").exists()

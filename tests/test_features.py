@@ -81,3 +81,34 @@ def test_embed_bad_input(run, capsys):
         assert main(["embed", str(root / "run"), "--input", str(root / "in.txt"),
                      "--out", str(root / "x.npy"), "--pooling", "cls"]) == 2
         assert "encoder" in capsys.readouterr().err
+
+
+def test_embed_replaces_only_its_own_unchanged_file(run, tmp_path, capsys):
+    """Rule 1 for `embed --out`: rerunning into its own earlier file works; a file it did not write, or one
+    changed since, needs --overwrite; the input is never the output."""
+    objective, root, texts = run
+    if objective == "mlm":
+        pytest.skip("one backbone is enough for the output rule")
+    args = ["embed", str(root / "run"), "--input", str(root / "in.txt"), "--out"]
+    out = tmp_path / "e.npy"
+    assert main([*args, str(out)]) == 0 and main([*args, str(out)]) == 0  # new, then its own: replaced
+    capsys.readouterr()
+    mine = tmp_path / "mine.npy"
+    np.save(mine, np.ones((2, 2), dtype=np.float32))
+    before = mine.read_bytes()
+    assert main([*args, str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not written by `pretrain embed`" in err and "--overwrite" in err
+    assert mine.read_bytes() == before
+    assert main([*args, str(mine), "--overwrite"]) == 0 and np.load(mine).shape == (len(texts), 32)
+    np.save(out, np.load(out)[:3])  # edited after embed wrote it
+    assert main([*args, str(out)]) == 2 and "was changed after" in capsys.readouterr().err
+    # the input itself: refused, --overwrite or not
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "texts.parquet"
+    pq.write_table(pa.table({"text": texts}), table)
+    before = table.read_bytes()
+    assert main(["embed", str(root / "run"), "--input", str(table), "--out", str(table), "--overwrite"]) == 2
+    assert "an input of `pretrain embed`" in capsys.readouterr().err and table.read_bytes() == before

@@ -4,6 +4,7 @@ prediction, linear probe, transfer report; bad input → clear errors."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -508,3 +509,94 @@ def test_every_table_format_reads_the_same_examples(tmp_path):
     nums = (read_examples(tmp_path / "n.csv", "a", "y")
             if (tmp_path / "n.csv").write_text("a,y\nx,1\nz,0.5\n") else None)
     assert nums.labels == [1, 0.5]
+
+
+ONE_STEP = ["--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--quiet"]
+
+
+def test_finetune_writes_only_into_its_own_folders(tmp_path, pretrained, capsys):
+    """Rule 1 for `finetune --out`: a new or empty folder or an earlier fine-tune; a Hugging Face export, a
+    pre-training run or other files need --overwrite; the run and the data's folder are never the output."""
+    objective, root = pretrained
+    if objective == "clm":
+        pytest.skip("one backbone is enough for the output rule")
+    run, tr, va = str(root / "run"), str(root / "train.jsonl"), str(root / "valid.jsonl")
+
+    def ft(out, *extra) -> int:
+        capsys.readouterr()
+        return main(["finetune", run, "--train", tr, "--valid", va, "--out", str(out), *ONE_STEP, *extra])
+
+    assert ft(tmp_path / "ft") == 0 and ft(tmp_path / "ft") == 0  # new, then its own earlier output
+    # an export keeps its weights (this used to replace them)
+    assert main(["export", run, "--out", str(tmp_path / "hf")]) == 0
+    weights = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    assert ft(tmp_path / "hf") == 2
+    err = capsys.readouterr().err
+    assert "a Hugging Face export" in err and "--overwrite" in err
+    assert "not an earlier `pretrain finetune`'s output" in err
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == weights
+    assert not (tmp_path / "hf" / "finetune.yaml").exists()
+    # --overwrite writes the fine-tune into it; what it does not write stays
+    assert ft(tmp_path / "hf", "--overwrite") == 0
+    assert (tmp_path / "hf" / "finetune.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
+    # the run, its checkpoint's run folder, the folder of a data file: refused, --overwrite or not
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(Path(tr).read_text())
+    for out, train in ((root / "run", tr), (root, tr), (data, str(data / "train.jsonl"))):
+        capsys.readouterr()
+        assert main(["finetune", run, "--train", train, "--valid", va, "--out", str(out), *ONE_STEP,
+                     "--overwrite"]) == 2
+        assert "an input of `pretrain finetune`" in capsys.readouterr().err
+    assert not (root / "run" / "finetune.yaml").exists() and sorted(os.listdir(data)) == ["train.jsonl"]
+
+
+def test_predict_replaces_only_its_own_unchanged_file(tmp_path, pretrained, capsys):
+    """Rule 1 for `predict --out`: rerunning into its own earlier file works; a file it did not write, or one
+    edited since, needs --overwrite; the input is never the output (this used to overwrite it)."""
+    objective, root = pretrained
+    if objective == "clm":
+        pytest.skip("one backbone is enough for the output rule")
+    va = root / "valid.jsonl"
+    assert main(["finetune", str(root / "run"), "--train", str(root / "train.jsonl"), "--valid", str(va),
+                 "--out", str(tmp_path / "ft"), *ONE_STEP]) == 0
+    args = ["predict", str(tmp_path / "ft"), "--input", str(va), "--out"]
+    out = tmp_path / "preds.jsonl"
+    assert main([*args, str(out)]) == 0 and main([*args, str(out)]) == 0
+    capsys.readouterr()
+    labelled = tmp_path / "labelled.jsonl"  # the user's own file
+    labelled.write_text(va.read_text())
+    assert main([*args, str(labelled)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists and was not written by `pretrain predict`" in err and "--overwrite" in err
+    assert labelled.read_text() == va.read_text()
+    assert main([*args, str(labelled), "--overwrite"]) == 0 and '"prediction"' in labelled.read_text()
+    with out.open("a") as f:  # predictions checked by hand are the user's work now
+        f.write('{"row": 60, "note": "checked"}\n')
+    assert main([*args, str(out)]) == 2 and "was changed after" in capsys.readouterr().err
+    before = va.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert main(["predict", str(tmp_path / "ft"), "--input", str(va), "--out", str(va), *extra]) == 2
+        assert "an input of `pretrain predict`" in capsys.readouterr().err
+    assert va.read_bytes() == before
+
+
+def test_transfer_writes_only_into_its_own_folders(tmp_path, pretrained, capsys):
+    objective, root = pretrained
+    if objective == "clm":
+        pytest.skip("one backbone is enough for the output rule")
+    args = ["transfer", str(root / "run"), "--train", str(root / "train.jsonl"), "--valid",
+            str(root / "valid.jsonl"), "--budgets", "all", "--seeds", "1", "--min-steps", "1", "--max-epochs",
+            "1", "--epochs", "1", "--batch-size", "64", "--quiet", "--out"]
+    mine = tmp_path / "reports"
+    mine.mkdir()
+    (mine / "report.md").write_text("my report")
+    capsys.readouterr()
+    assert main([*args, str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "other files (report.md)" in err and "--overwrite" in err
+    assert (mine / "report.md").read_text() == "my report" and not (mine / "runs").exists()
+    assert main([*args, str(mine), "--overwrite"]) == 0 and (mine / "report.json").is_file()
+    assert main([*args, str(mine)]) == 0  # now its own earlier report: run again (finished runs reused)
+    assert main([*args, str(root), "--overwrite"]) == 2  # the folder of its inputs
+    assert "an input of `pretrain transfer`" in capsys.readouterr().err

@@ -160,3 +160,46 @@ def test_text_columns_and_other_files(tmp_path):
         read_examples(tmp_path / "notes.txt")
     with pytest.raises(TaskDataError, match="file not found"):
         read_examples(tmp_path / "absent.csv")
+
+
+# ------------------------------------------------------------------ labels: never NaN, null or empty
+
+
+@pytest.mark.parametrize("name,content,why", [
+    ("nan.csv", "text,label\nfine,pos\nalso fine,nan\n", "NaN ('nan')"),
+    ("empty.csv", "text,label\nfine,pos\nalso fine,\n", "empty"),
+    ("blank.tsv", "text\tlabel\nfine\tpos\nalso fine\t  \n", "empty"),
+    ("nan.jsonl", '{"text": "fine", "label": 1}\n{"text": "also fine", "label": NaN}\n', "NaN"),
+    ("null.jsonl", '{"text": "fine", "label": "pos"}\n{"text": "also fine", "label": null}\n', "null"),
+    ("null.json", '[{"text": "fine", "label": 0.5}, {"text": "also fine", "label": null}]', "null"),
+])
+def test_a_missing_label_is_an_error_naming_file_row_and_column(tmp_path, name, content, why):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(TaskDataError) as e:
+        read_examples(path)
+    assert str(e.value) == (f"{path}: row 2 has no label in column 'label' (the value is {why}); give every "
+                            "row a label, or remove the rows without one")
+
+
+@pytest.mark.parametrize("value,why", [(None, "null"), (float("nan"), "NaN")])
+def test_a_parquet_null_or_nan_label_is_an_error(tmp_path, value, why):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "y": [1.0, 2.0, value]}), path)
+    want = f"row 3 has no label in column 'y' (the value is {why})"
+    with pytest.raises(TaskDataError, match=re.escape(want)):
+        read_examples(path, label_column="y")
+    assert read_examples(path, label_column=None).labels is None  # unlabelled input (predict) is not checked
+
+
+def test_regression_labels_must_be_numbers(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("text,score\na,low\nb,high\n", encoding="utf-8")
+    assert read_examples(path, label_column="score").labels == ["low", "high"]  # fine for classification
+    with pytest.raises(TaskDataError) as e:
+        read_examples(path, label_column="score", task="regression")
+    assert str(e.value) == (f"{path}: row 1: the label 'low' in column 'score' is not a number (task "
+                            "regression needs a number in every row)")
+    path.write_text("text,score\na,0.5\nb,inf\n", encoding="utf-8")
+    with pytest.raises(TaskDataError, match=r"row 2 has no label in column 'score' \(the value is infinite"):
+        read_examples(path, label_column="score", task="regression")

@@ -497,3 +497,34 @@ def test_mlm_padded_documents_train_and_eval(mlm_run, tmp_path, capsys):
     err = error_of(capsys, "train", "--out", str(tmp_path / "clm"), *overrides(TINY_TRAIN), "--data.path",
                    str(root / "data"), "--data.packing", "false")
     assert "packing" in err
+
+
+def test_fill_mask_text_over_the_context_is_an_error_not_cut(mlm_run, capsys):
+    _, run = mlm_run
+    err = error_of(capsys, "fill-mask", str(run), "the king took the crown " * 10 + "[MASK]")
+    assert "tokens with [CLS] and [SEP]" in err and "more than the model's context of 32" in err
+
+
+def test_every_command_refuses_a_run_whose_tokenizer_was_swapped(mlm_run, tmp_path, capsys):
+    import shutil
+
+    root, run = mlm_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    spec = json.loads((copy / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]  # the same tokens, two of them trading ids: the same size, other ids
+    vocab["king"], vocab["crown"] = vocab["crown"], vocab["king"]
+    (copy / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\nthe king,a\nthe crown,b\n", encoding="utf-8")
+    for args in (["eval", str(copy)], ["fill-mask", str(copy), "the king [MASK] the crown"],
+                 ["embed", str(copy), "--input", str(root / "corpus" / "doc_000.txt"),
+                  "--out", str(tmp_path / "f.npy")],
+                 ["finetune", str(copy), "--train", str(table), "--valid", str(table),
+                  "--out", str(tmp_path / "ft")]):
+        err = error_of(capsys, *args)
+        assert err.startswith(f"error: {copy / 'tokenizer.json'} is not the tokenizer this run was trained "
+                              "with: its sha256 is "), args
+        assert f"copy {root / 'data' / 'tokenizer.json'}" in err
+    shutil.copyfile(root / "data" / "tokenizer.json", copy / "tokenizer.json")  # as the error says
+    assert main(["eval", str(copy), "--json"]) == 0

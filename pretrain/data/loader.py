@@ -114,6 +114,7 @@ class TrainLoader:
                             "data.seq_len or more data")
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.samples_seen = 0  # global samples consumed (all ranks)
+        self.skipped: list[tuple[int, int]] = []
         self._epoch_cache: tuple[int, np.ndarray, int] | None = None
         self._setup_mixture(np.repeat(np.asarray(split.groups, dtype=np.int64), self.counts), "sequence")
 
@@ -171,7 +172,15 @@ class TrainLoader:
         start = offset + (w - int(self.starts[shard])) * self.seq_len
         return self.split.shards[shard][start:start + self.seq_len + 1]
 
+    def skip_samples(self, ranges: list[tuple[int, int]]) -> None:
+        """Pass over global samples [a, b) (``train.skip_samples``, the spike guard's rollback): when the
+        position reaches a range, it jumps to its end. Kept in the state, so a resume skips them too."""
+        self.skipped = sorted({(int(a), int(b)) for a, b in [*self.skipped, *ranges] if b > a})
+
     def next_batch(self) -> torch.Tensor:
+        for a, b in self.skipped:
+            if a <= self.samples_seen < b:
+                self.samples_seen = b
         base = self.samples_seen + self.rank * self.batch_size
         rows = [self.sample(base + i) for i in range(self.batch_size)]
         self.samples_seen += self.batch_size * self.world_size
@@ -185,6 +194,8 @@ class TrainLoader:
         state = {"samples_seen": self.samples_seen, "seed": self.seed, "seq_len": self.seq_len}
         if self.mixture_weights is not None:
             state["mixture"] = list(self.mixture_weights)
+        if self.skipped:
+            state["skipped"] = [list(r) for r in self.skipped]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -197,6 +208,7 @@ class TrainLoader:
             raise DataError(f"loader state was saved with mixture weights {saved}, but the data now has "
                             f"{self.mixture_weights}: resuming would draw different batches")
         self.samples_seen = int(state["samples_seen"])
+        self.skip_samples([tuple(r) for r in state.get("skipped", [])])
 
 
 def document_spans(split: TokenSplit, eot_id: int, max_len: int) -> np.ndarray:
@@ -243,6 +255,7 @@ class DocumentLoader(TrainLoader):
         if self.n_windows < 1:
             raise DataError(f"the {split.split} split has no documents")
         self.samples_seen = 0
+        self.skipped = []
         self._epoch_cache = None
         self._setup_mixture(np.asarray(split.groups, dtype=np.int64)[self.spans[:, 0]], "document")
 

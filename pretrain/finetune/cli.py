@@ -65,7 +65,8 @@ def _config(args: argparse.Namespace, **extra: Any):
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.finetune.loop import finetune
 
-    res = finetune(args.run, args.train, args.valid, args.out, _config(args), quiet=args.quiet or args.json)
+    res = finetune(args.run, args.train, args.valid, args.out, _config(args), quiet=args.quiet or args.json,
+                   overwrite=args.overwrite)
     best = res["best"]
     res.pop("history")
     shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items()
@@ -79,7 +80,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.finetune.predict import predict
 
-    res = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device)
+    res = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
+                  overwrite=args.overwrite)
     _emit(args, res, f"wrote {res['rows']:,} predictions to {res['out']}"
                      + (f" ({res['truncated']} inputs truncated to {res['max_length']} tokens)"
                         if res["truncated"] else ""))
@@ -102,7 +104,8 @@ def cmd_transfer(args: argparse.Namespace) -> dict[str, Any]:
 
     res = transfer(args.run, args.train, args.valid, args.out, _config(args), budgets=args.budgets,
                    seeds=args.seeds, scratch_lr=args.scratch_lr, min_steps=args.min_steps,
-                   max_epochs=args.max_epochs, all_seeds=args.all_seeds, quiet=args.quiet or args.json)
+                   max_epochs=args.max_epochs, all_seeds=args.all_seeds, quiet=args.quiet or args.json,
+                   overwrite=args.overwrite)
     rows = "; ".join(f"n={r['n']:,}: {100 * r['pretrained']['mean']:.1f} vs {100 * r['scratch']['mean']:.1f}"
                      for r in res["summary"])
     _emit(args, res, f"transfer report in {args.out} (report.md, report.json, report.png): "
@@ -120,6 +123,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--valid", required=True,
                    help="labelled validation file (model selection, early stopping)")
     s.add_argument("--out", required=True, help="output directory (best model, metrics.jsonl)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out that is not an earlier fine-tune")
     _add_columns(s)
     _add_config_flags(s)
     s.add_argument("--quiet", action="store_true")
@@ -131,6 +136,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--input", required=True,
                    help="file with the same text column(s) as training; labels not needed")
     s.add_argument("--out", required=True, help=".jsonl, .csv, .tsv or .parquet (CoNLL text for token tasks)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that an earlier `pretrain predict` did not write (or that "
+                        "changed since)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
@@ -156,6 +164,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--train", required=True)
     s.add_argument("--valid", required=True)
     s.add_argument("--out", required=True, help="report directory")
+    s.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out that is not an earlier transfer's")
     s.add_argument("--budgets", default="100,1000,10000,all", help="label budgets, e.g. 100,1k,10k,all")
     s.add_argument("--seeds", type=int, default=3, help="seeds per budget (default 3)")
     s.add_argument("--all-seeds", type=int, default=1, help="seeds for the full training set (default 1)")

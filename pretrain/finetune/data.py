@@ -2,8 +2,8 @@
 
 Tables: CSV, TSV, JSONL/JSON or Parquet (optionally gzip/zstd), read by the reader `pretrain prepare` uses
 (:func:`pretrain.data.sources.iter_records`). Columns are named by the user; a missing column is an error
-that lists the columns that exist. Labels are checked once, here: empty text, missing labels, and a label
-column mixing numbers and words are errors.
+that lists the columns that exist. Labels are checked once, here: empty text, missing labels (empty, null
+or NaN: never a class of their own), and a label column mixing numbers and words are errors.
 
 Token classification reads CoNLL-style files: one token per line with its tag in the last
 whitespace-separated column, sentences separated by blank lines, ``-DOCSTART-`` lines ignored.
@@ -11,6 +11,7 @@ whitespace-separated column, sentences separated by blank lines, ``-DOCSTART-`` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,11 @@ def _column(rows: list[dict[str, Any]], columns: list[str], name: str, path: Pat
 
 
 def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label",
-                  pair_column: str | None = None) -> Examples:
-    """Read a table of examples; ``label_column=None`` for unlabelled input (prediction)."""
+                  pair_column: str | None = None, task: str | None = None) -> Examples:
+    """Read a table of examples; ``label_column=None`` for unlabelled input (prediction). Every row needs a
+    label: an empty one, a null (JSON ``null``, a Parquet null) or NaN (a CSV ``nan``, a float NaN) is an
+    error naming the file, the row and the column, never a class of its own; so is, with
+    ``task="regression"``, one that is not a finite number."""
     path = Path(path)
     rows, columns = _rows(path)
     if not rows:
@@ -100,10 +104,37 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
     if label_column:
         labels = _column(rows, columns, label_column, path, "--label-column")
         for i, v in enumerate(labels):
-            if v is None or (isinstance(v, str) and not v.strip()):
-                raise TaskDataError(f"{path}: row {i + 1} has no label in column {label_column!r}")
+            _check_label(v, i, path, label_column, task)
         labels = _normalise_labels(labels, path, label_column)
     return Examples(texts, pairs, labels, str(path))
+
+
+def _missing(v: Any) -> str | None:
+    """Why ``v`` is no label (``'empty'``, ``'null'``, ``'NaN'``, ...), or None when it is one."""
+    if v is None:
+        return "null"
+    if isinstance(v, str) and not v.strip():
+        return "empty"
+    if _is_number(v):
+        try:
+            f = float(v)
+        except OverflowError:  # an integer too large for a float is still a label
+            return None
+        if math.isnan(f):
+            return f"NaN ({v!r})" if isinstance(v, str) else "NaN"
+        if math.isinf(f):
+            return f"infinite ({v!r})"
+    return None
+
+
+def _check_label(v: Any, i: int, path: Path, column: str, task: str | None) -> None:
+    why = _missing(v)
+    if why is not None:
+        raise TaskDataError(f"{path}: row {i + 1} has no label in column {column!r} (the value is {why}); "
+                            "give every row a label, or remove the rows without one")
+    if task == "regression" and not _is_number(v):
+        raise TaskDataError(f"{path}: row {i + 1}: the label {v!r} in column {column!r} is not a number "
+                            "(task regression needs a number in every row)")
 
 
 def _is_number(v: Any) -> bool:

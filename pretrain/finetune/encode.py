@@ -234,7 +234,7 @@ def read_task(cfg: FinetuneConfig, path: str | Path, with_labels: bool = True):
     if cfg.task == "token":
         return read_conll(path, with_tags=with_labels)
     return read_examples(path, cfg.text_column, cfg.label_column if with_labels else None,
-                         cfg.text_pair_column)
+                         cfg.text_pair_column, task=cfg.task)
 
 
 def _labels_of(cfg: FinetuneConfig, ex) -> list[Any]:

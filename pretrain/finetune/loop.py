@@ -40,7 +40,7 @@ from pretrain.finetune.metrics import compute_metrics
 from pretrain.finetune.model import TaskModel, _apply_lora, load_backbone
 from pretrain.finetune.predict import FT_FILE, run_model, save_finetuned
 from pretrain.hardware import autocast_context, resolve_device, tune_cpu_allocator
-from pretrain.io import write_text_atomic
+from pretrain.io import check_output_dir, write_text_atomic
 from pretrain.metrics import Metrics, Progress, divergence
 from pretrain.models import spec_of
 from pretrain.optim import scale_lr, schedule
@@ -182,13 +182,12 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig, n_layers: int) -> list[d
 
 def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, out: str | Path,
              cfg: FinetuneConfig | None = None, train_subset: list[int] | None = None,
-             quiet: bool = False) -> dict[str, Any]:
-    """Fine-tune ``run`` on ``train_path``, select on ``valid_path``; the best model goes to ``out``."""
+             quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune ``run`` on ``train_path``, select on ``valid_path``; the best model goes to ``out``: a new or
+    empty folder or an earlier fine-tune, or with ``overwrite`` any other folder but the inputs' own."""
     cfg = cfg or FinetuneConfig()
     out = Path(out)
-    if (out / "checkpoints").is_dir():
-        raise ConfigError(f"{out} is a pre-training run (it holds checkpoints/); fine-tuning would overwrite "
-                          "its files: choose another --out")
+    check_output_dir(out, "finetune", [run, train_path, valid_path], overwrite)
     data = read_data(cfg, train_path, valid_path, train_subset)
     job = build(run, out, cfg, data, quiet)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pretrain.finetune.data import Examples, TokenExamples
 from pretrain.finetune.encode import Encoded, _batch, _encode_task, length_batches, read_task
 from pretrain.finetune.model import TaskModel, merged
 from pretrain.hardware import autocast_context, resolve_device
-from pretrain.io import atomic_path, write_json_atomic, write_text_atomic
+from pretrain.io import atomic_path, check_output_file, record_output, write_json_atomic, write_text_atomic
 
 FT_FILE = "finetune.json"
 
@@ -80,11 +80,14 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_size: int = 64,
-            device: str = "auto") -> dict[str, Any]:
+            device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
     """Predict every row of ``input_path`` (same columns as training; labels not needed) into ``out``
-    (.jsonl, .csv or .parquet; CoNLL .txt/.conll for token tasks)."""
+    (.jsonl, .csv or .parquet; CoNLL .txt/.conll for token tasks). An existing ``out`` is replaced only if an
+    earlier ``predict`` wrote it (and it is unchanged since) or with ``overwrite``; never when it is the
+    input."""
     if batch_size < 1:
         raise PretrainError("--batch-size must be >= 1")
+    check_output_file(out, "predict", [input_path, ft_dir], overwrite)
     dev = resolve_device(device)
     model, info, tok = load_finetuned(ft_dir, dev)
     cfg = from_dict(FinetuneConfig, info["config"])
@@ -113,6 +116,7 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
                 row.update({f"p_{name}": round(float(v), 6) for name, v in zip(info["labels"], s)})
             rows.append(row)
         _write_rows(out, rows)
+    record_output(out, "predict")
     return {"out": str(out), "rows": len(preds), "task": cfg.task, "truncated": enc.truncated,
             "max_length": info["max_length"]}
 

@@ -24,7 +24,7 @@ from pretrain.config import FinetuneConfig
 from pretrain.finetune.encode import _labels_of, read_task
 from pretrain.finetune.loop import finetune
 from pretrain.finetune.metrics import compute_metrics
-from pretrain.io import write_json_atomic, write_text_atomic
+from pretrain.io import check_output_dir, write_json_atomic, write_text_atomic
 from pretrain.models import spec_of
 
 
@@ -79,12 +79,14 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
              cfg: FinetuneConfig | None = None, budgets: str | list = "100,1000,10000,all", seeds: int = 3,
              scratch_lr: float = 1e-3, min_steps: int = 300, max_epochs: int = 20, all_seeds: int | None = 1,
              text_column: str | None = None, label_column: str | None = None,
-             quiet: bool = False) -> dict[str, Any]:
+             quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Pre-trained vs from-scratch fine-tuning at each label budget; the report goes to ``out``.
 
     ``cfg.epochs`` is the minimum number of epochs; smaller budgets get up to ``max_epochs`` so each trains
     ``min_steps`` steps. From-scratch runs use ``scratch_lr`` (a random init wants a larger step than a
-    pre-trained one). The full training set is run with ``all_seeds`` seeds (it varies least)."""
+    pre-trained one). The full training set is run with ``all_seeds`` seeds (it varies least). ``out`` is a
+    new or empty folder or an earlier transfer's (whose finished runs are reused), or with ``overwrite`` any
+    other folder but the inputs' own."""
     cfg = cfg or FinetuneConfig()
     if text_column:
         cfg = dataclasses.replace(cfg, text_column=text_column)
@@ -93,6 +95,7 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
     if seeds < 1:
         raise PretrainError("seeds must be >= 1")
     out = Path(out)
+    check_output_dir(out, "transfer", [run, train, valid], overwrite)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     full = read_task(cfg, train)
@@ -113,7 +116,8 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
                 work = out / "runs" / f"{init}_n{n}_s{seed}"
                 res = _finished(work, run_cfg, n, ident)
                 if res is None:
-                    res = finetune(run, train, valid, work, run_cfg, train_subset=subset, quiet=True)
+                    res = finetune(run, train, valid, work, run_cfg, train_subset=subset, quiet=True,
+                                   overwrite=overwrite)
                     # keep metrics and configs, not every model
                     (work / "model.safetensors").unlink(missing_ok=True)
                     _write_done(work, res, ident)
