@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pretrain import PretrainError, __version__
+from pretrain import Interrupted, PretrainError, __version__
 
 
 def _log(msg: str) -> None:
@@ -434,9 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # unreadable input, unwritable output, full disk
         print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or a signal asked to stop at once: 128 + its number
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + int(signum)
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    raise Interrupted(signum)
 
 
 if __name__ == "__main__":

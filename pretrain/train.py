@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pretrain import PretrainError
+from pretrain import Interrupted, PretrainError
 from pretrain.checkpoint import Checkpointer, TrainState
 from pretrain.config import Config, ConfigError, ModelConfig, from_dict, load_yaml, parse_sample_ranges
 from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_windows
@@ -341,7 +341,7 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if not self.armed or self.received == name:  # during set-up, or asked twice: stop now
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         if self.received is None:
             self.received = name
             if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks
