@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -73,6 +74,7 @@ class ModelConfig:
     """Standard deviation of the normal weight init; output projections are scaled by 1/sqrt(2*n_layer)."""
 
     def __post_init__(self) -> None:
+        _all_finite(self, "model")
         from pretrain.models.spec import arch_names  # (the registry imports this module: resolved at use)
 
         names = arch_names()
@@ -225,6 +227,7 @@ class TrainConfig:
     """For tests: 'nan@STEP' or 'spike@STEP' makes that step's loss and gradients NaN or 1000x."""
 
     def __post_init__(self) -> None:
+        _all_finite(self, "train")
         _check(self.guard in ("off", "stop", "skip", "rollback"),
                f"train.guard must be 'off', 'stop', 'skip' or 'rollback', got {self.guard!r}")
         _check(self.guard_z > 0 and self.guard_warmup >= 0 and self.guard_window >= 2
@@ -288,6 +291,7 @@ class MLMConfig:
     """Select whole words: all WordPiece pieces of a word are masked together."""
 
     def __post_init__(self) -> None:
+        _all_finite(self, "mlm")
         _check(0.0 < self.mask_prob < 1.0, "mlm.mask_prob must be in (0, 1)")
         _check(self.mask_token_frac >= 0 and self.random_token_frac >= 0
                and self.mask_token_frac + self.random_token_frac <= 1.0,
@@ -403,6 +407,7 @@ class FinetuneConfig:
     'bf16' or 'fp32'."""
 
     def __post_init__(self) -> None:
+        _all_finite(self, "finetune")
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _check(self.epochs >= 1, "epochs must be >= 1")
         _check(self.max_steps >= 0, "max_steps must be >= 0")
@@ -464,6 +469,14 @@ def parse_verbalizer(spec: str) -> dict[str, str]:
     if len(set(out.values())) < len(out):
         raise ConfigError(f"verbalizer {spec!r}: every label needs its own word")
     return out
+
+
+def _all_finite(section: Any, name: str) -> None:
+    """Every number of a config section is finite: `lr: inf` or `.nan` is a config error, not a later NaN."""
+    for f in dataclasses.fields(section):
+        v = getattr(section, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{name}.{f.name} must be a finite number, got {v}")
 
 
 def _check(ok: bool, msg: str) -> None:

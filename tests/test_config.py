@@ -343,3 +343,15 @@ def test_an_empty_section_changes_nothing(tmp_path):
     # an empty section over a base that fills it keeps the base's values
     cfg = load_config(path, base={"train": {"max_steps": 7}})
     assert cfg.train.max_steps == 7
+
+
+@pytest.mark.parametrize("override", [["--train.lr", "inf"], ["--train.lr", ".nan"],
+                                      ["--train.grad_clip", "inf"], ["--model.rope_theta", "inf"],
+                                      ["--mlm.mask_prob", "nan"]])
+def test_non_finite_numbers_are_config_errors(override):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        load_config(None, override)
+    from pretrain.config import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="finetune.lr must be a finite number"):
+        FinetuneConfig(lr=float("inf"))
