@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from pretrain import PretrainError
-from pretrain.io import atomic_path, fsync_dir, fsync_file, write_json_atomic
+from pretrain.io import atomic_path, fsync_dir, fsync_file, nbytes, write_failed, write_json_atomic
 
 CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -90,11 +90,17 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     tmp = root / f".tmp_{final.name}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    _commit(run_dir, tmp, final,
-            {**meta, "step": step, "files": _file_records(tmp, (MODEL_FILE, STATE_FILE))}, keep)
+    try:
+        tmp.mkdir()
+        save_model(model, str(tmp / MODEL_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        files = _file_records(tmp, (MODEL_FILE, STATE_FILE))
+    except OSError as e:  # a full disk, above all: nothing half-written stays, the last checkpoint is intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise write_failed(e, f"checkpoint step {step}", root, nbytes(model.state_dict()) + nbytes(state),
+                           f"the previous checkpoint {previous} is intact" if previous else "") from None
+    _commit(run_dir, tmp, final, {**meta, "step": step, "files": files}, keep)
     return final
 
 

@@ -58,7 +58,7 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
 
     from pretrain import PretrainError
     from pretrain.checkpoint import load_pretrained, resolve_checkpoint
-    from pretrain.io import card_record, check_output_dir
+    from pretrain.io import card_record, check_output_dir, write_failed
 
     if dtype not in ("fp32", "bf16"):
         raise PretrainError(f"--dtype must be fp32 or bf16, got {dtype!r}")
@@ -130,6 +130,10 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
             os.replace(tmp, out)
         else:
             _move_into(tmp, out)
+    except OSError as e:  # a full disk, above all: the partial export is removed, an earlier one stays
+        need = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        raise write_failed(e, "the export", out, need,
+                           "an earlier export there, if any, is as it was") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     hf = hf_mapping(cfg.model)

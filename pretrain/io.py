@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -366,3 +367,29 @@ def check_output_file(out: str | Path, command: str, inputs: Any = (), overwrite
     why = ("was changed after `pretrain " + command + "` wrote it" if changed
            else "already exists and was not written by `pretrain " + command + "`")
     raise PretrainError(f"{out} {why}: pass --overwrite to replace it, or choose another --out")
+
+
+def write_failed(e: OSError, what: str, where: Path, need_bytes: int | None = None,
+                 kept: str = "") -> PretrainError:
+    """One clear error for an OS failure while writing (a full disk above all): what could not be written,
+    where, how much space it needed and how much is free, and what on disk is still good."""
+    probe = Path(where)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 1e6:,.0f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    need = f"; it needs about {need_bytes / 1e6:,.0f} MB" if need_bytes else ""
+    return PretrainError(f"could not write {what} to {where}: {e.strerror or e}{need}, {free}"
+                         + (f"; {kept}" if kept else ""))
+
+
+def nbytes(obj: Any) -> int:
+    """The bytes of every tensor (or array) in a nest of dicts, lists and tuples: what saving it takes."""
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    n = getattr(obj, "nbytes", None)
+    return int(n) if isinstance(n, int) else 0

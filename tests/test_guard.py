@@ -1,5 +1,6 @@
-"""The loss-spike guard (train.guard stop | skip | rollback), the fault injection that proves it, sample
-ranges a run skips, and the rule that diverged weights are never saved."""
+"""Faults during training: the loss-spike guard (train.guard stop | skip | rollback) and the injected NaNs
+and spikes that prove it, sample ranges a run skips, diverged weights never saved, a full disk while a
+checkpoint or an export is written."""
 
 from __future__ import annotations
 
@@ -138,3 +139,55 @@ def test_skip_samples_and_bad_settings(tmp_path, prepared_data):
     for bad in ({"guard": "maybe"}, {"skip_samples": "5-2"}, {"fault": "boom@3"}, {"guard_lr_scale": 2.0}):
         with pytest.raises(ConfigError):
             _cfg(prepared_data, **bad)
+
+
+# ------------------------------------------------------------------ a full disk while a checkpoint is written
+
+
+def _disk_full(*_a, **_k):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_loses_nothing(tmp_path, prepared_data,
+                                                                              monkeypatch, capsys):
+    import pretrain.checkpoint as ck
+    from pretrain.checkpoint import resume_point
+
+    run = tmp_path / "run"
+    train(_cfg(prepared_data, max_steps=4), run, quiet=True)
+    real = ck.save_model
+    monkeypatch.setattr(ck, "save_model", _disk_full)
+    with pytest.raises(PretrainError) as e:
+        train(_cfg(prepared_data, max_steps=8), run, quiet=True)
+    msg = str(e.value)
+    assert "could not write checkpoint step 8" in msg and "No space left on device" in msg
+    assert "MB free" in msg and "needs about" in msg and "step_000004 is intact" in msg
+    assert not list((run / "checkpoints").glob(".tmp_*"))  # nothing half-written stays
+    monkeypatch.setattr(ck, "save_model", real)
+    assert resume_point(run).name == "step_000004"  # the previous checkpoint verifies, and the run goes on
+    assert train(_cfg(prepared_data, max_steps=8), run, quiet=True)["step"] == 8
+    # through the CLI: one error line, status 2
+    from pretrain.cli import main
+
+    monkeypatch.setattr(ck, "save_model", _disk_full)
+    assert main(["train", "--out", str(run), "--data.path", str(prepared_data), "--data.seq_len", "16",
+                 "--model.n_layer", "1", "--model.n_head", "2", "--model.d_model", "16",
+                 "--train.batch_size", "2", "--train.max_steps", "10", "--train.warmup_steps", "1",
+                 "--train.eval_interval", "0", "--train.log_interval", "1", "--train.ckpt_interval", "4",
+                 "--train.plot", "false", "--train.threads", "1", "--train.dtype", "fp32",
+                 "--train.guard_warmup", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not write checkpoint step 10") and "\n" not in err
+
+
+def test_a_full_disk_during_an_export_leaves_no_partial_folder(tmp_path, prepared_data, monkeypatch):
+    from pretrain.export import export_hf
+
+    run = tmp_path / "run"
+    train(_cfg(prepared_data, max_steps=2), run, quiet=True)
+    monkeypatch.setattr("safetensors.torch.save_file", _disk_full)
+    with pytest.raises(PretrainError, match="could not write the export .*No space left on device"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
