@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from pretrain import PretrainError
 from pretrain.config import ModelConfig
 from pretrain.export import hf_config_dict, to_hf_state_dict
 from pretrain.models import build_model
@@ -349,7 +350,7 @@ def test_export_of_a_hub_data_run_and_a_failed_export_leaves_nothing(tmp_path, c
     monkeypatch.setattr(export, "_model_card", broken)  # fails after the weights and tokenizer are written
     for out in (tmp_path / "new", tmp_path / "hf"):
         before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(PretrainError, match="could not write the export .*disk full"):
             export.export_hf(run, out, dtype="bf16", overwrite=True)
         after = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
         assert after == before  # no half-written export, the previous one intact
