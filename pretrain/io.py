@@ -377,12 +377,19 @@ def write_failed(e: OSError, what: str, where: Path, need_bytes: int | None = No
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
-        free = f"{shutil.disk_usage(probe).free / 1e6:,.0f} MB free there"
+        free = f"{_size(shutil.disk_usage(probe).free)} free there"
     except OSError:
         free = "free space unknown"
-    need = f"; it needs about {need_bytes / 1e6:,.0f} MB" if need_bytes else ""
+    need = f"; it needs about {_size(need_bytes)}" if need_bytes else ""
     return PretrainError(f"could not write {what} to {where}: {e.strerror or e}{need}, {free}"
                          + (f"; {kept}" if kept else ""))
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
 
 
 def nbytes(obj: Any) -> int:

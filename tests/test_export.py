@@ -374,7 +374,7 @@ def test_export_of_a_hub_data_run_and_a_failed_export_leaves_nothing(tmp_path, c
         real(a, b)
 
     monkeypatch.setattr(export.os, "replace", flaky)
-    with pytest.raises(OSError, match="device busy"):
+    with pytest.raises(PretrainError, match="device busy"):
         export.export_hf(run, tmp_path / "hf", dtype="bf16", overwrite=True)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
