@@ -123,6 +123,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
 
     if args.init_from:
         overrides = [*overrides, "--train.init_from", args.init_from]
+    if args.skip_samples:
+        overrides = [*overrides, "--train.skip_samples", args.skip_samples]
     if args.resume:
         run = Path(args.resume)
         saved = run / "config.yaml"
@@ -309,6 +311,9 @@ def _add_data_and_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
     s.add_argument("--init-from", metavar="HF_DIR",
                    help="start from a local Hugging Face checkpoint (same as --train.init_from HF_DIR)")
+    s.add_argument("--skip-samples", metavar="A-B[,C-D]",
+                   help="global sample ranges to pass over, e.g. the batches before a loss spike "
+                        "(same as --train.skip_samples)")
     s.add_argument("--overwrite", action="store_true",
                    help="write the run into a non-empty folder that is not a run (a run is always continued)")
     s.add_argument("--quiet", action="store_true", help="no progress output")

@@ -600,3 +600,28 @@ def test_transfer_writes_only_into_its_own_folders(tmp_path, pretrained, capsys)
     assert main([*args, str(mine)]) == 0  # now its own earlier report: run again (finished runs reused)
     assert main([*args, str(root), "--overwrite"]) == 2  # the folder of its inputs
     assert "an input of `pretrain transfer`" in capsys.readouterr().err
+
+
+def test_a_fine_tune_with_a_swapped_tokenizer_is_refused(pretrained, tmp_path, capsys):
+    """finetune.json records the tokenizer's sha256; predict (every loader of a fine-tune) checks it."""
+    import json as _json
+
+    from pretrain.data.tokenizer import Tokenizer
+
+    objective, root = pretrained
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(root / "run"), "--train", str(root / "train.jsonl"), "--valid",
+                 str(root / "valid.jsonl"), "--out", str(ft), "--epochs", "1", "--quiet"]) == 0
+    info = _json.loads((ft / "finetune.json").read_text())
+    assert info["tokenizer_sha256"] == Tokenizer.load(ft / "tokenizer.json").sha256()
+    doc = _json.loads((ft / "tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    if isinstance(vocab, dict):  # two ids swapped: the same size, another tokenizer
+        a, b = sorted(vocab)[-2:]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+    else:
+        vocab[-1], vocab[-2] = vocab[-2], vocab[-1]
+    (ft / "tokenizer.json").write_text(_json.dumps(doc))
+    assert main(["predict", str(ft), "--input", str(root / "valid.jsonl"), "--out",
+                 str(tmp_path / "p.jsonl")]) == 2
+    assert "not the tokenizer this model was fine-tuned with" in capsys.readouterr().err

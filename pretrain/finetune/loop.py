@@ -147,7 +147,8 @@ def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet
             "max_length": max_len, "config": dataclasses.asdict(cfg), "backbone": pcfg.to_dict(),
             "pretrained_from": None if cfg.from_scratch else str(ckpt), "train_examples": len(data.tr.ids),
             "valid_examples": len(data.va.ids),
-            "truncated": {"train": data.tr.truncated, "valid": data.va.truncated}}
+            "truncated": {"train": data.tr.truncated, "valid": data.va.truncated},
+            "tokenizer_sha256": tok.sha256()}
     pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
     job = FtJob(cfg, out, model, opt, data, device, pad, total, int(cfg.warmup_frac * total), info, tok,
                 Progress(total, 0, quiet))

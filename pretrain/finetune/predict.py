@@ -72,6 +72,11 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
         raise PretrainError(f"{path / WEIGHTS} is corrupt or does not match {FT_FILE}: "
                             f"{str(e).splitlines()[0][:200]}") from None
     tok = Tokenizer.load(path / "tokenizer.json")
+    recorded = info.get("tokenizer_sha256")  # (absent: fine-tuned before it was recorded)
+    if recorded is not None and tok.sha256() != recorded:
+        raise PretrainError(f"{path / 'tokenizer.json'} is not the tokenizer this model was fine-tuned with "
+                            f"(its sha256 is {tok.sha256()}, {FT_FILE} records {recorded}): put that one "
+                            "back (the pre-trained run's tokenizer.json is the same file)")
     if tok.vocab_size > pcfg.model.vocab_size:
         raise PretrainError(f"{path / 'tokenizer.json'} has {tok.vocab_size:,} tokens but the model "
                             f"{pcfg.model.vocab_size:,}: "
