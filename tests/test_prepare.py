@@ -633,3 +633,194 @@ def test_cli_weights_and_new_options(tmp_path, capsys):
     meta = load_meta(tmp_path / "d")
     assert meta["settings"]["workers"] == 2 and meta["settings"]["batch_chars"] == 10_000
     assert max(sh["tokens"] for sh in meta["splits"]["train"]["shards"]) <= 3000
+
+
+# ====================================================================================== huge documents
+
+_LONG_TEXT_PARTS = ["Hello, world! It's 2026; we'll see.", "  runs of   spaces,\ttabs\t\tand\n\nlines \r\n",
+                    "numbers 3.14159 1,000,000 ½ ² ٣", "naïve café — “quotes” 漢字かな交じり文",
+                    "🙂👍🏽 Ελληνικά ΑΣ.",
+                    "combining e\u0301 a\u0308; no-break\u00a0space; ideographic\u3000space",
+                    "a written-out <|endoftext|> and [SEP] and <unk>", "SHOUTING'S FINE'LL 'RE 'VE ''' ----"]
+
+
+def _long_text(n: int = 60) -> str:
+    """A long document of ordinary and tricky text, and one 200-character run without a space."""
+    import random
+
+    parts = [" ".join(sentences(4, seed=i)) for i in range(n)] + _LONG_TEXT_PARTS * 3
+    random.Random(0).shuffle(parts)
+    parts.insert(len(parts) // 2, "x" * 200)
+    return " ".join(parts)
+
+
+def _trained(kind: str, text: str):
+    from pretrain.data.tokenizer import char_tokenizer, train_bpe, train_unigram, train_wordpiece
+
+    corpus = _docs(40) + _LONG_TEXT_PARTS
+    return {"byte": byte_tokenizer, "char": lambda: char_tokenizer(set(text[: len(text) // 2])),
+            "bpe": lambda: train_bpe(corpus, 500), "wordpiece": lambda: train_wordpiece(corpus, 300),
+            "unigram": lambda: train_unigram(corpus, 200)}[kind]()
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe", "wordpiece", "unigram"])
+def test_a_long_text_is_tokenized_in_pieces_to_the_whole_texts_ids(kind, monkeypatch):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from pretrain.data import encode
+
+    monkeypatch.setattr(encode, "PIECE_CHARS", 64)
+    monkeypatch.setattr(encode, "ENCODE_CHARS", 256)
+    monkeypatch.setattr(encode, "CHECK_CHARS", 300)  # the fast paths' self-check on the first pieces only
+    text = _long_text()
+    tok = _trained(kind, text)
+    whole = HFTokenizer.from_str(tok.to_str())
+    whole.encode_special_tokens = True  # as prepare encodes: a written-out special token is text
+    enc = encode.IdsEncoder(HFTokenizer.from_str(tok.to_str()), np.int64)
+    assert enc.chunker.rule == encode.KIND_RULES[kind]
+    spans = list(enc.chunker.spans(text))
+    assert len(spans) > len(text) // 100 and max(hi - lo for lo, hi in spans) <= 64  # many pieces
+    assert "".join(text[lo:hi] for lo, hi in spans) == text
+    if kind not in ("byte", "char"):  # every cut is a rule cut, but in the 200-character run without a space
+        ch = enc.chunker
+        fallback = [hi for lo, hi in spans
+                    if hi < len(text) and not (text[hi] in ch.chars and ch._ok(text, hi, 0, len(text)))]
+        assert 1 <= len(fallback) <= 3 and all(text[hi - 1] == text[hi] == "x" for hi in fallback)
+        text = text.replace("x" * 200, "x")  # (the documented rule's case: the next test)
+    texts = [text, "short", "", text[: len(text) // 3]]
+    ids, lens = enc.encode(texts)
+    assert enc.fast == (kind in ("byte", "char", "bpe"))  # the self-check kept the fast path
+    want = [whole.encode(t, add_special_tokens=False).ids for t in texts]
+    assert lens.tolist() == [len(w) for w in want]
+    assert ids.tolist() == [i for w in want for i in w]
+
+
+def test_where_no_safe_cut_exists_the_documented_rule_holds(monkeypatch):
+    """bpe: a piece with no space between non-spaces within PIECE_CHARS characters is cut after exactly that
+    many (the cut is safe for normalisation: before an ASCII character); its ids are those of the pieces,
+    which may differ from the whole text's at that cut (and only there)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from pretrain.data import encode
+    from pretrain.data.tokenizer import train_bpe
+
+    monkeypatch.setattr(encode, "PIECE_CHARS", 50)
+    monkeypatch.setattr(encode, "ENCODE_CHARS", 200)
+    tok = train_bpe(["abcdefgh" * 40, "some words here"] * 5, 300)
+    text = "some words here " + "abcdefgh" * 20 + " some words here"  # a 160-character run, no space
+    enc = encode.IdsEncoder(HFTokenizer.from_str(tok.to_str()), np.int64)
+    spans = list(enc.chunker.spans(text))
+    assert spans[:3] == [(0, 15), (15, 65), (65, 115)]  # a rule cut, then cuts after exactly 50 characters
+    pieces = [text[lo:hi] for lo, hi in spans]
+    got = enc.encode([text])[0].tolist()
+    assert got == [i for p in pieces for i in tok.encode(p, text_only=True)]
+    assert got != tok.encode(text, text_only=True)  # "abcdefgh" cut in two: a different encoding there
+    assert tok.decode(got) == text  # the text itself is intact
+
+
+def test_tokenizer_training_text_in_pieces_gives_the_same_words():
+    """The trainers count pre-tokenized words: the pieces give the same ones (bpe: the same tokenizer; the
+    wordpiece and unigram trainers are not deterministic run to run, so their words are compared)."""
+    from pretrain.data.encode import Chunker
+    from pretrain.data.tokenizer import train_bpe
+
+    text = _long_text().replace("x" * 200, "x")  # (a cut in a run without a space: a word cut in two)
+    for kind in ("bpe", "wordpiece", "unigram"):
+        pieces = list(Chunker.for_kind(kind).pieces(text, 64))
+        assert len(pieces) > 50 and "".join(pieces) == text
+        tk = _trained(kind, text).tk
+
+        def words(texts, tk=tk):
+            norm = tk.normalizer.normalize_str if tk.normalizer is not None else (lambda s: s)
+            return sorted(w for t in texts for w, _ in tk.pre_tokenizer.pre_tokenize_str(norm(t)))
+
+        assert words(pieces) == words([text]), kind
+    in_pieces = train_bpe(Chunker.for_kind("bpe").pieces(text, 64), 400)
+    assert in_pieces.to_str() == train_bpe([text], 400).to_str()
+
+
+def test_long_document_cleaning_checks_match_the_whole_text(tmp_path, monkeypatch):
+    """Filters, exact and near-duplicate hashes, decontamination, split hash: slice by slice, the same."""
+    from pretrain.data import prepare as prep
+
+    (tmp_path / "eval.txt").write_text(" ".join(sentences(3, seed=7)) + "\n", encoding="utf-8")
+    monkeypatch.setattr(prep, "SLICE_CHARS", 40)
+    configs = [CleanConfig(dedup_exact=True, near_dup_threshold=0.7, max_symbol_ratio=0.9,
+                           min_alpha_ratio=0.1, max_repeated_line_ratio=0.3,
+                           decontaminate=[str(tmp_path / "eval.txt")], ngram=4),
+               CleanConfig(max_repeated_line_ratio=0.2), CleanConfig(max_symbol_ratio=0.2),
+               CleanConfig(near_dup_threshold=0.5)]
+    texts = [_long_text(10), "line one\nline one\r\n  line two  \n\nline one\n" * 5, "ΑΣ. " * 30,
+             " ".join(sentences(3, seed=7)) + " then more words after it", "   \n\t  " * 20, "x" * 100,
+             "one two three four " + "-" * 80]
+    seen = set()
+    for cfg in configs:
+        c = Cleaner(cfg)
+        for t in texts:
+            want, got = c.analyze(t), prep._analyze(c, t)
+            assert got[:3] == want[:3] and got[4] == want[4], (cfg, t[:40])
+            assert (got[3] is None) == (want[3] is None)
+            assert want[3] is None or np.array_equal(got[3], want[3])
+            seen.add(want[0] or ("contaminated" if want[2] else "kept"))
+    assert {1, 4, 6, "contaminated", "kept"} <= seen  # the filters fired: empty, symbol ratio, repeated lines
+    t = _long_text(10)
+    assert prep._is_val(t, 0.5) == (int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(),
+                                                   "little") / 2**64 < 0.5)
+    c = Cleaner(CleanConfig(normalize="NFKC"))
+    raw = ("ﬁ e\u0301 \x01 ①" + _long_text(5)) * 3
+    assert prep._transform_long(c, raw) == c.transform(raw)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "char"])
+def test_a_long_single_line_document_prepares_correctly(tmp_path, monkeypatch, tokenizer):
+    """One long line, cleaned by the main process in slices and tokenized in pieces by the workers: the shards
+    decode back to the text (cut at its tail), and are those of the whole-document path."""
+    from pretrain.data import encode
+    from pretrain.data import prepare as prep
+
+    raw = _long_text(120).replace("\n", " ").replace("\r", " ")  # ~16k characters, one line
+    assert "\n" not in raw and len(raw) > 15_000
+    text = Cleaner(CleanConfig()).transform(raw)  # what is tokenized (NFC: e + U+0301 is é)
+    assert text != raw
+    src = tmp_path / "line.txt"
+    src.write_text(raw + "\x01", encoding="utf-8")  # a control character, stripped by cleaning
+    outs = {}
+    for name, long_chars, workers in (("whole", 1 << 22, 0), ("pieces", 2000, 0), ("pool", 2000, 2)):
+        monkeypatch.setattr(prep, "LONG_DOC_CHARS", long_chars)
+        monkeypatch.setattr(prep, "SLICE_CHARS", 500)
+        monkeypatch.setattr(encode, "PIECE_CHARS", 300)
+        outs[name] = prepare([str(src)], tmp_path / name, tokenizer=tokenizer, val_fraction=0.1, log=quiet,
+                             workers=workers, batch_chars=1000)
+        tok = Tokenizer.load(tmp_path / name)
+        train, val = read_split(tmp_path / name, "train"), read_split(tmp_path / name, "val")
+        cut = int(len(text) * 0.9)
+        assert tok.decode(train.tolist()) == text[:cut] and tok.decode(val.tolist()) == text[cut:]
+        if tokenizer == "byte":
+            assert train.tolist() == list(text[:cut].encode())
+        assert outs[name]["splits"]["train"]["documents"] == outs[name]["splits"]["val"]["documents"] == 1
+        assert outs[name]["splits"]["train"]["bytes"] == len(text[:cut].encode())
+        assert _bins(tmp_path / name) == _bins(tmp_path / "whole")
+        _same_meta(outs["whole"], outs[name])
+
+
+_HWM_SCRIPT = """
+import sys
+from pretrain.data.prepare import prepare
+prepare([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], workers=0, log=lambda *a: None)
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_peak_memory_of_a_huge_single_line_is_bounded(tmp_path, tokenizer):
+    """A 6 MB single-line document: 0.9-1.5 GB before (150-250 bytes per character), now ~100 MB. (VmHWM: the
+    process's own peak; ru_maxrss would carry over the pytest process's, from before the exec.)"""
+    line = ((" ".join(sentences(20_000, seed=3)) + " ") * 7)[:6_000_000]
+    (tmp_path / "line.txt").write_text(line, encoding="utf-8")
+    res = subprocess.run([sys.executable, "-c", _HWM_SCRIPT, str(tmp_path / "line.txt"), str(tmp_path / "d"),
+                          tokenizer], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.split()[-1]) / 1024 < 250  # MB (about 80 of them the interpreter and libraries)
+    assert load_meta(tmp_path / "d")["splits"]["train"]["bytes"] == int(len(line) * 0.9)

@@ -10,7 +10,15 @@ Layout of a prepared data directory::
 
 The pipeline never holds the corpus in memory. Documents stream from the sources in batches of about
 ``batch_chars`` characters; at most ``2 × workers`` batches are in flight, so peak memory is set by
-``workers`` and ``batch_chars`` (and the largest single document), not by the corpus size:
+``workers`` and ``batch_chars``, not by the corpus size. A single huge document (one 100 MB line) costs
+a few times its own size, not hundreds: a document longer than ``LONG_DOC_CHARS`` (4 Mi characters) is
+normalised and analysed by the main process slice by slice (``SLICE_CHARS``; cut where neither Unicode
+normalisation, nor a word, nor a line's hash can change: the results are those of the whole text) and
+only its tokenizer pieces go to the workers, cut by the rule of encode.py's docstring (exact for byte,
+char, bpe, wordpiece and unigram wherever the text has an ordinary space or, for byte and char, anywhere;
+elsewhere a piece with no safe point within 65,536 characters is cut there, and only there may its ids
+differ). The tokenizer trainers get their sample in such pieces too, and every tokenizer encodes at most
+``encode.ENCODE_CHARS`` characters at a time:
 
 1. scan — read every source once; worker processes normalise each document and run the stateless
    cleaning checks (filters, hashes, MinHash signatures, n-gram lookups); the main process makes the
@@ -43,15 +51,17 @@ import shutil
 import signal
 import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 
-from pretrain.data.clean import NUM_PERM, CleanConfig, Cleaner
-from pretrain.data.encode import IdsEncoder
+from pretrain.data.clean import _STEP_INDEX, NUM_PERM, CleanConfig, Cleaner, _h, _words
+from pretrain.data.encode import Chunker, IdsEncoder, norm_safe_cut
 from pretrain.data.manifest import FORMAT_VERSION, META, SPLITS, token_dtype
 from pretrain.data.sources import (
     DataError,
@@ -66,6 +76,15 @@ from pretrain.io import exclusive_lock, fsync_dir, write_json_atomic
 DROP, TRAIN, VAL, TAIL = 0, 1, 2, 3  # plan codes; TAIL: the single document, cut at its text tail
 BPE_CACHE_WORDS = 100_000  # words whose BPE pieces a tokenizing process remembers (~10 MB)
 AUTO_INPROCESS_BYTES = 32 << 20  # below this much input, workers=None runs in-process (no pool start-up)
+LONG_DOC_CHARS = 1 << 22  # a longer document: cleaned by the main process, tokenized in pieces by workers
+SLICE_CHARS = 1 << 17  # a longer text is normalised, analysed and hashed in slices of about this size
+MINHASH_BATCH = 8192  # shingles hashed at once (datasketch holds 128 × 8 bytes per shingle while it does)
+EXAMPLE_CHARS = 1000  # of a long document kept for the cleaning report's examples
+_MORE = "more"  # scan metadata of a long document's pieces after its first
+# str.isspace as a character class: a cut before one of these splits no word (\w), line or lower() context
+_SPACE = "[\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_SPACE_FWD, _SPACE_REV = regex.compile(_SPACE), regex.compile(_SPACE, regex.REVERSE)
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines splits
 
 
 class ShardWriter:
@@ -120,10 +139,166 @@ class ShardWriter:
                 "shards": self.shards}
 
 
-def _is_val(doc: str, val_fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                       "little")
-    return (h / 2**64) < val_fraction
+def _digest(text: str, prefix: str = "") -> bytes:
+    """blake2b-64 of ``prefix + text`` in UTF-8 (clean._h's hash), slice by slice: no copy of a long text."""
+    h = hashlib.blake2b(prefix.encode("utf-8", "surrogatepass"), digest_size=8)
+    for lo in range(0, len(text), SLICE_CHARS):
+        h.update(text[lo:lo + SLICE_CHARS].encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+def _is_val(doc: str, val_fraction: float, prefix: str = "") -> bool:
+    return (int.from_bytes(_digest(doc, prefix), "little") / 2**64) < val_fraction
+
+
+# ------------------------------------------------------------------------------------------- long documents
+
+
+def _transform_long(c: Cleaner, d: str) -> str:
+    """``c.transform(d)`` slice by slice (cut where normalisation cannot change); ``d`` itself when nothing
+    changes, so an already clean document is not copied."""
+    out: list[str] | None = None
+    lo = 0
+    while lo < len(d):
+        hi = len(d) if len(d) - lo <= SLICE_CHARS else norm_safe_cut(d, lo, lo + SLICE_CHARS)
+        piece = d[lo:hi]
+        done = c.transform(piece)
+        if out is None and done != piece:
+            out = [d[:lo]]
+        if out is not None:
+            out.append(done)
+        lo = hi
+    return d if out is None else "".join(out)
+
+
+def _word_spans(t: str, size: int = SLICE_CHARS) -> Iterator[tuple[int, int]]:
+    """Slices of ``t`` of about ``size`` characters, each cut before a whitespace character: no word is cut,
+    and str.lower() sees the same context (whitespace is neither cased nor case-ignorable)."""
+    lo = 0
+    while len(t) - lo > size:
+        m = _SPACE_REV.search(t, lo + 1, lo + size + 1) or _SPACE_FWD.search(t, lo + size + 1)
+        if m is None:
+            break
+        yield lo, m.start()
+        lo = m.start()
+    yield lo, len(t)
+
+
+def _analyze(c: Cleaner, t: str) -> tuple[int, int, bool, Any, int]:
+    """``c.analyze(t)``; for a text over SLICE_CHARS the same result, computed slice by slice."""
+    if len(t) <= SLICE_CHARS:
+        return c.analyze(t)
+    cfg = c.cfg
+    spans = list(_word_spans(t))
+    nbytes = sum(len(t[a:b].encode("utf-8", "surrogatepass")) for a, b in spans)
+    reason = _filter_long(c, t, spans)
+    if reason:
+        return _STEP_INDEX[reason], 0, False, None, nbytes
+    exact = int.from_bytes(_digest(t), "little") if cfg.dedup_exact else 0
+    contaminated = bool(c._contam) and _contaminated_long(c, t, spans)
+    minhash = _minhash_long(c, t, spans) if c._lsh is not None else None
+    return 0, exact, contaminated, minhash, nbytes
+
+
+def _filter_long(c: Cleaner, t: str, spans: list[tuple[int, int]]) -> str | None:
+    """Cleaner._filter without its whole-text lists (characters, lines)."""
+    cfg = c.cfg
+    if not t or t.isspace():
+        return "empty"
+    if cfg.min_chars and len(t) < cfg.min_chars:
+        return "min_chars"
+    if cfg.max_chars and len(t) > cfg.max_chars:
+        return "max_chars"
+    if cfg.max_symbol_ratio or cfg.min_alpha_ratio:
+        non_space = len(t) - sum(map(str.isspace, t))  # (no whitespace character is alphanumeric)
+        if cfg.max_symbol_ratio and (non_space - sum(map(str.isalnum, t))) / non_space > cfg.max_symbol_ratio:
+            return "symbol_ratio"
+        if cfg.min_alpha_ratio and sum(map(str.isalpha, t)) / non_space < cfg.min_alpha_ratio:
+            return "alpha_ratio"
+    if cfg.max_repeated_line_ratio:
+        lines = np.frombuffer(_line_hashes(t, spans), np.uint64)
+        if len(lines) > 1 and 1 - len(np.unique(lines)) / len(lines) > cfg.max_repeated_line_ratio:
+            return "repeated_lines"
+    return None
+
+
+def _line_hashes(t: str, spans: list[tuple[int, int]]) -> array:
+    """A 64-bit hash of every non-empty ``line.strip()`` of ``t.splitlines()``, a line at a time (a line may
+    run across slices; equal lines, equal hashes)."""
+    out = array("Q")
+    h: Any = None  # the hash of the current line's stripped text so far
+    pending: list[str] = []  # its whitespace not yet known to be inside the line (not trailing)
+
+    def feed(part: str) -> None:
+        nonlocal h, pending
+        body = part.rstrip()
+        if h is None:
+            if not body.lstrip():
+                return
+            h = hashlib.blake2b(body.lstrip().encode("utf-8", "surrogatepass"), digest_size=8)
+        elif body:
+            h.update(("".join(pending) + body).encode("utf-8", "surrogatepass"))
+        else:
+            pending.append(part)
+            return
+        pending = [part[len(body):]]
+
+    def end_line() -> None:
+        nonlocal h, pending
+        if h is not None:
+            out.append(int.from_bytes(h.digest(), "little"))
+        h, pending = None, []
+
+    for a, b in spans:
+        s = t[a:b]
+        lines = s.splitlines()
+        for k, line in enumerate(lines):
+            feed(line)
+            if k < len(lines) - 1 or s[-1] in _LINE_BREAKS:
+                end_line()
+    end_line()
+    return out
+
+
+def _contaminated_long(c: Cleaner, t: str, spans: list[tuple[int, int]]) -> bool:
+    """Cleaner.analyze's n-gram lookup, slice by slice; the last words of a slice carry over to the next."""
+    lengths = [c.cfg.ngram, *sorted(c._short_lens)]
+    keep = max(lengths) - 1
+    carry: list[str] = []
+    for a, b in spans:
+        w = carry + _words(t[a:b])
+        for k in lengths:  # the n-grams that end in this slice's words
+            for i in range(max(0, len(carry) - k + 1), len(w) - k + 1):
+                if _h(" ".join(w[i:i + k])) in c._contam:
+                    return True
+        carry = w[max(0, len(w) - keep):] if keep else []
+    return False
+
+
+def _minhash_long(c: Cleaner, t: str, spans: list[tuple[int, int]]) -> Any:
+    """Cleaner.analyze's MinHash signature (word 5-gram shingles), slice by slice: the signature of a union is
+    the element-wise minimum, which MinHash.update_batch keeps."""
+    from datasketch import MinHash
+
+    proto = c._proto()
+    m = MinHash(num_perm=NUM_PERM, seed=1, permutations=proto.permutations, scheme=proto.scheme)
+    carry: list[str] = []
+    first: list[str] = []
+    total = 0
+    for a, b in spans:
+        new = _words(t[a:b])
+        first += new[:5 - len(first)]
+        total += len(new)
+        w = carry + new
+        shingles = list({" ".join(w[i:i + 5]).encode() for i in range(max(0, len(carry) - 4), len(w) - 4)})
+        for k in range(0, len(shingles), MINHASH_BATCH):
+            m.update_batch(shingles[k:k + MINHASH_BATCH])
+        carry = w[max(0, len(w) - 4):]
+    if not total:
+        return None
+    if total < 5:  # fewer than five words: one shingle of them all
+        m.update_batch([" ".join(first).encode()])
+    return m.hashvalues
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -149,9 +324,11 @@ def _init_worker(cleaner: Cleaner, tok_json: str | None, val_fraction: float, dt
     _W.update(cleaner=cleaner, vf=val_fraction, enc=IdsEncoder(tok, dtype) if tok is not None else None)
 
 
-def _scan_batch(texts: list[str]) -> tuple:
+def _scan_batch(texts: list) -> tuple:
     """Normalise and analyse a batch of raw documents (stateless; runs in a worker). With a tokenizer (known
-    before the scan), also tokenize the documents that passed the filters, so one read does everything."""
+    before the scan), also tokenize the documents that passed the filters, so one read does everything.
+    An item ``(piece,)`` is a piece of a long document that the main process normalised and analysed: it is
+    tokenized only (its UTF-8 size in ``nbytes``); None stands for such a document, not to be encoded."""
     c: Cleaner = _W["cleaner"]
     vf = _W["vf"]
     n = len(texts)
@@ -165,8 +342,14 @@ def _scan_batch(texts: list[str]) -> tuple:
     signed = np.zeros(n, np.bool_)  # has a MinHash signature (a document without words has none)
     passed: list[str] = []
     for i, raw in enumerate(texts):
+        if raw is None:  # a long document analysed by the main process, not encoded here
+            continue
+        if isinstance(raw, tuple):
+            nbytes[i] = len(raw[0].encode("utf-8", "surrogatepass"))
+            passed.append(raw[0])
+            continue
         t = c.transform(raw)
-        code, ex, ct, mh, nb = c.analyze(t)
+        code, ex, ct, mh, nb = _analyze(c, t)
         codes[i], exact[i], contam[i], nbytes[i], chars[i] = code, ex, ct, nb, len(t)
         if mh is not None:
             minhash[i], signed[i] = mh, True  # type: ignore[index]
@@ -183,26 +366,33 @@ def _encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _W["enc"].encode(texts)
 
 
-def _encode_batch(items: list[tuple[str, int]]) -> tuple:
+def _encode_batch(items: list[tuple]) -> tuple:
     """Normalise and tokenize a batch of kept documents (runs in a worker). Returns the ids of every piece
-    back to back, and per piece: its length, split code, UTF-8 size and the index of its document."""
+    back to back, and per piece: its length, split code, UTF-8 size, the index of its document and whether
+    it continues the text before it. An item ``(piece, code, continues)`` is a piece of a long document,
+    normalised and cut by the main process (_encode_items): tokenized only."""
     c: Cleaner = _W["cleaner"]
     vf = _W["vf"]
     texts: list[str] = []
-    codes: list[int] = []
-    owner: list[int] = []
-    for j, (raw, code) in enumerate(items):
+    meta: list[tuple[int, int, bool]] = []  # per text: split code, index of its document, continues
+    for j, item in enumerate(items):
+        if len(item) == 3:
+            texts.append(item[0]), meta.append((item[1], j, item[2]))
+            continue
+        raw, code = item
         t = c.transform(raw)
         if code == TAIL:  # one document: the last val_fraction of its text is the validation split
             cut = int(len(t) * (1.0 - vf))
-            texts.append(t[:cut]), codes.append(TRAIN), owner.append(j)
+            texts.append(t[:cut]), meta.append((TRAIN, j, False))
             if cut < len(t):
-                texts.append(t[cut:]), codes.append(VAL), owner.append(j)
+                texts.append(t[cut:]), meta.append((VAL, j, False))
         else:
-            texts.append(t), codes.append(code), owner.append(j)
+            texts.append(t), meta.append((code, j, False))
     ids, lens = _encode_texts(texts)
     nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), np.int64, len(texts))
-    return ids, lens, np.array(codes, np.int8), nbytes, np.array(owner, np.int64)
+    codes, owner, cont = zip(*meta) if meta else ((), (), ())
+    return (ids, lens, np.array(codes, np.int8), nbytes, np.array(owner, np.int64),
+            np.array(cont, np.bool_))
 
 
 def usable_cpus() -> int:
@@ -386,15 +576,17 @@ class _Output:
         self.bytes = 0
         self._buf: dict[tuple[str, int], list[np.ndarray]] = {}
 
-    def add(self, code: int, group: int, ids: np.ndarray, nbytes: int) -> None:
-        """Queue one document's ids (written, with EOT separators, at the next :meth:`flush`)."""
+    def add(self, code: int, group: int, ids: np.ndarray, nbytes: int, cont: bool = False) -> None:
+        """Queue one document's ids (written, with EOT separators, at the next :meth:`flush`); ``cont``: the
+        ids continue the document before (a long document's next piece)."""
         key = (SPLITS[code - 1], group)
         w = self.writers[key]
         buf = self._buf.setdefault(key, [])
-        if w.documents:  # end-of-document token *between* documents
-            buf.append(self.eot)
+        if not cont:
+            if w.documents:  # end-of-document token *between* documents
+                buf.append(self.eot)
+            w.documents += 1
         buf.append(ids)
-        w.documents += 1
         w.bytes += nbytes
         self.bytes += nbytes
 
@@ -447,15 +639,20 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
 
     partial.mkdir(parents=True)
     try:
-        # Pass 1: scan — read, clean and choose splits; one plan byte per document.
+        # Pass 1: scan — read, clean and choose splits; one plan byte per document. (A long document is not
+        # encoded here when every input is one text file: it is one document, to be cut at its text tail and
+        # encoded again below.)
+        lone = (val_fraction > 0 and text_unit == "file" and all(s.kind == "text" for s in sources)
+                and len({s.group for s in sources}) == len(sources))
         if tok is not None:
             dtype = token_dtype(tok.vocab_size)
             output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
         pool = _Workers(workers, (cleaner, tok.to_str() if tok else None, val_fraction,
                                   dtype.name if tok else "uint32"), start_method)
-        plan, per_group, n_docs, total_chars = _scan(pool, cleaner, docs(record=True), group_of, output,
-                                                     batch_chars,
-                                                     lambda done: progress(done, "tokenized", t0))
+        plan, per_group, n_docs, total_chars = _scan(
+            pool, cleaner, _scan_items(docs(record=True), cleaner, val_fraction,
+                                       Chunker.for_tokenizer(tok.tk) if tok and not lone else None),
+            group_of, output, batch_chars, lambda done: progress(done, "tokenized", t0))
         pool.close()
         if not plan:
             raise DataError("no text found in the input: every file was empty or skipped")
@@ -474,21 +671,7 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             output = None
 
         def planned() -> Iterator[tuple[int, int, str]]:
-            """(source index, plan code, raw text) of every kept document, checking the input did not
-            change."""
-            i = 0
-            for src_index, doc in docs():
-                if i >= len(plan):
-                    raise changed
-                code = plan[i]
-                i += 1
-                if code != DROP:
-                    yield src_index, code, doc
-            if i != len(plan):
-                raise changed
-
-        changed = DataError("the input changed while it was being prepared (a different number of documents "
-                            "on a second read); run prepare again")
+            return _planned(docs(), plan)
 
         # Pass 2: the tokenizer, unless known upfront. A char vocabulary is the set of characters of the whole
         # corpus (as nanoGPT's), so validation text is always representable; trained vocabularies learn from
@@ -510,8 +693,8 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
             pool = _Workers(workers, (cleaner.transformer(), tok.to_str(), val_fraction, dtype.name),
                             start_method)
-            _encode_pass(pool, output, ((group_of[i], d, (d, code)) for i, code, d in planned()), batch_chars,
-                         progress)
+            items = _encode_items(planned(), cleaner, val_fraction, Chunker.for_tokenizer(tok.tk), group_of)
+            _encode_pass(pool, output, items, batch_chars, progress)
         log(f"tokenized {output.bytes / 1e6:,.1f} MB ({time.time() - t0:.1f} s since the start)")
         split_info = output.close()
         if split_info["train"]["tokens"] < 2:
@@ -540,7 +723,49 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
     return meta
 
 
-def _scan(pool: _Workers, cleaner: Cleaner, docs: Iterator[tuple[int, str]], group_of: list[int],
+def _scan_items(docs: Iterator[tuple[int, str]], cleaner: Cleaner, val_fraction: float,
+               chunker: Chunker | None) -> Iterator[tuple[tuple, str, Any]]:
+    """(metadata, text, worker item) of every document for the scan. An ordinary document goes to a worker
+    whole (metadata: source index, raw text, None). A long one (over LONG_DOC_CHARS) is normalised and
+    analysed here, slice by slice, and the workers get only its tokenizer pieces (``chunker``; None, a
+    placeholder, when it is not encoded): metadata (source index, its first characters, (analysis, validation,
+    characters, encoded)) for the first piece, _MORE for the others."""
+    for src_index, d in docs:
+        if len(d) <= LONG_DOC_CHARS:
+            yield (src_index, d, None), d, d
+            continue
+        t = _transform_long(cleaner, d)
+        a = _analyze(cleaner, t)
+        is_val = bool(val_fraction > 0 and not a[0] and _is_val(t, val_fraction))
+        head = d[:EXAMPLE_CHARS]
+        del d
+        if chunker is None or a[0]:
+            yield (src_index, head, (a, is_val, len(t), False)), "", None
+            continue
+        info = (a, is_val, len(t), True)
+        for lo, hi in chunker.spans(t):
+            piece = t[lo:hi]
+            yield (src_index, head, info if lo == 0 else _MORE), piece, (piece,)
+
+
+def _planned(docs: Iterator[tuple[int, str]], plan: bytearray) -> Iterator[tuple[int, int, str]]:
+    """(source index, plan code, raw text) of every kept document of a second read, checking that the input
+    did not change since the first."""
+    changed = DataError("the input changed while it was being prepared (a different number of documents "
+                        "on a second read); run prepare again")
+    i = 0
+    for src_index, doc in docs:
+        if i >= len(plan):
+            raise changed
+        code = plan[i]
+        i += 1
+        if code != DROP:
+            yield src_index, code, doc
+    if i != len(plan):
+        raise changed
+
+
+def _scan(pool: _Workers, cleaner: Cleaner, items: Iterator[tuple[tuple, str, Any]], group_of: list[int],
           output: _Output | None, batch_chars: int, progress: Callable[[int], None],
           ) -> tuple[bytearray, dict[int, list[int]], int, int]:
     """Pass 1: read, clean and choose splits, one plan byte per document (and encode, when the tokenizer is
@@ -549,28 +774,34 @@ def _scan(pool: _Workers, cleaner: Cleaner, docs: Iterator[tuple[int, str]], gro
     plan = bytearray()
     n_docs = total_chars = 0
     per_group: dict[int, list[int]] = {}
-    scan_items = ((i, d, d) for i, d in docs)
-    for (srcs, texts), res in pool.map(_scan_batch, _scan_batches(scan_items, batch_chars)):
+    kept = False
+    for metas, res in pool.map(_scan_batch, _batched(items, batch_chars)):
         codes, exact, contam, minhash, signed, nbytes, val, chars, encoded = res
         if encoded is not None:
             ids, lens = encoded
             ends = np.cumsum(lens)
-            k = 0  # index among the documents that passed the filters (the encoded ones)
-        for j, src_index in enumerate(srcs):
-            a = (int(codes[j]), int(exact[j]), bool(contam[j]), minhash[j] if signed[j] else None,
-                 int(nbytes[j]))
-            kept = cleaner.decide(a, src_index, lambda t=texts[j]: cleaner.transform(t))
-            if kept:
-                g = per_group.setdefault(group_of[src_index], [0, 0, len(plan), 0])
-                g[0], g[1], g[3] = g[0] + 1, g[1] + bool(val[j]), len(plan)
-                n_docs += 1
-                total_chars += int(chars[j])
-                plan.append(VAL if val[j] else TRAIN)
-            else:
-                plan.append(DROP)
-            if encoded is not None and not codes[j]:
+            k = 0  # index among the encoded texts (documents that passed the filters, long documents' pieces)
+        for j, (src_index, text, long) in enumerate(metas):
+            if long is None:
+                a = (int(codes[j]), int(exact[j]), bool(contam[j]), minhash[j] if signed[j] else None,
+                     int(nbytes[j]))
+                is_val, n_chars = bool(val[j]), int(chars[j])
+            elif long is not _MORE:  # a long document: analysed by the main process
+                a, is_val, n_chars, _ = long
+            if long is not _MORE:
+                kept = cleaner.decide(a, src_index, lambda t=text: cleaner.transform(t))
                 if kept:
-                    output.add(plan[-1], group_of[src_index], ids[ends[k] - lens[k]:ends[k]], int(nbytes[j]))
+                    g = per_group.setdefault(group_of[src_index], [0, 0, len(plan), 0])
+                    g[0], g[1], g[3] = g[0] + 1, g[1] + is_val, len(plan)
+                    n_docs += 1
+                    total_chars += n_chars
+                    plan.append(VAL if is_val else TRAIN)
+                else:
+                    plan.append(DROP)
+            if encoded is not None and (not codes[j] if long is None else long is _MORE or long[3]):
+                if kept:
+                    output.add(plan[-1], group_of[src_index], ids[ends[k] - lens[k]:ends[k]], int(nbytes[j]),
+                               cont=long is _MORE)
                 k += 1
         if output is not None:
             output.flush()
@@ -632,13 +863,35 @@ def _tokenizer_texts(tokenizer: str, planned: Iterator[tuple[int, int, str]], cl
                      val_fraction: float) -> Iterator[str]:
     """What a tokenizer learns from: a char vocabulary every kept document (so validation text is always
     representable, as nanoGPT's), a trained one an evenly spread sample (by content hash, at ``rate``) of the
-    train split."""
+    train split. A document over encode.PIECE_CHARS goes in pieces, cut where the tokenizer's pre-tokenizer
+    cuts anyway (encode.Chunker): the trainer counts the same words, in bounded memory."""
+    chunker = Chunker.for_kind(tokenizer)
     for _, code, d in planned:
-        if tokenizer == "char":
-            yield cleaner.transform(d)
-        elif code in (TRAIN, TAIL) and (rate >= 1.0 or _is_val("sample:" + d, rate)):
-            t = cleaner.transform(d)
-            yield t[:int(len(t) * (1.0 - val_fraction))] if code == TAIL else t
+        if tokenizer == "char" or (code in (TRAIN, TAIL) and (rate >= 1.0 or _is_val(d, rate, "sample:"))):
+            t = cleaner.transform(d) if len(d) <= LONG_DOC_CHARS else _transform_long(cleaner, d)
+            del d
+            end = int(len(t) * (1.0 - val_fraction)) if code == TAIL and tokenizer != "char" else len(t)
+            for lo, hi in chunker.spans(t, 0, end):
+                yield t if hi - lo == len(t) else t[lo:hi]
+
+
+def _encode_items(planned: Iterator[tuple[int, int, str]], cleaner: Cleaner, val_fraction: float,
+                  chunker: Chunker, group_of: list[int]) -> Iterator[tuple[int, str, tuple]]:
+    """(mixture component, text, worker item) of every kept document for pass 3: an ordinary one goes to a
+    worker whole, a long one (over LONG_DOC_CHARS) is normalised here and goes in tokenizer pieces
+    (``(piece, split code, continues the text before)``; a text-tail document as its two texts)."""
+    for i, code, d in planned:
+        if len(d) <= LONG_DOC_CHARS:
+            yield group_of[i], d, (d, code)
+            continue
+        t = _transform_long(cleaner, d)
+        del d
+        cut = int(len(t) * (1.0 - val_fraction)) if code == TAIL else len(t)
+        parts = [(0, cut, TRAIN if code == TAIL else code)] + ([(cut, len(t), VAL)] if cut < len(t) else [])
+        for start, end, split in parts:
+            for lo, hi in chunker.spans(t, start, end):
+                piece = t[lo:hi]
+                yield group_of[i], piece, (piece, split, lo > start)
 
 
 def _encode_pass(pool: _Workers, output: _Output, items: Iterator[tuple[int, str, Any]], batch_chars: int,
@@ -646,10 +899,11 @@ def _encode_pass(pool: _Workers, output: _Output, items: Iterator[tuple[int, str
     """Encode the kept documents in the workers; write them to the shards in corpus order."""
     t_enc = time.time()
     for grp, res in pool.map(_encode_batch, _batched(items, batch_chars)):
-        ids, lens, codes, nbytes, owner = res
+        ids, lens, codes, nbytes, owner, cont = res
         ends = np.cumsum(lens)
         for k in range(len(lens)):
-            output.add(int(codes[k]), grp[owner[k]], ids[ends[k] - lens[k]:ends[k]], int(nbytes[k]))
+            output.add(int(codes[k]), grp[owner[k]], ids[ends[k] - lens[k]:ends[k]], int(nbytes[k]),
+                       cont=bool(cont[k]))
         output.flush()
         progress(output.bytes, "tokenized", t_enc)
     pool.close()
@@ -667,13 +921,6 @@ def _warn_unknown(out: Path, meta: dict[str, Any], unk_id: int, dtype: np.dtype,
         log(f"warning: {unk:,} of {total:,} tokens ({unk / total:.1%}) are the unknown token: the reused "
             "tokenizer does not cover this corpus's characters (train one with --tokenizer bpe, or reuse "
             "one with a byte-level alphabet)")
-
-
-def _scan_batches(items: Iterator[tuple[int, str, str]],
-                  batch_chars: int) -> Iterator[tuple[tuple[list, list], list]]:
-    """Scan batches: meta = (source indices, raw texts) kept by the main process for the report's examples."""
-    for srcs, texts in _batched(items, batch_chars):
-        yield (srcs, texts), texts
 
 
 def _mixture(sources, labels, groups, writers, log) -> list[dict[str, Any]]:
