@@ -824,3 +824,28 @@ def test_peak_memory_of_a_huge_single_line_is_bounded(tmp_path, tokenizer):
     assert res.returncode == 0, res.stderr
     assert int(res.stdout.split()[-1]) / 1024 < 250  # MB (about 80 of them the interpreter and libraries)
     assert load_meta(tmp_path / "d")["splits"]["train"]["bytes"] == int(len(line) * 0.9)
+
+
+def test_a_full_disk_while_preparing_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """An OS error while writing the shards ends with one error naming what, where and the space free; no
+    partial folder stays, and an earlier prepared directory is as it was."""
+    import errno
+
+    import pretrain.data.prepare as prep
+    from pretrain import PretrainError
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("The river ran past the old stone wall. " * 200, encoding="utf-8")
+    out = tmp_path / "data"
+    prepare([str(src)], out, tokenizer="byte", log=quiet)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(self, ids):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prep.ShardWriter, "write", full)
+    with pytest.raises(PretrainError,
+                       match="could not write the prepared data .*No space left on device.*free"):
+        prepare([str(src)], out, tokenizer="byte", log=quiet, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

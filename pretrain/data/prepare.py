@@ -43,6 +43,7 @@ prepare is *restarted*, not resumed: the next prepare into the same ``out`` remo
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import multiprocessing
@@ -71,7 +72,7 @@ from pretrain.data.sources import (
     parse_weight,
 )
 from pretrain.data.tokenizer import TRAINED, Tokenizer, build_tokenizer
-from pretrain.io import exclusive_lock, fsync_dir, write_json_atomic
+from pretrain.io import exclusive_lock, fsync_dir, write_failed, write_json_atomic
 
 DROP, TRAIN, VAL, TAIL = 0, 1, 2, 3  # plan codes; TAIL: the single document, cut at its text tail
 BPE_CACHE_WORDS = 100_000  # words whose BPE pieces a tokenizing process remembers (~10 MB)
@@ -558,9 +559,17 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
             shutil.rmtree(partial)
         if stale.exists():
             shutil.rmtree(stale)
-        return _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files,
-                        shard_tokens, clean, licence, tokenizer_sample_chars, log, workers, batch_chars,
-                        text_unit, weighted, _input_labels(inputs), progress_s, t0, start_method)
+        try:
+            return _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field,
+                            bad_files, shard_tokens, clean, licence, tokenizer_sample_chars, log, workers,
+                            batch_chars, text_unit, weighted, _input_labels(inputs), progress_s, t0,
+                            start_method)
+        except OSError as e:  # writing the shards (a full disk, above all): _prepare removed its partial
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO) and \
+                    not str(e.filename or "").startswith(str(partial)):
+                raise
+            raise write_failed(e, "the prepared data", out, None,
+                               "an earlier prepared directory there, if any, is as it was") from None
 
 
 class _Output:
