@@ -105,32 +105,11 @@ def train_tokenizer(work: Path, data: Path) -> Path:
 
 
 def _tree_rss_kb(root: int) -> int:
-    """Summed VmRSS of ``root`` and all its descendants."""
-    parent: dict[int, int] = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    tree, frontier = {root}, [root]
-    while frontier:
-        cur = frontier.pop()
-        for pid, pp in parent.items():
-            if pp == cur and pid not in tree:
-                tree.add(pid)
-                frontier.append(pid)
-    total = 0
-    for pid in tree:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+    """Summed VmRSS of ``root`` and all its descendants (measured as bench/prepare_memory.py does)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from prepare_memory import _tree_rss_kb as tree_rss
+
+    return tree_rss(root)[0]
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
