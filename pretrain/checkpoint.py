@@ -196,18 +196,40 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, op
             shutil.rmtree(tmp)
         (tmp / DCP_DIR).mkdir(parents=True)
     barrier()
-    msd, osd = get_state_dict(model, optimizer_parts(optimizer))
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / DCP_DIR)  # returns once every shard is written
-    full = _full_weights(model) if consolidate else {}
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from pretrain.distributed import any_rank
+
+    failed: BaseException | None = None
+    names = [STATE_FILE]
+    try:
+        msd, osd = get_state_dict(model, optimizer_parts(optimizer))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / DCP_DIR)  # once every shard is written
+    except (OSError, CheckpointException) as e:  # (a rank's failed write is raised on every rank)
+        failed = e
+    full = _full_weights(model) if consolidate and failed is None else {}
+    if is_main() and failed is None:
+        try:
+            if consolidate:
+                _save_weights(full, tmp / MODEL_FILE)
+                names.insert(0, MODEL_FILE)
+            torch.save(state, tmp / STATE_FILE)
+            # size and sha256 of every shard, as for the other files: damage is caught on load
+            shards = _file_records(tmp / DCP_DIR, sorted(f.name for f in (tmp / DCP_DIR).iterdir()))
+            fsync_dir(tmp / DCP_DIR)
+        except OSError as e:
+            failed = e
+    # every rank stops together, and nothing half-written stays
+    if any_rank(failed is not None, next(model.parameters()).device):
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        previous = latest_checkpoint(run_dir)
+        cause = (failed if isinstance(failed, OSError)
+                 else OSError(f"another process could not write its part: {failed}"))
+        raise write_failed(cause, f"checkpoint step {step}", root, None,
+                           f"the previous checkpoint {previous} is intact" if previous else "") from None
     if is_main():
-        names = [STATE_FILE]
-        if consolidate:
-            _save_weights(full, tmp / MODEL_FILE)
-            names.insert(0, MODEL_FILE)
-        torch.save(state, tmp / STATE_FILE)
-        # size and sha256 of every shard, as for the other files: damage is caught on load
-        shards = _file_records(tmp / DCP_DIR, sorted(f.name for f in (tmp / DCP_DIR).iterdir()))
-        fsync_dir(tmp / DCP_DIR)
         meta = {**meta, "step": step, "format": "dcp", "world_size": dist.get_world_size(),
                 "files": _file_records(tmp, names), "dcp_files": shards}
         _commit(run_dir, tmp, final, meta, keep)

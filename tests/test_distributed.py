@@ -374,3 +374,44 @@ def test_spike_guard_decides_the_same_on_every_rank(tmp_path, data_dir, mode):
     assert sorted(last1) == sorted(last2) and max(last1) == 20
     for step in last1:
         assert last1[step]["train_loss"] == pytest.approx(last2[step]["train_loss"], abs=TOL), step
+
+
+FULL_DISK_WORKER = """
+import errno, sys
+import torch
+import pretrain.checkpoint as ck
+from pretrain.cli import main
+
+real = torch.save
+calls = []
+
+
+def save(obj, f, *a, **k):  # rank 0's second checkpoint (step 8) finds the disk full
+    if str(f).endswith("state.pt"):
+        calls.append(f)
+    if len(calls) == 2 and str(f).endswith("state.pt"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(obj, f, *a, **k)
+
+
+ck.torch.save = save
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_sharded_checkpoint_stops_every_rank_cleanly(tmp_path, data_dir):
+    script = tmp_path / "worker.py"
+    script.write_text(FULL_DISK_WORKER)
+    run = tmp_path / "run"
+    proc = launch(["--out", str(run), *args_for(data_dir, *CPU, "--train.ckpt_interval", "4",
+                                                "--train.max_steps", "12")], script=script)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert "could not write checkpoint step 8" in out and "No space left on device" in out, out[-3000:]
+    assert "step_000004 is intact" in out
+    assert not list((run / "checkpoints").glob(".tmp_*"))  # nothing half-written stays
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000004"]
+    torchrun(["--out", str(run), *args_for(data_dir, *CPU, "--train.ckpt_interval", "4",
+                                            "--train.max_steps", "12")])  # and the run goes on from it
+    assert latest_checkpoint(run).name == "step_000012"
