@@ -415,3 +415,15 @@ def test_a_full_disk_during_a_sharded_checkpoint_stops_every_rank_cleanly(tmp_pa
     torchrun(["--out", str(run), *args_for(data_dir, *CPU, "--train.ckpt_interval", "4",
                                             "--train.max_steps", "12")])  # and the run goes on from it
     assert latest_checkpoint(run).name == "step_000012"
+
+
+@pytest.mark.slow
+def test_spike_guard_stop_ends_every_rank_at_the_spike(tmp_path, data_dir):
+    run = tmp_path / "run"
+    guard = ("--train.guard", "stop", "--train.guard_warmup", "3", "--train.fault", "spike@7",
+             "--train.ckpt_interval", "4")
+    proc = launch(["--out", str(run), *args_for(data_dir, *CPU, *guard)])
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and "a spike at step 7 (train.guard stop)" in out, out[-3000:]
+    assert out.count("training stopped by") == 2  # each rank decided the same, at the same step
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000004"]
