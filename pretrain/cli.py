@@ -230,10 +230,19 @@ class _Parser(argparse.ArgumentParser):
                             parser = action.choices[word]
                             break
             options = [o for o in parser._option_string_actions if o.startswith("--")]
-            hints = [f"{a} → {m[0]}?" for a in message.split(": ", 1)[1].split() if a.startswith("--")
-                     for m in [difflib.get_close_matches(a.split("=")[0], options, n=1)] if m]
-            if hints:
-                message += f" (did you mean: {', '.join(hints)})"
+            typos, elsewhere = [], []
+            for arg in (a.split("=")[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")):
+                close = difflib.get_close_matches(arg, options, n=1, cutoff=0.75)
+                others = [name for name, p in _subparsers(self).items()
+                          if p is not parser and arg in p._option_string_actions]
+                if close:
+                    typos.append(f"{arg} → {close[0]}?")
+                elif others and parser is not self:  # an option of another command, not a typo
+                    elsewhere.append(f"{arg} is an option of {', '.join(others[:3])}, not of this command")
+            if typos:
+                message += f" (did you mean: {', '.join(typos)})"
+            if elsewhere:
+                message += f" ({'; '.join(elsewhere)})"
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -384,6 +393,11 @@ def _add_export_and_demo(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out that is not an earlier demo's")
     s.add_argument("--json", action="store_true")
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {name: p for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name, p in action.choices.items()}
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pretrain", description="Pre-train your own foundation model.")

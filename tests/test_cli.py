@@ -189,7 +189,10 @@ def test_option_typos_get_a_suggestion(capsys):
     for args, hint in ((["prepare", "x", "--out", "y", "--vocab-sise", "5"],
                         "did you mean: --vocab-sise → --vocab-size?"),
                        (["finetune", "r", "--train", "a", "--valid", "b", "--out", "o", "--lrr", "3"],
-                        "--lrr → --lr?")):
+                        "--lrr → --lr?"),
+                       # an option of another command is said to be one, not "corrected" into a far one
+                       (["prepare", "x", "--out", "y", "--quiet"],
+                        "--quiet is an option of train, finetune, transfer, not of this command")):
         with pytest.raises(SystemExit) as e:
             main(args)
         assert e.value.code == 2 and hint in capsys.readouterr().err
