@@ -30,7 +30,6 @@ MB = 10^6 bytes of text for sizes, 2^20 bytes for memory (as /proc counts). Targ
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
@@ -43,32 +42,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from _shared import shared_documents, tree_rss_kb
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 FILE_MB = 64
 TARGETS_MB = {"single_line": 2048, "documents": 1024}
-
-
-def shared_documents(data: Path) -> list[str]:
-    """The documents of the shared data (empty if it is missing)."""
-    docs: list[str] = []
-    try:
-        text = (data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-        docs += [p for p in text.split("\n\n") if p.strip()]
-        for name in ("wiki.valid.raw", "wiki.test.raw"):
-            text = (data / "wikitext2" / name).read_text(encoding="utf-8")
-            docs += [a for a in re.split(r"\n(?= = [^=].* = \n)", text) if a.strip()]
-        for name in ("tinystories_train_sample.txt", "tinystories_valid_sample.txt"):
-            text = (data / "tinystories" / name).read_text(encoding="utf-8")
-            docs += [p for p in re.split(r"\n\s*\n", text) if p.strip()]
-        for name in ("train.csv", "test.csv"):
-            with open(data / "imdb" / name, encoding="utf-8", newline="") as f:
-                docs += [row["text"] for row in csv.DictReader(f)]
-        with open(data / "sst2" / "train.tsv", encoding="utf-8", newline="") as f:
-            docs += [row["sentence"] for row in csv.DictReader(f, delimiter="\t") if row["sentence"].strip()]
-    except OSError:
-        return []
-    return docs
 
 
 def synthetic_documents(n: int = 20_000, seed: int = 0) -> list[str]:
@@ -131,38 +110,6 @@ def build_documents(work: Path, docs: list[str], size_mb: float) -> tuple[list[P
     return files, text_bytes, n
 
 
-def _tree_rss_kb(root: int) -> tuple[int, int, int]:
-    """(summed VmRSS of ``root`` and all its descendants, the largest VmHWM (a process's own peak) among
-    them, number of processes)."""
-    parent: dict[int, int] = {}
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    tree, frontier = {root}, [root]
-    while frontier:
-        cur = frontier.pop()
-        for pid, pp in parent.items():
-            if pp == cur and pid not in tree:
-                tree.add(pid)
-                frontier.append(pid)
-    total = hwm = 0
-    for pid in tree:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                    elif line.startswith("VmHWM:"):
-                        hwm = max(hwm, int(line.split()[1]))
-        except OSError:
-            pass
-    return total, hwm, len(tree)
-
-
 def run_measured(cmd: list[str]) -> dict:
     """Run ``cmd``: wall time, peak summed RSS of its process tree and the largest process's own peak (VmHWM),
     both polled every 0.1 s, and the most processes seen at once."""
@@ -170,7 +117,7 @@ def run_measured(cmd: list[str]) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     peak = hwm = procs = 0
     while proc.poll() is None:
-        rss, h, n = _tree_rss_kb(proc.pid)
+        rss, h, n = tree_rss_kb(proc.pid)
         peak, hwm, procs = max(peak, rss), max(hwm, h), max(procs, n)
         time.sleep(0.1)
     wall = time.perf_counter() - t0
@@ -216,7 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    docs = shared_documents(Path(args.data))
+    try:
+        docs = shared_documents(Path(args.data))
+    except OSError:  # no shared data here: synthetic text instead
+        docs = []
     source = "shared" if docs else "synthetic"
     docs = docs or synthetic_documents()
     result: dict = {"text": source, "cpus": os.cpu_count(),

@@ -26,10 +26,8 @@ process (``ru_maxrss``) is reported too.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -38,27 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _shared import shared_documents, tree_rss_kb
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 FILE_MB = 64
-
-
-def shared_documents(data: Path) -> list[str]:
-    docs: list[str] = []
-    text = (data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    docs += [p for p in text.split("\n\n") if p.strip()]
-    for name in ("wiki.valid.raw", "wiki.test.raw"):
-        text = (data / "wikitext2" / name).read_text(encoding="utf-8")
-        docs += [a for a in re.split(r"\n(?= = [^=].* = \n)", text) if a.strip()]
-    for name in ("tinystories_train_sample.txt", "tinystories_valid_sample.txt"):
-        text = (data / "tinystories" / name).read_text(encoding="utf-8")
-        docs += [p for p in re.split(r"\n\s*\n", text) if p.strip()]
-    for name in ("train.csv", "test.csv"):
-        with open(data / "imdb" / name, encoding="utf-8", newline="") as f:
-            docs += [row["text"] for row in csv.DictReader(f)]
-    with open(data / "sst2" / "train.tsv", encoding="utf-8", newline="") as f:
-        docs += [row["sentence"] for row in csv.DictReader(f, delimiter="\t") if row["sentence"].strip()]
-    return docs
 
 
 def build_corpus(work: Path, data: Path, size_mb: float) -> tuple[list[Path], int, int]:
@@ -104,14 +86,6 @@ def train_tokenizer(work: Path, data: Path) -> Path:
     return path
 
 
-def _tree_rss_kb(root: int) -> int:
-    """Summed VmRSS of ``root`` and all its descendants (measured as bench/prepare_memory.py does)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from prepare_memory import _tree_rss_kb as tree_rss
-
-    return tree_rss(root)[0]
-
-
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd``; wall time, peak summed RSS of its process tree, its largest single-process max RSS."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -119,7 +93,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss_kb(proc.pid))
+        peak = max(peak, tree_rss_kb(proc.pid)[0])
         time.sleep(0.1)
     wall = time.perf_counter() - t0
     out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
