@@ -92,6 +92,24 @@ def _h(x: str) -> bytes:
     return hashlib.blake2b(x.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
+def text_filter(c: CleanConfig, text: str) -> str | None:
+    """The filters that look at a document's characters: empty, too short or long, too many symbols, too few
+    letters (counted, not listed: memory stays flat for a document of any length)."""
+    if not text or text.isspace():
+        return "empty"
+    if c.min_chars and len(text) < c.min_chars:
+        return "min_chars"
+    if c.max_chars and len(text) > c.max_chars:
+        return "max_chars"
+    if c.max_symbol_ratio or c.min_alpha_ratio:
+        non_space = len(text) - sum(map(str.isspace, text))  # (no whitespace character is alphanumeric)
+        if c.max_symbol_ratio and (non_space - sum(map(str.isalnum, text))) / non_space > c.max_symbol_ratio:
+            return "symbol_ratio"
+        if c.min_alpha_ratio and sum(map(str.isalpha, text)) / non_space < c.min_alpha_ratio:
+            return "alpha_ratio"
+    return None
+
+
 class Cleaner:
     def __init__(self, cfg: CleanConfig, source_names: list[str] | None = None, examples: int = 3):
         self.cfg = cfg
@@ -196,20 +214,9 @@ class Cleaner:
 
     def _filter(self, text: str) -> str | None:
         c = self.cfg
-        if not text.strip():
-            return "empty"
-        if c.min_chars and len(text) < c.min_chars:
-            return "min_chars"
-        if c.max_chars and len(text) > c.max_chars:
-            return "max_chars"
-        if c.max_symbol_ratio or c.min_alpha_ratio:
-            non_space = [ch for ch in text if not ch.isspace()] or [" "]
-            symbols = sum(1 for ch in non_space if not ch.isalnum()) / len(non_space)
-            alpha = sum(1 for ch in non_space if ch.isalpha()) / len(non_space)
-            if c.max_symbol_ratio and symbols > c.max_symbol_ratio:
-                return "symbol_ratio"
-            if c.min_alpha_ratio and alpha < c.min_alpha_ratio:
-                return "alpha_ratio"
+        reason = text_filter(c, text)
+        if reason:
+            return reason
         if c.max_repeated_line_ratio:
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             if len(lines) > 1 and 1 - len(set(lines)) / len(lines) > c.max_repeated_line_ratio:

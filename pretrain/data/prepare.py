@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import regex
 
-from pretrain.data.clean import _STEP_INDEX, NUM_PERM, CleanConfig, Cleaner, _h, _words
+from pretrain.data.clean import _STEP_INDEX, NUM_PERM, CleanConfig, Cleaner, _h, _words, text_filter
 from pretrain.data.encode import Chunker, IdsEncoder, norm_safe_cut
 from pretrain.data.manifest import FORMAT_VERSION, META, SPLITS, token_dtype
 from pretrain.data.sources import (
@@ -202,20 +202,11 @@ def _analyze(c: Cleaner, t: str) -> tuple[int, int, bool, Any, int]:
 
 
 def _filter_long(c: Cleaner, t: str, spans: list[tuple[int, int]]) -> str | None:
-    """Cleaner._filter without its whole-text lists (characters, lines)."""
+    """Cleaner._filter without a whole-text list of lines (the repeated lines by hash, slice by slice)."""
     cfg = c.cfg
-    if not t or t.isspace():
-        return "empty"
-    if cfg.min_chars and len(t) < cfg.min_chars:
-        return "min_chars"
-    if cfg.max_chars and len(t) > cfg.max_chars:
-        return "max_chars"
-    if cfg.max_symbol_ratio or cfg.min_alpha_ratio:
-        non_space = len(t) - sum(map(str.isspace, t))  # (no whitespace character is alphanumeric)
-        if cfg.max_symbol_ratio and (non_space - sum(map(str.isalnum, t))) / non_space > cfg.max_symbol_ratio:
-            return "symbol_ratio"
-        if cfg.min_alpha_ratio and sum(map(str.isalpha, t)) / non_space < cfg.min_alpha_ratio:
-            return "alpha_ratio"
+    reason = text_filter(cfg, t)
+    if reason:
+        return reason
     if cfg.max_repeated_line_ratio:
         lines = np.frombuffer(_line_hashes(t, spans), np.uint64)
         if len(lines) > 1 and 1 - len(np.unique(lines)) / len(lines) > cfg.max_repeated_line_ratio:
