@@ -442,11 +442,19 @@ def load_state(ckpt: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]
         raise CheckpointError(f"{p} is corrupt: {str(e).splitlines()[0][:200]}") from None
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """A run directory or checkpoint → (model in eval mode, Config, Tokenizer, checkpoint meta)."""
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", part: str = "encoder"):
+    """A run directory or checkpoint → (model in eval mode, Config, Tokenizer, checkpoint meta).
+
+    ``part`` "encoder" (the default: what features, fine-tuning, probes and export use): the part of the model
+    that transfers, as its architecture's spec says (``models.transferable``; ELECTRA: the discriminator, a
+    plain 'bert' encoder), with a Config that describes that part; the whole model for architectures
+    without such a part. "whole": the model as trained and the run's own Config (to evaluate the run)."""
     from pretrain.config import Config, from_dict
     from pretrain.data.tokenizer import Tokenizer
-    from pretrain.models import build_model
+    from pretrain.models import build_model, transferable
+
+    if part not in ("encoder", "whole"):
+        raise ValueError(f"part must be 'encoder' or 'whole', got {part!r}")
 
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
@@ -465,6 +473,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     if tok.vocab_size > cfg.model.vocab_size:
         raise CheckpointError(f"{tok_path} has {tok.vocab_size} tokens but the model only "
                               f"{cfg.model.vocab_size}")
+    if part == "encoder":
+        model, cfg = transferable(model, cfg)
     return model, cfg, tok, meta
 
 

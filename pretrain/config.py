@@ -72,6 +72,16 @@ class ModelConfig:
     """Dropout on attention probabilities and residual branches (0 for pre-training at scale)."""
     init_std: float = 0.02
     """Standard deviation of the normal weight init; output projections are scaled by 1/sqrt(2*n_layer)."""
+    generator_layers: int = 0
+    """arch electra only: blocks of the generator (the small masked LM that proposes replacements; it shares
+    the discriminator's token embeddings and width d_model); 0 = max(1, n_layer // 4). ELECTRA found a
+    generator 1/4 to 1/2 the discriminator's size best: a bigger one makes the task too hard."""
+    generator_heads: int = 0
+    """arch electra only: the generator's attention heads; 0 = n_head (at a fixed width the number of heads
+    does not change the compute)."""
+    generator_ff: int = 0
+    """arch electra only: the generator's MLP inner width; 0 = half the discriminator's (ff_dim / 2, rounded
+    up to a multiple of 64)."""
 
     def __post_init__(self) -> None:
         _all_finite(self, "model")
@@ -83,7 +93,8 @@ class ModelConfig:
                f"model.arch must be one of {', '.join(map(repr, names))}, got {self.arch!r}"
                + (f" (did you mean {close[0]!r}?)" if close else ""))
         _check(self.n_layer >= 1 and self.n_head >= 1 and self.d_model >= 1, "model sizes must be >= 1")
-        for name in ("n_kv_head", "d_ff", "vocab_size", "max_seq_len", "init_std"):
+        for name in ("n_kv_head", "d_ff", "vocab_size", "max_seq_len", "init_std", "generator_layers",
+                     "generator_heads", "generator_ff"):
             _check(getattr(self, name) >= 0, f"model.{name} must be >= 0")
         _check(self.rope_theta > 0 and self.norm_eps > 0, "model.rope_theta and model.norm_eps must be > 0")
         _check(self.d_model % self.n_head == 0,
@@ -93,6 +104,11 @@ class ModelConfig:
         _check(self.n_head % kv == 0,
                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({kv})")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        if self.generator_heads:
+            _check(self.d_model % self.generator_heads == 0
+                   and (self.d_model // self.generator_heads) % 2 == 0,
+                   f"model.generator_heads ({self.generator_heads}) must divide model.d_model "
+                   f"({self.d_model}) into heads of an even size")
 
     @property
     def kv_heads(self) -> int:
@@ -299,10 +315,23 @@ class MLMConfig:
 
 
 @dataclass
+class RTDConfig:
+    weight: float = 50.0
+    """Weight of the discriminator's loss (mean binary cross-entropy over every real token) against the
+    generator's masked-LM loss (ELECTRA's lambda, 50). Which positions the generator fills is
+    mlm.mask_prob (and mlm.whole_word); all of them are [MASK] for the generator."""
+
+    def __post_init__(self) -> None:
+        _all_finite(self, "rtd")
+        _check(self.weight > 0, "rtd.weight must be > 0")
+
+
+@dataclass
 class Config:
     objective: str = "clm"
-    """Self-supervised objective: 'clm' (causal LM, next token; model.arch gpt) or 'mlm' (masked LM;
-    model.arch bert)."""
+    """Self-supervised objective: 'clm' (causal LM, next token; model.arch gpt), 'mlm' (masked LM;
+    model.arch bert) or 'rtd' (replaced-token detection, ELECTRA: a small masked-LM generator and a
+    discriminator trained together; model.arch electra)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Where the prepared data is and how it is cut into sequences."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -310,18 +339,27 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, evaluation, checkpointing."""
     mlm: MLMConfig = field(default_factory=MLMConfig)
-    """Masking, for objective 'mlm'."""
+    """Masking, for objective 'mlm' (and which positions the generator fills, for 'rtd')."""
+    rtd: RTDConfig = field(default_factory=RTDConfig)
+    """Replaced-token detection (ELECTRA), for objective 'rtd'."""
 
     def __post_init__(self) -> None:
         from pretrain.models.spec import get_spec, specs
 
-        _check(self.objective in ("clm", "mlm"), f"objective must be 'clm' or 'mlm', got {self.objective!r}")
+        _check(self.objective in ("clm", "mlm", "rtd"),
+               f"objective must be 'clm', 'mlm' or 'rtd', got {self.objective!r}")
         if self.objective not in get_spec(self.model.arch).objectives:
             want = [s.name for s in specs() if s.objectives[0] == self.objective]
             _check(False, f"objective {self.objective!r} trains a {want[0]!r} model "
                           f"(set model.arch: {want[0]}), not {self.model.arch!r}")
-        _check(self.objective != "mlm" or self.data.seq_len >= 2,
-               "objective mlm needs data.seq_len >= 2 ([CLS] takes the first position)")
+        _check(self.objective not in ("mlm", "rtd") or self.data.seq_len >= 2,
+               f"objective {self.objective} needs data.seq_len >= 2 ([CLS] takes the first position)")
+        if self.objective == "rtd":  # ELECTRA's generator sees every selected position as [MASK]
+            default = MLMConfig()
+            _check(self.mlm.mask_token_frac == default.mask_token_frac
+                   and self.mlm.random_token_frac == default.random_token_frac,
+                   "objective rtd puts [MASK] at every position the generator fills: mlm.mask_token_frac "
+                   "and mlm.random_token_frac do not apply (leave them unset)")
         _check(not (self.train.target_val_loss and not self.train.eval_interval),
                "train.target_val_loss needs evaluations to check it: set train.eval_interval > 0")
 

@@ -65,7 +65,8 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     out = Path(out)
     # a new or empty folder, or an earlier export none of whose files changed since; else --overwrite
     check_output_dir(out, "export", [run], overwrite)
-    model, cfg, tok, meta = load_pretrained(run, "cpu")
+    # the part that transfers (an ELECTRA run: its discriminator, exported as the 'bert' encoder it is)
+    model, cfg, tok, meta = load_pretrained(run, "cpu", part="encoder")
     ckpt = resolve_checkpoint(run)
     # written whole into a temporary folder, then moved into place: beside a new OUT (one rename), inside an
     # existing one (a folder the user made, maybe a mount point or a symlink: it stays as it is)
@@ -205,7 +206,10 @@ def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[s
         f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings", "",
         "## Training", "",
         f"- objective `{meta['config']['objective']}`, {meta['step']:,} steps, "
-        f"{meta.get('tokens_seen', 0):,} tokens",
+        f"{meta.get('tokens_seen', 0):,} tokens"
+        + (f" (this is the part of the trained `{trained}` model that transfers: "
+           f"{get_spec(trained).description}, exported as a `{cfg.arch}`)"
+           if (trained := meta["config"].get("model", {}).get("arch", cfg.arch)) != cfg.arch else ""),
         (f"- final validation loss {meta['val_loss']:.4f}" if meta.get("val_loss") is not None
          else "- no validation result recorded"),
         "", "Training configuration:", "", "```yaml",

@@ -131,7 +131,7 @@ def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str
     check_output_file(out, "embed", [input_path, run], overwrite)
     texts = read_texts(input_path, text_field)
     dev = resolve_device(device)
-    model, cfg, tok, meta = load_pretrained(run, dev)
+    model, cfg, tok, meta = load_pretrained(run, dev, part="encoder")  # what transfers (spec.encoder)
     vectors, truncated = embed_texts(model, tok, cfg, texts, pooling, normalize, batch_size, dev)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:  # a failed write keeps the previous file

@@ -26,7 +26,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     if max_batches is not None and max_batches < 1:
         raise PretrainError("max_batches must be >= 1")
     dev = resolve_device(device)
-    model, cfg, tok, meta = load_pretrained(run, dev)
+    model, cfg, tok, meta = load_pretrained(run, dev, part="whole")  # the run itself, as trained
     data_dir = Path(data or cfg.data.path)
     dmeta = load_meta(data_dir)
     dvocab = int(dmeta["tokenizer"]["vocab_size"])
@@ -42,7 +42,8 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
         raise PretrainError(f"the data in {data_dir} is not the data {run} was trained on (it was prepared "
                             "again from other inputs or settings), so its held-out split may hold training "
                             "text; pass --data to evaluate on it anyway")
-    objective = build_objective(cfg.objective, tok, cfg.mlm, cfg.train.seed, cfg.data.doc_mask)  # as trained
+    objective = build_objective(cfg.objective, tok, cfg.mlm, cfg.train.seed, cfg.data.doc_mask,
+                                cfg.rtd)  # as trained
     tokens = TokenSplit(data_dir, split)
     unknown = _count_unknown(tokens, tok.unk_id)
     if unknown:
@@ -82,7 +83,7 @@ def generate_text(run: str | Path, prompt: str, max_new_tokens: int = 200, tempe
         raise PretrainError("need max_new_tokens >= 0, top_k >= 0, 0 < top_p <= 1, temperature >= 0 and "
                             "num_samples >= 1")
     dev = resolve_device(device)
-    model, cfg, tok, _ = load_pretrained(run, dev)
+    model, cfg, tok, _ = load_pretrained(run, dev, part="whole")
     if cfg.objective != "clm":
         raise PretrainError(f"{run} is a masked-LM encoder; it cannot generate text "
                             "(try `pretrain fill-mask`)")
@@ -111,7 +112,7 @@ def fill_mask(run: str | Path, text: str, top_k: int = 5, device: str = "auto") 
     if top_k < 1:
         raise PretrainError("top_k must be >= 1")
     dev = resolve_device(device)
-    model, cfg, tok, _ = load_pretrained(run, dev)
+    model, cfg, tok, _ = load_pretrained(run, dev, part="whole")
     if cfg.objective != "mlm":
         raise PretrainError(f"{run} is a {cfg.objective!r} model; fill-mask needs a masked-LM "
                             "(objective mlm) run")

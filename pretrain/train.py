@@ -478,7 +478,7 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = Fals
                             "--val-fraction, use a smaller data.seq_len, or set train.eval_interval 0")
     spec, model = get_spec(cfg.model.arch), build_model(cfg.model)
     tokenizer = Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"])
-    objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed, cfg.data.doc_mask)
+    objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed, cfg.data.doc_mask, cfg.rtd)
     documents = padded_documents(cfg, tokenizer)
     # (on CPU: the configured batch_size; under FSDP the probe would need the whole unsharded model: likewise)
     if (tc.auto_batch and not ckpt.resuming and device.type == "cuda"

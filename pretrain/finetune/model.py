@@ -70,13 +70,16 @@ class TaskModel(nn.Module):
 
 
 def load_backbone(run: str | Path, dropout: float, from_scratch: bool, seed: int):
-    """The run's model rebuilt with fine-tuning dropout → (backbone, Config, Tokenizer, checkpoint path)."""
+    """The run's model (the part of it that transfers: ``models.transferable``) rebuilt with fine-tuning
+    dropout → (backbone, Config of the backbone, Tokenizer, checkpoint path)."""
     from pretrain.checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
     from pretrain.models import build_model
 
     try:
         ckpt = resolve_checkpoint(run)
-        pre, cfg, tok, _ = load_pretrained(ckpt)
+        # the part that transfers (spec.encoder; ELECTRA: the discriminator as a 'bert' encoder), and a Config
+        # of that part, which finetune.json records as the backbone (load_finetuned rebuilds it from there)
+        pre, cfg, tok, _ = load_pretrained(ckpt, part="encoder")
     except CheckpointError as e:
         raise PretrainError(f"{run} is not a pre-trained run: {e}") from None
     cfg.model = dataclasses.replace(cfg.model, dropout=dropout)

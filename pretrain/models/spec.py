@@ -57,7 +57,7 @@ class ArchSpec:
     build: Callable[[ModelConfig], nn.Module]
     """Model config (vocab_size and max_seq_len resolved) → the model, freshly initialised."""
     objectives: tuple[str, ...]
-    """Self-supervised objectives that train it ('clm', 'mlm'); the first is its default."""
+    """Self-supervised objectives that train it ('clm', 'mlm', 'rtd'); the first is its default."""
     blocks: str
     """Name of the ``nn.ModuleList`` of transformer blocks (FSDP units, activation checkpointing, layer-wise
     learning rates, per-block compilation)."""
@@ -77,6 +77,15 @@ class ArchSpec:
     """Positions are a learned table of max_seq_len rows (cannot be extended) rather than rotary."""
     hf: HFMapping | None = None
     """The Hugging Face mapping; None: no export."""
+    encoder: Callable[[nn.Module, ModelConfig], tuple[nn.Module, ModelConfig]] | None = None
+    """The part of a pre-trained model that transfers (features, fine-tuning, export), as a model of another
+    registered architecture with its config: (built model, its config) → (part, the part's config), e.g.
+    ELECTRA's discriminator as a 'bert' encoder. None: the whole model transfers. Applied in one place,
+    ``models.transferable`` (through ``checkpoint.load_pretrained``); training, resume and evaluation of the
+    run itself keep the whole model."""
+    flops: Callable[[nn.Module, int], float] | None = None
+    """(model, seq_len) → training FLOPs per token, for a model the default estimate
+    (:meth:`flops_per_token`) does not fit; None: that estimate."""
 
     @property
     def pooling(self) -> str:
@@ -125,6 +134,8 @@ class ArchSpec:
     def flops_per_token(self, model: nn.Module, seq_len: int) -> float:
         """Training FLOPs per token: 6 x (non-embedding parameters + a tied output head) + attention
         (12 x layers x width x sequence), as in the PaLM / nanoGPT MFU estimate."""
+        if self.flops is not None:
+            return self.flops(model, seq_len)
         c = model.cfg
         head = self.output_head(model).weight
         tied = any(head is p for e in self.embeddings for p in getattr(model, e).parameters())
@@ -174,7 +185,7 @@ def specs() -> list[ArchSpec]:
     return list(_REGISTRY.values())
 
 
-BUILTIN = ("gpt", "bert", "gpt2")
+BUILTIN = ("gpt", "bert", "gpt2", "electra")
 
 
 def _load_builtin() -> None:

@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from pretrain.config import Config, ConfigError
 from pretrain.models.layers import document_ids
-from pretrain.objectives import clm, mlm
+from pretrain.objectives import clm, mlm, rtd
+from pretrain.objectives.losses import unwrap_compiled
 
 if TYPE_CHECKING:
     from pretrain.data.tokenizer import Tokenizer
@@ -89,26 +90,96 @@ class MaskedLM:
         return loss.item() * n, n, int(correct)
 
 
-def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0, doc_mask: bool = False):
-    """The objective ``name`` ('clm' or 'mlm') for data tokenized with ``tokenizer``; ``doc_mask``: attention
-    within each document of a packed sequence (documents end with the tokenizer's end-of-text token)."""
+class ReplacedTokenDetection:
+    """ELECTRA's objective (objectives/rtd.py) for an 'electra' model. ``targets``: the real (non-padding)
+    tokens, each of which the discriminator predicts; ``loss_sum``: rtd.total_sum (its docstring says how it
+    meets the trainer's contract); ``eval_batch``: (loss sum, real tokens, discriminator's correct
+    predictions), so a validation accuracy is the discriminator's."""
+
+    name = "rtd"
+    reports_bpb = False
+
+    def __init__(self, spec: mlm.MaskingSpec, seed: int, weight: float, eot_id: int | None = None):
+        self.spec, self.seed, self.weight = spec, seed, weight
+        self.eot_id = eot_id  # set: document masking (attention within each packed document)
+        self._banned: torch.Tensor | None = None
+
+    def _prepare(self, batch: torch.Tensor, seed: int) -> tuple:
+        gen = torch.Generator().manual_seed(seed)
+        ids = mlm.add_cls(batch, self.spec.cls_id)
+        attn = None
+        if self.spec.pad_id is not None and bool((ids == self.spec.pad_id).any()):
+            attn = ids != self.spec.pad_id  # padded documents (data.packing false)
+        inputs, labels = mlm.mask_tokens(ids, self.spec, gen, attn)  # every selected position [MASK]
+        uniform = torch.rand(ids.shape, generator=gen, device="cpu").to(ids.device)  # the sampling draws
+        docs = None if self.eot_id is None else document_ids(ids, self.eot_id)
+        return inputs, labels, attn, docs, ids, uniform
+
+    def banned(self, model: nn.Module) -> torch.Tensor:
+        """(V,) bool over the model's vocabulary: ids never sampled as replacements."""
+        w = unwrap_compiled(model).generator.decoder.weight
+        if self._banned is None or self._banned.device != w.device or len(self._banned) != w.size(0):
+            self._banned = rtd.banned_ids(w.size(0), self.spec.special_ids, self.spec.vocab_size, w.device)
+        return self._banned
+
+    def terms(self, model: nn.Module, prepared: tuple) -> dict:
+        """rtd.losses of a prepared batch (the sums, the corrupted ids, the discriminator's labels)."""
+        return rtd.losses(model, *prepared, self.banned(model))
+
+    def loss(self, model: nn.Module, batch: torch.Tensor, seed: int) -> torch.Tensor:
+        prepared = self.prepare(batch, seed)
+        return self.loss_sum(model, prepared) / self.targets(prepared).clamp(min=1)
+
+    def prepare(self, batch: torch.Tensor, seed: int) -> tuple:
+        # (generator inputs, labels, attention mask, document ids, original ids, sampling draws)
+        return self._prepare(batch, seed)
+
+    def targets(self, prepared: tuple) -> torch.Tensor:
+        ids, attn = prepared[4], prepared[2]
+        return attn.sum() if attn is not None else torch.tensor(ids.numel(), device=ids.device)
+
+    def loss_sum(self, model: nn.Module, prepared: tuple) -> torch.Tensor:
+        return rtd.total_sum(self.terms(model, prepared), self.weight)
+
+    def eval_batch(self, model: nn.Module, batch: torch.Tensor, index: int):
+        terms = self.terms(model, self._prepare(batch, 0x5EED + index))  # the same draws at every evaluation
+        return rtd.total_sum(terms, self.weight).item(), terms["real"], int(terms["disc_correct"])
+
+
+def _masking(name: str, tokenizer, mlm_cfg, whole_model_masks: bool) -> mlm.MaskingSpec:
+    from pretrain import PretrainError
+
+    if tokenizer.mask_id is None:
+        raise PretrainError(f"objective {name!r} needs a tokenizer with a [MASK] token: prepare the data "
+                            "with --tokenizer wordpiece (or a tokenizer.json that has [MASK])")
+    cont = torch.tensor(tokenizer.continuation_mask()) if mlm_cfg.whole_word else None
+    fracs = ({"mask_token_frac": 1.0, "random_token_frac": 0.0} if whole_model_masks else
+             {"mask_token_frac": mlm_cfg.mask_token_frac, "random_token_frac": mlm_cfg.random_token_frac})
+    return mlm.MaskingSpec(mask_id=tokenizer.mask_id, cls_id=tokenizer.cls_id,
+                           vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids,
+                           mask_prob=mlm_cfg.mask_prob, continuation=cont, pad_id=tokenizer.pad_id, **fracs)
+
+
+def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0, doc_mask: bool = False,
+                    rtd_cfg=None):
+    """The objective ``name`` ('clm', 'mlm' or 'rtd') for data tokenized with ``tokenizer``; ``doc_mask``:
+    attention within each document of a packed sequence (documents end with the tokenizer's end-of-text
+    token). ``mlm_cfg`` (MLMConfig): the masking of 'mlm' and the positions the generator fills for 'rtd';
+    ``rtd_cfg`` (RTDConfig; default: its defaults): the rest of 'rtd'."""
     eot = tokenizer.eot_id if doc_mask else None
     if name == "clm":
         return CausalLM(eot)  # (padded documents are refused for clm by the trainer)
-    if name == "mlm":
-        from pretrain import PretrainError
+    if name in ("mlm", "rtd") and mlm_cfg is None:
+        from pretrain.config import MLMConfig
 
-        if tokenizer.mask_id is None:
-            raise PretrainError("objective 'mlm' needs a tokenizer with a [MASK] token: prepare the data "
-                                "with --tokenizer wordpiece (or a tokenizer.json that has [MASK])")
-        cont = torch.tensor(tokenizer.continuation_mask()) if mlm_cfg.whole_word else None
-        spec = mlm.MaskingSpec(mask_id=tokenizer.mask_id, cls_id=tokenizer.cls_id,
-                               vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids,
-                               mask_prob=mlm_cfg.mask_prob,
-                               mask_token_frac=mlm_cfg.mask_token_frac,
-                               random_token_frac=mlm_cfg.random_token_frac, continuation=cont,
-                               pad_id=tokenizer.pad_id)
-        return MaskedLM(spec, seed, eot)
+        mlm_cfg = MLMConfig()
+    if name == "mlm":
+        return MaskedLM(_masking(name, tokenizer, mlm_cfg, False), seed, eot)
+    if name == "rtd":
+        from pretrain.config import RTDConfig
+
+        rtd_cfg = rtd_cfg or RTDConfig()
+        return ReplacedTokenDetection(_masking(name, tokenizer, mlm_cfg, True), seed, rtd_cfg.weight, eot)
     raise ValueError(f"unknown objective {name!r}")
 
 
@@ -118,7 +189,7 @@ def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int, int] 
     into pieces of that many): seq_len, or seq_len - 1 when the masked LM puts [CLS] in front."""
     if cfg.data.packing:
         return None
-    if cfg.objective != "mlm" or tokenizer.pad_id is None:
-        raise ConfigError("data.packing false (one padded document per sequence) needs objective mlm and a "
-                          "tokenizer with a [PAD] token (prepare with --tokenizer wordpiece)")
+    if cfg.objective not in ("mlm", "rtd") or tokenizer.pad_id is None:
+        raise ConfigError("data.packing false (one padded document per sequence) needs objective mlm (or "
+                          "rtd) and a tokenizer with a [PAD] token (prepare with --tokenizer wordpiece)")
     return tokenizer.eot_id, tokenizer.pad_id, cfg.data.seq_len - (tokenizer.cls_id is not None)
