@@ -425,7 +425,8 @@ class FinetuneConfig:
     patience: int = 3
     """Early stopping: stop after this many evaluations without a better validation metric (0 = never)."""
     evals_per_epoch: int = 1
-    """Validation passes per epoch (early stopping counts them)."""
+    """Validation passes per epoch (early stopping counts them); 0 = one pass, after the last step (the
+    model saved is the final one)."""
     prompt: str = ""
     """Prompt-based classification (PET / LM-BFF): a template with {text} (and {text_pair} for pairs) and
     {mask}, e.g. '{text} It was {mask}.' The backbone's own LM head scores the --verbalizer words at {mask}
@@ -463,8 +464,8 @@ class FinetuneConfig:
         _check(self.max_length >= 0, "max_length must be >= 0")
         _check(self.truncation in ("end", "start", "error"),
                f"truncation must be end, start or error, got {self.truncation!r}")
-        _check(self.patience >= 0 and self.evals_per_epoch >= 1,
-               "patience must be >= 0, evals_per_epoch >= 1")
+        _check(self.patience >= 0 and self.evals_per_epoch >= 0,
+               "patience and evals_per_epoch must be >= 0")
         _check(self.dtype in ("auto", "bf16", "fp32"),
                f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.prompt or self.verbalizer:

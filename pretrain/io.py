@@ -137,7 +137,7 @@ CARD_RECORD = "<!-- pretrain-record: "
 
 DEMO_ENTRIES = {"data", "run", "task", "finetune_pretrained", "finetune_scratch"}
 EXPORT_CARD = "pre-trained with `pretrain`"  # in the model card (README.md) of every export
-_TRANSFER_RUN = re.compile(r"(pretrained|scratch)_n\d+_s\d+")
+_TRANSFER_RUN = re.compile(r"[\w.-]+_n\d+_s\d+")
 
 
 def visible_entries(path: Path) -> list[Path]:

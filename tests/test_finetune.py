@@ -360,27 +360,63 @@ def test_transfer_report(tmp_path, pretrained, capsys):
                  "--seeds", "2", "--min-steps", "10", "--max-epochs", "3", "--batch-size", "16",
                  "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["verdict"].startswith("verdict: pre-training ")
     assert [r["n"] for r in res["summary"]] == [20, 240]
-    assert res["summary"][0]["pretrained"]["seeds"] == 2 and res["summary"][1]["scratch"]["seeds"] == 1
+    first, full = res["summary"]
+    assert set(first["arms"]) == {"pretrained", "scratch", "tfidf"} and set(first["gain"]) == {"pretrained"}
+    assert first["arms"]["pretrained"]["seeds"] == 2 and full["arms"]["scratch"]["seeds"] == 1
+    lo, hi = first["gain"]["pretrained"]["ci95"]
+    assert lo <= first["gain"]["pretrained"]["mean"] <= hi and full["gain"]["pretrained"]["ci95"] is None
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert len(report["runs"]) == 2 * 2 + 2 and 0.3 < report["majority_baseline"] < 0.7
+    assert len(report["results"]) == 3 * (2 + 1) and 0.3 < report["majority_baseline"] < 0.7
+    # a recipe per arm and budget, chosen by 5 search runs on the carved split; every seed uses it
+    assert set(report["recipes"]) == {"pretrained_n20", "scratch_n20", "pretrained_n240", "scratch_n240"}
+    for key, rec in report["recipes"].items():
+        assert len(rec["trials"]) == 5 and rec["lr"] in (1e-4, 3e-4, 1e-3, 3e-3)
+        arm, n = key.rsplit("_n", 1)
+        runs = [r for r in report["results"] if r["arm"] == arm and r["n"] == int(n)]
+        assert all(r["lr"] == rec["lr"] and r["pooling"] == rec["pooling"] and r["epochs"] == rec["epochs"]
+                   for r in runs)
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| 20 |" in md and "| 240 |" in md
+    assert md.startswith("**verdict: ") and "| 20 |" in md and "| 240 |" in md and "carved" in md
     assert (tmp_path / "rep" / "report.png").stat().st_size > 1000
     # run again: finished runs are reused for the same inputs, redone when the data changed
     done = sorted((tmp_path / "rep" / "runs").glob("*_n20_s*/done.json"))
     stamp = lambda: [p.stat().st_mtime_ns for p in done]  # noqa: E731
-    first = stamp()
+    first_stamps = stamp()
     args = ["transfer", str(root / "run"), "--train", str(root / "train.jsonl"),
             "--out", str(tmp_path / "rep"), "--budgets", "20", "--seeds", "1", "--min-steps", "10",
             "--max-epochs", "3", "--batch-size", "16", "--quiet", "--valid"]
     assert main([*args, str(root / "valid.jsonl")]) == 0
-    assert stamp() == first  # nothing retrained
+    assert stamp() == first_stamps  # nothing retrained
     valid2 = tmp_path / "valid2.jsonl"
     valid2.write_text((root / "valid.jsonl").read_text().replace('"pos"', '"neg"', 1))
     assert main([*args, str(valid2)]) == 0
     redone = {p: json.loads(p.read_text())["inputs"]["valid_sha256"] for p in done if "_s0" in str(p.parent)}
     assert len(redone) == 2 and all(v == sha256_file(valid2) for v in redone.values())
+
+
+def test_transfer_fixed_recipe_and_several_runs(tmp_path, pretrained, capsys):
+    """--recipe fixed keeps the single-recipe mode; two runs of one architecture share one scratch arm."""
+    objective, root = pretrained
+    if objective == "clm":
+        pytest.skip("one backbone is enough")
+    import shutil
+
+    shutil.copytree(root / "run", tmp_path / "other")
+    capsys.readouterr()
+    assert main(["transfer", str(root / "run"), str(tmp_path / "other"), "--train", str(root / "train.jsonl"),
+                 "--valid", str(root / "valid.jsonl"), "--out", str(tmp_path / "rep"), "--budgets", "20",
+                 "--seeds", "2", "--recipe", "fixed", "--no-tfidf", "--min-steps", "5", "--max-epochs", "2",
+                 "--batch-size", "16", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    row = res["summary"][0]
+    assert set(row["arms"]) == {"run", "other", "scratch"} and set(row["gain"]) == {"run", "other"}
+    # the same weights fine-tuned with the same seeds: the same figures
+    assert row["arms"]["run"]["values"] == row["arms"]["other"]["values"]
+    assert "run: pre-training" in res["verdict"] and "other: pre-training" in res["verdict"]
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["recipes"] == {} and {r["lr"] for r in report["results"] if r["arm"] == "scratch"} == {1e-3}
 
 
 def test_budget_sampling_keeps_every_class():
@@ -625,3 +661,72 @@ def test_a_fine_tune_with_a_swapped_tokenizer_is_refused(pretrained, tmp_path, c
     assert main(["predict", str(ft), "--input", str(root / "valid.jsonl"), "--out",
                  str(tmp_path / "p.jsonl")]) == 2
     assert "not the tokenizer this model was fine-tuned with" in capsys.readouterr().err
+
+
+def test_carved_split_keeps_every_class_for_training():
+    from pretrain.finetune.recipe import carve
+
+    labels = ["a"] * 50 + ["b"] * 3 + ["c"]
+    idx = list(range(len(labels)))
+    for seed in range(5):
+        fit, select = carve(labels, idx, seed)
+        assert sorted(fit + select) == idx and len(select) == round(0.2 * len(idx))
+        assert {labels[i] for i in fit} == {"a", "b", "c"}  # the single "c" never leaves training
+        assert {labels[i] for i in select} <= {labels[i] for i in fit}
+        assert (fit, select) == carve(labels, idx, seed)
+    fit, select = carve(None, list(range(10_000)), 0)
+    assert len(select) == 1000 and len(fit) == 9000  # capped: a large budget keeps more for training
+
+
+def test_finetune_search_chooses_on_the_training_labels(tmp_path, pretrained, capsys):
+    objective, root = pretrained
+    if objective == "clm":
+        pytest.skip("one backbone is enough")
+    capsys.readouterr()
+    out = tmp_path / "ft"
+    assert main(["finetune", str(root / "run"), "--train", str(root / "train.jsonl"), "--valid",
+                 str(root / "valid.jsonl"), "--out", str(out), "--search", "--batch-size", "16",
+                 "--epochs", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rec = res["recipe"]
+    assert len(rec["trials"]) == 5 and len(list((out / "search").iterdir())) == 5
+    assert {t["pooling"] for t in rec["trials"]} == {"cls", "mean"}
+    # the final run: the chosen recipe, no early stopping, one evaluation after the last epoch
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == rec["epochs"]
+    info = json.loads((out / "finetune.json").read_text())
+    assert info["config"]["lr"] == rec["lr"] and info["pooling"] == rec["pooling"]
+    # the search never read the validation file: its runs validated on rows of the training file
+    for run in (out / "search").iterdir():
+        assert json.loads((run / "finetune.json").read_text())["valid_examples"] == 48
+
+
+def test_verdict_says_when_pretraining_did_not_pay_off():
+    from pretrain.finetune.transfer import Arm, summarise
+    from pretrain.finetune.verdict import _line, _reasons
+
+    arms = [Arm("pretrained", "r", "pretrained"), Arm("scratch", "r", "scratch"), Arm("tfidf", None, "tfidf")]
+    res = [{"arm": a, "n": n, "seed": s, "metric": m}
+           for n, vals in ((100, {"pretrained": [.50, .52, .51], "scratch": [.55, .56, .57],
+                                  "tfidf": [.6] * 3}),
+                           (1000, {"pretrained": [.80, .82, .81], "scratch": [.70, .71, .72],
+                                   "tfidf": [.7] * 3}))
+           for a, ms in vals.items() for s, m in enumerate(ms)]
+    summary = summarise(res, [100, 1000], arms)
+    assert summary[0]["gain"]["pretrained"]["ci95"][1] < 0 < summary[1]["gain"]["pretrained"]["ci95"][0]
+    per_arm = [{"arm": "pretrained",
+                "paid_off": [{"n": 1000, "gain": .1, "ci95": summary[1]["gain"]["pretrained"]["ci95"]}],
+                "not": [{"n": 100, "gain": -.05, "ci95": summary[0]["gain"]["pretrained"]["ci95"]}]}]
+    line = _line(per_arm, {"summary": summary})
+    assert line.startswith("verdict: pre-training did NOT pay off at 100 labels: -5.0 points")
+    assert "from scratch is better" in line
+    assert "it did at 1,000 labels" in line
+    checks = {"runs": {"pretrained": {"val_loss": [{"step": 500, "val_loss": 4.0},
+                                                   {"step": 1000, "val_loss": 3.5}],
+                                      "task_tokens_per_byte": 0.4, "pretrain_tokens_per_byte": 0.25,
+                                      "task_continuation": 0.3, "task_unknown": 0.0}},
+              "classes": 10, "per_class": {"100": 10.0, "1000": 100.0}}
+    reasons = _reasons(checks, {"summary": summary}, [(arms[0], per_arm[0]["not"][0])])
+    text = " ".join(reasons)
+    assert "still falling" in text and "far from the pre-training text" in text
+    assert "few labels: 10.0 per class at 100" in text and "TF-IDF" in text

@@ -64,9 +64,14 @@ def _config(args: argparse.Namespace, **extra: Any):
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.finetune.loop import finetune
+    from pretrain.finetune.recipe import finetune_search
 
-    res = finetune(args.run, args.train, args.valid, args.out, _config(args), quiet=args.quiet or args.json,
-                   overwrite=args.overwrite)
+    if args.search:
+        res = finetune_search(args.run, args.train, args.valid, args.out, _config(args),
+                              quiet=args.quiet or args.json, overwrite=args.overwrite)
+    else:
+        res = finetune(args.run, args.train, args.valid, args.out, _config(args),
+                       quiet=args.quiet or args.json, overwrite=args.overwrite)
     best = res["best"]
     res.pop("history")
     shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items()
@@ -103,13 +108,14 @@ def cmd_transfer(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.finetune.transfer import transfer
 
     res = transfer(args.run, args.train, args.valid, args.out, _config(args), budgets=args.budgets,
-                   seeds=args.seeds, scratch_lr=args.scratch_lr, min_steps=args.min_steps,
-                   max_epochs=args.max_epochs, all_seeds=args.all_seeds, quiet=args.quiet or args.json,
-                   overwrite=args.overwrite)
-    rows = "; ".join(f"n={r['n']:,}: {100 * r['pretrained']['mean']:.1f} vs {100 * r['scratch']['mean']:.1f}"
+                   seeds=args.seeds, recipe=args.recipe, scratch_lr=args.scratch_lr, min_steps=args.min_steps,
+                   max_epochs=args.max_epochs, all_seeds=args.all_seeds, search_max=args.search_max,
+                   tfidf=args.tfidf, quiet=args.quiet or args.json, overwrite=args.overwrite)
+    rows = "; ".join(f"n={r['n']:,}: "
+                     + " / ".join(f"{k} {100 * v['mean']:.1f}" for k, v in r["arms"].items())
                      for r in res["summary"])
-    _emit(args, res, f"transfer report in {args.out} (report.md, report.json, report.png): "
-                     f"pre-trained vs scratch {rows}")
+    _emit(args, res, f"{res['verdict']}\ntransfer report in {args.out} (report.md, report.json, report.png): "
+                     f"{rows}")
     return res
 
 
@@ -121,8 +127,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--train", required=True,
                    help="labelled training file (CSV/TSV/JSONL/Parquet; CoNLL for --task token)")
     s.add_argument("--valid", required=True,
-                   help="labelled validation file (model selection, early stopping)")
+                   help="labelled validation file (model selection, early stopping; with --search: scored "
+                        "once at the end, choosing nothing)")
     s.add_argument("--out", required=True, help="output directory (best model, metrics.jsonl)")
+    s.add_argument("--search", action="store_true",
+                   help="choose lr, pooling and epochs on a split carved from --train (5 short fine-tunes, "
+                        "into OUT/search), then fine-tune on all of --train with them")
     s.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out that is not an earlier fine-tune")
     _add_columns(s)
@@ -160,19 +170,33 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("transfer", help="pre-trained vs from-scratch fine-tuning over label budgets: "
                                         "report.md / .json / .png")
-    s.add_argument("run", help="pre-trained run directory or checkpoint")
+    s.add_argument("run", nargs="+",
+                   help="pre-trained run directory or checkpoint; several (e.g. an MLM and an RTD backbone "
+                        "of one architecture and tokenizer) are compared side by side against one "
+                        "from-scratch arm")
     s.add_argument("--train", required=True)
-    s.add_argument("--valid", required=True)
+    s.add_argument("--valid", required=True, help="evaluation data: scored, never used to choose anything "
+                                                  "(with the default --recipe auto)")
     s.add_argument("--out", required=True, help="report directory")
     s.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out that is not an earlier transfer's")
     s.add_argument("--budgets", default="100,1000,10000,all", help="label budgets, e.g. 100,1k,10k,all")
     s.add_argument("--seeds", type=int, default=3, help="seeds per budget (default 3)")
     s.add_argument("--all-seeds", type=int, default=1, help="seeds for the full training set (default 1)")
-    s.add_argument("--scratch-lr", type=float, default=1e-3, help="learning rate of the from-scratch runs")
+    s.add_argument("--recipe", choices=["auto", "fixed"], default="auto",
+                   help="auto (default): lr, pooling and epochs chosen per arm and budget on a split carved "
+                        "from the training labels; fixed: --lr / --scratch-lr for every budget, the best "
+                        "evaluation "
+                        "on --valid reported")
+    s.add_argument("--scratch-lr", type=float, default=1e-3,
+                   help="learning rate of the from-scratch runs (--recipe fixed)")
     s.add_argument("--min-steps", type=int, default=300,
-                   help="small budgets get epochs for at least this many steps")
+                   help="small budgets get epochs for at least this many steps (the search's epoch cap)")
     s.add_argument("--max-epochs", type=int, default=20, help="cap on those epochs")
+    s.add_argument("--search-max", type=int, default=2000,
+                   help="larger budgets choose their recipe on a random subset of this many examples")
+    s.add_argument("--tfidf", action=argparse.BooleanOptionalAction, default=True,
+                   help="a TF-IDF + logistic regression arm on the same labels (classification)")
     _add_columns(s)
     _add_config_flags(s, skip=("from_scratch", "seed"))
     s.add_argument("--quiet", action="store_true")

@@ -60,13 +60,15 @@ class TaskData:
 
 
 def read_data(cfg: FinetuneConfig, train_path: str | Path, valid_path: str | Path,
-              train_subset: list[int] | None) -> TaskData:
-    """Both files read and their labels checked: numeric for regression, at least two classes, no validation
-    label unseen in training."""
+              train_subset: list[int] | None, valid_subset: list[int] | None = None) -> TaskData:
+    """Both files read (the rows ``*_subset`` of them, if given) and their labels checked: numeric for
+    regression, at least two classes, no validation label unseen in training."""
     train_ex = read_task(cfg, train_path)
+    valid_ex = train_ex if Path(valid_path) == Path(train_path) else read_task(cfg, valid_path)
     if train_subset is not None:
         train_ex = train_ex.subset(train_subset)
-    valid_ex = read_task(cfg, valid_path)
+    if valid_subset is not None:
+        valid_ex = valid_ex.subset(valid_subset)
     if cfg.task == "regression":
         for ex, where in ((train_ex, train_path), (valid_ex, valid_path)):
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ex.labels):
@@ -183,13 +185,16 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig, n_layers: int) -> list[d
 
 def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, out: str | Path,
              cfg: FinetuneConfig | None = None, train_subset: list[int] | None = None,
-             quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+             quiet: bool = False, overwrite: bool = False,
+             valid_subset: list[int] | None = None) -> dict[str, Any]:
     """Fine-tune ``run`` on ``train_path``, select on ``valid_path``; the best model goes to ``out``: a new or
-    empty folder or an earlier fine-tune, or with ``overwrite`` any other folder but the inputs' own."""
+    empty folder or an earlier fine-tune, or with ``overwrite`` any other folder but the inputs' own.
+    ``train_subset`` / ``valid_subset``: use only these rows of the files (``valid_path`` may then be
+    ``train_path``: a validation split carved from the training file)."""
     cfg = cfg or FinetuneConfig()
     out = Path(out)
     check_output_dir(out, "finetune", [run, train_path, valid_path], overwrite)
-    data = read_data(cfg, train_path, valid_path, train_subset)
+    data = read_data(cfg, train_path, valid_path, train_subset, valid_subset)
     job = build(run, out, cfg, data, quiet)
     out.mkdir(parents=True, exist_ok=True)
     # a folder used before: no finetune.json until this run saves a model
@@ -212,6 +217,7 @@ def loop(job: FtJob) -> dict[str, Any]:
     loss_fn = nn.MSELoss() if cfg.task == "regression" else nn.CrossEntropyLoss(ignore_index=IGNORE)
     params = [p for p in job.model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(len(tr.ids) / cfg.batch_size)
+    # evals_per_epoch 0: one evaluation, after the last step
     eval_at = {round(steps_per_epoch * (k + 1) / cfg.evals_per_epoch) for k in range(cfg.evals_per_epoch)}
     rng = random.Random(cfg.seed)
     ev = Evaluator(job)
@@ -251,7 +257,8 @@ def loop(job: FtJob) -> dict[str, Any]:
         if stop != "epochs" or step >= job.total:
             break
     assert ev.best is not None
-    return {"out": str(job.out), "task": cfg.task, "best": ev.best, "steps": step, "stop_reason": stop,
+    return {"out": str(job.out), "task": cfg.task, "best": ev.best, "final": ev.history[-1], "steps": step,
+            "stop_reason": stop,
             "elapsed_s": round(time.time() - ev.t0, 2), "trained_params": job.n_train,
             "total_params": job.n_total, "truncated": job.info["truncated"],
             "from_scratch": cfg.from_scratch, "history": ev.history}

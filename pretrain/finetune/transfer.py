@@ -9,9 +9,9 @@ against the number of labelled examples, log scale).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,8 +22,8 @@ import numpy as np
 from pretrain import PretrainError
 from pretrain.config import FinetuneConfig
 from pretrain.finetune.encode import _labels_of, read_task
-from pretrain.finetune.loop import finetune
 from pretrain.finetune.metrics import compute_metrics
+from pretrain.finetune.recipe import cached_finetune, carve, epochs_for, search
 from pretrain.io import check_output_dir, write_json_atomic, write_text_atomic
 from pretrain.models import spec_of
 
@@ -70,23 +70,67 @@ def sample_budget(labels: list[Any] | None, n: int, seed: int, total: int) -> li
     return sorted(chosen)
 
 
-def epochs_for(n: int, batch_size: int, min_steps: int, base_epochs: int, max_epochs: int) -> int:
-    """Small budgets get more epochs so that every budget trains for at least ``min_steps`` steps."""
-    return int(min(max_epochs, max(base_epochs, math.ceil(min_steps * batch_size / n))))
+SCRATCH, TFIDF = "scratch", "tfidf"
 
 
-def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | Path,
+@dataclasses.dataclass
+class Arm:
+    """One column of the comparison: a pre-trained run, its architecture from a random init, or TF-IDF."""
+
+    name: str
+    run: str | Path | None
+    """The run fine-tuned (the scratch arm: the run whose architecture and tokenizer it re-initialises)."""
+    kind: str
+    """'pretrained', 'scratch' or 'tfidf'."""
+
+
+def arms_for(runs: list[str | Path], tfidf: bool) -> list[Arm]:
+    """A pre-trained arm per run (named 'pretrained' when there is one, else by the run folder's name), one
+    from-scratch arm — which needs every run to share the encoder's architecture and tokenizer, so that
+    one random init is the baseline of all — and TF-IDF + logistic regression."""
+    from pretrain.finetune.model import load_backbone
+
+    names: list[str] = []
+    if len(runs) == 1:
+        names = ["pretrained"]
+    else:
+        for r in runs:
+            p = Path(r).resolve()
+            base = p.parent.parent.name if p.parent.name == "checkpoints" else p.name
+            name = re.sub(r"[^\w.-]", "_", base) or "run"
+            while name in names or name in (SCRATCH, TFIDF):
+                name += "_"
+            names.append(name)
+    if len(runs) > 1:
+        seen = []
+        for r in runs:
+            _, pcfg, tok, _ = load_backbone(r, 0.0, True, 0)
+            seen.append((dataclasses.asdict(pcfg.model), tok.sha256()))
+        if any(s != seen[0] for s in seen[1:]):
+            raise PretrainError("the runs compared in one transfer must share the fine-tuned model's "
+                                "architecture and the tokenizer (one from-scratch baseline for all); "
+                                "compare the others in separate transfers")
+    arms = [Arm(n, r, "pretrained") for n, r in zip(names, runs)] + [Arm(SCRATCH, runs[0], "scratch")]
+    return arms + ([Arm(TFIDF, None, "tfidf")] if tfidf else [])
+
+
+def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str | Path, out: str | Path,
              cfg: FinetuneConfig | None = None, budgets: str | list = "100,1000,10000,all", seeds: int = 3,
-             scratch_lr: float = 1e-3, min_steps: int = 300, max_epochs: int = 20, all_seeds: int | None = 1,
+             recipe: str = "auto", scratch_lr: float = 1e-3, min_steps: int = 300, max_epochs: int = 20,
+             all_seeds: int | None = 1, search_max: int = 2000, tfidf: bool = True,
              text_column: str | None = None, label_column: str | None = None,
              quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Pre-trained vs from-scratch fine-tuning at each label budget; the report goes to ``out``.
+    """Pre-trained run(s) vs the same architecture from scratch (and TF-IDF + logistic regression) at each
+    label budget; the report goes to ``out``.
 
-    ``cfg.epochs`` is the minimum number of epochs; smaller budgets get up to ``max_epochs`` so each trains
-    ``min_steps`` steps. From-scratch runs use ``scratch_lr`` (a random init wants a larger step than a
-    pre-trained one). The full training set is run with ``all_seeds`` seeds (it varies least). ``out`` is a
-    new or empty folder or an earlier transfer's (whose finished runs are reused), or with ``overwrite`` any
-    other folder but the inputs' own."""
+    ``recipe="auto"`` (the default): learning rate, pooling and epochs chosen for each arm and budget on a
+    split carved from the budget's training labels (finetune/recipe.py), then every seed trains on the whole
+    budget with that recipe and is scored once, at its end, on ``valid``. ``recipe="fixed"``: ``cfg.lr`` for
+    the pre-trained arms and ``scratch_lr`` from scratch, ``cfg.epochs`` at least and up to ``max_epochs``
+    (so each budget trains ``min_steps`` steps), the best evaluation on ``valid`` reported (early stopping
+    on the evaluation data: optimistic, for both arms alike). The full training set runs ``all_seeds`` seeds.
+    ``out`` is a new or empty folder or an earlier transfer's (whose finished runs are reused), or with
+    ``overwrite`` any other folder but the inputs' own."""
     cfg = cfg or FinetuneConfig()
     if text_column:
         cfg = dataclasses.replace(cfg, text_column=text_column)
@@ -94,82 +138,139 @@ def transfer(run: str | Path, train: str | Path, valid: str | Path, out: str | P
         cfg = dataclasses.replace(cfg, label_column=label_column)
     if seeds < 1:
         raise PretrainError("seeds must be >= 1")
+    if recipe not in ("auto", "fixed"):
+        raise PretrainError(f"recipe must be auto or fixed, got {recipe!r}")
+    runs = list(run) if isinstance(run, (list, tuple)) else [run]
     out = Path(out)
-    check_output_dir(out, "transfer", [run, train, valid], overwrite)
+    check_output_dir(out, "transfer", [*runs, train, valid], overwrite)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     full = read_task(cfg, train)
     n_total = len(full)
     labels = full.labels if cfg.task == "classification" else None
     sizes = parse_budgets(budgets, n_total)
-    ident = _inputs_identity(run, train, valid)  # a finished run is reused only for the same inputs
+    arms = arms_for(runs, tfidf and cfg.task == "classification")
+    encoder = _is_encoder(runs[0])
     results: list[dict[str, Any]] = []
+    recipes: dict[str, dict[str, Any]] = {}
     t0 = time.time()
     for n in sizes:
         n_seeds = all_seeds if (n == n_total and all_seeds) else seeds
-        epochs = epochs_for(n, cfg.batch_size, min_steps, cfg.epochs, max_epochs)
-        for seed in range(n_seeds):
-            subset = sample_budget(labels, n, seed, n_total) if n < n_total else None
-            for init in ("pretrained", "scratch"):
-                run_cfg = dataclasses.replace(cfg, seed=seed, epochs=epochs, from_scratch=init == "scratch",
-                                              lr=scratch_lr if init == "scratch" else cfg.lr)
-                work = out / "runs" / f"{init}_n{n}_s{seed}"
-                res = _finished(work, run_cfg, n, ident)
-                if res is None:
-                    res = finetune(run, train, valid, work, run_cfg, train_subset=subset, quiet=True,
-                                   overwrite=overwrite)
-                    # keep metrics and configs, not every model
-                    (work / "model.safetensors").unlink(missing_ok=True)
-                    _write_done(work, res, ident)
-                best = res["best"]
-                results.append({"init": init, "n": n, "seed": seed, "epochs": epochs, "lr": run_cfg.lr,
-                                "metric": best["val_metric"], "best_epoch": best["epoch"],
+        subsets = [sample_budget(labels, n, s, n_total) if n < n_total else None for s in range(n_seeds)]
+        for arm in arms:
+            if arm.kind == "tfidf":
+                for seed, subset in enumerate(subsets):
+                    res = tfidf_baseline(cfg, full, subset, valid, seed)
+                    results.append({"arm": arm.name, "n": n, "seed": seed, **res})
+                    log(f"transfer: {arm.name:10s} n={n:<7,} seed {seed}: val metric {res['metric']:.4f} "
+                        f"(C {res['C']:g})")
+                continue
+            ident = _inputs_identity(arm.run, train, valid, weights=arm.kind != "scratch")
+            arm_cfg = dataclasses.replace(cfg, from_scratch=arm.kind == "scratch")
+            chosen = None
+            if recipe == "auto":
+                idx0 = subsets[0] if subsets[0] is not None else list(range(n_total))
+                chosen = search(arm.run, train, idx0, labels, out / "search" / f"{arm.name}_n{n}", arm_cfg,
+                                encoder, ident, max_epochs, min_steps, 0, search_max, log)
+                recipes[f"{arm.name}_n{n}"] = dataclasses.asdict(chosen)
+                log(f"transfer: {arm.name} n={n:,}: recipe {chosen.describe()} "
+                    f"(carved split {chosen.score:.4f})")
+            for seed, subset in enumerate(subsets):
+                if chosen is not None:
+                    run_cfg = dataclasses.replace(chosen.apply(arm_cfg), seed=seed)
+                else:
+                    epochs = epochs_for(n, cfg.batch_size, min_steps, cfg.epochs, max_epochs)
+                    run_cfg = dataclasses.replace(arm_cfg, seed=seed, epochs=epochs,
+                                                  lr=scratch_lr if arm.kind == "scratch" else cfg.lr)
+                work = out / "runs" / f"{arm.name}_n{n}_s{seed}"
+                res = cached_finetune(arm.run, train, valid, work, run_cfg, ident, subset)
+                scored = res["final"] if chosen is not None else res["best"]
+                results.append({"arm": arm.name, "n": n, "seed": seed, "epochs": run_cfg.epochs,
+                                "lr": run_cfg.lr, "pooling": run_cfg.pooling, "metric": scored["val_metric"],
                                 "steps": res["steps"], "elapsed_s": res["elapsed_s"],
-                                **{k: v for k, v in best.items()
+                                **{k: v for k, v in scored.items()
                                    if k.startswith("val_") and k != "val_metric"}})
-                log(f"transfer: {init:10s} n={n:<7,} seed {seed}: val metric {best['val_metric']:.4f} "
+                log(f"transfer: {arm.name:10s} n={n:<7,} seed {seed}: val metric {scored['val_metric']:.4f} "
                     f"({res['steps']} steps, {res['elapsed_s']:.0f}s)")
-    summary = summarise(results, sizes)
+    summary = summarise(results, sizes, arms)
     baseline = majority_baseline(cfg, labels, valid)
-    report = {"run": str(run), "train": str(train), "valid": str(valid), "task": cfg.task,
-              "metric": _metric_name(cfg.task), "train_examples": n_total, "budgets": sizes, "seeds": seeds,
-              "config": dataclasses.asdict(cfg), "scratch_lr": scratch_lr, "majority_baseline": baseline,
-              "summary": summary, "runs": results, "elapsed_s": round(time.time() - t0, 1)}
+    report = {"runs": [str(r) for r in runs],
+              "arms": [dataclasses.asdict(a) | {"run": str(a.run)} for a in arms],
+              "train": str(train), "valid": str(valid), "task": cfg.task, "metric": _metric_name(cfg.task),
+              "train_examples": n_total, "budgets": sizes, "seeds": seeds, "recipe": recipe,
+              "recipes": recipes, "config": dataclasses.asdict(cfg), "scratch_lr": scratch_lr,
+              "majority_baseline": baseline, "summary": summary, "results": results,
+              "elapsed_s": round(time.time() - t0, 1)}
+    from pretrain.finetune.verdict import verdict
+
+    report["verdict"] = verdict(report, arms, full, cfg)
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", markdown(report))
     plot(report, out / "report.png")
     log(markdown(report))
-    return {"out": str(out), "summary": summary, "majority_baseline": baseline,
-            "elapsed_s": report["elapsed_s"]}
+    return {"verdict": report["verdict"]["line"], "out": str(out), "summary": summary,
+            "majority_baseline": baseline, "elapsed_s": report["elapsed_s"]}
 
 
-def _inputs_identity(run: str | Path, train: str | Path, valid: str | Path) -> dict[str, Any]:
-    """What a fine-tuning result depends on besides its config: the pre-trained checkpoint and the data."""
+def _is_encoder(run: str | Path) -> bool:
+    from pretrain.finetune.model import load_backbone
+
+    backbone, _, _, _ = load_backbone(run, 0.0, True, 0)
+    return spec_of(backbone).bidirectional
+
+
+def _inputs_identity(run: str | Path, train: str | Path, valid: str | Path,
+                     weights: bool = True) -> dict[str, Any]:
+    """What a fine-tuning result depends on besides its config: the pre-trained checkpoint (``weights``;
+    a random init depends only on the architecture and the tokenizer, so from-scratch runs are shared by
+    backbones of one architecture) and the data."""
     from pretrain.checkpoint import resolve_checkpoint
     from pretrain.data.sources import sha256_file
 
-    return {"checkpoint": str(resolve_checkpoint(run).resolve()), "train_sha256": sha256_file(Path(train)),
-            "valid_sha256": sha256_file(Path(valid))}
+    data = {"train_sha256": sha256_file(Path(train)), "valid_sha256": sha256_file(Path(valid))}
+    if weights:
+        return {"checkpoint": str(resolve_checkpoint(run).resolve()), **data}
+    from pretrain.finetune.model import load_backbone
+
+    _, pcfg, tok, _ = load_backbone(run, 0.0, True, 0)
+    return {"architecture": dataclasses.asdict(pcfg.model), "tokenizer_sha256": tok.sha256(), **data}
 
 
-def _finished(work: Path, cfg: FinetuneConfig, n: int, ident: dict[str, Any]) -> dict[str, Any] | None:
-    """The result of an earlier, completed fine-tuning run with the same settings, checkpoint and data (so an
-    interrupted transfer resumes where it stopped), or None."""
-    try:
-        done = json.loads((work / "done.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if (done.get("config") != dataclasses.asdict(cfg) or done.get("train_examples") != n
-            or done.get("inputs") != ident):
-        return None
-    return done["result"]
+TFIDF_C = (0.1, 1.0, 10.0, 100.0)
+"""Inverse regularisation strengths tried for TF-IDF + logistic regression."""
 
 
-def _write_done(work: Path, res: dict[str, Any], ident: dict[str, Any]) -> None:
-    info = json.loads((work / "finetune.json").read_text(encoding="utf-8"))
-    write_json_atomic(work / "done.json", {"config": info["config"], "train_examples": info["train_examples"],
-                                           "inputs": ident,
-                                           "result": {k: v for k, v in res.items() if k != "history"}})
+def tfidf_baseline(cfg: FinetuneConfig, full: Any, subset: list[int] | None, valid: str | Path,
+                   seed: int) -> dict[str, Any]:
+    """TF-IDF (word 1–2-grams, sublinear tf) + logistic regression on the same rows as the fine-tunes, C
+    chosen on the same kind of carved split, then refit on all the rows; scored on ``valid``."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    idx = subset if subset is not None else list(range(len(full)))
+    texts = [t if full.pairs is None else f"{t} [SEP] {p}" for t, p in
+             zip(full.texts, full.pairs or [None] * len(full))]
+    y = [str(v) for v in full.labels]
+
+    def fit(rows: list[int], c: float):
+        vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+        x = vec.fit_transform([texts[i] for i in rows])
+        clf = LogisticRegression(C=c, max_iter=2000).fit(x, [y[i] for i in rows])
+        return vec, clf
+
+    fit_rows, select = carve(full.labels, idx, seed)
+    scores = {}
+    for c in TFIDF_C:
+        vec, clf = fit(fit_rows, c)
+        scores[c] = float(np.mean(clf.predict(vec.transform([texts[i] for i in select])) ==
+                                  np.array([y[i] for i in select])))
+    best_c = max(TFIDF_C, key=lambda c: scores[c])
+    vec, clf = fit(idx, best_c)
+    va = read_task(cfg, valid)
+    vtexts = va.texts if va.pairs is None else [f"{t} [SEP] {p}" for t, p in zip(va.texts, va.pairs)]
+    pred = list(clf.predict(vec.transform(vtexts)))
+    m = compute_metrics("classification", pred, [str(v) for v in va.labels])
+    return {"metric": m["metric"], "C": best_c, **{f"val_{k}": v for k, v in m.items() if k != "metric"}}
 
 
 def _metric_name(task: str) -> str:
@@ -187,37 +288,88 @@ def majority_baseline(cfg: FinetuneConfig, labels: list[Any] | None, valid: str 
     return compute_metrics("classification", [top] * len(gold), gold)["metric"]
 
 
-def summarise(results: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any]]:
+def interval(values: list[float]) -> tuple[float, float] | None:
+    """95% t-interval of the mean of ``values`` (None for fewer than two)."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    m, se = float(np.mean(values)), float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    h = float(t.ppf(0.975, len(values) - 1)) * se
+    return (m - h, m + h)
+
+
+def summarise(results: list[dict[str, Any]], sizes: list[int], arms: list[Arm]) -> list[dict[str, Any]]:
+    """Per budget: each arm's mean, std and 95% interval over seeds; each pre-trained arm's gain over scratch,
+    paired by seed (the same label subset), with its interval."""
     rows = []
     for n in sizes:
-        row: dict[str, Any] = {"n": n}
-        for init in ("pretrained", "scratch"):
-            vals = [r["metric"] for r in results if r["n"] == n and r["init"] == init]
-            row[init] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": len(vals),
-                         "values": vals}
-        row["gain"] = row["pretrained"]["mean"] - row["scratch"]["mean"]
+        row: dict[str, Any] = {"n": n, "arms": {}, "gain": {}}
+        by_arm = {a.name: {r["seed"]: r["metric"] for r in results if r["n"] == n and r["arm"] == a.name}
+                  for a in arms}
+        for a in arms:
+            vals = [by_arm[a.name][s] for s in sorted(by_arm[a.name])]
+            row["arms"][a.name] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)),
+                                   "ci95": interval(vals), "seeds": len(vals), "values": vals}
+        for a in arms:
+            if a.kind != "pretrained":
+                continue
+            diffs = [by_arm[a.name][s] - by_arm[SCRATCH][s] for s in sorted(by_arm[a.name])
+                     if s in by_arm[SCRATCH]]
+            row["gain"][a.name] = {"mean": float(np.mean(diffs)), "ci95": interval(diffs), "values": diffs}
         rows.append(row)
     return rows
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(ci: tuple[float, float] | list[float] | None, signed: bool = False) -> str:
+    if ci is None:
+        return "(1 seed)"
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"[{f.format(100 * ci[0])}, {f.format(100 * ci[1])}]"
+
+
 def markdown(report: dict[str, Any]) -> str:
     metric = report["metric"]
-    lines = [f"# Transfer report: {report['task']} ({metric}, validation)", "",
-             f"Pre-trained run: `{report['run']}`; train `{report['train']}` ({report['train_examples']:,} "
-             f"examples); valid `{report['valid']}`.", "",
-             "| labelled examples | pre-trained | from scratch | gain | seeds |",
-             "|---:|---:|---:|---:|---:|"]
+    arms = [a["name"] for a in report["arms"]]
+    pre = [a["name"] for a in report["arms"] if a["kind"] == "pretrained"]
+    lines = [f"**{report['verdict']['line']}**", "",
+             f"# Transfer report: {report['task']} ({metric}, validation)", "",
+             f"Pre-trained run(s): {', '.join(f'`{r}`' for r in report['runs'])}; train `{report['train']}` "
+             f"({report['train_examples']:,} examples); valid `{report['valid']}`.", "",
+             "| labelled examples | " + " | ".join(arms) + " | "
+             + " | ".join(f"gain {p}" for p in pre) + " | seeds |",
+             "|---:|" + "---:|" * (len(arms) + len(pre) + 1)]
     for row in report["summary"]:
-        p, s = row["pretrained"], row["scratch"]
-        lines.append(f"| {row['n']:,} | {100 * p['mean']:.1f} ± {100 * p['std']:.1f} | "
-                     f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {100 * row['gain']:+.1f} | "
-                     f"{p['seeds']} |")
+        cells = [f"{_pct(row['arms'][a]['mean'])} {_ci(row['arms'][a]['ci95'])}" for a in arms]
+        gains = [f"{100 * row['gain'][p]['mean']:+.1f} {_ci(row['gain'][p]['ci95'], True)}" for p in pre]
+        seeds = row["arms"][arms[0]]["seeds"]
+        lines.append(f"| {row['n']:,} | " + " | ".join(cells + gains) + f" | {seeds} |")
     if report.get("majority_baseline") is not None:
         lines += ["", f"Majority-class baseline: {100 * report['majority_baseline']:.1f}."]
-    lines += ["", "Values are percentages: mean ± standard deviation over seeds (different label subsets and "
-              "initialisations of the head). From-scratch runs use the same architecture and tokenizer with "
-              f"lr {report['scratch_lr']:g}; pre-trained runs lr {report['config']['lr']:g}.", ""]
-    return "\n".join(lines)
+    lines += ["", "Values are percentages: mean over seeds (different label subsets and initialisations of "
+              "the head) with a 95% t-interval; gains are paired by seed (the same labels on both sides). "
+              "From-scratch runs use the same architecture and tokenizer."]
+    if report["recipe"] == "auto":
+        lines += ["", "Recipes chosen on a split carved from each budget's training labels (the evaluation "
+                  "data never picks anything; each seed is scored once, after its last epoch):", "",
+                  "| arm | labelled examples | lr | pooling | epochs | carved-split metric |",
+                  "|---|---:|---:|---|---:|---:|"]
+        for key, r in report["recipes"].items():
+            arm, n = key.rsplit("_n", 1)
+            lines.append(f"| {arm} | {int(n):,} | {r['lr']:g} | {r['pooling']} | {r['epochs']} | "
+                         f"{100 * r['score']:.1f} |")
+    else:
+        lines += ["", f"One fixed recipe: lr {report['config']['lr']:g} pre-trained, "
+                  f"{report['scratch_lr']:g} from scratch; the best evaluation on the validation data is "
+                  "reported (optimistic, both sides alike)."]
+    reasons = report["verdict"].get("reasons") or []
+    if reasons:
+        lines += ["", "Likely reasons where pre-training did not pay off:", ""] + [f"- {r}" for r in reasons]
+    return "\n".join(lines) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -228,11 +380,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [row["n"] for row in report["summary"]]
-    for init, style in (("pretrained", "o-"), ("scratch", "s--")):
-        ys = [100 * row[init]["mean"] for row in report["summary"]]
-        es = [100 * row[init]["std"] for row in report["summary"]]
-        ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3,
-                    label="pre-trained" if init == "pretrained" else "from scratch")
+    for a, style in zip(report["arms"], ("o-", "^-", "v-", "D-", "s--", "x:")):
+        name = a["name"]
+        style = {"scratch": "s--", "tfidf": "x:"}.get(a["kind"], style)
+        ys = [100 * row["arms"][name]["mean"] for row in report["summary"]]
+        es = [100 * row["arms"][name]["std"] for row in report["summary"]]
+        label = {"scratch": "from scratch", "tfidf": "TF-IDF + LR"}.get(a["kind"], name)
+        ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)
     if report.get("majority_baseline") is not None:
         ax.axhline(100 * report["majority_baseline"], color="gray", lw=0.8, ls=":", label="majority class")
     ax.set_xscale("log")

@@ -1,0 +1,186 @@
+"""The fine-tuning recipe chosen on the training labels alone: learning rate, pooling and epochs.
+
+A pre-trained backbone and a random init want different recipes (a random init takes a larger step; a
+pre-trained one may over-fit a few hundred labels in a few epochs), and one fixed recipe for both sides
+of a comparison favours whichever side it was tuned for. ``search`` carves a validation split from the
+training examples (``carve``: 20%, at most ``MAX_SELECT`` rows, every class kept on the training side),
+fine-tunes on the rest and picks, by the carved split's metric:
+
+1. the learning rate from ``LR_GRID`` with the architecture's default pooling (cls / last), early
+   stopping on the carved split (patience 3 evaluations) within ``max_epochs``;
+2. then the other pooling(s) (mean, and cls for an encoder) at that learning rate;
+3. the number of epochs: those of the best evaluation of the chosen run.
+
+Five fine-tunes per recipe (a coordinate search, not the 4 × 2 grid). The evaluation data is never seen.
+Budgets larger than ``search_max`` examples search on a random ``search_max`` of them and keep the
+config's epochs (the best epoch on a small subset says little about a large one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import FinetuneConfig
+from pretrain.io import write_json_atomic
+
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
+"""Learning rates tried (the peak of the linear schedule)."""
+SELECT_FRAC = 0.2
+"""Share of the training examples carved off to choose the recipe on."""
+MAX_SELECT = 1000
+"""At most this many carved examples (a larger budget keeps more for training)."""
+
+
+@dataclass
+class Recipe:
+    """What ``search`` chose and what it tried."""
+
+    lr: float
+    pooling: str
+    epochs: int
+    score: float
+    """The carved split's metric of the chosen run."""
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    """Every fine-tune of the search: lr, pooling, carved metric, best epoch."""
+    searched_on: int = 0
+    """Training examples of the search runs (the budget less the carved split)."""
+
+    def apply(self, cfg: FinetuneConfig) -> FinetuneConfig:
+        """``cfg`` with this recipe: its lr, pooling and epochs; no early stopping, one evaluation at the
+        end (the evaluation data must not pick the epoch)."""
+        return dataclasses.replace(cfg, lr=self.lr, pooling=self.pooling, epochs=self.epochs, patience=0,
+                                   evals_per_epoch=0, head_lr=0.0)
+
+    def describe(self) -> str:
+        return f"lr {self.lr:g}, {self.pooling} pooling, {self.epochs} epoch{'s' * (self.epochs != 1)}"
+
+
+def epochs_for(n: int, batch_size: int, min_steps: int, base_epochs: int, max_epochs: int) -> int:
+    """Small budgets get more epochs so that every budget trains for at least ``min_steps`` steps."""
+    return int(min(max_epochs, max(base_epochs, math.ceil(min_steps * batch_size / n))))
+
+
+def carve(labels: list[Any] | None, idx: list[int], seed: int, frac: float = SELECT_FRAC,
+          max_select: int = MAX_SELECT) -> tuple[list[int], list[int]]:
+    """``idx`` (rows of a training file) → (fit rows, carved selection rows). With labels, every class keeps
+    at least one example on the fit side and the carved side holds only classes the fit side has."""
+    rng = random.Random(seed * 7919 + len(idx))
+    order = list(idx)
+    rng.shuffle(order)
+    k = min(max_select, max(1, round(frac * len(order))))
+    if labels is None:
+        return sorted(order[k:]), sorted(order[:k])
+    left: dict[str, int] = {}
+    for i in order:
+        left[str(labels[i])] = left.get(str(labels[i]), 0) + 1
+    select: list[int] = []
+    for i in order:
+        c = str(labels[i])
+        if len(select) < k and left[c] > 1:
+            select.append(i)
+            left[c] -= 1
+    chosen = set(select)
+    return sorted(i for i in order if i not in chosen), sorted(select)
+
+
+def poolings(cfg: FinetuneConfig, encoder: bool) -> list[str]:
+    """The poolings searched, the architecture's default first; none for token tasks and prompts (no
+    pooled head)."""
+    if cfg.task == "token" or cfg.prompt:
+        return [cfg.pooling]
+    return ["cls", "mean"] if encoder else ["last", "mean"]
+
+
+def cached_finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, work: Path,
+                    cfg: FinetuneConfig, ident: dict[str, Any], train_subset: list[int] | None = None,
+                    valid_subset: list[int] | None = None) -> dict[str, Any]:
+    """``finetune`` into ``work``, or the result of an earlier completed run there with the same config, rows
+    and inputs (``ident``: the checkpoint's path and the data's checksums), so an interrupted search or
+    transfer resumes where it stopped. Only metrics and configs are kept, not the model."""
+    from pretrain.finetune.loop import finetune
+
+    rows = {"train": train_subset, "valid": valid_subset}
+    try:
+        done = json.loads((work / "done.json").read_text(encoding="utf-8"))
+        if (done.get("config") == dataclasses.asdict(cfg) and done.get("inputs") == ident
+                and done.get("rows") == rows):
+            return done["result"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    res = finetune(run, train_path, valid_path, work, cfg, train_subset=train_subset,
+                   valid_subset=valid_subset, quiet=True, overwrite=True)
+    (work / "model.safetensors").unlink(missing_ok=True)
+    write_json_atomic(work / "done.json", {"config": dataclasses.asdict(cfg), "inputs": ident, "rows": rows,
+                                           "result": {k: v for k, v in res.items() if k != "history"}})
+    return res
+
+
+def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list[Any] | None, work: Path,
+           cfg: FinetuneConfig, encoder: bool, ident: dict[str, Any], max_epochs: int = 20,
+           min_steps: int = 300, seed: int = 0, search_max: int = 2000, log=None) -> Recipe:
+    """Choose a recipe for fine-tuning ``run`` (or its random init with ``cfg.from_scratch``) on rows
+    ``idx`` of ``train_path``; the search runs go to ``work/lr<lr>_<pooling>`` (finished ones are reused, see
+    ``cached_finetune``)."""
+    big = len(idx) > search_max
+    if big:
+        idx = sorted(random.Random(seed).sample(list(idx), search_max))
+    fit, select = carve(labels, idx, seed)
+    epochs = epochs_for(len(fit), cfg.batch_size, min_steps, cfg.epochs, max_epochs)
+    base = dataclasses.replace(cfg, seed=seed, epochs=epochs, patience=3, evals_per_epoch=1)
+    trials: list[dict[str, Any]] = []
+
+    def trial(lr: float, pooling: str) -> dict[str, Any]:
+        run_cfg = dataclasses.replace(base, lr=lr, pooling=pooling)
+        res = cached_finetune(run, train_path, train_path, work / f"lr{lr:g}_{pooling}", run_cfg, ident, fit,
+                              select)
+        best = res["best"]
+        t = {"lr": lr, "pooling": pooling, "metric": best["val_metric"], "best_epoch": best["epoch"],
+             "steps": res["steps"]}
+        trials.append(t)
+        if log:
+            log(f"  search {work.name}: lr {lr:g} {pooling}: carved {best['val_metric']:.4f} "
+                f"(best at epoch {best['epoch']:g})")
+        return t
+
+    pools = poolings(cfg, encoder)
+    first = max((trial(lr, pools[0]) for lr in LR_GRID), key=lambda t: t["metric"])
+    best = max([first, *(trial(first["lr"], p) for p in pools[1:])], key=lambda t: t["metric"])
+    n_epochs = cfg.epochs if big else max(1, math.ceil(best["best_epoch"] - 1e-9))
+    return Recipe(best["lr"], best["pooling"], n_epochs, best["metric"], trials, len(fit))
+
+
+
+
+def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | Path, out: str | Path,
+                    cfg: FinetuneConfig | None = None, max_epochs: int = 20, min_steps: int = 300,
+                    search_max: int = 2000, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """``pretrain finetune --search``: choose the recipe on a split carved from ``train_path`` (the search
+    runs go to OUT/search), then fine-tune on all of it with that recipe; ``valid_path`` scores the final
+    model once, after its last epoch, and chooses nothing."""
+    from pretrain.finetune.encode import read_task
+    from pretrain.finetune.loop import finetune
+    from pretrain.finetune.model import load_backbone
+    from pretrain.finetune.transfer import _inputs_identity
+    from pretrain.io import check_output_dir
+    from pretrain.models import spec_of
+
+    cfg = cfg or FinetuneConfig()
+    out = Path(out)
+    check_output_dir(out, "finetune", [run, train_path, valid_path], overwrite)
+    full = read_task(cfg, train_path)
+    labels = full.labels if cfg.task == "classification" else None
+    backbone, _, _, _ = load_backbone(run, 0.0, True, 0)
+    encoder = spec_of(backbone).bidirectional
+    log = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
+    chosen = search(run, train_path, list(range(len(full))), labels, out / "search", cfg, encoder,
+                    _inputs_identity(run, train_path, valid_path), max_epochs, min_steps, cfg.seed,
+                    search_max, log)
+    log(f"recipe: {chosen.describe()} (carved split {chosen.score:.4f}, {len(chosen.trials)} runs)")
+    res = finetune(run, train_path, valid_path, out, chosen.apply(cfg), quiet=quiet, overwrite=True)
+    return {**res, "recipe": dataclasses.asdict(chosen)}
