@@ -7,9 +7,10 @@ that shares an 8-word n-gram (short queries and sentences have no 13-word ones) 
 sentences) or BANKING77 (train + test queries).
 One WordPiece vocabulary (8,192), shared by every backbone (so the from-scratch arm is one arm).
 
-Stage ``pretrain``: an encoder (configs/bert-cpu-sst2.yaml, 4 x 192) pre-trained for ``--budget-s`` seconds
-with ``--objective mlm`` (masked LM) or ``rtd`` (replaced-token detection, ELECTRA-style), the LR decaying
-over the time budget. Each backbone lands in WORK/<objective>.
+Stage ``pretrain``: an encoder of 4 x 192 pre-trained for ``--budget-s`` seconds with ``--backbone mlm``
+(masked LM, configs/bert-cpu-sst2.yaml) or ``rtd`` (replaced-token detection, ELECTRA-style: that encoder as
+the discriminator and a one-block generator, configs/electra-cpu.yaml), the LR decaying over the time
+budget. Each backbone lands in WORK/<objective> (or WORK/<--name>).
 
 Stage ``transfer``: ``pretrain transfer`` with its defaults (the automatic recipe: learning rate, pooling and
 epochs chosen per arm and budget on a validation split carved from the training labels) for every backbone
@@ -17,8 +18,8 @@ on both tasks (SST-2 train -> dev; BANKING77 train -> test), and TF-IDF + logist
 label subsets (its C chosen the same way). Stage ``report``: one table, mean over seeds with 95% intervals.
 
     python bench/transfer_tasks.py --work /tmp/tt --stage data
-    python bench/transfer_tasks.py --work /tmp/tt --stage pretrain --objective mlm --budget-s 1500
-    python bench/transfer_tasks.py --work /tmp/tt --stage pretrain --objective rtd --budget-s 1500
+    python bench/transfer_tasks.py --work /tmp/tt --stage pretrain --backbone mlm --budget-s 1500
+    python bench/transfer_tasks.py --work /tmp/tt --stage pretrain --backbone rtd --budget-s 1500
     python bench/transfer_tasks.py --work /tmp/tt --stage transfer --budgets 100,1000 --seeds 5
     python bench/transfer_tasks.py --work /tmp/tt --stage report
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
+CONFIGS = {"mlm": "bert-cpu-sst2.yaml", "rtd": "electra-cpu.yaml"}
 NGRAM = 8
 TASKS = {
     "sst2": {"train": SHARED / "sst2" / "train.tsv", "valid": SHARED / "sst2" / "dev.tsv",
@@ -167,8 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="work directory (kept: stages reuse what it holds)")
     ap.add_argument("--stage", choices=["data", "pretrain", "transfer", "report"], required=True)
-    ap.add_argument("--objective", default="mlm", help="pretrain stage: mlm or rtd")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "bert-cpu-sst2.yaml"))
+    ap.add_argument("--backbone", default="mlm", choices=sorted(CONFIGS),
+                    help="pretrain stage: the objective, mlm or rtd")
+    ap.add_argument("--config", default=None,
+                    help="pretrain stage: default configs/bert-cpu-sst2.yaml (mlm) or "
+                         "configs/electra-cpu.yaml (rtd): one encoder size for both")
     ap.add_argument("--budget-s", type=float, default=1500.0, help="pre-training time limit (default 1500)")
     ap.add_argument("--name", default=None,
                     help="pretrain stage: the run folder in WORK (default: the objective)")
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = stage_data(work, args.json)
     elif args.stage == "pretrain":
         stage_data(work, args.json)
-        result = stage_pretrain(work, args.objective, args.config, args.budget_s, overrides, args.json,
+        config = args.config or str(ROOT / "configs" / CONFIGS[args.backbone])
+        result = stage_pretrain(work, args.backbone, config, args.budget_s, overrides, args.json,
                                 args.name)
     elif args.stage == "transfer":
         result = stage_transfer(work, args.runs.split(","), args.tasks.split(","), args.budgets, args.seeds,

@@ -97,6 +97,23 @@ def poolings(cfg: FinetuneConfig, encoder: bool) -> list[str]:
     return ["cls", "mean"] if encoder else ["last", "mean"]
 
 
+def inputs_identity(run: str | Path, train: str | Path, valid: str | Path,
+                     weights: bool = True) -> dict[str, Any]:
+    """What a fine-tuning result depends on besides its config: the pre-trained checkpoint (``weights``;
+    a random init depends only on the architecture and the tokenizer, so from-scratch runs are shared by
+    backbones of one architecture) and the data."""
+    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.data.sources import sha256_file
+
+    data = {"train_sha256": sha256_file(Path(train)), "valid_sha256": sha256_file(Path(valid))}
+    if weights:
+        return {"checkpoint": str(resolve_checkpoint(run).resolve()), **data}
+    from pretrain.finetune.model import load_backbone
+
+    _, pcfg, tok, _ = load_backbone(run, 0.0, True, 0)
+    return {"architecture": dataclasses.asdict(pcfg.model), "tokenizer_sha256": tok.sha256(), **data}
+
+
 def cached_finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, work: Path,
                     cfg: FinetuneConfig, ident: dict[str, Any], train_subset: list[int] | None = None,
                     valid_subset: list[int] | None = None) -> dict[str, Any]:
@@ -166,7 +183,6 @@ def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | P
     from pretrain.finetune.encode import read_task
     from pretrain.finetune.loop import finetune
     from pretrain.finetune.model import load_backbone
-    from pretrain.finetune.transfer import _inputs_identity
     from pretrain.io import check_output_dir
     from pretrain.models import spec_of
 
@@ -179,7 +195,7 @@ def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | P
     encoder = spec_of(backbone).bidirectional
     log = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     chosen = search(run, train_path, list(range(len(full))), labels, out / "search", cfg, encoder,
-                    _inputs_identity(run, train_path, valid_path), max_epochs, min_steps, cfg.seed,
+                    inputs_identity(run, train_path, valid_path), max_epochs, min_steps, cfg.seed,
                     search_max, log)
     log(f"recipe: {chosen.describe()} (carved split {chosen.score:.4f}, {len(chosen.trials)} runs)")
     res = finetune(run, train_path, valid_path, out, chosen.apply(cfg), quiet=quiet, overwrite=True)

@@ -23,7 +23,7 @@ from pretrain import PretrainError
 from pretrain.config import FinetuneConfig
 from pretrain.finetune.encode import _labels_of, read_task
 from pretrain.finetune.metrics import compute_metrics
-from pretrain.finetune.recipe import cached_finetune, carve, epochs_for, search
+from pretrain.finetune.recipe import cached_finetune, carve, epochs_for, inputs_identity, search
 from pretrain.io import check_output_dir, write_json_atomic, write_text_atomic
 from pretrain.models import spec_of
 
@@ -165,7 +165,7 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
                     log(f"transfer: {arm.name:10s} n={n:<7,} seed {seed}: val metric {res['metric']:.4f} "
                         f"(C {res['C']:g})")
                 continue
-            ident = _inputs_identity(arm.run, train, valid, weights=arm.kind != "scratch")
+            ident = inputs_identity(arm.run, train, valid, weights=arm.kind != "scratch")
             arm_cfg = dataclasses.replace(cfg, from_scratch=arm.kind == "scratch")
             chosen = None
             if recipe == "auto":
@@ -217,23 +217,6 @@ def _is_encoder(run: str | Path) -> bool:
 
     backbone, _, _, _ = load_backbone(run, 0.0, True, 0)
     return spec_of(backbone).bidirectional
-
-
-def _inputs_identity(run: str | Path, train: str | Path, valid: str | Path,
-                     weights: bool = True) -> dict[str, Any]:
-    """What a fine-tuning result depends on besides its config: the pre-trained checkpoint (``weights``;
-    a random init depends only on the architecture and the tokenizer, so from-scratch runs are shared by
-    backbones of one architecture) and the data."""
-    from pretrain.checkpoint import resolve_checkpoint
-    from pretrain.data.sources import sha256_file
-
-    data = {"train_sha256": sha256_file(Path(train)), "valid_sha256": sha256_file(Path(valid))}
-    if weights:
-        return {"checkpoint": str(resolve_checkpoint(run).resolve()), **data}
-    from pretrain.finetune.model import load_backbone
-
-    _, pcfg, tok, _ = load_backbone(run, 0.0, True, 0)
-    return {"architecture": dataclasses.asdict(pcfg.model), "tokenizer_sha256": tok.sha256(), **data}
 
 
 TFIDF_C = (0.1, 1.0, 10.0, 100.0)
