@@ -422,6 +422,10 @@ class FinetuneConfig:
     truncation: str = "end"
     """Over-long inputs: 'end' (cut the end; the longer text of a pair first), 'start' (keep the end)
     or 'error'. The number truncated is reported."""
+    schedule_epochs: int = 0
+    """Epochs the learning-rate schedule spans (0 = epochs). More than ``epochs`` stops training part-way
+    through the schedule, where early stopping would have (``finetune --search`` and ``transfer`` replay the
+    search's best run this way)."""
     patience: int = 3
     """Early stopping: stop after this many evaluations without a better validation metric (0 = never)."""
     evals_per_epoch: int = 1
@@ -449,7 +453,8 @@ class FinetuneConfig:
         _all_finite(self, "finetune")
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _check(self.epochs >= 1, "epochs must be >= 1")
-        _check(self.max_steps >= 0, "max_steps must be >= 0")
+        _check(self.max_steps >= 0 and self.schedule_epochs >= 0,
+               "max_steps and schedule_epochs must be >= 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0 and self.head_lr >= 0, "lr must be > 0 and head_lr >= 0")
         _check(0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]")

@@ -3,6 +3,7 @@ prediction, linear probe, transfer report; bad input → clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -730,3 +731,21 @@ def test_verdict_says_when_pretraining_did_not_pay_off():
     text = " ".join(reasons)
     assert "still falling" in text and "far from the pre-training text" in text
     assert "few labels: 10.0 per class at 100" in text and "TF-IDF" in text
+
+
+def test_schedule_epochs_replays_a_longer_run_stopped_early(tmp_path, pretrained):
+    """epochs 2 of a schedule over 4: the first two epochs of the 4-epoch run, step for step."""
+    objective, root = pretrained
+    if objective == "clm":
+        pytest.skip("one backbone is enough")
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune.loop import finetune
+
+    base = FinetuneConfig(batch_size=16, epochs=4, patience=0, dropout=0.0, device="cpu")
+    args = (root / "run", root / "train.jsonl", root / "valid.jsonl")
+    long = finetune(*args, tmp_path / "long", base, train_subset=list(range(64)), quiet=True)
+    short = finetune(*args, tmp_path / "short", dataclasses.replace(base, epochs=2, schedule_epochs=4),
+                     train_subset=list(range(64)), quiet=True)
+    at2 = next(h for h in long["history"] if h["epoch"] == 2)
+    assert short["steps"] == 8 and short["final"]["val_metric"] == at2["val_metric"]
+    assert short["final"]["train_loss"] == pytest.approx(at2["train_loss"], abs=1e-5)

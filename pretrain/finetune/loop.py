@@ -94,6 +94,7 @@ class FtJob:
     device: torch.device
     pad: int
     total: int
+    """Steps trained."""
     warmup: int
     info: dict[str, Any]
     """finetune.json's content (without the best evaluation)."""
@@ -103,6 +104,8 @@ class FtJob:
     """Parameters trained (all, the head's, or LoRA's), of n_total."""
     n_total: int = 0
     metrics: Metrics | None = None
+    schedule_total: int = 0
+    """Steps the LR schedule spans (>= total: cfg.schedule_epochs stops training part-way)."""
 
 
 def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet: bool) -> FtJob:
@@ -152,8 +155,9 @@ def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet
             "truncated": {"train": data.tr.truncated, "valid": data.va.truncated},
             "tokenizer_sha256": tok.sha256()}
     pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
-    job = FtJob(cfg, out, model, opt, data, device, pad, total, int(cfg.warmup_frac * total), info, tok,
-                Progress(total, 0, quiet))
+    span = max(total, steps_per_epoch * cfg.schedule_epochs)
+    job = FtJob(cfg, out, model, opt, data, device, pad, total, int(cfg.warmup_frac * span), info, tok,
+                Progress(total, 0, quiet), schedule_total=span)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     tr, va = data.tr, data.va
@@ -228,7 +232,7 @@ def loop(job: FtJob) -> dict[str, Any]:
         job.model.train()
         loss_sum, loss_n = 0.0, 0
         for b, idx in enumerate(length_batches([len(r) for r in tr.ids], cfg.batch_size, rng)):
-            scale_lr(job.optimizer, schedule(step, 1.0, 0.0, job.warmup, job.total, "linear"))
+            scale_lr(job.optimizer, schedule(step, 1.0, 0.0, job.warmup, job.schedule_total, "linear"))
             loss = _loss(job, loss_fn, idx)
             loss.backward()
             grad_norm = clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

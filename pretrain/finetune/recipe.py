@@ -6,10 +6,12 @@ of a comparison favours whichever side it was tuned for. ``search`` carves a val
 training examples (``carve``: 20%, at most ``MAX_SELECT`` rows, every class kept on the training side),
 fine-tunes on the rest and picks, by the carved split's metric:
 
-1. the learning rate from ``LR_GRID`` with the architecture's default pooling (cls / last), early
-   stopping on the carved split (patience 3 evaluations) within ``max_epochs``;
-2. then the other pooling(s) (mean, and cls for an encoder) at that learning rate;
-3. the number of epochs: those of the best evaluation of the chosen run.
+1. the learning rate from ``LR_GRID`` with the architecture's default pooling (cls / last), each run
+   trained for its whole schedule (enough epochs for ``min_steps`` steps, at most ``max_epochs``) and
+   evaluated on the carved split after every epoch;
+2. then the other pooling (mean) at that learning rate;
+3. the number of epochs: those of the best evaluation of the chosen run. The final run replays it: the
+   same schedule (``schedule_epochs``), stopped after those epochs.
 
 Five fine-tunes per recipe (a coordinate search, not the 4 × 2 grid). The evaluation data is never seen.
 Budgets larger than ``search_max`` examples search on a random ``search_max`` of them and keep the
@@ -44,6 +46,9 @@ class Recipe:
     lr: float
     pooling: str
     epochs: int
+    schedule_epochs: int
+    """The epochs the search runs' schedule spanned (the final run's LR follows it and stops at ``epochs``;
+    0: its own epochs)."""
     score: float
     """The carved split's metric of the chosen run."""
     trials: list[dict[str, Any]] = field(default_factory=list)
@@ -54,8 +59,9 @@ class Recipe:
     def apply(self, cfg: FinetuneConfig) -> FinetuneConfig:
         """``cfg`` with this recipe: its lr, pooling and epochs; no early stopping, one evaluation at the
         end (the evaluation data must not pick the epoch)."""
-        return dataclasses.replace(cfg, lr=self.lr, pooling=self.pooling, epochs=self.epochs, patience=0,
-                                   evals_per_epoch=0, head_lr=0.0)
+        return dataclasses.replace(cfg, lr=self.lr, pooling=self.pooling, epochs=self.epochs,
+                                   schedule_epochs=self.schedule_epochs, patience=0, evals_per_epoch=0,
+                                   head_lr=0.0)
 
     def describe(self) -> str:
         return f"lr {self.lr:g}, {self.pooling} pooling, {self.epochs} epoch{'s' * (self.epochs != 1)}"
@@ -149,7 +155,8 @@ def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list
         idx = sorted(random.Random(seed).sample(list(idx), search_max))
     fit, select = carve(labels, idx, seed)
     epochs = epochs_for(len(fit), cfg.batch_size, min_steps, cfg.epochs, max_epochs)
-    base = dataclasses.replace(cfg, seed=seed, epochs=epochs, patience=3, evals_per_epoch=1)
+    base = dataclasses.replace(cfg, seed=seed, epochs=epochs, schedule_epochs=0, patience=0,
+                               evals_per_epoch=1)
     trials: list[dict[str, Any]] = []
 
     def trial(lr: float, pooling: str) -> dict[str, Any]:
@@ -168,8 +175,10 @@ def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list
     pools = poolings(cfg, encoder)
     first = max((trial(lr, pools[0]) for lr in LR_GRID), key=lambda t: t["metric"])
     best = max([first, *(trial(first["lr"], p) for p in pools[1:])], key=lambda t: t["metric"])
-    n_epochs = cfg.epochs if big else max(1, math.ceil(best["best_epoch"] - 1e-9))
-    return Recipe(best["lr"], best["pooling"], n_epochs, best["metric"], trials, len(fit))
+    if big:  # the best epoch on a subset says little about the whole budget: the config's epochs
+        return Recipe(best["lr"], best["pooling"], cfg.epochs, 0, best["metric"], trials, len(fit))
+    return Recipe(best["lr"], best["pooling"], max(1, math.ceil(best["best_epoch"] - 1e-9)), epochs,
+                  best["metric"], trials, len(fit))
 
 
 
