@@ -675,6 +675,11 @@ def test_carved_split_keeps_every_class_for_training():
         assert {labels[i] for i in fit} == {"a", "b", "c"}  # the single "c" never leaves training
         assert {labels[i] for i in select} <= {labels[i] for i in fit}
         assert (fit, select) == carve(labels, idx, seed)
+    # few labels, many classes: one per class in turn, not a carve of the few classes that have several
+    many = [f"c{i}" for i in range(55)] + [f"d{i}" for i in range(20) for _ in range(2)] + ["e"] * 5
+    for seed in range(5):
+        fit, select = carve(many, list(range(len(many))), seed)
+        assert len(select) == 20 and len({many[i] for i in select}) == 20
     fit, select = carve(None, list(range(10_000)), 0)
     assert len(select) == 1000 and len(fit) == 9000  # capped: a large budget keeps more for training
 

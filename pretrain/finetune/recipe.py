@@ -75,22 +75,25 @@ def epochs_for(n: int, batch_size: int, min_steps: int, base_epochs: int, max_ep
 def carve(labels: list[Any] | None, idx: list[int], seed: int, frac: float = SELECT_FRAC,
           max_select: int = MAX_SELECT) -> tuple[list[int], list[int]]:
     """``idx`` (rows of a training file) → (fit rows, carved selection rows). With labels, every class keeps
-    at least one example on the fit side and the carved side holds only classes the fit side has."""
+    at least one example on the fit side, the carved side holds only classes the fit side has, and it takes
+    its examples class by class in turn (one of each class that can spare one, then a second, ...): with
+    few labels and many classes, a carve of the classes that happen to have several examples would reward a
+    model that predicts only those."""
     rng = random.Random(seed * 7919 + len(idx))
     order = list(idx)
     rng.shuffle(order)
     k = min(max_select, max(1, round(frac * len(order))))
     if labels is None:
         return sorted(order[k:]), sorted(order[:k])
-    left: dict[str, int] = {}
+    by_class: dict[str, list[int]] = {}
     for i in order:
-        left[str(labels[i])] = left.get(str(labels[i]), 0) + 1
+        by_class.setdefault(str(labels[i]), []).append(i)
+    queues = [rows[1:] for rows in by_class.values()]  # the first of each class stays on the fit side
     select: list[int] = []
-    for i in order:
-        c = str(labels[i])
-        if len(select) < k and left[c] > 1:
-            select.append(i)
-            left[c] -= 1
+    while len(select) < k and any(queues):
+        for q in queues:
+            if q and len(select) < k:
+                select.append(q.pop(0))
     chosen = set(select)
     return sorted(i for i in order if i not in chosen), sorted(select)
 
@@ -165,7 +168,7 @@ def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list
                               select)
         best = res["best"]
         t = {"lr": lr, "pooling": pooling, "metric": best["val_metric"], "best_epoch": best["epoch"],
-             "steps": res["steps"]}
+             "steps": res["steps"], "tie_break": best.get("val_macro_f1", 0.0)}
         trials.append(t)
         if log:
             log(f"  search {work.name}: lr {lr:g} {pooling}: carved {best['val_metric']:.4f} "
@@ -173,8 +176,9 @@ def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list
         return t
 
     pools = poolings(cfg, encoder)
-    first = max((trial(lr, pools[0]) for lr in LR_GRID), key=lambda t: t["metric"])
-    best = max([first, *(trial(first["lr"], p) for p in pools[1:])], key=lambda t: t["metric"])
+    key = lambda t: (t["metric"], t["tie_break"])  # noqa: E731  (equal accuracy: the better macro-F1)
+    first = max((trial(lr, pools[0]) for lr in LR_GRID), key=key)
+    best = max([first, *(trial(first["lr"], p) for p in pools[1:])], key=key)
     if big:  # the best epoch on a subset says little about the whole budget: the config's epochs
         return Recipe(best["lr"], best["pooling"], cfg.epochs, 0, best["metric"], trials, len(fit))
     return Recipe(best["lr"], best["pooling"], max(1, math.ceil(best["best_epoch"] - 1e-9)), epochs,
