@@ -727,8 +727,8 @@ def test_verdict_says_when_pretraining_did_not_pay_off():
     assert line.startswith("verdict: pre-training did NOT pay off at 100 labels: -5.0 points")
     assert "from scratch is better" in line
     assert "it did at 1,000 labels" in line
-    checks = {"runs": {"pretrained": {"val_loss": [{"step": 500, "val_loss": 4.0},
-                                                   {"step": 1000, "val_loss": 3.5}],
+    checks = {"runs": {"pretrained": {"loss_trend": {"kind": "val_loss", "from": {"step": 800, "loss": 4.0},
+                                                     "to": {"step": 1000, "loss": 3.5}, "drop": 0.125},
                                       "task_tokens_per_byte": 0.4, "pretrain_tokens_per_byte": 0.25,
                                       "task_continuation": 0.3, "task_unknown": 0.0}},
               "classes": 10, "per_class": {"100": 10.0, "1000": 100.0}}
@@ -754,3 +754,22 @@ def test_schedule_epochs_replays_a_longer_run_stopped_early(tmp_path, pretrained
     at2 = next(h for h in long["history"] if h["epoch"] == 2)
     assert short["steps"] == 8 and short["final"]["val_metric"] == at2["val_metric"]
     assert short["final"]["train_loss"] == pytest.approx(at2["train_loss"], abs=1e-5)
+
+
+def test_loss_trend_reads_the_runs_metrics(tmp_path, pretrained):
+    from pretrain.finetune.verdict import loss_trend
+
+    objective, root = pretrained
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(root / "run", run)
+    rows = [{"step": s, "train_loss": 5.0 - s / 100} for s in range(10, 101, 10)]
+    rows += [{"step": 50, "val_loss": 4.0}, {"step": 100, "val_loss": 3.0}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    t = loss_trend(run)
+    assert t["kind"] == "val_loss" and t["from"]["step"] == 50 and t["drop"] == pytest.approx(0.25)
+    # evaluated once: the training loss of the last fifth against the fifth before
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:10]) + "\n")
+    t = loss_trend(run)
+    assert t["kind"] == "train_loss" and t["from"]["loss"] == pytest.approx(4.25) and t["drop"] > 0.01

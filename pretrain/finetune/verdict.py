@@ -5,7 +5,7 @@ by seed) lies above zero; with one seed there is no interval and a positive gain
 did not pay off anywhere (or at some budgets), the verdict says so first and names the likely reasons among
 those it can measure:
 
-- the backbone's validation loss was still falling at the end of pre-training (more pre-training helps);
+- the backbone's loss was still falling over the last fifth of pre-training (more pre-training helps);
 - the task's text is far from the pre-training text: the tokenizer cuts it into more pieces per byte than
   the pre-training text, or maps characters of it to the unknown token;
 - few labels per class;
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 STILL_FALLING = 0.01
-"""Relative drop of the validation loss between the last two evaluations that counts as 'still falling'."""
+"""Relative drop of the loss over the last fifth of pre-training that counts as 'still falling'."""
 FAR_TEXT = 1.15
 """Tokens per byte of the task's text over the pre-training text's that counts as 'far'."""
 FEW_PER_CLASS = 20
@@ -82,7 +82,7 @@ def measure(report: dict[str, Any], arms: list[Any], examples: Any, cfg: Any) ->
     tokenizer's pieces per byte on the task and on the pre-training text; labels per class."""
     out: dict[str, Any] = {"runs": {}}
     for arm in (a for a in arms if a.kind == "pretrained"):
-        out["runs"][arm.name] = {"val_loss": last_val_losses(arm.run), **text_distance(arm.run, examples)}
+        out["runs"][arm.name] = {"loss_trend": loss_trend(arm.run), **text_distance(arm.run, examples)}
     if cfg.task == "classification" and examples.labels is not None:
         n_classes = len({str(v) for v in examples.labels})
         out["classes"] = n_classes
@@ -90,13 +90,15 @@ def measure(report: dict[str, Any], arms: list[Any], examples: Any, cfg: Any) ->
     return out
 
 
-def last_val_losses(run: str | Path) -> list[dict[str, float]]:
-    """The run's last two validation losses (step, val_loss) from its metrics.jsonl, if it has them."""
+def loss_trend(run: str | Path) -> dict[str, Any] | None:
+    """How the run's loss moved over the last fifth of its steps (its metrics.jsonl): the last validation
+    loss against the latest one at or before 80% of the run; with fewer than two such evaluations, the mean
+    logged training loss of the last fifth against the fifth before. {kind, from, to, drop (relative)}."""
     from pretrain.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(run)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    vals = []
+    val, tr = [], []
     try:
         with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
             for line in f:
@@ -104,11 +106,32 @@ def last_val_losses(run: str | Path) -> list[dict[str, float]]:
                     r = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(r, dict) and isinstance(r.get("val_loss"), (int, float)):
-                    vals.append({"step": r.get("step"), "val_loss": float(r["val_loss"])})
+                if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                    continue
+                if isinstance(r.get("val_loss"), (int, float)):
+                    val.append((r["step"], float(r["val_loss"])))
+                elif isinstance(r.get("train_loss"), (int, float)):
+                    tr.append((r["step"], float(r["train_loss"])))
     except OSError:
-        return []
-    return vals[-2:]
+        return None
+    if val:
+        last = val[-1]
+        before = [v for v in val if v[0] <= 0.8 * last[0]]
+        if before:
+            return _trend("val_loss", before[-1], last)
+    if tr:
+        end = tr[-1][0]
+        late = [v for s, v in tr if s > 0.8 * end]
+        mid = [v for s, v in tr if 0.6 * end < s <= 0.8 * end]
+        if late and mid:
+            return _trend("train_loss", (round(0.7 * end), sum(mid) / len(mid)),
+                          (round(0.9 * end), sum(late) / len(late)))
+    return None
+
+
+def _trend(kind: str, a: tuple[int, float], b: tuple[int, float]) -> dict[str, Any]:
+    return {"kind": kind, "from": {"step": a[0], "loss": a[1]}, "to": {"step": b[0], "loss": b[1]},
+            "drop": (a[1] - b[1]) / a[1] if a[1] > 0 else 0.0}
 
 
 def text_distance(run: str | Path, examples: Any, max_texts: int = 2000) -> dict[str, Any]:
@@ -142,12 +165,12 @@ def _reasons(checks: dict[str, Any], report: dict[str, Any],
     reasons = []
     for name, c in checks["runs"].items():
         who = "" if name == "pretrained" else f"{name}: "
-        vl = c["val_loss"]
-        if len(vl) == 2 and vl[0]["val_loss"] > 0 and \
-                (vl[0]["val_loss"] - vl[1]["val_loss"]) / vl[0]["val_loss"] > STILL_FALLING:
-            reasons.append(f"{who}the backbone's validation loss was still falling when pre-training ended "
-                           f"({vl[0]['val_loss']:.3f} at step {vl[0]['step']} → {vl[1]['val_loss']:.3f} at "
-                           f"step {vl[1]['step']}): pre-train longer")
+        t = c["loss_trend"]
+        if t and t["drop"] > STILL_FALLING:
+            what = "validation loss" if t["kind"] == "val_loss" else "training loss (no two evaluations)"
+            reasons.append(f"{who}the backbone's {what} was still falling when pre-training ended "
+                           f"({t['from']['loss']:.3f} at step {t['from']['step']} → {t['to']['loss']:.3f} at "
+                           f"step {t['to']['step']}, -{100 * t['drop']:.1f}%): pre-train longer")
         tpb, ref = c["task_tokens_per_byte"], c["pretrain_tokens_per_byte"]
         if ref and tpb > FAR_TEXT * ref:
             reasons.append(f"{who}the task's text is far from the pre-training text: {tpb:.3f} tokens per "
