@@ -93,12 +93,14 @@ def measure(report: dict[str, Any], arms: list[Any], examples: Any, cfg: Any) ->
 def loss_trend(run: str | Path) -> dict[str, Any] | None:
     """How the run's loss moved over the last fifth of its steps (its metrics.jsonl): the last validation
     loss against the latest one at or before 80% of the run; with fewer than two such evaluations, the mean
-    logged training loss of the last fifth against the fifth before. {kind, from, to, drop (relative)}."""
+    logged training loss of the last fifth against the fifth before. {kind, from, to, drop (relative)};
+    kind None when the run logged too little to tell (with its last step and tokens seen)."""
     from pretrain.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(run)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     val, tr = [], []
+    last_seen: dict[str, Any] = {}
     try:
         with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
             for line in f:
@@ -108,6 +110,7 @@ def loss_trend(run: str | Path) -> dict[str, Any] | None:
                     continue
                 if not isinstance(r, dict) or not isinstance(r.get("step"), int):
                     continue
+                last_seen = {"step": r["step"], "tokens": r.get("tokens")}
                 if isinstance(r.get("val_loss"), (int, float)):
                     val.append((r["step"], float(r["val_loss"])))
                 elif isinstance(r.get("train_loss"), (int, float)):
@@ -126,7 +129,7 @@ def loss_trend(run: str | Path) -> dict[str, Any] | None:
         if late and mid:
             return _trend("train_loss", (round(0.7 * end), sum(mid) / len(mid)),
                           (round(0.9 * end), sum(late) / len(late)))
-    return None
+    return {"kind": None, **last_seen} if last_seen else None
 
 
 def _trend(kind: str, a: tuple[int, float], b: tuple[int, float]) -> dict[str, Any]:
@@ -166,7 +169,11 @@ def _reasons(checks: dict[str, Any], report: dict[str, Any],
     for name, c in checks["runs"].items():
         who = "" if name == "pretrained" else f"{name}: "
         t = c["loss_trend"]
-        if t and t["drop"] > STILL_FALLING:
+        if t and t["kind"] is None:
+            seen = f" ({t['tokens']:,} tokens)" if isinstance(t.get("tokens"), int) else ""
+            reasons.append(f"{who}the backbone was pre-trained for only {t['step']:,} steps{seen}, too few "
+                           "to log a loss curve: pre-train longer")
+        elif t and t["drop"] > STILL_FALLING:
             what = "validation loss" if t["kind"] == "val_loss" else "training loss (no two evaluations)"
             reasons.append(f"{who}the backbone's {what} was still falling when pre-training ended "
                            f"({t['from']['loss']:.3f} at step {t['from']['step']} → {t['to']['loss']:.3f} at "
