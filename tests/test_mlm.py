@@ -413,8 +413,8 @@ def test_fill_mask_scores_the_text_as_training_frames_it(mlm_run, monkeypatch):
     import pretrain.inference as inference
     from pretrain.checkpoint import load_pretrained
 
-    def load_sharp(run, device):
-        model, cfg, tok, meta = load_pretrained(run, device)
+    def load_sharp(run, device, part="encoder"):
+        model, cfg, tok, meta = load_pretrained(run, device, part)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in model.parameters():
