@@ -31,6 +31,16 @@ def write_corpus(root: Path, n_docs: int = 12, sents_per_doc: int = 40, seed: in
     return paths
 
 
+def prepared_wordpiece(root: Path, n_docs: int = 12, val_fraction: float = 0.2) -> Path:
+    """``write_corpus`` into root/corpus, prepared with a 300-piece WordPiece vocabulary into root/data."""
+    from pretrain.cli import main
+
+    write_corpus(root / "corpus", n_docs=n_docs)
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "wordpiece",
+                 "--vocab-size", "300", "--val-fraction", str(val_fraction)]) == 0
+    return root / "data"
+
+
 def _docs(n: int, seed: int = 0, sents: int = 6) -> list[str]:
     """``n`` distinct documents of ``sents`` sentences each."""
     return [" ".join(sentences(sents, seed=seed * 10_000 + i)) for i in range(n)]

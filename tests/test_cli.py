@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from _corpus import TINY_TRAIN, overrides, write_corpus
+from _corpus import TINY_TRAIN, overrides, prepared_wordpiece, write_corpus
 
 from pretrain.cli import main
 
@@ -55,9 +55,7 @@ USE_RUN = {"clm": ["generate", "--prompt", "The"], "mlm": ["fill-mask", "the [MA
 @pytest.fixture(scope="module")
 def trained_mlm(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_mlm")
-    write_corpus(root / "corpus", n_docs=6)
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "wordpiece",
-                 "--vocab-size", "300", "--val-fraction", "0.3"]) == 0
+    prepared_wordpiece(root, n_docs=6, val_fraction=0.3)
     run = root / "run"
     assert main(["train", "--out", str(run), *overrides(TINY_TRAIN), *MLM_ARGS,
                  "--data.path", str(root / "data"), "--train.max_steps", "4", "--quiet"]) == 0

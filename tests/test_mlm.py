@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _corpus import TINY_TRAIN, overrides, sentences, write_corpus
+from _corpus import TINY_TRAIN, overrides, prepared_wordpiece, sentences
 from conftest import encoder
 
 from pretrain.cli import main
@@ -335,9 +335,7 @@ def error_of(capsys, *args: str) -> str:
 @pytest.fixture(scope="module")
 def mlm_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlm")
-    write_corpus(root / "corpus")
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "wordpiece",
-                 "--vocab-size", "300", "--val-fraction", "0.2"]) == 0
+    prepared_wordpiece(root)
     run = root / "run"
     assert main(["train", "--out", str(run), *MLM_ARGS, *overrides(TINY_TRAIN),
                  "--data.path", str(root / "data"), "--quiet"]) == 0

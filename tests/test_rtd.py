@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from _corpus import TINY_TRAIN, overrides, write_corpus
+from _corpus import TINY_TRAIN, overrides, prepared_wordpiece
 
 from pretrain.cli import main
 from pretrain.config import ConfigError, MLMConfig, ModelConfig, RTDConfig, load_config
@@ -169,10 +169,7 @@ ARGS = ["--objective", "rtd", "--model.arch", "electra"]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("rtd_data")
-    write_corpus(root / "corpus", n_docs=8)
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", "wordpiece",
-                 "--vocab-size", "300", "--val-fraction", "0.2"]) == 0
-    return root / "data"
+    return prepared_wordpiece(root, n_docs=8)
 
 
 def train_args(data_dir) -> list[str]:
