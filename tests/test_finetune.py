@@ -773,3 +773,26 @@ def test_loss_trend_reads_the_runs_metrics(tmp_path, pretrained):
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:10]) + "\n")
     t = loss_trend(run)
     assert t["kind"] == "train_loss" and t["from"]["loss"] == pytest.approx(4.25) and t["drop"] > 0.01
+
+
+def test_search_on_several_carves_averages_their_curves(tmp_path, pretrained):
+    objective, root = pretrained
+    if objective == "clm":
+        pytest.skip("one backbone is enough")
+    from pretrain.config import FinetuneConfig
+    from pretrain.finetune.recipe import inputs_identity, search
+
+    train = root / "train.jsonl"
+    labels = [json.loads(line)["label"] for line in train.read_text().splitlines()]
+    cfg = FinetuneConfig(batch_size=16, epochs=2, device="cpu")
+    rec = search(root / "run", train, list(range(60)), labels, tmp_path / "s", cfg, True,
+                 inputs_identity(root / "run", train, train), max_epochs=3, min_steps=1, carves=2)
+    runs = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert len(runs) == 10 and sum(r.endswith("_c1") for r in runs) == 5
+    best = next(t for t in rec.trials if t["lr"] == rec.lr and t["pooling"] == rec.pooling)
+    curves = [json.loads((tmp_path / "s" / f"lr{rec.lr:g}_{rec.pooling}{c}" / "done.json").read_text())
+              ["result"]["curve"] for c in ("", "_c1")]
+    i = [e for e, _ in curves[0]].index(best["best_epoch"])
+    assert best["metric"] == pytest.approx((curves[0][i][1] + curves[1][i][1]) / 2)
+    assert best["metric"] == max((a[1] + b[1]) / 2 for a, b in zip(*curves))
+    assert rec.epochs == best["best_epoch"]

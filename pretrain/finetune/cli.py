@@ -110,6 +110,7 @@ def cmd_transfer(args: argparse.Namespace) -> dict[str, Any]:
     res = transfer(args.run, args.train, args.valid, args.out, _config(args), budgets=args.budgets,
                    seeds=args.seeds, recipe=args.recipe, scratch_lr=args.scratch_lr, min_steps=args.min_steps,
                    max_epochs=args.max_epochs, all_seeds=args.all_seeds, search_max=args.search_max,
+                   search_carves=args.search_carves,
                    tfidf=args.tfidf, quiet=args.quiet or args.json, overwrite=args.overwrite)
     rows = "; ".join(f"n={r['n']:,}: "
                      + " / ".join(f"{k} {100 * v['mean']:.1f}" for k, v in r["arms"].items())
@@ -195,6 +196,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-epochs", type=int, default=20, help="cap on those epochs")
     s.add_argument("--search-max", type=int, default=2000,
                    help="larger budgets choose their recipe on a random subset of this many examples")
+    s.add_argument("--search-carves", type=int, default=1,
+                   help="score each candidate recipe on this many carved splits, averaged (default 1; 3 "
+                        "cuts the selection noise at 3x the search's cost)")
     s.add_argument("--tfidf", action=argparse.BooleanOptionalAction, default=True,
                    help="a TF-IDF + logistic regression arm on the same labels (classification)")
     _add_columns(s)

@@ -135,13 +135,14 @@ def cached_finetune(run: str | Path, train_path: str | Path, valid_path: str | P
     try:
         done = json.loads((work / "done.json").read_text(encoding="utf-8"))
         if (done.get("config") == dataclasses.asdict(cfg) and done.get("inputs") == ident
-                and done.get("rows") == rows):
+                and done.get("rows") == rows and "curve" in done["result"]):
             return done["result"]
     except (OSError, ValueError, AttributeError):
         pass
     res = finetune(run, train_path, valid_path, work, cfg, train_subset=train_subset,
                    valid_subset=valid_subset, quiet=True, overwrite=True)
     (work / "model.safetensors").unlink(missing_ok=True)
+    res["curve"] = [[h["epoch"], h["val_metric"]] for h in res["history"]]  # (epoch, metric) per evaluation
     write_json_atomic(work / "done.json", {"config": dataclasses.asdict(cfg), "inputs": ident, "rows": rows,
                                            "result": {k: v for k, v in res.items() if k != "history"}})
     return res
@@ -149,14 +150,17 @@ def cached_finetune(run: str | Path, train_path: str | Path, valid_path: str | P
 
 def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list[Any] | None, work: Path,
            cfg: FinetuneConfig, encoder: bool, ident: dict[str, Any], max_epochs: int = 20,
-           min_steps: int = 300, seed: int = 0, search_max: int = 2000, log=None) -> Recipe:
+           min_steps: int = 300, seed: int = 0, search_max: int = 2000, log=None, carves: int = 1) -> Recipe:
     """Choose a recipe for fine-tuning ``run`` (or its random init with ``cfg.from_scratch``) on rows
-    ``idx`` of ``train_path``; the search runs go to ``work/lr<lr>_<pooling>`` (finished ones are reused, see
-    ``cached_finetune``)."""
+    ``idx`` of ``train_path``; the search runs go to ``work/lr<lr>_<pooling>[_c<k>]`` (finished ones are
+    reused, see ``cached_finetune``). ``carves`` > 1: each candidate is fine-tuned on that many different
+    carves (and seeds) and scored by its carved metric averaged over them, epoch by epoch (less noise,
+    ``carves`` times the cost)."""
     big = len(idx) > search_max
     if big:
         idx = sorted(random.Random(seed).sample(list(idx), search_max))
-    fit, select = carve(labels, idx, seed)
+    splits = [carve(labels, idx, seed + c) for c in range(max(1, carves))]
+    fit = splits[0][0]
     epochs = epochs_for(len(fit), cfg.batch_size, min_steps, cfg.epochs, max_epochs)
     base = dataclasses.replace(cfg, seed=seed, epochs=epochs, schedule_epochs=0, patience=0,
                                evals_per_epoch=1)
@@ -164,15 +168,22 @@ def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list
 
     def trial(lr: float, pooling: str) -> dict[str, Any]:
         run_cfg = dataclasses.replace(base, lr=lr, pooling=pooling)
-        res = cached_finetune(run, train_path, train_path, work / f"lr{lr:g}_{pooling}", run_cfg, ident, fit,
-                              select)
-        best = res["best"]
-        t = {"lr": lr, "pooling": pooling, "metric": best["val_metric"], "best_epoch": best["epoch"],
-             "steps": res["steps"], "tie_break": best.get("val_macro_f1", 0.0)}
+        where = [work / (f"lr{lr:g}_{pooling}" + (f"_c{c}" if c else "")) for c in range(len(splits))]
+        runs = [cached_finetune(run, train_path, train_path, w, dataclasses.replace(run_cfg, seed=seed + c),
+                                ident, f, s) for c, (w, (f, s)) in enumerate(zip(where, splits))]
+        if len(runs) == 1:
+            best = runs[0]["best"]
+            metric, epoch, tie = best["val_metric"], best["epoch"], best.get("val_macro_f1", 0.0)
+        else:  # the mean curve over the carves, and its best epoch
+            n = min(len(r["curve"]) for r in runs)
+            mean = [sum(r["curve"][i][1] for r in runs) / len(runs) for i in range(n)]
+            i = max(range(n), key=lambda j: mean[j])
+            metric, epoch, tie = mean[i], runs[0]["curve"][i][0], 0.0
+        t = {"lr": lr, "pooling": pooling, "metric": metric, "best_epoch": epoch,
+             "steps": runs[0]["steps"], "tie_break": tie}
         trials.append(t)
         if log:
-            log(f"  search {work.name}: lr {lr:g} {pooling}: carved {best['val_metric']:.4f} "
-                f"(best at epoch {best['epoch']:g})")
+            log(f"  search {work.name}: lr {lr:g} {pooling}: carved {metric:.4f} (best at epoch {epoch:g})")
         return t
 
     pools = poolings(cfg, encoder)
@@ -189,7 +200,8 @@ def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list
 
 def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | Path, out: str | Path,
                     cfg: FinetuneConfig | None = None, max_epochs: int = 20, min_steps: int = 300,
-                    search_max: int = 2000, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+                    search_max: int = 2000, quiet: bool = False, overwrite: bool = False,
+                    carves: int = 1) -> dict[str, Any]:
     """``pretrain finetune --search``: choose the recipe on a split carved from ``train_path`` (the search
     runs go to OUT/search), then fine-tune on all of it with that recipe; ``valid_path`` scores the final
     model once, after its last epoch, and chooses nothing."""
@@ -209,7 +221,7 @@ def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | P
     log = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     chosen = search(run, train_path, list(range(len(full))), labels, out / "search", cfg, encoder,
                     inputs_identity(run, train_path, valid_path), max_epochs, min_steps, cfg.seed,
-                    search_max, log)
+                    search_max, log, carves)
     log(f"recipe: {chosen.describe()} (carved split {chosen.score:.4f}, {len(chosen.trials)} runs)")
     res = finetune(run, train_path, valid_path, out, chosen.apply(cfg), quiet=quiet, overwrite=True)
     return {**res, "recipe": dataclasses.asdict(chosen)}

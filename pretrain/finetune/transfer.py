@@ -117,7 +117,7 @@ def arms_for(runs: list[str | Path], tfidf: bool) -> list[Arm]:
 def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str | Path, out: str | Path,
              cfg: FinetuneConfig | None = None, budgets: str | list = "100,1000,10000,all", seeds: int = 3,
              recipe: str = "auto", scratch_lr: float = 1e-3, min_steps: int = 300, max_epochs: int = 20,
-             all_seeds: int | None = 1, search_max: int = 2000, tfidf: bool = True,
+             all_seeds: int | None = 1, search_max: int = 2000, search_carves: int = 1, tfidf: bool = True,
              text_column: str | None = None, label_column: str | None = None,
              quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Pre-trained run(s) vs the same architecture from scratch (and TF-IDF + logistic regression) at each
@@ -129,6 +129,8 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
     the pre-trained arms and ``scratch_lr`` from scratch, ``cfg.epochs`` at least and up to ``max_epochs``
     (so each budget trains ``min_steps`` steps), the best evaluation on ``valid`` reported (early stopping
     on the evaluation data: optimistic, for both arms alike). The full training set runs ``all_seeds`` seeds.
+    ``search_carves`` > 1 scores each candidate recipe on that many carves (less noise, that many times the
+    search's cost).
     ``out`` is a new or empty folder or an earlier transfer's (whose finished runs are reused), or with
     ``overwrite`` any other folder but the inputs' own."""
     cfg = cfg or FinetuneConfig()
@@ -138,6 +140,8 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
         cfg = dataclasses.replace(cfg, label_column=label_column)
     if seeds < 1:
         raise PretrainError("seeds must be >= 1")
+    if search_carves < 1:
+        raise PretrainError("search_carves must be >= 1")
     if recipe not in ("auto", "fixed"):
         raise PretrainError(f"recipe must be auto or fixed, got {recipe!r}")
     runs = list(run) if isinstance(run, (list, tuple)) else [run]
@@ -171,7 +175,7 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
             if recipe == "auto":
                 idx0 = subsets[0] if subsets[0] is not None else list(range(n_total))
                 chosen = search(arm.run, train, idx0, labels, out / "search" / f"{arm.name}_n{n}", arm_cfg,
-                                encoder, ident, max_epochs, min_steps, 0, search_max, log)
+                                encoder, ident, max_epochs, min_steps, 0, search_max, log, search_carves)
                 recipes[f"{arm.name}_n{n}"] = dataclasses.asdict(chosen)
                 log(f"transfer: {arm.name} n={n:,}: recipe {chosen.describe()} "
                     f"(carved split {chosen.score:.4f})")
