@@ -106,6 +106,15 @@ def poolings(cfg: FinetuneConfig, encoder: bool) -> list[str]:
     return ["cls", "mean"] if encoder else ["last", "mean"]
 
 
+def is_encoder(run: str | Path) -> bool:
+    """Whether the run's transferable model reads both directions (an encoder: cls pooling is open to it)."""
+    from pretrain.finetune.model import load_backbone
+    from pretrain.models import spec_of
+
+    backbone, _, _, _ = load_backbone(run, 0.0, True, 0)
+    return spec_of(backbone).bidirectional
+
+
 def inputs_identity(run: str | Path, train: str | Path, valid: str | Path,
                      weights: bool = True) -> dict[str, Any]:
     """What a fine-tuning result depends on besides its config: the pre-trained checkpoint (``weights``;
@@ -207,17 +216,14 @@ def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | P
     model once, after its last epoch, and chooses nothing."""
     from pretrain.finetune.encode import read_task
     from pretrain.finetune.loop import finetune
-    from pretrain.finetune.model import load_backbone
     from pretrain.io import check_output_dir
-    from pretrain.models import spec_of
 
     cfg = cfg or FinetuneConfig()
     out = Path(out)
     check_output_dir(out, "finetune", [run, train_path, valid_path], overwrite)
     full = read_task(cfg, train_path)
     labels = full.labels if cfg.task == "classification" else None
-    backbone, _, _, _ = load_backbone(run, 0.0, True, 0)
-    encoder = spec_of(backbone).bidirectional
+    encoder = is_encoder(run)
     log = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     chosen = search(run, train_path, list(range(len(full))), labels, out / "search", cfg, encoder,
                     inputs_identity(run, train_path, valid_path), max_epochs, min_steps, cfg.seed,

@@ -23,7 +23,7 @@ from pretrain import PretrainError
 from pretrain.config import FinetuneConfig
 from pretrain.finetune.encode import _labels_of, read_task
 from pretrain.finetune.metrics import compute_metrics
-from pretrain.finetune.recipe import cached_finetune, carve, epochs_for, inputs_identity, search
+from pretrain.finetune.recipe import cached_finetune, carve, epochs_for, inputs_identity, is_encoder, search
 from pretrain.io import check_output_dir, write_json_atomic, write_text_atomic
 from pretrain.models import spec_of
 
@@ -154,7 +154,11 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
     labels = full.labels if cfg.task == "classification" else None
     sizes = parse_budgets(budgets, n_total)
     arms = arms_for(runs, tfidf and cfg.task == "classification")
-    encoder = _is_encoder(runs[0])
+    encoder = is_encoder(runs[0])
+    # what each arm's results depend on (checkpoint or architecture, data checksums): once per arm
+    idents = {a.name: inputs_identity(a.run, train, valid, weights=a.kind != "scratch")
+              for a in arms if a.kind != "tfidf"}
+    valid_ex = read_task(cfg, valid) if any(a.kind == "tfidf" for a in arms) else None
     results: list[dict[str, Any]] = []
     recipes: dict[str, dict[str, Any]] = {}
     t0 = time.time()
@@ -164,12 +168,12 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
         for arm in arms:
             if arm.kind == "tfidf":
                 for seed, subset in enumerate(subsets):
-                    res = tfidf_baseline(cfg, full, subset, valid, seed)
+                    res = tfidf_baseline(full, subset, valid_ex, seed)
                     results.append({"arm": arm.name, "n": n, "seed": seed, **res})
                     log(f"transfer: {arm.name:10s} n={n:<7,} seed {seed}: val metric {res['metric']:.4f} "
                         f"(C {res['C']:g})")
                 continue
-            ident = inputs_identity(arm.run, train, valid, weights=arm.kind != "scratch")
+            ident = idents[arm.name]
             arm_cfg = dataclasses.replace(cfg, from_scratch=arm.kind == "scratch")
             chosen = None
             if recipe == "auto":
@@ -216,21 +220,13 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
             "majority_baseline": baseline, "elapsed_s": report["elapsed_s"]}
 
 
-def _is_encoder(run: str | Path) -> bool:
-    from pretrain.finetune.model import load_backbone
-
-    backbone, _, _, _ = load_backbone(run, 0.0, True, 0)
-    return spec_of(backbone).bidirectional
-
-
 TFIDF_C = (1.0, 10.0, 0.1, 100.0)
 """Inverse regularisation strengths tried for TF-IDF + logistic regression (a tie goes to the first)."""
 
 
-def tfidf_baseline(cfg: FinetuneConfig, full: Any, subset: list[int] | None, valid: str | Path,
-                   seed: int) -> dict[str, Any]:
+def tfidf_baseline(full: Any, subset: list[int] | None, va: Any, seed: int) -> dict[str, Any]:
     """TF-IDF (word 1–2-grams, sublinear tf) + logistic regression on the same rows as the fine-tunes, C
-    chosen on the same kind of carved split, then refit on all the rows; scored on ``valid``."""
+    chosen on the same kind of carved split, then refit on all the rows; scored on the examples ``va``."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -253,7 +249,6 @@ def tfidf_baseline(cfg: FinetuneConfig, full: Any, subset: list[int] | None, val
                                   np.array([y[i] for i in select])))
     best_c = max(TFIDF_C, key=lambda c: scores[c])
     vec, clf = fit(idx, best_c)
-    va = read_task(cfg, valid)
     vtexts = va.texts if va.pairs is None else [f"{t} [SEP] {p}" for t, p in zip(va.texts, va.pairs)]
     pred = list(clf.predict(vec.transform(vtexts)))
     m = compute_metrics("classification", pred, [str(v) for v in va.labels])
