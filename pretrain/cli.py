@@ -31,7 +31,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     from pretrain.config import Config
 
     top_level = {f.name for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(f.type)
-                 and f.name not in ("data", "model", "train", "mlm", "rtd")}
+                 and f.name not in ("data", "model", "train", "mlm", "rtd", "image")}
     rest, overrides = [], []
     i = 0
     while i < len(argv):

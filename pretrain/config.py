@@ -82,6 +82,43 @@ class ModelConfig:
     generator_ff: int = 0
     """arch electra only: the generator's MLP inner width; 0 = half the discriminator's (ff_dim / 2, rounded
     up to a multiple of 64)."""
+    image_size: int = 0
+    """Image architectures (vit, resnet): side of the square input images in pixels; 0 takes it from the
+    prepared data."""
+    channels: int = 0
+    """Image architectures: input colour channels (1 grayscale, 3 RGB); 0 takes it from the prepared data."""
+    image_mean: list[float] = field(default_factory=list)
+    """Image architectures: per-channel mean of the pixels (scaled to [0, 1]) subtracted before the model;
+    empty takes the training split's, from the prepared data (saved with the run: fine-tuning, features and
+    export normalise new images alike)."""
+    image_std: list[float] = field(default_factory=list)
+    """Image architectures: per-channel standard deviation the pixels are divided by; empty: the data's."""
+    num_classes: int = 0
+    """Image architectures: outputs of the classification head, for objective supervised; 0 takes the
+    number of classes of the prepared data (and no head for objective mae)."""
+    patch_size: int = 4
+    """arch vit: side of the square patches an image is cut into (ViT-B/16: 16; 4 for 28-pixel images)."""
+    decoder_layers: int = 2
+    """arch vit, objective mae: blocks of the light decoder that reconstructs the masked patches (MAE: 8 at
+    512 wide for ViT-B; a few narrow ones suffice for small images); dropped for other objectives."""
+    decoder_dim: int = 128
+    """arch vit, objective mae: the decoder's width."""
+    decoder_heads: int = 4
+    """arch vit, objective mae: the decoder's attention heads."""
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    """arch resnet: residual blocks per stage (ResNet-18: [2, 2, 2, 2]; ResNet-50: [3, 4, 6, 3] with block
+    bottleneck)."""
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    """arch resnet: output channels of each stage (Hugging Face's hidden_sizes; ResNet-50: [256, 512, 1024,
+    2048], a bottleneck block's inner width being a quarter of it)."""
+    stem_width: int = 64
+    """arch resnet: channels of the stem convolution (Hugging Face's embedding_size)."""
+    block: str = "basic"
+    """arch resnet: 'basic' (two 3x3 convolutions; ResNet-18/34) or 'bottleneck' (1x1, 3x3, 1x1;
+    ResNet-50)."""
+    stem: str = "small"
+    """arch resnet: 'small' (one 3x3 convolution at stride 1, no pooling: 28-64 pixel images) or 'imagenet'
+    (7x7 convolution at stride 2 and a max-pool: 224 pixels; the only stem Hugging Face's ResNet has)."""
 
     def __post_init__(self) -> None:
         _all_finite(self, "model")
@@ -94,7 +131,8 @@ class ModelConfig:
                + (f" (did you mean {close[0]!r}?)" if close else ""))
         _check(self.n_layer >= 1 and self.n_head >= 1 and self.d_model >= 1, "model sizes must be >= 1")
         for name in ("n_kv_head", "d_ff", "vocab_size", "max_seq_len", "init_std", "generator_layers",
-                     "generator_heads", "generator_ff"):
+                     "generator_heads", "generator_ff", "image_size", "channels", "num_classes",
+                     "decoder_layers"):
             _check(getattr(self, name) >= 0, f"model.{name} must be >= 0")
         _check(self.rope_theta > 0 and self.norm_eps > 0, "model.rope_theta and model.norm_eps must be > 0")
         _check(self.d_model % self.n_head == 0,
@@ -104,6 +142,20 @@ class ModelConfig:
         _check(self.n_head % kv == 0,
                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({kv})")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _check(self.patch_size >= 1 and self.decoder_dim >= 1 and self.decoder_heads >= 1
+               and self.stem_width >= 1,
+               "model.patch_size, decoder_dim, decoder_heads and stem_width must be >= 1")
+        _check(self.decoder_dim % self.decoder_heads == 0,
+               f"model.decoder_dim ({self.decoder_dim}) must be divisible by model.decoder_heads "
+               f"({self.decoder_heads})")
+        _check(len(self.depths) >= 1 and len(self.depths) == len(self.widths)
+               and all(v >= 1 for v in (*self.depths, *self.widths)),
+               "model.depths and model.widths must be lists of positive integers of the same length")
+        _check(self.block in ("basic", "bottleneck"),
+               f"model.block must be basic or bottleneck, got {self.block!r}")
+        _check(self.stem in ("small", "imagenet"), f"model.stem must be small or imagenet, got {self.stem!r}")
+        _check(len(self.image_mean) == len(self.image_std) and all(v > 0 for v in self.image_std),
+               "model.image_mean and model.image_std must have one value per channel (std > 0)")
         if self.generator_heads:
             _check(self.d_model % self.generator_heads == 0
                    and (self.d_model // self.generator_heads) % 2 == 0,
@@ -327,11 +379,44 @@ class RTDConfig:
 
 
 @dataclass
+class ImageConfig:
+    mask_ratio: float = 0.75
+    """objective mae: fraction of the patches hidden from the encoder (MAE: 0.75)."""
+    norm_pix_loss: bool = True
+    """objective mae: reconstruct each patch's pixels normalised by the patch's own mean and variance (MAE's
+    better-representation variant) rather than the raw pixels."""
+    label_smoothing: float = 0.1
+    """objective supervised: label smoothing of the cross-entropy."""
+    crop_scale: float = 0.35
+    """Random resized crop: the smallest fraction of the image's area a crop keeps (aspect ratio 3/4 to 4/3),
+    then resized back to the full size; 1.0 turns cropping off. MAE and ImageNet training use 0.2 / 0.08 on
+    large photos; small images lose too much below about 0.3."""
+    flip: bool = False
+    """Random horizontal flips. Off by default: flipping changes what digits, letters or chest X-rays show."""
+    knn_k: int = 20
+    """k-NN monitor at each evaluation, when the data has labels: accuracy of a k-nearest-neighbour vote
+    (cosine similarity of frozen features) of validation images among training images; 0 turns it off."""
+    knn_bank: int = 5000
+    """k-NN monitor: training images in the memory bank (the first of a fixed seeded sample)."""
+
+    def __post_init__(self) -> None:
+        _all_finite(self, "image")
+        _check(0.0 < self.mask_ratio < 1.0, "image.mask_ratio must be in (0, 1)")
+        _check(0.0 <= self.label_smoothing < 1.0, "image.label_smoothing must be in [0, 1)")
+        _check(0.0 < self.crop_scale <= 1.0, "image.crop_scale must be in (0, 1]")
+        _check(self.knn_k >= 0 and self.knn_bank >= 1, "image.knn_k must be >= 0 and image.knn_bank >= 1")
+
+
+OBJECTIVES = ("clm", "mlm", "rtd", "mae", "supervised")
+
+
+@dataclass
 class Config:
     objective: str = "clm"
     """Self-supervised objective: 'clm' (causal LM, next token; model.arch gpt), 'mlm' (masked LM;
     model.arch bert) or 'rtd' (replaced-token detection, ELECTRA: a small masked-LM generator and a
-    discriminator trained together; model.arch electra)."""
+    discriminator trained together; model.arch electra); for images 'mae' (masked autoencoding; model.arch
+    vit) or 'supervised' (classification pre-training on labelled images; model.arch vit or resnet)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Where the prepared data is and how it is cut into sequences."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -342,12 +427,14 @@ class Config:
     """Masking, for objective 'mlm' (and which positions the generator fills, for 'rtd')."""
     rtd: RTDConfig = field(default_factory=RTDConfig)
     """Replaced-token detection (ELECTRA), for objective 'rtd'."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    """Image objectives (mae, supervised): masking, augmentation, the k-NN monitor."""
 
     def __post_init__(self) -> None:
         from pretrain.models.spec import get_spec, specs
 
-        _check(self.objective in ("clm", "mlm", "rtd"),
-               f"objective must be 'clm', 'mlm' or 'rtd', got {self.objective!r}")
+        _check(self.objective in OBJECTIVES,
+               f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {self.objective!r}")
         if self.objective not in get_spec(self.model.arch).objectives:
             want = [s.name for s in specs() if s.objectives[0] == self.objective]
             _check(False, f"objective {self.objective!r} trains a {want[0]!r} model "
@@ -569,6 +656,15 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+    if origin is list:
+        (elem,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):  # `--model.depths 3,4,6,3`
+            value = [v for v in (x.strip() for x in value.strip("[]").split(",")) if v]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [v if elem is Any else _coerce(v, elem, f"{name}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -83,6 +83,11 @@ class ArchSpec:
     ELECTRA's discriminator as a 'bert' encoder. None: the whole model transfers. Applied in one place,
     ``models.transferable`` (through ``checkpoint.load_pretrained``); training, resume and evaluation of the
     run itself keep the whole model."""
+    modality: str = "text"
+    """What the model reads: 'text' (token ids from a prepared text directory) or 'images' (pixels from a
+    prepared image directory). Image models take normalised pixels (B, C, H, W) and offer
+    ``features(pixels, pooling) -> (B, D)`` (``model.feature_dim`` wide) and ``classify(pixels)``; a ViT
+    also ``mae(pixels, noise, mask_ratio)`` and ``patchify(pixels)`` for masked autoencoding."""
     flops: Callable[[nn.Module, int], float] | None = None
     """(model, seq_len) → training FLOPs per token, for a model the default estimate
     (:meth:`flops_per_token`) does not fit; None: that estimate."""
