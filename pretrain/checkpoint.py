@@ -451,7 +451,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", part: 
     without such a part. "whole": the model as trained and the run's own Config (to evaluate the run)."""
     from pretrain.config import Config, from_dict
     from pretrain.data.tokenizer import Tokenizer
-    from pretrain.models import build_model, transferable
+    from pretrain.models import build_model, get_spec, transferable
 
     if part not in ("encoder", "whole"):
         raise ValueError(f"part must be 'encoder' or 'whole', got {part!r}")
@@ -464,6 +464,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", part: 
     model = build_model(cfg.model)
     load_weights(ckpt, model, meta)
     model.to(device).eval()
+    if get_spec(cfg.model.arch).modality != "text":  # images: no tokenizer (cfg.model describes the pixels)
+        if part == "encoder":
+            model, cfg = transferable(model, cfg)
+        return model, cfg, None, meta
     tok_path = next((p for p in (ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json")
                      if p.is_file()), None)
     if tok_path is None:
@@ -643,16 +647,18 @@ class Checkpointer:
         return self.ckpt is not None
 
     def check(self, data_path: str, tokenizer_sha256: str, fingerprint: str, global_batch: int,
-              world_size: int) -> None:
-        """The checkpoint continues this run: the same tokenizer, the same data, the same global batch."""
+              world_size: int, key: str = "tokenizer_sha256") -> None:
+        """The checkpoint continues this run: the same tokenizer (``key`` 'image_sha256': the same image
+        format and pixel statistics), the same data, the same global batch."""
         from pretrain.config import ConfigError
 
         if not self.resuming:
             return
         m = self.meta
-        if m.get("tokenizer_sha256") not in (None, tokenizer_sha256):
-            raise PretrainError(f"{data_path} was tokenized with a different tokenizer than the run in "
-                                f"{self.run}")
+        if m.get(key) not in (None, tokenizer_sha256):
+            what = "tokenized with a different tokenizer" if key == "tokenizer_sha256" else \
+                "prepared with another image size, channels or pixel statistics"
+            raise PretrainError(f"{data_path} was {what} than the run in {self.run}")
         if m.get("data_fingerprint") not in (None, fingerprint):
             raise PretrainError(f"the data in {data_path} is not the data the run in {self.run} was trained "
                                 "on (it was prepared again from other inputs, or with other settings), so "

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -85,8 +86,50 @@ RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.time_schedule", 
 # the config, resolved once (the caller's is left as it was)
 
 
+def is_images(meta: dict[str, Any]) -> bool:
+    """Whether a prepared data directory's manifest is of images (else: tokens)."""
+    return meta.get("kind") == "images"
+
+
+def resolve_image_config(cfg: Config, meta: dict[str, Any]) -> Config:
+    """Fill in what an image model takes from the data: image size, channels, pixel statistics, and the
+    classification head's size (objective supervised; no head for mae, whose decoder other objectives
+    drop)."""
+    m, im = cfg.model, meta["image"]
+    h, w, c = int(im["height"]), int(im["width"]), int(im["channels"])
+    if h != w:
+        raise ConfigError(f"{cfg.data.path} holds {h}x{w} images; image models take square ones: prepare "
+                          "with --image-size N")
+    for key, have in (("image_size", h), ("channels", c)):
+        if getattr(m, key) not in (0, have):
+            raise ConfigError(f"model.{key} {getattr(m, key)} does not match the data's {have} "
+                              f"({cfg.data.path}); leave it at 0 to take it from the data, or prepare "
+                              "with --image-size")
+    classes = list(meta.get("classes") or [])
+    n_classes = 0
+    if cfg.objective == "supervised":
+        if not classes or meta["splits"]["train"].get("labels") is None:
+            raise ConfigError(f"objective supervised needs labelled images; {cfg.data.path} has no labels "
+                              "(use objective mae for unlabelled images)")
+        if m.num_classes not in (0, len(classes)):
+            raise ConfigError(f"model.num_classes {m.num_classes} does not match the data's {len(classes)} "
+                              "classes; leave it at 0")
+        n_classes = len(classes)
+    mean = m.image_mean or [float(v) for v in im["mean"]]
+    std = m.image_std or [max(float(v), 1e-3) for v in im["std"]]
+    if len(mean) != c:
+        raise ConfigError(f"model.image_mean has {len(mean)} values for {c}-channel images")
+    model = dataclasses.replace(m, image_size=h, channels=c, image_mean=mean, image_std=std,
+                                num_classes=n_classes,
+                                decoder_layers=m.decoder_layers if cfg.objective == "mae" else 0)
+    return dataclasses.replace(cfg, model=model)
+
+
 def resolve_config(cfg: Config, meta: dict[str, Any]) -> Config:
-    """Fill in the values that come from the data (vocab size) and data.seq_len (max_seq_len)."""
+    """Fill in the values that come from the data (vocab size) and data.seq_len (max_seq_len); for images,
+    :func:`resolve_image_config`."""
+    if is_images(meta):
+        return resolve_image_config(cfg, meta)
     m, data_vocab, seq_len = cfg.model, int(meta["tokenizer"]["vocab_size"]), cfg.data.seq_len
     if m.vocab_size and m.vocab_size < data_vocab:
         raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than the data's tokenizer vocabulary "
@@ -194,14 +237,13 @@ def auto_micro_batch(per_rank: int, fits: Callable[[int], bool]) -> tuple[int, i
     return micro, per_rank // micro
 
 
-def cuda_fits(model: nn.Module, objective, seq_len: int, vocab: int, device: torch.device,
+def cuda_fits(model: nn.Module, objective, example: Callable[[int, torch.device], Any], device: torch.device,
               dtype: str) -> Callable[[int], bool]:
-    """fits(b): does one forward+backward of b random sequences run without CUDA running out of memory?
-    Leaves no gradients behind and does not touch the global RNG streams."""
+    """fits(b): does one forward+backward of ``example(b)`` (b random samples) run without CUDA running out
+    of memory? Leaves no gradients behind and does not touch the global RNG streams."""
 
     def fits(b: int) -> bool:
-        gen = torch.Generator().manual_seed(b)
-        batch = torch.randint(0, vocab, (b, seq_len + 1), generator=gen).to(device)
+        batch = example(b, device)
         try:
             with torch.random.fork_rng(devices=[device]):
                 with autocast_context(device, dtype):
@@ -284,9 +326,9 @@ class Prefetcher:
             self.thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
             self.thread.start()
 
-    def _draw(self) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _draw(self) -> tuple[Any, dict[str, Any]]:
         batch = self.loader.next_batch()
-        return (batch.pin_memory() if self.pin else batch), self.loader.state_dict()
+        return (_each(batch, torch.Tensor.pin_memory) if self.pin else batch), self.loader.state_dict()
 
     def _fill(self) -> None:
         import queue
@@ -310,7 +352,7 @@ class Prefetcher:
         if isinstance(item, BaseException):
             raise item
         batch, self.consumed = item
-        return batch.to(self.device, non_blocking=self.pin)
+        return _each(batch, lambda t: t.to(self.device, non_blocking=self.pin))
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.consumed)
@@ -319,6 +361,11 @@ class Prefetcher:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=5)
+
+
+def _each(batch, fn):
+    """``fn`` applied to a batch: one tensor (tokens) or a tuple of them (images, labels)."""
+    return tuple(fn(t) for t in batch) if isinstance(batch, tuple) else fn(batch)
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM")  # stop_reason of a run stopped gracefully by one of them
@@ -358,6 +405,101 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the model reads: tokens or images
+
+
+@dataclass
+class Inputs:
+    """The data side of a run, for its modality (text: token shards; images: image shards): the splits, the
+    objective, how to make the training loader, what identifies the inputs a model was trained on (for
+    resume: the tokenizer's sha256, or the images' format and pixel statistics), and the unit counted
+    (tokens or images)."""
+
+    train_split: Any
+    val_split: Any
+    objective: Any
+    loader: Callable[[int, int, int, int], Any]
+    """(batch_size, seed, rank, world_size) → the training loader."""
+    identity_key: str
+    identity: str
+    unit: str
+    """What throughput counts: 'tokens' or 'images'."""
+    per_sample: int
+    """Units per sample: data.seq_len tokens, or 1 image."""
+    documents: tuple[int, int, int] | None = None
+    example: Callable[[int, torch.device], Any] | None = None
+    """b → a random batch of b samples (the CUDA auto-batch probe)."""
+
+    def describe(self, loader) -> str:
+        if self.unit == "images":
+            s = self.train_split
+            return f"{len(s):,} train images of {s.height}x{s.width}x{s.channels}"
+        return (f"{self.train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of "
+                f"{self.per_sample})")
+
+
+def _text_inputs(cfg: Config, meta: dict[str, Any]) -> Inputs:
+    tc = cfg.train
+    if get_spec(cfg.model.arch).modality != "text":
+        raise ConfigError(f"{cfg.data.path} holds tokens, but model.arch {cfg.model.arch!r} reads images: "
+                          "prepare images for it, or use a text architecture")
+    train_split, val_split = TokenSplit(cfg.data.path, "train"), TokenSplit(cfg.data.path, "val")
+    if tc.eval_interval and eval_windows(val_split, cfg.data.seq_len) < 1:
+        raise PretrainError(f"the validation split of {cfg.data.path} has {val_split.tokens:,} tokens, "
+                            f"too few for one sequence of {cfg.data.seq_len}: prepare with a larger "
+                            "--val-fraction, use a smaller data.seq_len, or set train.eval_interval 0")
+    tokenizer = Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"])
+    objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed, cfg.data.doc_mask, cfg.rtd)
+    documents = padded_documents(cfg, tokenizer)
+    seq_len, vocab = cfg.data.seq_len, cfg.model.vocab_size
+
+    def loader(batch_size: int, seed: int, rank: int, world_size: int):
+        shard = {"seed": seed, "rank": rank, "world_size": world_size}
+        if documents is None:
+            return TrainLoader(train_split, seq_len, batch_size, **shard)
+        return DocumentLoader(train_split, seq_len, batch_size, *documents, **shard)
+
+    def example(b: int, device: torch.device) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(b)
+        return torch.randint(0, vocab, (b, seq_len + 1), generator=gen).to(device)
+
+    return Inputs(train_split, val_split, objective, loader, "tokenizer_sha256", meta["tokenizer"]["sha256"],
+                  "tokens", seq_len, documents, example)
+
+
+def _image_inputs(cfg: Config, meta: dict[str, Any]) -> Inputs:
+    from pretrain.data.images import ImageSplit, image_identity
+    from pretrain.data.loader import ImageLoader
+    from pretrain.objectives import build_image_objective
+
+    if get_spec(cfg.model.arch).modality != "images":
+        raise ConfigError(f"{cfg.data.path} holds images, but model.arch {cfg.model.arch!r} reads text: use "
+                          "an image architecture (vit or resnet) with objective mae or supervised")
+    if cfg.objective not in ("mae", "supervised"):
+        raise ConfigError(f"{cfg.data.path} holds images: objective must be mae or supervised, not "
+                          f"{cfg.objective!r}")
+    train_split, val_split = ImageSplit(cfg.data.path, "train"), ImageSplit(cfg.data.path, "val")
+    if cfg.train.eval_interval and len(val_split) < 1:
+        raise PretrainError(f"the validation split of {cfg.data.path} has no images: prepare with a larger "
+                            "--val-fraction, or set train.eval_interval 0")
+    objective = build_image_objective(cfg)
+    m = cfg.model
+
+    def loader(batch_size: int, seed: int, rank: int, world_size: int):
+        return ImageLoader(train_split, batch_size, seed, rank, world_size)
+
+    def example(b: int, device: torch.device):
+        gen = torch.Generator().manual_seed(b)
+        images = torch.randint(0, 256, (b, m.image_size, m.image_size, m.channels), generator=gen,
+                               dtype=torch.uint8)
+        labels = torch.randint(0, max(m.num_classes, 1), (b,), generator=gen)
+        return images.to(device), labels.to(device)
+
+    return Inputs(train_split, val_split, objective, loader, "image_sha256", image_identity(meta), "images",
+                  1, None, example)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,6 +566,12 @@ class Job:
     guard: SpikeGuard
     fault: tuple[str, int] | None = None
     """train.fault (tests): ('nan' | 'spike', step)."""
+    inputs: Inputs | None = None
+    """What the model reads (tokens or images) and how: splits, loader, objective, unit."""
+
+    @property
+    def unit(self) -> str:
+        return self.inputs.unit if self.inputs is not None else "tokens"
 
 
 def _resolve(cfg: Config, run: Path, env: DistEnv, meta: dict[str, Any],
@@ -471,35 +619,24 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = Fals
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    train_split, val_split = TokenSplit(cfg.data.path, "train"), TokenSplit(cfg.data.path, "val")
-    if tc.eval_interval and eval_windows(val_split, cfg.data.seq_len) < 1:
-        raise PretrainError(f"the validation split of {cfg.data.path} has {val_split.tokens:,} tokens, "
-                            f"too few for one sequence of {cfg.data.seq_len}: prepare with a larger "
-                            "--val-fraction, use a smaller data.seq_len, or set train.eval_interval 0")
     spec, model = get_spec(cfg.model.arch), build_model(cfg.model)
-    tokenizer = Tokenizer.load(Path(cfg.data.path) / meta["tokenizer"]["file"])
-    objective = build_objective(cfg.objective, tokenizer, cfg.mlm, tc.seed, cfg.data.doc_mask, cfg.rtd)
-    documents = padded_documents(cfg, tokenizer)
+    inputs = (_image_inputs if is_images(meta) else _text_inputs)(cfg, meta)
     # (on CPU: the configured batch_size; under FSDP the probe would need the whole unsharded model: likewise)
     if (tc.auto_batch and not ckpt.resuming and device.type == "cuda"
             and not (env.active and tc.parallelism == "fsdp")):
-        cfg = _auto_batch(cfg, model, objective, env, quiet)
+        cfg = _auto_batch(cfg, model, inputs, env, quiet)
         tc = cfg.train
     accum, global_batch = resolve_batch(tc, env.world_size)
     # each rank its slice of a batch
-    shard = {"seed": tc.seed, "rank": env.rank, "world_size": env.world_size}
-    if documents is None:
-        loader = TrainLoader(train_split, cfg.data.seq_len, tc.batch_size, **shard)
-    else:
-        loader = DocumentLoader(train_split, cfg.data.seq_len, tc.batch_size, *documents, **shard)
-    ckpt.check(cfg.data.path, meta["tokenizer"]["sha256"], data_fingerprint(meta), global_batch,
-               env.world_size)
+    loader = inputs.loader(tc.batch_size, tc.seed, env.rank, env.world_size)
+    ckpt.check(cfg.data.path, inputs.identity, data_fingerprint(meta), global_batch, env.world_size,
+               key=inputs.identity_key)
     ckpt.restore_weights(model)
     if not ckpt.resuming and init_sd is not None:  # a fresh run that starts from a Hugging Face checkpoint
         _load_init(model, init_sd, spec.head, cfg)
     model.to(device)
-    n_params, flops_tok = model.num_params(), spec.flops_per_token(model, cfg.data.seq_len)
-    ckpt.identity = {"tokenizer_sha256": meta["tokenizer"]["sha256"],
+    n_params, flops_tok = model.num_params(), spec.flops_per_token(model, inputs.per_sample)
+    ckpt.identity = {inputs.identity_key: inputs.identity,
                      "data_fingerprint": data_fingerprint(meta), "config": cfg.to_dict(),
                      "n_params": n_params, "global_batch_size": global_batch}
     progress = Progress(tc.max_steps, ckpt.meta.get("step", 0), quiet)
@@ -509,20 +646,22 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = Fals
     metrics = None
     if env.is_main:
         write_text_atomic(run / "config.yaml", cfg.to_yaml())
-        shutil.copyfile(Path(cfg.data.path) / meta["tokenizer"]["file"], run / "tokenizer.json")
+        if not is_images(meta):
+            shutil.copyfile(Path(cfg.data.path) / meta["tokenizer"]["file"], run / "tokenizer.json")
         metrics = Metrics(run / "metrics.jsonl", keep_upto_step=state.step)
     where = f"{env.world_size} processes ({tc.parallelism}, {device.type})" if env.active else device.type
     where += ", bf16 autocast" if autocast_dtype(device, tc.dtype) == torch.bfloat16 else ", fp32"
     progress.write(
         f"{'resuming ' + str(run) + ' at step ' + str(state.step) if state.step else 'training ' + str(run)}"
         f": {n_params / 1e6:.2f}M parameters on {where}, "
-        f"{train_split.tokens:,} train tokens ({loader.n_windows:,} sequences of {cfg.data.seq_len})")
+        f"{inputs.describe(loader)}")
     loader.skip_samples(parse_sample_ranges(tc.skip_samples))
     guard = SpikeGuard(tc.guard, tc.guard_z, tc.guard_warmup, tc.guard_window, tc.guard_max_events)
     guard.load_state_dict(ckpt.extra.get("guard"))
     batches = Prefetcher(loader, device, tc.prefetch)  # started after the loader state is restored
-    return Job(cfg, run, env, model, fwd, objective, optimizer, batches, val_split, documents, ckpt, state,
-               accum, global_batch, progress, metrics, n_params, flops_tok, guard, parse_fault(tc.fault))
+    return Job(cfg, run, env, model, fwd, inputs.objective, optimizer, batches, inputs.val_split,
+               inputs.documents, ckpt, state, accum, global_batch, progress, metrics, n_params, flops_tok,
+               guard, parse_fault(tc.fault), inputs)
 
 
 def _load_init(model: nn.Module, init_sd: dict[str, torch.Tensor], head: str, cfg: Config) -> None:
@@ -556,14 +695,14 @@ def _apply_parallelism(model: nn.Module, cfg: Config, env: DistEnv,
     return model, (apply_compile(model, progress) if compile_model and not fsdp else model)
 
 
-def _auto_batch(cfg: Config, model: nn.Module, objective, env: DistEnv, quiet: bool) -> Config:
+def _auto_batch(cfg: Config, model: nn.Module, inputs: Inputs, env: DistEnv, quiet: bool) -> Config:
     """train.auto_batch on CUDA: the largest micro-batch that fits, grad_accum making up the configured
     batch."""
     accum, global_batch = resolve_batch(cfg.train, env.world_size)
     per_rank = global_batch // env.world_size
     model.to(env.device)
-    micro, _ = auto_micro_batch(per_rank, cuda_fits(model, objective, cfg.data.seq_len, cfg.model.vocab_size,
-                                                    env.device, cfg.train.dtype))
+    micro, _ = auto_micro_batch(per_rank, cuda_fits(model, inputs.objective, inputs.example, env.device,
+                                                    cfg.train.dtype))
     if env.active:  # every rank takes the smallest size found
         t = torch.tensor([micro], device=env.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
@@ -588,7 +727,7 @@ def loop(job: Job, stop: StopSignals) -> dict[str, Any]:
     cfg, tc, st, env, device = job.cfg, job.cfg.train, job.state, job.env, job.env.device
     params = [p for p in job.model.parameters() if p.requires_grad]
     peak = peak_flops(device) if autocast_dtype(device, tc.dtype) == torch.bfloat16 else None
-    tokens_per_step = job.global_batch * cfg.data.seq_len
+    tokens_per_step = job.global_batch * (job.inputs.per_sample if job.inputs else cfg.data.seq_len)
     clock = Clock(st.elapsed_s, st.tokens_seen)
     loss_acc = torch.tensor(st.loss_sum, device=device)  # train loss summed since the last log line
     stop_reason, grad_norm = "max_steps", 0.0
@@ -727,18 +866,22 @@ def log_step(job: Job, clock: Clock, loss_acc: torch.Tensor, lr: float, grad_nor
     if st.loss_n and not math.isfinite(train_loss):  # (the same on every rank)
         diverged(job, train_loss)
     tok_s = (st.tokens_seen - clock.tok_last) / max(now - clock.t_last, 1e-9)
-    record = {"step": st.step, "tokens": st.tokens_seen, "train_loss": round(train_loss, 6), "lr": lr,
-              "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tok_s, 1),
+    unit = job.unit
+    record = {"step": st.step, unit: st.tokens_seen, "train_loss": round(train_loss, 6), "lr": lr,
+              "grad_norm": round(float(grad_norm), 6), f"{unit}_per_s": round(tok_s, 1),
               "elapsed_s": round(st.elapsed_s, 3)}
     if peak:
         record["mfu"] = round(job.flops_per_token * tok_s / (peak * job.env.world_size), 4)
-    job.progress.update(st.step, {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"})
+    job.progress.update(st.step, {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}",
+                                  ("img/s" if unit == "images" else "tok/s"): f"{tok_s:,.0f}"})
     loss_acc.zero_()
     st.loss_n = 0
     return record
 
 
 def validate(job: Job, clock: Clock) -> dict[str, Any]:
+    if job.unit == "images":
+        return validate_images(job, clock)
     cfg, tc, st = job.cfg, job.cfg.train, job.state
     ev = evaluate(job.fwd, job.val_split, cfg.data.seq_len, tc.batch_size, job.env.device, tc.dtype,
                   tc.eval_batches, job.objective, job.documents)
@@ -754,6 +897,51 @@ def validate(job: Job, clock: Clock) -> dict[str, Any]:
             record[f"val_{key}"] = round(ev[key], 6)
     job.progress.write(f"step {st.step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) "
                        f"at {st.elapsed_s:.1f}s")
+    return record
+
+
+def validate_images(job: Job, clock: Clock) -> dict[str, Any]:
+    """Validation loss (and accuracy) of an image objective; the k-NN accuracy of frozen features when the
+    data has labels; MAE: a reconstruction grid PNG of the first validation images (rank 0)."""
+    from pretrain.evaluation import evaluate_images, knn_monitor
+
+    tc, st, im = job.cfg.train, job.state, job.cfg.image
+    ev = evaluate_images(job.fwd, job.val_split, tc.batch_size, job.env.device, tc.dtype, tc.eval_batches,
+                         job.objective)
+    st.last_val = ev["loss"]
+    if not math.isfinite(st.last_val):
+        diverged(job, st.last_val, "val loss")
+    st.best_val = min(st.best_val, st.last_val)
+    record = {"step": st.step, "images": st.tokens_seen, "val_loss": round(ev["loss"], 6)}
+    if "accuracy" in ev:
+        record["val_accuracy"] = round(ev["accuracy"], 6)
+    inner = unwrap(job.model)
+    fsdp = hasattr(inner, "unshard")  # FSDP2: gather the root's parameters for the non-forward calls
+    if fsdp:
+        inner.unshard()
+    try:
+        knn = knn_monitor(inner, job.inputs.train_split, job.val_split, job.objective, tc.batch_size,
+                          job.env.device, tc.dtype, im.knn_k, im.knn_bank, tc.eval_batches, tc.seed)
+        if knn is not None:
+            record["val_knn_accuracy"] = round(knn, 6)
+        if job.env.is_main and hasattr(job.objective, "snapshot"):
+            from pretrain.evaluation import _batch_on
+
+            idx = np.arange(min(8, len(job.val_split)))
+            was = job.fwd.training
+            job.fwd.eval()
+            with autocast_context(job.env.device, tc.dtype):
+                job.objective.snapshot(job.fwd, _batch_on(job.val_split, idx, job.env.device)[0],
+                                       job.run / "reconstructions.png")
+            job.fwd.train(was)
+    finally:
+        if fsdp:
+            inner.reshard()
+    st.elapsed_s = clock.elapsed()
+    record["elapsed_s"] = round(st.elapsed_s, 3)
+    extra = "".join(f", {k[4:].replace('_', ' ')} {v:.3f}" for k, v in record.items()
+                    if k in ("val_accuracy", "val_knn_accuracy"))
+    job.progress.write(f"step {st.step}: val loss {ev['loss']:.4f}{extra} at {st.elapsed_s:.1f}s")
     return record
 
 

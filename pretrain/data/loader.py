@@ -305,3 +305,83 @@ def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_batches: 
             start = int(w - starts[shard]) * seq_len
             rows.append(split.shards[shard][start:start + seq_len + 1])
         yield torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# images
+
+
+class ImageLoader:
+    """Shuffled batches of images from a prepared image directory (``pretrain.data.images.ImageSplit``):
+    ``(images (B, H, W, C) uint8, labels (B,) int64)``, labels -1 when the data has none. The same contract as
+    :class:`TrainLoader`: global sample ``i`` is image ``perm_e[i mod N]`` of epoch ``e = i // N`` (a seeded
+    permutation per epoch), rank ``r`` takes samples ``r*B .. (r+1)*B`` of each global batch, and the whole
+    state is the number of samples consumed (O(1) resume, skipped ranges kept)."""
+
+    def __init__(self, split, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.split, self.batch_size = split, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.n_windows = len(split)
+        if self.n_windows < 1:
+            raise DataError(f"the {split.split} split of {split.data_dir} has no images")
+        self.samples_seen = 0
+        self.skipped: list[tuple[int, int]] = []
+        self._epoch_cache: tuple[int, np.ndarray] | None = None
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, np.random.default_rng([self.seed, epoch, 0x1A6E]).permutation(
+                self.n_windows))
+        return self._epoch_cache[1]
+
+    def indices(self, start: int, n: int) -> np.ndarray:
+        """Image indices of global samples start .. start + n."""
+        out = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            epoch, pos = divmod(start + i, self.n_windows)
+            out[i] = self._perm(epoch)[pos]
+        return out
+
+    skip_samples = TrainLoader.skip_samples
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        for a, b in self.skipped:
+            if a <= self.samples_seen < b:
+                self.samples_seen = b
+        idx = self.indices(self.samples_seen + self.rank * self.batch_size, self.batch_size)
+        self.samples_seen += self.batch_size * self.world_size
+        return image_batch(self.split, idx)
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_seen / self.n_windows
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"samples_seen": self.samples_seen, "seed": self.seed, "images": self.n_windows}
+        if self.skipped:
+            state["skipped"] = [list(r) for r in self.skipped]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed") != self.seed or state.get("images") != self.n_windows:
+            raise DataError(f"loader state was saved with seed={state.get('seed')} over "
+                            f"{state.get('images')} images, but this run has seed={self.seed} over "
+                            f"{self.n_windows}: resuming would draw different batches")
+        self.samples_seen = int(state["samples_seen"])
+        self.skip_samples([tuple(r) for r in state.get("skipped", [])])
+
+
+def image_batch(split, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (k, H, W, C) uint8, labels (k,) int64; -1 without labels) of the split's images ``idx``."""
+    images = torch.from_numpy(np.ascontiguousarray(split.images(np.asarray(idx, dtype=np.int64))))
+    labels = (torch.from_numpy(np.asarray(split.labels[idx], dtype=np.int64)) if split.labels is not None
+              else torch.full((len(idx),), -1, dtype=torch.int64))
+    return images, labels
+
+
+def eval_image_indices(n: int, batch_size: int, max_batches: int | None = None) -> list[np.ndarray]:
+    """Deterministic evaluation batches over a split of ``n`` images: all of them in order, or, with
+    ``max_batches``, that many batches of images spread evenly over the split."""
+    count = n if not max_batches else min(n, max_batches * batch_size)
+    chosen = np.unique(np.linspace(0, n - 1, count).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    return [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]

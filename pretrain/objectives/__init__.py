@@ -183,6 +183,21 @@ def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0, doc_mask:
     raise ValueError(f"unknown objective {name!r}")
 
 
+def build_image_objective(cfg: Config):
+    """The image objective ``cfg.objective`` ('mae' or 'supervised') of a resolved run config (its model
+    section carries the data's image size and pixel statistics)."""
+    from pretrain.objectives.image import MaskedAutoencoding, SupervisedClassification
+
+    m, im = cfg.model, cfg.image
+    if cfg.objective == "mae":
+        n_patches = (m.image_size // m.patch_size) ** 2
+        return MaskedAutoencoding(m.image_mean, m.image_std, im.crop_scale, im.flip, im.mask_ratio,
+                                  im.norm_pix_loss, n_patches)
+    if cfg.objective == "supervised":
+        return SupervisedClassification(m.image_mean, m.image_std, im.crop_scale, im.flip, im.label_smoothing)
+    raise ValueError(f"{cfg.objective!r} is not an image objective")
+
+
 def padded_documents(cfg: Config, tokenizer: Tokenizer) -> tuple[int, int, int] | None:
     """(eot_id, pad_id, piece_len) when sequences are single padded documents (data.packing false), else None.
     ``piece_len``: the tokens of a document a row holds, the ones the model sees (a longer document is cut
