@@ -155,6 +155,13 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     res = evaluate_run(args.run, args.data, split=args.split, max_batches=args.max_batches,
                        device=args.device)
+    if "images" in res:
+        extra = "".join(f", {name} {res[k]:.2%}" for k, name in (("accuracy", "accuracy"),
+                                                                  ("knn_accuracy", "k-NN accuracy"))
+                        if res.get(k) is not None)
+        _emit(args, res, f"{res['split']} loss {res['loss']:.4f}{extra} ({res['images']:,} images, step "
+                         f"{res['step']})")
+        return res
     bpb = f", {res['bits_per_byte']:.4f} bits/byte" if res["bits_per_byte"] is not None else ""
     if "accuracy" in res:
         bpb += f", masked-token accuracy {res['accuracy']:.2%}"
@@ -334,7 +341,7 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
-    s.add_argument("--split", default="val", choices=["val", "train"])
+    s.add_argument("--split", default="val", help="val (default), train, or test (image data)")
     s.add_argument("--max-batches", type=int, default=None, help="evaluate on at most this many batches")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")

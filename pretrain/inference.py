@@ -19,6 +19,41 @@ from pretrain.hardware import autocast_context, resolve_device
 from pretrain.objectives import build_objective, padded_documents
 
 
+def _evaluate_images(run, model, cfg, meta, data_dir: Path, dmeta: dict[str, Any], own_data: bool, split: str,
+                     max_batches: int | None, batch_size: int | None, dev) -> dict[str, Any]:
+    """``evaluate_run`` of an image model: the objective's loss (and accuracy) per image, and the k-NN
+    accuracy of its features when the data has labels."""
+    from pretrain.data.images import ImageSplit
+    from pretrain.evaluation import evaluate_images, knn_monitor
+    from pretrain.objectives import build_image_objective
+
+    if dmeta.get("kind") != "images":
+        raise PretrainError(f"{data_dir} holds tokens; {run} is an image model: pass a prepared image folder")
+    im, m = dmeta["image"], cfg.model
+    if (im["height"], im["width"], im["channels"]) != (m.image_size, m.image_size, m.channels):
+        raise PretrainError(f"{data_dir} holds {im['height']}x{im['width']}x{im['channels']} images; {run} "
+                            f"takes {m.image_size}x{m.image_size}x{m.channels}: prepare them with "
+                            f"--image-size {m.image_size} --channels {m.channels}")
+    saved = meta.get("data_fingerprint")
+    same_data = None if saved is None else saved == data_fingerprint(dmeta)
+    objective = build_image_objective(cfg)
+    images = ImageSplit(data_dir, split)
+    bs = batch_size or cfg.train.batch_size
+    ev = evaluate_images(model, images, bs, dev, cfg.train.dtype, max_batches, objective)
+    if not math.isfinite(ev["loss"]):
+        raise PretrainError(f"the {split} loss of {run} is {ev['loss']}: the model's weights have diverged")
+    knn = None
+    if images.labels is not None and split != "train":
+        knn = knn_monitor(model, ImageSplit(data_dir, "train"), images, objective, bs, dev, cfg.train.dtype,
+                          cfg.image.knn_k or 20, cfg.image.knn_bank, max_batches, cfg.train.seed)
+    out = {"run": str(run), "step": meta["step"], "data": str(data_dir), "split": split,
+           "objective": cfg.objective, "loss": ev["loss"], "images": ev["images"], "knn_accuracy": knn,
+           "data_matches_run": same_data}
+    if "accuracy" in ev:
+        out["accuracy"] = ev["accuracy"]
+    return out
+
+
 def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val",
                  max_batches: int | None = None, batch_size: int | None = None,
                  device: str = "auto") -> dict[str, Any]:
@@ -29,6 +64,11 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     model, cfg, tok, meta = load_pretrained(run, dev, part="whole")  # the run itself, as trained
     data_dir = Path(data or cfg.data.path)
     dmeta = load_meta(data_dir)
+    if dmeta.get("kind") == "images" and tok is not None:
+        raise PretrainError(f"{data_dir} holds images; {run} is a text model: pass a prepared text folder")
+    if tok is None:  # an image model
+        return _evaluate_images(run, model, cfg, meta, data_dir, dmeta, data is None, split, max_batches,
+                                batch_size, dev)
     dvocab = int(dmeta["tokenizer"]["vocab_size"])
     if dvocab > cfg.model.vocab_size:
         raise PretrainError(f"{data_dir} was tokenized with a vocabulary of {dvocab} tokens but the model "
