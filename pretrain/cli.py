@@ -56,6 +56,34 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.data.images import is_image_input, prepare_images
+
+    images = [is_image_input(i) for i in args.inputs]
+    if any(images) and not all(images):
+        raise PretrainError(f"{args.inputs[images.index(True)]} is image data but "
+                            f"{args.inputs[images.index(False)]} is not: prepare images and text into "
+                            "separate --out directories")
+    # options of the other kind of input, given explicitly: an error rather than silently ignored
+    other = args.text_only if all(images) else args.image_only
+    given = [opt for dest, (opt, default) in other.items() if getattr(args, dest) != default]
+    verb = "applies" if len(given) == 1 else "apply"
+    if given and all(images):
+        raise PretrainError(f"{', '.join(given)} {verb} to text inputs only; these inputs are images (image "
+                            "options: --image-size, --channels, --shard-images, --seed)")
+    if given:
+        raise PretrainError(f"{', '.join(given)} {verb} to image inputs only (IDX, .npz, .npy or folders of "
+                            "images); these inputs are text")
+    if all(images):
+        res = prepare_images(args.inputs, args.out, image_size=args.image_size, channels=args.channels,
+                             val_fraction=args.val_fraction, bad_files=args.bad_files, licence=args.licence,
+                             overwrite=args.overwrite, workers=args.workers, seed=args.seed,
+                             shard_images=args.shard_images, start_method="spawn")
+        counts = " / ".join(f"{n:,} {sp}" for sp, n in res["images"].items())
+        skipped = f"; {res['skipped']:,} unreadable skipped" if res["skipped"] else ""
+        _emit(args, res, f"prepared {args.out}: {counts} images of {res['height']}x{res['width']}x"
+                         f"{res['channels']}, {res['classes'] or 'no'} classes{skipped}")
+        return res
+
     from pretrain.data.clean import CleanConfig
     from pretrain.data.prepare import prepare
 
@@ -97,6 +125,25 @@ def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.samples < 0:
         raise PretrainError("--samples must be >= 0")
     res = inspect(args.data_dir, samples=args.samples)
+    if res.get("kind") == "images":
+        im = res["image"]
+        lines = [f"{res['data_dir']}: images {im['height']}x{im['width']}x{im['channels']} uint8, "
+                 f"{len(res['classes']) or 'no'} classes, {len(res['sources'])} sources",
+                 "mean " + ", ".join(f"{v:.4f}" for v in im["mean"]) + ", std "
+                 + ", ".join(f"{v:.4f}" for v in im["std"]) + " (per channel, of the train pixels / 255)"]
+        for split, info in res["splits"].items():
+            mean = "" if info["pixel_mean"] is None else ", pixel mean " + ", ".join(
+                f"{v:.4f}" for v in info["pixel_mean"])
+            lines.append(f"\n[{split}] {info['images']:,} images, {info['shards']} shard(s)"
+                         + ("" if info["labels"] else ", unlabelled") + mean)
+            if info["class_counts"]:
+                lines.append("  per class: " + ", ".join(f"{c} {k:,}"
+                                                         for c, k in info["class_counts"].items()))
+        if res["skipped"]:
+            lines.append(f"\n{len(res['skipped']):,} unreadable images were skipped, e.g. "
+                         f"{res['skipped'][0]['path']}")
+        _emit(args, res, "\n".join(lines))
+        return res
     lines = [f"{res['data_dir']}: tokenizer {res['tokenizer']['kind']}, "
              f"vocab {res['tokenizer']['vocab_size']:,}, {res['dtype']} shards, "
              f"{len(res['sources'])} sources"]
@@ -271,15 +318,16 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="a .txt document is the whole file (default), each blank-line separated paragraph, "
                         "or each line")
     s.add_argument("--bad-files", choices=["error", "skip"], default="error",
-                   help="binary or non-UTF-8 files: fail (default) or skip with a warning")
+                   help="binary or non-UTF-8 files, undecodable images: fail (default) or skip with a "
+                        "warning")
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     s.add_argument("--licence", default="", help="licence of the sources, recorded in the manifest")
     s.add_argument("--tokenizer-sample-mb", type=float, default=1000.0,
                    help="train bpe/wordpiece/unigram on an evenly spread sample of about this many MB "
                         "of text (default 1000)")
     s.add_argument("--workers", type=int, default=None,
-                   help="cleaning/tokenizing processes (0: in this process; default: one per CPU, "
-                        "in-process for inputs under 32 MB)")
+                   help="cleaning/tokenizing (or image decoding) processes (0: in this process; default: one "
+                        "per CPU, in-process for inputs under 32 MB or 2,000 images)")
     s.add_argument("--batch-mb", type=float, default=1.0,
                    help="MB of text per batch handed to a worker; with --workers it bounds peak memory "
                         "(default 1)")
@@ -308,7 +356,27 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="fields/columns of JSONL/CSV/Parquet --decontaminate files to match, each of them "
                         "(default: text)")
     g.add_argument("--decontam-ngram", type=int, default=13, help="n for --decontaminate (default 13)")
+    im = s.add_argument_group("images (IDX, .npz, .npy or folders of PNG/JPEG/WebP/BMP; see docs/images.md)")
+    im.add_argument("--image-size", type=int, default=0, metavar="N",
+                    help="resize (shorter side to N) and centre-crop every image to NxN (default: keep the "
+                         "size, which must then be the same for every image)")
+    im.add_argument("--channels", type=int, choices=[1, 3], default=0,
+                    help="convert every image to 1 (grey) or 3 (RGB) channels (default: the first image's)")
+    im.add_argument("--shard-images", type=int, default=0, metavar="N",
+                    help="images per shard file (default: about 256 MiB of pixels)")
+    im.add_argument("--seed", type=int, default=0,
+                    help="seed of the validation images carved from train (default 0)")
     s.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    # options that only one kind of input takes: (option, default) by dest, for cmd_prepare's checks
+    text_dests = ["tokenizer", "vocab_size", "text_field", "text_unit", "tokenizer_sample_mb", "batch_mb",
+                  "shard_tokens", "hf_split", "hf_revision", "hf_data_files"]
+    text_dests += [a.dest for a in g._group_actions]
+
+    def options(dests: list[str]) -> dict[str, tuple[str, Any]]:
+        return {a.dest: (a.option_strings[0], a.default) for a in s._actions if a.dest in dests}
+
+    s.set_defaults(text_only=options(text_dests),
+                   image_only=options(["image_size", "channels", "shard_images", "seed"]))
 
 
 def _add_data_and_train(sub: argparse._SubParsersAction) -> None:

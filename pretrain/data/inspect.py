@@ -14,8 +14,10 @@ from pretrain.data.tokenizer import Tokenizer
 
 def inspect(data_dir: str | Path, samples: int = 3, sample_tokens: int = 64, top: int = 20) -> dict[str, Any]:
     """What a prepared directory holds: counts per split, the most frequent tokens, decoded samples and
-    the manifest (sources, cleaning report)."""
+    the manifest (sources, cleaning report); for images :func:`inspect_images`."""
     meta = load_meta(data_dir)
+    if meta.get("kind") == "images":
+        return inspect_images(data_dir)
     tok = Tokenizer.load(Path(data_dir) / meta["tokenizer"]["file"])
     out: dict[str, Any] = {"data_dir": str(data_dir), "tokenizer": meta["tokenizer"], "dtype": meta["dtype"],
                            "splits": {}, "sources": meta["sources"], "cleaning": meta.get("cleaning")}
@@ -39,4 +41,28 @@ def inspect(data_dir: str | Path, samples: int = 3, sample_tokens: int = 64, top
             starts = rng.integers(0, max(1, len(first) - sample_tokens), size=samples)
             info["samples"] = [tok.decode(np.asarray(first[s:s + sample_tokens]).tolist()) for s in starts]
         out["splits"][split] = info
+    return out
+
+
+def inspect_images(data_dir: str | Path, chunk: int = 4096) -> dict[str, Any]:
+    """What a prepared image directory holds: image size, the train pixel statistics, per split the images,
+    shards and images per class (each split read through the reader, which checks its shards and labels,
+    and its own per-channel pixel mean computed), the classes, sources and skipped files."""
+    from pretrain.data.images import ImageSplit, image_identity
+
+    meta = load_meta(data_dir, kind="images")
+    out: dict[str, Any] = {"data_dir": str(data_dir), "kind": "images", "image": meta["image"],
+                           "identity": image_identity(meta), "classes": meta.get("classes") or [],
+                           "splits": {}, "sources": meta.get("sources", []),
+                           "skipped": meta.get("skipped", []), "licence": meta.get("licence")}
+    for split, info in meta["splits"].items():
+        sp = ImageSplit(data_dir, split)
+        total = np.zeros(sp.channels, np.float64)
+        for i in range(0, len(sp), chunk):  # bounded memory on large splits
+            total += sp.images(np.arange(i, min(len(sp), i + chunk))).sum(axis=(0, 1, 2), dtype=np.float64)
+        pixels = len(sp) * sp.height * sp.width
+        out["splits"][split] = {
+            "images": len(sp), "shards": len(info["shards"]), "labels": info.get("labels"),
+            "class_counts": info.get("class_counts") or {},
+            "pixel_mean": [float(v) / 255.0 / pixels for v in total] if pixels else None}
     return out
