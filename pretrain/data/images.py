@@ -91,7 +91,7 @@ SPLIT_ORDER = ("train", "val", "test")
 SHARD_BYTES = 256 << 20  # pixels per shard file by default
 JOB_BYTES = 8 << 20  # decoded pixels per batch handed to a worker (bounds memory with 2 × workers in flight)
 JOB_FILES = 64  # image files per worker batch at most
-ARRAY_BATCH_BYTES = 16 << 20  # array bytes read at a time
+ARRAY_BATCH_BYTES = 4 << 20  # array bytes read at a time
 AUTO_WORKERS_IMAGES = 2000  # with workers=None, fewer images to decode or resize than this: in-process
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _ONE_CHANNEL_MODES = ("1", "L", "LA", "La", "I", "F")
@@ -160,7 +160,8 @@ def _dir_is_images(d: Path, limit: int = 10_000) -> bool:
             elif _is_text_name(f):
                 n_text += 1
             seen += 1
-            if (n_img >= 100 and n_img > 10 * n_text) or seen >= limit:
+            if (n_img >= 100 and n_img > 10 * n_text) or (n_text >= 100 and n_text > 10 * n_img) \
+                    or seen >= limit:
                 return n_img > n_text
     return n_img > n_text
 
@@ -370,56 +371,58 @@ _NPZ_LAYOUTS = (  # (images key, labels key, split); the first layout with any i
 def _npz_parts(path: Path) -> list[_Part]:
     try:
         zf = zipfile.ZipFile(path)
-        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"{path} is not a readable .npz file: {e}") from None
-    layout = next((lay for lay in _NPZ_LAYOUTS if any(k in names for k, _, _ in lay)), None)
-    if layout is None:
-        raise DataError(f"{path}: no image arrays: expected the MedMNIST keys train_images/train_labels, "
-                        "val_images/val_labels, test_images/test_labels (or x_train/y_train, x_test/y_test, "
-                        f"or images/labels); keys present: {', '.join(names) or '(none)'}")
-    src = _source(path, "npz")
-    parts = []
-    for key, lkey, split in layout:
-        if key not in names:
-            continue
-        split = split or _split_of_name(path.name)
-        try:
-            with zf.open(key + ".npy") as f:
-                shape, fortran, dtype = _npy_header(f)
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: member {key} is not a readable array: {e}") from None
-        label = f"{path} ({key})"
-        n, h, w, c = _image_shape(shape, Path(label))
-        labels = None
-        if lkey in names:
+    with zf:
+        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+        layout = next((lay for lay in _NPZ_LAYOUTS if any(k in names for k, _, _ in lay)), None)
+        if layout is None:
+            present = ", ".join(names) or "(none)"
+            raise DataError(f"{path}: no image arrays: expected the MedMNIST keys train_images/"
+                            "train_labels, val_images/val_labels, test_images/test_labels (or x_train/"
+                            f"y_train, x_test/y_test, or images/labels); keys present: {present}")
+        src = _source(path, "npz")
+        parts = []
+        for key, lkey, split in layout:
+            if key not in names:
+                continue
+            split = split or _split_of_name(path.name)
             try:
-                with zf.open(lkey + ".npy") as f:
-                    raw = np.lib.format.read_array(f, allow_pickle=False)
+                with zf.open(key + ".npy") as f:
+                    shape, fortran, dtype = _npy_header(f)
             except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
-                raise DataError(f"{path}: member {lkey} is not a readable array: {e}") from None
-            labels = _labels_array(raw, f"{path} ({lkey})", label, n)
+                raise DataError(f"{path}: member {key} is not a readable array: {e}") from None
+            label = f"{path} ({key})"
+            n, h, w, c = _image_shape(shape, Path(label))
+            labels = None
+            if lkey in names:
+                try:
+                    with zf.open(lkey + ".npy") as f:
+                        raw = np.lib.format.read_array(f, allow_pickle=False)
+                except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
+                    raise DataError(f"{path}: member {lkey} is not a readable array: {e}") from None
+                labels = _labels_array(raw, f"{path} ({lkey})", label, n)
 
-        def batches(b: int, key=key, shape=shape, fortran=fortran, dtype=dtype, label=label,
-                    n=n, h=h, w=w, c=c) -> Iterator[np.ndarray]:
-            try:
-                with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
-                    _npy_header(f)
-                    if fortran or dtype.hasobject:
-                        a = np.lib.format.read_array(f, allow_pickle=False).reshape(n, h, w, c)
+            def batches(b: int, key=key, shape=shape, fortran=fortran, dtype=dtype, label=label,
+                        n=n, h=h, w=w, c=c) -> Iterator[np.ndarray]:
+                try:
+                    with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
+                        _npy_header(f)
+                        if fortran or dtype.hasobject:
+                            a = np.lib.format.read_array(f, allow_pickle=False).reshape(n, h, w, c)
+                            for i in range(0, n, b):
+                                yield _to_uint8(np.ascontiguousarray(a[i:i + b]), Path(label))
+                            return
+                        item = h * w * c * dtype.itemsize
                         for i in range(0, n, b):
-                            yield _to_uint8(np.ascontiguousarray(a[i:i + b]), Path(label))
-                        return
-                    item = h * w * c * dtype.itemsize
-                    for i in range(0, n, b):
-                        k = min(b, n - i)
-                        buf = _read_exact(f, k * item, Path(label), "array")
-                        yield _to_uint8(np.frombuffer(buf, dtype=dtype).reshape(k, h, w, c), Path(label))
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as e:
-                raise DataError(f"{label}: truncated or corrupt array ({e})") from None
+                            k = min(b, n - i)
+                            buf = _read_exact(f, k * item, Path(label), "array")
+                            yield _to_uint8(np.frombuffer(buf, dtype=dtype).reshape(k, h, w, c), Path(label))
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as e:
+                    raise DataError(f"{label}: truncated or corrupt array ({e})") from None
 
-        parts.append(_Part("npz", path, split, n, src, labels, None, (h, w), c, batches, label=label))
-    return parts
+            parts.append(_Part("npz", path, split, n, src, labels, None, (h, w), c, batches, label=label))
+        return parts
 
 
 def _npy_part(path: Path, labels_path: Path | None) -> list[_Part]:
@@ -530,6 +533,15 @@ def _images_under(d: Path, exclude: list[Path]) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(d).parts)
 
 
+def _has_images(d: Path, exclude: list[Path]) -> bool:
+    for dirpath, dirnames, filenames in os.walk(d):
+        dp = Path(dirpath)
+        if any(not n.startswith(".") and n.lower().endswith(IMAGE_EXTS) for n in filenames):
+            return True
+        dirnames[:] = [n for n in dirnames if not n.startswith(".") and (dp / n).resolve() not in exclude]
+    return False
+
+
 def _class_layout(d: Path, exclude: list[Path]) -> tuple[list[Path], list[str] | None, list[int] | None]:
     """(files, class names, class index per file) of a folder: class sub-folders, or flat (None, None)."""
     children = sorted(c for c in d.iterdir() if not c.name.startswith(".") and c.resolve() not in exclude)
@@ -551,7 +563,7 @@ def _class_layout(d: Path, exclude: list[Path]) -> tuple[list[Path], list[str] |
 
 def _folder_parts(root: Path, exclude: list[Path], log: Callable[[str], None]) -> list[_Part]:
     children = sorted(c for c in root.iterdir() if not c.name.startswith(".") and c.resolve() not in exclude)
-    sub_dirs = [c for c in children if c.is_dir() and _images_under(c, exclude)]
+    sub_dirs = [c for c in children if c.is_dir() and _has_images(c, exclude)]
     top = [c for c in children if c.is_file() and c.name.lower().endswith(IMAGE_EXTS)]
     src = _source(root, "folder")
     if sub_dirs and not top and all(c.name.lower() in SPLIT_NAMES for c in sub_dirs):
@@ -591,7 +603,7 @@ def _plan(inputs: list, exclude: list[Path], log: Callable[[str], None]) -> list
             arrays = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
                             and _file_kind(f) in ("idx", "npz", "npy"))
             if arrays:
-                if _images_under(p, exclude):
+                if _has_images(p, exclude):
                     log(f"note: {p} holds IDX/.npz/.npy files: they are read, its image files are not")
                 parts += _array_parts(arrays, False, log)
             else:
@@ -687,10 +699,18 @@ def _transform_arrays(a: np.ndarray, channels: int, size: int) -> np.ndarray:
     return out
 
 
+def _unreadable(e: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not a readable image (an unknown or corrupt image format)"
+    return f"not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
 def _decode_file(path: str, channels: int, size: int, hw: tuple[int, int]) -> tuple:
     """("ok", pixels (H, W, C), sha256, bytes), ("bad", reason, sha256, bytes) or ("size", (w, h), sha256,
     bytes)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with open(path, "rb") as f:
@@ -711,10 +731,7 @@ def _decode_file(path: str, channels: int, size: int, hw: tuple[int, int]) -> tu
         pixels = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels)
         return "ok", pixels, sha, len(data)
     except Exception as e:  # Pillow raises many kinds (OSError, SyntaxError, ValueError, DecompressionBomb)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, UnidentifiedImageError):
-            reason = "an unknown or corrupt image format"
-        return "bad", f"not a readable image ({reason})", sha, len(data)
+        return "bad", _unreadable(e), sha, len(data)
 
 
 @dataclass
@@ -1029,8 +1046,7 @@ def _first_image(part: _Part, bad_files: str) -> tuple[int, int, int, Path]:
                     return img.size[1], img.size[0], _mode_channels(img.mode), f
         except Exception as e:
             if bad_files == "error":
-                raise DataError(f"{f}: not a readable image ({str(e).splitlines()[0] if str(e) else e})"
-                                f"{SKIP_HINT}") from None
+                raise DataError(f"{f}: {_unreadable(e)}{SKIP_HINT}") from None
     raise DataError(f"{part.path}: none of its {part.count:,} image files is readable")
 
 
