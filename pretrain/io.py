@@ -195,7 +195,7 @@ def output_kinds(path: str | Path) -> list[str]:
         except OSError:
             ours = False
         found.append("export" if ours else "hf-model")
-    if (p / "meta.json").is_file() and any(p.glob("*.bin")):
+    if (p / "meta.json").is_file() and (any(p.glob("*.bin")) or any(p.glob("*.u8"))):  # token / image shards
         found.append("data")
     if (p / "report.json").is_file() or ((p / "runs").is_dir() and any(
             _TRANSFER_RUN.fullmatch(r.name) for r in (p / "runs").iterdir())):
