@@ -122,7 +122,7 @@ KINDS = {  # kind → (what it is, its defining files)
     "finetune": ("a fine-tuned model", "finetune.json, finetune.yaml"),
     "export": ("a Hugging Face export", "config.json, model.safetensors"),
     "hf-model": ("a Hugging Face model not exported by pretrain", "config.json, model.safetensors"),
-    "data": ("prepared data", "meta.json, *.bin"),
+    "data": ("prepared data", "meta.json, *.bin or *.u8"),
     "transfer": ("a transfer report", "report.json, runs/"),
     "demo": ("the output of `pretrain demo`", "data/, run/, task/, finetune_*/"),
 }
