@@ -462,6 +462,8 @@ TASKS = ("classification", "regression", "token")
 
 @dataclass
 class FinetuneConfig:
+    METRICS = ("auto", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc")  # (not a field: no annotation)
+
     task: str = "classification"
     """'classification' (one label per text or text pair), 'regression' (a number per text or pair) or
     'token' (one tag per word, CoNLL files)."""
@@ -535,6 +537,20 @@ class FinetuneConfig:
     dtype: str = "auto"
     """Autocast dtype: 'auto' (bf16 on CUDA and on CPUs with native bf16 instructions, fp32 elsewhere),
     'bf16' or 'fp32'."""
+    metric: str = "auto"
+    """The validation metric that picks the best model, drives early stopping, the recipe search and
+    transfer's report: 'auto' (accuracy for classification, Pearson for regression, entity F1 for token
+    tags) or, for classification, 'accuracy', 'balanced_accuracy', 'macro_f1' or 'roc_auc' (two classes
+    only: the medical convention)."""
+    class_weights: str = "none"
+    """Classification loss: 'none', or 'auto' (each class weighted by the inverse of its frequency in the
+    training labels, n / (classes x count): imbalanced labels)."""
+    crop_scale: float = 0.8
+    """Image runs: random resized crop while fine-tuning: a crop keeps at least this fraction of the image's
+    area (aspect ratio 3/4 to 4/3) and is resized back to full size; 1 = no cropping."""
+    flip: bool = False
+    """Image runs: random horizontal flips while fine-tuning (off by default: flipping changes what digits,
+    letters or chest X-rays show)."""
 
     def __post_init__(self) -> None:
         _all_finite(self, "finetune")
@@ -560,6 +576,15 @@ class FinetuneConfig:
                "patience and evals_per_epoch must be >= 0")
         _check(self.dtype in ("auto", "bf16", "fp32"),
                f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        _check(self.metric in self.METRICS,
+               f"metric must be one of {', '.join(self.METRICS)}, got {self.metric!r}")
+        _check(self.metric == "auto" or self.task == "classification",
+               f"metric {self.metric!r} is for task classification (other tasks: auto)")
+        _check(self.class_weights in ("none", "auto"),
+               f"class_weights must be none or auto, got {self.class_weights!r}")
+        _check(self.class_weights == "none" or self.task == "classification",
+               "class_weights auto is for task classification")
+        _check(0 < self.crop_scale <= 1, "crop_scale must be in (0, 1]")
         if self.prompt or self.verbalizer:
             _check(self.task == "classification", "prompt/verbalizer are for task classification only")
             _check(bool(self.prompt and self.verbalizer),

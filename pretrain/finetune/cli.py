@@ -2,6 +2,10 @@
 
 The fine-tuning flags are generated from FinetuneConfig's fields (``--layer-decay`` sets ``layer_decay``),
 with each field's docstring as help, so the CLI and the Python API cannot drift apart.
+
+Text runs read tables (CSV/TSV/JSONL/Parquet) or CoNLL files; image runs read prepared image directories,
+``DIR`` (the split of the option's role: --train 'train', --valid 'val', --test 'test'; --input the 'test'
+split, else 'val') or ``DIR@SPLIT``.
 """
 
 from __future__ import annotations
@@ -68,16 +72,19 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.search:
         res = finetune_search(args.run, args.train, args.valid, args.out, _config(args),
-                              quiet=args.quiet or args.json, overwrite=args.overwrite)
+                              quiet=args.quiet or args.json, overwrite=args.overwrite, test_path=args.test)
     else:
         res = finetune(args.run, args.train, args.valid, args.out, _config(args),
-                       quiet=args.quiet or args.json, overwrite=args.overwrite)
+                       quiet=args.quiet or args.json, overwrite=args.overwrite, test_path=args.test)
     best = res["best"]
     res.pop("history")
     shown = " ".join(f"{k[4:]} {v:.4f}" for k, v in best.items()
                      if k.startswith("val_") and k != "val_metric")
+    test = res.get("test")
+    tested = ("; test: " + " ".join(f"{k[5:]} {v:.4f}" for k, v in test.items() if k != "test_metric")
+              if test else "")
     _emit(args, res, f"fine-tuned {args.out}: best at epoch {best['epoch']:g} (step {best['step']}): "
-                     f"{shown}; stopped by {res['stop_reason']} after {res['steps']} steps in "
+                     f"{shown}{tested}; stopped by {res['stop_reason']} after {res['steps']} steps in "
                      f"{res['elapsed_s']:.0f}s")
     return res
 
@@ -87,7 +94,8 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
     res = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
                   overwrite=args.overwrite)
-    _emit(args, res, f"wrote {res['rows']:,} predictions to {res['out']}"
+    _emit(args, res, f"wrote {res['rows']:,} predictions"
+                     + (f" of {res['input']}" if res.get("input") else "") + f" to {res['out']}"
                      + (f" ({res['truncated']} inputs truncated to {res['max_length']} tokens)"
                         if res["truncated"] else ""))
     return res
@@ -98,9 +106,11 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
 
     res = linear_probe(args.run, args.train, args.valid, args.text_column, args.label_column, args.pooling,
                        args.max_train, args.seed, args.batch_size, args.device)
+    extra = "".join(f", {k.replace('_', ' ')} {100 * res[k]:.2f}%" if k != "roc_auc" else f", ROC-AUC "
+                    f"{res[k]:.4f}" for k in ("balanced_accuracy", "roc_auc") if k in res)
     _emit(args, res, f"linear probe ({res['pooling']} pooling, {res['dim']} features, "
                      f"{res['train_examples']:,} train examples): validation accuracy "
-                     f"{100 * res['accuracy']:.2f}%")
+                     f"{100 * res['accuracy']:.2f}%{extra}")
     return res
 
 
@@ -126,10 +136,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                         "regression, token labels; full, head-only or LoRA)")
     s.add_argument("run", help="pre-trained run directory or checkpoint")
     s.add_argument("--train", required=True,
-                   help="labelled training file (CSV/TSV/JSONL/Parquet; CoNLL for --task token)")
+                   help="labelled training file (CSV/TSV/JSONL/Parquet; CoNLL for --task token); for an "
+                        "image run a prepared image directory, DIR (its train split) or DIR@SPLIT")
     s.add_argument("--valid", required=True,
                    help="labelled validation file (model selection, early stopping; with --search: scored "
-                        "once at the end, choosing nothing)")
+                        "once at the end, choosing nothing); for an image run DIR (its val split) or "
+                        "DIR@SPLIT")
+    s.add_argument("--test", default=None,
+                   help="labelled test data (a file, or DIR (its test split) / DIR@SPLIT for an image run): "
+                        "the best model is scored on it once at the end (finetune.json's 'test'); it chooses "
+                        "nothing")
     s.add_argument("--out", required=True, help="output directory (best model, metrics.jsonl)")
     s.add_argument("--search", action="store_true",
                    help="choose lr, pooling and epochs on a split carved from --train (5 short fine-tunes, "
@@ -145,7 +161,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("predict", help="predictions of a fine-tuned model for every row of a file")
     s.add_argument("model", help="directory written by `pretrain finetune`")
     s.add_argument("--input", required=True,
-                   help="file with the same text column(s) as training; labels not needed")
+                   help="file with the same text column(s) as training; labels not needed; for an image "
+                        "model a prepared image directory, DIR (its test split, else val) or DIR@SPLIT")
     s.add_argument("--out", required=True, help=".jsonl, .csv, .tsv or .parquet (CoNLL text for token tasks)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out that an earlier `pretrain predict` did not write (or that "
@@ -157,8 +174,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("probe", help="linear probe: frozen embeddings + logistic regression (scikit-learn)")
     s.add_argument("run", help="pre-trained run directory or checkpoint")
-    s.add_argument("--train", required=True)
-    s.add_argument("--valid", required=True)
+    s.add_argument("--train", required=True, help="labelled file; image run: DIR (train split) or DIR@SPLIT")
+    s.add_argument("--valid", required=True, help="labelled file; image run: DIR (val split) or DIR@SPLIT")
     s.add_argument("--text-column", default="text")
     s.add_argument("--label-column", default="label")
     s.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls", "last"])
@@ -175,9 +192,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="pre-trained run directory or checkpoint; several (e.g. an MLM and an RTD backbone "
                         "of one architecture and tokenizer) are compared side by side against one "
                         "from-scratch arm")
-    s.add_argument("--train", required=True)
+    s.add_argument("--train", required=True,
+                   help="labelled training data (an image run: DIR, its train split, or DIR@SPLIT)")
     s.add_argument("--valid", required=True, help="evaluation data: scored, never used to choose anything "
-                                                  "(with the default --recipe auto)")
+                                                  "(with the default --recipe auto); an image run: DIR (its "
+                                                  "val split) or DIR@SPLIT, e.g. DIR@test")
     s.add_argument("--out", required=True, help="report directory")
     s.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out that is not an earlier transfer's")
@@ -199,8 +218,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--search-carves", type=int, default=1,
                    help="score each candidate recipe on this many carved splits, averaged (default 1; 3 "
                         "cuts the selection noise at 3x the search's cost)")
-    s.add_argument("--tfidf", action=argparse.BooleanOptionalAction, default=True,
-                   help="a TF-IDF + logistic regression arm on the same labels (classification)")
+    s.add_argument("--tfidf", "--shallow", dest="tfidf", action=argparse.BooleanOptionalAction, default=True,
+                   help="a shallow baseline arm on the same labels (classification): TF-IDF + logistic "
+                        "regression for text, logistic regression on the raw pixels for images")
     _add_columns(s)
     _add_config_flags(s, skip=("from_scratch", "seed"))
     s.add_argument("--quiet", action="store_true")

@@ -3,7 +3,13 @@
 Adapts the run's backbone (or a random init of the same architecture with ``from_scratch``) to sequence
 classification, regression or token classification; full fine-tuning, head-only, or LoRA adapters (peft);
 layer-wise learning-rate decay; early stopping on the validation metric; the best model kept in OUT
-(model.safetensors + finetune.json + tokenizer.json) and one metrics.jsonl line per evaluation.
+(model.safetensors + finetune.json + tokenizer.json) and one metrics.jsonl line per evaluation; with a
+test set, the best model scored on it once at the end.
+
+What the run reads decides the data (its spec's ``modality``): text runs take tables / CoNLL files
+(finetune/encode.py); image runs take prepared image directories, ``DIR`` or ``DIR@SPLIT``
+(finetune/images.py: normalised pixels, a light random resized crop). One loop trains both, through the
+job's ``inputs`` (:class:`TextInputs` or ``images.ImageInputs``): its batches, its validation predictions.
 
 Built from the parts pre-training uses: the schedule (optim.schedule, linear to 0), gradient clipping
 (distributed.clip_grad_norm_), the divergence rule and the metrics writer (metrics.py), the device and
@@ -40,7 +46,7 @@ from pretrain.finetune.metrics import compute_metrics
 from pretrain.finetune.model import TaskModel, _apply_lora, load_backbone
 from pretrain.finetune.predict import FT_FILE, run_model, save_finetuned
 from pretrain.hardware import autocast_context, resolve_device, tune_cpu_allocator
-from pretrain.io import check_output_dir, write_text_atomic
+from pretrain.io import check_output_dir, write_json_atomic, write_text_atomic
 from pretrain.metrics import Metrics, Progress, divergence
 from pretrain.models import spec_of
 from pretrain.optim import scale_lr, schedule
@@ -106,16 +112,76 @@ class FtJob:
     metrics: Metrics | None = None
     schedule_total: int = 0
     """Steps the LR schedule spans (>= total: cfg.schedule_epochs stops training part-way)."""
+    inputs: Any = None
+    """The data as the loop sees it (:class:`TextInputs`, ``images.ImageInputs``)."""
+    class_weights: torch.Tensor | None = None
+    """Per-class loss weights (cfg.class_weights 'auto'), or None."""
 
 
-def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet: bool) -> FtJob:
+class TextInputs:
+    """Text data as the loop sees it: length-bucketed batches of token ids, predictions on the validation
+    examples."""
+
+    def __init__(self, cfg: FinetuneConfig, data: TaskData, pad: int):
+        self.cfg, self.data, self.pad = cfg, data, pad
+
+    @property
+    def n_train(self) -> int:
+        return len(self.data.tr.ids)
+
+    def targets(self) -> list[Any]:
+        return self.data.tr.targets
+
+    def batches(self, rng: random.Random) -> list[list[int]]:
+        return length_batches([len(r) for r in self.data.tr.ids], self.cfg.batch_size, rng)
+
+    def batch(self, idx: list[int], device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The model's inputs (ids, mask) and the targets of training examples ``idx``."""
+        cfg, tr = self.cfg, self.data.tr
+        if cfg.task == "token":
+            x, mask, y = _batch([tr.ids[i] for i in idx], self.pad, [tr.targets[i] for i in idx])
+        else:
+            x, mask, _ = _batch([tr.ids[i] for i in idx], self.pad)
+            y = torch.tensor([tr.targets[i] for i in idx],
+                             dtype=torch.float32 if cfg.task == "regression" else torch.long)
+        return (x.to(device), mask.to(device)), y.to(device)
+
+    def predict(self, model: nn.Module, device: torch.device) -> tuple[list[Any], Any]:
+        """Predictions on the validation examples and their scores (class probabilities, ...)."""
+        cfg = self.cfg
+        return run_model(model, self.data.va, cfg.task, self.data.names, self.pad, cfg.batch_size * 2, device,
+                         cfg.dtype)
+
+    def gold(self) -> list[Any]:
+        cfg, valid = self.cfg, self.data.valid
+        return _labels_of(cfg, valid) if cfg.task != "token" else valid.tags
+
+
+def class_weights(targets: list[int] | Any, n_classes: int) -> torch.Tensor:
+    """Inverse class frequency, n / (classes present x count) (sklearn's 'balanced'); 0 for a class with no
+    training example (it is never a target)."""
+    counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=n_classes).double()
+    present = int((counts > 0).sum())
+    w = torch.where(counts > 0, counts.sum() / (present * counts.clamp(min=1)), torch.zeros_like(counts))
+    return w.float()
+
+
+def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet: bool,
+          loaded: tuple | None = None) -> FtJob:
     """The task model on the run's backbone (LoRA or frozen as asked), the encoded data, the optimizer with
-    layer-wise learning rates, and the step budget."""
+    layer-wise learning rates, and the step budget. ``loaded``: :func:`load_backbone`'s result, if the caller
+    has it."""
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         tune_cpu_allocator()
-    backbone, pcfg, tok, ckpt = load_backbone(run, cfg.dropout, cfg.from_scratch, cfg.seed)
+    backbone, pcfg, tok, ckpt = loaded or load_backbone(run, cfg.dropout, cfg.from_scratch, cfg.seed)
     spec = spec_of(backbone)
+    if spec.modality == "images":
+        from pretrain.finetune.images import build_images
+
+        return build_images(run, out, cfg, data, quiet, device, backbone, pcfg, ckpt)
+    if cfg.metric == "roc_auc" and len(data.names) != 2:
+        raise ConfigError(f"metric roc_auc is for two classes; the task has {len(data.names)}")
     encoder = spec.bidirectional
     ctx = pcfg.model.max_seq_len
     if cfg.max_length > ctx:
@@ -133,19 +199,9 @@ def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet
     torch.manual_seed(cfg.seed)
     model: nn.Module = TaskModel(backbone, pcfg.model.d_model, n_out, pooling, encoder, cfg.dropout,
                                  token_level=cfg.task == "token", label_ids=label_ids, mask_id=tok.mask_id)
-    if cfg.head_only:
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-    if cfg.lora:
-        model = _apply_lora(model, cfg)
-    model.to(device)
+    model = adapt(model, cfg, device)
     data.tr = _encode_task(cfg, tok, encoder, max_len, data.train, names)
     data.va = _encode_task(cfg, tok, encoder, max_len, data.valid, names)
-    steps_per_epoch = math.ceil(len(data.tr.ids) / cfg.batch_size)
-    total = (steps_per_epoch * cfg.epochs if not cfg.max_steps
-             else min(cfg.max_steps, steps_per_epoch * cfg.epochs))
-    opt = torch.optim.AdamW(param_groups(model, cfg, pcfg.model.n_layer), betas=(0.9, 0.98), eps=1e-6,
-                            fused=device.type == "cuda")
     info = {"format": 1, "task": cfg.task, "labels": names, "pooling": pooling, "encoder": encoder,
             "token_label": ("first" if encoder else "last") if cfg.task == "token" else None,
             "prompt": None if label_ids is None else {"label_ids": label_ids, "mask_id": tok.mask_id},
@@ -155,18 +211,46 @@ def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet
             "truncated": {"train": data.tr.truncated, "valid": data.va.truncated},
             "tokenizer_sha256": tok.sha256()}
     pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
+    tr, va = data.tr, data.va
+    return assemble(FtJob(cfg, out, model, None, data, device, pad, 0, 0, info, tok, None,  # type: ignore
+                          inputs=TextInputs(cfg, data, pad)),
+                    pcfg.model.n_layer, quiet, len(names),
+                    f"fine-tuning {'a random init of ' if cfg.from_scratch else ''}{ckpt} for {cfg.task}: "
+                    f"{len(tr.ids):,} train / {len(va.ids):,} valid examples, {n_out} output(s), ",
+                    (f"; truncated to {max_len} tokens: {tr.truncated} train, {va.truncated} valid"
+                     if tr.truncated or va.truncated else ""))
+
+
+def adapt(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> nn.Module:
+    """The task model as ``cfg`` trains it: its backbone frozen (head_only) or LoRA adapters added, on
+    ``device``."""
+    if cfg.head_only:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    if cfg.lora:
+        model = _apply_lora(model, cfg)
+    model.to(device)
+    return model
+
+
+def assemble(job: FtJob, n_layers: int, quiet: bool, n_classes: int, start: str, end: str = "") -> FtJob:
+    """The rest of a job, whatever its inputs: the step budget and schedule, the optimizer with layer-wise
+    learning rates, the class weights, the progress line (``start`` + parameters trained + ``end``)."""
+    cfg, model, device = job.cfg, job.model, job.device
+    steps_per_epoch = math.ceil(job.inputs.n_train / cfg.batch_size)
+    total = (steps_per_epoch * cfg.epochs if not cfg.max_steps
+             else min(cfg.max_steps, steps_per_epoch * cfg.epochs))
+    job.optimizer = torch.optim.AdamW(param_groups(model, cfg, n_layers), betas=(0.9, 0.98), eps=1e-6,
+                                      fused=device.type == "cuda")
     span = max(total, steps_per_epoch * cfg.schedule_epochs)
-    job = FtJob(cfg, out, model, opt, data, device, pad, total, int(cfg.warmup_frac * span), info, tok,
-                Progress(total, 0, quiet), schedule_total=span)
+    job.total, job.warmup, job.schedule_total = total, int(cfg.warmup_frac * span), span
+    job.progress = Progress(total, 0, quiet)
+    if cfg.class_weights == "auto":
+        job.class_weights = class_weights(job.inputs.targets(), n_classes).to(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    tr, va = data.tr, data.va
-    job.progress.write(
-        f"fine-tuning {'a random init of ' if cfg.from_scratch else ''}{ckpt} for {cfg.task}: "
-        f"{len(tr.ids):,} train / {len(va.ids):,} valid examples, {n_out} output(s), "
-        f"{n_train:,} of {n_total:,} parameters trained" + (" (LoRA)" if cfg.lora else "")
-        + (f"; truncated to {max_len} tokens: {tr.truncated} train, {va.truncated} valid"
-           if tr.truncated or va.truncated else ""))
+    job.progress.write(start + f"{n_train:,} of {n_total:,} parameters trained"
+                       + (" (LoRA)" if cfg.lora else "") + end)
     job.n_train, job.n_total = n_train, n_total
     return job
 
@@ -190,16 +274,38 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig, n_layers: int) -> list[d
 def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, out: str | Path,
              cfg: FinetuneConfig | None = None, train_subset: list[int] | None = None,
              quiet: bool = False, overwrite: bool = False,
-             valid_subset: list[int] | None = None) -> dict[str, Any]:
+             valid_subset: list[int] | None = None, test_path: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune ``run`` on ``train_path``, select on ``valid_path``; the best model goes to ``out``: a new or
     empty folder or an earlier fine-tune, or with ``overwrite`` any other folder but the inputs' own.
     ``train_subset`` / ``valid_subset``: use only these rows of the files (``valid_path`` may then be
-    ``train_path``: a validation split carved from the training file)."""
+    ``train_path``: a validation split carved from the training file). ``test_path``: scored once by the best
+    model at the end (the result's and finetune.json's ``test``); it chooses nothing.
+
+    An image run takes prepared image directories: ``DIR`` (its 'train', 'val' and 'test' split for the
+    three roles) or ``DIR@SPLIT``; the rows are images of the split."""
+    from pretrain.features import image_data, is_image_data
+    from pretrain.finetune.model import run_modality
+
     cfg = cfg or FinetuneConfig()
     out = Path(out)
-    check_output_dir(out, "finetune", [run, train_path, valid_path], overwrite)
-    data = read_data(cfg, train_path, valid_path, train_subset, valid_subset)
-    job = build(run, out, cfg, data, quiet)
+    paths = [p for p in (train_path, valid_path, test_path) if p is not None]
+    images = run_modality(run) == "images"
+    check_output_dir(out, "finetune", [run, *(image_data(p, "train")[0] if is_image_data(p) else p
+                                              for p in paths)], overwrite)
+    loaded = None
+    if images:
+        from pretrain.finetune.images import read_image_task
+
+        loaded = load_backbone(run, cfg.dropout, cfg.from_scratch, cfg.seed)
+        data = read_image_task(cfg, run, loaded[1].model, train_path, valid_path, train_subset, valid_subset)
+    else:
+        for p in paths:
+            if is_image_data(p):
+                raise TaskDataError(f"{p} is a prepared image directory, but {run} is a text run: fine-tune "
+                                    "it on text (CSV/TSV/JSONL/Parquet, CoNLL), or the images with an image "
+                                    "run")
+        data = read_data(cfg, train_path, valid_path, train_subset, valid_subset)
+    job = build(run, out, cfg, data, quiet, loaded)
     out.mkdir(parents=True, exist_ok=True)
     # a folder used before: no finetune.json until this run saves a model
     for stale in ("metrics.jsonl", FT_FILE):
@@ -207,20 +313,37 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     write_text_atomic(out / "finetune.yaml", dump_yaml(dataclasses.asdict(cfg)))
     job.metrics = Metrics(out / "metrics.jsonl", keep_upto_step=0)
     try:
-        return loop(job)
+        res = loop(job)
     finally:
         job.metrics.close()
         job.progress.close()
+    if test_path is not None:
+        res["test"] = score_test(out, test_path, cfg)
+    return res
+
+
+def score_test(out: Path, test_path: str | Path, cfg: FinetuneConfig) -> dict[str, Any]:
+    """The best model (as saved in ``out``) scored on ``test_path``, recorded in finetune.json's ``test``."""
+    import json
+
+    from pretrain.finetune.predict import evaluate_finetuned
+
+    m = evaluate_finetuned(out, test_path, device=cfg.device, dtype=cfg.dtype)
+    info = json.loads((out / FT_FILE).read_text(encoding="utf-8"))
+    info["test"] = m
+    write_json_atomic(out / FT_FILE, info)
+    return m
 
 
 def loop(job: FtJob) -> dict[str, Any]:
     """Epochs of shuffled, length-bucketed batches; evaluations ``evals_per_epoch`` times an epoch (and after
     a zero-shot prompt's first look), early stopping after ``patience`` evaluations without a better
     metric."""
-    cfg, tr = job.cfg, job.data.tr
-    loss_fn = nn.MSELoss() if cfg.task == "regression" else nn.CrossEntropyLoss(ignore_index=IGNORE)
+    cfg = job.cfg
+    loss_fn = (nn.MSELoss() if cfg.task == "regression"
+               else nn.CrossEntropyLoss(weight=job.class_weights, ignore_index=IGNORE))
     params = [p for p in job.model.parameters() if p.requires_grad]
-    steps_per_epoch = math.ceil(len(tr.ids) / cfg.batch_size)
+    steps_per_epoch = math.ceil(job.inputs.n_train / cfg.batch_size)
     # evals_per_epoch 0: one evaluation, after the last step
     eval_at = {round(steps_per_epoch * (k + 1) / cfg.evals_per_epoch) for k in range(cfg.evals_per_epoch)}
     rng = random.Random(cfg.seed)
@@ -231,7 +354,7 @@ def loop(job: FtJob) -> dict[str, Any]:
     for epoch in range(cfg.epochs):
         job.model.train()
         loss_sum, loss_n = 0.0, 0
-        for b, idx in enumerate(length_batches([len(r) for r in tr.ids], cfg.batch_size, rng)):
+        for b, idx in enumerate(job.inputs.batches(rng)):
             scale_lr(job.optimizer, schedule(step, 1.0, 0.0, job.warmup, job.schedule_total, "linear"))
             loss = _loss(job, loss_fn, idx)
             loss.backward()
@@ -264,21 +387,15 @@ def loop(job: FtJob) -> dict[str, Any]:
     return {"out": str(job.out), "task": cfg.task, "best": ev.best, "final": ev.history[-1], "steps": step,
             "stop_reason": stop,
             "elapsed_s": round(time.time() - ev.t0, 2), "trained_params": job.n_train,
-            "total_params": job.n_total, "truncated": job.info["truncated"],
+            "total_params": job.n_total, "truncated": job.info.get("truncated"),
             "from_scratch": cfg.from_scratch, "history": ev.history}
 
 
 def _loss(job: FtJob, loss_fn: nn.Module, idx: list[int]) -> torch.Tensor:
-    cfg, tr = job.cfg, job.data.tr
-    if cfg.task == "token":
-        x, mask, y = _batch([tr.ids[i] for i in idx], job.pad, [tr.targets[i] for i in idx])
-    else:
-        x, mask, _ = _batch([tr.ids[i] for i in idx], job.pad)
-        y = torch.tensor([tr.targets[i] for i in idx],
-                         dtype=torch.float32 if cfg.task == "regression" else torch.long)
-    x, mask, y = x.to(job.device), mask.to(job.device), y.to(job.device)
+    cfg = job.cfg
+    args, y = job.inputs.batch(idx, job.device)
     with autocast_context(job.device, cfg.dtype):
-        logits = job.model(x, mask)
+        logits = job.model(*args)
     if cfg.task == "regression":
         return loss_fn(logits.squeeze(-1), y)
     return loss_fn(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -297,10 +414,12 @@ class Evaluator:
         # never evaluated, nor saved
         if not all(bool(torch.isfinite(p).all()) for p in job.model.parameters()):
             raise divergence("fine-tuning", step, "weights", float("nan"), "--lr", KEPT)
-        va, valid = job.data.va, job.data.valid
-        preds, _ = run_model(job.model, va, cfg.task, job.data.names, job.pad, cfg.batch_size * 2, job.device,
-                             cfg.dtype)
-        m = compute_metrics(cfg.task, preds, _labels_of(cfg, valid) if cfg.task != "token" else valid.tags)
+        preds, scores = job.inputs.predict(job.model, job.device)
+        # class probabilities: the metrics that need them, for image runs and when selected
+        probs = (scores if cfg.task == "classification" and not cfg.prompt
+                 and (job.info.get("modality") == "images" or cfg.metric in ("balanced_accuracy", "roc_auc"))
+                 else None)
+        m = compute_metrics(cfg.task, preds, job.inputs.gold(), probs, job.data.names, cfg.metric)
         rec = {"epoch": round(epoch_at, 3), "step": step,
                "train_loss": None if train_loss is None else round(train_loss, 6),
                "elapsed_s": round(time.time() - self.t0, 2),

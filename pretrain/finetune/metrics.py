@@ -1,5 +1,6 @@
-"""Validation metrics of fine-tuned models: accuracy and macro-F1 (classification), entity-span F1 (token
-tags, BIO/IOB), Pearson / Spearman / MSE (regression); ``metric`` is the one early stopping uses."""
+"""Validation metrics of fine-tuned models: accuracy and macro-F1 (classification; with class probabilities
+also balanced accuracy and, for two classes, ROC-AUC), entity-span F1 (token tags, BIO/IOB), Pearson /
+Spearman / MSE (regression); ``metric`` is the one early stopping, the recipe search and reports use."""
 
 from __future__ import annotations
 
@@ -28,8 +29,32 @@ def _ranks(a: np.ndarray) -> np.ndarray:
     return ((ends - counts + ends - 1) / 2.0)[inverse]
 
 
-def compute_metrics(task: str, pred: list[Any], gold: list[Any]) -> dict[str, float]:
-    """Validation metrics; ``metric`` is the one early stopping and reports use (higher is better)."""
+def balanced_accuracy(pred: list[Any], gold: list[Any]) -> float:
+    """The mean over the classes of ``gold`` of the share of their examples predicted right (recall), as
+    sklearn's balanced_accuracy_score: always predicting the majority class scores 1 / classes."""
+    p, g = np.asarray([str(v) for v in pred]), np.asarray([str(v) for v in gold])
+    return float(np.mean([np.mean(p[g == c] == c) for c in np.unique(g)]))
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` for the examples where ``positive`` is True: the chance that a
+    positive example scores above a negative one (ties count half; Mann-Whitney U from average ranks).
+    None when ``positive`` holds only one class (undefined)."""
+    pos = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    r = _ranks(np.asarray(scores, dtype=np.float64)) + 1.0
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def compute_metrics(task: str, pred: list[Any], gold: list[Any], probs: Any = None,
+                    names: list[Any] | None = None, select: str = "auto") -> dict[str, float]:
+    """Validation metrics; ``metric`` is the one early stopping and reports use (higher is better): the
+    task's default (``select`` 'auto') or, for classification, the one ``select`` names. With ``probs``
+    ((N, classes) probabilities, columns in the order of ``names``): also ``balanced_accuracy`` and, for two
+    classes, ``roc_auc`` of the second class's probability (left out when ``gold`` holds one class only;
+    selected, it then counts 0.5, chance)."""
     if task == "regression":
         p, g = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
         pearson = float(np.corrcoef(p, g)[0, 1]) if p.std() > 0 and g.std() > 0 else 0.0
@@ -57,4 +82,16 @@ def compute_metrics(task: str, pred: list[Any], gold: list[Any]) -> dict[str, fl
         fp = sum(str(p) == c and str(g) != c for p, g in zip(pred, gold))
         fn = sum(str(p) != c and str(g) == c for p, g in zip(pred, gold))
         f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return {"metric": acc, "accuracy": acc, "macro_f1": float(np.mean(f1s))}
+    out = {"metric": acc, "accuracy": acc, "macro_f1": float(np.mean(f1s))}
+    if probs is not None:
+        out["balanced_accuracy"] = balanced_accuracy(pred, gold)
+        if names is not None and len(names) == 2:
+            auc = roc_auc(np.asarray(probs, dtype=np.float64).reshape(len(gold), 2)[:, 1],
+                          np.asarray([str(g) == str(names[1]) for g in gold]))
+            if auc is not None:
+                out["roc_auc"] = auc
+    if select != "auto":
+        if select not in out and select != "roc_auc":
+            raise ValueError(f"metric {select!r} needs class probabilities")
+        out["metric"] = out.get(select, 0.5)
+    return out

@@ -2,6 +2,8 @@
 
 Sequence tasks pool the backbone's final hidden states (``cls`` for encoders, ``last`` real token for
 decoders, or ``mean``) and apply dropout + a linear layer; token tasks apply the head at every position.
+Image models (spec modality 'images', :class:`ImageTaskModel`) pool their own ``features`` (``cls`` or
+``mean``) under the same dropout + linear head.
 Prompt-based classification (``label_ids``) has no new head at all: the backbone's own language-model
 head scores one word per label at the prompt's slot (the [MASK] token of an encoder; the next token after
 the last one of a decoder), as in PET / LM-BFF — what pre-training learned is used from the first step.
@@ -25,7 +27,25 @@ if TYPE_CHECKING:
     from pretrain.config import FinetuneConfig
 
 
-class TaskModel(nn.Module):
+class _Head(nn.Module):
+    """What the optimizer asks of a task model, read from its backbone's spec."""
+
+    backbone: nn.Module
+
+    def layer_of(self, name: str) -> int:
+        """Depth of a parameter for layer-wise learning rates: 0 = embeddings, i + 1 = block i,
+        last = head."""
+        spec = spec_of(self.backbone)
+        n_layers = len(spec.block_list(self.backbone))
+        if name.startswith("classifier.") or ".classifier." in name:
+            return n_layers + 1
+        return spec.layer_of(name, n_layers)  # final norms and the pre-training head: the top block's
+
+    def is_embedding(self, name: str) -> bool:
+        return spec_of(self.backbone).is_embedding(name)
+
+
+class TaskModel(_Head):
     def __init__(self, backbone: nn.Module, d_model: int, n_out: int, pooling: str, encoder: bool,
                  dropout: float = 0.1, token_level: bool = False, label_ids: list[int] | None = None,
                  mask_id: int | None = None):
@@ -56,22 +76,42 @@ class TaskModel(nn.Module):
             h = pool_hidden(h, mask, self.pooling)  # (B, C)
         return self.classifier(self.drop(h)).float()
 
-    def layer_of(self, name: str) -> int:
-        """Depth of a parameter for layer-wise learning rates: 0 = embeddings, i + 1 = block i,
-        last = head."""
-        spec = spec_of(self.backbone)
-        n_layers = len(spec.block_list(self.backbone))
-        if name.startswith("classifier.") or ".classifier." in name:
-            return n_layers + 1
-        return spec.layer_of(name, n_layers)  # final norms and the pre-training head: the top block's
 
-    def is_embedding(self, name: str) -> bool:
-        return spec_of(self.backbone).is_embedding(name)
+class ImageTaskModel(_Head):
+    """Image classification: the backbone's pooled ``features`` (``cls`` or ``mean``), dropout, a linear
+    head."""
+
+    prompt = False
+
+    def __init__(self, backbone: nn.Module, n_out: int, pooling: str, dropout: float = 0.1):
+        super().__init__()
+        self.backbone, self.pooling = backbone, pooling
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(backbone.feature_dim, n_out)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised pixels → (B, n_out) logits."""
+        return self.classifier(self.drop(self.backbone.features(pixels, self.pooling))).float()
+
+
+def run_modality(run: str | Path) -> str:
+    """What the run's model reads, as its architecture's spec says: 'text' or 'images' (read from the
+    checkpoint's meta.json, without loading weights); 'text' when ``run`` is no readable run, so the
+    loaders that follow report what is wrong with it as before."""
+    from pretrain.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+    from pretrain.models import get_spec
+
+    try:
+        return get_spec(read_meta(resolve_checkpoint(run))["config"]["model"]["arch"]).modality
+    except (CheckpointError, KeyError, TypeError, ValueError, OSError):
+        return "text"
 
 
 def load_backbone(run: str | Path, dropout: float, from_scratch: bool, seed: int):
     """The run's model (the part of it that transfers: ``models.transferable``) rebuilt with fine-tuning
-    dropout → (backbone, Config of the backbone, Tokenizer, checkpoint path)."""
+    dropout → (backbone, Config of the backbone, Tokenizer (None for an image run), checkpoint path)."""
     from pretrain.checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
     from pretrain.models import build_model
 

@@ -1,5 +1,6 @@
-"""A fine-tuned model on disk (model.safetensors + finetune.json + tokenizer.json): saved atomically, loaded,
-and run over a file of inputs (``pretrain predict``)."""
+"""A fine-tuned model on disk (model.safetensors + finetune.json + tokenizer.json; no tokenizer for an image
+model): saved atomically, loaded, and run over a file of inputs or a split of a prepared image directory
+(``pretrain predict``), or scored on labelled data (``evaluate_finetuned``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pretrain import PretrainError
 from pretrain.config import FinetuneConfig, from_dict
 from pretrain.finetune.data import Examples, TokenExamples
 from pretrain.finetune.encode import Encoded, _batch, _encode_task, length_batches, read_task
-from pretrain.finetune.model import TaskModel, merged
+from pretrain.finetune.model import ImageTaskModel, TaskModel, merged
 from pretrain.hardware import autocast_context, resolve_device
 from pretrain.io import atomic_path, check_output_file, record_output, write_json_atomic, write_text_atomic
 
@@ -26,21 +27,25 @@ WEIGHTS = "model.safetensors"
 
 
 def save_finetuned(out: Path, model: nn.Module, info: dict[str, Any], tok) -> None:
-    """The model, its tokenizer and finetune.json. finetune.json goes first and comes back last, so one always
-    describes the weights and tokenizer beside it (after a crash in between, the folder is no model at
-    all)."""
+    """The model, its tokenizer (``tok`` None: an image model, none) and finetune.json. finetune.json goes
+    first and comes back last, so one always describes the weights and tokenizer beside it (after a crash in
+    between, the folder is no model at all)."""
     from safetensors.torch import save_model
 
     (out / FT_FILE).unlink(missing_ok=True)
     with atomic_path(out / WEIGHTS) as tmp:
         save_model(merged(model), str(tmp))  # tied embeddings are stored once
-    with atomic_path(out / "tokenizer.json") as tmp:
-        tok.save(tmp)
+    if tok is None:
+        (out / "tokenizer.json").unlink(missing_ok=True)  # (an earlier text fine-tune's)
+    else:
+        with atomic_path(out / "tokenizer.json") as tmp:
+            tok.save(tmp)
     write_json_atomic(out / FT_FILE, info)
 
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
-    """A fine-tuning output directory → (TaskModel in eval mode, its finetune.json dict, Tokenizer)."""
+    """A fine-tuning output directory → (TaskModel in eval mode, its finetune.json dict, Tokenizer); an image
+    model: (ImageTaskModel, finetune.json, None)."""
     from safetensors.torch import load_model
 
     from pretrain.config import Config
@@ -53,9 +58,10 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
                             "make one with `pretrain finetune`)")
     try:
         info = json.loads((path / FT_FILE).read_text(encoding="utf-8"))
-        missing = [k for k in ("backbone", "task", "labels", "pooling", "encoder", "config", "max_length")
-                   if k not in info]
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        images = info.get("modality") == "images"
+        missing = [k for k in ("backbone", "task", "labels", "pooling", "encoder", "config",
+                               "image" if images else "max_length") if k not in info]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise PretrainError(f"{path / FT_FILE} is corrupt ({e})") from None
     if missing:
         raise PretrainError(f"{path / FT_FILE} is incomplete: no {', '.join(missing)}")
@@ -63,14 +69,19 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
     backbone = build_model(pcfg.model)
     n_out = 1 if info["task"] == "regression" else len(info["labels"])
     prompt = info.get("prompt") or {}
-    model = TaskModel(backbone, pcfg.model.d_model, n_out, info["pooling"], info["encoder"], 0.0,
-                      token_level=info["task"] == "token", label_ids=prompt.get("label_ids"),
-                      mask_id=prompt.get("mask_id"))
+    if images:
+        model: nn.Module = ImageTaskModel(backbone, n_out, info["pooling"], 0.0)
+    else:
+        model = TaskModel(backbone, pcfg.model.d_model, n_out, info["pooling"], info["encoder"], 0.0,
+                          token_level=info["task"] == "token", label_ids=prompt.get("label_ids"),
+                          mask_id=prompt.get("mask_id"))
     try:
         load_model(model, str(path / WEIGHTS))
     except Exception as e:
         raise PretrainError(f"{path / WEIGHTS} is corrupt or does not match {FT_FILE}: "
                             f"{str(e).splitlines()[0][:200]}") from None
+    if images:
+        return model.to(device).eval(), info, None
     tok = Tokenizer.load(path / "tokenizer.json")
     recorded = info.get("tokenizer_sha256")  # (absent: fine-tuned before it was recorded)
     if recorded is not None and tok.sha256() != recorded:
@@ -92,9 +103,15 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
     input."""
     if batch_size < 1:
         raise PretrainError("--batch-size must be >= 1")
-    check_output_file(out, "predict", [input_path, ft_dir], overwrite)
+    from pretrain.features import image_data, is_image_data
+
+    images = is_image_data(input_path)
+    check_output_file(out, "predict", [image_data(input_path)[0] if images else input_path, ft_dir],
+                      overwrite)
     dev = resolve_device(device)
     model, info, tok = load_finetuned(ft_dir, dev)
+    if tok is None or images:
+        return _predict_images(model, info, ft_dir, input_path, Path(out), batch_size, dev)
     cfg = from_dict(FinetuneConfig, info["config"])
     if cfg.task == "token" and Path(out).suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet"):
         raise PretrainError(f"token predictions are written as CoNLL text (one 'word tag' per line): --out "
@@ -124,6 +141,86 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
     record_output(out, "predict")
     return {"out": str(out), "rows": len(preds), "task": cfg.task, "truncated": enc.truncated,
             "max_length": info["max_length"]}
+
+
+def _image_model_input(model_dir: str | Path, info: dict[str, Any], input_path: str | Path, role: str,
+                       labelled: bool):
+    """The split ``input_path`` names for the image model in ``model_dir`` (its size checked), or an error
+    when one of the two is text."""
+    from pretrain.config import Config
+    from pretrain.features import check_image_size, is_image_data
+    from pretrain.finetune.images import read_images
+
+    if info.get("modality") != "images":
+        raise PretrainError(f"{input_path} is a prepared image directory, but {model_dir} is a text model: "
+                            "give it a file of text")
+    if not is_image_data(input_path):
+        raise PretrainError(f"{model_dir} is an image model: --input must be a prepared image directory, DIR "
+                            f"or DIR@SPLIT (`pretrain prepare IMAGES --out DIR`), not {input_path}")
+    ex = read_images(input_path, role, with_labels=labelled)
+    mcfg = from_dict(Config, info["backbone"]).model
+    check_image_size(ex.source, ex.split, mcfg, model_dir)
+    return ex, mcfg
+
+
+def _predict_images(model: nn.Module, info: dict[str, Any], ft_dir: str | Path, input_path: str | Path,
+                    out: Path, batch_size: int, dev: torch.device) -> dict[str, Any]:
+    """``predict`` for an image model: one row per image of the split, its class probabilities (``p_NAME``)
+    and, when the split has labels, the true ``label``."""
+    from pretrain.finetune.images import run_images
+
+    ex, mcfg = _image_model_input(ft_dir, info, input_path, "input", labelled=False)
+    names = info["labels"]
+    preds, probs = run_images(model, ex, mcfg, names, batch_size, dev)
+    rows = []
+    for i, (p, s) in enumerate(zip(preds, probs)):
+        row: dict[str, Any] = {"row": i, "prediction": p}
+        if ex.labels is not None:
+            row["label"] = ex.labels[i]
+        row.update({f"p_{name}": round(float(v), 6) for name, v in zip(names, s)})
+        rows.append(row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_rows(out, rows)
+    record_output(out, "predict")
+    return {"out": str(out), "rows": len(rows), "task": info["task"], "input": ex.source, "truncated": 0,
+            "max_length": None}
+
+
+def evaluate_finetuned(ft_dir: str | Path, data_path: str | Path, batch_size: int = 64, device: str = "auto",
+                       dtype: str = "auto") -> dict[str, float]:
+    """The fine-tuned model in ``ft_dir`` scored on labelled data (a file like its training data; for an
+    image model a prepared image directory, ``DIR`` meaning its 'test' split): the validation metrics, named
+    ``test_*``, ``test_metric`` the one its config selects."""
+    from pretrain.features import is_image_data
+    from pretrain.finetune.data import check_known
+    from pretrain.finetune.encode import _labels_of
+    from pretrain.finetune.metrics import compute_metrics
+
+    dev = resolve_device(device)
+    model, info, tok = load_finetuned(ft_dir, dev)
+    cfg = from_dict(FinetuneConfig, info["config"])
+    names = info["labels"]
+    if tok is None or is_image_data(data_path):
+        from pretrain.finetune.images import run_images
+
+        ex, mcfg = _image_model_input(ft_dir, info, data_path, "test", labelled=True)
+        check_known(ex.labels, names, ex.source)
+        preds, probs = run_images(model, ex, mcfg, names, batch_size, dev, dtype)
+        m = compute_metrics("classification", preds, ex.labels, probs, names, cfg.metric)
+    else:
+        ex = read_task(cfg, data_path)
+        gold = _labels_of(cfg, ex)
+        if cfg.task != "regression":
+            check_known(gold, names, str(data_path))
+        enc = _encode_task(cfg, tok, info["encoder"], info["max_length"], ex, names,
+                           info.get("token_label", "first_piece"))
+        pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
+        preds, scores = run_model(model, enc, cfg.task, names, pad, batch_size, dev, dtype)
+        extended = cfg.task == "classification" and not info.get("prompt") and cfg.metric in (
+            "balanced_accuracy", "roc_auc")
+        m = compute_metrics(cfg.task, preds, gold if cfg.task != "token" else ex.tags,
+                            np.stack(scores) if extended else None, names, cfg.metric)
+    return {f"test_{k}": v for k, v in m.items()}
 
 
 def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:

@@ -13,7 +13,8 @@ fine-tunes on the rest and picks, by the carved split's metric:
 3. the number of epochs: those of the best evaluation of the chosen run. The final run replays it: the
    same schedule (``schedule_epochs``), stopped after those epochs.
 
-Five fine-tunes per recipe (a coordinate search, not the 4 × 2 grid). The evaluation data is never seen.
+Five fine-tunes per recipe (a coordinate search, not the 4 × 2 grid; four for an image model with one
+pooling, a ResNet's global average). The evaluation data is never seen.
 Budgets larger than ``search_max`` examples search on a random ``search_max`` of them and keep the
 config's epochs (the best epoch on a small subset says little about a large one).
 """
@@ -98,11 +99,14 @@ def carve(labels: list[Any] | None, idx: list[int], seed: int, frac: float = SEL
     return sorted(i for i in order if i not in chosen), sorted(select)
 
 
-def poolings(cfg: FinetuneConfig, encoder: bool) -> list[str]:
+def poolings(cfg: FinetuneConfig, encoder: bool | tuple[str, ...]) -> list[str]:
     """The poolings searched, the architecture's default first; none for token tasks and prompts (no
-    pooled head)."""
+    pooled head). ``encoder``: whether a text model is an encoder, or the poolings an image model offers
+    (:func:`pooling_space`)."""
     if cfg.task == "token" or cfg.prompt:
         return [cfg.pooling]
+    if not isinstance(encoder, bool):
+        return list(encoder)
     return ["cls", "mean"] if encoder else ["last", "mean"]
 
 
@@ -115,21 +119,45 @@ def is_encoder(run: str | Path) -> bool:
     return spec_of(backbone).bidirectional
 
 
+def pooling_space(run: str | Path) -> bool | tuple[str, ...]:
+    """What the search's poolings depend on: for a text run whether it is an encoder (:func:`is_encoder`),
+    for an image run the poolings its features offer (ViT: cls, mean; ResNet: mean)."""
+    from pretrain.features import image_poolings
+    from pretrain.finetune.model import load_backbone
+    from pretrain.models import spec_of
+
+    backbone, _, _, _ = load_backbone(run, 0.0, True, 0)
+    if spec_of(backbone).modality == "images":
+        return image_poolings(backbone)
+    return spec_of(backbone).bidirectional
+
+
+def data_identity(path: str | Path) -> str:
+    """The sha256 of a data file; of a prepared image directory's meta.json (which records every source's
+    sha256, the counts and the pixel statistics) with the split, ``SHA@SPLIT``."""
+    from pretrain.data.sources import sha256_file
+    from pretrain.features import image_data, is_image_data
+
+    if is_image_data(path):
+        d, split = image_data(path, "train")
+        return f"{sha256_file(d / 'meta.json')}@{split}"
+    return sha256_file(Path(path))
+
+
 def inputs_identity(run: str | Path, train: str | Path, valid: str | Path,
                      weights: bool = True) -> dict[str, Any]:
     """What a fine-tuning result depends on besides its config: the pre-trained checkpoint (``weights``;
     a random init depends only on the architecture and the tokenizer, so from-scratch runs are shared by
     backbones of one architecture) and the data."""
     from pretrain.checkpoint import resolve_checkpoint
-    from pretrain.data.sources import sha256_file
 
-    data = {"train_sha256": sha256_file(Path(train)), "valid_sha256": sha256_file(Path(valid))}
+    data = {"train_sha256": data_identity(train), "valid_sha256": data_identity(valid)}
     if weights:
         return {"checkpoint": str(resolve_checkpoint(run).resolve()), **data}
     from pretrain.finetune.model import load_backbone
 
     _, pcfg, tok, _ = load_backbone(run, 0.0, True, 0)
-    return {"architecture": dataclasses.asdict(pcfg.model), "tokenizer_sha256": tok.sha256(), **data}
+    return {"architecture": dataclasses.asdict(pcfg.model), "tokenizer_sha256": tok and tok.sha256(), **data}
 
 
 def cached_finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, work: Path,
@@ -158,7 +186,7 @@ def cached_finetune(run: str | Path, train_path: str | Path, valid_path: str | P
 
 
 def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list[Any] | None, work: Path,
-           cfg: FinetuneConfig, encoder: bool, ident: dict[str, Any], max_epochs: int = 20,
+           cfg: FinetuneConfig, encoder: bool | tuple[str, ...], ident: dict[str, Any], max_epochs: int = 20,
            min_steps: int = 300, seed: int = 0, search_max: int = 2000, log=None, carves: int = 1) -> Recipe:
     """Choose a recipe for fine-tuning ``run`` (or its random init with ``cfg.from_scratch``) on rows
     ``idx`` of ``train_path``; the search runs go to ``work/lr<lr>_<pooling>[_c<k>]`` (finished ones are
@@ -210,24 +238,62 @@ def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list
 def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | Path, out: str | Path,
                     cfg: FinetuneConfig | None = None, max_epochs: int = 20, min_steps: int = 300,
                     search_max: int = 2000, quiet: bool = False, overwrite: bool = False,
-                    carves: int = 1) -> dict[str, Any]:
+                    carves: int = 1, test_path: str | Path | None = None) -> dict[str, Any]:
     """``pretrain finetune --search``: choose the recipe on a split carved from ``train_path`` (the search
-    runs go to OUT/search), then fine-tune on all of it with that recipe; ``valid_path`` scores the final
-    model once, after its last epoch, and chooses nothing."""
-    from pretrain.finetune.encode import read_task
+    runs go to OUT/search), then fine-tune on all of it with that recipe; ``valid_path`` (and ``test_path``)
+    score the final model once, after its last epoch, and choose nothing."""
     from pretrain.finetune.loop import finetune
     from pretrain.io import check_output_dir
 
     cfg = cfg or FinetuneConfig()
     out = Path(out)
-    check_output_dir(out, "finetune", [run, train_path, valid_path], overwrite)
-    full = read_task(cfg, train_path)
+    train_path, valid_path, inputs = task_paths(run, train_path, valid_path)
+    check_output_dir(out, "finetune", [run, *inputs], overwrite)
+    full = read_labelled(cfg, run, train_path)
     labels = full.labels if cfg.task == "classification" else None
-    encoder = is_encoder(run)
+    encoder = pooling_space(run)
     log = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     chosen = search(run, train_path, list(range(len(full))), labels, out / "search", cfg, encoder,
                     inputs_identity(run, train_path, valid_path), max_epochs, min_steps, cfg.seed,
                     search_max, log, carves)
     log(f"recipe: {chosen.describe()} (carved split {chosen.score:.4f}, {len(chosen.trials)} runs)")
-    res = finetune(run, train_path, valid_path, out, chosen.apply(cfg), quiet=quiet, overwrite=True)
+    res = finetune(run, train_path, valid_path, out, chosen.apply(cfg), quiet=quiet, overwrite=True,
+                   test_path=test_path)
     return {**res, "recipe": dataclasses.asdict(chosen)}
+
+
+def task_paths(run: str | Path, train: str | Path, valid: str | Path) -> tuple[Any, Any, list[Path | str]]:
+    """(train, valid, the folders or files to protect from the output): for an image run the splits named
+    explicitly, ``DIR@train`` / ``DIR@val`` (the search validates on rows of the training *split*, so
+    ``valid_path = train_path`` must name it in any role); text paths as given."""
+    from pretrain.features import image_data
+    from pretrain.finetune.model import run_modality
+
+    if run_modality(run) != "images":
+        return train, valid, [train, valid]
+    from pretrain.finetune.images import canonical
+
+    return (canonical(train, "train"), canonical(valid, "valid"),
+            [image_data(train, "train")[0], image_data(valid, "valid")[0]])
+
+
+def read_labelled(cfg: FinetuneConfig, run: str | Path, path: str | Path):
+    """The labelled examples at ``path`` as the run reads them: rows of a table / CoNLL file (text), or the
+    images of a split (an image run; one error when the run is text and the data images, or the reverse)."""
+    from pretrain.features import is_image_data
+    from pretrain.finetune.data import TaskDataError
+    from pretrain.finetune.encode import read_task
+    from pretrain.finetune.model import run_modality
+
+    images = run_modality(run) == "images"
+    if images:
+        from pretrain.finetune.images import read_images
+
+        if not is_image_data(path):
+            raise TaskDataError(f"{run} is an image run: it fine-tunes on prepared image directories, DIR or "
+                                f"DIR@SPLIT (`pretrain prepare IMAGES --out DIR`), not {path}")
+        return read_images(path, "train")
+    if is_image_data(path):
+        raise TaskDataError(f"{path} is a prepared image directory, but {run} is a text run: fine-tune it on "
+                            "text (CSV/TSV/JSONL/Parquet, CoNLL), or the images with an image run")
+    return read_task(cfg, path)

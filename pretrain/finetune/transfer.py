@@ -4,6 +4,11 @@
 random subsets of the training data (each budget, each seed), and writes ``report.json``,
 ``report.md`` (a table: mean ± standard deviation over seeds) and ``report.png`` (the validation metric
 against the number of labelled examples, log scale).
+
+Image runs compare the same way on prepared image directories (``DIR@SPLIT``; a bare DIR is its train split
+for --train, its val split for --valid); their shallow arm is a logistic regression on the raw pixels
+(``pixels``) where text has TF-IDF + logistic regression (``tfidf``), and their report adds balanced accuracy
+(and ROC-AUC for two classes) beside the selected metric (FinetuneConfig.metric).
 """
 
 from __future__ import annotations
@@ -23,7 +28,16 @@ from pretrain import PretrainError
 from pretrain.config import FinetuneConfig
 from pretrain.finetune.encode import _labels_of, read_task
 from pretrain.finetune.metrics import compute_metrics
-from pretrain.finetune.recipe import cached_finetune, carve, epochs_for, inputs_identity, is_encoder, search
+from pretrain.finetune.recipe import (
+    cached_finetune,
+    carve,
+    epochs_for,
+    inputs_identity,
+    pooling_space,
+    read_labelled,
+    search,
+    task_paths,
+)
 from pretrain.io import check_output_dir, write_json_atomic, write_text_atomic
 from pretrain.models import spec_of
 
@@ -70,24 +84,28 @@ def sample_budget(labels: list[Any] | None, n: int, seed: int, total: int) -> li
     return sorted(chosen)
 
 
-SCRATCH, TFIDF = "scratch", "tfidf"
+SCRATCH, TFIDF, PIXELS = "scratch", "tfidf", "pixels"
+SHALLOW = {TFIDF: "TF-IDF + logistic regression", PIXELS: "logistic regression on raw pixels"}
+"""The shallow arms (no learned features), by kind: what the report calls them."""
 
 
 @dataclasses.dataclass
 class Arm:
-    """One column of the comparison: a pre-trained run, its architecture from a random init, or TF-IDF."""
+    """One column of the comparison: a pre-trained run, its architecture from a random init, or a shallow
+    baseline (TF-IDF for text, raw pixels for images)."""
 
     name: str
     run: str | Path | None
     """The run fine-tuned (the scratch arm: the run whose architecture and tokenizer it re-initialises)."""
     kind: str
-    """'pretrained', 'scratch' or 'tfidf'."""
+    """'pretrained', 'scratch', 'tfidf' or 'pixels'."""
 
 
-def arms_for(runs: list[str | Path], tfidf: bool) -> list[Arm]:
+def arms_for(runs: list[str | Path], tfidf: bool, modality: str = "text") -> list[Arm]:
     """A pre-trained arm per run (named 'pretrained' when there is one, else by the run folder's name), one
     from-scratch arm — which needs every run to share the encoder's architecture and tokenizer, so that
-    one random init is the baseline of all — and TF-IDF + logistic regression."""
+    one random init is the baseline of all — and the shallow arm (``tfidf``): TF-IDF + logistic regression
+    for text, logistic regression on the raw pixels for images."""
     from pretrain.finetune.model import load_backbone
 
     names: list[str] = []
@@ -98,20 +116,21 @@ def arms_for(runs: list[str | Path], tfidf: bool) -> list[Arm]:
             p = Path(r).resolve()
             base = p.parent.parent.name if p.parent.name == "checkpoints" else p.name
             name = re.sub(r"[^\w.-]", "_", base) or "run"
-            while name in names or name in (SCRATCH, TFIDF):
+            while name in names or name in (SCRATCH, TFIDF, PIXELS):
                 name += "_"
             names.append(name)
     if len(runs) > 1:
         seen = []
         for r in runs:
             _, pcfg, tok, _ = load_backbone(r, 0.0, True, 0)
-            seen.append((dataclasses.asdict(pcfg.model), tok.sha256()))
+            seen.append((dataclasses.asdict(pcfg.model), tok and tok.sha256()))
         if any(s != seen[0] for s in seen[1:]):
             raise PretrainError("the runs compared in one transfer must share the fine-tuned model's "
                                 "architecture and the tokenizer (one from-scratch baseline for all); "
                                 "compare the others in separate transfers")
     arms = [Arm(n, r, "pretrained") for n, r in zip(names, runs)] + [Arm(SCRATCH, runs[0], "scratch")]
-    return arms + ([Arm(TFIDF, None, "tfidf")] if tfidf else [])
+    shallow = PIXELS if modality == "images" else TFIDF
+    return arms + ([Arm(shallow, None, shallow)] if tfidf else [])
 
 
 def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str | Path, out: str | Path,
@@ -120,8 +139,9 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
              all_seeds: int | None = 1, search_max: int = 2000, search_carves: int = 1, tfidf: bool = True,
              text_column: str | None = None, label_column: str | None = None,
              quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Pre-trained run(s) vs the same architecture from scratch (and TF-IDF + logistic regression) at each
-    label budget; the report goes to ``out``.
+    """Pre-trained run(s) vs the same architecture from scratch (and a shallow baseline: TF-IDF + logistic
+    regression for text, logistic regression on raw pixels for images) at each label budget; the report goes
+    to ``out``. Image runs take prepared image directories, ``DIR`` or ``DIR@SPLIT``.
 
     ``recipe="auto"`` (the default): learning rate, pooling and epochs chosen for each arm and budget on a
     split carved from the budget's training labels (finetune/recipe.py), then every seed trains on the whole
@@ -146,19 +166,23 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
         raise PretrainError(f"recipe must be auto or fixed, got {recipe!r}")
     runs = list(run) if isinstance(run, (list, tuple)) else [run]
     out = Path(out)
-    check_output_dir(out, "transfer", [*runs, train, valid], overwrite)
+    from pretrain.finetune.model import run_modality
+
+    modality = run_modality(runs[0])
+    train, valid, inputs = task_paths(runs[0], train, valid)
+    check_output_dir(out, "transfer", [*runs, *inputs], overwrite)
     out.mkdir(parents=True, exist_ok=True)
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    full = read_task(cfg, train)
+    full = read_labelled(cfg, runs[0], train)
     n_total = len(full)
     labels = full.labels if cfg.task == "classification" else None
     sizes = parse_budgets(budgets, n_total)
-    arms = arms_for(runs, tfidf and cfg.task == "classification")
-    encoder = is_encoder(runs[0])
+    arms = arms_for(runs, tfidf and cfg.task == "classification", modality)
+    encoder = pooling_space(runs[0])
     # what each arm's results depend on (checkpoint or architecture, data checksums): once per arm
     idents = {a.name: inputs_identity(a.run, train, valid, weights=a.kind != "scratch")
-              for a in arms if a.kind != "tfidf"}
-    valid_ex = read_task(cfg, valid) if any(a.kind == "tfidf" for a in arms) else None
+              for a in arms if a.kind not in SHALLOW}
+    valid_ex = read_labelled(cfg, runs[0], valid) if any(a.kind in SHALLOW for a in arms) else None
     results: list[dict[str, Any]] = []
     recipes: dict[str, dict[str, Any]] = {}
     t0 = time.time()
@@ -166,9 +190,14 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
         n_seeds = all_seeds if (n == n_total and all_seeds) else seeds
         subsets = [sample_budget(labels, n, s, n_total) if n < n_total else None for s in range(n_seeds)]
         for arm in arms:
-            if arm.kind == "tfidf":
+            if arm.kind in SHALLOW:
                 for seed, subset in enumerate(subsets):
-                    res = tfidf_baseline(full, subset, valid_ex, seed)
+                    if arm.kind == PIXELS:
+                        from pretrain.finetune.images import pixel_baseline
+
+                        res = pixel_baseline(full, subset, valid_ex, seed, cfg.metric)
+                    else:
+                        res = tfidf_baseline(full, subset, valid_ex, seed, cfg.metric)
                     results.append({"arm": arm.name, "n": n, "seed": seed, **res})
                     log(f"transfer: {arm.name:10s} n={n:<7,} seed {seed}: val metric {res['metric']:.4f} "
                         f"(C {res['C']:g})")
@@ -201,10 +230,13 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
                 log(f"transfer: {arm.name:10s} n={n:<7,} seed {seed}: val metric {scored['val_metric']:.4f} "
                     f"({res['steps']} steps, {res['elapsed_s']:.0f}s)")
     summary = summarise(results, sizes, arms)
-    baseline = majority_baseline(cfg, labels, valid)
-    report = {"runs": [str(r) for r in runs],
+    if valid_ex is None and modality == "images":
+        valid_ex = read_labelled(cfg, runs[0], valid)
+    baseline = majority_baseline(cfg, labels, valid, valid_ex)
+    report = {"runs": [str(r) for r in runs], "modality": modality,
               "arms": [dataclasses.asdict(a) | {"run": str(a.run)} for a in arms],
-              "train": str(train), "valid": str(valid), "task": cfg.task, "metric": _metric_name(cfg.task),
+              "train": str(train), "valid": str(valid), "task": cfg.task,
+              "metric": _metric_name(cfg.task, cfg.metric),
               "train_examples": n_total, "budgets": sizes, "seeds": seeds, "recipe": recipe,
               "recipes": recipes, "config": dataclasses.asdict(cfg), "scratch_lr": scratch_lr,
               "majority_baseline": baseline, "summary": summary, "results": results,
@@ -224,9 +256,11 @@ TFIDF_C = (1.0, 10.0, 0.1, 100.0)
 """Inverse regularisation strengths tried for TF-IDF + logistic regression (a tie goes to the first)."""
 
 
-def tfidf_baseline(full: Any, subset: list[int] | None, va: Any, seed: int) -> dict[str, Any]:
+def tfidf_baseline(full: Any, subset: list[int] | None, va: Any, seed: int,
+                   metric: str = "auto") -> dict[str, Any]:
     """TF-IDF (word 1–2-grams, sublinear tf) + logistic regression on the same rows as the fine-tunes, C
-    chosen on the same kind of carved split, then refit on all the rows; scored on the examples ``va``."""
+    chosen on the same kind of carved split, then refit on all the rows; scored on the examples ``va`` (by
+    the metric ``metric`` names: FinetuneConfig.metric; C is chosen by accuracy)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -251,23 +285,38 @@ def tfidf_baseline(full: Any, subset: list[int] | None, va: Any, seed: int) -> d
     vec, clf = fit(idx, best_c)
     vtexts = va.texts if va.pairs is None else [f"{t} [SEP] {p}" for t, p in zip(va.texts, va.pairs)]
     pred = list(clf.predict(vec.transform(vtexts)))
-    m = compute_metrics("classification", pred, [str(v) for v in va.labels])
+    probs = names = None
+    if metric in ("balanced_accuracy", "roc_auc"):
+        names = [str(c) for c in clf.classes_]
+        probs = clf.predict_proba(vec.transform(vtexts))
+    m = compute_metrics("classification", pred, [str(v) for v in va.labels], probs, names, metric)
     return {"metric": m["metric"], "C": best_c, **{f"val_{k}": v for k, v in m.items() if k != "metric"}}
 
 
-def _metric_name(task: str) -> str:
+def _metric_name(task: str, metric: str = "auto") -> str:
+    if metric != "auto":
+        return {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1",
+                "roc_auc": "ROC-AUC"}.get(metric, metric)
     return {"classification": "accuracy", "regression": "pearson", "token": "f1 (or accuracy)"}[task]
 
 
-def majority_baseline(cfg: FinetuneConfig, labels: list[Any] | None, valid: str | Path) -> float | None:
-    """Validation accuracy of always predicting the most frequent training label (classification)."""
+def majority_baseline(cfg: FinetuneConfig, labels: list[Any] | None, valid: str | Path,
+                      valid_ex: Any = None) -> float | None:
+    """The selected metric of always predicting the most frequent training label (classification): its
+    accuracy, 1 / classes for balanced accuracy, 0.5 for ROC-AUC (constant scores). ``valid_ex``: the
+    validation examples, if read already."""
     if cfg.task != "classification" or labels is None:
         return None
     from collections import Counter
 
     top = Counter(str(v) for v in labels).most_common(1)[0][0]
-    gold = _labels_of(cfg, read_task(cfg, valid))
-    return compute_metrics("classification", [top] * len(gold), gold)["metric"]
+    gold = _labels_of(cfg, valid_ex if valid_ex is not None else read_task(cfg, valid))
+    names = sorted({str(v) for v in (*labels, *gold)})
+    probs = None
+    if cfg.metric in ("balanced_accuracy", "roc_auc"):
+        probs = np.tile([float(n == top) for n in names], (len(gold), 1))
+    return compute_metrics("classification", [top] * len(gold), gold, probs,
+                           names if len(names) == 2 else None, cfg.metric)["metric"]
 
 
 def interval(values: list[float]) -> tuple[float, float] | None:
@@ -303,6 +352,12 @@ def summarise(results: list[dict[str, Any]], sizes: list[int], arms: list[Arm]) 
     return rows
 
 
+def _metric_key(report: dict[str, Any]) -> str:
+    """The results' key that holds the same figure as ``metric``."""
+    chosen = report.get("config", {}).get("metric", "auto")
+    return f"val_{chosen}" if chosen != "auto" else "val_accuracy"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -318,8 +373,10 @@ def markdown(report: dict[str, Any]) -> str:
     metric = report["metric"]
     arms = [a["name"] for a in report["arms"]]
     pre = [a["name"] for a in report["arms"] if a["kind"] == "pretrained"]
+    images = report.get("modality") == "images"
+    task = "image classification" if images else report["task"]
     lines = [f"**{report['verdict']['line']}**", "",
-             f"# Transfer report: {report['task']} ({metric}, validation)", "",
+             f"# Transfer report: {task} ({metric}, validation)", "",
              f"Pre-trained run(s): {', '.join(f'`{r}`' for r in report['runs'])}; train `{report['train']}` "
              f"({report['train_examples']:,} examples); valid `{report['valid']}`.", "",
              "| labelled examples | " + " | ".join(arms) + " | "
@@ -330,11 +387,26 @@ def markdown(report: dict[str, Any]) -> str:
         gains = [f"{100 * row['gain'][p]['mean']:+.1f} {_ci(row['gain'][p]['ci95'], True)}" for p in pre]
         seeds = row["arms"][arms[0]]["seeds"]
         lines.append(f"| {row['n']:,} | " + " | ".join(cells + gains) + f" | {seeds} |")
+    others = [k for k in ("val_accuracy", "val_balanced_accuracy", "val_roc_auc")
+              if any(k in r for r in report["results"]) and _metric_key(report) != k]
+    if others:  # the figures beside the selected metric (images: balanced accuracy, ROC-AUC)
+        lines += ["", "Other metrics (mean over seeds): "
+                  + " / ".join(k[4:].replace("_", " ") for k in others) + ".", "",
+                  "| labelled examples | " + " | ".join(arms) + " |", "|---:|" + "---:|" * len(arms)]
+        for n in report["budgets"]:
+            cells = []
+            for a in arms:
+                got = [r for r in report["results"] if r["n"] == n and r["arm"] == a]
+                means = [[r[k] for r in got if k in r] for k in others]
+                cells.append(" / ".join(_pct(float(np.mean(v))) if v else "–" for v in means))
+            lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
     if report.get("majority_baseline") is not None:
         lines += ["", f"Majority-class baseline: {100 * report['majority_baseline']:.1f}."]
+    shallow = [f"`{a['name']}` is {SHALLOW[a['kind']]}" for a in report["arms"] if a["kind"] in SHALLOW]
     lines += ["", "Values are percentages: mean over seeds (different label subsets and initialisations of "
               "the head) with a 95% t-interval; gains are paired by seed (the same labels on both sides). "
-              "From-scratch runs use the same architecture and tokenizer."]
+              "From-scratch runs use the same architecture" + ("" if images else " and tokenizer") + "."
+              + (f" {'; '.join(shallow)} on the same labels and seeds." if shallow else "")]
     if report["recipe"] == "auto":
         lines += ["", "Recipes chosen on a split carved from each budget's training labels (the evaluation "
                   "data never picks anything; each seed is scored once, after its last epoch):", "",
@@ -364,10 +436,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     xs = [row["n"] for row in report["summary"]]
     for a, style in zip(report["arms"], ("o-", "^-", "v-", "D-", "s--", "x:")):
         name = a["name"]
-        style = {"scratch": "s--", "tfidf": "x:"}.get(a["kind"], style)
+        style = {"scratch": "s--", "tfidf": "x:", "pixels": "x:"}.get(a["kind"], style)
         ys = [100 * row["arms"][name]["mean"] for row in report["summary"]]
         es = [100 * row["arms"][name]["std"] for row in report["summary"]]
-        label = {"scratch": "from scratch", "tfidf": "TF-IDF + LR"}.get(a["kind"], name)
+        label = {"scratch": "from scratch", "tfidf": "TF-IDF + LR",
+                 "pixels": "LR on raw pixels"}.get(a["kind"], name)
         ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)
     if report.get("majority_baseline") is not None:
         ax.axhline(100 * report["majority_baseline"], color="gray", lw=0.8, ls=":", label="majority class")
@@ -385,12 +458,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_column: str = "text",
                  label_column: str = "label", pooling: str = "auto", max_train: int = 0, seed: int = 0,
                  batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
-    """Frozen features + logistic regression (scikit-learn): a quick read of feature quality."""
+    """Frozen features + logistic regression (scikit-learn): a quick read of feature quality. An image run
+    reads prepared image directories (``DIR`` / ``DIR@SPLIT``: train and val splits by default) and also
+    reports balanced accuracy (and ROC-AUC for two classes)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     from pretrain.checkpoint import CheckpointError, load_pretrained
-    from pretrain.features import embed_texts
+    from pretrain.features import embed_texts, is_image_data
     from pretrain.finetune.data import check_known, read_examples
     from pretrain.hardware import resolve_device
 
@@ -401,6 +476,12 @@ def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_col
         model, cfg, tok, _ = load_pretrained(run, dev)
     except CheckpointError as e:
         raise PretrainError(f"{run} is not a pre-trained run: {e}") from None
+    if spec_of(model).modality == "images":
+        return _image_probe(model, cfg, run, train, valid, pooling, max_train, seed, batch_size, dev)
+    for p in (train, valid):
+        if is_image_data(p):
+            raise PretrainError(f"{p} is a prepared image directory, but {run} is a text run: probe it with "
+                                "text, or the images with an image run")
     pool = pooling if pooling != "auto" else spec_of(model).pooling
     tr = read_examples(train, text_column, label_column)
     va = read_examples(valid, text_column, label_column)
@@ -421,4 +502,46 @@ def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_col
     acc = float(np.mean(pred == np.array([str(v) for v in va.labels])))
     return {"accuracy": acc, "train_examples": len(tr), "valid_examples": len(va), "pooling": pool,
             "dim": int(xtr.shape[1]), "truncated": {"train": trunc_tr, "valid": trunc_va},
+            "elapsed_s": round(time.time() - t0, 2)}
+
+
+def _image_probe(model, cfg, run: str | Path, train: str | Path, valid: str | Path, pooling: str,
+                 max_train: int, seed: int, batch_size: int, dev) -> dict[str, Any]:
+    """linear_probe for an image run: features of the train and validation splits' images."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from pretrain.features import check_image_size, embed_images, image_pooling, is_image_data
+    from pretrain.finetune.data import check_known
+    from pretrain.finetune.images import read_images
+
+    for p in (train, valid):
+        if not is_image_data(p):
+            raise PretrainError(f"{run} is an image run: probe it on prepared image directories, DIR or "
+                                f"DIR@SPLIT (`pretrain prepare IMAGES --out DIR`), not {p}")
+    pool = image_pooling(model, pooling)
+    tr, va = read_images(train, "train"), read_images(valid, "valid")
+    for ex in (tr, va):
+        check_image_size(ex.source, ex.split, cfg.model, run)
+    if max_train and max_train < len(tr):
+        tr = tr.subset(sample_budget(tr.labels, max_train, seed, len(tr)))
+    names = [str(c) for c in tr.split.classes]
+    check_known(va.labels, names, va.source)
+    if len(set(tr.labels)) < 2:
+        raise PretrainError(f"{tr.source}: a linear probe needs at least two labels, "
+                            f"found {sorted(set(tr.labels))}")
+    t0 = time.time()
+    xtr = embed_images(model, cfg.model, tr, pool, False, batch_size, dev)
+    xva = embed_images(model, cfg.model, va, pool, False, batch_size, dev)
+    scaler = StandardScaler().fit(xtr)
+    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed).fit(scaler.transform(xtr), tr.labels)
+    proba = clf.predict_proba(scaler.transform(xva))
+    probs = np.zeros((len(va), len(names)))
+    for j, c in enumerate(clf.classes_):
+        probs[:, names.index(str(c))] = proba[:, j]
+    pred = [names[i] for i in probs.argmax(-1)]
+    m = compute_metrics("classification", pred, va.labels, probs, names)
+    return {"accuracy": m["accuracy"], **{k: m[k] for k in ("balanced_accuracy", "roc_auc") if k in m},
+            "train_examples": len(tr), "valid_examples": len(va), "pooling": pool, "dim": int(xtr.shape[1]),
+            "truncated": {"train": 0, "valid": 0}, "train": tr.source, "valid": va.source,
             "elapsed_s": round(time.time() - t0, 2)}

@@ -10,7 +10,10 @@ those it can measure:
   the pre-training text, or maps characters of it to the unknown token;
 - few labels per class;
 - TF-IDF + logistic regression beats the pre-trained model (the task is solved by surface words, which a
-  small backbone's features do not beat at that budget).
+  small backbone's features do not beat at that budget); for images, a logistic regression on the raw
+  pixels does.
+
+The text distance is measured for text runs only (``report['modality']``); image runs get the others.
 """
 
 from __future__ import annotations
@@ -78,11 +81,13 @@ def _line(per_arm: list[dict[str, Any]], report: dict[str, Any]) -> str:
 
 
 def measure(report: dict[str, Any], arms: list[Any], examples: Any, cfg: Any) -> dict[str, Any]:
-    """The figures the reasons are read from: per pre-trained run its last validation losses and the
+    """The figures the reasons are read from: per pre-trained run its last validation losses and (text) the
     tokenizer's pieces per byte on the task and on the pre-training text; labels per class."""
     out: dict[str, Any] = {"runs": {}}
+    text = report.get("modality", "text") == "text"
     for arm in (a for a in arms if a.kind == "pretrained"):
-        out["runs"][arm.name] = {"loss_trend": loss_trend(arm.run), **text_distance(arm.run, examples)}
+        out["runs"][arm.name] = {"loss_trend": loss_trend(arm.run),
+                                 **(text_distance(arm.run, examples) if text else {})}
     if cfg.task == "classification" and examples.labels is not None:
         n_classes = len({str(v) for v in examples.labels})
         out["classes"] = n_classes
@@ -94,7 +99,7 @@ def loss_trend(run: str | Path) -> dict[str, Any] | None:
     """How the run's loss moved over the last fifth of its steps (its metrics.jsonl): the last validation
     loss against the latest one at or before 80% of the run; with fewer than two such evaluations, the mean
     logged training loss of the last fifth against the fifth before. {kind, from, to, drop (relative)};
-    kind None when the run logged too little to tell (with its last step and tokens seen)."""
+    kind None when the run logged too little to tell (with its last step and tokens, or images, seen)."""
     from pretrain.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(run)
@@ -111,6 +116,8 @@ def loss_trend(run: str | Path) -> dict[str, Any] | None:
                 if not isinstance(r, dict) or not isinstance(r.get("step"), int):
                     continue
                 last_seen = {"step": r["step"], "tokens": r.get("tokens")}
+                if isinstance(r.get("images"), int):  # an image run counts images
+                    last_seen["images"] = r["images"]
                 if isinstance(r.get("val_loss"), (int, float)):
                     val.append((r["step"], float(r["val_loss"])))
                 elif isinstance(r.get("train_loss"), (int, float)):
@@ -170,7 +177,8 @@ def _reasons(checks: dict[str, Any], report: dict[str, Any],
         who = "" if name == "pretrained" else f"{name}: "
         t = c["loss_trend"]
         if t and t["kind"] is None:
-            seen = f" ({t['tokens']:,} tokens)" if isinstance(t.get("tokens"), int) else ""
+            seen = (f" ({t['tokens']:,} tokens)" if isinstance(t.get("tokens"), int)
+                    else f" ({t['images']:,} images)" if isinstance(t.get("images"), int) else "")
             reasons.append(f"{who}the backbone was pre-trained for only {t['step']:,} steps{seen}, too few "
                            "to log a loss curve: pre-train longer")
         elif t and t["drop"] > STILL_FALLING:
@@ -178,27 +186,37 @@ def _reasons(checks: dict[str, Any], report: dict[str, Any],
             reasons.append(f"{who}the backbone's {what} was still falling when pre-training ended "
                            f"({t['from']['loss']:.3f} at step {t['from']['step']} → {t['to']['loss']:.3f} at "
                            f"step {t['to']['step']}, -{100 * t['drop']:.1f}%): pre-train longer")
-        tpb, ref = c["task_tokens_per_byte"], c["pretrain_tokens_per_byte"]
-        if ref and tpb > FAR_TEXT * ref:
+        tpb, ref = c.get("task_tokens_per_byte"), c.get("pretrain_tokens_per_byte")
+        if ref and tpb and tpb > FAR_TEXT * ref:
             reasons.append(f"{who}the task's text is far from the pre-training text: {tpb:.3f} tokens per "
                            f"byte against {ref:.3f} ({tpb / ref:.2f}×)"
                            + (f", {100 * c['task_continuation']:.0f}% of its tokens are word pieces"
                               if c.get("task_continuation") is not None else ""))
-        if c["task_unknown"] > 0.01:
+        if c.get("task_unknown", 0.0) > 0.01:
             reasons.append(f"{who}{100 * c['task_unknown']:.1f}% of the task's tokens are unknown to the "
                            "tokenizer")
     per_class = checks.get("per_class") or {}
     few = sorted({b["n"] for _, b in failed if per_class.get(str(b["n"]), FEW_PER_CLASS) < FEW_PER_CLASS})
     if few:
         reasons.append("few labels: " + ", ".join(f"{per_class[str(n)]:.1f} per class at {n:,}" for n in few))
+    shallow = {a["name"]: a["kind"] for a in report.get("arms", []) if a["kind"] in ("tfidf", "pixels")}
     for _, b in failed:
         row = next(r for r in report["summary"] if r["n"] == b["n"])
-        tf = row["arms"].get("tfidf")
         pre = [v for k, v in row["arms"].items() if k in row["gain"]]
-        if tf and pre and tf["mean"] > max(p["mean"] for p in pre):
-            reasons.append(f"TF-IDF + logistic regression beats the pre-trained model at {b['n']:,} labels "
-                           f"({100 * tf['mean']:.1f}): surface words solve much of this task")
+        for name, kind in (shallow or {"tfidf": "tfidf"}).items():
+            sh = row["arms"].get(name)
+            if not (sh and pre and sh["mean"] > max(p["mean"] for p in pre)):
+                continue
+            if kind == "pixels":
+                reasons.append(f"a logistic regression on the raw pixels beats the pre-trained model at "
+                               f"{b['n']:,} labels ({100 * sh['mean']:.1f}): the classes are told apart by "
+                               "the pixels themselves, which the backbone's features do not beat at that "
+                               "budget")
+            else:
+                reasons.append(f"TF-IDF + logistic regression beats the pre-trained model at {b['n']:,} "
+                               f"labels ({100 * sh['mean']:.1f}): surface words solve much of this task")
     if not reasons:
-        reasons.append("none of the checks fired (pre-training had converged, the text is close, labels are "
-                       "not few): the backbone's features may not suit this task")
+        close = "" if report.get("modality", "text") != "text" else "the text is close, "
+        reasons.append(f"none of the checks fired (pre-training had converged, {close}labels are not few): "
+                       "the backbone's features may not suit this task")
     return list(dict.fromkeys(reasons))
