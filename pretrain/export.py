@@ -2,7 +2,12 @@
 
 Each architecture's spec (models/*_spec.py) holds its mapping (:class:`pretrain.models.spec.HFMapping`): the
 config.json, the state-dict names both ways, the Auto class, the tokenizer's special-token roles. This module
-writes and reads the files: weights (sharded above a size), configs, tokenizer, model card.
+writes and reads the files: weights (sharded above a size), configs, the tokenizer (text models) or the image
+preprocessor (image models: ``preprocessor_config.json``), model card.
+
+One architecture can map onto several `transformers` classes (a ViT with its MAE decoder is a
+``ViTMAEForPreTraining``, with a classifier a ``ViTForImageClassification``): the spec's config.json names the
+class (``architectures``), and the Auto class that loads it follows from that name (:func:`auto_class`).
 """
 
 from __future__ import annotations
@@ -16,11 +21,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pretrain.config import ModelConfig
+from pretrain.config import Config, ModelConfig
 from pretrain.models.spec import ArchSpec, HFMapping, get_spec, specs
 
 EXPORT_FILES = ("generation_config.json", "config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "README.md")
+                "special_tokens_map.json", "preprocessor_config.json", "README.md")
+
+# a `transformers` class name's ending → the Auto class that loads it and the model card's pipeline tag
+AUTO_CLASSES = (("ForCausalLM", "AutoModelForCausalLM", "text-generation"),
+                ("LMHeadModel", "AutoModelForCausalLM", "text-generation"),
+                ("ForMaskedLM", "AutoModelForMaskedLM", "fill-mask"),
+                ("ForImageClassification", "AutoModelForImageClassification", "image-classification"),
+                ("ForPreTraining", "AutoModelForPreTraining", "image-feature-extraction"),
+                ("Model", "AutoModel", "image-feature-extraction"))
+
 
 def hf_mapping(cfg: ModelConfig) -> HFMapping:
     """The architecture's Hugging Face mapping (its spec's), or a clear error when it has none."""
@@ -32,8 +46,9 @@ def hf_mapping(cfg: ModelConfig) -> HFMapping:
     return hf
 
 
-def hf_config_dict(cfg: ModelConfig, special: dict[str, int | None] | None = None) -> dict[str, Any]:
-    """The config.json of the equivalent `transformers` model."""
+def hf_config_dict(cfg: ModelConfig, special: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config.json of the equivalent `transformers` model. ``special``: a text model's special token ids
+    (eot_id / pad_id / cls_id / mask_id), an image model's run settings (mask_ratio, norm_pix_loss)."""
     return hf_mapping(cfg).config(cfg, special or {})
 
 
@@ -44,30 +59,103 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in hf_mapping(cfg).to_hf(sd, cfg).items()}
 
 
+def auto_class(hf: HFMapping, architecture: str, modality: str = "text") -> tuple[str, str]:
+    """(the Auto class that loads a `transformers` ``architecture``, the model card's pipeline tag): the
+    mapping's own for its main architecture, else by the class name's ending (AUTO_CLASSES)."""
+    if architecture == hf.architecture:
+        return hf.auto_class, hf.pipeline_tag
+    for ending, auto, tag in AUTO_CLASSES:
+        if architecture.endswith(ending):
+            return auto, tag if modality == "images" or ending != "Model" else "feature-extraction"
+    return hf.auto_class, hf.pipeline_tag
+
+
 def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_bytes: int = 5 * 1024**3,
               overwrite: bool = False) -> dict[str, Any]:
     """Write a run's newest checkpoint in the Hugging Face layout: config.json, model.safetensors (sharded
-    with an index above ``max_shard_bytes``), generation_config.json (decoders), tokenizer.json,
-    tokenizer_config.json, special_tokens_map.json and a model card (README.md). Loadable with
-    ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and ``AutoTokenizer`` without custom code.
+    with an index above ``max_shard_bytes``), a model card (README.md), and for text models
+    generation_config.json (decoders), tokenizer.json, tokenizer_config.json, special_tokens_map.json, for
+    image models preprocessor_config.json. Loadable with the Auto classes (``AutoModelForCausalLM``,
+    ``AutoModelForMaskedLM``, ``AutoModelForPreTraining``, ``AutoModelForImageClassification``) and
+    ``AutoTokenizer`` / ``AutoImageProcessor`` without custom code.
+
+    The model as trained when its architecture maps onto a `transformers` one (a ViT with its MAE decoder or
+    its classifier, a ResNet with its classifier); else the part that transfers (an ELECTRA run: its
+    discriminator, exported as the 'bert' encoder it is).
 
     ``out`` is a new or empty folder or an earlier export, whose files it replaces (unless one was edited
     since it was written); ``overwrite`` writes into any other folder, replacing only the files an export
     writes."""
-    from safetensors.torch import save_file
-
-    from pretrain import PretrainError
     from pretrain.checkpoint import load_pretrained, resolve_checkpoint
-    from pretrain.io import card_record, check_output_dir, write_failed
+    from pretrain.io import check_output_dir
+    from pretrain.models import transferable
 
-    if dtype not in ("fp32", "bf16"):
-        raise PretrainError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    _check_dtype(dtype)
     out = Path(out)
     # a new or empty folder, or an earlier export none of whose files changed since; else --overwrite
     check_output_dir(out, "export", [run], overwrite)
-    # the part that transfers (an ELECTRA run: its discriminator, exported as the 'bert' encoder it is)
-    model, cfg, tok, meta = load_pretrained(run, "cpu", part="encoder")
+    model, cfg, tok, meta = load_pretrained(run, "cpu", part="whole")
+    if get_spec(cfg.model.arch).hf is None:
+        model, cfg = transferable(model, cfg)
     ckpt = resolve_checkpoint(run)
+    return export_model(model, cfg, out, tok=tok, meta=meta, name=Path(str(ckpt)).parent.parent.name,
+                        dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite, inputs=[run])
+
+
+def _check_dtype(dtype: str) -> None:
+    from pretrain import PretrainError
+
+    if dtype not in ("fp32", "bf16"):
+        raise PretrainError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+
+
+def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None,
+                 meta: dict[str, Any] | None = None, name: str | None = None, labels: list[str] | None = None,
+                 dtype: str = "fp32", max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False,
+                 inputs: Any = ()) -> dict[str, Any]:
+    """Write ``model`` (built from ``cfg.model``; the run's Config ``cfg``) in the Hugging Face layout (see
+    :func:`export_hf`, which calls this for a run's checkpoint). ``tok``: the Tokenizer of a text model
+    (required there); ``meta``: its checkpoint's meta (step, validation loss, the run config) for the model
+    card; ``name``: the card's title; ``labels``: class names of an image classifier (default: the prepared
+    data's ``classes`` when its meta.json lists as many, else LABEL_i). ``out``, ``overwrite`` as
+    :func:`export_hf`; ``inputs``: paths ``out`` must not be nor hold."""
+    from safetensors.torch import save_file
+
+    from pretrain import PretrainError
+    from pretrain.io import card_record, check_output_dir, write_failed
+
+    _check_dtype(dtype)
+    out = Path(out)
+    check_output_dir(out, "export", inputs, overwrite)
+    model = getattr(model, "_orig_mod", model)
+    spec = get_spec(cfg.model.arch)
+    images = spec.modality == "images"
+    if not images and tok is None:
+        raise PretrainError(f"a {spec.description} exports with its tokenizer: none was given")
+    meta = meta if meta is not None else {"step": 0, "config": cfg.to_dict()}
+    hf = hf_mapping(cfg.model)
+    # the config and weights first: a model that cannot be exported (a ResNet's 'small' stem) fails here,
+    # before anything is written
+    if images:
+        special: dict[str, Any] = {"mask_ratio": cfg.image.mask_ratio,
+                                   "norm_pix_loss": cfg.image.norm_pix_loss}
+    else:
+        special = {"eot_id": tok.eot_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
+    config = {**hf_config_dict(cfg.model, special),
+              "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
+    if "id2label" in config:
+        names = labels if labels is not None else _data_classes(cfg.data.path)
+        if names is not None and len(names) == len(config["id2label"]):
+            config["id2label"] = {str(i): str(n) for i, n in enumerate(names)}
+            config["label2id"] = {str(n): i for i, n in enumerate(names)}
+        elif labels is not None:
+            raise PretrainError(f"{len(labels)} label names for a classifier of {len(config['id2label'])} "
+                                "classes")
+    architecture = (config.get("architectures") or [hf.architecture])[0]
+    auto, pipeline_tag = auto_class(hf, architecture, spec.modality)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    sd = {k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous()  # (BatchNorm counts: ints)
+          for k, v in to_hf_state_dict(model).items()}
     # written whole into a temporary folder, then moved into place: beside a new OUT (one rename), inside an
     # existing one (a folder the user made, maybe a mount point or a symlink: it stays as it is)
     fresh = not out.exists()
@@ -77,9 +165,6 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        sd = {k: v.to(torch_dtype).contiguous() for k, v in to_hf_state_dict(model).items()}
-
         # weights, sharded above the threshold
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -97,34 +182,23 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
             weight_files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
             index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
                      "weight_map": {k: name for name, shard in zip(weight_files, shards) for k in shard}}
-            for name, shard in zip(weight_files, shards):
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            for wname, shard in zip(weight_files, shards):
+                save_file(shard, str(tmp / wname), metadata={"format": "pt"})
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-        special = {"eot_id": tok.eot_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
-        config = {**hf_config_dict(cfg.model, special),
-                  "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        spec = get_spec(cfg.model.arch)
         if spec.generates:
             gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True,
                    "temperature": 0.8, "top_k": 50, "max_length": cfg.model.max_seq_len}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-
-        # tokenizer
-        tok.save(tmp / "tokenizer.json")
-        names = {}
-        for key, attr in hf_mapping(cfg.model).token_roles.items():
-            tid = getattr(tok, attr)
-            if tid is not None:
-                names[key] = tok.tk.id_to_token(tid)
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len,
-                   "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
-                   **names}
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-        (tmp / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+        if images:
+            pre = image_processor_config(cfg.model)
+            (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+        else:
+            _write_tokenizer(tmp, tok, hf, cfg.model)
         # the card ends with a record of every file written, so a later export can tell an edited one
-        card = _model_card(spec, cfg.model, model, meta, ckpt).rstrip("\n") + "\n"
+        card = _model_card(spec, cfg.model, model, meta, name or out.name, config, auto, pipeline_tag)
+        card = card.rstrip("\n") + "\n"
         record = card_record(tmp, "export", [p.name for p in tmp.iterdir()], card)
         (tmp / "README.md").write_text(card + record, encoding="utf-8")
         if fresh:
@@ -132,14 +206,62 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
         else:
             _move_into(tmp, out)
     except OSError as e:  # a full disk, above all: the partial export is removed, an earlier one stays
-        need = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        need = sum(v.numel() * v.element_size() for v in sd.values())
         raise write_failed(e, "the export", out, need,
                            "an earlier export there, if any, is as it was") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    hf = hf_mapping(cfg.model)
-    return {"out": str(out), "architecture": hf.architecture, "auto_class": hf.auto_class,
-            "weights": weight_files, "dtype": dtype, "step": meta["step"], "n_params": model.num_params()}
+    return {"out": str(out), "architecture": architecture, "auto_class": auto,
+            "weights": weight_files, "dtype": dtype, "step": meta.get("step", 0),
+            "n_params": model.num_params()}
+
+
+def _write_tokenizer(folder: Path, tok: Any, hf: HFMapping, cfg: ModelConfig) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json of a text model."""
+    tok.save(folder / "tokenizer.json")
+    names = {}
+    for key, attr in hf.token_roles.items():
+        tid = getattr(tok, attr)
+        if tid is not None:
+            names[key] = tok.tk.id_to_token(tid)
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+               "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+               **names}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+
+
+def image_processor_config(cfg: ModelConfig) -> dict[str, Any]:
+    """preprocessor_config.json of an image model: a ``ViTImageProcessor`` (any image model loads it through
+    ``AutoImageProcessor``) that resizes to image_size x image_size (bilinear), scales to [0, 1] and
+    normalises by the model's image_mean / image_std, as the model was trained. RGB models convert any image
+    to RGB; a grayscale model (channels 1) takes grayscale ('L') images."""
+    mean = list(cfg.image_mean) or [0.0] * cfg.channels  # unresolved: the pixels in [0, 1] as they are
+    std = list(cfg.image_std) or [1.0] * cfg.channels
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": cfg.image_size > 0,
+            "size": {"height": cfg.image_size or 224, "width": cfg.image_size or 224}, "resample": 2,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
+            "image_std": std, "do_convert_rgb": cfg.channels == 3}
+
+
+def _data_meta(data_path: str | None) -> dict[str, Any]:
+    """The prepared data's meta.json ({} when it is not there)."""
+    if data_path and (Path(data_path) / "meta.json").is_file():
+        try:
+            return json.loads((Path(data_path) / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+    return {}
+
+
+def _data_classes(data_path: str | None) -> list[str] | None:
+    """The class names the prepared image data lists (meta.json's ``classes``), if any."""
+    classes = _data_meta(data_path).get("classes")
+    if isinstance(classes, list) and classes:
+        return [str(c) for c in classes]
+    if isinstance(classes, dict) and classes and all(str(k).isdigit() for k in classes):  # {id: name}
+        return [str(classes[k]) for k in sorted(classes, key=lambda k: int(k))]
+    return None
 
 
 def _source_name(s: dict[str, Any]) -> str:
@@ -183,53 +305,92 @@ def _move_into(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], ckpt: Path) -> str:
+def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[str, Any], name: str,
+                config: dict[str, Any], auto: str, pipeline_tag: str) -> str:
     import yaml
 
-    data_meta: dict[str, Any] = {}
-    data_path = meta.get("config", {}).get("data", {}).get("path")
-    if data_path and (Path(data_path) / "meta.json").is_file():
-        data_meta = json.loads((Path(data_path) / "meta.json").read_text())
+    data_meta = _data_meta(meta.get("config", {}).get("data", {}).get("path"))
     hf = hf_mapping(cfg)
-    arch = hf.architecture
+    arch = (config.get("architectures") or [hf.architecture])[0]
+    images = spec.modality == "images"
+    run_cfg = meta.get("config", {})
+    if images:
+        sizes = ", ".join(f"{k} {v}" for k, v in config.items()
+                          if (isinstance(v, int) and not isinstance(v, bool))
+                          or (isinstance(v, list) and v and all(isinstance(x, int) for x in v)))
+        about = [f"- {cfg.image_size}x{cfg.image_size}-pixel images, {cfg.channels} channel"
+                 f"{'s' * (cfg.channels != 1)}, normalised by mean {list(cfg.image_mean)} and std "
+                 f"{list(cfg.image_std)} after scaling to [0, 1] (preprocessor_config.json does all of it)",
+                 f"- {sizes}"]
+        if "id2label" in config:
+            labels = list(config["id2label"].values())
+            more = " …" if len(labels) > 20 else ""
+            about.append(f"- {len(labels)} classes: {', '.join(labels[:20])}{more}")
+        seen = next((f", {meta[k]:,} images" for k in ("images_seen", "samples_seen") if meta.get(k)), "")
+    else:
+        about = [f"- {cfg.n_layer} layers, hidden size {cfg.d_model}, {cfg.n_head} attention heads"
+                 f"{f' ({cfg.kv_heads} key/value heads)' if cfg.kv_heads != cfg.n_head else ''}, "
+                 f"MLP width {cfg.ff_dim}",
+                 f"- vocabulary {cfg.vocab_size:,}, context {cfg.max_seq_len} tokens, "
+                 f"{'learned positions' if spec.learned_positions else f'rotary base {cfg.rope_theta:g}'}, "
+                 f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings"]
+        seen = f", {meta.get('tokens_seen', 0):,} tokens"
+    trained = run_cfg.get("model", {}).get("arch", cfg.arch)
     lines = [
-        "---", "library_name: transformers", f"pipeline_tag: {hf.pipeline_tag}",
-        "---", "", f"# {Path(str(ckpt)).parent.parent.name}", "",
+        "---", "library_name: transformers", f"pipeline_tag: {pipeline_tag}",
+        "---", "", f"# {name}", "",
         f"A {model.num_params() / 1e6:.1f}M-parameter {spec.description} "
         f"pre-trained with `pretrain` and exported as a stock `{arch}` (no custom code needed).", "",
-        "## Architecture", "",
-        f"- {cfg.n_layer} layers, hidden size {cfg.d_model}, {cfg.n_head} attention heads"
-        f"{f' ({cfg.kv_heads} key/value heads)' if cfg.kv_heads != cfg.n_head else ''}, "
-        f"MLP width {cfg.ff_dim}",
-        f"- vocabulary {cfg.vocab_size:,}, context {cfg.max_seq_len} tokens, "
-        f"{'learned positions' if spec.learned_positions else f'rotary base {cfg.rope_theta:g}'}, "
-        f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings", "",
+        "## Architecture", "", *about, "",
         "## Training", "",
-        f"- objective `{meta['config']['objective']}`, {meta['step']:,} steps, "
-        f"{meta.get('tokens_seen', 0):,} tokens"
+        f"- objective `{run_cfg.get('objective', '?')}`, {meta.get('step', 0):,} steps{seen}"
         + (f" (this is the part of the trained `{trained}` model that transfers: "
-           f"{get_spec(trained).description}, exported as a `{cfg.arch}`)"
-           if (trained := meta["config"].get("model", {}).get("arch", cfg.arch)) != cfg.arch else ""),
+           f"{get_spec(trained).description}, exported as a `{cfg.arch}`)" if trained != cfg.arch else ""),
         (f"- final validation loss {meta['val_loss']:.4f}" if meta.get("val_loss") is not None
          else "- no validation result recorded"),
         "", "Training configuration:", "", "```yaml",
-        yaml.safe_dump(meta["config"], sort_keys=False).rstrip(), "```", "",
+        yaml.safe_dump(run_cfg, sort_keys=False).rstrip(), "```", "",
         "## Data", "",
     ]
     if data_meta:
-        for split, info in data_meta["splits"].items():
-            lines.append(f"- {split}: {info['tokens']:,} tokens, {info['documents']:,} documents")
-        lines += ["", "| source | sha256 | bytes | documents | licence |", "|---|---|---|---|---|"]
-        for s in data_meta["sources"][:50]:
+        for split, info in data_meta.get("splits", {}).items():
+            if "tokens" in info and "documents" in info:
+                lines.append(f"- {split}: {info['tokens']:,} tokens, {info['documents']:,} documents")
+            else:
+                lines.append(f"- {split}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()
+                                                       if isinstance(v, int) and not isinstance(v, bool)))
+        unit = "images" if images else "documents"
+        lines += ["", f"| source | sha256 | bytes | {unit} | licence |", "|---|---|---|---|---|"]
+        for s in data_meta.get("sources", [])[:50]:
             nbytes = f"{s['bytes']:,}" if isinstance(s.get("bytes"), int) else "—"  # a Hub source has no size
+            count = s.get(unit, s.get("documents", 0))
             lines.append(f"| {_source_name(s)} | {_short_sha(s.get('sha256'))} | {nbytes} | "
-                         f"{s.get('documents', 0):,} | {s.get('licence', 'not given')} |")
-        if len(data_meta["sources"]) > 50:
+                         f"{count:,} | {s.get('licence', 'not given')} |")
+        if len(data_meta.get("sources", [])) > 50:
             lines.append(f"| … {len(data_meta['sources']) - 50} more | | | | |")
     else:
         lines.append("The prepared data directory was not available at export time.")
-    lines += ["", "## Use", "", "```python", hf.usage, "```", ""]
+    usage = _usage(hf, arch, auto, pipeline_tag, images)
+    if images and cfg.channels == 1:  # transformers opens image files as RGB: a grayscale model takes arrays
+        usage = "import numpy as np\n" + usage.replace(
+            "Image.open('image.png')", "np.asarray(Image.open('image.png').convert('L'))[..., None]")
+    lines += ["", "## Use", "", "```python", usage, "```", ""]
     return "\n".join(lines)
+
+
+def _usage(hf: HFMapping, architecture: str, auto: str, pipeline_tag: str, images: bool) -> str:
+    """The model card's snippet: the mapping's own for its main architecture, else one for the Auto class."""
+    if architecture == hf.architecture and hf.usage:
+        return hf.usage
+    if pipeline_tag == "image-classification":
+        return ("from PIL import Image\nfrom transformers import pipeline\n"
+                "classify = pipeline('image-classification', model=PATH)\nclassify(Image.open('image.png'))")
+    if images:
+        return ("from PIL import Image\nfrom transformers import AutoImageProcessor, " + auto + "\n"
+                "processor = AutoImageProcessor.from_pretrained(PATH)\n"
+                f"model = {auto}.from_pretrained(PATH)\n"
+                "outputs = model(**processor(Image.open('image.png'), return_tensors='pt'))")
+    return f"from transformers import {auto}\nmodel = {auto}.from_pretrained(PATH)"
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -274,6 +435,33 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return hf.from_hf(sd, cfg)
 
 
+def _image_settings(d: Path, section: dict[str, Any]) -> dict[str, Any]:
+    """An image model's normalisation (image_mean, image_std) and, when config.json has none, its image size,
+    from the folder's preprocessor_config.json ({} without one: the prepared data's are used)."""
+    from pretrain import PretrainError
+
+    f = d / "preprocessor_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        pre = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PretrainError(f"{f} is not valid JSON: {e}") from None
+    out: dict[str, Any] = {}
+    channels = section.get("channels", 3)
+    mean, std = pre.get("image_mean"), pre.get("image_std")
+    if pre.get("do_normalize", True) and isinstance(mean, list) and isinstance(std, list) \
+            and len(mean) == len(std) == channels:
+        out["image_mean"], out["image_std"] = [float(v) for v in mean], [float(v) for v in std]
+    if not section.get("image_size"):
+        size = {**(pre.get("size") or {}), **(pre.get("crop_size") or {})} if pre.get("do_center_crop") \
+            else (pre.get("size") or {})
+        side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+        if isinstance(side, int) and side > 0:
+            out["image_size"] = side
+    return out
+
+
 def load_hf(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A local Hugging Face model directory → (our model section, our state dict)."""
     from safetensors.torch import load_file
@@ -288,6 +476,8 @@ def load_hf(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PretrainError(f"{d / 'config.json'} is not valid JSON: {e}") from None
     model_cfg = model_config_from_hf(conf)
+    if get_spec(model_cfg["arch"]).modality == "images":
+        model_cfg.update(_image_settings(d, model_cfg))
     if (d / "model.safetensors").is_file():
         files = [d / "model.safetensors"]
     elif (d / "model.safetensors.index.json").is_file():

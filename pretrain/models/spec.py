@@ -33,13 +33,16 @@ class HFMapping:
     """The Auto class that loads an export, e.g. 'AutoModelForCausalLM'."""
     pipeline_tag: str
     """The model card's pipeline tag: 'text-generation' or 'fill-mask'."""
-    config: Callable[[ModelConfig, dict[str, int | None]], dict[str, Any]]
-    """(our model config, special token ids: eot_id / pad_id / cls_id / mask_id) → config.json."""
+    config: Callable[[ModelConfig, dict[str, Any]], dict[str, Any]]
+    """(our model config, special token ids: eot_id / pad_id / cls_id / mask_id; for image models the run's
+    image settings instead: mask_ratio, norm_pix_loss) → config.json. Its ``architectures`` may name another
+    class than ``architecture`` where the model config decides (a ViT with its MAE decoder or a classifier):
+    export then takes the Auto class from that name."""
     to_hf: Callable[[StateDict, ModelConfig], StateDict]
     """Our state dict → the ``transformers`` names (fused projections split; a tied head left out)."""
     token_roles: dict[str, str]
     """tokenizer_config.json's special-token roles → the Tokenizer attribute holding the id, e.g.
-    {'eos_token': 'eot_id'}."""
+    {'eos_token': 'eot_id'} (empty for image models, which export an image processor instead)."""
     model_types: tuple[str, ...] = ()
     """``model_type`` values of config.json this architecture imports (empty: export only)."""
     config_from_hf: Callable[[dict[str, Any]], dict[str, Any]] | None = None
@@ -90,7 +93,7 @@ class ArchSpec:
     also ``mae(pixels, noise, mask_ratio)`` and ``patchify(pixels)`` for masked autoencoding."""
     flops: Callable[[nn.Module, int], float] | None = None
     """(model, seq_len) → training FLOPs per token, for a model the default estimate
-    (:meth:`flops_per_token`) does not fit; None: that estimate."""
+    (:meth:`flops_per_token`) does not fit; None: that estimate. Image models: per image (seq_len unused)."""
 
     @property
     def pooling(self) -> str:
@@ -190,7 +193,7 @@ def specs() -> list[ArchSpec]:
     return list(_REGISTRY.values())
 
 
-BUILTIN = ("gpt", "bert", "gpt2", "electra")
+BUILTIN = ("gpt", "bert", "gpt2", "electra", "vit", "resnet")
 
 
 def _load_builtin() -> None:
