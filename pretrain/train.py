@@ -619,8 +619,10 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = Fals
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    spec, model = get_spec(cfg.model.arch), build_model(cfg.model)
     inputs = (_image_inputs if is_images(meta) else _text_inputs)(cfg, meta)
+    spec, model = get_spec(cfg.model.arch), build_model(cfg.model)
+    if cfg.objective == "mae":  # (its FLOPs count the encoder on the visible patches only)
+        model.mask_ratio = cfg.image.mask_ratio
     # (on CPU: the configured batch_size; under FSDP the probe would need the whole unsharded model: likewise)
     if (tc.auto_batch and not ckpt.resuming and device.type == "cuda"
             and not (env.active and tc.parallelism == "fsdp")):
