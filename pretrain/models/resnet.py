@@ -95,6 +95,8 @@ class Stem(nn.Module):
 class ResNet(nn.Module):
     """pixels (B, C, H, W) → globally pooled features (B, widths[-1]) / class logits."""
 
+    poolings = ("mean",)  # one global average pool: the only pooling its features offer
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.channels < 1:
