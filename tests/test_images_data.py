@@ -104,6 +104,17 @@ def test_idx_round_trip_with_labels_and_a_test_split(tmp_path, gz):
     assert meta["splits"]["train"]["class_counts"] == {str(k): int((tr.labels == k).sum()) for k in range(3)}
 
 
+@pytest.mark.parametrize("labels_first", [False, True])
+def test_idx_images_and_labels_files_named_one_by_one_pair_up(tmp_path, labels_first):
+    x, y = _pixels(10), np.arange(10, dtype=np.uint8) % 2
+    f = _write_idx(tmp_path / "train-images-idx3-ubyte.gz", x)
+    lf = _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y)
+    prepare_images([str(lf), str(f)] if labels_first else [str(f), str(lf)], tmp_path / "out",
+                   val_fraction=0.2, quiet=True)
+    both, labels = _train_and_val(tmp_path / "out")
+    _same_set(both[..., 0], labels, x, y)
+
+
 def test_idx_files_named_one_by_one_and_unlabelled(tmp_path):
     x = _pixels(10)
     f = _write_idx(tmp_path / "imgs-idx3-ubyte", x)

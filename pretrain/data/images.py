@@ -593,6 +593,8 @@ def _plan(inputs: list, exclude: list[Path], log: Callable[[str], None]) -> list
         raise DataError("no input given: name at least one file, folder or glob")
     parts: list[_Part] = []
     seen: set[Path] = set()
+    explicit: list[Path] = []  # files named (or globbed) on their own: read together, so an images file
+    at = -1                    # and its labels file pair up whichever order they come in
     for item in inputs:
         s = str(item)
         p = Path(s).expanduser()
@@ -619,7 +621,11 @@ def _plan(inputs: list, exclude: list[Path], log: Callable[[str], None]) -> list
             raise DataError(f"input not found: {s}")
         files = [f for f in files if f.resolve() not in seen]
         seen.update(f.resolve() for f in files)
-        parts += _array_parts(files, True, log)
+        if at < 0:
+            at = len(parts)
+        explicit += files
+    if explicit:
+        parts[at:at] = _array_parts(explicit, True, log)
     return parts
 
 
