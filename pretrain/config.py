@@ -436,8 +436,8 @@ class Config:
         _check(self.objective in OBJECTIVES,
                f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {self.objective!r}")
         if self.objective not in get_spec(self.model.arch).objectives:
-            want = [s.name for s in specs() if s.objectives[0] == self.objective]
-            _check(False, f"objective {self.objective!r} trains a {want[0]!r} model "
+            want = [s.name for s in specs() if self.objective in s.objectives]
+            _check(False, f"objective {self.objective!r} trains a {' or '.join(map(repr, want))} model "
                           f"(set model.arch: {want[0]}), not {self.model.arch!r}")
         _check(self.objective not in ("mlm", "rtd") or self.data.seq_len >= 2,
                f"objective {self.objective} needs data.seq_len >= 2 ([CLS] takes the first position)")

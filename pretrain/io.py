@@ -135,7 +135,8 @@ RECORDED = {"export"}
 CARD = "README.md"
 CARD_RECORD = "<!-- pretrain-record: "
 
-DEMO_ENTRIES = {"data", "run", "task", "finetune_pretrained", "finetune_scratch"}
+DEMO_ENTRIES = {"data", "run", "task", "finetune_pretrained", "finetune_scratch", "data_images", "run_images",
+                "finetune_images_pretrained", "finetune_images_scratch"}
 EXPORT_CARD = "pre-trained with `pretrain`"  # in the model card (README.md) of every export
 _TRANSFER_RUN = re.compile(r"[\w.-]+_n\d+_s\d+")
 
@@ -167,7 +168,9 @@ def _is_demo(p: Path) -> bool:
     if not sources or not all(isinstance(s, dict) and str(s.get("path", "")).endswith(".py")
                               for s in sources):
         return False
-    kinds = {"data": "data", "run": "run", "finetune_pretrained": "finetune", "finetune_scratch": "finetune"}
+    kinds = {"data": "data", "run": "run", "finetune_pretrained": "finetune", "finetune_scratch": "finetune",
+             "data_images": "data", "run_images": "run", "finetune_images_pretrained": "finetune",
+             "finetune_images_scratch": "finetune"}
     for e in entries:
         if e.name == "task":
             if any(f.name not in ("train.jsonl", "valid.jsonl") for f in visible_entries(e)):

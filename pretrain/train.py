@@ -151,6 +151,8 @@ def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch
 
     hf_dir = Path(cfg.train.init_from)
     model_section, sd = load_hf(hf_dir)
+    if get_spec(model_section["arch"]).modality == "images":
+        return _from_hf_images(cfg, meta, hf_dir, model_section, sd)
     if not (hf_dir / "tokenizer.json").is_file():
         raise PretrainError(f"{hf_dir} has no tokenizer.json: the model's tokenizer is needed "
                             "to prepare the data")
@@ -178,6 +180,29 @@ def _from_hf(cfg: Config, meta: dict[str, Any]) -> tuple[Config, dict[str, torch
                                     "max_seq_len": max(model_section["max_seq_len"], seq_len)}, "model.")
     return dataclasses.replace(cfg, model=model), sd
 
+
+
+def _from_hf_images(cfg: Config, meta: dict[str, Any], hf_dir: Path, section: dict[str, Any],
+                    sd: dict[str, torch.Tensor]) -> tuple[Config, dict[str, torch.Tensor]]:
+    """train.init_from of a Hugging Face ViT / ViTMAE / ResNet: its architecture and pixel statistics, this
+    run's objective (a classification head sized for the data; MAE's decoder as the checkpoint has it, or
+    new); the images must have the checkpoint's size and channels."""
+    if not is_images(meta):
+        raise ConfigError(f"{hf_dir} is an image model ({section['arch']}); {cfg.data.path} holds tokens")
+    spec = get_spec(section["arch"])
+    if cfg.objective not in spec.objectives:
+        raise ConfigError(f"{hf_dir} is a {section['arch']!r} model: objective must be one of "
+                          f"{', '.join(spec.objectives)}, not {cfg.objective!r}")
+    im = meta["image"]
+    for key, have in (("image_size", im["height"]), ("channels", im["channels"])):
+        if section.get(key) and section[key] != have:
+            raise ConfigError(f"{hf_dir} takes images with {key} {section[key]}; {cfg.data.path} has {have}: "
+                              f"prepare the images with --image-size {section.get('image_size')}")
+    keep = {k: v for k, v in section.items() if k not in ("num_classes",)}
+    if cfg.objective == "mae" and not section.get("decoder_layers"):  # a new decoder, of this run's size
+        keep.pop("decoder_layers", None)
+    model = from_dict(ModelConfig, {**dataclasses.asdict(cfg.model), **keep}, "model.")
+    return dataclasses.replace(cfg, model=model), sd
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -667,6 +692,15 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = Fals
 
 
 def _load_init(model: nn.Module, init_sd: dict[str, torch.Tensor], head: str, cfg: Config) -> None:
+    if get_spec(cfg.model.arch).modality == "images":  # a new head (or decoder) where the checkpoint has none
+        own = model.state_dict()
+        fits = {k: v for k, v in init_sd.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(fits, strict=False)
+        new = sorted({k.split(".")[0] for k in own if k not in fits})
+        if new:
+            print(f"note: train.init_from: {', '.join(new)} start from a fresh initialisation (not in "
+                  f"{cfg.train.init_from}, or of another size)", file=sys.stderr, flush=True)
+        return
     try:
         missing, unexpected = model.load_state_dict(init_sd, strict=False)
     except RuntimeError as e:

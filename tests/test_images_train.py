@@ -210,3 +210,34 @@ def test_image_size_must_match_the_data(tmp_path, labelled, capsys):
     assert main(["train", "--out", str(tmp_path / "run"), *args_for("vit-mae", labelled),
                  "--model.image_size", "16"]) != 0
     assert "does not match the data's 8" in capsys.readouterr().err
+
+
+def test_export_then_init_from_continues_with_a_new_objective(tmp_path, labelled):
+    """An MAE run exports as ViTMAEForPreTraining; `--init-from` that folder starts a supervised run whose
+    encoder is the exported one (a new classification head), and an MAE run that continues with its
+    decoder."""
+    import torch
+    from safetensors.torch import load_file
+
+    mae = tmp_path / "mae"
+    assert main(["train", "--out", str(mae), *args_for("vit-mae", labelled, train={"max_steps": 4})]) == 0
+    assert main(["export", str(mae), "--out", str(tmp_path / "hf")]) == 0
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert conf["architectures"] == ["ViTMAEForPreTraining"]
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+    for objective, out in (("supervised", "sup"), ("mae", "mae2")):
+        assert main(["train", "--out", str(tmp_path / out), "--init-from", str(tmp_path / "hf"),
+                     "--objective", objective, "--model.arch", "vit", *overrides(TRAIN), "--data.path",
+                     str(labelled), "--quiet", "--train.max_steps", "2"]) == 0
+    ours = load_file(str(next((mae / "checkpoints").glob("step_*")) / "model.safetensors"))
+    from pretrain.checkpoint import load_pretrained
+
+    sup, cfg, _, _ = load_pretrained(tmp_path / "sup", part="whole")
+    assert cfg.model.num_classes == CLASSES and cfg.model.decoder_layers == 0
+    mae2, cfg2, _, _ = load_pretrained(tmp_path / "mae2", part="whole")
+    assert cfg2.model.decoder_layers == 1 and cfg2.model.image_mean == cfg.model.image_mean
+    # 2 steps moved the weights a little from the export, not far: the encoder came from it
+    key = "embeddings.patch_embeddings.projection.weight"
+    for model in (sup, mae2):
+        assert (model.state_dict()[key] - ours[key]).abs().max() < 0.05
+    assert not torch.equal(sup.state_dict()[key], ours[key])
