@@ -70,7 +70,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.data.manifest import FORMAT_VERSION, META, load_meta
+from pretrain.data.manifest import FORMAT_VERSION, META, ShardWriter, load_meta
 from pretrain.data.sources import (
     JSONL_EXTS,
     SKIP_HINT,
@@ -823,44 +823,6 @@ class _Pool:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-class _ShardWriter:
-    """(n, H, W, C) uint8 images appended to ``{split}_{k:06d}.u8`` files of at most ``shard_images``
-    each; a shard is written as ``NAME.partial``, fsync'ed and renamed once full (or at :meth:`close`)."""
-
-    def __init__(self, out_dir: Path, split: str, shard_images: int):
-        self.out_dir, self.split, self.shard_images = out_dir, split, shard_images
-        self.shards: list[dict[str, Any]] = []
-        self._f = None
-        self.images = 0
-
-    def write(self, a: np.ndarray) -> None:
-        a = np.ascontiguousarray(a, dtype=np.uint8)
-        while len(a):
-            if self._f is None or self.shards[-1]["images"] >= self.shard_images:
-                self._seal()
-                name = f"{self.split}_{len(self.shards):06d}.u8"
-                self._f = open(self.out_dir / f"{name}.partial", "wb")
-                self.shards.append({"file": name, "images": 0})
-            take = min(len(a), self.shard_images - self.shards[-1]["images"])
-            self._f.write(a[:take].data)
-            self.shards[-1]["images"] += take
-            self.images += take
-            a = a[take:]
-
-    def _seal(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
-            name = self.shards[-1]["file"]
-            os.replace(self.out_dir / f"{name}.partial", self.out_dir / name)
-
-    def close(self) -> list[dict[str, Any]]:
-        self._seal()
-        return self.shards
-
-
 class _Collector:
     """The shard writers, labels and train pixel statistics of one prepared directory."""
 
@@ -869,7 +831,8 @@ class _Collector:
         self.out_dir, self.hwc, self.labelled = out_dir, hwc, labelled
         per_image = hwc[0] * hwc[1] * hwc[2]
         self.shard_images = shard_images or max(1, SHARD_BYTES // per_image)
-        self.writers = {sp: _ShardWriter(out_dir, sp, self.shard_images) for sp in splits}
+        self.writers = {sp: ShardWriter(out_dir, sp, np.dtype(np.uint8), self.shard_images, unit="images",
+                                        suffix=".u8") for sp in splits}
         self.labels: dict[str, list[np.ndarray]] = {sp: [] for sp in splits}
         self.hist = np.zeros((hwc[2], 256), np.int64)
 
@@ -893,8 +856,8 @@ class _Collector:
     def finish(self, classes: list[str]) -> dict[str, Any]:
         splits: dict[str, Any] = {}
         for sp, w in self.writers.items():
-            shards = w.close()
-            info: dict[str, Any] = {"images": w.images, "shards": shards, "labels": None, "class_counts": {}}
+            shards = w.close()["shards"]
+            info: dict[str, Any] = {"images": w.count, "shards": shards, "labels": None, "class_counts": {}}
             if self.labelled:
                 lab = np.concatenate(self.labels[sp]) if self.labels[sp] else np.zeros(0, np.int64)
                 name = f"{sp}_labels.npy"

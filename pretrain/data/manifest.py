@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,61 @@ def data_fingerprint(meta: dict[str, Any]) -> str:
     ident = {"splits": meta.get("splits"), "mixture": meta.get("mixture"),
              "sources": [(s.get("sha256"), s.get("weight")) for s in meta.get("sources", [])]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ShardWriter:
+    """Appends arrays of ``dtype`` rows — token ids (1-D), or images (n, H, W, C) — to ``{split}_{k:06d}`` +
+    ``suffix`` files (``{split}_g{group:03d}_{k:06d}`` for a mixture component), starting a new shard every
+    ``shard_rows`` rows. A shard is written as ``NAME.partial``, fsync'ed and renamed to NAME once full (or
+    at :meth:`close`). ``shards`` lists ``{"file", unit: rows}``; ``documents`` and ``bytes`` are counters
+    the caller keeps (text)."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_rows: int, group: int | None = None,
+                 unit: str = "tokens", suffix: str = ".bin"):
+        self.out_dir, self.split, self.dtype, self.shard_rows = out_dir, split, dtype, shard_rows
+        self.group, self.unit, self.suffix = group, unit, suffix
+        self.prefix = split if group is None else f"{split}_g{group:03d}"
+        self.shards: list[dict[str, Any]] = []
+        self._f = None
+        self._n = 0
+        self.count = 0
+        self.documents = 0
+        self.bytes = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.count
+
+    def _open(self) -> None:
+        name = f"{self.prefix}_{len(self.shards):06d}{self.suffix}"
+        self._f = open(self.out_dir / f"{name}.partial", "wb")
+        self._n = 0
+        self.shards.append({"file": name, self.unit: 0,
+                            **({} if self.group is None else {"group": self.group})})
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        while len(rows):
+            if self._f is None or self._n >= self.shard_rows:
+                self._seal()
+                self._open()
+            take = min(len(rows), self.shard_rows - self._n)
+            self._f.write(rows[:take].data)  # type: ignore[union-attr]
+            self._n += take
+            self.shards[-1][self.unit] += take
+            self.count += take
+            rows = rows[take:]
+
+    def _seal(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+            name = self.shards[-1]["file"]
+            os.replace(self.out_dir / f"{name}.partial", self.out_dir / name)
+
+    def close(self) -> dict[str, Any]:
+        self._seal()
+        return {self.unit: self.count, "documents": self.documents, "bytes": self.bytes,
+                "shards": self.shards}

@@ -63,7 +63,7 @@ import regex
 
 from pretrain.data.clean import _STEP_INDEX, NUM_PERM, CleanConfig, Cleaner, _h, _words, text_filter
 from pretrain.data.encode import Chunker, IdsEncoder, norm_safe_cut
-from pretrain.data.manifest import FORMAT_VERSION, META, SPLITS, token_dtype
+from pretrain.data.manifest import FORMAT_VERSION, META, SPLITS, ShardWriter, token_dtype
 from pretrain.data.sources import (
     DataError,
     HubSpec,
@@ -88,56 +88,6 @@ _SPACE_FWD, _SPACE_REV = regex.compile(_SPACE), regex.compile(_SPACE, regex.REVE
 _LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines splits
 
 
-class ShardWriter:
-    """Appends token arrays to ``{split}_{k:06d}.bin`` files (``{split}_g{group:03d}_{k:06d}.bin`` for a
-    mixture component), starting a new shard every ``shard_tokens``. A shard is written as
-    ``NAME.partial``, fsync'ed and renamed to NAME once full (or at :meth:`close`)."""
-
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int,
-                 group: int | None = None):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.group = group
-        self.prefix = split if group is None else f"{split}_g{group:03d}"
-        self.shards: list[dict[str, Any]] = []
-        self._f = None
-        self._n = 0
-        self.tokens = 0
-        self.documents = 0
-        self.bytes = 0
-
-    def _open(self) -> None:
-        name = f"{self.prefix}_{len(self.shards):06d}.bin"
-        self._f = open(self.out_dir / f"{name}.partial", "wb")
-        self._n = 0
-        self.shards.append({"file": name, "tokens": 0,
-                            **({} if self.group is None else {"group": self.group})})
-
-    def write(self, ids: np.ndarray) -> None:
-        ids = np.ascontiguousarray(ids, dtype=self.dtype)
-        while ids.size:
-            if self._f is None or self._n >= self.shard_tokens:
-                self._seal()
-                self._open()
-            take = min(ids.size, self.shard_tokens - self._n)
-            self._f.write(ids[:take].data)  # type: ignore[union-attr]
-            self._n += take
-            self.shards[-1]["tokens"] += take
-            self.tokens += take
-            ids = ids[take:]
-
-    def _seal(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
-            name = self.shards[-1]["file"]
-            os.replace(self.out_dir / f"{name}.partial", self.out_dir / name)
-
-    def close(self) -> dict[str, Any]:
-        self._seal()
-        return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes,
-                "shards": self.shards}
 
 
 def _digest(text: str, prefix: str = "") -> bytes:
