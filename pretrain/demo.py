@@ -81,11 +81,7 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
         overrides["train"]["max_steps"] = max_steps
     cfg = load_config(None, overrides, base=DEMO_CONFIG)
     run = out / "run"
-    if run.exists() and output_kinds(out) == ["demo"]:  # an earlier demo's run: start again
-        import shutil
-
-        shutil.rmtree(run)
-    summary = train(cfg, run, quiet=quiet, overwrite=overwrite)
+    summary = _train_afresh(cfg, out, run, quiet, overwrite)
 
     say("== 3/7 evaluate on the held-out split")
     ev = evaluate_run(run)
@@ -147,6 +143,15 @@ def run_demo(out: str | Path = "demo_out", max_steps: int | None = None, quiet: 
     return result
 
 
+def _train_afresh(cfg, out: Path, run: Path, quiet: bool, overwrite: bool) -> dict[str, Any]:
+    """Train ``run`` from scratch (an earlier demo's run in it is removed first, not resumed)."""
+    if run.exists() and output_kinds(out) == ["demo"]:
+        import shutil
+
+        shutil.rmtree(run)
+    return train(cfg, run, quiet=quiet, overwrite=overwrite)
+
+
 def digits_dataset(out: Path) -> dict[str, Any]:
     """scikit-learn's 8x8 digits (0..16 levels scaled to 0..255) as a prepared image folder: a seeded,
     stratified 1,097 train / 200 val / 500 test split."""
@@ -183,11 +188,7 @@ def _image_demo(out: Path, max_steps: int | None, quiet: bool, budget_s: float, 
         overrides["train"]["max_steps"] = max_steps
     cfg = load_config(None, overrides, base=IMAGE_CONFIG)
     run = out / "run_images"
-    if run.exists() and output_kinds(out) == ["demo"]:
-        import shutil
-
-        shutil.rmtree(run)
-    summary = train(cfg, run, quiet=quiet, overwrite=overwrite)
+    summary = _train_afresh(cfg, out, run, quiet, overwrite)
     ev = evaluate_run(run)
     labels = ImageSplit(out / "data_images", "train").labels
     rng = np.random.default_rng(0)
