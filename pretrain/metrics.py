@@ -18,11 +18,15 @@ from pretrain.io import write_text_atomic
 class Progress:
     """A tqdm bar on a terminal, plain log lines (to stderr) otherwise."""
 
-    def __init__(self, total: int, initial: int, quiet: bool = False):
+    def __init__(self, total: int, initial: int, quiet: bool = False, max_time_s: float = 0.0,
+                 elapsed_s: float = 0.0):
+        """``max_time_s`` (a time budget; ``elapsed_s`` of it spent before): the ETA is the sooner of the step
+        budget's and the time budget's."""
         self.total, self.quiet = total, quiet
         self.bar = None
         self.t0 = time.time()
         self.initial = initial
+        self.max_time_s, self.elapsed_s = max_time_s, elapsed_s
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -38,9 +42,13 @@ class Progress:
             return
         if not line:
             return
-        done = step - self.initial
-        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
-        parts = [f"step {step}/{self.total}"] + [f"{k} {v}" for k, v in info.items()] + [f"eta {eta:.0f}s"]
+        done, spent = step - self.initial, time.time() - self.t0
+        eta = spent / max(done, 1) * (self.total - step)
+        by_time = self.max_time_s and self.max_time_s - self.elapsed_s - spent < eta
+        if by_time:
+            eta = max(self.max_time_s - self.elapsed_s - spent, 0.0)
+        head = f"step {step}" if by_time else f"step {step}/{self.total}"
+        parts = [head] + [f"{k} {v}" for k, v in info.items()] + [f"eta {eta:.0f}s"]
         print(" | ".join(parts), file=sys.stderr, flush=True)
 
     def write(self, msg: str) -> None:

@@ -666,7 +666,8 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = Fals
     ckpt.identity = {inputs.identity_key: inputs.identity,
                      "data_fingerprint": data_fingerprint(meta), "config": cfg.to_dict(),
                      "n_params": n_params, "global_batch_size": global_batch}
-    progress = Progress(tc.max_steps, ckpt.meta.get("step", 0), quiet)
+    progress = Progress(tc.max_steps, ckpt.meta.get("step", 0), quiet, tc.max_time_s,
+                        ckpt.meta.get("elapsed_s", 0.0))
     model, fwd = _apply_parallelism(model, cfg, env, progress)
     optimizer = build_optimizer(unwrap(model), tc, device.type)
     state = ckpt.restore(model, optimizer, loader)
