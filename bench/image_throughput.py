@@ -6,7 +6,8 @@ ResNetForImageClassification), so both sides have the same architecture, sizes a
 counts printed and checked equal). Both train in this one process on the same random images in a plain
 loop — forward, cross-entropy on the logits, backward, ``torch.optim.AdamW`` step, zero_grad — in the same
 dtype (``--dtype auto``: bf16 autocast where our trainer would use it, on CUDA and on CPUs with native bf16;
-else fp32). ``--compile`` compiles both sides.
+else fp32). ``--compile`` compiles both sides. Our side runs as our trainer runs it: a ResNet (its spec's
+``channels_last``) in NHWC memory format, which ``transformers`` does not do.
 
 * ``vit``: the encoder of configs/vit-mae-cpu.yaml (6 x 192, 3 heads, 4-pixel patches) at 28 px, with a
   10-class head (``--preset vit-b16``: ViT-B/16 at 224 px, for a GPU);
@@ -61,7 +62,7 @@ def build_pair(kind: str, size: dict, device: torch.device, n_classes: int = 10)
 
     from pretrain.config import Config, from_dict
     from pretrain.export import export_model
-    from pretrain.models import build_model
+    from pretrain.models import build_model, get_spec
 
     c = size["channels"]
     cfg = from_dict(Config, {"objective": "supervised", "model": {
@@ -75,6 +76,8 @@ def build_pair(kind: str, size: dict, device: torch.device, n_classes: int = 10)
             if kind == "vit" else AutoModelForImageClassification.from_pretrained(Path(d) / "hf")
     n_ours, n_hf = (sum(p.numel() for p in m.parameters()) for m in (ours, hf))
     assert n_ours == n_hf, (n_ours, n_hf)
+    if get_spec(cfg.model.arch).channels_last:  # as our trainer runs it (transformers leaves it NCHW)
+        ours = ours.to(memory_format=torch.channels_last)
     return ours.to(device).train(), hf.to(device).train(), n_ours
 
 

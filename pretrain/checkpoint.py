@@ -171,7 +171,8 @@ def _without_aliases(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
 def _save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file(sd, str(path), metadata={"format": "pt"})
+    # (a channels_last model's convolution weights are strided otherwise; safetensors stores them dense)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
 
 
 def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,

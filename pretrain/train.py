@@ -722,6 +722,8 @@ def _apply_parallelism(model: nn.Module, cfg: Config, env: DistEnv,
         apply_activation_checkpointing(model)
     compile_model = use_compile(tc.compile, device)
     fsdp = env.active and tc.parallelism == "fsdp"
+    if get_spec(cfg.model.arch).channels_last and not fsdp:
+        model = model.to(memory_format=torch.channels_last)
     if env.active:
         if compile_model and fsdp:
             model = apply_compile(model, progress, per_block=True)

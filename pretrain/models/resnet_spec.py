@@ -122,7 +122,7 @@ classify(Image.open('image.png'))"""
 SPEC = register(ArchSpec(
     name="resnet", build=_build, objectives=("supervised",), blocks="layers", embeddings=("stem",),
     head="classifier", lora_targets=("convolution",), description="residual convolutional network",
-    bidirectional=True, modality="images",
+    bidirectional=True, modality="images", channels_last=True,
     hf=HFMapping(architecture="ResNetForImageClassification", auto_class="AutoModelForImageClassification",
                  pipeline_tag="image-classification", config=hf_config, to_hf=to_hf, token_roles={},
                  model_types=("resnet",), config_from_hf=config_from_hf, from_hf=from_hf, usage=USAGE),

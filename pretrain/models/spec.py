@@ -91,6 +91,9 @@ class ArchSpec:
     prepared image directory). Image models take normalised pixels (B, C, H, W) and offer
     ``features(pixels, pooling) -> (B, D)`` (``model.feature_dim`` wide) and ``classify(pixels)``; a ViT
     also ``mae(pixels, noise, mask_ratio)`` and ``patchify(pixels)`` for masked autoencoding."""
+    channels_last: bool = False
+    """Convolutions run faster on NHWC weights and activations (oneDNN on CPUs, cuDNN on GPUs): the trainer
+    converts the model to ``torch.channels_last`` (from outside; not under FSDP)."""
     flops: Callable[[nn.Module, int], float] | None = None
     """(model, seq_len) → training FLOPs per token, for a model the default estimate
     (:meth:`flops_per_token`) does not fit; None: that estimate. Image models: per image (seq_len unused)."""
