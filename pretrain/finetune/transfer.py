@@ -123,7 +123,11 @@ def arms_for(runs: list[str | Path], tfidf: bool, modality: str = "text") -> lis
         seen = []
         for r in runs:
             _, pcfg, tok, _ = load_backbone(r, 0.0, True, 0)
-            seen.append((dataclasses.asdict(pcfg.model), tok and tok.sha256()))
+            # (image runs pre-trained on other images normalise pixels with their own statistics: input
+            # preprocessing, not architecture; the from-scratch arm takes the first run's)
+            arch = {k: v for k, v in dataclasses.asdict(pcfg.model).items()
+                    if k not in ("image_mean", "image_std")}
+            seen.append((arch, tok and tok.sha256()))
         if any(s != seen[0] for s in seen[1:]):
             raise PretrainError("the runs compared in one transfer must share the fine-tuned model's "
                                 "architecture and the tokenizer (one from-scratch baseline for all); "
