@@ -941,7 +941,8 @@ def validate(job: Job, clock: Clock) -> dict[str, Any]:
 
 def validate_images(job: Job, clock: Clock) -> dict[str, Any]:
     """Validation loss (and accuracy) of an image objective; the k-NN accuracy of frozen features when the
-    data has labels; MAE: a reconstruction grid PNG of the first validation images (rank 0)."""
+    data has labels; MAE: a reconstruction grid PNG of the first validation images, one per evaluation in
+    reconstructions/ (rank 0)."""
     from pretrain.evaluation import evaluate_images, knn_monitor
 
     tc, st, im = job.cfg.train, job.state, job.cfg.image
@@ -971,7 +972,7 @@ def validate_images(job: Job, clock: Clock) -> dict[str, Any]:
             job.fwd.eval()
             with autocast_context(job.env.device, tc.dtype):
                 job.objective.snapshot(job.fwd, _batch_on(job.val_split, idx, job.env.device)[0],
-                                       job.run / "reconstructions.png")
+                                       job.run / "reconstructions" / f"step_{st.step:06d}.png")
             job.fwd.train(was)
     finally:
         if fsdp:

@@ -154,7 +154,8 @@ class MaskedAutoencoding(_ImageObjective):
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
         from pretrain.io import atomic_path
 
-        with atomic_path(path) as tmp:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(path)) as tmp:
             img.save(tmp, format="PNG")
 
 
