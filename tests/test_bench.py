@@ -110,3 +110,29 @@ def test_trainer_mfu_reports_the_trainers_own_figures():
     assert r["mfu_median"] is None  # no MFU on a CPU (no bf16 peak to measure against)
     with pytest.raises(SystemExit):
         mod.parse_args(["--steps", "10", "--log-interval", "10", "--skip", "2"])
+
+
+def _load(name: str):
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_image_throughput_pairs_have_the_same_weights_and_a_consistent_ratio():
+    res = _load("image_throughput").main(["--steps", "1", "--rounds", "2", "--warmup", "1",
+                                          "--batch-size", "4"])
+    for kind in ("vit", "resnet"):
+        r = res[kind]
+        assert r["params"] > 0 and len(r["rounds"]["ours"]) == len(r["rounds"]["hf"]) == 2
+        assert r["ratio"] == pytest.approx(r["ours_img_s"] / r["hf_img_s"], rel=1e-2)
+
+
+def test_image_trainer_reports_the_trainers_own_images_per_s():
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "vit-mae-cpu.yaml")
+    res = _load("image_trainer").main(["--config", config, "--size", "8", "--channels", "1",
+                                       "--images", "64", "--steps", "6", "--log-interval", "2", "--skip", "1",
+                                       "--set", "train.batch_size=8", "--set", "model.patch_size=2",
+                                       "--device", "cpu"])
+    assert res["intervals_used"] == 2 and res["img_s_median"] > 0 and res["mfu_median"] is None
