@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -82,19 +81,17 @@ def stage_transfer(work: Path, runs: list[str], task: str, budgets: str, seeds: 
 
 
 def stage_report(work: Path) -> str:
-    lines = ["| task | budget | arm | metric (test) | mean ± std | seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| task | labels | arm | metric (test) | mean ± std | gain vs scratch [95% CI] | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for rep in sorted((work / "transfer").glob("*/report.json")):
         data = json.loads(rep.read_text())
-        task = rep.parent.name
-        metric = data.get("metric", "metric")
-        for b in data.get("budgets", []):
-            for arm, res in b.get("arms", {}).items():
-                vals = [s["metric"] for s in res.get("seeds", []) if s.get("metric") is not None]
-                if not vals:
-                    continue
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                lines.append(f"| {task} | {b.get('budget')} | {arm} | {metric} | "
-                             f"{100 * statistics.mean(vals):.1f} ± {100 * sd:.1f} | {len(vals)} |")
+        for row in data["summary"]:
+            for arm, res in row["arms"].items():
+                gain = row.get("gain", {}).get(arm)
+                g = (f"{100 * gain['mean']:+.1f} [{100 * gain['ci95'][0]:+.1f}, {100 * gain['ci95'][1]:+.1f}]"
+                     if gain else "")
+                lines.append(f"| {rep.parent.name} | {row['n']:,} | {arm} | {data['metric']} | "
+                             f"{100 * res['mean']:.1f} ± {100 * res['std']:.1f} | {g} | {res['seeds']} |")
     return "\n".join(lines)
 
 
