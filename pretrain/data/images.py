@@ -53,7 +53,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import struct
 import sys
@@ -63,14 +62,20 @@ import zipfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pretrain.data.manifest import FORMAT_VERSION, META, ShardWriter, load_meta
+from pretrain.data.manifest import (
+    FORMAT_VERSION,
+    META,
+    ShardWriter,
+    check_prepared_out,
+    load_meta,
+    writing_prepared,
+)
 from pretrain.data.sources import (
     JSONL_EXTS,
     SKIP_HINT,
@@ -80,7 +85,7 @@ from pretrain.data.sources import (
     _split_suffix,
     sha256_file,
 )
-from pretrain.io import exclusive_lock, fsync_dir, fsync_file, write_failed, write_json_atomic
+from pretrain.io import fsync_file, write_json_atomic
 
 KIND = "images"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jpe", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -870,64 +875,6 @@ class _Collector:
         return splits
 
 
-def _swap_into_place(partial: Path, out: Path) -> None:
-    """The finished directory replaces ``out`` (an earlier one is moved aside first, then removed)."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
-    fsync_dir(out.parent)
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if (out / META).exists() and not overwrite:
-        raise DataError(f"{out} already holds prepared data; pass --overwrite to replace it")
-    if out.exists() and not (out / META).exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} exists and is not a prepared data directory; refusing to replace it "
-                        "(choose an empty or new --out)")
-
-
-@contextmanager
-def _writing(out: Path, overwrite: bool, log: Callable[[str], None]) -> Iterator[Path]:
-    """The lock on ``out``, a fresh ``.NAME.partial`` directory to write in (removed on any error), and the
-    swap into place at the end; an interrupted earlier swap is completed or undone first (as text prepare)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.parent / f".{out.name}.lock"
-    partial, stale = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
-    with exclusive_lock(lock, f"another prepare is writing {out} (lock file {lock})", DataError):
-        if stale.exists() and not out.exists():  # a crash inside the final swap (between its two renames)
-            if (partial / META).is_file():
-                log(f"completing the interrupted swap of {partial} into {out}")
-                os.replace(partial, out)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                log(f"restoring {out} from {stale}, left by an interrupted prepare")
-                os.replace(stale, out)
-            fsync_dir(out.parent)
-            if not overwrite:
-                raise DataError(f"{out} already holds prepared data (recovered from an interrupted prepare); "
-                                "pass --overwrite to replace it")
-        if partial.exists():
-            log(f"removing {partial}, left by an interrupted prepare: starting again")
-            shutil.rmtree(partial)
-        if stale.exists():
-            shutil.rmtree(stale)
-        partial.mkdir(parents=True)
-        try:
-            yield partial
-        except BaseException as e:
-            shutil.rmtree(partial, ignore_errors=True)
-            if isinstance(e, OSError) and (e.errno in (28, 122, 30, 5)  # ENOSPC EDQUOT EROFS EIO
-                                           or str(e.filename or "").startswith(str(partial))):
-                raise write_failed(e, "the prepared data", out, None,
-                                   "an earlier prepared directory there, if any, is as it was") from None
-            raise
-        _swap_into_place(partial, out)
-
-
 def _meta(hwc: tuple[int, int, int], mean: list[float], std: list[float], classes: list[str],
           splits: dict[str, Any], sources: list[dict[str, Any]], skipped: list[dict[str, Any]], licence: str,
           extra: dict[str, Any]) -> dict[str, Any]:
@@ -950,7 +897,7 @@ def write_prepared(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarr
     out = Path(out)
     if "train" not in splits:
         raise DataError(f"write_prepared needs a 'train' split (got {', '.join(splits) or 'none'})")
-    _check_out(out, overwrite)
+    check_prepared_out(out, overwrite)
     arrays: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     hwc = None
     for sp, (images, labels) in splits.items():
@@ -976,7 +923,7 @@ def write_prepared(out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarr
                                 "classes")
         arrays[sp] = (a, lab)
     order = [sp for sp in SPLIT_ORDER if sp in arrays] + [sp for sp in arrays if sp not in SPLIT_ORDER]
-    with _writing(out, overwrite, lambda m: None) as partial:
+    with writing_prepared(out, overwrite, lambda m: None) as partial:
         col = _Collector(partial, hwc, order, bool(classes))
         for sp in order:
             col.add(sp, *arrays[sp])
@@ -1073,7 +1020,7 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_size: int = 0, c
         raise DataError(f"workers must be >= 0, got {workers}")
     if shard_images < 0:
         raise DataError(f"shard_images must be >= 1 (0: about 256 MiB per shard), got {shard_images}")
-    _check_out(out, overwrite)
+    check_prepared_out(out, overwrite)
     exclude = [p.resolve() for p in (out, out.parent / f".{out.name}.partial",
                                      out.parent / f".{out.name}.old")]
     parts = _plan(inputs, exclude, log)
@@ -1154,7 +1101,7 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_size: int = 0, c
         + (f" ({workers} worker processes)" if workers else ""))
     pool: _Pool | None = None
     try:
-        with _writing(out, overwrite, log) as partial:
+        with writing_prepared(out, overwrite, log) as partial:
             col = _Collector(partial, (h, w, c), splits, bool(classes), shard_images)
             pool = _Pool(workers, start_method)
             for pi, start, imgs, kept, problems, shas, _ in pool.map(jobs()):

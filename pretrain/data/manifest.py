@@ -5,15 +5,20 @@ of those imports the other."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pretrain.data.sources import DataError
+from pretrain.io import exclusive_lock, fsync_dir, write_failed
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -123,3 +128,68 @@ class ShardWriter:
         self._seal()
         return {self.unit: self.count, "documents": self.documents, "bytes": self.bytes,
                 "shards": self.shards}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing a prepared directory (text and images alike)
+
+
+def check_prepared_out(out: Path, overwrite: bool) -> None:
+    """``out`` may receive a prepared directory: new, empty, or (with ``overwrite``) an earlier one."""
+    if (out / META).exists() and not overwrite:
+        raise DataError(f"{out} already holds prepared data; pass --overwrite to replace it")
+    if out.exists() and not (out / META).exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} exists and is not a prepared data directory; refusing to replace it "
+                        "(choose an empty or new --out)")
+
+
+def swap_into_place(partial: Path, out: Path) -> None:
+    """The finished directory replaces ``out`` (an earlier one is moved aside first, then removed)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+    fsync_dir(out.parent)
+
+
+@contextmanager
+def writing_prepared(out: Path, overwrite: bool, log: Callable[[str], None]) -> Iterator[Path]:
+    """The lock on ``out``, a fresh ``.NAME.partial`` directory to write in (removed on any error or Ctrl-C),
+    and the swap into place at the end; an interrupted earlier swap is completed or undone first. A write
+    that fails for want of space (or on the partial directory itself) is one clear error that says the
+    earlier directory, if any, is as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    partial, stale = out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old"
+    with exclusive_lock(lock, f"another prepare is writing {out} (lock file {lock})", DataError):
+        if stale.exists() and not out.exists():  # a crash inside the final swap (between its two renames)
+            if (partial / META).is_file():  # the new directory was complete: finish the swap
+                log(f"completing the interrupted swap of {partial} into {out}")
+                os.replace(partial, out)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:  # put the previous directory back
+                log(f"restoring {out} from {stale}, left by an interrupted prepare")
+                os.replace(stale, out)
+            fsync_dir(out.parent)
+            if not overwrite:
+                raise DataError(f"{out} already holds prepared data (recovered from an interrupted prepare); "
+                                "pass --overwrite to replace it")
+        if partial.exists():
+            log(f"removing {partial}, left by an interrupted prepare: starting again")
+            shutil.rmtree(partial)
+        if stale.exists():
+            shutil.rmtree(stale)
+        partial.mkdir(parents=True)
+        try:
+            yield partial
+        except BaseException as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+                                           or str(e.filename or "").startswith(str(partial))):
+                raise write_failed(e, "the prepared data", out, None,
+                                   "an earlier prepared directory there, if any, is as it was") from None
+            raise
+        swap_into_place(partial, out)

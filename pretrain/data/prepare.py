@@ -43,12 +43,10 @@ prepare is *restarted*, not resumed: the next prepare into the same ``out`` remo
 
 from __future__ import annotations
 
-import errno
 import gc
 import hashlib
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 import time
@@ -63,7 +61,15 @@ import regex
 
 from pretrain.data.clean import _STEP_INDEX, NUM_PERM, CleanConfig, Cleaner, _h, _words, text_filter
 from pretrain.data.encode import Chunker, IdsEncoder, norm_safe_cut
-from pretrain.data.manifest import FORMAT_VERSION, META, SPLITS, ShardWriter, token_dtype
+from pretrain.data.manifest import (
+    FORMAT_VERSION,
+    META,
+    SPLITS,
+    ShardWriter,
+    check_prepared_out,
+    token_dtype,
+    writing_prepared,
+)
 from pretrain.data.sources import (
     DataError,
     HubSpec,
@@ -72,7 +78,7 @@ from pretrain.data.sources import (
     parse_weight,
 )
 from pretrain.data.tokenizer import TRAINED, Tokenizer, build_tokenizer
-from pretrain.io import exclusive_lock, fsync_dir, write_failed, write_json_atomic
+from pretrain.io import write_json_atomic
 
 DROP, TRAIN, VAL, TAIL = 0, 1, 2, 3  # plan codes; TAIL: the single document, cut at its text tail
 BPE_CACHE_WORDS = 100_000  # words whose BPE pieces a tokenizing process remembers (~10 MB)
@@ -463,11 +469,7 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
         raise DataError("batch_chars and shard_tokens must be >= 1")
     if workers is not None and workers < 0:
         raise DataError(f"workers must be >= 0, got {workers}")
-    if (out / META).exists() and not overwrite:
-        raise DataError(f"{out} already holds prepared data; pass --overwrite to replace it")
-    if out.exists() and not (out / META).exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} exists and is not a prepared data directory; refusing to replace it "
-                        "(choose an empty or new --out)")
+    check_prepared_out(out, overwrite)
     sources = expand_inputs(inputs, hf_split=hf_split, hf_revision=hf_revision, hf_data_files=hf_data_files)
     # an --out inside an input folder: its own files (and the hidden work folders beside it) are not input
     own = [p.resolve() for p in (out, out.parent / f".{out.name}.partial", out.parent / f".{out.name}.old")]
@@ -478,39 +480,17 @@ def prepare(inputs: list, out: str | Path, tokenizer: str = "bpe", vocab_size: i
     if workers is None:
         size = sum(s.path.stat().st_size if s.path is not None else AUTO_INPROCESS_BYTES for s in sources)
         workers = usable_cpus() if usable_cpus() > 1 and size >= AUTO_INPROCESS_BYTES else 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out.parent / f".{out.name}.lock", f"another prepare is writing {out} "
-                        f"(lock file {out.parent / f'.{out.name}.lock'})", DataError):
-        partial = out.parent / f".{out.name}.partial"
-        stale = out.parent / f".{out.name}.old"
-        if stale.exists() and not out.exists():  # a crash inside the final swap (between its two renames)
-            if (partial / META).is_file():  # the new directory was complete: finish the swap
-                log(f"completing the interrupted swap of {partial} into {out}")
-                os.replace(partial, out)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:  # put the previous directory back
-                log(f"restoring {out} from {stale}, left by an interrupted prepare")
-                os.replace(stale, out)
-            fsync_dir(out.parent)
-            if not overwrite:
-                raise DataError(f"{out} already holds prepared data (recovered from an interrupted prepare); "
-                                "pass --overwrite to replace it")
-        if partial.exists():
-            log(f"removing {partial}, left by an interrupted prepare: starting again")
-            shutil.rmtree(partial)
-        if stale.exists():
-            shutil.rmtree(stale)
-        try:
-            return _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field,
-                            bad_files, shard_tokens, clean, licence, tokenizer_sample_chars, log, workers,
-                            batch_chars, text_unit, weighted, _input_labels(inputs), progress_s, t0,
-                            start_method)
-        except OSError as e:  # writing the shards (a full disk, above all): _prepare removed its partial
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO) and \
-                    not str(e.filename or "").startswith(str(partial)):
-                raise
-            raise write_failed(e, "the prepared data", out, None,
-                               "an earlier prepared directory there, if any, is as it was") from None
+    with writing_prepared(out, overwrite, log) as partial:
+        meta, tok, dtype = _prepare(sources, partial, tokenizer, vocab_size, val_fraction, text_field,
+                                    bad_files, shard_tokens, clean, licence, tokenizer_sample_chars, log,
+                                    workers, batch_chars, text_unit, weighted, _input_labels(inputs),
+                                    progress_s, t0, start_method)
+    for sp in SPLITS:
+        info = meta["splits"][sp]
+        log(f"{sp}: {info['tokens']:,} tokens, {info['documents']:,} documents, {info['bytes']:,} bytes")
+    if tok.kind == "file" and tok.unk_id is not None:  # a reused tokenizer may not cover this corpus
+        _warn_unknown(out, meta, tok.unk_id, dtype, log)
+    return meta
 
 
 class _Output:
@@ -564,9 +544,11 @@ class _Output:
                 (w.out_dir / sh["file"]).unlink()
 
 
-def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files, shard_tokens,
+def _prepare(sources, partial, tokenizer, vocab_size, val_fraction, text_field, bad_files, shard_tokens,
              clean, licence, tokenizer_sample_chars, log, workers, batch_chars, text_unit, weighted, labels,
-             progress_s, t0, start_method) -> dict[str, Any]:
+             progress_s, t0, start_method) -> tuple[dict[str, Any], Tokenizer, np.dtype]:
+    """Everything written into ``partial`` (created, removed on failure and swapped into place by
+    manifest.writing_prepared) → (meta, the tokenizer, the token dtype)."""
     def docs(record: bool = False) -> Iterator[tuple[int, str]]:
         return iter_documents(sources, text_field, bad_files, record=record, with_source=True,
                               text_unit=text_unit)
@@ -587,7 +569,6 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
             t_log = time.time()
             log(f"{what} {done / 1e6:,.0f} MB ({done / 1e6 / (t_log - t_start):.1f} MB/s)")
 
-    partial.mkdir(parents=True)
     try:
         # Pass 1: scan — read, clean and choose splits; one plan byte per document. (A long document is not
         # encoded here when every input is one text file: it is one document, to be cut at its text tail and
@@ -659,18 +640,11 @@ def _prepare(sources, out, partial, tokenizer, vocab_size, val_fraction, text_fi
         if weighted:
             meta["mixture"] = _mixture(sources, labels, groups, output.writers, log)
         write_json_atomic(partial / META, meta)
-    except BaseException:  # an error or Ctrl-C: leave no half-written directory behind
+    except BaseException:  # an error or Ctrl-C: stop the workers (writing_prepared removes the partial)
         if pool is not None:
             pool.close(ok=False)
-        shutil.rmtree(partial, ignore_errors=True)
         raise
-    _swap_into_place(partial, out)
-    for sp in SPLITS:
-        info = split_info[sp]
-        log(f"{sp}: {info['tokens']:,} tokens, {info['documents']:,} documents, {info['bytes']:,} bytes")
-    if tok.kind == "file" and tok.unk_id is not None:  # a reused tokenizer may not cover this corpus
-        _warn_unknown(out, meta, tok.unk_id, dtype, log)
-    return meta
+    return meta, tok, dtype
 
 
 def _scan_items(docs: Iterator[tuple[int, str]], cleaner: Cleaner, val_fraction: float,
@@ -757,18 +731,6 @@ def _scan(pool: _Workers, cleaner: Cleaner, items: Iterator[tuple[tuple, str, An
             output.flush()
             progress(output.bytes)
     return plan, per_group, n_docs, total_chars
-
-
-def _swap_into_place(partial: Path, out: Path) -> None:
-    """The finished directory replaces ``out`` (an earlier one is moved aside first, then removed)."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
-    fsync_dir(out.parent)
 
 
 def _manifest(tok: Tokenizer, dtype: np.dtype, val_fraction: float, tails: int, single: bool,
