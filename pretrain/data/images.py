@@ -83,6 +83,7 @@ from pretrain.data.sources import (
     TEXT_EXTS,
     DataError,
     _split_suffix,
+    glob_files,
     sha256_file,
 )
 from pretrain.io import fsync_file, write_json_atomic
@@ -619,9 +620,7 @@ def _plan(inputs: list, exclude: list[Path], log: Callable[[str], None]) -> list
         if p.is_file():
             files = [p]
         elif any(ch in s for ch in "*?["):
-            files = sorted(Path(m) for m in globlib.glob(str(p), recursive=True) if Path(m).is_file())
-            if not files:
-                raise DataError(f"glob {s!r} matched no files")
+            files = glob_files(s)
         else:
             raise DataError(f"input not found: {s}")
         files = [f for f in files if f.resolve() not in seen]

@@ -162,6 +162,15 @@ def parse_hub(item: str, split: str = "train", revision: str | None = None,
     return HubSpec(name=name, config=config or None, split=split, revision=revision, data_files=data_files)
 
 
+def glob_files(pattern: str) -> list[Path]:
+    """The files a glob matches (``**`` recursive, ``~`` expanded), sorted; an error when it matches none."""
+    files = sorted(Path(m) for m in glob.glob(str(Path(pattern).expanduser()), recursive=True)
+                   if Path(m).is_file())
+    if not files:
+        raise DataError(f"glob {pattern!r} matched no files")
+    return files
+
+
 def expand_inputs(inputs: list, hf_split: str = "train", hf_revision: str | None = None,
                   hf_data_files: Any = None) -> list:
     """Files, folders, globs (each optionally ``::WEIGHT``), ``hf:NAME[:CONFIG]`` strings and
@@ -205,9 +214,7 @@ def expand_inputs(inputs: list, hf_split: str = "train", hf_revision: str | None
                 raise DataError(f"folder {p} has no .txt/.md/.rst/.jsonl/.json/.csv/.tsv/.parquet files "
                                 "(optionally .gz/.zst; name files or a glob to read other extensions)")
         elif any(ch in item for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
-            if not matches:
-                raise DataError(f"glob {item!r} matched no files")
+            matches = glob_files(item)
         else:
             raise DataError(f"input not found: {item}")
         for m in matches:
