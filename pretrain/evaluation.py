@@ -69,16 +69,16 @@ def evaluate_images(model: nn.Module, split, batch_size: int, device: torch.devi
 
 
 @torch.no_grad()
-def image_features(model: nn.Module, split, idx, objective, batch_size: int, device: torch.device,
+def image_features(model: nn.Module, images, idx, pixels, batch_size: int, device: torch.device,
                    dtype: str = "auto", pooling: str = "cls") -> torch.Tensor:
-    """(len(idx), D) float features (``model.features``) of a split's images ``idx``, normalised as the
-    objective normalises them."""
+    """(len(idx), D) float features (``model.features``) of images ``idx`` of ``images`` (anything with
+    ``images(index) -> (k, H, W, C) uint8``: an ImageSplit), batch by batch; ``pixels``: uint8 array → the
+    model's normalised input on ``device``."""
     out = []
     for i in range(0, len(idx), batch_size):
-        images, _ = _batch_on(split, idx[i:i + batch_size], device)
         with autocast_context(device, dtype):
-            out.append(model.features(objective.pixels(images), pooling).float())
-    return torch.cat(out) if out else torch.zeros(0, getattr(model, "feature_dim", 0))
+            out.append(model.features(pixels(images.images(idx[i:i + batch_size])), pooling).float())
+    return torch.cat(out) if out else torch.zeros(0, getattr(model, "feature_dim", 0), device=device)
 
 
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, labels: torch.Tensor,
@@ -117,8 +117,11 @@ def knn_monitor(model: nn.Module, train_split, val_split, objective, batch_size:
     was_training = model.training
     model.eval()
     try:
-        bank = image_features(model, train_split, bank_idx, objective, batch_size, device, dtype)
-        query = image_features(model, val_split, val_idx, objective, batch_size, device, dtype)
+        def pixels(a):
+            return objective.pixels(torch.from_numpy(np.ascontiguousarray(a)).to(device))
+
+        bank = image_features(model, train_split, bank_idx, pixels, batch_size, device, dtype)
+        query = image_features(model, val_split, val_idx, pixels, batch_size, device, dtype)
     finally:
         model.train(was_training)
     n_classes = int(max(train_split.labels.max(), val_split.labels.max())) + 1

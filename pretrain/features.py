@@ -163,22 +163,17 @@ def embed_images(model, mcfg, images, pooling: str = "mean", normalize: bool = F
                  device: torch.device | str = "cpu", dtype: str = "fp32") -> np.ndarray:
     """(N, feature_dim) float32 features of every image of ``images`` (anything with ``len`` and
     ``images(index) -> (k, H, W, C) uint8``: an ImageSplit), in order."""
-    from pretrain.hardware import autocast_context
+    from pretrain.evaluation import image_features
 
     if pooling not in image_poolings(model):
         raise PretrainError(f"pooling {pooling!r} is not offered by this image model "
                             f"(it offers {', '.join(image_poolings(model))})")
-    n = len(images)
-    out = np.zeros((n, model.feature_dim), dtype=np.float32)
     dev = torch.device(device)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(n, start + batch_size), dtype=np.int64)
-        with autocast_context(dev, dtype):
-            v = model.features(image_pixels(images.images(idx), mcfg, dev), pooling).float()
-        if normalize:
-            v = torch.nn.functional.normalize(v, dim=-1)
-        out[idx] = v.cpu().numpy()
-    return out
+    v = image_features(model, images, np.arange(len(images), dtype=np.int64),
+                       lambda a: image_pixels(a, mcfg, dev), batch_size, dev, dtype, pooling)
+    if normalize:
+        v = torch.nn.functional.normalize(v, dim=-1)
+    return v.cpu().numpy().astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,19 +25,16 @@ def _evaluate_images(run, model, cfg, meta, data_dir: Path, dmeta: dict[str, Any
     accuracy of its features when the data has labels."""
     from pretrain.data.images import ImageSplit
     from pretrain.evaluation import evaluate_images, knn_monitor
+    from pretrain.features import check_image_size
     from pretrain.objectives import build_image_objective
 
     if dmeta.get("kind") != "images":
         raise PretrainError(f"{data_dir} holds tokens; {run} is an image model: pass a prepared image folder")
-    im, m = dmeta["image"], cfg.model
-    if (im["height"], im["width"], im["channels"]) != (m.image_size, m.image_size, m.channels):
-        raise PretrainError(f"{data_dir} holds {im['height']}x{im['width']}x{im['channels']} images; {run} "
-                            f"takes {m.image_size}x{m.image_size}x{m.channels}: prepare them with "
-                            f"--image-size {m.image_size} --channels {m.channels}")
+    images = ImageSplit(data_dir, split)
+    check_image_size(f"{data_dir}@{split}", images, cfg.model, run)
     saved = meta.get("data_fingerprint")
     same_data = None if saved is None else saved == data_fingerprint(dmeta)
     objective = build_image_objective(cfg)
-    images = ImageSplit(data_dir, split)
     bs = batch_size or cfg.train.batch_size
     ev = evaluate_images(model, images, bs, dev, cfg.train.dtype, max_batches, objective)
     if not math.isfinite(ev["loss"]):
