@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 WORDS = ("the a an of to and in is was for on that with as by at from it this be are his her they "
@@ -70,3 +75,19 @@ def overrides(cfg: dict, prefix: str = "") -> list[str]:
         else:
             out += [f"--{prefix}{k}", str(v).lower() if isinstance(v, bool) else str(v)]
     return out
+
+
+def kill_after(script: str, marker: Path, after_s: float, env: dict[str, str] | None = None,
+               timeout: float = 120) -> None:
+    """Run ``python -c script`` and SIGKILL it ``after_s`` seconds after ``marker`` appears (a checkpoint's
+    meta.json: mid-run, past that checkpoint); it must not have finished before."""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(), env=env)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, "training finished or failed before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.01)
+    time.sleep(after_s)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL

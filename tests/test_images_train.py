@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _corpus import overrides
+from _corpus import kill_after, overrides
 
 from pretrain.cli import main
 from pretrain.data.images import write_prepared
@@ -138,17 +136,8 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, labelled, which):
         from pretrain.cli import main
         sys.exit(main({args!r}))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(),
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    marker = run / "checkpoints" / "step_000010" / "meta.json"
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert proc.poll() is None, "training finished or failed before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared in time"
-        time.sleep(0.01)
-    time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after(script, run / "checkpoints" / "step_000010" / "meta.json", 0.2,
+               env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert 10 <= max(losses(run)) < 20
     assert main(args) == 0
     assert losses(run) == losses(ref)

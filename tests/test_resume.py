@@ -10,11 +10,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-from _corpus import TINY_TRAIN, overrides, write_corpus
+from _corpus import TINY_TRAIN, kill_after, overrides, write_corpus
 
 from pretrain.cli import main
 
@@ -94,17 +93,8 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, objective, data_dir, ref
         from pretrain.cli import main
         sys.exit(main({args!r}))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
-    marker = run / "checkpoints" / "step_000010" / "meta.json"
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert proc.poll() is None, "training finished or failed before it could be killed"
-        assert time.time() < deadline, "no checkpoint appeared in time"
-        time.sleep(0.01)
-    time.sleep(0.3)  # a few steps past the checkpoint, mid-step
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    # a few steps past the checkpoint, mid-step
+    kill_after(script, run / "checkpoints" / "step_000010" / "meta.json", 0.3)
     logged = losses(run)
     assert 10 <= max(logged) < 30  # killed after the checkpoint, before the end
     assert main(args) == 0  # the same command again resumes from step 10
