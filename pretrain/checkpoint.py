@@ -31,7 +31,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from pretrain import PretrainError
-from pretrain.io import atomic_path, fsync_dir, fsync_file, nbytes, write_failed, write_json_atomic
+from pretrain.io import (
+    atomic_path,
+    default_mode,
+    fsync_dir,
+    fsync_file,
+    nbytes,
+    write_failed,
+    write_json_atomic,
+)
 
 CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -93,6 +101,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     try:
         tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE))
+        default_mode(tmp / MODEL_FILE)
         torch.save(state, tmp / STATE_FILE)
         files = _file_records(tmp, (MODEL_FILE, STATE_FILE))
     except OSError as e:  # a full disk, above all: nothing half-written stays, the last checkpoint is intact
@@ -173,6 +182,7 @@ def _save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
 
     # (a channels_last model's convolution weights are strided otherwise; safetensors stores them dense)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+    default_mode(path)
 
 
 def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,

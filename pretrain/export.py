@@ -122,7 +122,7 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
     from safetensors.torch import save_file
 
     from pretrain import PretrainError
-    from pretrain.io import card_record, check_output_dir, write_failed
+    from pretrain.io import card_record, check_output_dir, default_mode, write_failed
 
     _check_dtype(dtype)
     out = Path(out)
@@ -177,6 +177,7 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
             size += nbytes
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            default_mode(tmp / "model.safetensors")
             weight_files = ["model.safetensors"]
         else:
             weight_files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -184,6 +185,7 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
                      "weight_map": {k: name for name, shard in zip(weight_files, shards) for k in shard}}
             for wname, shard in zip(weight_files, shards):
                 save_file(shard, str(tmp / wname), metadata={"format": "pt"})
+                default_mode(tmp / wname)
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -41,6 +41,16 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # (read once: the process's umask, put back as it was)
+
+
+def default_mode(path: str | Path) -> None:
+    """Give a file the permissions a plain ``open()`` would (0666 less the umask). safetensors creates its
+    files 0600, which hides a run's weights from the rest of a group that shares the machine."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix) to write the whole file to; once the block ends it is

@@ -201,3 +201,25 @@ def test_demo_refuses_a_foreign_folder_before_doing_anything(tmp_path, capsys):
     assert "--overwrite" in err
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "run"]
     check_output_dir(demo_folder(tmp_path / "demo"), "demo")  # an earlier demo's folder: run again
+
+
+def test_weights_are_written_with_the_umask_mode_not_0600(tmp_path):
+    """safetensors creates 0600 files; checkpoints, fine-tunes and exports get 0666 less the umask, as any
+    other file the project writes."""
+    import os
+
+    import torch
+
+    from pretrain.checkpoint import _save_weights
+    from pretrain.io import default_mode
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    p = tmp_path / "w.safetensors"
+    _save_weights({"a": torch.zeros(2)}, p)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+    q = tmp_path / "x"
+    q.write_text("")
+    os.chmod(q, 0o600)
+    default_mode(q)
+    assert q.stat().st_mode & 0o777 == 0o666 & ~umask

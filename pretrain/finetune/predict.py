@@ -18,7 +18,14 @@ from pretrain.finetune.data import Examples, TokenExamples
 from pretrain.finetune.encode import Encoded, _batch, _encode_task, length_batches, read_task
 from pretrain.finetune.model import ImageTaskModel, TaskModel, merged
 from pretrain.hardware import autocast_context, resolve_device
-from pretrain.io import atomic_path, check_output_file, record_output, write_json_atomic, write_text_atomic
+from pretrain.io import (
+    atomic_path,
+    check_output_file,
+    default_mode,
+    record_output,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 FT_FILE = "finetune.json"
 
@@ -35,6 +42,7 @@ def save_finetuned(out: Path, model: nn.Module, info: dict[str, Any], tok) -> No
     (out / FT_FILE).unlink(missing_ok=True)
     with atomic_path(out / WEIGHTS) as tmp:
         save_model(merged(model), str(tmp))  # tied embeddings are stored once
+        default_mode(tmp)
     if tok is None:
         (out / "tokenizer.json").unlink(missing_ok=True)  # (an earlier text fine-tune's)
     else:
