@@ -457,7 +457,7 @@ class Config:
         return dump_yaml(self.to_dict())
 
 
-TASKS = ("classification", "regression", "token")
+TASKS = ("classification", "regression", "token", "qa")
 
 
 @dataclass
@@ -465,8 +465,9 @@ class FinetuneConfig:
     METRICS = ("auto", "accuracy", "balanced_accuracy", "macro_f1", "roc_auc")  # (not a field: no annotation)
 
     task: str = "classification"
-    """'classification' (one label per text or text pair), 'regression' (a number per text or pair) or
-    'token' (one tag per word, CoNLL files)."""
+    """'classification' (one label per text or text pair), 'regression' (a number per text or pair),
+    'token' (one tag per word, CoNLL files) or 'qa' (extractive question answering: the answer is a span of
+    the context; SQuAD JSON or tables)."""
     text_column: str = "text"
     """Column (CSV/TSV/Parquet) or field (JSONL) holding the text."""
     text_pair_column: str | None = None
@@ -540,8 +541,8 @@ class FinetuneConfig:
     metric: str = "auto"
     """The validation metric that picks the best model, drives early stopping, the recipe search and
     transfer's report: 'auto' (accuracy for classification, Pearson for regression, entity F1 for token
-    tags) or, for classification, 'accuracy', 'balanced_accuracy', 'macro_f1' or 'roc_auc' (two classes
-    only: the medical convention)."""
+    tags, SQuAD F1 for qa) or, for classification, 'accuracy', 'balanced_accuracy', 'macro_f1' or
+    'roc_auc' (two classes only: the medical convention)."""
     class_weights: str = "none"
     """Classification loss: 'none', or 'auto' (each class weighted by the inverse of its frequency in the
     training labels, n / (classes x count): imbalanced labels)."""
@@ -551,6 +552,31 @@ class FinetuneConfig:
     flip: bool = False
     """Image runs: random horizontal flips while fine-tuning (off by default: flipping changes what digits,
     letters or chest X-rays show)."""
+    question_column: str = "question"
+    """Task qa, tables (CSV/TSV/JSONL/Parquet): the column with the question (SQuAD JSON needs no names)."""
+    context_column: str = "context"
+    """Task qa, tables: the column with the passage the answer is taken from."""
+    answer_column: str = "answer_text"
+    """Task qa, tables: the column with the answer's text, exactly as it appears in the context (empty or
+    null: the question has no answer in the context, SQuAD 2.0)."""
+    answer_start_column: str = "answer_start"
+    """Task qa, tables: the column with the answer's character offset in the context."""
+    id_column: str = "id"
+    """Task qa, tables: the column with each question's id (optional: the row number when absent)."""
+    doc_stride: int = 128
+    """Task qa: tokens shared by consecutive windows of a context longer than fits beside the question (as
+    Hugging Face's ``stride``): an answer near one window's edge is whole in the next."""
+    max_answer_length: int = 30
+    """Task qa: the longest answer span decoded, in tokens."""
+    n_best: int = 1
+    """Task qa: spans each window puts forward when decoding; the same answer text put forward more than
+    once (by overlapping windows) adds up its scores (transformers' question-answering pipeline's top_k)."""
+    null_threshold: float = 0.0
+    """Task qa with unanswerable questions (SQuAD 2.0): answer nothing when the null score (start and end
+    on the null position) exceeds the best span's score by more than this (probabilities, 0..1)."""
+    bad_rows: str = "error"
+    """Task qa: a row that cannot be used (an answer not at its answer_start, an empty context, a question
+    longer than max_length): 'error' (stop, naming it) or 'skip' (leave it out, counted in a warning)."""
 
     def __post_init__(self) -> None:
         _all_finite(self, "finetune")
@@ -585,6 +611,9 @@ class FinetuneConfig:
         _check(self.class_weights == "none" or self.task == "classification",
                "class_weights auto is for task classification")
         _check(0 < self.crop_scale <= 1, "crop_scale must be in (0, 1]")
+        _check(self.doc_stride >= 0, "doc_stride must be >= 0")
+        _check(self.max_answer_length >= 1 and self.n_best >= 1, "max_answer_length and n_best must be >= 1")
+        _check(self.bad_rows in ("error", "skip"), f"bad_rows must be error or skip, got {self.bad_rows!r}")
         if self.prompt or self.verbalizer:
             _check(self.task == "classification", "prompt/verbalizer are for task classification only")
             _check(bool(self.prompt and self.verbalizer),

@@ -94,6 +94,18 @@ class Tokenizer:
         finally:
             self.tk.encode_special_tokens = False
 
+    def encode_offsets(self, texts: list[str], text_only: bool = False,
+                       ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Token ids of each text (no specials) with each token's character offsets in that text:
+        ``text[s:e]`` is what the token stands for (a byte token of a multi-byte character: the whole
+        character; a BPE token with its leading space: the space too)."""
+        self.tk.encode_special_tokens = text_only
+        try:
+            return [(e.ids, [tuple(o) for o in e.offsets])
+                    for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.tk.encode_special_tokens = False
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

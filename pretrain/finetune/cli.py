@@ -93,7 +93,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.finetune.predict import predict
 
     res = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, dtype=args.dtype)
     _emit(args, res, f"wrote {res['rows']:,} predictions"
                      + (f" of {res['input']}" if res.get("input") else "") + f" to {res['out']}"
                      + (f" ({res['truncated']} inputs truncated to {res['max_length']} tokens)"
@@ -133,10 +133,12 @@ def cmd_transfer(args: argparse.Namespace) -> dict[str, Any]:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register the transfer commands on the main parser; each sets ``func`` to its handler."""
     s = sub.add_parser("finetune", help="fine-tune a pre-trained run on labelled data (classification, "
-                                        "regression, token labels; full, head-only or LoRA)")
+                                        "regression, token labels, extractive question answering; full, "
+                                        "head-only or LoRA)")
     s.add_argument("run", help="pre-trained run directory or checkpoint")
     s.add_argument("--train", required=True,
-                   help="labelled training file (CSV/TSV/JSONL/Parquet; CoNLL for --task token); for an "
+                   help="labelled training file (CSV/TSV/JSONL/Parquet; CoNLL for --task token; SQuAD JSON "
+                        "or a table with question, context, answer_text, answer_start for --task qa); for an "
                         "image run a prepared image directory, DIR (its train split) or DIR@SPLIT")
     s.add_argument("--valid", required=True,
                    help="labelled validation file (model selection, early stopping; with --search: scored "
@@ -163,12 +165,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--input", required=True,
                    help="file with the same text column(s) as training; labels not needed; for an image "
                         "model a prepared image directory, DIR (its test split, else val) or DIR@SPLIT")
-    s.add_argument("--out", required=True, help=".jsonl, .csv, .tsv or .parquet (CoNLL text for token tasks)")
+    s.add_argument("--out", required=True, help=".jsonl, .csv, .tsv or .parquet (CoNLL text for token tasks; "
+                                                 "for a QA model also .json: SQuAD's {id: answer} file)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out that an earlier `pretrain predict` did not write (or that "
                         "changed since)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast dtype: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), "
+                        "bf16 or fp32 (the exact figures of an fp32 export)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_predict)
 

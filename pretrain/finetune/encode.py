@@ -231,6 +231,10 @@ def _encode_task(cfg: FinetuneConfig, tok, encoder: bool, max_len: int, ex, name
 
 
 def read_task(cfg: FinetuneConfig, path: str | Path, with_labels: bool = True):
+    if cfg.task == "qa":
+        from pretrain.finetune.qa import read_qa
+
+        return read_qa(path, cfg, with_answers=with_labels)
     if cfg.task == "token":
         return read_conll(path, with_tags=with_labels)
     return read_examples(path, cfg.text_column, cfg.label_column if with_labels else None,
@@ -238,6 +242,8 @@ def read_task(cfg: FinetuneConfig, path: str | Path, with_labels: bool = True):
 
 
 def _labels_of(cfg: FinetuneConfig, ex) -> list[Any]:
+    if cfg.task == "qa":  # the gold answers' texts ([] : none)
+        return [[t for t, _ in a] for a in ex.answers]
     if cfg.task == "token":
         return [t for s in ex.tags for t in s]
     return ex.labels

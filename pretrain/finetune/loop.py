@@ -43,7 +43,7 @@ from pretrain.finetune.encode import (
     verbalizer_ids,
 )
 from pretrain.finetune.metrics import compute_metrics
-from pretrain.finetune.model import TaskModel, _apply_lora, load_backbone
+from pretrain.finetune.model import TaskModel, _apply_lora, carry_head, load_backbone
 from pretrain.finetune.predict import FT_FILE, run_model, save_finetuned
 from pretrain.hardware import autocast_context, resolve_device, tune_cpu_allocator
 from pretrain.io import check_output_dir, write_json_atomic, write_text_atomic
@@ -75,6 +75,8 @@ def read_data(cfg: FinetuneConfig, train_path: str | Path, valid_path: str | Pat
         train_ex = train_ex.subset(train_subset)
     if valid_subset is not None:
         valid_ex = valid_ex.subset(valid_subset)
+    if cfg.task == "qa":
+        return TaskData(train_ex, valid_ex, [])
     if cfg.task == "regression":
         for ex, where in ((train_ex, train_path), (valid_ex, valid_path)):
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ex.labels):
@@ -180,6 +182,8 @@ def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet
         from pretrain.finetune.images import build_images
 
         return build_images(run, out, cfg, data, quiet, device, backbone, pcfg, ckpt)
+    if cfg.task == "qa":
+        return build_qa(out, cfg, data, quiet, device, backbone, pcfg, tok, ckpt)
     if cfg.metric == "roc_auc" and len(data.names) != 2:
         raise ConfigError(f"metric roc_auc is for two classes; the task has {len(data.names)}")
     encoder = spec.bidirectional
@@ -219,6 +223,55 @@ def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet
                     f"{len(tr.ids):,} train / {len(va.ids):,} valid examples, {n_out} output(s), ",
                     (f"; truncated to {max_len} tokens: {tr.truncated} train, {va.truncated} valid"
                      if tr.truncated or va.truncated else ""))
+
+
+def build_qa(out: Path, cfg: FinetuneConfig, data: TaskData, quiet: bool, device: torch.device,
+             backbone: nn.Module, pcfg, tok, ckpt) -> FtJob:
+    """:func:`build` for extractive question answering: a start/end head at every position (after the
+    backbone's head transform where it has one, as Hugging Face's ModernBERT), windows of the contexts."""
+    from pretrain.finetune.qa import QAInputs, encode_qa
+
+    spec = spec_of(backbone)
+    encoder = spec.bidirectional
+    ctx = pcfg.model.max_seq_len
+    if cfg.max_length > ctx:
+        raise ConfigError(f"max_length {cfg.max_length} exceeds the model's context of {ctx} tokens")
+    max_len = cfg.max_length or ctx
+    null = data.train.unanswerable > 0  # SQuAD 2.0: the model learns to answer nothing
+    torch.manual_seed(cfg.seed)
+    model: nn.Module = TaskModel(backbone, pcfg.model.d_model, 2, "none", encoder, cfg.dropout,
+                                 token_level=True, head_features=hasattr(backbone, "head_features"))
+    if not cfg.from_scratch:
+        carry_head(model, ckpt, "qa")
+    model = adapt(model, cfg, device)
+    data.tr = encode_qa(tok, data.train, encoder, max_len, cfg, null, train=True)
+    data.va = encode_qa(tok, data.valid, encoder, max_len, cfg, null, train=False)
+    if not data.tr.ids:
+        raise TaskDataError(f"no training window holds its answer within --max-length {max_len} tokens")
+    qa = {"doc_stride": cfg.doc_stride, "max_answer_length": cfg.max_answer_length, "n_best": cfg.n_best,
+          "null_threshold": cfg.null_threshold, "null": null}
+    info = {"format": 1, "task": "qa", "labels": [], "pooling": "none", "encoder": encoder,
+            "head_features": model_of(model).head_features, "qa": qa, "prompt": None,
+            "max_length": max_len, "config": dataclasses.asdict(cfg), "backbone": pcfg.to_dict(),
+            "pretrained_from": None if cfg.from_scratch else str(ckpt),
+            "train_examples": len(data.train), "valid_examples": len(data.valid),
+            "windows": {"train": len(data.tr.ids), "valid": len(data.va.ids)},
+            "skipped": {"train": data.train.skipped + data.tr.skipped,
+                        "valid": data.valid.skipped + data.va.skipped},
+            "truncated": {"train": 0, "valid": 0}, "tokenizer_sha256": tok.sha256()}
+    pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
+    return assemble(FtJob(cfg, out, model, None, data, device, pad, 0, 0, info, tok, None,  # type: ignore
+                          inputs=QAInputs(cfg, data, pad, encoder, null)),
+                    pcfg.model.n_layer, quiet, 0,
+                    f"fine-tuning {'a random init of ' if cfg.from_scratch else ''}{ckpt} for question "
+                    f"answering: {len(data.train):,} train questions ({len(data.tr.ids):,} windows) / "
+                    f"{len(data.valid):,} valid ({len(data.va.ids):,} windows)"
+                    + (f", {data.train.unanswerable:,} unanswerable" if null else "") + ", ")
+
+
+def model_of(model: nn.Module) -> nn.Module:
+    """The task model inside a LoRA wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def adapt(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> nn.Module:
@@ -398,6 +451,8 @@ def _loss(job: FtJob, loss_fn: nn.Module, idx: list[int]) -> torch.Tensor:
         logits = job.model(*args)
     if cfg.task == "regression":
         return loss_fn(logits.squeeze(-1), y)
+    if hasattr(job.inputs, "loss"):  # (question answering: start and end over the allowed positions)
+        return job.inputs.loss(logits, y)
     return loss_fn(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 

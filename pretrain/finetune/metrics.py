@@ -61,6 +61,11 @@ def compute_metrics(task: str, pred: list[Any], gold: list[Any], probs: Any = No
         spearman = float(np.corrcoef(_ranks(p), _ranks(g))[0, 1]) if p.std() > 0 and g.std() > 0 else 0.0
         return {"metric": pearson, "pearson": pearson, "spearman": spearman,
                 "mse": float(((p - g) ** 2).mean())}
+    if task == "qa":  # answer texts against the lists of gold answers
+        from pretrain.finetune.qa import squad_em_f1
+
+        m = squad_em_f1(pred, gold)
+        return {"metric": m["f1"], **m}
     if task == "token":
         flat_p = [t for s in pred for t in s]
         flat_g = [t for s in gold for t in s]

@@ -48,12 +48,18 @@ class _Head(nn.Module):
 class TaskModel(_Head):
     def __init__(self, backbone: nn.Module, d_model: int, n_out: int, pooling: str, encoder: bool,
                  dropout: float = 0.1, token_level: bool = False, label_ids: list[int] | None = None,
-                 mask_id: int | None = None):
+                 mask_id: int | None = None, head_features: bool = False):
         """``label_ids`` (one vocabulary id per class) switches to prompt-based classification; encoders
-        then need ``mask_id``, the token whose position holds the slot (exactly one per row)."""
+        then need ``mask_id``, the token whose position holds the slot (exactly one per row).
+        ``head_features``: the hidden states pass through the backbone's ``head_features`` (an encoder's
+        pre-trained prediction-head transform: dense, activation, norm) before dropout and the linear layer,
+        as Hugging Face's ModernBERT task heads do (question answering uses it, so an export is exact)."""
         super().__init__()
         self.backbone = backbone
         self.pooling, self.encoder, self.token_level = pooling, encoder, token_level
+        self.head_features = head_features
+        if head_features and not hasattr(backbone, "head_features"):
+            raise ValueError("head_features needs a backbone with a head_features transform")
         self.drop = nn.Dropout(dropout)
         self.prompt = label_ids is not None
         if self.prompt:
@@ -74,6 +80,8 @@ class TaskModel(_Head):
             return self.backbone.logits(h)[:, self.label_ids].float()
         if not self.token_level:
             h = pool_hidden(h, mask, self.pooling)  # (B, C)
+        if self.head_features:
+            h = self.backbone.head_features(h)
         return self.classifier(self.drop(h)).float()
 
 
@@ -109,12 +117,74 @@ def run_modality(run: str | Path) -> str:
         return "text"
 
 
+def is_finetuned(run: str | Path) -> bool:
+    """Whether ``run`` is a fine-tuned model's directory (``pretrain finetune``'s output) rather than a
+    pre-trained run."""
+    from pretrain.finetune.predict import FT_FILE
+
+    return (Path(run) / FT_FILE).is_file()
+
+
+def origin(run: str | Path) -> str | Path:
+    """The pre-trained run behind ``run``: itself, or for a fine-tuned model the checkpoint it was
+    fine-tuned from (itself when that is unknown or was a random init)."""
+    import json
+
+    from pretrain.finetune.predict import FT_FILE
+
+    if not is_finetuned(run):
+        return run
+    try:
+        return json.loads((Path(run) / FT_FILE).read_text(encoding="utf-8")).get("pretrained_from") or run
+    except (OSError, ValueError, AttributeError):
+        return run
+
+
+def carry_head(model: nn.Module, run: str | Path, task: str) -> bool:
+    """Start ``model``'s head from the fine-tuned model ``run``'s when that was fine-tuned for the same
+    task with a head of the same shape (intermediate-task training: e.g. question answering on
+    self-supervised cloze questions, then on the labelled ones). Whether it did."""
+    import json
+
+    from safetensors import safe_open
+
+    from pretrain.finetune.predict import FT_FILE, WEIGHTS
+
+    if not is_finetuned(run) or not hasattr(model, "classifier"):
+        return False
+    info = json.loads((Path(run) / FT_FILE).read_text(encoding="utf-8"))
+    if info.get("task") != task:
+        return False
+    with safe_open(str(Path(run) / WEIGHTS), "pt") as f:
+        head = {k.removeprefix("classifier."): f.get_tensor(k) for k in f.keys()
+                if k.startswith("classifier.")}
+    own = model.classifier.state_dict()
+    if set(head) != set(own) or any(head[k].shape != own[k].shape for k in own):
+        return False
+    model.classifier.load_state_dict(head)
+    return True
+
+
 def load_backbone(run: str | Path, dropout: float, from_scratch: bool, seed: int):
     """The run's model (the part of it that transfers: ``models.transferable``) rebuilt with fine-tuning
-    dropout → (backbone, Config of the backbone, Tokenizer (None for an image run), checkpoint path)."""
+    dropout → (backbone, Config of the backbone, Tokenizer (None for an image run), checkpoint path).
+    ``run`` may also be a fine-tuned model's directory: its backbone goes on to the next task (the path
+    returned is then that directory)."""
     from pretrain.checkpoint import CheckpointError, load_pretrained, resolve_checkpoint
     from pretrain.models import build_model
 
+    if is_finetuned(run):
+        from pretrain.config import Config, from_dict
+        from pretrain.finetune.predict import load_finetuned
+
+        task_model, info, tok = load_finetuned(run)
+        cfg = from_dict(Config, info["backbone"])
+        cfg.model = dataclasses.replace(cfg.model, dropout=dropout)
+        torch.manual_seed(seed)
+        model = build_model(cfg.model)
+        if not from_scratch:
+            model.load_state_dict(task_model.backbone.state_dict())
+        return model, cfg, tok, Path(run)
     try:
         ckpt = resolve_checkpoint(run)
         # the part that transfers (spec.encoder; ELECTRA: the discriminator as a 'bert' encoder), and a Config

@@ -75,14 +75,14 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
         raise PretrainError(f"{path / FT_FILE} is incomplete: no {', '.join(missing)}")
     pcfg = from_dict(Config, info["backbone"])
     backbone = build_model(pcfg.model)
-    n_out = 1 if info["task"] == "regression" else len(info["labels"])
+    n_out = 1 if info["task"] == "regression" else 2 if info["task"] == "qa" else len(info["labels"])
     prompt = info.get("prompt") or {}
     if images:
         model: nn.Module = ImageTaskModel(backbone, n_out, info["pooling"], 0.0)
     else:
         model = TaskModel(backbone, pcfg.model.d_model, n_out, info["pooling"], info["encoder"], 0.0,
-                          token_level=info["task"] == "token", label_ids=prompt.get("label_ids"),
-                          mask_id=prompt.get("mask_id"))
+                          token_level=info["task"] in ("token", "qa"), label_ids=prompt.get("label_ids"),
+                          mask_id=prompt.get("mask_id"), head_features=bool(info.get("head_features")))
     try:
         load_model(model, str(path / WEIGHTS))
     except Exception as e:
@@ -104,7 +104,7 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_size: int = 64,
-            device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
+            device: str = "auto", overwrite: bool = False, dtype: str = "auto") -> dict[str, Any]:
     """Predict every row of ``input_path`` (same columns as training; labels not needed) into ``out``
     (.jsonl, .csv or .parquet; CoNLL .txt/.conll for token tasks). An existing ``out`` is replaced only if an
     earlier ``predict`` wrote it (and it is unchanged since) or with ``overwrite``; never when it is the
@@ -119,8 +119,10 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
     dev = resolve_device(device)
     model, info, tok = load_finetuned(ft_dir, dev)
     if tok is None or images:
-        return _predict_images(model, info, ft_dir, input_path, Path(out), batch_size, dev)
+        return _predict_images(model, info, ft_dir, input_path, Path(out), batch_size, dev, dtype)
     cfg = from_dict(FinetuneConfig, info["config"])
+    if cfg.task == "qa":
+        return _predict_qa(model, info, tok, cfg, input_path, Path(out), batch_size, dev, dtype)
     if cfg.task == "token" and Path(out).suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet"):
         raise PretrainError(f"token predictions are written as CoNLL text (one 'word tag' per line): --out "
                             f"{Path(out).name} should end in .conll or .txt")
@@ -128,7 +130,7 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
     enc = _encode_task(cfg, tok, info["encoder"], info["max_length"], ex, info["labels"],
                        info.get("token_label", "first_piece"))  # (absent: fine-tuned before it was recorded)
     pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
-    preds, scores = run_model(model, enc, cfg.task, info["labels"], pad, batch_size, dev)
+    preds, scores = run_model(model, enc, cfg.task, info["labels"], pad, batch_size, dev, dtype)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.task == "token":
@@ -149,6 +151,42 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
     record_output(out, "predict")
     return {"out": str(out), "rows": len(preds), "task": cfg.task, "truncated": enc.truncated,
             "max_length": info["max_length"]}
+
+
+def _qa_answers(model: nn.Module, info: dict[str, Any], tok, cfg: FinetuneConfig, ex, batch_size: int,
+                dev: torch.device, dtype: str = "auto"):
+    """Every question's answer (finetune.qa.Answer) from a QA model, windowed and decoded as in training."""
+    from pretrain.finetune.qa import decode, encode_qa, null_in_softmax, window_logits
+
+    qa = info["qa"]
+    cfg = from_dict(FinetuneConfig, {**info["config"], "doc_stride": qa["doc_stride"],
+                                     "max_answer_length": qa["max_answer_length"], "n_best": qa["n_best"],
+                                     "null_threshold": qa["null_threshold"], "bad_rows": cfg.bad_rows})
+    w = encode_qa(tok, ex, info["encoder"], info["max_length"], cfg, qa["null"], train=False)
+    pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
+    logits = window_logits(model, w, pad, batch_size, dev, dtype)
+    return decode(ex, w, logits, null_in_softmax(info["encoder"], qa["null"]), qa["null"], cfg), w
+
+
+def _predict_qa(model: nn.Module, info: dict[str, Any], tok, cfg: FinetuneConfig, input_path: str | Path,
+                out: Path, batch_size: int, dev: torch.device, dtype: str = "auto") -> dict[str, Any]:
+    """``predict`` for question answering: per question its id, the answer text, its character offsets in
+    the context (-1 when the model answers nothing) and its score; an ``out`` ending in .json is SQuAD's
+    prediction file instead ({id: answer text}, what the official evaluation script reads)."""
+    from pretrain.finetune.qa import read_qa
+
+    ex = read_qa(input_path, cfg, with_answers=False)
+    answers, w = _qa_answers(model, info, tok, cfg, ex, batch_size, dev, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        write_text_atomic(out, json.dumps({i: a.text for i, a in zip(ex.ids, answers)}, ensure_ascii=False,
+                                          indent=1))
+    else:
+        _write_rows(out, [{"id": i, "answer": a.text, "start": a.start, "end": a.end,
+                           "score": round(a.score, 6)} for i, a in zip(ex.ids, answers)])
+    record_output(out, "predict")
+    return {"out": str(out), "rows": len(answers), "task": "qa", "truncated": 0, "windows": len(w.ids),
+            "skipped": ex.skipped + w.skipped, "max_length": info["max_length"]}
 
 
 def _image_model_input(model_dir: str | Path, info: dict[str, Any], input_path: str | Path, role: str,
@@ -172,14 +210,14 @@ def _image_model_input(model_dir: str | Path, info: dict[str, Any], input_path: 
 
 
 def _predict_images(model: nn.Module, info: dict[str, Any], ft_dir: str | Path, input_path: str | Path,
-                    out: Path, batch_size: int, dev: torch.device) -> dict[str, Any]:
+                    out: Path, batch_size: int, dev: torch.device, dtype: str = "auto") -> dict[str, Any]:
     """``predict`` for an image model: one row per image of the split, its class probabilities (``p_NAME``)
     and, when the split has labels, the true ``label``."""
     from pretrain.finetune.images import run_images
 
     ex, mcfg = _image_model_input(ft_dir, info, input_path, "input", labelled=False)
     names = info["labels"]
-    preds, probs = run_images(model, ex, mcfg, names, batch_size, dev)
+    preds, probs = run_images(model, ex, mcfg, names, batch_size, dev, dtype)
     rows = []
     for i, (p, s) in enumerate(zip(preds, probs)):
         row: dict[str, Any] = {"row": i, "prediction": p}
@@ -215,6 +253,10 @@ def evaluate_finetuned(ft_dir: str | Path, data_path: str | Path, batch_size: in
         check_known(ex.labels, names, ex.source)
         preds, probs = run_images(model, ex, mcfg, names, batch_size, dev, dtype)
         m = compute_metrics("classification", preds, ex.labels, probs, names, cfg.metric)
+    elif cfg.task == "qa":
+        ex = read_task(cfg, data_path)
+        answers, _ = _qa_answers(model, info, tok, cfg, ex, batch_size, dev, dtype)
+        m = compute_metrics("qa", [a.text for a in answers], _labels_of(cfg, ex))
     else:
         ex = read_task(cfg, data_path)
         gold = _labels_of(cfg, ex)

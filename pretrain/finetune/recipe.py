@@ -103,7 +103,7 @@ def poolings(cfg: FinetuneConfig, encoder: bool | tuple[str, ...]) -> list[str]:
     """The poolings searched, the architecture's default first; none for token tasks and prompts (no
     pooled head). ``encoder``: whether a text model is an encoder, or the poolings an image model offers
     (:func:`pooling_space`)."""
-    if cfg.task == "token" or cfg.prompt:
+    if cfg.task in ("token", "qa") or cfg.prompt:
         return [cfg.pooling]
     if not isinstance(encoder, bool):
         return list(encoder)
@@ -153,6 +153,13 @@ def inputs_identity(run: str | Path, train: str | Path, valid: str | Path,
 
     data = {"train_sha256": data_identity(train), "valid_sha256": data_identity(valid)}
     if weights:
+        from pretrain.finetune.model import is_finetuned
+
+        if is_finetuned(run):  # a fine-tuned model going on to another task: its weights' checksum
+            from pretrain.finetune.predict import WEIGHTS
+
+            return {"finetuned": str(Path(run).resolve()),
+                    "weights_sha256": data_identity(Path(run) / WEIGHTS), **data}
         return {"checkpoint": str(resolve_checkpoint(run).resolve()), **data}
     from pretrain.finetune.model import load_backbone
 

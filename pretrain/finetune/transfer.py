@@ -84,8 +84,9 @@ def sample_budget(labels: list[Any] | None, n: int, seed: int, total: int) -> li
     return sorted(chosen)
 
 
-SCRATCH, TFIDF, PIXELS = "scratch", "tfidf", "pixels"
-SHALLOW = {TFIDF: "TF-IDF + logistic regression", PIXELS: "logistic regression on raw pixels"}
+SCRATCH, TFIDF, PIXELS, WINDOW = "scratch", "tfidf", "pixels", "sliding_window"
+SHALLOW = {TFIDF: "TF-IDF + logistic regression", PIXELS: "logistic regression on raw pixels",
+           WINDOW: "the sliding-window lexical baseline (Rajpurkar et al. 2016)"}
 """The shallow arms (no learned features), by kind: what the report calls them."""
 
 
@@ -98,10 +99,11 @@ class Arm:
     run: str | Path | None
     """The run fine-tuned (the scratch arm: the run whose architecture and tokenizer it re-initialises)."""
     kind: str
-    """'pretrained', 'scratch', 'tfidf' or 'pixels'."""
+    """'pretrained', 'scratch', or a shallow arm: 'tfidf', 'pixels' or 'sliding_window' (qa)."""
 
 
-def arms_for(runs: list[str | Path], tfidf: bool, modality: str = "text") -> list[Arm]:
+def arms_for(runs: list[str | Path], tfidf: bool, modality: str = "text", task: str = "classification",
+             ) -> list[Arm]:
     """A pre-trained arm per run (named 'pretrained' when there is one, else by the run folder's name), one
     from-scratch arm — which needs every run to share the encoder's architecture and tokenizer, so that
     one random init is the baseline of all — and the shallow arm (``tfidf``): TF-IDF + logistic regression
@@ -116,7 +118,7 @@ def arms_for(runs: list[str | Path], tfidf: bool, modality: str = "text") -> lis
             p = Path(r).resolve()
             base = p.parent.parent.name if p.parent.name == "checkpoints" else p.name
             name = re.sub(r"[^\w.-]", "_", base) or "run"
-            while name in names or name in (SCRATCH, TFIDF, PIXELS):
+            while name in names or name in (SCRATCH, *SHALLOW):
                 name += "_"
             names.append(name)
     if len(runs) > 1:
@@ -133,7 +135,7 @@ def arms_for(runs: list[str | Path], tfidf: bool, modality: str = "text") -> lis
                                 "architecture and the tokenizer (one from-scratch baseline for all); "
                                 "compare the others in separate transfers")
     arms = [Arm(n, r, "pretrained") for n, r in zip(names, runs)] + [Arm(SCRATCH, runs[0], "scratch")]
-    shallow = PIXELS if modality == "images" else TFIDF
+    shallow = PIXELS if modality == "images" else WINDOW if task == "qa" else TFIDF
     return arms + ([Arm(shallow, None, shallow)] if tfidf else [])
 
 
@@ -181,13 +183,14 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
     n_total = len(full)
     labels = full.labels if cfg.task == "classification" else None
     sizes = parse_budgets(budgets, n_total)
-    arms = arms_for(runs, tfidf and cfg.task == "classification", modality)
+    arms = arms_for(runs, tfidf and cfg.task in ("classification", "qa"), modality, cfg.task)
     encoder = pooling_space(runs[0])
     # what each arm's results depend on (checkpoint or architecture, data checksums): once per arm
     idents = {a.name: inputs_identity(a.run, train, valid, weights=a.kind != "scratch")
               for a in arms if a.kind not in SHALLOW}
     valid_ex = read_labelled(cfg, runs[0], valid) if any(a.kind in SHALLOW for a in arms) else None
     results: list[dict[str, Any]] = []
+    window_res: dict[str, Any] | None = None
     recipes: dict[str, dict[str, Any]] = {}
     t0 = time.time()
     for n in sizes:
@@ -200,11 +203,14 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
                         from pretrain.finetune.images import pixel_baseline
 
                         res = pixel_baseline(full, subset, valid_ex, seed, cfg.metric)
+                    elif arm.kind == WINDOW:  # (trains on nothing: the same answers at every budget)
+                        window_res = window_res or sliding_baseline(valid_ex)
+                        res = window_res
                     else:
                         res = tfidf_baseline(full, subset, valid_ex, seed, cfg.metric)
                     results.append({"arm": arm.name, "n": n, "seed": seed, **res})
-                    log(f"transfer: {arm.name:10s} n={n:<7,} seed {seed}: val metric {res['metric']:.4f} "
-                        f"(C {res['C']:g})")
+                    log(f"transfer: {arm.name:10s} n={n:<7,} seed {seed}: val metric {res['metric']:.4f}"
+                        + (f" (C {res['C']:g})" if res.get("C") is not None else ""))
                 continue
             ident = idents[arm.name]
             arm_cfg = dataclasses.replace(cfg, from_scratch=arm.kind == "scratch")
@@ -297,11 +303,22 @@ def tfidf_baseline(full: Any, subset: list[int] | None, va: Any, seed: int,
     return {"metric": m["metric"], "C": best_c, **{f"val_{k}": v for k, v in m.items() if k != "metric"}}
 
 
+def sliding_baseline(va: Any) -> dict[str, Any]:
+    """The sliding-window lexical baseline of Rajpurkar et al. (2016) on the questions ``va``: no training;
+    SQuAD exact match and F1."""
+    from pretrain.finetune.qa_baseline import sliding_window_predict
+
+    pred = [t for t, _ in sliding_window_predict(va.questions, va.contexts)]
+    m = compute_metrics("qa", pred, [[t for t, _ in a] for a in va.answers])
+    return {"metric": m["metric"], "C": None, **{f"val_{k}": v for k, v in m.items() if k != "metric"}}
+
+
 def _metric_name(task: str, metric: str = "auto") -> str:
     if metric != "auto":
         return {"balanced_accuracy": "balanced accuracy", "macro_f1": "macro-F1",
                 "roc_auc": "ROC-AUC"}.get(metric, metric)
-    return {"classification": "accuracy", "regression": "pearson", "token": "f1 (or accuracy)"}[task]
+    return {"classification": "accuracy", "regression": "pearson", "token": "f1 (or accuracy)",
+            "qa": "F1 (SQuAD)"}[task]
 
 
 def majority_baseline(cfg: FinetuneConfig, labels: list[Any] | None, valid: str | Path,
@@ -391,7 +408,7 @@ def markdown(report: dict[str, Any]) -> str:
         gains = [f"{100 * row['gain'][p]['mean']:+.1f} {_ci(row['gain'][p]['ci95'], True)}" for p in pre]
         seeds = row["arms"][arms[0]]["seeds"]
         lines.append(f"| {row['n']:,} | " + " | ".join(cells + gains) + f" | {seeds} |")
-    others = [k for k in ("val_accuracy", "val_balanced_accuracy", "val_roc_auc")
+    others = [k for k in ("val_accuracy", "val_balanced_accuracy", "val_roc_auc", "val_exact_match")
               if any(k in r for r in report["results"]) and _metric_key(report) != k]
     if others:  # the figures beside the selected metric (images: balanced accuracy, ROC-AUC)
         lines += ["", "Other metrics (mean over seeds): "
@@ -440,11 +457,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     xs = [row["n"] for row in report["summary"]]
     for a, style in zip(report["arms"], ("o-", "^-", "v-", "D-", "s--", "x:")):
         name = a["name"]
-        style = {"scratch": "s--", "tfidf": "x:", "pixels": "x:"}.get(a["kind"], style)
+        style = {"scratch": "s--", "tfidf": "x:", "pixels": "x:", WINDOW: "x:"}.get(a["kind"], style)
         ys = [100 * row["arms"][name]["mean"] for row in report["summary"]]
         es = [100 * row["arms"][name]["std"] for row in report["summary"]]
-        label = {"scratch": "from scratch", "tfidf": "TF-IDF + LR",
-                 "pixels": "LR on raw pixels"}.get(a["kind"], name)
+        label = {"scratch": "from scratch", "tfidf": "TF-IDF + LR", "pixels": "LR on raw pixels",
+                 WINDOW: "sliding window"}.get(a["kind"], name)
         ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)
     if report.get("majority_baseline") is not None:
         ax.axhline(100 * report["majority_baseline"], color="gray", lw=0.8, ls=":", label="majority class")

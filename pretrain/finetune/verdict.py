@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pretrain import PretrainError
+
 STILL_FALLING = 0.01
 """Relative drop of the loss over the last fifth of pre-training that counts as 'still falling'."""
 FAR_TEXT = 1.15
@@ -85,9 +87,15 @@ def measure(report: dict[str, Any], arms: list[Any], examples: Any, cfg: Any) ->
     tokenizer's pieces per byte on the task and on the pre-training text; labels per class."""
     out: dict[str, Any] = {"runs": {}}
     text = report.get("modality", "text") == "text"
+    from pretrain.finetune.model import origin
+
     for arm in (a for a in arms if a.kind == "pretrained"):
-        out["runs"][arm.name] = {"loss_trend": loss_trend(arm.run),
-                                 **(text_distance(arm.run, examples) if text else {})}
+        run = origin(arm.run)  # (a fine-tuned model going on to another task: the run it came from)
+        try:
+            out["runs"][arm.name] = {"loss_trend": loss_trend(run),
+                                     **(text_distance(run, examples) if text else {})}
+        except PretrainError:  # (no pre-trained run behind it, or it is gone: no figures to read)
+            out["runs"][arm.name] = {"loss_trend": None}
     if cfg.task == "classification" and examples.labels is not None:
         n_classes = len({str(v) for v in examples.labels})
         out["classes"] = n_classes
@@ -199,7 +207,8 @@ def _reasons(checks: dict[str, Any], report: dict[str, Any],
     few = sorted({b["n"] for _, b in failed if per_class.get(str(b["n"]), FEW_PER_CLASS) < FEW_PER_CLASS})
     if few:
         reasons.append("few labels: " + ", ".join(f"{per_class[str(n)]:.1f} per class at {n:,}" for n in few))
-    shallow = {a["name"]: a["kind"] for a in report.get("arms", []) if a["kind"] in ("tfidf", "pixels")}
+    shallow = {a["name"]: a["kind"] for a in report.get("arms", [])
+               if a["kind"] in ("tfidf", "pixels", "sliding_window")}
     for _, b in failed:
         row = next(r for r in report["summary"] if r["n"] == b["n"])
         pre = [v for k, v in row["arms"].items() if k in row["gain"]]
@@ -207,7 +216,12 @@ def _reasons(checks: dict[str, Any], report: dict[str, Any],
             sh = row["arms"].get(name)
             if not (sh and pre and sh["mean"] > max(p["mean"] for p in pre)):
                 continue
-            if kind == "pixels":
+            if kind == "sliding_window":
+                reasons.append(f"the sliding-window lexical baseline beats the pre-trained model at "
+                               f"{b['n']:,} labelled questions (F1 {100 * sh['mean']:.1f}): word overlap "
+                               "with the question finds the answer better than the fine-tuned backbone at "
+                               "that budget")
+            elif kind == "pixels":
                 reasons.append(f"a logistic regression on the raw pixels beats the pre-trained model at "
                                f"{b['n']:,} labels ({100 * sh['mean']:.1f}): the classes are told apart by "
                                "the pixels themselves, which the backbone's features do not beat at that "
