@@ -450,8 +450,11 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
 
 def _add_export_and_demo(sub: argparse._SubParsersAction) -> None:
     """`pretrain export` and `pretrain demo`."""
-    s = sub.add_parser("export", help="write a run in the Hugging Face layout (Llama / ModernBERT)")
-    s.add_argument("run", help="run directory or checkpoint directory")
+    s = sub.add_parser("export", help="write a run, or a question-answering fine-tune, in the Hugging Face "
+                                      "layout (Llama / ModernBERT / GPT-2 ...)")
+    s.add_argument("run", help="run directory or checkpoint directory, or a fine-tuned question-answering "
+                               "model (a `pretrain finetune --task qa` output directory: exported as an "
+                               "AutoModelForQuestionAnswering with its tokenizer)")
     s.add_argument("--out", required=True,
                    help="directory to write (config.json, model.safetensors, tokenizer...)")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")

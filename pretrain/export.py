@@ -8,6 +8,11 @@ preprocessor (image models: ``preprocessor_config.json``), model card.
 One architecture can map onto several `transformers` classes (a ViT with its MAE decoder is a
 ``ViTMAEForPreTraining``, with a classifier a ``ViTForImageClassification``): the spec's config.json names the
 class (``architectures``), and the Auto class that loads it follows from that name (:func:`auto_class`).
+
+A fine-tuned model (a ``pretrain finetune`` folder) exports where its architecture's mapping has a class for
+its task (``HFMapping.tasks``; question answering for now: ``LlamaForQuestionAnswering``,
+``GPT2ForQuestionAnswering``, ``ModernBertForQuestionAnswering``), with a tokenizer that lays out a
+(question, context) pair as the model was fine-tuned on it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import Config, ModelConfig
-from pretrain.models.spec import ArchSpec, HFMapping, get_spec, specs
+from pretrain.models.spec import ArchSpec, HFMapping, HFTask, get_spec, specs
 
 EXPORT_FILES = ("generation_config.json", "config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "preprocessor_config.json", "README.md")
@@ -32,6 +37,7 @@ AUTO_CLASSES = (("ForCausalLM", "AutoModelForCausalLM", "text-generation"),
                 ("LMHeadModel", "AutoModelForCausalLM", "text-generation"),
                 ("ForMaskedLM", "AutoModelForMaskedLM", "fill-mask"),
                 ("ForImageClassification", "AutoModelForImageClassification", "image-classification"),
+                ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "question-answering"),
                 ("ForPreTraining", "AutoModelForPreTraining", "image-feature-extraction"),
                 ("Model", "AutoModel", "image-feature-extraction"))
 
@@ -59,6 +65,35 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in hf_mapping(cfg).to_hf(sd, cfg).items()}
 
 
+def hf_task(cfg: ModelConfig, task: str) -> HFTask:
+    """The `transformers` class of a fine-tuned ``task`` model on this architecture (its spec's mapping's),
+    or a clear error when it has none."""
+    from pretrain import PretrainError
+
+    head = hf_mapping(cfg).task(task)
+    if head is None:
+        known = sorted({t.task for s in specs() if s.hf is not None for t in s.hf.tasks})
+        raise PretrainError(f"a {task} fine-tune of a {get_spec(cfg.arch).description} ({cfg.arch!r}) has no "
+                            "stock `transformers` class to export as (tasks that export: "
+                            f"{', '.join(known) or 'none'})")
+    return head
+
+
+def to_hf_task_state_dict(model: nn.Module, head: HFTask) -> dict[str, torch.Tensor]:
+    """A fine-tuned TaskModel's weights under the names of ``head``'s class: the backbone's (as its mapping
+    names them) under the class's prefixes, the classifier as its output layer; the pre-training head
+    (except the part the class keeps, ModernBERT's head transform) left out."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in to_hf_state_dict(model.backbone).items():
+        for src, dst in head.base:
+            if k.startswith(src):
+                out[dst + k[len(src):]] = v
+                break
+    for k, v in model.classifier.state_dict().items():
+        out[f"{head.head}.{k}"] = v.detach().contiguous()
+    return out
+
+
 def auto_class(hf: HFMapping, architecture: str, modality: str = "text") -> tuple[str, str]:
     """(the Auto class that loads a `transformers` ``architecture``, the model card's pipeline tag): the
     mapping's own for its main architecture, else by the class name's ending (AUTO_CLASSES)."""
@@ -83,23 +118,89 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     its classifier, a ResNet with its classifier); else the part that transfers (an ELECTRA run: its
     discriminator, exported as the 'bert' encoder it is).
 
+    ``run`` may also be a fine-tuned model's folder (``pretrain finetune``; question answering for now:
+    :func:`export_finetuned`).
+
     ``out`` is a new or empty folder or an earlier export, whose files it replaces (unless one was edited
     since it was written); ``overwrite`` writes into any other folder, replacing only the files an export
     writes."""
     from pretrain.checkpoint import load_pretrained, resolve_checkpoint
-    from pretrain.io import check_output_dir
+    from pretrain.io import check_output_dir, output_kinds
     from pretrain.models import transferable
 
     _check_dtype(dtype)
     out = Path(out)
     # a new or empty folder, or an earlier export none of whose files changed since; else --overwrite
     check_output_dir(out, "export", [run], overwrite)
+    if "finetune" in output_kinds(run):
+        return export_finetuned(run, out, dtype, max_shard_bytes, overwrite)
     model, cfg, tok, meta = load_pretrained(run, "cpu", part="whole")
     if get_spec(cfg.model.arch).hf is None:
         model, cfg = transferable(model, cfg)
     ckpt = resolve_checkpoint(run)
     return export_model(model, cfg, out, tok=tok, meta=meta, name=Path(str(ckpt)).parent.parent.name,
                         dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite, inputs=[run])
+
+
+def export_finetuned(ft_dir: str | Path, out: str | Path, dtype: str = "fp32",
+                     max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> dict[str, Any]:
+    """Write a fine-tuned model (``pretrain finetune --out FT_DIR``) in the Hugging Face layout, as the stock
+    class its architecture's mapping names for the task (``HFMapping.tasks``): for question answering an
+    ``AutoModelForQuestionAnswering`` whose start / end logits are the fine-tune's, and a tokenizer that lays
+    out (question, context) as fine-tuning did (``[CLS] question [SEP] context [SEP]`` for encoders,
+    ``question <eot> context <eot>`` for decoders; padding on the right, no token type ids). Other tasks
+    are refused with one error. ``out``, ``overwrite``, ``dtype``, ``max_shard_bytes``: as
+    :func:`export_hf`."""
+    from pretrain import PretrainError
+    from pretrain.config import Config, from_dict
+    from pretrain.finetune.predict import FT_FILE, load_finetuned
+    from pretrain.io import check_output_dir
+
+    _check_dtype(dtype)
+    ft_dir, out = Path(ft_dir), Path(out)
+    check_output_dir(out, "export", [ft_dir], overwrite)
+    info_file = ft_dir / FT_FILE
+    task = _finetune_task(info_file)
+    if task is not None and task not in EXPORT_TASKS:
+        raise PretrainError(f"{ft_dir} is a fine-tune for {task}: only question-answering fine-tunes "
+                            "(`pretrain finetune --task qa`) export to the Hugging Face layout for now")
+    try:  # (its own checks: a missing or corrupt finetune.json, weights or tokenizer)
+        model, info, tok = load_finetuned(ft_dir)
+        cfg = from_dict(Config, info["backbone"])
+        qa = {k: info["qa"][k] for k in QA_SETTINGS}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PretrainError(f"{info_file} is corrupt or incomplete ({type(e).__name__}: {e})") from None
+    head = hf_task(cfg.model, info["task"])
+    if bool(info.get("head_features")) != head.head_features:
+        raise PretrainError(f"{ft_dir}: {head.architecture} {'applies' if head.head_features else 'has no'} "
+                            "head transform before its classifier, but this fine-tune "
+                            f"{'did not' if head.head_features else 'did'} (finetune.json head_features "
+                            f"{info.get('head_features')!r}): it cannot be exported exactly")
+    best = info.get("best") if isinstance(info.get("best"), dict) else {}
+    meta = {"step": best.get("step", 0), "config": info["backbone"],
+            "finetune": {**info, "qa": qa, "best": best}}
+    return export_model(model, cfg, out, tok=tok, meta=meta, name=ft_dir.resolve().name, dtype=dtype,
+                        max_shard_bytes=max_shard_bytes, overwrite=overwrite, inputs=[ft_dir],
+                        task=info["task"])
+
+
+EXPORT_TASKS = ("qa",)
+"""Fine-tuning tasks whose models export (each architecture's mapping names its class: HFMapping.tasks)."""
+QA_SETTINGS = ("doc_stride", "max_answer_length", "n_best", "null_threshold", "null")
+"""finetune.json's ``qa`` settings (windows and decoding), for the model card."""
+
+
+def _finetune_task(info_file: Path) -> str | None:
+    """finetune.json's task ('image classification' for an image fine-tune); None when it cannot be read
+    (``load_finetuned`` then says what is wrong)."""
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+        task = info["task"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(task, str):
+        return None
+    return f"image {task}" if info.get("modality") == "images" else task
 
 
 def _check_dtype(dtype: str) -> None:
@@ -112,13 +213,15 @@ def _check_dtype(dtype: str) -> None:
 def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None,
                  meta: dict[str, Any] | None = None, name: str | None = None, labels: list[str] | None = None,
                  dtype: str = "fp32", max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False,
-                 inputs: Any = ()) -> dict[str, Any]:
+                 inputs: Any = (), task: str | None = None) -> dict[str, Any]:
     """Write ``model`` (built from ``cfg.model``; the run's Config ``cfg``) in the Hugging Face layout (see
     :func:`export_hf`, which calls this for a run's checkpoint). ``tok``: the Tokenizer of a text model
     (required there); ``meta``: its checkpoint's meta (step, validation loss, the run config) for the model
     card; ``name``: the card's title; ``labels``: class names of an image classifier (default: the prepared
     data's ``classes`` when its meta.json lists as many, else LABEL_i). ``out``, ``overwrite`` as
-    :func:`export_hf`; ``inputs``: paths ``out`` must not be nor hold."""
+    :func:`export_hf`; ``inputs``: paths ``out`` must not be nor hold. ``task``: ``model`` is a fine-tuned
+    TaskModel for that task ('qa'; ``cfg`` its backbone's Config), written as the class the architecture's
+    mapping names for it (``meta['finetune']``: its finetune.json, for the model card)."""
     from safetensors.torch import save_file
 
     from pretrain import PretrainError
@@ -134,6 +237,7 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
         raise PretrainError(f"a {spec.description} exports with its tokenizer: none was given")
     meta = meta if meta is not None else {"step": 0, "config": cfg.to_dict()}
     hf = hf_mapping(cfg.model)
+    head = hf_task(cfg.model, task) if task is not None else None
     # the config and weights first: a model that cannot be exported (a ResNet's 'small' stem) fails here,
     # before anything is written
     if images:
@@ -151,11 +255,17 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
         elif labels is not None:
             raise PretrainError(f"{len(labels)} label names for a classifier of {len(config['id2label'])} "
                                 "classes")
+    if head is not None:  # a fine-tuned task model: its class, its outputs; no language-model head
+        n_out = model.classifier.out_features
+        config.update({**dict(head.config), "architectures": [head.architecture], "num_labels": n_out,
+                       "id2label": {str(i): f"LABEL_{i}" for i in range(n_out)},
+                       "label2id": {f"LABEL_{i}": i for i in range(n_out)}, "tie_word_embeddings": False})
     architecture = (config.get("architectures") or [hf.architecture])[0]
     auto, pipeline_tag = auto_class(hf, architecture, spec.modality)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    hf_sd = to_hf_task_state_dict(model, head) if head is not None else to_hf_state_dict(model)
     sd = {k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous()  # (BatchNorm counts: ints)
-          for k, v in to_hf_state_dict(model).items()}
+          for k, v in hf_sd.items()}
     # written whole into a temporary folder, then moved into place: beside a new OUT (one rename), inside an
     # existing one (a folder the user made, maybe a mount point or a symlink: it stays as it is)
     fresh = not out.exists()
@@ -189,7 +299,7 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if spec.generates:
+        if spec.generates and head is None:
             gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True,
                    "temperature": 0.8, "top_k": 50, "max_length": cfg.model.max_seq_len}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -197,7 +307,8 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
             pre = image_processor_config(cfg.model)
             (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         else:
-            _write_tokenizer(tmp, tok, hf, cfg.model)
+            _write_tokenizer(tmp, tok, hf, cfg.model, pair=head is not None and head.task == "qa",
+                             lead_cls=spec.bidirectional)
         # the card ends with a record of every file written, so a later export can tell an edited one
         card = _model_card(spec, cfg.model, model, meta, name or out.name, config, auto, pipeline_tag)
         card = card.rstrip("\n") + "\n"
@@ -215,12 +326,28 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "architecture": architecture, "auto_class": auto,
             "weights": weight_files, "dtype": dtype, "step": meta.get("step", 0),
-            "n_params": model.num_params()}
+            "n_params": _n_params(model)}
 
 
-def _write_tokenizer(folder: Path, tok: Any, hf: HFMapping, cfg: ModelConfig) -> None:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json of a text model."""
-    tok.save(folder / "tokenizer.json")
+def _n_params(model: nn.Module) -> int:
+    """Parameters of one of our models, or of a task model (backbone + head) built on one."""
+    if hasattr(model, "num_params"):
+        return model.num_params()
+    return sum(p.numel() for p in model.parameters())
+
+
+def _write_tokenizer(folder: Path, tok: Any, hf: HFMapping, cfg: ModelConfig, pair: bool = False,
+                     lead_cls: bool = False) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json of a text model. ``pair``: a
+    (question, context) pair model: the tokenizer adds the fine-tuning layout's special tokens
+    (``[CLS] A <eot> B <eot>`` with ``lead_cls`` where the tokenizer has a [CLS], else ``A <eot> B <eot>``;
+    a single text ``[CLS] A <eot>`` / ``A <eot>``) and pads on the right (the question-answering pipeline
+    then puts the question first). No tokenizer gives token type ids (our models have none; transformers 4.x
+    would hand them to the model, and GPT-2 adds them to its embeddings)."""
+    if pair:
+        _pair_tokenizer(tok, lead_cls).save(str(folder / "tokenizer.json"))
+    else:
+        tok.save(folder / "tokenizer.json")
     names = {}
     for key, attr in hf.token_roles.items():
         tid = getattr(tok, attr)
@@ -228,9 +355,32 @@ def _write_tokenizer(folder: Path, tok: Any, hf: HFMapping, cfg: ModelConfig) ->
             names[key] = tok.tk.id_to_token(tid)
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
                "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
-               **names}
+               "model_input_names": ["input_ids", "attention_mask"], **names}
+    if pair:
+        tok_cfg["padding_side"] = "right"
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+
+
+def _pair_tokenizer(tok: Any, lead_cls: bool) -> Any:
+    """A copy of ``tok``'s `tokenizers` Tokenizer whose post-processor adds the special tokens of the
+    fine-tuning layout (see :func:`_write_tokenizer`; as ``finetune.qa.encode_qa`` builds its windows). A
+    byte-level post-processor (offset trimming) is kept before it, so token offsets stay as they were."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    eot = tok.tk.id_to_token(tok.eot_id)
+    lead = [tok.tk.id_to_token(tok.cls_id)] if lead_cls and tok.cls_id is not None else []
+    specials = [(t, tok.tk.token_to_id(t)) for t in dict.fromkeys([*lead, eot])]
+    template = processors.TemplateProcessing(single=" ".join([*lead, "$A", eot]),
+                                             pair=" ".join([*lead, "$A", eot, "$B:1", f"{eot}:1"]),
+                                             special_tokens=specials)
+    tk = HFTokenizer.from_str(tok.tk.to_str())  # (a copy: the caller's tokenizer stays as it is)
+    before = tk.post_processor
+    tk.post_processor = template
+    if isinstance(before, processors.ByteLevel):
+        tk.post_processor = processors.Sequence([before, template])
+    return tk
 
 
 def image_processor_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -338,20 +488,33 @@ def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[s
                  f"{'tied' if cfg.tie_embeddings else 'untied'} embeddings"]
         seen = f", {meta.get('tokens_seen', 0):,} tokens"
     trained = run_cfg.get("model", {}).get("arch", cfg.arch)
+    ft = meta.get("finetune")
+    if ft:
+        fine_tuned = f", fine-tuned for {TASK_NAMES.get(ft['task'], ft['task'])} (`pretrain finetune`)"
+        src = ft.get("pretrained_from")
+        training = [f"- pre-trained with objective `{run_cfg.get('objective', '?')}`"
+                    + (f": run `{Path(str(src)).parent.parent.name}`, checkpoint `{Path(str(src)).name}`"
+                       if src else " (fine-tuned from a random init: `--from-scratch`)")]
+    else:
+        fine_tuned = ""
+        training = [
+            f"- objective `{run_cfg.get('objective', '?')}`, {meta.get('step', 0):,} steps{seen}"
+            + (f" (this is the part of the trained `{trained}` model that transfers: "
+               f"{get_spec(trained).description}, exported as a `{cfg.arch}`)"
+               if trained != cfg.arch else ""),
+            (f"- final validation loss {meta['val_loss']:.4f}" if meta.get("val_loss") is not None
+             else "- no validation result recorded")]
     lines = [
         "---", "library_name: transformers", f"pipeline_tag: {pipeline_tag}",
         "---", "", f"# {name}", "",
-        f"A {model.num_params() / 1e6:.1f}M-parameter {spec.description} "
-        f"pre-trained with `pretrain` and exported as a stock `{arch}` (no custom code needed).", "",
+        f"A {_n_params(model) / 1e6:.1f}M-parameter {spec.description} "
+        f"pre-trained with `pretrain`{fine_tuned} and exported as a stock `{arch}` "
+        "(no custom code needed).", "",
         "## Architecture", "", *about, "",
-        "## Training", "",
-        f"- objective `{run_cfg.get('objective', '?')}`, {meta.get('step', 0):,} steps{seen}"
-        + (f" (this is the part of the trained `{trained}` model that transfers: "
-           f"{get_spec(trained).description}, exported as a `{cfg.arch}`)" if trained != cfg.arch else ""),
-        (f"- final validation loss {meta['val_loss']:.4f}" if meta.get("val_loss") is not None
-         else "- no validation result recorded"),
+        "## Training", "", *training,
         "", "Training configuration:", "", "```yaml",
         yaml.safe_dump(run_cfg, sort_keys=False).rstrip(), "```", "",
+        *(_finetune_section(ft, spec) if ft else []),
         "## Data", "",
     ]
     if data_meta:
@@ -372,12 +535,71 @@ def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[s
             lines.append(f"| … {len(data_meta['sources']) - 50} more | | | | |")
     else:
         lines.append("The prepared data directory was not available at export time.")
-    usage = _usage(hf, arch, auto, pipeline_tag, images)
+    usage = (_qa_usage(ft, spec.bidirectional) if ft and ft["task"] == "qa"
+             else _usage(hf, arch, auto, pipeline_tag, images))
     if images and cfg.channels == 1:  # transformers opens image files as RGB: a grayscale model takes arrays
         usage = "import numpy as np\n" + usage.replace(
             "Image.open('image.png')", "np.asarray(Image.open('image.png').convert('L'))[..., None]")
     lines += ["", "## Use", "", "```python", usage, "```", ""]
     return "\n".join(lines)
+
+
+TASK_NAMES = {"qa": "extractive question answering"}
+
+
+def _finetune_section(ft: dict[str, Any], spec: ArchSpec) -> list[str]:
+    """The model card's account of a fine-tune (its finetune.json ``ft``)."""
+    import yaml
+
+    windows = ft.get("windows") or {}
+    lines = ["## Fine-tuning", "",
+             f"- {ft.get('train_examples', 0):,} training questions ({windows.get('train', 0):,} windows), "
+             f"{ft.get('valid_examples', 0):,} validation questions"]
+    best = ft.get("best") or {}
+    scores = {k[len("val_"):]: v for k, v in best.items() if k.startswith("val_") and k != "val_metric"}
+    if scores:
+        lines.append("- best validation "
+                     + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in scores.items())
+                     + f" (epoch {best.get('epoch', '?')}, step {best.get('step', '?')})")
+    if ft["task"] == "qa":
+        qa = ft["qa"]
+        eot = "[SEP]" if spec.bidirectional else "<eot>"
+        layout = (f"[CLS] question {eot} context {eot}" if spec.bidirectional
+                  else f"question {eot} context {eot}")
+        lines += [f"- input `{layout}` (the tokenizer adds the special tokens to a (question, context) "
+                  f"pair), at most {ft['max_length']} tokens; a longer context is cut into windows that "
+                  f"share {qa['doc_stride']} tokens",
+                  f"- answer: per window the span (at most {qa['max_answer_length']} tokens) with the "
+                  "highest p(start) x p(end), softmax over the window's context tokens"
+                  + (" and [CLS]" if spec.bidirectional else "")
+                  + "; the best over the windows, as transformers' question-answering pipeline decides"]
+        if qa.get("null"):
+            where = "[CLS]" if spec.bidirectional else "the last token"
+            lines.append("- trained with unanswerable questions: no answer when the null score (start and "
+                         f"end on {where}) beats the best span's by more than {qa['null_threshold']}")
+    lines += ["", "Fine-tuning configuration:", "", "```yaml",
+              yaml.safe_dump(ft.get("config") or {}, sort_keys=False).rstrip(), "```", ""]
+    return lines
+
+
+def _qa_usage(ft: dict[str, Any], encoder: bool) -> str:
+    """The model card's snippet for a question-answering export, with its window settings."""
+    qa = ft["qa"]
+    null = bool(qa.get("null"))  # the pipeline's "no answer" is the first position: an encoder's [CLS]
+    return ("# transformers 4.x: the question-answering pipeline answers as `pretrain predict` does\n"
+            "from transformers import pipeline\n"
+            "qa = pipeline('question-answering', model=PATH)\n"
+            f"qa(question='...', context='...', max_seq_len={ft['max_length']}, "
+            f"doc_stride={qa['doc_stride']}, max_answer_len={qa['max_answer_length']}, align_to_words=False"
+            + (", handle_impossible_answer=True)" if null and encoder else ")")
+            + ("  # (never 'no answer': this model's null position is its last token)" if null and not encoder
+               else "") + "\n\n"
+            "# any version: the start and end logits of a (question, context) window\n"
+            "from transformers import AutoModelForQuestionAnswering, AutoTokenizer\n"
+            "tok = AutoTokenizer.from_pretrained(PATH)\n"
+            "model = AutoModelForQuestionAnswering.from_pretrained(PATH)\n"
+            "out = model(**tok('a question?', 'its context.', return_tensors='pt'))\n"
+            "out.start_logits, out.end_logits")
 
 
 def _usage(hf: HFMapping, architecture: str, auto: str, pipeline_tag: str, images: bool) -> str:

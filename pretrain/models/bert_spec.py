@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain.config import ModelConfig
-from pretrain.models.spec import ArchSpec, HFMapping, StateDict, register
+from pretrain.models.spec import ArchSpec, HFMapping, HFTask, StateDict, register
 
 
 def _build(cfg: ModelConfig):
@@ -65,5 +65,12 @@ SPEC = register(ArchSpec(
                  config=hf_config, to_hf=to_hf,
                  token_roles={"eos_token": "eot_id", "unk_token": "unk_id", "pad_token": "pad_id",
                               "cls_token": "cls_id", "mask_token": "mask_id", "sep_token": "eot_id"},
-                 usage="from transformers import pipeline\nfill = pipeline('fill-mask', model=PATH)"),
+                 usage="from transformers import pipeline\nfill = pipeline('fill-mask', model=PATH)",
+                 # ModernBERT's task heads take the hidden states through the prediction-head transform
+                 # (head.dense → GELU → head.norm: our head_dense / head_norm) before their classifier
+                 tasks=(HFTask("qa", "ModernBertForQuestionAnswering",
+                               base=(("model.", "model."), ("head.", "head.")), head="classifier",
+                               head_features=True,
+                               config=(("classifier_dropout", 0.0), ("classifier_activation", "gelu"),
+                                       ("classifier_bias", False))),)),
 ))

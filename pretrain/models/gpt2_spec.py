@@ -7,7 +7,7 @@ from typing import Any
 
 from pretrain.config import ModelConfig
 from pretrain.models.gpt_spec import DECODER_ROLES, DECODER_USAGE
-from pretrain.models.spec import ArchSpec, HFMapping, StateDict, register
+from pretrain.models.spec import ArchSpec, HFMapping, HFTask, StateDict, register
 
 CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # Linear (out, in) here, Conv1D (in, out) there
 
@@ -74,5 +74,7 @@ SPEC = register(ArchSpec(
     hf=HFMapping(architecture="GPT2LMHeadModel", auto_class="AutoModelForCausalLM",
                  pipeline_tag="text-generation", config=hf_config, to_hf=to_hf, token_roles=DECODER_ROLES,
                  model_types=("gpt2",),
-                 config_from_hf=config_from_hf, from_hf=from_hf, usage=DECODER_USAGE),
+                 config_from_hf=config_from_hf, from_hf=from_hf, usage=DECODER_USAGE,
+                 tasks=(HFTask("qa", "GPT2ForQuestionAnswering", base=(("transformer.", "transformer."),),
+                               head="qa_outputs"),)),
 ))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.models.spec import ArchSpec, HFMapping, StateDict, register
+from pretrain.models.spec import ArchSpec, HFMapping, HFTask, StateDict, register
 
 
 def _build(cfg: ModelConfig):
@@ -115,5 +115,8 @@ SPEC = register(ArchSpec(
     hf=HFMapping(architecture="LlamaForCausalLM", auto_class="AutoModelForCausalLM",
                  pipeline_tag="text-generation", config=hf_config, to_hf=to_hf, token_roles=DECODER_ROLES,
                  model_types=("llama", "mistral"),
-                 config_from_hf=config_from_hf, from_hf=from_hf, usage=DECODER_USAGE),
+                 config_from_hf=config_from_hf, from_hf=from_hf, usage=DECODER_USAGE,
+                 # (LlamaForQuestionAnswering keeps its base model under `transformer.`, as old versions did)
+                 tasks=(HFTask("qa", "LlamaForQuestionAnswering", base=(("model.", "transformer."),),
+                               head="qa_outputs"),)),
 ))

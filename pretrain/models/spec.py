@@ -24,6 +24,30 @@ StateDict = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class HFTask:
+    """A fine-tuned task model (backbone + task head: ``finetune.model.TaskModel``) as a stock
+    ``transformers`` class: the backbone's weights as its mapping's ``to_hf`` names them, under the class's
+    own prefixes, and our ``classifier`` under the class's name for its output layer."""
+
+    task: str
+    """The fine-tuning task it exports (finetune.json's ``task``): 'qa'."""
+    architecture: str
+    """``config.json``'s architectures[0], e.g. 'LlamaForQuestionAnswering'."""
+    base: tuple[tuple[str, str], ...]
+    """(prefix in the backbone's ``to_hf`` names, prefix in the task class): which backbone weights the class
+    holds, and where, e.g. (('model.', 'transformer.'),). Names under no listed prefix (the language-model
+    head) are left out."""
+    head: str
+    """The class's output layer (our TaskModel's ``classifier``): 'classifier', 'qa_outputs'."""
+    head_features: bool = False
+    """The class passes the final hidden states through the backbone's head transform before its output
+    layer (ModernBERT's ``head``: our TaskModel with ``head_features``); a fine-tune must match."""
+    config: tuple[tuple[str, Any], ...] = ()
+    """config.json fields of the task class beyond the backbone's (``architectures`` and ``num_labels`` are
+    set by export)."""
+
+
+@dataclass(frozen=True)
 class HFMapping:
     """The equivalent stock ``transformers`` model, and how to convert to and from it."""
 
@@ -51,6 +75,12 @@ class HFMapping:
     """Inverse of ``to_hf``."""
     usage: str = ""
     """A few lines of Python for the model card, with PATH for the export folder."""
+    tasks: tuple[HFTask, ...] = ()
+    """The fine-tuned task models that export as stock classes (none: fine-tunes do not export)."""
+
+    def task(self, name: str) -> HFTask | None:
+        """The mapping of fine-tuning task ``name`` ('qa'), or None when it has none."""
+        return next((t for t in self.tasks if t.task == name), None)
 
 
 @dataclass(frozen=True)
