@@ -136,3 +136,23 @@ def test_image_trainer_reports_the_trainers_own_images_per_s():
                                        "--set", "train.batch_size=8", "--set", "model.patch_size=2",
                                        "--device", "cpu"])
     assert res["intervals_used"] == 2 and res["img_s_median"] > 0 and res["mfu_median"] is None
+
+
+def test_qa_bench_splits_by_article_and_reports_em_f1_over_seeds():
+    qa = _load("qa")
+    articles = [{"title": f"a{i}", "paragraphs": [{"context": "x", "qas": [{"id": f"{i}"}] * (i % 3 + 1)}]}
+                for i in range(48)]
+    train, dev = qa.split_articles(articles)
+    assert (len(train), len(dev)) == (36, 12) and qa.split_articles(articles) == (train, dev)
+    assert {a["title"] for a in train}.isdisjoint(a["title"] for a in dev)
+    assert qa.count_questions(train) + qa.count_questions(dev) == qa.count_questions(articles)
+    rep = {"arms": [{"name": "pretrained", "kind": "pretrained"}, {"name": "scratch", "kind": "scratch"}],
+           "budgets": [200],
+           "results": [{"arm": a, "n": 200, "seed": s, "metric": f1, "val_exact_match": em, "val_f1": f1}
+                       for a, s, em, f1 in [("pretrained", 0, 0.20, 0.30), ("pretrained", 1, 0.30, 0.40),
+                                            ("scratch", 0, 0.05, 0.10), ("scratch", 1, 0.05, 0.20)]]}
+    table = qa.report_table(rep, {"em": 11.0, "f1": 19.7})
+    assert "| pretrained | 200 | 25.0 ± 7.1 | 35.0 ± 7.1 | 2 |" in table
+    assert "| scratch | 200 | 5.0 ± 0.0 | 15.0 ± 7.1 | 2 |" in table
+    assert "| pretrained | 200 | +20.0 ± 7.1 | +20.0 ± 0.0 |" in table  # paired by seed
+    assert "19.7" in table and "+15.3 over the sliding-window baseline" in table
