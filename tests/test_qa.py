@@ -347,3 +347,31 @@ def test_transfer_qa_compares_with_scratch_and_the_sliding_window(qa_setup, caps
     assert runs == {(a, n) for a in ("pretrained", "scratch", "sliding_window") for n in (16, 72)}
     assert all("val_exact_match" in r for r in report["results"])
     assert "exact match" in (out / "report.md").read_text()
+
+
+def test_a_finetuned_model_starts_another_finetune(qa_setup, tmp_path):
+    """Intermediate-task training: a QA fine-tune's directory in place of the run gives its backbone, and
+    for the same task its head, to the next fine-tune."""
+    import torch
+
+    from pretrain.cli import main
+    from pretrain.finetune.model import TaskModel, carry_head, load_backbone, origin
+    from pretrain.finetune.predict import load_finetuned
+
+    root, train, dev = qa_setup
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--task", "qa", "--train", str(train), "--valid", str(dev), "--max-length", "64",
+              "--doc-stride", "16", "--epochs", "1", "--lr", "1e-3", "--quiet"]
+    assert main(["finetune", str(root / "run"), *common, "--out", str(first)]) == 0
+    done, info, _ = load_finetuned(first)
+    backbone, pcfg, tok, path = load_backbone(first, 0.0, False, 0)
+    assert path == first and tok.sha256() == info["tokenizer_sha256"]
+    for (k, a), b in zip(backbone.state_dict().items(), done.backbone.state_dict().values()):
+        assert torch.equal(a, b), k
+    model = TaskModel(backbone, pcfg.model.d_model, 2, "none", info["encoder"], 0.0, token_level=True,
+                      head_features=info["head_features"])
+    assert not carry_head(model, first, "token")  # another task: a fresh head
+    assert carry_head(model, first, "qa") and torch.equal(model.classifier.weight, done.classifier.weight)
+    assert str(origin(first)) == info["pretrained_from"] and origin(root / "run") == root / "run"
+    assert main(["finetune", str(first), *common, "--out", str(second)]) == 0
+    assert json.loads((second / "finetune.json").read_text())["pretrained_from"] == str(first)
