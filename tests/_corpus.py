@@ -91,3 +91,47 @@ def kill_after(script: str, marker: Path, after_s: float, env: dict[str, str] | 
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def tiny_text_run(root: Path, kind: str, seq_len: int = 32, steps: int = 20) -> Path:
+    """A tiny pre-trained run in root/run on ``write_corpus`` text: ``kind`` 'mlm' (a bert encoder, WordPiece)
+    or 'clm' (the default decoder, byte-level BPE); 2 x 32, ``steps`` steps of 4 sequences of ``seq_len``."""
+    from pretrain.cli import main
+
+    write_corpus(root / "corpus", n_docs=6)
+    tok = "wordpiece" if kind == "mlm" else "bpe"
+    extra = ["--objective", "mlm", "--model.arch", "bert"] if kind == "mlm" else []
+    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", tok,
+                 "--vocab-size", "300", "--val-fraction", "0.3"]) == 0
+    assert main(["train", "--out", str(root / "run"), *extra, "--data.path", str(root / "data"),
+                 "--data.seq_len", str(seq_len), "--model.n_layer", "2", "--model.n_head", "2",
+                 "--model.d_model", "32", "--train.max_steps", str(steps), "--train.batch_size", "4",
+                 "--train.eval_interval", "0", "--train.plot", "false", "--train.threads", "1",
+                 "--quiet"]) == 0
+    return root / "run"
+
+
+QA_NAMES = ["Alice", "Bob", "Carol", "Dmitri", "Eve", "Frank", "Grace", "Heidi"]
+QA_THINGS = ["sword", "crown", "stone", "light"]
+
+
+def synthetic_squad(path: Path, n_articles: int, seed: int, filler: tuple[int, int] = (2, 6)) -> Path:
+    """SQuAD v1.1: 'Who held the X?' over contexts of ``filler`` (min, max) filler sentences and four
+    'NAME held the X.' facts (several windows long at --max-length 64)."""
+    rng = random.Random(seed)
+    data = []
+    for a in range(n_articles):
+        paras = []
+        for p in range(3):
+            owner = {t: rng.choice(QA_NAMES) for t in QA_THINGS}
+            parts = (sentences(rng.randint(*filler), seed * 100 + a * 10 + p)
+                     + [f"{owner[t]} held the {t}." for t in QA_THINGS])
+            rng.shuffle(parts)
+            ctx = "  ".join(parts)
+            qas = [{"id": f"{seed}-{a}-{p}-{k}", "question": f"Who held the {t}?",
+                    "answers": [{"text": owner[t], "answer_start": ctx.index(f"{owner[t]} held the {t}")}]}
+                   for k, t in enumerate(QA_THINGS)]
+            paras.append({"context": ctx, "qas": qas})
+        data.append({"title": f"a{a}", "paragraphs": paras})
+    path.write_text(json.dumps({"version": "1.1", "data": data}), encoding="utf-8")
+    return path

@@ -6,7 +6,6 @@ does. Unsupported or damaged fine-tunes: one clear error, nothing written."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,37 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _corpus import sentences, write_corpus
+from _corpus import sentences, synthetic_squad, tiny_text_run
 
 from pretrain.cli import main
 
 transformers = pytest.importorskip("transformers")
 
-NAMES = ["Alice", "Bob", "Carol", "Dmitri", "Eve", "Frank", "Grace", "Heidi"]
-THINGS = ["sword", "crown", "stone", "light"]
 MAX_LENGTH, DOC_STRIDE = 64, 16
-
-
-def squad(path: Path, n_articles: int, seed: int) -> Path:
-    """SQuAD v1.1: 'Who held the X?' over contexts of filler sentences and four 'NAME held the X.' facts,
-    several windows long at --max-length 64."""
-    rng = random.Random(seed)
-    data = []
-    for a in range(n_articles):
-        paras = []
-        for p in range(3):
-            owner = {t: rng.choice(NAMES) for t in THINGS}
-            parts = sentences(rng.randint(3, 6), seed * 100 + a * 10 + p) + [f"{owner[t]} held the {t}."
-                                                                               for t in THINGS]
-            rng.shuffle(parts)
-            ctx = "  ".join(parts)
-            qas = [{"id": f"{seed}-{a}-{p}-{k}", "question": f"Who held the {t}?",
-                    "answers": [{"text": owner[t], "answer_start": ctx.index(f"{owner[t]} held the {t}")}]}
-                   for k, t in enumerate(THINGS)]
-            paras.append({"context": ctx, "qas": qas})
-        data.append({"title": f"a{a}", "paragraphs": paras})
-    path.write_text(json.dumps({"version": "1.1", "data": data}), encoding="utf-8")
-    return path
 
 
 def questions(path: Path) -> list[tuple[str, str, str]]:
@@ -159,17 +134,9 @@ def qa_export(request, tmp_path_factory):
     """A tiny pre-trained run (as test_finetune's), fine-tuned for QA, exported → (fine-tune folder, export
     folder, dev file)."""
     root = tmp_path_factory.mktemp(f"export_qa_{request.param}")
-    write_corpus(root / "corpus", n_docs=6)
-    tok = "wordpiece" if request.param == "bert" else "bpe"
-    extra = ["--objective", "mlm", "--model.arch", "bert"] if request.param == "bert" else []
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", tok,
-                 "--vocab-size", "300", "--val-fraction", "0.3"]) == 0
-    assert main(["train", "--out", str(root / "run"), *extra, "--data.path", str(root / "data"),
-                 "--data.seq_len", "128", "--model.n_layer", "2", "--model.n_head", "2",
-                 "--model.d_model", "32", "--train.max_steps", "20", "--train.batch_size", "4",
-                 "--train.eval_interval", "0", "--train.plot", "false", "--train.threads", "1",
-                 "--quiet"]) == 0
-    train, dev = squad(root / "train.json", 4, 1), squad(root / "dev.json", 2, 2)
+    tiny_text_run(root, "mlm" if request.param == "bert" else "clm", seq_len=128)
+    train = synthetic_squad(root / "train.json", 4, 1, filler=(3, 6))
+    dev = synthetic_squad(root / "dev.json", 2, 2, filler=(3, 6))
     ft, hf = root / "ft", root / "hf"
     assert main(["finetune", str(root / "run"), "--task", "qa", "--train", str(train), "--valid", str(dev),
                  "--out", str(ft), "--max-length", str(MAX_LENGTH), "--doc-stride", str(DOC_STRIDE),

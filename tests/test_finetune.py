@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _corpus import WORDS, write_corpus
+from _corpus import WORDS, tiny_text_run
 
 from pretrain.cli import main
 from pretrain.data.sources import sha256_file
@@ -42,16 +42,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module", params=["mlm", "clm"])
 def pretrained(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"ft_{request.param}")
-    write_corpus(root / "corpus", n_docs=6)
-    tok = "wordpiece" if request.param == "mlm" else "bpe"
-    extra = ["--objective", "mlm", "--model.arch", "bert"] if request.param == "mlm" else []
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", tok,
-                 "--vocab-size", "300", "--val-fraction", "0.3"]) == 0
-    assert main(["train", "--out", str(root / "run"), *extra, "--data.path", str(root / "data"),
-                 "--data.seq_len", "32", "--model.n_layer", "2", "--model.n_head", "2",
-                 "--model.d_model", "32", "--train.max_steps", "20", "--train.batch_size", "4",
-                 "--train.eval_interval", "0", "--train.plot", "false", "--train.threads", "1",
-                 "--quiet"]) == 0
+    tiny_text_run(root, request.param)
     write_jsonl(root / "train.jsonl", sentiment_rows(240, 1))
     write_jsonl(root / "valid.jsonl", sentiment_rows(60, 2))
     return request.param, root

@@ -4,11 +4,11 @@ EM/F1, null answers, bad input, and `pretrain finetune|predict|transfer --task q
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _corpus import sentences, synthetic_squad, tiny_text_run
 
 from pretrain.config import ConfigError, FinetuneConfig
 from pretrain.data.tokenizer import build_tokenizer
@@ -23,7 +23,6 @@ from pretrain.finetune.qa import (
     squad_em_f1,
     window_starts,
 )
-from tests._corpus import sentences, write_corpus
 
 UNICODE_CONTEXT = ("  Der Große  Bär —\tnaïve café\u00a0owners in 東京 met  Zoë\n\n"
                    "Ångström at 9:30,\tthen   walked to the “Old Bridge”.   ")
@@ -257,47 +256,10 @@ def test_question_too_long_and_stride_too_large():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-NAMES = ["Alice", "Bob", "Carol", "Dmitri", "Eve", "Frank", "Grace", "Heidi"]
-THINGS = ["sword", "crown", "stone", "light"]
-
-
-def synthetic_squad(path: Path, n_articles: int, seed: int) -> Path:
-    """'Who held the X?' over contexts of filler sentences and four 'NAME held the X.' facts (long enough
-    for several windows at --max-length 64)."""
-    rng = random.Random(seed)
-    data = []
-    for a in range(n_articles):
-        paras = []
-        for p in range(3):
-            owner = {t: rng.choice(NAMES) for t in THINGS}
-            parts = sentences(rng.randint(2, 6), seed * 100 + a * 10 + p) + [f"{owner[t]} held the {t}."
-                                                                               for t in THINGS]
-            rng.shuffle(parts)
-            ctx = "  ".join(parts)
-            qas = [{"id": f"{seed}-{a}-{p}-{k}", "question": f"Who held the {t}?",
-                    "answers": [{"text": owner[t], "answer_start": ctx.index(f"{owner[t]} held the {t}")}]}
-                   for k, t in enumerate(THINGS)]
-            paras.append({"context": ctx, "qas": qas})
-        data.append({"title": f"a{a}", "paragraphs": paras})
-    path.write_text(json.dumps({"version": "1.1", "data": data}), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module", params=["mlm", "clm"])
 def qa_setup(request, tmp_path_factory):
-    from pretrain.cli import main
-
     root = tmp_path_factory.mktemp(f"qa_{request.param}")
-    write_corpus(root / "corpus", n_docs=6)
-    tok = "wordpiece" if request.param == "mlm" else "bpe"
-    extra = ["--objective", "mlm", "--model.arch", "bert"] if request.param == "mlm" else []
-    assert main(["prepare", str(root / "corpus"), "--out", str(root / "data"), "--tokenizer", tok,
-                 "--vocab-size", "300", "--val-fraction", "0.3"]) == 0
-    assert main(["train", "--out", str(root / "run"), *extra, "--data.path", str(root / "data"),
-                 "--data.seq_len", "128", "--model.n_layer", "2", "--model.n_head", "2",
-                 "--model.d_model", "32", "--train.max_steps", "5", "--train.batch_size", "4",
-                 "--train.eval_interval", "0", "--train.plot", "false", "--train.threads", "1",
-                 "--quiet"]) == 0
+    tiny_text_run(root, request.param, seq_len=128, steps=5)
     return root, synthetic_squad(root / "train.json", 6, 1), synthetic_squad(root / "dev.json", 2, 2)
 
 

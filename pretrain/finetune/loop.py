@@ -159,6 +159,44 @@ class TextInputs:
         return _labels_of(cfg, valid) if cfg.task != "token" else valid.tags
 
 
+class QAInputs(TextInputs):
+    """Question answering as the loop sees it: length-bucketed batches of windows with their start / end
+    targets and the positions an answer may take; the validation questions decoded into answers
+    (finetune/qa.py)."""
+
+    def __init__(self, cfg: FinetuneConfig, data: TaskData, pad: int, encoder: bool, null: bool):
+        from pretrain.finetune.qa import null_in_softmax
+
+        super().__init__(cfg, data, pad)
+        self.encoder, self.null = encoder, null
+        self.with_null = null_in_softmax(encoder, null)
+
+    def batch(self, idx: list[int], device: torch.device):
+        from pretrain.finetune.qa import allowed_positions
+
+        tr = self.data.tr
+        x, mask, _ = _batch([tr.ids[i] for i in idx], self.pad)
+        allowed = allowed_positions(tr, idx, x.shape[1], self.with_null)
+        y = (torch.tensor([tr.start[i] for i in idx]), torch.tensor([tr.end[i] for i in idx]), allowed)
+        return (x.to(device), mask.to(device)), tuple(v.to(device) for v in y)
+
+    def loss(self, logits: torch.Tensor, y) -> torch.Tensor:
+        from pretrain.finetune.qa import qa_loss
+
+        return qa_loss(logits, *y)
+
+    def predict(self, model: nn.Module, device: torch.device) -> tuple[list[str], list[Any]]:
+        from pretrain.finetune.qa import decode, window_logits
+
+        va, ex = self.data.va, self.data.valid
+        logits = window_logits(model, va, self.pad, self.cfg.batch_size * 2, device, self.cfg.dtype)
+        answers = decode(ex, va, logits, self.with_null, self.null, self.cfg)
+        return [a.text for a in answers], answers
+
+    def gold(self) -> list[list[str]]:
+        return _labels_of(self.cfg, self.data.valid)
+
+
 def class_weights(targets: list[int] | Any, n_classes: int) -> torch.Tensor:
     """Inverse class frequency, n / (classes present x count) (sklearn's 'balanced'); 0 for a class with no
     training example (it is never a target)."""
@@ -229,7 +267,7 @@ def build_qa(out: Path, cfg: FinetuneConfig, data: TaskData, quiet: bool, device
              backbone: nn.Module, pcfg, tok, ckpt) -> FtJob:
     """:func:`build` for extractive question answering: a start/end head at every position (after the
     backbone's head transform where it has one, as Hugging Face's ModernBERT), windows of the contexts."""
-    from pretrain.finetune.qa import QAInputs, encode_qa
+    from pretrain.finetune.qa import encode_qa
 
     spec = spec_of(backbone)
     encoder = spec.bidirectional

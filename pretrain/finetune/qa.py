@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import json
-import random
 import re
 import string
 import sys
@@ -491,45 +490,3 @@ def squad_em_f1(preds: list[str], golds: list[list[str]]) -> dict[str, float]:
         out["has_answer_f1"] = float(np.mean(has)) if has else 0.0
         out["no_answer_accuracy"] = float(np.mean(no))
     return out
-
-
-# ------------------------------------------------------------------------------------------------ fine-tuning
-class QAInputs:
-    """QA data as the fine-tuning loop sees it: length-bucketed batches of windows with their start / end
-    targets and allowed positions; the validation questions decoded into answers."""
-
-    def __init__(self, cfg: FinetuneConfig, data: Any, pad: int, encoder: bool, null: bool):
-        self.cfg, self.data, self.pad, self.encoder, self.null = cfg, data, pad, encoder, null
-        self.with_null = null_in_softmax(encoder, null)
-
-    @property
-    def n_train(self) -> int:
-        return len(self.data.tr.ids)
-
-    def targets(self) -> list[Any]:
-        return self.data.tr.targets
-
-    def batches(self, rng: random.Random) -> list[list[int]]:
-        return length_batches([len(r) for r in self.data.tr.ids], self.cfg.batch_size, rng)
-
-    def batch(self, idx: list[int], device: torch.device):
-        from pretrain.finetune.encode import _batch
-
-        tr = self.data.tr
-        x, mask, _ = _batch([tr.ids[i] for i in idx], self.pad)
-        allowed = allowed_positions(tr, idx, x.shape[1], self.with_null)
-        y = (torch.tensor([tr.start[i] for i in idx]).to(device),
-             torch.tensor([tr.end[i] for i in idx]).to(device), allowed.to(device))
-        return (x.to(device), mask.to(device)), y
-
-    def loss(self, logits: torch.Tensor, y) -> torch.Tensor:
-        return qa_loss(logits, *y)
-
-    def predict(self, model: nn.Module, device: torch.device) -> tuple[list[str], list[Answer]]:
-        va, ex = self.data.va, self.data.valid
-        logits = window_logits(model, va, self.pad, self.cfg.batch_size * 2, device, self.cfg.dtype)
-        answers = decode(ex, va, logits, self.with_null, self.null, self.cfg)
-        return [a.text for a in answers], answers
-
-    def gold(self) -> list[list[str]]:
-        return [[t for t, _ in a] for a in self.data.valid.answers]
