@@ -24,8 +24,9 @@ WORK/baseline.json.
 
 Stage ``transfer``: ``pretrain transfer WORK/mlm --task qa --train WORK/train.json --valid WORK/dev.json``
 (pre-trained vs from scratch, the sliding-window arm as its shallow baseline) into WORK/transfer: 256-token
-windows ([CLS] question [SEP] context [SEP]) sharing 128 tokens, answers of at most 30 tokens; budgets of
-200 questions and all 927, 3 seeds each (the same question subsets for every arm, gains paired by seed).
+windows ([CLS] question [SEP] context [SEP]) sharing 128 tokens, answers of at most 30 tokens; budgets and
+seeds as given (measured: 16, 128 and all 927 questions, 3 seeds each; the same question subsets for every
+arm, gains paired by seed).
 
 Stage ``report``: arm x budget, EM and F1 mean +- std over seeds, the gains, the baseline: WORK/report.md.
 
@@ -33,11 +34,11 @@ Stage ``report``: arm x budget, EM and F1 mean +- std over seeds, the gains, the
     OMP_NUM_THREADS=1 nice python bench/qa.py --work /work/qa --stage pretrain --budget-s 1800 \
         > /work/qa/pretrain.log 2>&1
     python bench/qa.py --work /work/qa --stage baseline
-    OMP_NUM_THREADS=1 python bench/qa.py --work /work/qa --stage transfer --budgets 200,all --seeds 3 \
-        --all-seeds 3
+    OMP_NUM_THREADS=1 python bench/qa.py --work /work/qa --stage transfer --budgets 16,128,all --seeds 3 \
+        --all-seeds 3 --recipe fixed --lr 1e-3 --scratch-lr 1e-3 --epochs 5 --batch-size 16 --max-epochs 10
     # = pretrain transfer /work/qa/mlm --task qa --train /work/qa/train.json --valid /work/qa/dev.json \
-    #     --budgets 200,all --seeds 3 --all-seeds 3 --max-length 256 --doc-stride 128 \
-    #     --max-answer-length 30 --out /work/qa/transfer
+    #     --budgets 16,128,all --seeds 3 --all-seeds 3 --max-length 256 --doc-stride 128 \
+    #     --max-answer-length 30 --out /work/qa/transfer --recipe fixed ... (the extra flags passed on)
     python bench/qa.py --work /work/qa --stage report
 """
 
@@ -372,7 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-words", type=int, default=10,
                     help="baseline stage: longest candidate answer in words (default 10)")
     ap.add_argument("--runs", default="mlm", help="transfer stage: backbones in WORK (default mlm)")
-    ap.add_argument("--budgets", default="200,all", help="transfer stage: question budgets (default 200,all)")
+    ap.add_argument("--budgets", default="16,128,all",
+                    help="transfer stage: question budgets (default 16,128,all)")
     ap.add_argument("--seeds", type=int, default=3, help="transfer stage: seeds per budget (default 3)")
     ap.add_argument("--all-seeds", type=int, default=3,
                     help="transfer stage: seeds for the full training set (default 3)")
