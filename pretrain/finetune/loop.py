@@ -168,7 +168,7 @@ class QAInputs(TextInputs):
         from pretrain.finetune.qa import null_in_softmax
 
         super().__init__(cfg, data, pad)
-        self.encoder, self.null = encoder, null
+        self.null = null
         self.with_null = null_in_softmax(encoder, null)
 
     def batch(self, idx: list[int], device: torch.device):
@@ -277,8 +277,9 @@ def build_qa(out: Path, cfg: FinetuneConfig, data: TaskData, quiet: bool, device
     max_len = cfg.max_length or ctx
     null = data.train.unanswerable > 0  # SQuAD 2.0: the model learns to answer nothing
     torch.manual_seed(cfg.seed)
+    head_features = hasattr(backbone, "head_features")
     model: nn.Module = TaskModel(backbone, pcfg.model.d_model, 2, "none", encoder, cfg.dropout,
-                                 token_level=True, head_features=hasattr(backbone, "head_features"))
+                                 token_level=True, head_features=head_features)
     if not cfg.from_scratch:
         carry_head(model, ckpt, "qa")
     model = adapt(model, cfg, device)
@@ -289,7 +290,7 @@ def build_qa(out: Path, cfg: FinetuneConfig, data: TaskData, quiet: bool, device
     qa = {"doc_stride": cfg.doc_stride, "max_answer_length": cfg.max_answer_length, "n_best": cfg.n_best,
           "null_threshold": cfg.null_threshold, "null": null}
     info = {"format": 1, "task": "qa", "labels": [], "pooling": "none", "encoder": encoder,
-            "head_features": model_of(model).head_features, "qa": qa, "prompt": None,
+            "head_features": head_features, "qa": qa, "prompt": None,
             "max_length": max_len, "config": dataclasses.asdict(cfg), "backbone": pcfg.to_dict(),
             "pretrained_from": None if cfg.from_scratch else str(ckpt),
             "train_examples": len(data.train), "valid_examples": len(data.valid),
@@ -350,7 +351,7 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig, n_layers: int) -> list[d
     """AdamW groups: layer-wise learning rates (the head at head_lr), weight decay on matrices other than
     embeddings and the head; each group's peak as ``base_lr`` for the schedule."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = model_of(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -155,17 +155,15 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
 
 def _qa_answers(model: nn.Module, info: dict[str, Any], tok, cfg: FinetuneConfig, ex, batch_size: int,
                 dev: torch.device, dtype: str = "auto"):
-    """Every question's answer (finetune.qa.Answer) from a QA model, windowed and decoded as in training."""
+    """Every question's answer (finetune.qa.Answer) from a QA model, windowed and decoded as in training
+    (``cfg``: its finetune.json config: doc_stride, max_answer_length, n_best, null_threshold)."""
     from pretrain.finetune.qa import decode, encode_qa, null_in_softmax, window_logits
 
-    qa = info["qa"]
-    cfg = from_dict(FinetuneConfig, {**info["config"], "doc_stride": qa["doc_stride"],
-                                     "max_answer_length": qa["max_answer_length"], "n_best": qa["n_best"],
-                                     "null_threshold": qa["null_threshold"], "bad_rows": cfg.bad_rows})
-    w = encode_qa(tok, ex, info["encoder"], info["max_length"], cfg, qa["null"], train=False)
+    null = info["qa"]["null"]
+    w = encode_qa(tok, ex, info["encoder"], info["max_length"], cfg, null, train=False)
     pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
     logits = window_logits(model, w, pad, batch_size, dev, dtype)
-    return decode(ex, w, logits, null_in_softmax(info["encoder"], qa["null"]), qa["null"], cfg), w
+    return decode(ex, w, logits, null_in_softmax(info["encoder"], null), null, cfg), w
 
 
 def _predict_qa(model: nn.Module, info: dict[str, Any], tok, cfg: FinetuneConfig, input_path: str | Path,

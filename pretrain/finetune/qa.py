@@ -224,12 +224,9 @@ class Windows:
     start: list[int] = field(default_factory=list)
     """Training targets: the answer's first and last token positions (the null position without one)."""
     end: list[int] = field(default_factory=list)
-    truncated: int = 0
-    """(Always 0: no context is cut; for the report's 'truncated' count.)"""
     skipped: int = 0
-    """Questions left out for being longer than max_length (bad_rows 'skip')."""
-    dropped: list[int] = field(default_factory=list)
-    """Those questions' example indices (they have no window: decoded as no answer)."""
+    """Questions left out for being longer than max_length (bad_rows 'skip': no window, decoded as no
+    answer)."""
 
     @property
     def targets(self) -> list[tuple[int, int]]:
@@ -279,7 +276,6 @@ def encode_qa(tok, ex: QAExamples, encoder: bool, max_len: int, cfg: FinetuneCon
         room = max_len - len(lead) - len(q) - 2
         if room < 1:
             too_long.append(f"id {ex.ids[i]} ({len(q)} tokens)")
-            w.dropped.append(i)
             continue
         if cfg.doc_stride >= room and len(c_ids) > room:
             raise ConfigError(f"--doc-stride {cfg.doc_stride} is too large: with --max-length {max_len} "
@@ -370,12 +366,8 @@ def window_spans(start_logits: np.ndarray, end_logits: np.ndarray, ctx_at: int,
     allowed[ctx_at:ctx_at + len(offsets)] = True
     if with_null:
         allowed[null_at] = True
-    ps = np.where(allowed, start_logits.astype(np.float32), np.float32(NEG))
-    pe = np.where(allowed, end_logits.astype(np.float32), np.float32(NEG))
-    ps = np.exp(ps - ps.max())
-    ps = ps / ps.sum()
-    pe = np.exp(pe - pe.max())
-    pe = pe / pe.sum()
+    ps = _softmax(np.where(allowed, start_logits.astype(np.float32), np.float32(NEG)))
+    pe = _softmax(np.where(allowed, end_logits.astype(np.float32), np.float32(NEG)))
     null = float(ps[null_at] * pe[null_at]) if with_null else None
     n = len(offsets)
     scores = np.tril(np.triu(np.outer(ps[ctx_at:ctx_at + n], pe[ctx_at:ctx_at + n])), max_answer_length - 1)
