@@ -59,21 +59,37 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.data.images import is_image_input, prepare_images
 
     images = [is_image_input(i) for i in args.inputs]
-    if any(images) and not all(images):
+    kind = "interactions" if args.interactions else "images" if all(images) else "text"
+    if kind != "interactions" and any(images) and not all(images):
         raise PretrainError(f"{args.inputs[images.index(True)]} is image data but "
                             f"{args.inputs[images.index(False)]} is not: prepare images and text into "
                             "separate --out directories")
-    # options of the other kind of input, given explicitly: an error rather than silently ignored
-    other = args.text_only if all(images) else args.image_only
-    given = [opt for dest, (opt, default) in other.items() if getattr(args, dest) != default]
-    verb = "applies" if len(given) == 1 else "apply"
-    if given and all(images):
-        raise PretrainError(f"{', '.join(given)} {verb} to text inputs only; these inputs are images (image "
-                            "options: --image-size, --channels, --shard-images, --seed)")
-    if given:
-        raise PretrainError(f"{', '.join(given)} {verb} to image inputs only (IDX, .npz, .npy or folders of "
-                            "images); these inputs are text")
-    if all(images):
+    # options of another kind of input, given explicitly: an error rather than silently ignored
+    for other, options in args.kind_options.items():
+        given = [opt for dest, (opt, default) in options.items() if getattr(args, dest) != default]
+        if kind not in other.split(" and ") and given:
+            verb = "applies" if len(given) == 1 else "apply"
+            what = {"text": "text inputs", "images": "image inputs (IDX, .npz, .npy or folders of images)",
+                    "interactions": "interaction logs (--interactions)", "text and images": "text and image "
+                    "inputs"}
+            raise PretrainError(f"{', '.join(given)} {verb} to {what[other]} only; these inputs are "
+                                f"{what[kind].split(' (')[0]}")
+    if kind == "interactions":
+        from pretrain.data.interactions import prepare_interactions
+
+        meta = prepare_interactions(
+            args.inputs, args.out, user_column=args.user_column, item_column=args.item_column,
+            time_column=args.time_column or None, rating_column=args.rating_column,
+            min_rating=args.min_rating, min_item_count=args.min_item_count,
+            min_user_items=args.min_user_items, items=args.items, licence=args.licence,
+            overwrite=args.overwrite, log=_log)
+        res = {"out": str(args.out), **{k: meta["interactions"][k] for k in ("users", "items", "interactions",
+                                                                            "dropped")},
+               "seconds": meta["seconds"]}
+        _emit(args, res, f"prepared {args.out}: {res['users']:,} users, {res['items']:,} items, "
+                         f"{res['interactions']:,} interactions (leave-one-out: train / val / test)")
+        return res
+    if kind == "images":
         res = prepare_images(args.inputs, args.out, image_size=args.image_size, channels=args.channels,
                              val_fraction=args.val_fraction, bad_files=args.bad_files, licence=args.licence,
                              overwrite=args.overwrite, workers=args.workers, seed=args.seed,
@@ -200,7 +216,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.inference import evaluate_run
 
-    res = evaluate_run(args.run, args.data, split=args.split, max_batches=args.max_batches,
+    if args.rec:
+        return _eval_rec(args)
+    given = [f for f, v, d in (("--k", args.k, 10), ("--negatives", args.negatives, 0),
+                               ("--max-users", args.max_users, 0), ("--neighbours", args.neighbours, 100))
+             if v != d]
+    if given:
+        raise PretrainError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --rec only "
+                            "(ranking held-out items of an item-sequence run)")
+    res = evaluate_run(args.run, args.data, split=args.split or "val", max_batches=args.max_batches,
                        device=args.device)
     if "images" in res:
         extra = "".join(f", {name} {res[k]:.2%}" for k, name in (("accuracy", "accuracy"),
@@ -214,6 +238,42 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         bpb += f", masked-token accuracy {res['accuracy']:.2%}"
     _emit(args, res, f"{res['split']} loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}{bpb} "
                      f"({res['tokens']:,} tokens, step {res['step']})")
+    return res
+
+
+def _eval_rec(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.recommend import evaluate_rec
+
+    split = args.split or "test"
+    res = evaluate_rec(args.run, args.data, split=split, k=args.k, negatives=args.negatives,
+                       max_users=args.max_users, neighbours=args.neighbours, device=args.device)
+    k = res["k"]
+    rows = [("ours (" + res["objective"] + ")", res["model"]), ("popularity", res["popularity"]),
+            (f"item-kNN ({res['item_knn_neighbours']} neighbours)", res["item_knn"])]
+    lines = [f"{split} items of {res['users']:,} users, {res['ranking']} ranking over {res['items']:,} items "
+             f"(history excluded), step {res['step']}:",
+             f"  {'':28} {'HR@' + str(k):>8} {'NDCG@' + str(k):>8} {'MRR':>8}"]
+    for name, m in rows:
+        lines.append(f"  {name:28} {m[f'hr@{k}']:8.4f} {m[f'ndcg@{k}']:8.4f} {m['mrr']:8.4f}")
+    pop = res["popularity"][f"ndcg@{k}"]
+    if pop > 0:
+        lines.append(f"  NDCG@{k}: {res['model'][f'ndcg@{k}'] / pop:.2f}x popularity, "
+                     f"{res['model'][f'ndcg@{k}'] / max(res['item_knn'][f'ndcg@{k}'], 1e-12):.2f}x item-kNN")
+    _emit(args, res, "\n".join(lines))
+    return res
+
+
+def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.recommend import recommend
+
+    res = recommend(args.run, history=args.history, user=args.user, k=args.k, device=args.device,
+                    keep_seen=args.keep_seen)
+    lines = []
+    for i, r in enumerate(res["recommendations"], 1):
+        extra = {k: v for k, v in r.items() if k not in ("item", "score")}
+        desc = " ".join(str(v) for v in extra.values() if v is not None)
+        lines.append(f"{i:3}. {r['item']:>10}  {r['score']:.4f}  {desc}".rstrip())
+    _emit(args, res, "\n".join(lines) or "no items to recommend")
     return res
 
 
@@ -242,6 +302,18 @@ def cmd_fill_mask(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.features import embed
 
+    if args.items:
+        from pretrain.recommend import embed_items
+
+        if args.input:
+            raise PretrainError("--items embeds the run's item vocabulary: give no --input")
+        res = embed_items(args.run, args.out, args.neighbours, args.device, overwrite=args.overwrite)
+        ex = "; ".join(f"{i} -> {', '.join(n)}" for i, n in list(res["examples"].items())[:2])
+        _emit(args, res, f"wrote {res['rows']:,} x {res['dim']} item embeddings with their "
+                         f"{res['neighbours']} nearest items to {res['out']} (e.g. {ex})")
+        return res
+    if not args.input:
+        raise PretrainError("--input is required (or --items, for an item-sequence run)")
     res = embed(args.run, args.input, args.out, args.pooling, args.normalize, args.batch_size,
                 args.text_field, args.device, overwrite=args.overwrite)
     trunc = f"; {res['truncated']:,} truncated to {res['max_tokens']} tokens" if res["truncated"] else ""
@@ -366,17 +438,43 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                     help="images per shard file (default: about 256 MiB of pixels)")
     im.add_argument("--seed", type=int, default=0,
                     help="seed of the validation images carved from train (default 0)")
+    it = s.add_argument_group("interaction logs (--interactions: one item sequence per user, leave-one-out; "
+                              "see docs/recommendations.md)")
+    it.add_argument("--interactions", action="store_true",
+                    help="the inputs are user-item interaction logs (CSV, TSV, JSONL, JSON or Parquet rows)")
+    it.add_argument("--user-column", default="user_id", help="column of the user id (default user_id)")
+    it.add_argument("--item-column", default="item_id",
+                    help="column of the item id, in the log and in --items (default item_id)")
+    it.add_argument("--time-column", default="timestamp",
+                    help="numeric column that orders each user's interactions (default timestamp; '' for "
+                         "file order)")
+    it.add_argument("--rating-column", default="rating", help="column of the rating (default rating)")
+    it.add_argument("--min-rating", type=float, default=None,
+                    help="keep interactions rated at least this (default: all)")
+    it.add_argument("--min-item-count", type=int, default=1,
+                    help="drop items with fewer interactions than this (default 1)")
+    it.add_argument("--min-user-items", type=int, default=3,
+                    help="drop users with fewer interactions than this (default 3, the least leave-one-out "
+                         "takes)")
+    it.add_argument("--items", default=None, metavar="FILE",
+                    help="item metadata table (e.g. movies.csv: title, genres) keyed by --item-column")
     s.add_argument("--json", action="store_true", help="print one JSON object with the result")
     # options that only one kind of input takes: (option, default) by dest, for cmd_prepare's checks
     text_dests = ["tokenizer", "vocab_size", "text_field", "text_unit", "tokenizer_sample_mb", "batch_mb",
-                  "shard_tokens", "hf_split", "hf_revision", "hf_data_files"]
+                  "shard_tokens", "hf_split", "hf_revision", "hf_data_files", "val_fraction", "workers",
+                  "bad_files"]
     text_dests += [a.dest for a in g._group_actions]
+    image_dests = ["image_size", "channels", "shard_images", "seed"]
+    inter_dests = [a.dest for a in it._group_actions if a.dest != "interactions"]
 
     def options(dests: list[str]) -> dict[str, tuple[str, Any]]:
         return {a.dest: (a.option_strings[0], a.default) for a in s._actions if a.dest in dests}
 
-    s.set_defaults(text_only=options(text_dests),
-                   image_only=options(["image_size", "channels", "shard_images", "seed"]))
+    shared = ["val_fraction", "workers", "bad_files"]  # text and images take these
+    s.set_defaults(kind_options={"text": options([d for d in text_dests if d not in shared]),
+                                 "images": options(image_dests),
+                                 "interactions": options(inter_dests),
+                                 "text and images": options(shared)})
 
 
 def _add_data_and_train(sub: argparse._SubParsersAction) -> None:
@@ -406,11 +504,33 @@ def _add_data_and_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_inference(sub: argparse._SubParsersAction) -> None:
     """`pretrain eval | generate | fill-mask | embed`: using a pre-trained run."""
-    s = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
+    s = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run; --rec: ranking "
+                                    "metrics of held-out items")
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
-    s.add_argument("--split", default="val", help="val (default), train, or test (image data)")
+    s.add_argument("--split", default=None,
+                   help="val (default), train, or test (image and interaction data; --rec: test by default)")
     s.add_argument("--max-batches", type=int, default=None, help="evaluate on at most this many batches")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+    r = s.add_argument_group("recommendations (--rec; docs/recommendations.md)")
+    r.add_argument("--rec", action="store_true",
+                   help="HR@k, NDCG@k and MRR of each user's held-out item (leave-one-out), full ranking "
+                        "over all items with the history excluded, beside popularity and item-kNN baselines")
+    r.add_argument("--k", type=int, default=10, help="cut-off of HR and NDCG (default 10)")
+    r.add_argument("--negatives", type=int, default=0, metavar="N",
+                   help="rank the target among N sampled unseen items instead of all (as SASRec/BERT4Rec "
+                        "papers report; not comparable with full ranking; default 0: full ranking)")
+    r.add_argument("--max-users", type=int, default=0, help="an evenly spread subset of users (default: all)")
+    r.add_argument("--neighbours", type=int, default=100,
+                   help="neighbours kept per item by the item-kNN baseline (default 100; 0: all)")
+
+    s = sub.add_parser("recommend", help="top-k unseen items after a history (item-sequence runs)")
+    s.add_argument("run", help="run directory or checkpoint directory")
+    s.add_argument("--history", help="item ids the user interacted with, oldest first, comma-separated")
+    s.add_argument("--user", help="a user of the run's prepared data: their whole history")
+    s.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    s.add_argument("--keep-seen", action="store_true", help="do not leave out the items of the history")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
 
@@ -433,9 +553,12 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("embed", help="one embedding per input row (.npy or .parquet)")
+    s = sub.add_parser("embed", help="one embedding per input row (.npy or .parquet); --items: every item's")
     s.add_argument("run", help="run directory or checkpoint directory")
-    s.add_argument("--input", required=True, help=".txt (one text per line), .jsonl, .csv, .tsv or .parquet")
+    s.add_argument("--input", help=".txt (one text per line), .jsonl, .csv, .tsv or .parquet")
+    s.add_argument("--items", action="store_true",
+                   help="an item-sequence run's item embeddings (one per item) and each item's nearest items")
+    s.add_argument("--neighbours", type=int, default=10, help="--items: nearest items listed (default 10)")
     s.add_argument("--out", required=True, help="FILE.npy or FILE.parquet")
     s.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out that an earlier `pretrain embed` did not write (or that "
@@ -521,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
             handlers = {"prepare": cmd_prepare, "data": cmd_data, "eval": cmd_eval,
                         "generate": cmd_generate, "fill-mask": cmd_fill_mask, "embed": cmd_embed,
+                        "recommend": cmd_recommend,
                         "export": cmd_export, "demo": cmd_demo}
             # commands defined in other modules (pretrain/finetune/cli.py) carry their handler as args.func
             handler = handlers.get(args.command) or args.func

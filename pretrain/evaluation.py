@@ -1,16 +1,24 @@
 """Validation: the mean loss of a model on (part of) a prepared split, with perplexity, and bits per byte
-(causal LM) or accuracy (masked LM). Used by the training loop, ``pretrain eval`` and the benchmarks."""
+(causal LM) or accuracy (masked LM); image losses and k-NN accuracy; ranking metrics of held-out items
+(item sequences). Used by the training loop, ``pretrain eval`` and the benchmarks."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from pretrain import PretrainError
+from pretrain.data.interactions import SPECIALS, Interactions
 from pretrain.data.loader import TokenSplit, eval_batches
 from pretrain.hardware import autocast_context
+from pretrain.models import spec_of
 from pretrain.objectives import CausalLM
+
+K_DEFAULT = 10
 
 
 def evaluate(model: nn.Module, split: TokenSplit, seq_len: int, batch_size: int, device: torch.device,
@@ -127,3 +135,135 @@ def knn_monitor(model: nn.Module, train_split, val_split, objective, batch_size:
     n_classes = int(max(train_split.labels.max(), val_split.labels.max())) + 1
     return knn_accuracy(bank, torch.from_numpy(train_split.labels[bank_idx]).to(bank.device), query,
                         torch.from_numpy(val_split.labels[val_idx]).to(query.device), n_classes, k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ranking: items after a history (item sequences; see recommend.py)
+
+
+def rank_of_target(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray] | None = None,
+                   ) -> np.ndarray:
+    """1-based rank of ``targets[b]`` among the candidates of row b of ``scores`` (B, V): every id except
+    those in ``excluded[b]`` (the target itself always stays a candidate). Ties: the lower id ranks first."""
+    s = np.array(scores, dtype=np.float64, copy=True)
+    rows = np.arange(len(targets))
+    if excluded is not None:
+        for b, ex in enumerate(excluded):
+            s[b, ex] = -np.inf
+    t = s[rows, targets]
+    s[rows, targets] = np.inf  # not counted against itself
+    ids = np.arange(s.shape[1])
+    above = (s > t[:, None]).sum(1) - 1  # (minus the target, now +inf)
+    ties = ((s == t[:, None]) & (ids[None, :] < targets[:, None])).sum(1)
+    return (1 + above + ties).astype(np.int64)
+
+
+def ranking_metrics(ranks: np.ndarray, k: int = K_DEFAULT) -> dict[str, float]:
+    """HR@k (the target in the top k), NDCG@k (1 / log2(rank + 1) within the top k: one relevant item, so
+    the ideal DCG is 1) and MRR (mean 1 / rank over the whole ranking) of 1-based ``ranks``."""
+    r = np.asarray(ranks, dtype=np.float64)
+    if r.size == 0:
+        raise PretrainError("no users to rank")
+    top = r <= k
+    ndcg = np.where(top, 1.0 / np.log2(r + 1.0), 0.0)
+    return {f"hr@{k}": float(top.mean()), f"ndcg@{k}": float(ndcg.mean()), "mrr": float((1.0 / r).mean())}
+
+
+@dataclass
+class ItemScorer:
+    """Scores every vocabulary id as what comes after a history, with a run's model: a causal LM at the last
+    position, a masked LM at a [MASK] appended (the history's last ``context - 1`` items)."""
+
+    model: torch.nn.Module
+    masked: bool
+    context: int
+    pad_id: int
+    mask_id: int | None
+    device: torch.device
+    dtype: str = "fp32"
+
+    @torch.no_grad()
+    def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
+        room = self.context - (1 if self.masked else 0)
+        rows = [np.asarray(h[-room:], np.int64) for h in histories]
+        if self.masked:
+            rows = [np.concatenate([r, [self.mask_id]]) for r in rows]
+        if any(len(r) == 0 for r in rows):
+            raise PretrainError("an empty history has nothing to recommend from")
+        width = max(len(r) for r in rows)
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for b, r in enumerate(rows):
+            x[b, :len(r)] = torch.from_numpy(r)
+        lengths = torch.tensor([len(r) for r in rows])
+        x = x.to(self.device)
+        m = self.model
+        with autocast_context(self.device, self.dtype):
+            if spec_of(m).bidirectional:
+                mask = (torch.arange(width)[None, :] < lengths[:, None]).to(self.device)
+                hidden = m(x, attention_mask=mask, return_hidden=True)
+            else:  # causal: right padding never reaches the real positions
+                hidden = m(x, return_hidden=True)
+            h = hidden[torch.arange(len(rows), device=self.device), (lengths - 1).to(self.device)]
+            if hasattr(m, "head_features"):  # (a masked LM's head transform before its projection)
+                h = m.head_features(h)
+            head = spec_of(m).output_head(m)
+            logits = torch.nn.functional.linear(h, head.weight, head.bias)
+        return logits.float().cpu()
+
+
+def item_scorer(model: torch.nn.Module, cfg, tok, device: torch.device) -> ItemScorer:
+    """The :class:`ItemScorer` of a run (its objective says causal or masked)."""
+    if cfg.objective not in ("clm", "mlm"):
+        raise PretrainError(f"recommendations need a run trained with objective clm (next item) or mlm "
+                            f"(masked items), not {cfg.objective!r}")
+    return ItemScorer(model, cfg.objective == "mlm", cfg.model.max_seq_len, tok.pad_id or 0, tok.mask_id,
+                      device, cfg.train.dtype)
+
+
+def evaluate_scores(score_fn, histories: list[np.ndarray], targets: np.ndarray, vocab_size: int,
+                    k: int = K_DEFAULT, negatives: int = 0, seed: int = 0, batch: int = 256,
+                    ) -> dict[str, float]:
+    """Ranking metrics of ``score_fn`` (histories → (B, V) scores) on (history, target) pairs: full ranking
+    over every non-special id with the history excluded (the target kept); with ``negatives`` > 0, the
+    target among that many ids drawn at random (seeded) from the items outside the history instead."""
+    n_special = len(SPECIALS)
+    ranks = []
+    rng = np.random.default_rng(seed)
+    for lo in range(0, len(histories), batch):
+        hs, ts = histories[lo:lo + batch], targets[lo:lo + batch]
+        s = np.asarray(score_fn(hs), dtype=np.float64)
+        excluded = [np.concatenate([np.arange(n_special), np.setdiff1d(h, [t])]) for h, t in zip(hs, ts)]
+        if negatives:
+            sub = np.full_like(s, -np.inf)
+            for b, (ex, t) in enumerate(zip(excluded, ts)):
+                pool = np.setdiff1d(np.arange(vocab_size), np.concatenate([ex, [t]]))
+                pick = rng.choice(pool, size=min(negatives, len(pool)), replace=False)
+                sub[b, pick] = s[b, pick]
+                sub[b, t] = s[b, t]
+            s, excluded = sub, None
+        ranks.append(rank_of_target(s, ts, excluded))
+    return ranking_metrics(np.concatenate(ranks), k)
+
+
+def validation_ranking(cfg, tokenizer, max_users: int = 0, k: int = K_DEFAULT):
+    """For the training loop (an item-sequence run): model → ranking metrics (HR@k, NDCG@k, MRR) of the
+    validation items of ``cfg.data.path``, full ranking, for an evenly spread ``max_users`` users (0: all)."""
+    data = Interactions(cfg.data.path)
+    n = len(data.users)
+    users = (np.unique(np.linspace(0, n - 1, max_users).round().astype(np.int64)) if 0 < max_users < n
+             else np.arange(n))
+    seqs = data.sequences("val")
+    histories = [seqs[u][:-1] for u in users]
+    targets = np.array([seqs[u][-1] for u in users], np.int64)
+
+    def monitor(model: nn.Module) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        try:
+            scorer = item_scorer(model, cfg, tokenizer, next(model.parameters()).device)
+            return evaluate_scores(lambda hs: scorer.scores(hs).numpy(), histories, targets,
+                                   tokenizer.vocab_size, k)
+        finally:
+            model.train(was)
+
+    return monitor

@@ -457,6 +457,11 @@ class Inputs:
     documents: tuple[int, int, int] | None = None
     example: Callable[[int, torch.device], Any] | None = None
     """b → a random batch of b samples (the CUDA auto-batch probe)."""
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None
+    """model → more validation figures for metrics.jsonl (item sequences: ranking metrics of the
+    validation items)."""
+    travel: tuple[str, ...] = ()
+    """Files of the data directory copied into the run beside its tokenizer (item metadata)."""
 
     def describe(self, loader) -> str:
         if self.unit == "images":
@@ -491,8 +496,14 @@ def _text_inputs(cfg: Config, meta: dict[str, Any]) -> Inputs:
         gen = torch.Generator().manual_seed(b)
         return torch.randint(0, vocab, (b, seq_len + 1), generator=gen).to(device)
 
+    monitor, travel = None, ()
+    if meta.get("kind") == "interactions":  # item sequences: rank the validation items at each evaluation
+        from pretrain.evaluation import validation_ranking
+
+        monitor = validation_ranking(cfg, tokenizer, tc.eval_batches * tc.batch_size)
+        travel = tuple(f for f in [meta["interactions"].get("items_file")] if f)
     return Inputs(train_split, val_split, objective, loader, "tokenizer_sha256", meta["tokenizer"]["sha256"],
-                  "tokens", seq_len, documents, example)
+                  "tokens", seq_len, documents, example, monitor, travel)
 
 
 def _image_inputs(cfg: Config, meta: dict[str, Any]) -> Inputs:
@@ -676,6 +687,8 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = Fals
         write_text_atomic(run / "config.yaml", cfg.to_yaml())
         if not is_images(meta):
             shutil.copyfile(Path(cfg.data.path) / meta["tokenizer"]["file"], run / "tokenizer.json")
+        for name in inputs.travel:
+            shutil.copyfile(Path(cfg.data.path) / name, run / name)
         metrics = Metrics(run / "metrics.jsonl", keep_upto_step=state.step)
     where = f"{env.world_size} processes ({tc.parallelism}, {device.type})" if env.active else device.type
     where += ", bf16 autocast" if autocast_dtype(device, tc.dtype) == torch.bfloat16 else ", fp32"
@@ -934,7 +947,22 @@ def validate(job: Job, clock: Clock) -> dict[str, Any]:
     for key in ("bpb", "accuracy"):
         if key in ev:
             record[f"val_{key}"] = round(ev[key], 6)
-    job.progress.write(f"step {st.step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}) "
+    extra = ""
+    if job.inputs is not None and job.inputs.monitor is not None:
+        inner = unwrap(job.model)
+        fsdp = hasattr(inner, "unshard")  # FSDP2: gather the root's parameters for the non-forward calls
+        if fsdp:
+            inner.unshard()
+        try:
+            more = job.inputs.monitor(inner)
+        finally:
+            if fsdp:
+                inner.reshard()
+        record.update({f"val_{k}": round(v, 6) for k, v in more.items()})
+        extra = "".join(f", {k} {v:.4f}" for k, v in more.items())
+        st.elapsed_s = clock.elapsed()
+        record["elapsed_s"] = round(st.elapsed_s, 3)
+    job.progress.write(f"step {st.step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}){extra} "
                        f"at {st.elapsed_s:.1f}s")
     return record
 

@@ -1,7 +1,7 @@
 """The prepared-dataset format: ``meta.json`` (what the shards hold, from where, under which licence), its
 version, the token dtype of the shards, and the fingerprint that identifies a dataset's content. Written by
-prepare.py (text) and images.py (images, ``"kind": "images"``), read by loader.py, train and eval; neither
-of those imports the other."""
+prepare.py (text), images.py (images, ``"kind": "images"``) and interactions.py (item sequences, ``"kind":
+"interactions"``), read by loader.py, train and eval; neither of those imports the other."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from pretrain.io import exclusive_lock, fsync_dir, write_failed
 META = "meta.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-KINDS = {"text": ("tokenizer", "dtype", "splits"), "images": ("image", "dtype", "splits")}
+KINDS = {"text": ("tokenizer", "dtype", "splits"), "images": ("image", "dtype", "splits"),
+         "interactions": ("tokenizer", "dtype", "splits", "interactions")}
 """Kinds of prepared directory (meta.json "kind"; text has none) and the keys each manifest must have."""
 
 
@@ -58,9 +59,9 @@ def load_meta(data_dir: str | Path, kind: str | None = None) -> dict[str, Any]:
     if meta.get("format") != FORMAT_VERSION:
         raise DataError(f"{p}: unsupported data format {meta.get('format')!r} (expected {FORMAT_VERSION})")
     if kind is not None and have != kind:
-        raise DataError(f"{d} holds {'images' if have == 'images' else 'text (token shards)'}, not "
-                        f"{'images' if kind == 'images' else 'text'}: prepare "
-                        f"{'image' if kind == 'images' else 'text'} data for this")
+        what = {"images": "images", "text": "text (token shards)", "interactions": "user-item interactions"}
+        raise DataError(f"{d} holds {what[have]}, not {what[kind].split(' (')[0]}: prepare "
+                        f"{'image' if kind == 'images' else kind} data for this")
     return meta
 
 
