@@ -86,8 +86,14 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
         res = {"out": str(args.out), **{k: meta["interactions"][k] for k in ("users", "items", "interactions",
                                                                             "dropped")},
                "seconds": meta["seconds"]}
+        d = res["dropped"]
+        gone = [f"{d[k]:,} {what}" for k, what in (
+            ("below_min_rating", "rows rated below --min-rating"),
+            ("rare_item_rows", f"rows of {d['rare_items']:,} items under --min-item-count"),
+            ("short_user_rows", f"rows of {d['short_users']:,} users under --min-user-items")) if d.get(k)]
         _emit(args, res, f"prepared {args.out}: {res['users']:,} users, {res['items']:,} items, "
-                         f"{res['interactions']:,} interactions (leave-one-out: train / val / test)")
+                         f"{res['interactions']:,} interactions (leave-one-out: train / val / test)"
+                         + (f"; dropped {', '.join(gone)}" if gone else ""))
         return res
     if kind == "images":
         res = prepare_images(args.inputs, args.out, image_size=args.image_size, channels=args.channels,

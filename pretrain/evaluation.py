@@ -147,10 +147,10 @@ def rank_of_target(scores: np.ndarray, targets: np.ndarray, excluded: list[np.nd
     those in ``excluded[b]`` (the target itself always stays a candidate). Ties: the lower id ranks first."""
     s = np.array(scores, dtype=np.float64, copy=True)
     rows = np.arange(len(targets))
+    t = s[rows, targets]
     if excluded is not None:
         for b, ex in enumerate(excluded):
             s[b, ex] = -np.inf
-    t = s[rows, targets]
     s[rows, targets] = np.inf  # not counted against itself
     ids = np.arange(s.shape[1])
     above = (s > t[:, None]).sum(1) - 1  # (minus the target, now +inf)
@@ -172,24 +172,26 @@ def ranking_metrics(ranks: np.ndarray, k: int = K_DEFAULT) -> dict[str, float]:
 @dataclass
 class ItemScorer:
     """Scores every vocabulary id as what comes after a history, with a run's model: a causal LM at the last
-    position, a masked LM at a [MASK] appended (the history's last ``context - 1`` items)."""
+    position (of the history's last ``context`` items), a masked LM at a [MASK] appended and followed by the
+    end-of-sequence token, as every user's sequence ends in training (the last ``context - 2`` items)."""
 
     model: torch.nn.Module
     masked: bool
     context: int
     pad_id: int
     mask_id: int | None
+    eot_id: int
     device: torch.device
     dtype: str = "fp32"
 
     @torch.no_grad()
     def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
-        room = self.context - (1 if self.masked else 0)
+        room = self.context - (2 if self.masked else 0)
+        if any(len(h) == 0 for h in histories):
+            raise PretrainError("an empty history has nothing to recommend from")
         rows = [np.asarray(h[-room:], np.int64) for h in histories]
         if self.masked:
-            rows = [np.concatenate([r, [self.mask_id]]) for r in rows]
-        if any(len(r) == 0 for r in rows):
-            raise PretrainError("an empty history has nothing to recommend from")
+            rows = [np.concatenate([r, [self.mask_id, self.eot_id]]) for r in rows]
         width = max(len(r) for r in rows)
         x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         for b, r in enumerate(rows):
@@ -203,7 +205,8 @@ class ItemScorer:
                 hidden = m(x, attention_mask=mask, return_hidden=True)
             else:  # causal: right padding never reaches the real positions
                 hidden = m(x, return_hidden=True)
-            h = hidden[torch.arange(len(rows), device=self.device), (lengths - 1).to(self.device)]
+            at = lengths - (2 if self.masked else 1)  # the [MASK], or the last item
+            h = hidden[torch.arange(len(rows), device=self.device), at.to(self.device)]
             if hasattr(m, "head_features"):  # (a masked LM's head transform before its projection)
                 h = m.head_features(h)
             head = spec_of(m).output_head(m)
@@ -217,7 +220,7 @@ def item_scorer(model: torch.nn.Module, cfg, tok, device: torch.device) -> ItemS
         raise PretrainError(f"recommendations need a run trained with objective clm (next item) or mlm "
                             f"(masked items), not {cfg.objective!r}")
     return ItemScorer(model, cfg.objective == "mlm", cfg.model.max_seq_len, tok.pad_id or 0, tok.mask_id,
-                      device, cfg.train.dtype)
+                      tok.eot_id, device, cfg.train.dtype)
 
 
 def evaluate_scores(score_fn, histories: list[np.ndarray], targets: np.ndarray, vocab_size: int,

@@ -135,3 +135,19 @@ def synthetic_squad(path: Path, n_articles: int, seed: int, filler: tuple[int, i
         data.append({"title": f"a{a}", "paragraphs": paras})
     path.write_text(json.dumps({"version": "1.1", "data": data}), encoding="utf-8")
     return path
+
+
+def shift_log(path: Path, n_users: int = 60, n_items: int = 30, seed: int = 0) -> Path:
+    """An interaction log (CSV: user_id, item_id, timestamp, rating) in which each user walks the items in
+    order — s, s+1, s+2, ... (mod ``n_items``) from a random start, 6 to 15 steps: the next item is
+    learnable from the last one, while every item is about equally popular. Rows shuffled."""
+    rng = random.Random(seed)
+    rows = []
+    for u in range(n_users):
+        s, n = rng.randrange(n_items), rng.randint(6, 15)
+        rows += [(f"u{u}", f"i{(s + t) % n_items}", 1000 * u + t, 1 + (t % 5)) for t in range(n)]
+    rng.shuffle(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "".join(f"{u},{i},{t},{r}\n" for u, i, t, r in rows)
+    path.write_text("user_id,item_id,timestamp,rating\n" + body)
+    return path

@@ -37,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.data.manifest import FORMAT_VERSION, META, ShardWriter, load_meta, token_dtype, writing_prepared
+from pretrain.data.manifest import (
+    FORMAT_VERSION,
+    META,
+    ShardWriter,
+    check_prepared_out,
+    load_meta,
+    token_dtype,
+    writing_prepared,
+)
 from pretrain.data.sources import DataError, column_error, expand_inputs, iter_records
 from pretrain.data.tokenizer import EOT, Tokenizer
 from pretrain.io import write_json_atomic
@@ -227,6 +235,7 @@ def prepare_interactions(inputs: list, out: str | Path, *, user_column: str = "u
         raise DataError(f"--min-item-count must be at least 1, not {min_item_count}")
     if min_rating is not None and not rating_column:
         rating_column = "rating"
+    check_prepared_out(out, overwrite)  # (before reading: a refusal costs nothing)
     data, sources = read_log(inputs, user_column, item_column, time_column or None,
                              rating_column if min_rating is not None else None)
     seqs, kept_users, vocab, dropped = sequences_of(data, min_rating, min_item_count, min_user_items)
@@ -280,8 +289,6 @@ def prepare_interactions(inputs: list, out: str | Path, *, user_column: str = "u
                 "sources": [{**s.manifest(), **({"licence": licence} if licence else {})} for s in sources],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - t0, 3)}
         write_json_atomic(partial / META, meta)
-    log(f"prepared {out}: {len(seqs):,} users, {len(item_ids):,} items, {n_rows:,} interactions "
-        f"({dropped['short_users']:,} users with fewer than {min_user_items} dropped)")
     return meta
 
 
