@@ -186,3 +186,24 @@ def test_eval_rec_needs_an_item_run(tmp_path, capsys):
     assert "not trained on item sequences" in capsys.readouterr().err
     assert main(["eval", str(run), "--k", "5"]) == 2
     assert "--k applies to --rec only" in capsys.readouterr().err
+
+
+def test_item_probe_reads_item_ids_and_has_a_random_control(rec_run, tmp_path, capsys):
+    _, run = rec_run
+    # label: which half of the ring an item is on (neighbours in the walk share it)
+    rows = [(f"i{i}", "low" if i < 15 else "high") for i in range(30)]
+    (tmp_path / "tr.csv").write_text("item,half\n" + "".join(f"{a},{b}\n" for a, b in rows[::2]))
+    (tmp_path / "va.csv").write_text("item,half\n" + "".join(f"{a},{b}\n" for a, b in rows[1::2]))
+    common = ["probe", str(run), "--train", str(tmp_path / "tr.csv"), "--valid", str(tmp_path / "va.csv"),
+              "--text-column", "item", "--label-column", "half", "--json"]
+    assert main(common) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["train_examples"] == res["valid_examples"] == 15 and res["dim"] == 32
+    assert 0 <= res["accuracy"] <= 1 and "roc_auc" in res
+    assert main([*common, "--random-init"]) == 0
+    control = json.loads(capsys.readouterr().out)
+    assert control["accuracy"] != res["accuracy"] or control["roc_auc"] != res["roc_auc"]
+    (tmp_path / "bad.csv").write_text("item,half\ni1,low\nnope,high\n")
+    assert main([*common[:3], str(tmp_path / "bad.csv"), *common[4:]]) == 2
+    err = capsys.readouterr().err
+    assert "1 item id(s) in column 'item' are not in the run's vocabulary, e.g. nope" in err

@@ -105,7 +105,7 @@ def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.finetune.transfer import linear_probe
 
     res = linear_probe(args.run, args.train, args.valid, args.text_column, args.label_column, args.pooling,
-                       args.max_train, args.seed, args.batch_size, args.device)
+                       args.max_train, args.seed, args.batch_size, args.device, args.random_init)
     extra = "".join(f", {k.replace('_', ' ')} {100 * res[k]:.2f}%" if k != "roc_auc" else f", ROC-AUC "
                     f"{res[k]:.4f}" for k in ("balanced_accuracy", "roc_auc") if k in res)
     _emit(args, res, f"linear probe ({res['pooling']} pooling, {res['dim']} features, "
@@ -186,6 +186,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--label-column", default="label")
     s.add_argument("--pooling", default="auto", choices=["auto", "mean", "cls", "last"])
     s.add_argument("--max-train", type=int, default=0, help="use a random subset of this many training rows")
+    s.add_argument("--random-init", action="store_true",
+                   help="probe the same architecture freshly initialised (the control: what pre-training "
+                        "added)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto")

@@ -478,10 +478,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_column: str = "text",
                  label_column: str = "label", pooling: str = "auto", max_train: int = 0, seed: int = 0,
-                 batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
+                 batch_size: int = 64, device: str = "auto", random_init: bool = False) -> dict[str, Any]:
     """Frozen features + logistic regression (scikit-learn): a quick read of feature quality. An image run
     reads prepared image directories (``DIR`` / ``DIR@SPLIT``: train and val splits by default) and also
-    reports balanced accuracy (and ROC-AUC for two classes)."""
+    reports balanced accuracy (and ROC-AUC for two classes). A run pre-trained on item sequences probes its
+    item embeddings: ``text_column`` holds item ids. ``random_init``: the same architecture freshly
+    initialised (seed ``seed``) instead of the run's weights — the control that says what pre-training
+    added."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -497,6 +500,17 @@ def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_col
         model, cfg, tok, _ = load_pretrained(run, dev)
     except CheckpointError as e:
         raise PretrainError(f"{run} is not a pre-trained run: {e}") from None
+    if random_init:
+        import torch
+
+        from pretrain.models import build_model
+
+        torch.manual_seed(seed)
+        model = build_model(cfg.model).to(dev).eval()
+    from pretrain.recommend import is_item_vocabulary
+
+    if tok is not None and is_item_vocabulary(tok):
+        return _item_probe(model, tok, train, valid, text_column, label_column, max_train, seed)
     if spec_of(model).modality == "images":
         return _image_probe(model, cfg, run, train, valid, pooling, max_train, seed, batch_size, dev)
     for p in (train, valid):
@@ -523,6 +537,49 @@ def linear_probe(run: str | Path, train: str | Path, valid: str | Path, text_col
     acc = float(np.mean(pred == np.array([str(v) for v in va.labels])))
     return {"accuracy": acc, "train_examples": len(tr), "valid_examples": len(va), "pooling": pool,
             "dim": int(xtr.shape[1]), "truncated": {"train": trunc_tr, "valid": trunc_va},
+            "elapsed_s": round(time.time() - t0, 2)}
+
+
+def _item_probe(model, tok, train: str | Path, valid: str | Path, text_column: str, label_column: str,
+                max_train: int, seed: int) -> dict[str, Any]:
+    """linear_probe of an item-sequence run: each row's item (its id in ``text_column``) is its embedding
+    (recommend.item_embeddings)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from pretrain.finetune.data import check_known, read_examples
+    from pretrain.recommend import item_embeddings
+
+    ids, vectors = item_embeddings(model, tok)
+    row_of = {item: i for i, item in enumerate(ids)}
+    tr = read_examples(train, text_column, label_column)
+    va = read_examples(valid, text_column, label_column)
+    for ex, path in ((tr, train), (va, valid)):
+        unknown = sorted({t.strip() for t in ex.texts} - set(row_of))
+        if unknown:
+            raise PretrainError(f"{path}: {len(unknown):,} item id(s) in column {text_column!r} are not in "
+                                f"the run's vocabulary, e.g. {', '.join(unknown[:5])}")
+    if max_train and max_train < len(tr):
+        tr = tr.subset(sample_budget(tr.labels, max_train, seed, len(tr)))
+    names = sorted({str(v) for v in tr.labels})
+    check_known(va.labels, names, str(valid))
+    if len(names) < 2:
+        raise PretrainError(f"{train}: a linear probe needs at least two labels, found {names}")
+    t0 = time.time()
+    xtr = vectors[[row_of[t.strip()] for t in tr.texts]]
+    xva = vectors[[row_of[t.strip()] for t in va.texts]]
+    scaler = StandardScaler().fit(xtr)
+    y = [str(v) for v in tr.labels]
+    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed).fit(scaler.transform(xtr), y)
+    proba = clf.predict_proba(scaler.transform(xva))
+    probs = np.zeros((len(va), len(names)))
+    for j, c in enumerate(clf.classes_):
+        probs[:, names.index(str(c))] = proba[:, j]
+    pred = [names[i] for i in probs.argmax(-1)]
+    m = compute_metrics("classification", pred, [str(v) for v in va.labels], probs, names)
+    return {"accuracy": m["accuracy"], **{k: m[k] for k in ("balanced_accuracy", "roc_auc") if k in m},
+            "train_examples": len(tr), "valid_examples": len(va), "pooling": "item embedding",
+            "dim": int(xtr.shape[1]), "truncated": {"train": 0, "valid": 0},
             "elapsed_s": round(time.time() - t0, 2)}
 
 
