@@ -225,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.rec:
         return _eval_rec(args)
     given = [f for f, v, d in (("--k", args.k, 10), ("--negatives", args.negatives, 0),
-                               ("--max-users", args.max_users, 0), ("--neighbours", args.neighbours, 100))
+                               ("--max-users", args.max_users, 0), ("--neighbours", args.neighbours, 0))
              if v != d]
     if given:
         raise PretrainError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --rec only "
@@ -255,7 +255,7 @@ def _eval_rec(args: argparse.Namespace) -> dict[str, Any]:
                        max_users=args.max_users, neighbours=args.neighbours, device=args.device)
     k = res["k"]
     rows = [("ours (" + res["objective"] + ")", res["model"]), ("popularity", res["popularity"]),
-            (f"item-kNN ({res['item_knn_neighbours']} neighbours)", res["item_knn"])]
+            (f"item-kNN (decay {res['item_knn_settings']['decay']})", res["item_knn"])]
     lines = [f"{split} items of {res['users']:,} users, {res['ranking']} ranking over {res['items']:,} items "
              f"(history excluded), step {res['step']}:",
              f"  {'':28} {'HR@' + str(k):>8} {'NDCG@' + str(k):>8} {'MRR':>8}"]
@@ -528,8 +528,9 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
                    help="rank the target among N sampled unseen items instead of all (as SASRec/BERT4Rec "
                         "papers report; not comparable with full ranking; default 0: full ranking)")
     r.add_argument("--max-users", type=int, default=0, help="an evenly spread subset of users (default: all)")
-    r.add_argument("--neighbours", type=int, default=100,
-                   help="neighbours kept per item by the item-kNN baseline (default 100; 0: all)")
+    r.add_argument("--neighbours", type=int, default=0,
+                   help="neighbours kept per item by the item-kNN baseline (default 0: all, up to 20,000 "
+                        "items; 500 for a larger catalogue)")
 
     s = sub.add_parser("recommend", help="top-k unseen items after a history (item-sequence runs)")
     s.add_argument("run", help="run directory or checkpoint directory")

@@ -41,17 +41,27 @@ def popularity_scores(histories: list[np.ndarray], vocab_size: int) -> np.ndarra
     return counts
 
 
+KNN_DECAYS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+"""Recency decays the item-kNN baseline is tuned over (on the validation items)."""
+KNN_ALL_ITEMS = 20_000
+"""``neighbours`` 0 keeps every neighbour up to this many items; a larger catalogue keeps 500."""
+
+
 class ItemKNN:
     """Item-to-item collaborative filtering (Sarwar et al. 2001): cosine similarity between items' columns
-    of the binary user × item matrix of ``histories``, the ``neighbours`` most similar kept per item; a
-    user's score for item j is the sum of sim(h, j) over the items h of the user's history (its last
-    ``recent`` items; 0: all)."""
+    of the binary user × item matrix of ``histories``, the ``neighbours`` most similar kept per item (0: all,
+    up to KNN_ALL_ITEMS items); a user's score for item j is the sum of w(h) sim(h, j) over the items h of
+    the user's history, w = ``decay`` ** (how many items ago h was last seen): 1.0 weighs the whole history
+    alike, as the classic method does; a smaller decay favours the latest items, which is what a sequence
+    model exploits (a fair baseline for one)."""
 
-    def __init__(self, histories: list[np.ndarray], vocab_size: int, neighbours: int = 100, recent: int = 0,
+    def __init__(self, histories: list[np.ndarray], vocab_size: int, neighbours: int = 0, decay: float = 1.0,
                  block: int = 1024):
         from scipy import sparse
 
-        self.vocab_size, self.recent = vocab_size, recent
+        if not neighbours and vocab_size > KNN_ALL_ITEMS:
+            neighbours = 500
+        self.vocab_size, self.decay, self.neighbours = vocab_size, decay, neighbours or vocab_size - 1
         rows = np.concatenate([np.full(len(np.unique(h)), u) for u, h in enumerate(histories)])
         cols = np.concatenate([np.unique(h) for h in histories])
         x = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
@@ -60,7 +70,7 @@ class ItemKNN:
         xn = (x @ sparse.diags(1.0 / np.maximum(norms, 1e-12))).tocsc().astype(np.float32)
         xt = xn.T.tocsr()
         out_r, out_c, out_v = [], [], []
-        k = min(neighbours, vocab_size - 1) if neighbours else vocab_size - 1
+        k = min(self.neighbours, vocab_size - 1)
         for lo in range(0, vocab_size, block):  # (block, V) dense similarities at a time: bounded memory
             hi = min(vocab_size, lo + block)
             sim = np.asarray((xt[lo:hi] @ xn).todense())
@@ -82,11 +92,18 @@ class ItemKNN:
         """(B, V) scores of every item for each history."""
         from scipy import sparse
 
-        hs = [h[-self.recent:] if self.recent else h for h in histories]
-        rows = np.concatenate([np.full(len(np.unique(h)), b) for b, h in enumerate(hs)])
-        cols = np.concatenate([np.unique(h) for h in hs])
-        q = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
-                              shape=(len(hs), self.vocab_size))
+        rows, cols, vals = [], [], []
+        for b, h in enumerate(histories):
+            last: dict[int, int] = {}  # item → how many items ago it was last seen
+            for age, item in enumerate(np.asarray(h)[::-1].tolist()):
+                last.setdefault(item, age)
+            items = np.fromiter(last.keys(), np.int64, len(last))
+            rows.append(np.full(len(items), b))
+            cols.append(items)
+            vals.append(self.decay ** np.fromiter(last.values(), np.float64, len(last)))
+        q = sparse.csr_matrix((np.concatenate(vals).astype(np.float32), (np.concatenate(rows),
+                                                                          np.concatenate(cols))),
+                              shape=(len(histories), self.vocab_size))
         return np.asarray((q @ self.sim).todense(), dtype=np.float64)
 
 
@@ -127,12 +144,28 @@ def _targets(data: Interactions, split: str, users: np.ndarray) -> tuple[list[np
     return [seqs[u][:-1] for u in users], np.array([seqs[u][-1] for u in users], np.int64)
 
 
+def tuned_knn(data: Interactions, vocab_size: int, users: np.ndarray, neighbours: int = 0, k: int = K_DEFAULT,
+              decays: tuple[float, ...] = KNN_DECAYS) -> tuple[float, dict[str, float]]:
+    """The recency decay of :class:`ItemKNN` with the best NDCG@k on the validation items of ``users``
+    (fitted on every user's training items), and the validation metrics of each decay tried."""
+    hist, _ = _targets(data, "val", np.arange(len(data.users)))
+    qh, qt = _targets(data, "val", users)
+    knn = ItemKNN(hist, vocab_size, neighbours)
+    tried = {}
+    for d in decays:
+        knn.decay = d
+        tried[str(d)] = evaluate_scores(knn.scores, qh, qt, vocab_size, k)[f"ndcg@{k}"]
+    return float(max(tried, key=lambda d: tried[d])), tried
+
+
 def evaluate_rec(run: str | Path, data_dir: str | Path | None = None, split: str = "test", k: int = K_DEFAULT,
-                 negatives: int = 0, max_users: int = 0, neighbours: int = 100, device: str = "auto",
+                 negatives: int = 0, max_users: int = 0, neighbours: int = 0, device: str = "auto",
                  batch_size: int = 128, baselines: bool = True) -> dict[str, Any]:
     """HR@k, NDCG@k and MRR of a run's recommendations on the held-out items of ``split`` of its prepared
     interactions (``data_dir``; default: the run's), beside the popularity and item-kNN baselines on the same
-    users and histories. ``max_users``: an evenly spread subset of the users (0: all)."""
+    users and histories, each fitted on every user's histories of that split (item-kNN's recency decay tuned
+    on the validation items, :func:`tuned_knn`). ``max_users``: an evenly spread subset of the users (0:
+    all)."""
     model, cfg, tok, meta, dev = load_item_run(run, device)
     data = Interactions(data_dir or cfg.data.path)
     if data.tokenizer.sha256() != tok.sha256():
@@ -150,14 +183,15 @@ def evaluate_rec(run: str | Path, data_dir: str | Path | None = None, split: str
     res["model"] = evaluate_scores(lambda hs: scorer.scores(hs).numpy(), histories, targets,
                                    batch=batch_size, **common)
     if baselines:
-        pop = popularity_scores(histories, tok.vocab_size)
+        all_hist, _ = _targets(data, split, np.arange(n))  # (every user's, not only the evaluated ones)
+        pop = popularity_scores(all_hist, tok.vocab_size)
         res["popularity"] = evaluate_scores(lambda hs: np.broadcast_to(pop, (len(hs), len(pop))), histories,
                                             targets, **common)
-        # (fitted on every user's history for this split, not only the evaluated ones)
-        all_hist, _ = _targets(data, split, np.arange(n))
-        knn = ItemKNN(all_hist, tok.vocab_size, neighbours)
+        decay, tried = tuned_knn(data, tok.vocab_size, users, neighbours, k)
+        knn = ItemKNN(all_hist, tok.vocab_size, neighbours, decay)
         res["item_knn"] = evaluate_scores(knn.scores, histories, targets, **common)
-        res["item_knn_neighbours"] = neighbours
+        res["item_knn_settings"] = {"neighbours": knn.neighbours, "decay": decay,
+                                    f"val_ndcg@{k}_by_decay": tried}
     return res
 
 

@@ -207,3 +207,16 @@ def test_item_probe_reads_item_ids_and_has_a_random_control(rec_run, tmp_path, c
     assert main([*common[:3], str(tmp_path / "bad.csv"), *common[4:]]) == 2
     err = capsys.readouterr().err
     assert "1 item id(s) in column 'item' are not in the run's vocabulary, e.g. nope" in err
+
+
+def test_item_knn_decay_favours_the_latest_items():
+    hists = [np.array([4, 5]), np.array([6, 7]), np.array([4, 5]), np.array([6, 7])]
+    knn = ItemKNN(hists, 8)
+    history = [np.array([4, 6])]  # 6 is the latest
+    flat = knn.scores(history)[0]
+    assert flat[5] == pytest.approx(flat[7])
+    knn.decay = 0.5
+    s = knn.scores(history)[0]
+    assert s[7] == pytest.approx(2 * s[5])
+    # an item seen twice counts once, at its latest position
+    assert knn.scores([np.array([6, 4, 6])])[0][7] == pytest.approx(s[7])
