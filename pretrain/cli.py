@@ -261,10 +261,12 @@ def _eval_rec(args: argparse.Namespace) -> dict[str, Any]:
              f"  {'':28} {'HR@' + str(k):>8} {'NDCG@' + str(k):>8} {'MRR':>8}"]
     for name, m in rows:
         lines.append(f"  {name:28} {m[f'hr@{k}']:8.4f} {m[f'ndcg@{k}']:8.4f} {m['mrr']:8.4f}")
-    pop = res["popularity"][f"ndcg@{k}"]
-    if pop > 0:
-        lines.append(f"  NDCG@{k}: {res['model'][f'ndcg@{k}'] / pop:.2f}x popularity, "
-                     f"{res['model'][f'ndcg@{k}'] / max(res['item_knn'][f'ndcg@{k}'], 1e-12):.2f}x item-kNN")
+    ours = res["model"][f"ndcg@{k}"]
+    for name, key in (("popularity", "popularity"), ("item-kNN", "item_knn")):
+        d = res["paired"][f"ndcg@{k}_minus_{key}"]
+        ratio = f"{ours / res[key][f'ndcg@{k}']:.2f}x" if res[key][f"ndcg@{k}"] > 0 else "-"
+        lines.append(f"  NDCG@{k} vs {name}: {ratio}, {d['mean']:+.4f} per user "
+                     f"(95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})")
     _emit(args, res, "\n".join(lines))
     return res
 

@@ -226,9 +226,32 @@ def item_scorer(model: torch.nn.Module, cfg, tok, device: torch.device) -> ItemS
 def evaluate_scores(score_fn, histories: list[np.ndarray], targets: np.ndarray, vocab_size: int,
                     k: int = K_DEFAULT, negatives: int = 0, seed: int = 0, batch: int = 256,
                     ) -> dict[str, float]:
-    """Ranking metrics of ``score_fn`` (histories → (B, V) scores) on (history, target) pairs: full ranking
-    over every non-special id with the history excluded (the target kept); with ``negatives`` > 0, the
-    target among that many ids drawn at random (seeded) from the items outside the history instead."""
+    """Ranking metrics (:func:`ranking_metrics`) of :func:`target_ranks`."""
+    return ranking_metrics(target_ranks(score_fn, histories, targets, vocab_size, negatives, seed, batch), k)
+
+
+def ndcg_at(ranks: np.ndarray, k: int = K_DEFAULT) -> np.ndarray:
+    """Per pair: 1 / log2(rank + 1) when the rank is within ``k``, else 0."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0,
+                      ) -> dict[str, float]:
+    """Mean of ``a - b`` over paired observations (per-user metrics of two rankers on the same users) with
+    a 95% bootstrap interval (users resampled with replacement, seeded)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (resamples, len(d)))].mean(1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)]}
+
+
+def target_ranks(score_fn, histories: list[np.ndarray], targets: np.ndarray, vocab_size: int,
+                 negatives: int = 0, seed: int = 0, batch: int = 256) -> np.ndarray:
+    """1-based rank of each target under ``score_fn`` (histories → (B, V) scores): full ranking over every
+    non-special id with the history excluded (the target kept); with ``negatives`` > 0, the target among
+    that many ids drawn at random (seeded) from the items outside the history instead."""
     n_special = len(SPECIALS)
     ranks = []
     rng = np.random.default_rng(seed)
@@ -245,7 +268,7 @@ def evaluate_scores(score_fn, histories: list[np.ndarray], targets: np.ndarray, 
                 sub[b, t] = s[b, t]
             s, excluded = sub, None
         ranks.append(rank_of_target(s, ts, excluded))
-    return ranking_metrics(np.concatenate(ranks), k)
+    return np.concatenate(ranks)
 
 
 def validation_ranking(cfg, tokenizer, max_users: int = 0, k: int = K_DEFAULT):

@@ -27,7 +27,15 @@ import torch
 
 from pretrain import PretrainError
 from pretrain.data.interactions import SPECIALS, Interactions
-from pretrain.evaluation import K_DEFAULT, evaluate_scores, item_scorer
+from pretrain.evaluation import (
+    K_DEFAULT,
+    evaluate_scores,
+    item_scorer,
+    ndcg_at,
+    paired_difference,
+    ranking_metrics,
+    target_ranks,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # baselines
@@ -179,19 +187,24 @@ def evaluate_rec(run: str | Path, data_dir: str | Path | None = None, split: str
     res: dict[str, Any] = {"split": split, "users": len(users), "items": data.meta["interactions"]["items"],
                            "k": k, "ranking": f"sampled ({negatives} negatives)" if negatives else "full",
                            "objective": cfg.objective, "step": meta.get("step")}
-    common = {"vocab_size": tok.vocab_size, "k": k, "negatives": negatives}
-    res["model"] = evaluate_scores(lambda hs: scorer.scores(hs).numpy(), histories, targets,
-                                   batch=batch_size, **common)
+    common = {"vocab_size": tok.vocab_size, "negatives": negatives}
+    ranks = {"model": target_ranks(lambda hs: scorer.scores(hs).numpy(), histories, targets,
+                                   batch=batch_size, **common)}
     if baselines:
         all_hist, _ = _targets(data, split, np.arange(n))  # (every user's, not only the evaluated ones)
         pop = popularity_scores(all_hist, tok.vocab_size)
-        res["popularity"] = evaluate_scores(lambda hs: np.broadcast_to(pop, (len(hs), len(pop))), histories,
-                                            targets, **common)
+        ranks["popularity"] = target_ranks(lambda hs: np.broadcast_to(pop, (len(hs), len(pop))), histories,
+                                           targets, **common)
         decay, tried = tuned_knn(data, tok.vocab_size, users, neighbours, k)
         knn = ItemKNN(all_hist, tok.vocab_size, neighbours, decay)
-        res["item_knn"] = evaluate_scores(knn.scores, histories, targets, **common)
+        ranks["item_knn"] = target_ranks(knn.scores, histories, targets, **common)
         res["item_knn_settings"] = {"neighbours": knn.neighbours, "decay": decay,
                                     f"val_ndcg@{k}_by_decay": tried}
+    for name, r in ranks.items():
+        res[name] = ranking_metrics(r, k)
+    # the model minus each baseline, user by user: is the difference more than the luck of these users?
+    res["paired"] = {f"ndcg@{k}_minus_{name}": paired_difference(ndcg_at(ranks["model"], k), ndcg_at(r, k))
+                     for name, r in ranks.items() if name != "model"}
     return res
 
 

@@ -498,6 +498,10 @@ def _text_inputs(cfg: Config, meta: dict[str, Any]) -> Inputs:
 
     monitor, travel = None, ()
     if meta.get("kind") == "interactions":  # item sequences: rank the validation items at each evaluation
+        if cfg.data.packing and not cfg.data.doc_mask:
+            warnings.warn(f"{cfg.data.path} holds one item sequence per user, packed back to back: without "
+                          "data.doc_mask true attention crosses from one user into the next (the presets "
+                          "configs/sasrec-*.yaml and bert4rec-*.yaml set it)", stacklevel=2)
         from pretrain.evaluation import validation_ranking
 
         monitor = validation_ranking(cfg, tokenizer, tc.eval_batches * tc.batch_size)

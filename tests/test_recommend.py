@@ -53,6 +53,20 @@ def test_full_ranking_excludes_the_history_and_the_specials():
     assert m["hr@3"] == 1.0
 
 
+def test_paired_difference_and_its_interval():
+    from pretrain.evaluation import ndcg_at, paired_difference
+
+    assert ndcg_at(np.array([1, 3, 11]), 10) == pytest.approx([1.0, 0.5, 0.0])
+    same = paired_difference(np.ones(50), np.ones(50))
+    assert same == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    rng = np.random.default_rng(0)
+    a = rng.random(400)
+    d = paired_difference(a + 0.1, a)  # a constant gain: no doubt about it
+    assert d["mean"] == pytest.approx(0.1) and d["ci95"] == pytest.approx([0.1, 0.1])
+    noisy = paired_difference(rng.random(400), rng.random(400))
+    assert noisy["ci95"][0] < 0 < noisy["ci95"][1]
+
+
 def test_popularity_counts_each_history_once():
     pop = popularity_scores([np.array([4, 4, 5]), np.array([5, 6])], 8)
     assert pop.tolist() == [0, 0, 0, 0, 1, 2, 1, 0]
@@ -110,6 +124,9 @@ def test_a_trained_run_ranks_the_next_item_far_above_popularity(rec_run, capsys)
     assert res["model"]["hr@10"] >= 0.9 and res["model"]["ndcg@10"] >= 0.6
     assert res["model"]["ndcg@10"] > 2 * res["popularity"]["ndcg@10"]
     assert set(res["item_knn"]) == {"hr@10", "ndcg@10", "mrr"}
+    gain = res["paired"]["ndcg@10_minus_popularity"]
+    assert gain["mean"] == pytest.approx(res["model"]["ndcg@10"] - res["popularity"]["ndcg@10"])
+    assert gain["ci95"][0] > 0  # 60 users are enough to be sure of this one
     assert main(["eval", str(run), "--rec", "--split", "val", "--negatives", "5", "--json"]) == 0
     sampled = json.loads(capsys.readouterr().out)
     assert sampled["ranking"] == "sampled (5 negatives)" and sampled["split"] == "val"
