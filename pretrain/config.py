@@ -357,10 +357,15 @@ class MLMConfig:
     """Of the selected tokens, the fraction replaced by a random token (the rest are left unchanged)."""
     whole_word: bool = False
     """Select whole words: all WordPiece pieces of a word are masked together."""
+    end_frac: float = 0.0
+    """Fraction of sequences in which, instead, only the last token of each document (the one before its
+    end-of-document token) is masked: BERT4Rec's extra training samples, which mirror predicting the next
+    item after a history (item sequences); 0 for text."""
 
     def __post_init__(self) -> None:
         _all_finite(self, "mlm")
         _check(0.0 < self.mask_prob < 1.0, "mlm.mask_prob must be in (0, 1)")
+        _check(0.0 <= self.end_frac <= 1.0, "mlm.end_frac must be in [0, 1]")
         _check(self.mask_token_frac >= 0 and self.random_token_frac >= 0
                and self.mask_token_frac + self.random_token_frac <= 1.0,
                "mlm.mask_token_frac and mlm.random_token_frac must be >= 0 and sum to at most 1")

@@ -122,6 +122,22 @@ def test_special_tokens_never_selected_nor_produced():
     assert torch.equal(new_special, to_mask)
 
 
+def test_end_frac_masks_only_each_documents_last_token_in_its_rows():
+    ids = random_ids(seed=5)
+    ids[:, 9::10] = SEP  # documents of 9 tokens, [SEP] after each
+    base = mask_tokens(ids, spec(), gen())
+    inputs, labels = mask_tokens(ids, spec(end_frac=0.5, eot_id=SEP), gen())
+    before_end = torch.zeros_like(ids, dtype=torch.bool)
+    before_end[:, :-1] = ids[:, 1:] == SEP
+    end_rows = (labels != IGNORE).any(1) & ((labels != IGNORE) == before_end).all(1)
+    assert 0.35 < end_rows.float().mean().item() < 0.65  # about half the rows
+    assert (inputs[end_rows][before_end[end_rows]] == MASK).all()  # every last token masked, only them
+    assert torch.equal(inputs[end_rows][~before_end[end_rows]], ids[end_rows][~before_end[end_rows]])
+    # the other rows keep exactly the masks they had without end_frac
+    assert torch.equal(labels[~end_rows], base[1][~end_rows])
+    assert torch.equal(inputs[~end_rows], base[0][~end_rows])
+
+
 def test_random_replacements_span_vocab_beyond_the_inputs():
     ids = random_ids(lo=5, hi=20)  # inputs use 15 ids; replacements come from all 995 ordinary ones
     inputs, labels = mask_tokens(ids, spec(mask_prob=0.5, mask_token_frac=0.0, random_token_frac=1.0), gen())

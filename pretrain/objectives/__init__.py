@@ -157,7 +157,8 @@ def _masking(name: str, tokenizer, mlm_cfg, whole_model_masks: bool) -> mlm.Mask
              {"mask_token_frac": mlm_cfg.mask_token_frac, "random_token_frac": mlm_cfg.random_token_frac})
     return mlm.MaskingSpec(mask_id=tokenizer.mask_id, cls_id=tokenizer.cls_id,
                            vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids,
-                           mask_prob=mlm_cfg.mask_prob, continuation=cont, pad_id=tokenizer.pad_id, **fracs)
+                           mask_prob=mlm_cfg.mask_prob, continuation=cont, pad_id=tokenizer.pad_id,
+                           end_frac=mlm_cfg.end_frac, eot_id=tokenizer.eot_id, **fracs)
 
 
 def build_objective(name: str, tokenizer, mlm_cfg=None, seed: int = 0, doc_mask: bool = False,

@@ -31,6 +31,8 @@ class MaskingSpec:
     random_token_frac: float = 0.1
     continuation: torch.Tensor | None = None  # (vocab,) bool: WordPiece '##' pieces, for whole-word masking
     pad_id: int | None = None  # padding (data.packing false): never masked, never attended to
+    end_frac: float = 0.0  # rows in which only each document's last token (before eot_id) is masked
+    eot_id: int | None = None
 
 
 def add_cls(batch: torch.Tensor, cls_id: int | None) -> torch.Tensor:
@@ -68,6 +70,13 @@ def mask_tokens(ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator
     random_ids = normal[torch.randint(len(normal), ids.shape, generator=generator, device="cpu").to(device)]
     inputs = torch.where(to_mask, torch.full_like(ids, spec.mask_id), ids)
     inputs = torch.where(to_random, random_ids, inputs)
+    if spec.end_frac > 0 and spec.eot_id is not None:  # (drawn last: other settings keep their masks)
+        rows = torch.rand(ids.size(0), generator=generator, device="cpu") < spec.end_frac
+        rows = rows.to(device)[:, None]
+        last = torch.zeros_like(eligible)
+        last[:, :-1] = (ids[:, 1:] == spec.eot_id) & eligible[:, :-1]
+        labels = torch.where(rows, torch.where(last, ids, torch.full_like(ids, IGNORE)), labels)
+        inputs = torch.where(rows, torch.where(last, torch.full_like(ids, spec.mask_id), ids), inputs)
     return inputs, labels
 
 
