@@ -237,3 +237,22 @@ def test_item_knn_decay_favours_the_latest_items():
     assert s[7] == pytest.approx(2 * s[5])
     # an item seen twice counts once, at its latest position
     assert knn.scores([np.array([6, 4, 6])])[0][7] == pytest.approx(s[7])
+
+
+def test_an_exported_item_model_recommends_the_same_in_transformers(rec_run, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    objective, run = rec_run
+    if objective != "clm":
+        pytest.skip("the causal item model exports as LlamaForCausalLM (the masked one as a fill-mask model)")
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("i3 i4 i5", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1]
+    logits[:4] = -torch.inf  # the specials
+    logits[ids[0]] = -torch.inf  # the history
+    theirs = tok.convert_ids_to_tokens(logits.topk(5).indices.tolist())
+    ours = [r["item"] for r in recommend(run, history="i3,i4,i5", k=5, device="cpu")["recommendations"]]
+    assert theirs == ours
