@@ -256,3 +256,18 @@ def test_an_exported_item_model_recommends_the_same_in_transformers(rec_run, tmp
     theirs = tok.convert_ids_to_tokens(logits.topk(5).indices.tolist())
     ours = [r["item"] for r in recommend(run, history="i3,i4,i5", k=5, device="cpu")["recommendations"]]
     assert theirs == ours
+
+
+@pytest.mark.parametrize("preset", ["sasrec-cpu", "bert4rec-cpu", "sasrec-gpu", "bert4rec-gpu"])
+def test_the_item_presets_train_on_an_interactions_directory(preset, shift_data, tmp_path):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml"
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--data.path", str(shift_data), "--out", str(run),
+                 "--data.seq_len", "16", "--model.d_model", "32", "--train.batch_size", "4",
+                 "--train.max_steps", "3", "--train.warmup_steps", "1", "--train.eval_interval", "3",
+                 "--train.compile", "false", "--train.plot", "false", "--quiet"]) == 0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"val_loss", "val_ndcg@10", "val_hr@10", "val_mrr"} <= set(last)
+    assert (run / "items.json").is_file()  # the item metadata travels with the run
