@@ -84,7 +84,7 @@ def stage_data(work: Path) -> None:
 
 def runs(work: Path) -> list[tuple[str, int, Path]]:
     out = []
-    for p in sorted((work / "runs").glob("*-s*")):
+    for p in sorted(q for q in (work / "runs").glob("*-s*") if q.is_dir()):
         obj, seed = p.name.rsplit("-s", 1)
         out.append((obj, int(seed), p))
     return out
