@@ -113,7 +113,8 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
                         max_symbol_ratio=args.max_symbol_ratio, min_alpha_ratio=args.min_alpha_ratio,
                         max_repeated_line_ratio=args.max_repeated_line_ratio, dedup_exact=args.dedup,
                         near_dup_threshold=args.near_dup, decontaminate=args.decontaminate or [],
-                        decontaminate_fields=args.decontaminate_field, ngram=args.decontam_ngram)
+                        decontaminate_fields=args.decontaminate_field, ngram=args.decontam_ngram,
+                        pii=args.pii)
     if args.batch_mb <= 0:
         raise PretrainError("--batch-mb must be > 0")
     if args.tokenizer_sample_mb <= 0:
@@ -436,6 +437,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="fields/columns of JSONL/CSV/Parquet --decontaminate files to match, each of them "
                         "(default: text)")
     g.add_argument("--decontam-ngram", type=int, default=13, help="n for --decontaminate (default 13)")
+    g.add_argument("--pii", choices=["", "report", "redact", "drop"], default="",
+                   help="personal data (e-mail addresses, phone numbers, IP addresses, card numbers): "
+                        "report (count them), redact (replace each by <EMAIL>, <PHONE>, <IP_ADDRESS>, "
+                        "<CARD>) or drop the documents with any (default: off)")
     im = s.add_argument_group("images (IDX, .npz, .npy or folders of PNG/JPEG/WebP/BMP; see docs/images.md)")
     im.add_argument("--image-size", type=int, default=0, metavar="N",
                     help="resize (shorter side to N) and centre-crop every image to NxN (default: keep the "

@@ -12,6 +12,13 @@ the LSH index the band hashes of every kept document (~1-2 KB each): they grow w
 is what deduplication needs; every other step is bounded.
 Near-duplicates use MinHash over word 5-gram shingles with LSH (the `datasketch` library);
 decontamination drops documents that share a word n-gram (default 13) with the evaluation texts given.
+
+Personal data (``pii``: e-mail addresses, phone numbers, IP addresses, payment-card numbers; the patterns are
+in pii.py): ``report`` counts the matches per type in the kept documents (and the documents with any), per
+source, with a few matched strings as examples; ``redact`` is a transform (each match replaced by its typed
+placeholder, ``<EMAIL>``, ``<PHONE>``, ``<IP_ADDRESS>``, ``<CARD>``; the report counts the placeholders in the
+kept documents, so one already in the input counts too); ``drop`` is a filter (step ``pii``: the documents
+with any match, counted and reported like the other filters, with the matches per type).
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pretrain.data import pii as _pii
 from pretrain.data.sources import DataError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
 _WORD = re.compile(r"\w+", re.UNICODE)
-STEPS = ("empty", "min_chars", "max_chars", "symbol_ratio", "alpha_ratio", "repeated_lines",
+STEPS = ("empty", "min_chars", "max_chars", "symbol_ratio", "alpha_ratio", "repeated_lines", "pii",
          "exact_duplicate", "near_duplicate", "contaminated")
+PII_MODES = ("", "report", "redact", "drop")
 _STEP_INDEX = {s: i + 1 for i, s in enumerate(STEPS)}
 NUM_PERM = 128
 
@@ -63,6 +72,10 @@ class CleanConfig:
     e.g. question and answer); plain text files are read whole."""
     ngram: int = 13
     """n for decontamination (evaluation texts shorter than n words are matched whole)."""
+    pii: str = ""
+    """Personal data (e-mail addresses, phone numbers, IP addresses, card numbers; see pii.py): 'report'
+    (count them, documents unchanged), 'redact' (replace each by a typed placeholder), 'drop' (drop the
+    documents with any), or '' (off)."""
 
     def __post_init__(self) -> None:
         forms = ("NFC", "NFKC", "NFD", "NFKD")
@@ -77,11 +90,14 @@ class CleanConfig:
                 raise DataError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if self.min_chars < 0 or self.max_chars < 0:
             raise DataError("min_chars / max_chars must be >= 0 (0: off)")
+        if self.pii not in PII_MODES:
+            raise DataError(f"unknown personal-data mode {self.pii!r}: use report, redact, drop, or '' "
+                            "for off")
 
     def active(self) -> bool:
         return any([self.min_chars, self.max_chars, self.max_symbol_ratio, self.min_alpha_ratio,
                     self.max_repeated_line_ratio, self.dedup_exact, self.near_dup_threshold,
-                    self.decontaminate])
+                    self.decontaminate, self.pii])
 
 
 def _words(text: str) -> list[str]:
@@ -119,6 +135,10 @@ class Cleaner:
                                                  for s in STEPS}
         self.per_source: dict[int, dict[str, Any]] = {}
         self.kept = {"documents": 0, "bytes": 0}
+        # personal data (cfg.pii): matches per type and documents with any, in total and per source
+        self.pii = {"documents": 0, **dict.fromkeys(_pii.TYPES, 0)}
+        self.pii_per_source: dict[int, dict[str, int]] = {}
+        self.pii_examples: dict[str, list[str]] = {t: [] for t in _pii.TYPES}
         self._exact: set[int] = set()
         self._lsh = None
         self._perms = None
@@ -164,21 +184,40 @@ class Cleaner:
                                            decontaminate=[]))
 
     def transform(self, text: str) -> str:
+        text = self.normalized(text)
+        if self.cfg.pii == "redact":
+            text = _pii.redact(text)[0]
+        return text
+
+    def normalized(self, text: str) -> str:
+        """:meth:`transform` but for the redaction of personal data."""
         if self.cfg.normalize:
             text = unicodedata.normalize(self.cfg.normalize, text)
         if self.cfg.strip_control:
             text = _CONTROL.sub("", text)
         return text
 
-    def analyze(self, text: str) -> tuple[int, int, bool, Any, int]:
+    def pii_counts(self, text: str) -> tuple[int, ...] | None:
+        """Personal data in a (transformed) document: matches per type of pii.TYPES (with ``redact``: the
+        placeholders), or None when the step is off. Runs over the whole text without copying it."""
+        if not self.cfg.pii:
+            return None
+        counts = _pii.count_placeholders(text) if self.cfg.pii == "redact" else _pii.count(text)
+        return tuple(counts[t] for t in _pii.TYPES)
+
+    def analyze(self, text: str) -> tuple[int, int, bool, Any, int, tuple[int, ...] | None]:
         """The stateless part of the decision for one (transformed) document, safe to run in worker
         processes: (index in STEPS + 1 of the first failed filter, or 0; exact-duplicate hash (0 if off);
-        contaminated; MinHash values (None if off); UTF-8 size in bytes)."""
+        contaminated; MinHash values (None if off); UTF-8 size in bytes; personal data found, per type
+        (:meth:`pii_counts`; None if off or a filter before it failed))."""
         c = self.cfg
         nbytes = len(text.encode("utf-8", "surrogatepass"))
         reason = self._filter(text)
         if reason:
-            return _STEP_INDEX[reason], 0, False, None, nbytes
+            return _STEP_INDEX[reason], 0, False, None, nbytes, None
+        found = self.pii_counts(text)
+        if c.pii == "drop" and any(found):  # type: ignore[arg-type]
+            return _STEP_INDEX["pii"], 0, False, None, nbytes, found
         exact = int.from_bytes(_h(text), "little") if c.dedup_exact else 0
         contaminated = False
         if self._contam:
@@ -198,7 +237,7 @@ class Cleaner:
             m = MinHash(num_perm=NUM_PERM, seed=1, permutations=proto.permutations, scheme=proto.scheme)
             m.update_batch(list(shingles))
             minhash = m.hashvalues
-        return 0, exact, contaminated, minhash, nbytes
+        return 0, exact, contaminated, minhash, nbytes, found
 
     def _proto(self):
         """A MinHash whose permutations, scheme and dtype every signature shares (made once)."""
@@ -223,11 +262,14 @@ class Cleaner:
                 return "repeated_lines"
         return None
 
-    def decide(self, analysis: tuple[int, int, bool, Any, int], source: int = 0,
-               example: Callable[[], str] | str = "") -> bool:
+    def decide(self, analysis: tuple, source: int = 0, example: Callable[[], str] | str = "",
+               original: Callable[[], str] | str | None = None) -> bool:
         """Keep or drop one document, in corpus order, from its :meth:`analyze` result: applies the stateful
-        steps (exact and near-duplicates: the first copy stays) and counts what is removed."""
-        code, exact, contaminated, minhash, nbytes = analysis
+        steps (exact and near-duplicates: the first copy stays) and counts what is removed. ``example``: the
+        (transformed) document, or a function giving it, for the report's examples; ``original``: the same
+        before redaction (:meth:`normalized`), for the examples of personal data with ``pii="redact"``."""
+        code, exact, contaminated, minhash, nbytes = analysis[:5]
+        found = analysis[5] if len(analysis) > 5 else None
         self._n += 1
         reason = STEPS[code - 1] if code else None
         if reason is None and exact:
@@ -250,6 +292,8 @@ class Cleaner:
         per = self.per_source.get(source)
         if per is None:
             per = self.per_source[source] = {"kept": 0, **{s: 0 for s in STEPS}}
+        if found is not None and any(found) and reason in (None, "pii"):  # kept (or dropped for it)
+            self._count_pii(found, source, original if self.cfg.pii == "redact" else example)
         if reason is None:
             self.kept["documents"] += 1
             self.kept["bytes"] += nbytes
@@ -263,14 +307,39 @@ class Cleaner:
             st["examples"].append((example() if callable(example) else example)[:200])
         return False
 
+    def _count_pii(self, found: tuple[int, ...], source: int, text: Callable[[], str] | str | None) -> None:
+        per = self.pii_per_source.get(source)
+        if per is None:
+            per = self.pii_per_source[source] = {"documents": 0, **dict.fromkeys(_pii.TYPES, 0)}
+        for d in (self.pii, per):
+            d["documents"] += 1
+            for t, n in zip(_pii.TYPES, found):
+                d[t] += int(n)
+        if text is not None and any(n and len(self.pii_examples[t]) < self.n_examples
+                                    for t, n in zip(_pii.TYPES, found)):
+            for t, got in _pii.examples(text() if callable(text) else text, self.n_examples).items():
+                have = self.pii_examples[t]
+                have += [g for g in got if g not in have][:self.n_examples - len(have)]
+
     def keep(self, text: str, source: int = 0) -> bool:
         """Decide for one (transformed) document, in corpus order; counts what is removed."""
         return self.decide(self.analyze(text), source, text)
 
+    def _name(self, i: int) -> str:
+        return self.source_names[i] if i < len(self.source_names) else str(i)
+
     def report(self) -> dict[str, Any]:
-        return {"kept": self.kept, "removed": {s: v for s, v in self.stats.items() if v["documents"]},
-                "per_source": {self.source_names[i] if i < len(self.source_names) else str(i): v
-                               for i, v in sorted(self.per_source.items())}}
+        rep = {"kept": self.kept, "removed": {s: v for s, v in self.stats.items() if v["documents"]},
+               "per_source": {self._name(i): v for i, v in sorted(self.per_source.items())}}
+        if self.cfg.pii:
+            rep["pii"] = {"mode": self.cfg.pii,
+                          "documents": self.pii["documents"],
+                          "matches": {t: self.pii[t] for t in _pii.TYPES},
+                          "examples": {t: v for t, v in self.pii_examples.items() if v},
+                          "per_source": {self._name(i): {"documents": v["documents"],
+                                                         "matches": {t: v[t] for t in _pii.TYPES}}
+                                         for i, v in sorted(self.pii_per_source.items())}}
+        return rep
 
     def table(self) -> str:
         rows = [f"{'step':<18}{'documents':>12}{'bytes':>14}"]
@@ -279,4 +348,9 @@ class Cleaner:
             if v["documents"]:
                 rows.append(f"{s:<18}{v['documents']:>12,}{v['bytes']:>14,}")
         rows.append(f"{'kept':<18}{self.kept['documents']:>12,}{self.kept['bytes']:>14,}")
+        if self.cfg.pii:
+            what = {"report": "found in kept documents", "redact": "redacted",
+                    "drop": "found in dropped documents"}[self.cfg.pii]
+            rows.append(f"personal data {what}: {self.pii['documents']:,} documents; "
+                        + ", ".join(f"{t} {self.pii[t]:,}" for t in _pii.TYPES))
         return "\n".join(rows)

@@ -70,6 +70,9 @@ from pretrain.data.manifest import (
     token_dtype,
     writing_prepared,
 )
+from pretrain.data.pii import TYPES as PII_TYPES
+from pretrain.data.pii import redact
+from pretrain.data.pii import safe_cut as pii_safe_cut
 from pretrain.data.sources import (
     DataError,
     HubSpec,
@@ -113,19 +116,42 @@ def _is_val(doc: str, val_fraction: float, prefix: str = "") -> bool:
 
 def _transform_long(c: Cleaner, d: str) -> str:
     """``c.transform(d)`` slice by slice (cut where normalisation cannot change); ``d`` itself when nothing
-    changes, so an already clean document is not copied."""
+    changes, so an already clean document is not copied. Personal data is redacted in pieces cut where no
+    match can be (pii.safe_cut); a text without such a place is redacted whole."""
+    if c.cfg.pii == "redact":
+        return _redact_long(c, d)
     out: list[str] | None = None
     lo = 0
     while lo < len(d):
         hi = len(d) if len(d) - lo <= SLICE_CHARS else norm_safe_cut(d, lo, lo + SLICE_CHARS)
         piece = d[lo:hi]
-        done = c.transform(piece)
+        done = c.normalized(piece)
         if out is None and done != piece:
             out = [d[:lo]]
         if out is not None:
             out.append(done)
         lo = hi
     return d if out is None else "".join(out)
+
+
+def _redact_long(c: Cleaner, d: str) -> str:
+    """_transform_long with ``pii="redact"``: each normalised slice is cut again at its last place where no
+    match can be (pii.safe_cut), and what follows that place waits for the next slice."""
+    out: list[str] = []
+    pending: list[str] = []  # normalised text not yet redacted (no safe cut in it)
+    lo = 0
+    while lo < len(d):
+        hi = len(d) if len(d) - lo <= SLICE_CHARS else norm_safe_cut(d, lo, lo + SLICE_CHARS)
+        done = c.normalized(d[lo:hi])
+        lo = hi
+        cut = pii_safe_cut(done, 1, len(done)) if lo < len(d) else -1
+        if cut < 0:
+            pending.append(done)
+            continue
+        out.append(redact("".join(pending) + done[:cut])[0])
+        pending = [done[cut:]]
+    out.append(redact("".join(pending))[0])
+    return "".join(out)
 
 
 def _word_spans(t: str, size: int = SLICE_CHARS) -> Iterator[tuple[int, int]]:
@@ -141,8 +167,9 @@ def _word_spans(t: str, size: int = SLICE_CHARS) -> Iterator[tuple[int, int]]:
     yield lo, len(t)
 
 
-def _analyze(c: Cleaner, t: str) -> tuple[int, int, bool, Any, int]:
-    """``c.analyze(t)``; for a text over SLICE_CHARS the same result, computed slice by slice."""
+def _analyze(c: Cleaner, t: str) -> tuple[int, int, bool, Any, int, tuple[int, ...] | None]:
+    """``c.analyze(t)``; for a text over SLICE_CHARS the same result, computed slice by slice (personal data:
+    one scan of the whole text, which copies nothing)."""
     if len(t) <= SLICE_CHARS:
         return c.analyze(t)
     cfg = c.cfg
@@ -150,11 +177,14 @@ def _analyze(c: Cleaner, t: str) -> tuple[int, int, bool, Any, int]:
     nbytes = sum(len(t[a:b].encode("utf-8", "surrogatepass")) for a, b in spans)
     reason = _filter_long(c, t, spans)
     if reason:
-        return _STEP_INDEX[reason], 0, False, None, nbytes
+        return _STEP_INDEX[reason], 0, False, None, nbytes, None
+    found = c.pii_counts(t)
+    if cfg.pii == "drop" and any(found):  # type: ignore[arg-type]
+        return _STEP_INDEX["pii"], 0, False, None, nbytes, found
     exact = int.from_bytes(_digest(t), "little") if cfg.dedup_exact else 0
     contaminated = bool(c._contam) and _contaminated_long(c, t, spans)
     minhash = _minhash_long(c, t, spans) if c._lsh is not None else None
-    return 0, exact, contaminated, minhash, nbytes
+    return 0, exact, contaminated, minhash, nbytes, found
 
 
 def _filter_long(c: Cleaner, t: str, spans: list[tuple[int, int]]) -> str | None:
@@ -288,6 +318,7 @@ def _scan_batch(texts: list) -> tuple:
     chars = np.zeros(n, np.int64)
     minhash = np.zeros((n, NUM_PERM), c.minhash_dtype) if c.cfg.near_dup_threshold else None
     signed = np.zeros(n, np.bool_)  # has a MinHash signature (a document without words has none)
+    pii = np.zeros((n, len(PII_TYPES)), np.int64) if c.cfg.pii else None  # personal data found, per type
     passed: list[str] = []
     for i, raw in enumerate(texts):
         if raw is None:  # a long document analysed by the main process, not encoded here
@@ -297,16 +328,18 @@ def _scan_batch(texts: list) -> tuple:
             passed.append(raw[0])
             continue
         t = c.transform(raw)
-        code, ex, ct, mh, nb = _analyze(c, t)
+        code, ex, ct, mh, nb, found = _analyze(c, t)
         codes[i], exact[i], contam[i], nbytes[i], chars[i] = code, ex, ct, nb, len(t)
         if mh is not None:
             minhash[i], signed[i] = mh, True  # type: ignore[index]
+        if found is not None:
+            pii[i] = found  # type: ignore[index]
         if not code:
             passed.append(t)
             if vf > 0:
                 val[i] = _is_val(t, vf)
     encoded = _encode_texts(passed) if _W["enc"] is not None else None
-    return codes, exact, contam, minhash, signed, nbytes, val, chars, encoded
+    return codes, exact, contam, minhash, signed, nbytes, val, chars, encoded, pii
 
 
 def _encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -700,7 +733,7 @@ def _scan(pool: _Workers, cleaner: Cleaner, items: Iterator[tuple[tuple, str, An
     per_group: dict[int, list[int]] = {}
     kept = False
     for metas, res in pool.map(_scan_batch, _batched(items, batch_chars)):
-        codes, exact, contam, minhash, signed, nbytes, val, chars, encoded = res
+        codes, exact, contam, minhash, signed, nbytes, val, chars, encoded, pii = res
         if encoded is not None:
             ids, lens = encoded
             ends = np.cumsum(lens)
@@ -708,12 +741,13 @@ def _scan(pool: _Workers, cleaner: Cleaner, items: Iterator[tuple[tuple, str, An
         for j, (src_index, text, long) in enumerate(metas):
             if long is None:
                 a = (int(codes[j]), int(exact[j]), bool(contam[j]), minhash[j] if signed[j] else None,
-                     int(nbytes[j]))
+                     int(nbytes[j]), tuple(pii[j]) if pii is not None else None)
                 is_val, n_chars = bool(val[j]), int(chars[j])
             elif long is not _MORE:  # a long document: analysed by the main process
                 a, is_val, n_chars, _ = long
             if long is not _MORE:
-                kept = cleaner.decide(a, src_index, lambda t=text: cleaner.transform(t))
+                kept = cleaner.decide(a, src_index, lambda t=text: cleaner.transform(t),
+                                      lambda t=text: cleaner.normalized(t))
                 if kept:
                     g = per_group.setdefault(group_of[src_index], [0, 0, len(plan), 0])
                     g[0], g[1], g[3] = g[0] + 1, g[1] + is_val, len(plan)
