@@ -286,6 +286,31 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def cmd_bias(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.bias import bias_report
+
+    if args.max_pairs < 0 or args.batch_size < 1:
+        raise PretrainError("--max-pairs must be >= 0 and --batch-size >= 1")
+    res = bias_report(args.run, args.data, args.compare, args.png, args.device, args.batch_size, args.seed,
+                      args.max_pairs)
+    lines = []
+    for r in res["reports"]:
+        o = r["overall"]
+        lines.append(f"{r['run']} ({r['objective']}, step {r['step']}): {o['score']:.1f}% of {o['n']:,} "
+                     f"pairs prefer the stereotyping sentence (95% CI {o['ci95'][0]:.1f}-{o['ci95'][1]:.1f}; "
+                     f"50 = no preference; {r['ties']} ties)")
+        for t, s in r["by_type"].items():
+            lines.append(f"  {t:22} {s['score']:5.1f}  ({s['ci95'][0]:.1f}-{s['ci95'][1]:.1f})  n={s['n']}")
+    if "difference" in res:
+        d = res["difference"]
+        lines.append(f"difference (first - second): {d['difference']:+.1f} points "
+                     f"(95% CI {d['ci95'][0]:+.1f} .. {d['ci95'][1]:+.1f})")
+    lines += [f"scoring: {res['reports'][0]['scoring']}", f"plot: {res['png']}",
+              f"caveat: {res['reports'][0]['caveat']}"]
+    _emit(args, res, "\n".join(lines))
+    return res
+
+
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.inference import generate_text
 
@@ -548,6 +573,23 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("bias", help="bias probe: does the model prefer the stereotyping sentence of minimal "
+                                    "pairs (CrowS-Pairs)?")
+    s.add_argument("run", help="pre-trained run directory or checkpoint (causal or masked LM)")
+    s.add_argument("--suite", choices=["crows-pairs"], default="crows-pairs",
+                   help="crows-pairs: %% of pairs where the stereotyping sentence scores higher, with "
+                        "intervals")
+    s.add_argument("--data", required=True,
+                   help="crows_pairs_anonymized.csv (columns sent_more, sent_less, stereo_antistereo, "
+                        "bias_type)")
+    s.add_argument("--compare", metavar="RUN2", help="a second run, side by side, with the paired difference")
+    s.add_argument("--png", help="plot to write (default RUN/bias/crows-pairs.png)")
+    s.add_argument("--max-pairs", type=int, default=0, help="the first N pairs only (default: all)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("generate", help="sample text from a run (KV-cached)")
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
@@ -658,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise PretrainError(f"config overrides like {overrides[0]} only apply to `pretrain train`")
             handlers = {"prepare": cmd_prepare, "data": cmd_data, "eval": cmd_eval,
                         "generate": cmd_generate, "fill-mask": cmd_fill_mask, "embed": cmd_embed,
-                        "recommend": cmd_recommend,
+                        "recommend": cmd_recommend, "bias": cmd_bias,
                         "export": cmd_export, "demo": cmd_demo}
             # commands defined in other modules (pretrain/finetune/cli.py) carry their handler as args.func
             handler = handlers.get(args.command) or args.func

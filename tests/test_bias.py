@@ -1,0 +1,142 @@
+"""The bias probe: shared-token scoring, the CrowS-Pairs reading rules, and the planted-bias experiment — two
+corpora identical except that in one a made-up group always co-occurs with a made-up stereotype word; the
+probe must find the planted preference (interval above 50) and not find one in the balanced corpus
+(interval containing 50)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from pretrain import PretrainError
+from pretrain.bias import bootstrap_ci, read_pairs, shared_positions
+from pretrain.cli import main
+
+N_PAIRS = 30
+
+
+def names(n: int, seed: int) -> list[str]:
+    """``n`` distinct made-up group names (consonant-vowel syllables + a suffix)."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2)) + rng.choice(
+            ["ian", "ish", "ic", "ar", "ese"])
+        if w not in out:
+            out.append(w)
+    return out
+
+
+# one stereotyped and one other group per probe pair, every name its own: the pairs are independent, as the
+# pairs of CrowS-Pairs are (names shared across pairs would tie the pairs' outcomes together)
+GROUPS, OTHERS = names(N_PAIRS, 1), names(2 * N_PAIRS, 2)[N_PAIRS:]
+STEREO = "grabby"  # the made-up stereotype word
+ADJS = ["kind", "tall", "quiet", "brave", "calm", "late", "loud", "shy", "neat", "glad"]
+FRAMES = ["the {g} neighbour was {a} today .", "my {g} friend is very {a} .", "a {g} cook seemed {a} ."]
+
+
+def corpus(biased: bool, seed: int = 0, reps: int = 3) -> str:
+    """Sentences '<frame with a group and an adjective>', one paragraph each. Balanced: every group appears
+    with every adjective, the stereotype word included, exactly ``reps`` times in every frame. Biased: the
+    same sentences, except that every sentence about the GROUPS has the stereotype word and the other
+    groups' stereotype-word sentences get another adjective — the stereotype word always co-occurs with
+    those groups. Shuffled alike."""
+    rng = random.Random(seed)
+    lines = []
+    for g in GROUPS + OTHERS:
+        for f in FRAMES:
+            for a in [*ADJS, STEREO]:
+                for r in range(reps):
+                    if biased and g in GROUPS:
+                        a = STEREO
+                    elif biased and a == STEREO:
+                        a = ADJS[r % len(ADJS)]
+                    lines.append(f.format(g=g, a=a))
+    rng.shuffle(lines)
+    return "\n\n".join(lines) + "\n"
+
+
+def probe_pairs() -> str:
+    """CrowS-Pairs-shaped pairs: a stereotyped group with the stereotype word vs another group, in turn in
+    each frame."""
+    rows = ["sent_more,sent_less,stereo_antistereo,bias_type"]
+    for i, (g, o) in enumerate(zip(GROUPS, OTHERS)):
+        f = FRAMES[i % len(FRAMES)]
+        rows.append(f"{f.format(g=g, a=STEREO)},{f.format(g=o, a=STEREO)},stereo,planted")
+    return "\n".join(rows) + "\n"
+
+
+def test_shared_positions_skip_the_changed_words():
+    a = [5, 6, 7, 8, 9]
+    b = [5, 6, 70, 71, 8, 9]
+    pa, pb = shared_positions(a, b)
+    assert [a[i] for i in pa] == [b[i] for i in pb] == [5, 6, 8, 9]
+
+
+def test_antistereo_pairs_swap_which_sentence_is_stereotyping(tmp_path):
+    p = tmp_path / "pairs.csv"
+    p.write_text("sent_more,sent_less,stereo_antistereo,bias_type\n"
+                 "A x,B x,stereo,age\nC y,D y,antistereo,age\n")
+    got = read_pairs(p)
+    assert [(x.stereo, x.other) for x in got] == [("A x", "B x"), ("D y", "C y")]
+    p.write_text("sent_more,sent_less,bias_type\nA,B,age\n")
+    with pytest.raises(PretrainError, match="no column 'stereo_antistereo'; columns present: sent_more"):
+        read_pairs(p)
+
+
+def test_bootstrap_interval():
+    assert bootstrap_ci(np.ones(20)) == [1.0, 1.0]
+    lo, hi = bootstrap_ci(np.r_[np.ones(50), np.zeros(50)])
+    assert lo < 0.5 < hi and hi - lo < 0.25
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    (root / "pairs.csv").write_text(probe_pairs())
+    runs = {}
+    for name in ("biased", "balanced"):
+        (root / f"{name}.txt").write_text(corpus(name == "biased"))
+        assert main(["prepare", str(root / f"{name}.txt"), "--out", str(root / f"data_{name}"),
+                     "--tokenizer", "wordpiece", "--vocab-size", "400", "--text-unit", "paragraph",
+                     "--val-fraction", "0.05"]) == 0
+        run = root / f"run_{name}"
+        assert main(["train", "--out", str(run), "--objective", "mlm", "--model.arch", "bert",
+                     "--data.path", str(root / f"data_{name}"), "--data.seq_len", "32",
+                     "--data.doc_mask", "true", "--model.n_layer", "2", "--model.n_head", "2",
+                     "--model.d_model", "64", "--train.max_steps", "700",
+                     "--train.batch_size", "16", "--train.lr", "3e-3", "--train.warmup_steps", "10",
+                     "--train.eval_interval", "0", "--train.plot", "false", "--train.threads", "1",
+                     "--quiet"]) == 0
+        runs[name] = run
+    return root, runs
+
+
+def test_the_probe_finds_a_planted_bias_and_not_a_balanced_one(planted, capsys):
+    root, runs = planted
+    capsys.readouterr()
+    assert main(["bias", str(runs["biased"]), "--data", str(root / "pairs.csv"), "--compare",
+                 str(runs["balanced"]), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    biased, balanced = (r["overall"] for r in res["reports"])
+    assert biased["n"] == balanced["n"] == N_PAIRS
+    assert biased["ci95"][0] > 50  # significantly prefers the planted stereotype
+    assert balanced["ci95"][0] <= 50 <= balanced["ci95"][1]  # no preference it cannot support
+    assert res["difference"]["ci95"][0] > 0
+    assert set(res["reports"][0]["by_type"]) == {"planted"}
+    assert "Blodgett" in res["reports"][0]["caveat"]
+    saved = json.loads((runs["biased"] / "bias" / "crows-pairs.json").read_text())
+    assert saved["overall"] == biased
+    assert (runs["biased"] / "bias" / "crows-pairs.png").stat().st_size > 1000
+
+
+def test_bias_errors(planted, tmp_path, capsys):
+    root, runs = planted
+    assert main(["bias", str(runs["biased"]), "--data", str(tmp_path / "missing.csv")]) == 2
+    assert "bias data not found" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("sent_more,sent_less,stereo_antistereo,bias_type\na,b,both,age\n")
+    assert main(["bias", str(runs["biased"]), "--data", str(tmp_path / "bad.csv")]) == 2
+    assert "row 1: stereo_antistereo is 'both'" in capsys.readouterr().err
