@@ -7,7 +7,8 @@ Everything is ASCII (``[0-9]`` is the ASCII digits; NFKC, if asked for, maps ful
 ``(?<!X)`` / ``(?!X)`` below mean "not preceded / followed by X"; ``\\w`` is a Unicode word character.
 
 ``email``
-    ``local@domain.tld``: local part 1-64 of ``[A-Za-z0-9._%+-]``, not preceded by one of them; domain
+    ``local@domain.tld``: local part 1-64 of ``[A-Za-z0-9._%+-]``, not preceded by ``\\w``, ``.``, ``%``,
+    ``+`` or ``-``; domain
     labels of ``[A-Za-z0-9-]`` (starting and ending alphanumeric, at most 63), dot-separated, then a
     2-24 letter top-level domain; not followed by ``[A-Za-z0-9_-]`` or by ``.`` + alphanumeric.
 ``ip_address`` (IPv4)
@@ -65,7 +66,7 @@ EXAMPLE_CHARS = 64  # of a matched string kept as an example
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
-_EMAIL = (r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@"
+_EMAIL = (r"(?<![\w.%+-])[A-Za-z0-9._%+-]{1,64}@"
           r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}"
           r"(?![A-Za-z0-9_-]|\.[A-Za-z0-9])")
 _IPV6 = rf"(?<![\w:.])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:{_IPV4}|[0-9A-Fa-f]{{1,4}})?(?![\w:]|\.[0-9])"
@@ -85,9 +86,11 @@ _PHONE = (r"(?<![\w.+/,-])(?:"
           # 0NN NNNN NNNN (trunk prefix)
           r"|0[0-9]{2,4}(?P<ts>[ -])[0-9]{3,4}(?P=ts)[0-9]{3,4}(?!\w|[.-][0-9]| [0-9]))")
 
-_ALL = re.compile(rf"(?P<email>{_EMAIL})|(?P<ipv6>{_IPV6})|(?P<ipv4>{_IPV4_FULL})|(?P<card>{_CARD})"
-                  rf"|(?P<phone>{_PHONE})")
-_NO_EMAIL = re.compile(rf"(?P<ipv6>{_IPV6})|(?P<ipv4>{_IPV4_FULL})|(?P<card>{_CARD})|(?P<phone>{_PHONE})")
+# every type starts after a non-word character: one shared check first (4-5x faster than each alternative's)
+_ALL = re.compile(rf"(?<!\w)(?:(?P<email>{_EMAIL})|(?P<ipv6>{_IPV6})|(?P<ipv4>{_IPV4_FULL})|(?P<card>{_CARD})"
+                  rf"|(?P<phone>{_PHONE}))")
+_NO_EMAIL = re.compile(rf"(?<!\w)(?:(?P<ipv6>{_IPV6})|(?P<ipv4>{_IPV4_FULL})|(?P<card>{_CARD})"
+                       rf"|(?P<phone>{_PHONE}))")
 _DIGIT = re.compile(r"[0-9]")
 _NOT_DIGIT = re.compile(r"[^0-9]")
 _PLACEHOLDER = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS.values()))
