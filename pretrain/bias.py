@@ -224,6 +224,63 @@ def bias_report(run: str | Path, data: str | Path, compare_run: str | Path | Non
     return out
 
 
+def _names(n: int, rng) -> list[str]:
+    """``n`` distinct made-up group names (consonant-vowel syllables + a suffix)."""
+    out: list[str] = []
+    while len(out) < n:
+        w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2)) + rng.choice(
+            ["ian", "ish", "ic", "ar", "ese"])
+        if w not in out:
+            out.append(w)
+    return out
+
+
+PLANTED_WORD = "grabby"
+PLANTED_ADJS = ["kind", "tall", "quiet", "brave", "calm", "late", "loud", "shy", "neat", "glad"]
+PLANTED_FRAMES = ["the {g} neighbour was {a} today .", "my {g} friend is very {a} .",
+                  "a {g} cook seemed {a} ."]
+
+
+def planted_experiment(n_pairs: int = 30, reps: int = 3, seed: int = 0) -> dict[str, str]:
+    """The planted-bias check of the instrument: two corpora identical except that in the biased one a set
+    of made-up groups always co-occurs with a made-up stereotype word, and CrowS-Pairs-shaped probe pairs.
+
+    Sentences '<frame with a group and an adjective>', one paragraph each (``--text-unit paragraph``). 2 x
+    ``n_pairs`` made-up group names, every one its own, so the pairs are independent as CrowS-Pairs' are
+    (names shared across pairs would tie their outcomes together). Balanced: every group appears with every
+    adjective, the stereotype word included, exactly ``reps`` times in every frame. Biased: the same
+    sentences, except that every sentence about the first ``n_pairs`` groups has the stereotype word and
+    the other groups' stereotype-word sentences get another adjective. Pair i: stereotyped group i with the
+    stereotype word vs other group i (frame i mod 3). Returns {"biased", "balanced", "pairs" (CSV)}."""
+    import random
+
+    rng = random.Random(seed)
+    names = _names(2 * n_pairs, rng)
+    stereo, others = names[:n_pairs], names[n_pairs:]
+    out = {}
+    for biased in (True, False):
+        lines = []
+        for g in names:
+            for f in PLANTED_FRAMES:
+                for a in [*PLANTED_ADJS, PLANTED_WORD]:
+                    for r in range(reps):
+                        if biased and g in stereo:
+                            word = PLANTED_WORD
+                        elif biased and a == PLANTED_WORD:
+                            word = PLANTED_ADJS[r % len(PLANTED_ADJS)]
+                        else:
+                            word = a
+                        lines.append(f.format(g=g, a=word))
+        random.Random(seed + 1).shuffle(lines)
+        out["biased" if biased else "balanced"] = "\n\n".join(lines) + "\n"
+    rows = ["sent_more,sent_less,stereo_antistereo,bias_type"]
+    for i, (g, o) in enumerate(zip(stereo, others)):
+        f = PLANTED_FRAMES[i % len(PLANTED_FRAMES)]
+        rows.append(f"{f.format(g=g, a=PLANTED_WORD)},{f.format(g=o, a=PLANTED_WORD)},stereo,planted")
+    out["pairs"] = "\n".join(rows) + "\n"
+    return out
+
+
 def plot_report(reports: list[dict[str, Any]], out: str | Path) -> None:
     """A bar chart: the score per bias type (and overall) with its interval, one bar per run; 50 marked."""
     import matplotlib

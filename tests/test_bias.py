@@ -6,67 +6,15 @@ probe must find the planted preference (interval above 50) and not find one in t
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 
 from pretrain import PretrainError
-from pretrain.bias import bootstrap_ci, read_pairs, shared_positions
+from pretrain.bias import bootstrap_ci, planted_experiment, read_pairs, shared_positions
 from pretrain.cli import main
 
 N_PAIRS = 30
-
-
-def names(n: int, seed: int) -> list[str]:
-    """``n`` distinct made-up group names (consonant-vowel syllables + a suffix)."""
-    rng = random.Random(seed)
-    out: list[str] = []
-    while len(out) < n:
-        w = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2)) + rng.choice(
-            ["ian", "ish", "ic", "ar", "ese"])
-        if w not in out:
-            out.append(w)
-    return out
-
-
-# one stereotyped and one other group per probe pair, every name its own: the pairs are independent, as the
-# pairs of CrowS-Pairs are (names shared across pairs would tie the pairs' outcomes together)
-GROUPS, OTHERS = names(N_PAIRS, 1), names(2 * N_PAIRS, 2)[N_PAIRS:]
-STEREO = "grabby"  # the made-up stereotype word
-ADJS = ["kind", "tall", "quiet", "brave", "calm", "late", "loud", "shy", "neat", "glad"]
-FRAMES = ["the {g} neighbour was {a} today .", "my {g} friend is very {a} .", "a {g} cook seemed {a} ."]
-
-
-def corpus(biased: bool, seed: int = 0, reps: int = 3) -> str:
-    """Sentences '<frame with a group and an adjective>', one paragraph each. Balanced: every group appears
-    with every adjective, the stereotype word included, exactly ``reps`` times in every frame. Biased: the
-    same sentences, except that every sentence about the GROUPS has the stereotype word and the other
-    groups' stereotype-word sentences get another adjective — the stereotype word always co-occurs with
-    those groups. Shuffled alike."""
-    rng = random.Random(seed)
-    lines = []
-    for g in GROUPS + OTHERS:
-        for f in FRAMES:
-            for a in [*ADJS, STEREO]:
-                for r in range(reps):
-                    if biased and g in GROUPS:
-                        a = STEREO
-                    elif biased and a == STEREO:
-                        a = ADJS[r % len(ADJS)]
-                    lines.append(f.format(g=g, a=a))
-    rng.shuffle(lines)
-    return "\n\n".join(lines) + "\n"
-
-
-def probe_pairs() -> str:
-    """CrowS-Pairs-shaped pairs: a stereotyped group with the stereotype word vs another group, in turn in
-    each frame."""
-    rows = ["sent_more,sent_less,stereo_antistereo,bias_type"]
-    for i, (g, o) in enumerate(zip(GROUPS, OTHERS)):
-        f = FRAMES[i % len(FRAMES)]
-        rows.append(f"{f.format(g=g, a=STEREO)},{f.format(g=o, a=STEREO)},stereo,planted")
-    return "\n".join(rows) + "\n"
 
 
 def test_shared_positions_skip_the_changed_words():
@@ -96,10 +44,11 @@ def test_bootstrap_interval():
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
-    (root / "pairs.csv").write_text(probe_pairs())
+    texts = planted_experiment(N_PAIRS)
+    (root / "pairs.csv").write_text(texts["pairs"])
     runs = {}
     for name in ("biased", "balanced"):
-        (root / f"{name}.txt").write_text(corpus(name == "biased"))
+        (root / f"{name}.txt").write_text(texts[name])
         assert main(["prepare", str(root / f"{name}.txt"), "--out", str(root / f"data_{name}"),
                      "--tokenizer", "wordpiece", "--vocab-size", "400", "--text-unit", "paragraph",
                      "--val-fraction", "0.05"]) == 0
