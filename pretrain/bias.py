@@ -241,6 +241,15 @@ PLANTED_FRAMES = ["the {g} neighbour was {a} today .", "my {g} friend is very {a
                   "a {g} cook seemed {a} ."]
 
 
+PLANTED_TRAIN = ("--objective", "mlm", "--model.arch", "bert", "--data.seq_len", "32",
+                 "--data.doc_mask", "true", "--model.n_layer", "2", "--model.n_head", "2",
+                 "--model.d_model", "64", "--train.max_steps", "1200", "--train.dtype", "fp32",
+                 "--train.batch_size", "16", "--train.lr", "3e-3", "--train.warmup_steps", "10",
+                 "--train.eval_interval", "0", "--train.plot", "false", "--train.threads", "1")
+"""`pretrain train` arguments that learn the planted association (a 2 x 64 masked LM, 1,200 steps in fp32:
+about 15 s on one core; at 700 steps in bf16 one seed in three had learned it)."""
+
+
 def planted_experiment(n_pairs: int = 30, reps: int = 3, seed: int = 0) -> dict[str, str]:
     """The planted-bias check of the instrument: two corpora identical except that in the biased one a set
     of made-up groups always co-occurs with a made-up stereotype word, and CrowS-Pairs-shaped probe pairs.

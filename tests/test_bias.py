@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pretrain import PretrainError
-from pretrain.bias import bootstrap_ci, planted_experiment, read_pairs, shared_positions
+from pretrain.bias import PLANTED_TRAIN, bootstrap_ci, planted_experiment, read_pairs, shared_positions
 from pretrain.cli import main
 
 N_PAIRS = 30
@@ -53,12 +53,7 @@ def planted(tmp_path_factory):
                      "--tokenizer", "wordpiece", "--vocab-size", "400", "--text-unit", "paragraph",
                      "--val-fraction", "0.05"]) == 0
         run = root / f"run_{name}"
-        assert main(["train", "--out", str(run), "--objective", "mlm", "--model.arch", "bert",
-                     "--data.path", str(root / f"data_{name}"), "--data.seq_len", "32",
-                     "--data.doc_mask", "true", "--model.n_layer", "2", "--model.n_head", "2",
-                     "--model.d_model", "64", "--train.max_steps", "700",
-                     "--train.batch_size", "16", "--train.lr", "3e-3", "--train.warmup_steps", "10",
-                     "--train.eval_interval", "0", "--train.plot", "false", "--train.threads", "1",
+        assert main(["train", "--out", str(run), "--data.path", str(root / f"data_{name}"), *PLANTED_TRAIN,
                      "--quiet"]) == 0
         runs[name] = run
     return root, runs
