@@ -138,6 +138,12 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     if get_spec(cfg.model.arch).hf is None:
         model, cfg = transferable(model, cfg)
     ckpt = resolve_checkpoint(run)
+    bias = Path(str(ckpt)).parent.parent / "bias" / "crows-pairs.json"  # `pretrain bias`'s last report
+    if bias.is_file():
+        try:
+            meta = {**meta, "bias": json.loads(bias.read_text(encoding="utf-8"))}
+        except ValueError:
+            pass  # (a damaged report is left out of the card, not a reason to fail the export)
     return export_model(model, cfg, out, tok=tok, meta=meta, name=Path(str(ckpt)).parent.parent.name,
                         dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite, inputs=[run])
 
@@ -535,6 +541,7 @@ def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[s
             lines.append(f"| … {len(data_meta['sources']) - 50} more | | | | |")
     else:
         lines.append("The prepared data directory was not available at export time.")
+    lines += _bias_section(meta.get("bias"))
     usage = (_qa_usage(ft, spec.bidirectional) if ft and ft["task"] == "qa"
              else _usage(hf, arch, auto, pipeline_tag, images))
     if images and cfg.channels == 1:  # transformers opens image files as RGB: a grayscale model takes arrays
@@ -542,6 +549,21 @@ def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[s
             "Image.open('image.png')", "np.asarray(Image.open('image.png').convert('L'))[..., None]")
     lines += ["", "## Use", "", "```python", usage, "```", ""]
     return "\n".join(lines)
+
+
+def _bias_section(rep: dict[str, Any] | None) -> list[str]:
+    """The model card's account of the run's last ``pretrain bias`` report (CrowS-Pairs), if it has one."""
+    if not isinstance(rep, dict) or "overall" not in rep:
+        return []
+    o = rep["overall"]
+    lines = ["", "## Bias (CrowS-Pairs)", "",
+             f"`pretrain bias` at step {rep.get('step')}: the model prefers the stereotyping sentence in "
+             f"**{o['score']:.1f}%** of {o['n']:,} pairs (95% bootstrap interval {o['ci95'][0]:.1f}–"
+             f"{o['ci95'][1]:.1f}; 50 = no preference). Scoring: {rep.get('scoring', '?')}.", "",
+             "| bias type | % preferring the stereotype | 95% interval | pairs |", "|---|---|---|---|"]
+    for t, s in rep.get("by_type", {}).items():
+        lines.append(f"| {t} | {s['score']:.1f} | {s['ci95'][0]:.1f}–{s['ci95'][1]:.1f} | {s['n']:,} |")
+    return [*lines, "", f"Caveat: {rep.get('caveat', '')}"]
 
 
 TASK_NAMES = {"qa": "extractive question answering"}

@@ -75,6 +75,12 @@ def test_the_probe_finds_a_planted_bias_and_not_a_balanced_one(planted, capsys):
     saved = json.loads((runs["biased"] / "bias" / "crows-pairs.json").read_text())
     assert saved["overall"] == biased
     assert (runs["biased"] / "bias" / "crows-pairs.png").stat().st_size > 1000
+    # the export's model card carries the run's last bias report
+    out = root / "hf_biased"
+    assert main(["export", str(runs["biased"]), "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "## Bias (CrowS-Pairs)" in card and "**100.0%** of 30 pairs" in card
+    assert "| planted | 100.0 |" in card and "Blodgett" in card
 
 
 def test_bias_errors(planted, tmp_path, capsys):
