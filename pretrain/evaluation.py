@@ -275,12 +275,7 @@ def validation_ranking(cfg, tokenizer, max_users: int = 0, k: int = K_DEFAULT):
     """For the training loop (an item-sequence run): model → ranking metrics (HR@k, NDCG@k, MRR) of the
     validation items of ``cfg.data.path``, full ranking, for an evenly spread ``max_users`` users (0: all)."""
     data = Interactions(cfg.data.path)
-    n = len(data.users)
-    users = (np.unique(np.linspace(0, n - 1, max_users).round().astype(np.int64)) if 0 < max_users < n
-             else np.arange(n))
-    seqs = data.sequences("val")
-    histories = [seqs[u][:-1] for u in users]
-    targets = np.array([seqs[u][-1] for u in users], np.int64)
+    histories, targets = data.held_out("val", data.users_spread(max_users))
 
     def monitor(model: nn.Module) -> dict[str, float]:
         was = model.training

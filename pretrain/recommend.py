@@ -145,19 +145,12 @@ def load_item_run(run: str | Path, device: str = "auto"):
 # evaluation
 
 
-def _targets(data: Interactions, split: str, users: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    if split not in ("val", "test"):
-        raise PretrainError(f"--split must be val or test for ranking (the held-out items), not {split!r}")
-    seqs = data.sequences(split)
-    return [seqs[u][:-1] for u in users], np.array([seqs[u][-1] for u in users], np.int64)
-
-
 def tuned_knn(data: Interactions, vocab_size: int, users: np.ndarray, neighbours: int = 0, k: int = K_DEFAULT,
               decays: tuple[float, ...] = KNN_DECAYS) -> tuple[float, dict[str, float]]:
     """The recency decay of :class:`ItemKNN` with the best NDCG@k on the validation items of ``users``
     (fitted on every user's training items), and the validation metrics of each decay tried."""
-    hist, _ = _targets(data, "val", np.arange(len(data.users)))
-    qh, qt = _targets(data, "val", users)
+    hist, _ = data.held_out("val")
+    qh, qt = data.held_out("val", users)
     knn = ItemKNN(hist, vocab_size, neighbours)
     tried = {}
     for d in decays:
@@ -179,10 +172,10 @@ def evaluate_rec(run: str | Path, data_dir: str | Path | None = None, split: str
     if data.tokenizer.sha256() != tok.sha256():
         raise PretrainError(f"{data.data_dir} has another item vocabulary than {run} was trained on: "
                             "evaluate on the data the run was prepared from")
-    n = len(data.users)
-    users = (np.unique(np.linspace(0, n - 1, max_users).round().astype(np.int64)) if 0 < max_users < n
-             else np.arange(n))
-    histories, targets = _targets(data, split, users)
+    if split not in ("val", "test"):
+        raise PretrainError(f"--split must be val or test for ranking (the held-out items), not {split!r}")
+    users = data.users_spread(max_users)
+    histories, targets = data.held_out(split, users)
     scorer = item_scorer(model, cfg, tok, dev)
     res: dict[str, Any] = {"split": split, "users": len(users), "items": data.meta["interactions"]["items"],
                            "k": k, "ranking": f"sampled ({negatives} negatives)" if negatives else "full",
@@ -191,7 +184,7 @@ def evaluate_rec(run: str | Path, data_dir: str | Path | None = None, split: str
     ranks = {"model": target_ranks(lambda hs: scorer.scores(hs).numpy(), histories, targets,
                                    batch=batch_size, **common)}
     if baselines:
-        all_hist, _ = _targets(data, split, np.arange(n))  # (every user's, not only the evaluated ones)
+        all_hist, _ = data.held_out(split)  # (every user's, not only the evaluated ones)
         pop = popularity_scores(all_hist, tok.vocab_size)
         ranks["popularity"] = target_ranks(lambda hs: np.broadcast_to(pop, (len(hs), len(pop))), histories,
                                            targets, **common)
@@ -311,7 +304,8 @@ def embed_items(run: str | Path, out: str | Path, neighbours: int = 10, device: 
                 overwrite: bool = False) -> dict[str, Any]:
     """Write every item's embedding and its nearest items to ``out`` (.parquet: columns item, embedding,
     neighbours, similarities and the item metadata; .npy: the (N, C) matrix, rows in vocabulary order)."""
-    from pretrain.io import atomic_path, check_output_file, record_output
+    from pretrain.features import write_vectors
+    from pretrain.io import check_output_file
 
     out = Path(out)
     if out.suffix not in (".npy", ".parquet"):
@@ -319,25 +313,14 @@ def embed_items(run: str | Path, out: str | Path, neighbours: int = 10, device: 
     check_output_file(out, "embed", [run], overwrite)
     model, cfg, tok, meta, _ = load_item_run(run, device)
     ids, vectors = item_embeddings(model, tok)
-    out.parent.mkdir(parents=True, exist_ok=True)
     near, sims = nearest_items(vectors, neighbours)
-    with atomic_path(out) as tmp:
-        if out.suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, vectors)
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            cols: dict[str, Any] = {"item": ids, "embedding": list(vectors),
-                                    "neighbours": [[ids[j] for j in row] for row in near],
-                                    "similarities": list(sims)}
-            md = _metadata(Path(run), cfg)
-            if md is not None:
-                for c in md["columns"]:
-                    cols[c] = [None if i not in md["items"] else str(md["items"][i].get(c)) for i in ids]
-            pq.write_table(pa.table(cols), tmp)
-    record_output(out, "embed")
+    cols: dict[str, Any] = {"item": ids, "neighbours": [[ids[j] for j in row] for row in near],
+                            "similarities": list(sims)}
+    md = _metadata(Path(run), cfg)
+    if md is not None:
+        for c in md["columns"]:
+            cols[c] = [None if i not in md["items"] else str(md["items"][i].get(c)) for i in ids]
+    write_vectors(out, vectors, cols)
     return {"out": str(out), "rows": len(ids), "dim": int(vectors.shape[1]), "neighbours": neighbours,
             "step": meta.get("step"),
             "examples": {ids[i]: [ids[j] for j in near[i][:5]] for i in range(min(3, len(ids)))}}

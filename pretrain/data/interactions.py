@@ -315,6 +315,22 @@ class Interactions:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def users_spread(self, max_users: int = 0) -> np.ndarray:
+        """Indices of ``max_users`` users evenly spread over all of them (0, or at least as many: all)."""
+        n = len(self.users)
+        if 0 < max_users < n:
+            return np.unique(np.linspace(0, n - 1, max_users).round().astype(np.int64))
+        return np.arange(n)
+
+    def held_out(self, split: str, users: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+        """The leave-one-out pairs of ``split`` ('val' or 'test') for ``users`` (default: all): each user's
+        history (the split's sequence but its last item) and its target (that last item)."""
+        if split not in ("val", "test"):
+            raise DataError(f"the held-out items are those of the val or test split, not {split!r}")
+        seqs = self.sequences(split)
+        users = np.arange(len(seqs)) if users is None else users
+        return [seqs[u][:-1] for u in users], np.array([seqs[u][-1] for u in users], np.int64)
+
     def sequences(self, split: str) -> list[np.ndarray]:
         """Each user's item token ids in ``split`` (user k's at index k), int64, without the end token."""
         if split not in SPLITS:
