@@ -953,15 +953,8 @@ def validate(job: Job, clock: Clock) -> dict[str, Any]:
             record[f"val_{key}"] = round(ev[key], 6)
     extra = ""
     if job.inputs is not None and job.inputs.monitor is not None:
-        inner = unwrap(job.model)
-        fsdp = hasattr(inner, "unshard")  # FSDP2: gather the root's parameters for the non-forward calls
-        if fsdp:
-            inner.unshard()
-        try:
+        with gathered(job.model) as inner:
             more = job.inputs.monitor(inner)
-        finally:
-            if fsdp:
-                inner.reshard()
         record.update({f"val_{k}": round(v, 6) for k, v in more.items()})
         extra = "".join(f", {k} {v:.4f}" for k, v in more.items())
         st.elapsed_s = clock.elapsed()
@@ -969,6 +962,21 @@ def validate(job: Job, clock: Clock) -> dict[str, Any]:
     job.progress.write(f"step {st.step}: val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f}){extra} "
                        f"at {st.elapsed_s:.1f}s")
     return record
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """The model unwrapped, its root parameters gathered under FSDP2 (for calls other than its forward:
+    monitors, snapshots) and released again after."""
+    inner = unwrap(model)
+    fsdp = hasattr(inner, "unshard")
+    if fsdp:
+        inner.unshard()
+    try:
+        yield inner
+    finally:
+        if fsdp:
+            inner.reshard()
 
 
 def validate_images(job: Job, clock: Clock) -> dict[str, Any]:
@@ -987,11 +995,7 @@ def validate_images(job: Job, clock: Clock) -> dict[str, Any]:
     record = {"step": st.step, "images": st.tokens_seen, "val_loss": round(ev["loss"], 6)}
     if "accuracy" in ev:
         record["val_accuracy"] = round(ev["accuracy"], 6)
-    inner = unwrap(job.model)
-    fsdp = hasattr(inner, "unshard")  # FSDP2: gather the root's parameters for the non-forward calls
-    if fsdp:
-        inner.unshard()
-    try:
+    with gathered(job.model) as inner:
         knn = knn_monitor(inner, job.inputs.train_split, job.val_split, job.objective, tc.batch_size,
                           job.env.device, tc.dtype, im.knn_k, im.knn_bank, tc.eval_batches, tc.seed)
         if knn is not None:
@@ -1006,9 +1010,6 @@ def validate_images(job: Job, clock: Clock) -> dict[str, Any]:
                 job.objective.snapshot(job.fwd, _batch_on(job.val_split, idx, job.env.device)[0],
                                        job.run / "reconstructions" / f"step_{st.step:06d}.png")
             job.fwd.train(was)
-    finally:
-        if fsdp:
-            inner.reshard()
     st.elapsed_s = clock.elapsed()
     record["elapsed_s"] = round(st.elapsed_s, 3)
     extra = "".join(f", {k[4:].replace('_', ' ')} {v:.3f}" for k, v in record.items()
