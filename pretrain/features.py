@@ -247,6 +247,33 @@ def embed_texts(model, tok, cfg, texts: list[str], pooling: str = "mean", normal
     return out, truncated
 
 
+def write_vectors(out: Path, vectors: np.ndarray, columns: dict[str, Any] | None = None) -> None:
+    """Write ``pretrain embed``'s output atomically (a failed write keeps the previous file) and record it:
+    .npy, the (N, D) matrix alone; .parquet, ``columns`` (each N long) with the vectors as ``embedding``
+    after the first of them."""
+    from pretrain.io import atomic_path, record_output
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        if out.suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, vectors)
+            try:  # np.save can miss a short write (a full disk, a file size limit)
+                whole = np.load(tmp, mmap_mode="r").shape == vectors.shape
+            except ValueError:
+                whole = False
+            if not whole:
+                raise PretrainError(f"writing {out} failed: the file came out short (disk full?)")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            cols = dict(columns or {})
+            first = dict(list(cols.items())[:1])
+            pq.write_table(pa.table({**first, "embedding": list(vectors), **cols}), tmp)
+    record_output(out, "embed")
+
+
 def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str = "mean",
           normalize: bool = False, batch_size: int = 32, text_field: str = "text",
           device: str = "auto", overwrite: bool = False) -> dict[str, Any]:
@@ -255,7 +282,7 @@ def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str
     ``DIR@SPLIT``: one vector per image of the split. An existing ``out`` is replaced only if an earlier
     ``embed`` wrote it (and it is unchanged since) or with ``overwrite``; never when it is the input."""
     from pretrain.hardware import resolve_device
-    from pretrain.io import atomic_path, check_output_file, record_output
+    from pretrain.io import check_output_file
 
     out = Path(out)
     if out.suffix not in (".npy", ".parquet"):
@@ -282,23 +309,7 @@ def embed(run: str | Path, input_path: str | Path, out: str | Path, pooling: str
                                 "embed text files with it (or images with an image run)")
         assert texts is not None
         vectors, truncated = embed_texts(model, tok, cfg, texts, pooling, normalize, batch_size, dev)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:  # a failed write keeps the previous file
-        if out.suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, vectors)
-            try:  # np.save can miss a short write (a full disk, a file size limit)
-                whole = np.load(tmp, mmap_mode="r").shape == vectors.shape
-            except ValueError:
-                whole = False
-            if not whole:
-                raise PretrainError(f"writing {out} failed: the file came out short (disk full?)")
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.table({"row": np.arange(len(vectors)), "embedding": list(vectors)}), tmp)
-    record_output(out, "embed")
+    write_vectors(out, vectors, {"row": np.arange(len(vectors))})
     res = {"out": str(out), "rows": len(vectors), "dim": int(vectors.shape[1]), "pooling": pooling,
            "normalized": normalize, "truncated": truncated, "max_tokens": cfg.model.max_seq_len,
            "step": meta["step"]}
