@@ -200,26 +200,31 @@ def compare(a: dict[str, Any], b: dict[str, Any], prefers_a: np.ndarray, prefers
 
 def bias_report(run: str | Path, data: str | Path, compare_run: str | Path | None = None,
                 png: str | Path | None = None, device: str = "auto", batch_size: int = 64, seed: int = 0,
-                max_pairs: int = 0) -> dict[str, Any]:
+                max_pairs: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """``pretrain bias``: :func:`crows_pairs` of ``run`` (and of ``compare_run``, side by side with their
     paired difference), saved as RUN/bias/crows-pairs.json (the last report of the run, which the export's
-    model card can carry) and plotted to ``png`` (default RUN/bias/crows-pairs.png)."""
+    model card can carry) and plotted to ``png`` (default RUN/bias/crows-pairs.png). A file there that an
+    earlier ``pretrain bias`` did not write is replaced only with ``overwrite``."""
     from pretrain.checkpoint import resolve_checkpoint
-    from pretrain.io import write_json_atomic
+    from pretrain.io import check_output_file, record_output, write_json_atomic
 
-    reports = [crows_pairs(r, data, device, batch_size, seed, max_pairs)
-               for r in ([run] if compare_run is None else [run, compare_run])]
-    for r, rep in zip([run, compare_run], reports):
-        folder = resolve_checkpoint(r).parent.parent / "bias"
-        folder.mkdir(exist_ok=True)
-        write_json_atomic(folder / "crows-pairs.json", {k: v for k, v in rep.items() if k != "prefers"})
+    runs = [run] if compare_run is None else [run, compare_run]
+    saved = [resolve_checkpoint(r).parent.parent / "bias" / "crows-pairs.json" for r in runs]
+    png = Path(png) if png else resolve_checkpoint(run).parent.parent / "bias" / "crows-pairs.png"
+    for p in (*saved, png):  # (before the scoring: a refusal costs nothing)
+        check_output_file(p, "bias", [data, *runs], overwrite)
+    reports = [crows_pairs(r, data, device, batch_size, seed, max_pairs) for r in runs]
+    for p, rep in zip(saved, reports):
+        p.parent.mkdir(exist_ok=True)
+        write_json_atomic(p, {k: v for k, v in rep.items() if k != "prefers"})
+        record_output(p, "bias")
     out: dict[str, Any] = {"reports": [{k: v for k, v in r.items() if k != "prefers"} for r in reports]}
     if compare_run is not None:
         a, b = reports
         out["difference"] = compare(a, b, a["prefers"], b["prefers"], seed)
-    png = Path(png) if png else resolve_checkpoint(run).parent.parent / "bias" / "crows-pairs.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot_report(reports, png)
+    record_output(png, "bias")
     out["png"] = str(png)
     return out
 

@@ -292,7 +292,7 @@ def cmd_bias(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_pairs < 0 or args.batch_size < 1:
         raise PretrainError("--max-pairs must be >= 0 and --batch-size >= 1")
     res = bias_report(args.run, args.data, args.compare, args.png, args.device, args.batch_size, args.seed,
-                      args.max_pairs)
+                      args.max_pairs, args.overwrite)
     lines = []
     for r in res["reports"]:
         o = r["overall"]
@@ -584,6 +584,9 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
                         "bias_type)")
     s.add_argument("--compare", metavar="RUN2", help="a second run, side by side, with the paired difference")
     s.add_argument("--png", help="plot to write (default RUN/bias/crows-pairs.png)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a --png (or RUN/bias/crows-pairs.json) that an earlier `pretrain bias` did "
+                        "not write")
     s.add_argument("--max-pairs", type=int, default=0, help="the first N pairs only (default: all)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")

@@ -85,6 +85,10 @@ def test_the_probe_finds_a_planted_bias_and_not_a_balanced_one(planted, capsys):
 
 def test_bias_errors(planted, tmp_path, capsys):
     root, runs = planted
+    mine = tmp_path / "mine.png"  # a file the command did not write is kept
+    mine.write_bytes(b"not a plot")
+    assert main(["bias", str(runs["biased"]), "--data", str(root / "pairs.csv"), "--png", str(mine)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and mine.read_bytes() == b"not a plot"
     assert main(["bias", str(runs["biased"]), "--data", str(tmp_path / "missing.csv")]) == 2
     assert "bias data not found" in capsys.readouterr().err
     (tmp_path / "bad.csv").write_text("sent_more,sent_less,stereo_antistereo,bias_type\na,b,both,age\n")
