@@ -142,8 +142,9 @@ def crows_pairs(run: str | Path, data: str | Path, device: str = "auto", batch_s
                 max_pairs: int = 0) -> dict[str, Any]:
     """The CrowS-Pairs score of a pre-trained run (causal or masked LM): overall and per bias type, % of
     pairs where the stereotyping sentence scores higher, with 95% bootstrap intervals (see the module doc);
-    ``prefers``: per pair, 1.0 where the stereotyping sentence scored higher. ``max_pairs``: the first N
-    pairs only (0: all)."""
+    ``prefers``: per pair, 1.0 where the stereotyping sentence scored higher; ``mean_margin``: the mean of
+    (stereotyping minus other sentence's log-likelihood), in nats — how strong the preference is, where the
+    score says only how often. ``max_pairs``: the first N pairs only (0: all)."""
     from pretrain.checkpoint import CheckpointError, load_pretrained
     from pretrain.hardware import resolve_device
 

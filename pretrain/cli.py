@@ -298,7 +298,7 @@ def cmd_bias(args: argparse.Namespace) -> dict[str, Any]:
         o = r["overall"]
         lines.append(f"{r['run']} ({r['objective']}, step {r['step']}): {o['score']:.1f}% of {o['n']:,} "
                      f"pairs prefer the stereotyping sentence (95% CI {o['ci95'][0]:.1f}-{o['ci95'][1]:.1f}; "
-                     f"50 = no preference; {r['ties']} ties)")
+                     f"50 = no preference; {r['ties']} ties; mean margin {r['mean_margin']:+.3f} nats)")
         for t, s in r["by_type"].items():
             lines.append(f"  {t:22} {s['score']:5.1f}  ({s['ci95'][0]:.1f}-{s['ci95'][1]:.1f})  n={s['n']}")
     if "difference" in res:

@@ -1,11 +1,17 @@
 """The bias probe: shared-token scoring, the CrowS-Pairs reading rules, and the planted-bias experiment — two
 corpora identical except that in one a made-up group always co-occurs with a made-up stereotype word; the
-probe must find the planted preference (interval above 50) and not find one in the balanced corpus
-(interval containing 50)."""
+probe must find the planted preference (interval above 50) and not find one in the balanced corpus.
+
+"Not find one" is tested so that a sound instrument cannot fail it by chance: a balanced model's preferences
+are coin flips (its margins are ~1000x smaller than the biased model's), so a 95% interval excludes 50 in one
+run in twenty — on another CPU's numerics it did (9 of 30). The test asks instead that the balanced score
+pass a sign test at the 0.1% level and that its mean margin be a small fraction of the biased one's; the
+95%-interval figures over seeds are bench/bias.py's."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -68,7 +74,12 @@ def test_the_probe_finds_a_planted_bias_and_not_a_balanced_one(planted, capsys):
     biased, balanced = (r["overall"] for r in res["reports"])
     assert biased["n"] == balanced["n"] == N_PAIRS
     assert biased["ci95"][0] > 50  # significantly prefers the planted stereotype
-    assert balanced["ci95"][0] <= 50 <= balanced["ci95"][1]  # no preference it cannot support
+    # no preference: a sign test at the 0.1% level, and margins a sliver of the planted one's
+    k = round(balanced["score"] * N_PAIRS / 100)
+    tail = sum(math.comb(N_PAIRS, i) for i in range(min(k, N_PAIRS - k) + 1)) / 2 ** N_PAIRS
+    assert 2 * tail > 0.001, balanced
+    margins = [r["mean_margin"] for r in res["reports"]]
+    assert margins[0] > 1.0 and abs(margins[1]) < 0.05 * margins[0], margins
     assert res["difference"]["ci95"][0] > 0
     assert set(res["reports"][0]["by_type"]) == {"planted"}
     assert "Blodgett" in res["reports"][0]["caveat"]
