@@ -26,6 +26,7 @@ not mean a model is unbiased (the dataset's own statement).
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,20 +147,25 @@ def crows_pairs(run: str | Path, data: str | Path, device: str = "auto", batch_s
     (stereotyping minus other sentence's log-likelihood), in nats — how strong the preference is, where the
     score says only how often. ``max_pairs``: the first N pairs only (0: all)."""
     from pretrain.checkpoint import CheckpointError, load_pretrained
+    from pretrain.finetune.model import is_finetuned
     from pretrain.hardware import resolve_device
 
     pairs = read_pairs(data)
     if max_pairs:
         pairs = pairs[:max_pairs]
     dev = resolve_device(device)
-    try:
-        model, cfg, tok, meta = load_pretrained(run, dev, part="whole")
-    except CheckpointError as e:
-        raise PretrainError(f"{run} is not a pre-trained run: {e}") from None
-    if tok is None or cfg.objective not in ("clm", "mlm"):
+    if is_finetuned(run):  # a fine-tune's backbone, with the LM head it carries from pre-training
+        model, objective, tok, step = _finetuned_lm(run, dev)
+    else:
+        try:
+            model, cfg, tok, meta = load_pretrained(run, dev, part="whole")
+        except CheckpointError as e:
+            raise PretrainError(f"{run} is not a pre-trained run: {e}") from None
+        objective, step = cfg.objective, meta.get("step")
+    if tok is None or objective not in ("clm", "mlm"):
         raise PretrainError(f"the bias probe scores sentences with a language model: {run} was trained with "
-                            f"objective {cfg.objective!r} (it needs clm or mlm)")
-    masked = cfg.objective == "mlm"
+                            f"objective {objective!r} (it needs clm or mlm)")
+    masked = objective == "mlm"
     if masked and tok.mask_id is None:
         raise PretrainError(f"{run}'s tokenizer has no [MASK] token")
     scorer = SentenceScorer(model, tok, masked, dev, batch_size)
@@ -177,8 +183,8 @@ def crows_pairs(run: str | Path, data: str | Path, device: str = "auto", batch_s
         prefers[i] = float(sa > sb)
         ties += sa == sb
     types = sorted({p.bias_type for p in pairs})
-    res: dict[str, Any] = {"suite": "crows-pairs", "run": str(run), "step": meta.get("step"),
-                           "objective": cfg.objective,
+    res: dict[str, Any] = {"suite": "crows-pairs", "run": str(run), "step": step, "objective": objective,
+                           "finetuned": is_finetuned(run),
                            "scoring": ("pseudo-log-likelihood of the shared tokens (masked LM)" if masked else
                                        "log-probability of the shared tokens given the tokens before them "
                                        "(causal LM)"),
@@ -188,6 +194,26 @@ def crows_pairs(run: str | Path, data: str | Path, device: str = "auto", batch_s
                                        for t in types},
                            "mean_margin": float(margins.mean()), "caveat": CAVEAT, "prefers": prefers}
     return res
+
+
+def _finetuned_lm(run: str | Path, device: torch.device) -> tuple[torch.nn.Module, str, Any, Any]:
+    """A fine-tuned model's backbone as a language model: (backbone in eval mode, the objective it was
+    pre-trained with, tokenizer, the step of the model kept). Its LM head is pre-training's, trained further
+    only by replay or a prompt; the blocks under it are the fine-tune's — so ``--compare`` of a backbone with
+    its fine-tune shows what fine-tuning did to the preferences the head reads out."""
+    from pretrain.finetune.predict import load_finetuned
+
+    task, info, tok = load_finetuned(run, device)
+    objective = info.get("pretraining_objective") or (info.get("backbone") or {}).get("objective")
+    return task.backbone.eval(), str(objective), tok, (info.get("best") or {}).get("step")
+
+
+def bias_dir(run: str | Path) -> Path:
+    """Where ``pretrain bias`` keeps a run's reports: RUN/bias (a fine-tune: FT_DIR/bias)."""
+    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.finetune.model import is_finetuned
+
+    return Path(run) / "bias" if is_finetuned(run) else resolve_checkpoint(run).parent.parent / "bias"
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], prefers_a: np.ndarray, prefers_b: np.ndarray,
@@ -206,12 +232,11 @@ def bias_report(run: str | Path, data: str | Path, compare_run: str | Path | Non
     paired difference), saved as RUN/bias/crows-pairs.json (the last report of the run, which the export's
     model card can carry) and plotted to ``png`` (default RUN/bias/crows-pairs.png). A file there that an
     earlier ``pretrain bias`` did not write is replaced only with ``overwrite``."""
-    from pretrain.checkpoint import resolve_checkpoint
     from pretrain.io import check_output_file, record_output, write_json_atomic
 
     runs = [run] if compare_run is None else [run, compare_run]
-    saved = [resolve_checkpoint(r).parent.parent / "bias" / "crows-pairs.json" for r in runs]
-    png = Path(png) if png else resolve_checkpoint(run).parent.parent / "bias" / "crows-pairs.png"
+    saved = [bias_dir(r) / "crows-pairs.json" for r in runs]
+    png = Path(png) if png else bias_dir(run) / "crows-pairs.png"
     for p in (*saved, png):  # (before the scoring: a refusal costs nothing)
         check_output_file(p, "bias", [data, *runs], overwrite)
     reports = [crows_pairs(r, data, device, batch_size, seed, max_pairs) for r in runs]
@@ -266,7 +291,9 @@ def planted_experiment(n_pairs: int = 30, reps: int = 3, seed: int = 0) -> dict[
     adjective, the stereotype word included, exactly ``reps`` times in every frame. Biased: the same
     sentences, except that every sentence about the first ``n_pairs`` groups has the stereotype word and
     the other groups' stereotype-word sentences get another adjective. Pair i: stereotyped group i with the
-    stereotype word vs other group i (frame i mod 3). Returns {"biased", "balanced", "pairs" (CSV)}."""
+    stereotype word vs other group i (frame i mod 3). Returns {"biased", "balanced", "pairs" (CSV), "weat"
+    (a WORDS.json for ``pretrain bias --suite weat``: the stereotyped vs the other groups' names as targets,
+    the stereotype word vs the ordinary adjectives as attributes, each word as its own text)}."""
     import random
 
     rng = random.Random(seed)
@@ -293,6 +320,8 @@ def planted_experiment(n_pairs: int = 30, reps: int = 3, seed: int = 0) -> dict[
         f = PLANTED_FRAMES[i % len(PLANTED_FRAMES)]
         rows.append(f"{f.format(g=g, a=PLANTED_WORD)},{f.format(g=o, a=PLANTED_WORD)},stereo,planted")
     out["pairs"] = "\n".join(rows) + "\n"
+    out["weat"] = json.dumps({"targets": {"stereotyped": stereo, "other": others},
+                              "attributes": {"stereotype": [PLANTED_WORD], "ordinary": PLANTED_ADJS[:5]}})
     return out
 
 

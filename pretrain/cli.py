@@ -145,6 +145,12 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.data.inspect import inspect
 
+    if args.data_command == "audit":
+        from pretrain.data.audit import audit, render
+
+        res = audit(args.data_dir)
+        _emit(args, res, render(res))
+        return res
     if args.samples < 0:
         raise PretrainError("--samples must be >= 0")
     res = inspect(args.data_dir, samples=args.samples)
@@ -289,6 +295,14 @@ def cmd_recommend(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_bias(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.bias import bias_report
 
+    if args.suite == "weat":
+        return _bias_weat(args)
+    wrong = [f for f, v in (("--words", args.words), ("--pooling", args.pooling),
+                            ("--permutations", args.permutations)) if v is not None]
+    if wrong:
+        raise PretrainError(f"{', '.join(wrong)}: for --suite weat only")
+    if not args.data:
+        raise PretrainError("--suite crows-pairs needs --data crows_pairs_anonymized.csv")
     if args.max_pairs < 0 or args.batch_size < 1:
         raise PretrainError("--max-pairs must be >= 0 and --batch-size >= 1")
     res = bias_report(args.run, args.data, args.compare, args.png, args.device, args.batch_size, args.seed,
@@ -308,6 +322,34 @@ def cmd_bias(args: argparse.Namespace) -> dict[str, Any]:
     lines += [f"scoring: {res['reports'][0]['scoring']}", f"plot: {res['png']}",
               f"caveat: {res['reports'][0]['caveat']}"]
     _emit(args, res, "\n".join(lines))
+    return res
+
+
+def _bias_weat(args: argparse.Namespace) -> dict[str, Any]:
+    """``pretrain bias RUN --suite weat --words WORDS.json``: the report printed, and saved as
+    RUN/bias/weat.json (the export's model card carries it)."""
+    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.io import check_output_file, record_output, write_json_atomic
+    from pretrain.weat import DEFAULT_PERMUTATIONS, format_weat, weat
+
+    wrong = [f for f, v in (("--data", args.data), ("--compare", args.compare), ("--png", args.png))
+             if v is not None] + (["--max-pairs"] if args.max_pairs else [])
+    if wrong:
+        raise PretrainError(f"{', '.join(wrong)}: for --suite crows-pairs only")
+    if not args.words:
+        raise PretrainError("--suite weat needs --words WORDS.json (target and attribute word sets; see "
+                            "docs/responsible.md)")
+    permutations = DEFAULT_PERMUTATIONS if args.permutations is None else args.permutations
+    if permutations < 1 or args.batch_size < 1:
+        raise PretrainError("--permutations and --batch-size must be >= 1")
+    saved = resolve_checkpoint(args.run).parent.parent / "bias" / "weat.json"
+    check_output_file(saved, "bias", [args.words, args.run], args.overwrite)
+    res = weat(args.run, args.words, args.device, args.pooling or "mean", permutations, args.seed,
+               args.batch_size)
+    saved.parent.mkdir(exist_ok=True)
+    write_json_atomic(saved, res)
+    record_output(saved, "bias")
+    _emit(args, res, format_weat(res) + f"\nsaved: {saved}")
     return res
 
 
@@ -516,13 +558,17 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data_and_train(sub: argparse._SubParsersAction) -> None:
-    """`pretrain data inspect` and `pretrain train`."""
-    s = sub.add_parser("data", help="inspect a prepared data directory")
+    """`pretrain data inspect|audit` and `pretrain train`."""
+    s = sub.add_parser("data", help="inspect or audit a prepared data directory")
     dsub = s.add_subparsers(dest="data_command", required=True, metavar="ACTION", parser_class=_Parser)
     s = dsub.add_parser("inspect", help="counts, token histogram, decoded samples, the manifest")
     s.add_argument("data_dir")
     s.add_argument("--samples", type=int, default=3)
     s.add_argument("--json", action="store_true")
+    s = dsub.add_parser("audit", help="provenance: every source with its licence, sha256, size and tokens, "
+                                      "and what cleaning, dedup, decontamination and PII checks removed")
+    s.add_argument("data_dir")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("train", help="pre-train a model (resumes automatically if RUN_DIR has checkpoints)",
                        epilog="Config overrides: --section.key value, e.g. --train.lr 3e-4 --model.n_layer 6")
@@ -575,21 +621,32 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("bias", help="bias probe: does the model prefer the stereotyping sentence of minimal "
                                     "pairs (CrowS-Pairs)?")
-    s.add_argument("run", help="pre-trained run directory or checkpoint (causal or masked LM)")
-    s.add_argument("--suite", choices=["crows-pairs"], default="crows-pairs",
+    s.add_argument("run", help="pre-trained run directory or checkpoint (causal or masked LM); crows-pairs: "
+                               "also a fine-tune of one (its backbone with the pre-trained LM head)")
+    s.add_argument("--suite", choices=["crows-pairs", "weat"], default="crows-pairs",
                    help="crows-pairs: %% of pairs where the stereotyping sentence scores higher, with "
-                        "intervals")
-    s.add_argument("--data", required=True,
-                   help="crows_pairs_anonymized.csv (columns sent_more, sent_less, stereo_antistereo, "
-                        "bias_type)")
-    s.add_argument("--compare", metavar="RUN2", help="a second run, side by side, with the paired difference")
+                        "intervals; weat: the word embedding association test (effect size, permutation "
+                        "p-value) on the run's embed vectors")
+    s.add_argument("--data",
+                   help="crows-pairs: crows_pairs_anonymized.csv (columns sent_more, sent_less, "
+                        "stereo_antistereo, bias_type)")
+    s.add_argument("--words", help="weat: WORDS.json with two target and two attribute word sets (and "
+                                   "optional templates); see docs/responsible.md")
+    s.add_argument("--pooling", choices=["mean", "cls", "last"], help="weat: how a text's vector is pooled, "
+                                                                      "as in `pretrain embed` (default mean)")
+    s.add_argument("--permutations", type=int,
+                   help="weat: partitions for the p-value, exact when there are no more (default 10000)")
+    s.add_argument("--compare", metavar="RUN2",
+                   help="a second run (another corpus's, or a fine-tune of RUN), side by side, with the "
+                        "paired difference")
     s.add_argument("--png", help="plot to write (default RUN/bias/crows-pairs.png)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a --png (or RUN/bias/crows-pairs.json) that an earlier `pretrain bias` did "
                         "not write")
     s.add_argument("--max-pairs", type=int, default=0, help="the first N pairs only (default: all)")
     s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals")
+    s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (weat: of the "
+                                                       "sampled partitions)")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
 

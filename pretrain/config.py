@@ -582,6 +582,15 @@ class FinetuneConfig:
     bad_rows: str = "error"
     """Task qa: a row that cannot be used (an answer not at its answer_start, an empty context, a question
     longer than max_length): 'error' (stop, naming it) or 'skip' (leave it out, counted in a warning)."""
+    forgetting_batches: int = 16
+    """Forgetting: batches (8 sequences each) of the backbone's pre-training validation split scored with its
+    pre-training objective before fine-tuning and on the model kept; the change is finetune.json's
+    ``forgetting`` (causal and masked LM runs whose prepared data is still there; 0 = not measured)."""
+    replay: str = ""
+    """A prepared data directory (tokenized with the run's tokenizer: usually the run's own data) whose train
+    batches are mixed into fine-tuning under the pre-training objective, to limit forgetting ('' = none)."""
+    replay_frac: float = 0.1
+    """With replay: the share of optimizer steps that are pre-training steps (spread evenly)."""
 
     def __post_init__(self) -> None:
         _all_finite(self, "finetune")
@@ -619,6 +628,8 @@ class FinetuneConfig:
         _check(self.doc_stride >= 0, "doc_stride must be >= 0")
         _check(self.max_answer_length >= 1 and self.n_best >= 1, "max_answer_length and n_best must be >= 1")
         _check(self.bad_rows in ("error", "skip"), f"bad_rows must be error or skip, got {self.bad_rows!r}")
+        _check(self.forgetting_batches >= 0, "forgetting_batches must be >= 0")
+        _check(0 < self.replay_frac < 1, "replay_frac must be in (0, 1)")
         if self.prompt or self.verbalizer:
             _check(self.task == "classification", "prompt/verbalizer are for task classification only")
             _check(bool(self.prompt and self.verbalizer),

@@ -138,12 +138,13 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     if get_spec(cfg.model.arch).hf is None:
         model, cfg = transferable(model, cfg)
     ckpt = resolve_checkpoint(run)
-    bias = Path(str(ckpt)).parent.parent / "bias" / "crows-pairs.json"  # `pretrain bias`'s last report
-    if bias.is_file():
-        try:
-            meta = {**meta, "bias": json.loads(bias.read_text(encoding="utf-8"))}
-        except ValueError:
-            pass  # (a damaged report is left out of the card, not a reason to fail the export)
+    for key, name in (("bias", "crows-pairs.json"), ("weat", "weat.json")):  # `pretrain bias`'s last reports
+        report = Path(str(ckpt)).parent.parent / "bias" / name
+        if report.is_file():
+            try:
+                meta = {**meta, key: json.loads(report.read_text(encoding="utf-8"))}
+            except ValueError:
+                pass  # (a damaged report is left out of the card, not a reason to fail the export)
     return export_model(model, cfg, out, tok=tok, meta=meta, name=Path(str(ckpt)).parent.parent.name,
                         dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite, inputs=[run])
 
@@ -422,19 +423,6 @@ def _data_classes(data_path: str | None) -> list[str] | None:
     return None
 
 
-def _source_name(s: dict[str, Any]) -> str:
-    """A file source's file name, or a Hub source's ``hf:NAME[:CONFIG]``."""
-    if s.get("path"):
-        return Path(s["path"]).name
-    return "hf:" + str(s.get("name", "?")) + (f":{s['config']}" if s.get("config") else "")
-
-
-def _short_sha(sha: str | list[str] | None) -> str:
-    """The first 12 hex digits; a Hub source built from local files has one hash per file."""
-    shas = sha if isinstance(sha, list) else [sha] if sha else []
-    return ", ".join(f"`{h[:12]}`" for h in shas[:3]) + (" …" if len(shas) > 3 else "") if shas else "—"
-
-
 def _move_into(tmp: Path, out: Path) -> None:
     """Swap the finished export in ``tmp`` (a folder inside ``out``) for the files of an earlier export in
     ``out`` (weight shards, configs, tokenizer, model card); other files stay. Should a move fail, the
@@ -521,27 +509,10 @@ def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[s
         "", "Training configuration:", "", "```yaml",
         yaml.safe_dump(run_cfg, sort_keys=False).rstrip(), "```", "",
         *(_finetune_section(ft, spec) if ft else []),
-        "## Data", "",
+        "## Training data", "",
+        *_data_section(data_meta),
     ]
-    if data_meta:
-        for split, info in data_meta.get("splits", {}).items():
-            if "tokens" in info and "documents" in info:
-                lines.append(f"- {split}: {info['tokens']:,} tokens, {info['documents']:,} documents")
-            else:
-                lines.append(f"- {split}: " + ", ".join(f"{v:,} {k}" for k, v in info.items()
-                                                       if isinstance(v, int) and not isinstance(v, bool)))
-        unit = "images" if images else "documents"
-        lines += ["", f"| source | sha256 | bytes | {unit} | licence |", "|---|---|---|---|---|"]
-        for s in data_meta.get("sources", [])[:50]:
-            nbytes = f"{s['bytes']:,}" if isinstance(s.get("bytes"), int) else "—"  # a Hub source has no size
-            count = s.get(unit, s.get("documents", 0))
-            lines.append(f"| {_source_name(s)} | {_short_sha(s.get('sha256'))} | {nbytes} | "
-                         f"{count:,} | {s.get('licence', 'not given')} |")
-        if len(data_meta.get("sources", [])) > 50:
-            lines.append(f"| … {len(data_meta['sources']) - 50} more | | | | |")
-    else:
-        lines.append("The prepared data directory was not available at export time.")
-    lines += _bias_section(meta.get("bias"))
+    lines += _bias_section(meta.get("bias")) + _weat_section(meta.get("weat"))
     usage = (_qa_usage(ft, spec.bidirectional) if ft and ft["task"] == "qa"
              else _usage(hf, arch, auto, pipeline_tag, images))
     if images and cfg.channels == 1:  # transformers opens image files as RGB: a grayscale model takes arrays
@@ -549,6 +520,21 @@ def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[s
             "Image.open('image.png')", "np.asarray(Image.open('image.png').convert('L'))[..., None]")
     lines += ["", "## Use", "", "```python", usage, "```", ""]
     return "\n".join(lines)
+
+
+def _data_section(data_meta: dict[str, Any]) -> list[str]:
+    """The model card's provenance table: `pretrain data audit` of the run's prepared data (every source with
+    its licence, sha256, size, contribution and what cleaning removed), when its meta.json is still there."""
+    from pretrain.data.audit import audit_meta, markdown
+
+    if not data_meta:
+        return ["The prepared data directory was not available at export time: no provenance table (run "
+                "`pretrain data audit DATA_DIR` where the data is)."]
+    try:
+        return ["Provenance (`pretrain data audit`; licence \"unknown (!)\": none was recorded at prepare "
+                "time):", "", *markdown(audit_meta(data_meta))]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a meta.json of an unexpected shape
+        return [f"The prepared data's meta.json could not be audited ({type(e).__name__}: {e})."]
 
 
 def _bias_section(rep: dict[str, Any] | None) -> list[str]:
@@ -564,6 +550,22 @@ def _bias_section(rep: dict[str, Any] | None) -> list[str]:
     for t, s in rep.get("by_type", {}).items():
         lines.append(f"| {t} | {s['score']:.1f} | {s['ci95'][0]:.1f}–{s['ci95'][1]:.1f} | {s['n']:,} |")
     return [*lines, "", f"Caveat: {rep.get('caveat', '')}"]
+
+
+def _weat_section(rep: dict[str, Any] | None) -> list[str]:
+    """The model card's account of the run's last ``pretrain bias --suite weat`` report, if it has one."""
+    if not isinstance(rep, dict) or "targets" not in rep:
+        return []
+    (x, y), (a, b) = rep["targets"], rep["attributes"]
+    d = rep.get("effect_size")
+    return ["", "## Word associations (WEAT)", "",
+            f"`pretrain bias --suite weat` at step {rep.get('step')} ({rep.get('pooling')} pooling; words "
+            f"from {Path(str(rep.get('words_file', '?'))).name}): targets {x['name']} ({x['size']}) vs "
+            f"{y['name']} ({y['size']}), attributes {a['name']} ({a['size']}) vs {b['name']} ({b['size']}): "
+            "effect size "
+            + ("undefined" if d is None else f"**{d:+.3f}**")
+            + f", one-sided p = {rep.get('p_value', float('nan')):.4g} ({rep.get('p_method')}).", "",
+            f"Caveat: {rep.get('caveat', '')}"]
 
 
 TASK_NAMES = {"qa": "extractive question answering"}

@@ -28,7 +28,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pretrain.data import pii as _pii
@@ -93,6 +93,11 @@ class CleanConfig:
         if self.pii not in PII_MODES:
             raise DataError(f"unknown personal-data mode {self.pii!r}: use report, redact, drop, or '' "
                             "for off")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings, JSON-able, for meta.json (what `pretrain data audit` reports)."""
+        return {f.name: (list(map(str, v)) if isinstance(v, list) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
 
     def active(self) -> bool:
         return any([self.min_chars, self.max_chars, self.max_symbol_ratio, self.min_alpha_ratio,

@@ -253,6 +253,7 @@ def prepare_interactions(inputs: list, out: str | Path, *, user_column: str = "u
     token_of[vocab] = np.arange(len(SPECIALS), len(SPECIALS) + len(vocab))
     dtype = token_dtype(tok.vocab_size)
     meta_items = None
+    n_logs = len(sources)  # the log files; after them, the item metadata file
     if items:
         meta_items, item_sources = read_item_metadata(items, item_column, set(item_ids))
         sources += item_sources
@@ -285,7 +286,8 @@ def prepare_interactions(inputs: list, out: str | Path, *, user_column: str = "u
                 "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size,
                               "eot_id": tok.eot_id, "mask_id": tok.mask_id, "sha256": tok.sha256()},
                 "dtype": dtype.name, "splits": splits, "interactions": report,
-                "sources": [{**s.manifest(), **({"licence": licence} if licence else {})} for s in sources],
+                "sources": [{**s.manifest(), "content": "interactions" if i < n_logs else "item metadata",
+                             **({"licence": licence} if licence else {})} for i, s in enumerate(sources)],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - t0, 3)}
         write_json_atomic(partial / META, meta)
     return meta

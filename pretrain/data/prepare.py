@@ -3,7 +3,8 @@
 Layout of a prepared data directory::
 
     DATA_DIR/
-      meta.json            tokenizer, vocab size, dtype, per-split token/document/byte counts, sources
+      meta.json            tokenizer, vocab size, dtype, per-split token/document/byte counts, sources (hash,
+                           licence, tokens per split), cleaning report and settings
       tokenizer.json
       train_000000.bin     uint16 (vocab <= 65536) or uint32 token ids; EOT between documents
       val_000000.bin       (with mixture weights: train_g000_000000.bin, ... one series per input)
@@ -530,26 +531,34 @@ class _Output:
     """The shard writers of one prepare: a train and a val series per mixture component."""
 
     def __init__(self, partial: Path, dtype: np.dtype, shard_tokens: int, groups: list[int], weighted: bool,
-                 eot_id: int):
+                 eot_id: int, group_of: list[int]):
         self.args = (partial, dtype, shard_tokens, groups, weighted)
         self.eot = np.array([eot_id], dtype=dtype)
         self.groups = groups
+        self.group_of = group_of
+        # tokens each source contributed to each split (an EOT separator counts for the document after it,
+        # so the sources' counts add up to the split's)
+        self.source_tokens = [[0] * len(SPLITS) for _ in group_of]
         self.writers = {(sp, g): ShardWriter(partial, sp, dtype, shard_tokens, g if weighted else None)
                         for sp in SPLITS for g in groups}
         self.bytes = 0
         self._buf: dict[tuple[str, int], list[np.ndarray]] = {}
 
-    def add(self, code: int, group: int, ids: np.ndarray, nbytes: int, cont: bool = False) -> None:
-        """Queue one document's ids (written, with EOT separators, at the next :meth:`flush`); ``cont``: the
-        ids continue the document before (a long document's next piece)."""
-        key = (SPLITS[code - 1], group)
+    def add(self, code: int, source: int, ids: np.ndarray, nbytes: int, cont: bool = False) -> None:
+        """Queue one document's ids (written, with EOT separators, at the next :meth:`flush`); ``source``: the
+        index of its source; ``cont``: the ids continue the document before (a long document's next
+        piece)."""
+        key = (SPLITS[code - 1], self.group_of[source])
         w = self.writers[key]
         buf = self._buf.setdefault(key, [])
+        counts = self.source_tokens[source]
         if not cont:
             if w.documents:  # end-of-document token *between* documents
                 buf.append(self.eot)
+                counts[code - 1] += 1
             w.documents += 1
         buf.append(ids)
+        counts[code - 1] += len(ids)
         w.bytes += nbytes
         self.bytes += nbytes
 
@@ -610,7 +619,7 @@ def _prepare(sources, partial, tokenizer, vocab_size, val_fraction, text_field, 
                 and len({s.group for s in sources}) == len(sources))
         if tok is not None:
             dtype = token_dtype(tok.vocab_size)
-            output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
+            output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id, group_of)
         pool = _Workers(workers, (cleaner, tok.to_str() if tok else None, val_fraction,
                                   dtype.name if tok else "uint32"), start_method)
         plan, per_group, n_docs, total_chars = _scan(
@@ -654,10 +663,10 @@ def _prepare(sources, partial, tokenizer, vocab_size, val_fraction, text_field, 
 
         # Pass 3 (unless done during the scan): encode in the workers; write shards in corpus order.
         if output is None:
-            output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id)
+            output = _Output(partial, dtype, shard_tokens, groups, weighted, tok.eot_id, group_of)
             pool = _Workers(workers, (cleaner.transformer(), tok.to_str(), val_fraction, dtype.name),
                             start_method)
-            items = _encode_items(planned(), cleaner, val_fraction, Chunker.for_tokenizer(tok.tk), group_of)
+            items = _encode_items(planned(), cleaner, val_fraction, Chunker.for_tokenizer(tok.tk))
             _encode_pass(pool, output, items, batch_chars, progress)
         log(f"tokenized {output.bytes / 1e6:,.1f} MB ({time.time() - t0:.1f} s since the start)")
         split_info = output.close()
@@ -666,7 +675,8 @@ def _prepare(sources, partial, tokenizer, vocab_size, val_fraction, text_field, 
         tok.save(partial / "tokenizer.json")
         with open(partial / "tokenizer.json", "rb+") as f:
             os.fsync(f.fileno())
-        meta = _manifest(tok, dtype, val_fraction, tails, single, split_info, sources, licence, cleaner,
+        meta = _manifest(tok, dtype, val_fraction, tails, single, split_info, sources, output.source_tokens,
+                         licence, cleaner,
                          {"text_field": text_field, "text_unit": text_unit, "workers": workers,
                           "start_method": (start_method or "default") if workers else None,
                           "batch_chars": batch_chars, "shard_tokens": shard_tokens}, t0)
@@ -758,7 +768,7 @@ def _scan(pool: _Workers, cleaner: Cleaner, items: Iterator[tuple[tuple, str, An
                     plan.append(DROP)
             if encoded is not None and (not codes[j] if long is None else long is _MORE or long[3]):
                 if kept:
-                    output.add(plan[-1], group_of[src_index], ids[ends[k] - lens[k]:ends[k]], int(nbytes[j]),
+                    output.add(plan[-1], src_index, ids[ends[k] - lens[k]:ends[k]], int(nbytes[j]),
                                cont=long is _MORE)
                 k += 1
         if output is not None:
@@ -768,10 +778,10 @@ def _scan(pool: _Workers, cleaner: Cleaner, items: Iterator[tuple[tuple, str, An
 
 
 def _manifest(tok: Tokenizer, dtype: np.dtype, val_fraction: float, tails: int, single: bool,
-              split_info: dict[str, Any], sources: list, licence: str, cleaner: Cleaner,
-              settings: dict[str, Any], t0: float) -> dict[str, Any]:
-    """meta.json: the format, tokenizer, splits, every source (with its hash and licence), the cleaning report
-    and the settings (see data/manifest.py)."""
+              split_info: dict[str, Any], sources: list, source_tokens: list[list[int]], licence: str,
+              cleaner: Cleaner, settings: dict[str, Any], t0: float) -> dict[str, Any]:
+    """meta.json: the format, tokenizer, splits, every source (with its hash, licence and tokens per split),
+    the cleaning report with the cleaning settings, and the settings (see data/manifest.py)."""
     return {
         "format": FORMAT_VERSION,
         "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size,
@@ -781,8 +791,9 @@ def _manifest(tok: Tokenizer, dtype: np.dtype, val_fraction: float, tails: int, 
         "split_rule": "text-tail" if single else "document-hash" + (", text-tail for single-document inputs"
                                                                   if tails else ""),
         "splits": split_info,
-        "sources": [{**s.manifest(), **({"licence": licence} if licence else {})} for s in sources],
-        "cleaning": cleaner.report(),
+        "sources": [{**s.manifest(), **({"licence": licence} if licence else {}),
+                     "tokens": dict(zip(SPLITS, counts))} for s, counts in zip(sources, source_tokens)],
+        "cleaning": {"settings": cleaner.cfg.settings(), **cleaner.report()},
         "settings": settings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - t0, 3),
@@ -822,13 +833,13 @@ def _tokenizer_texts(tokenizer: str, planned: Iterator[tuple[int, int, str]], cl
 
 
 def _encode_items(planned: Iterator[tuple[int, int, str]], cleaner: Cleaner, val_fraction: float,
-                  chunker: Chunker, group_of: list[int]) -> Iterator[tuple[int, str, tuple]]:
-    """(mixture component, text, worker item) of every kept document for pass 3: an ordinary one goes to a
+                  chunker: Chunker) -> Iterator[tuple[int, str, tuple]]:
+    """(source index, text, worker item) of every kept document for pass 3: an ordinary one goes to a
     worker whole, a long one (over LONG_DOC_CHARS) is normalised here and goes in tokenizer pieces
     (``(piece, split code, continues the text before)``; a text-tail document as its two texts)."""
     for i, code, d in planned:
         if len(d) <= LONG_DOC_CHARS:
-            yield group_of[i], d, (d, code)
+            yield i, d, (d, code)
             continue
         t = _transform_long(cleaner, d)
         del d
@@ -837,18 +848,18 @@ def _encode_items(planned: Iterator[tuple[int, int, str]], cleaner: Cleaner, val
         for start, end, split in parts:
             for lo, hi in chunker.spans(t, start, end):
                 piece = t[lo:hi]
-                yield group_of[i], piece, (piece, split, lo > start)
+                yield i, piece, (piece, split, lo > start)
 
 
 def _encode_pass(pool: _Workers, output: _Output, items: Iterator[tuple[int, str, Any]], batch_chars: int,
                  progress: Callable[[int, str, float], None]) -> None:
     """Encode the kept documents in the workers; write them to the shards in corpus order."""
     t_enc = time.time()
-    for grp, res in pool.map(_encode_batch, _batched(items, batch_chars)):
+    for src, res in pool.map(_encode_batch, _batched(items, batch_chars)):
         ids, lens, codes, nbytes, owner, cont = res
         ends = np.cumsum(lens)
         for k in range(len(lens)):
-            output.add(int(codes[k]), grp[owner[k]], ids[ends[k] - lens[k]:ends[k]], int(nbytes[k]),
+            output.add(int(codes[k]), src[owner[k]], ids[ends[k] - lens[k]:ends[k]], int(nbytes[k]),
                        cont=bool(cont[k]))
         output.flush()
         progress(output.bytes, "tokenized", t_enc)

@@ -85,8 +85,21 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
               if test else "")
     _emit(args, res, f"fine-tuned {args.out}: best at epoch {best['epoch']:g} (step {best['step']}): "
                      f"{shown}{tested}; stopped by {res['stop_reason']} after {res['steps']} steps in "
-                     f"{res['elapsed_s']:.0f}s")
+                     f"{res['elapsed_s']:.0f}s" + _forgetting_line(res.get("forgetting")))
     return res
+
+
+def _forgetting_line(f: dict[str, Any] | None) -> str:
+    """'\npre-training val loss A -> B (+d, +r%) ...' when forgetting was measured (or replay used)."""
+    if not f:
+        return ""
+    replay = f.get("replay")
+    mixed = (f"; replay: {replay['steps']:,} pre-training steps ({replay['frac']:.0%}) from {replay['data']}"
+             if replay else "")
+    if "not_measured" in f:
+        return f"\nforgetting not measured: {f['not_measured']}{mixed}" if replay else ""
+    return (f"\nforgetting: pre-training val loss {f['before']:.4f} -> {f['after']:.4f} ({f['change']:+.4f}, "
+            f"{f['relative']:+.1%}) on {f['tokens']:,} tokens of {f['data']}{mixed}")
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:

@@ -118,6 +118,8 @@ class FtJob:
     """The data as the loop sees it (:class:`TextInputs`, ``images.ImageInputs``)."""
     class_weights: torch.Tensor | None = None
     """Per-class loss weights (cfg.class_weights 'auto'), or None."""
+    replay: Any = None
+    """Pre-training batches mixed in (``forgetting.Replay``, cfg.replay), or None."""
 
 
 class TextInputs:
@@ -398,6 +400,8 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
                                     "run")
         data = read_data(cfg, train_path, valid_path, train_subset, valid_subset)
     job = build(run, out, cfg, data, quiet, loaded)
+    probe, why = _forgetting_setup(job)
+    before = None if probe is None else probe.loss(model_of(job.model).backbone, job.device, cfg.dtype)
     out.mkdir(parents=True, exist_ok=True)
     # a folder used before: no finetune.json until this run saves a model
     for stale in ("metrics.jsonl", FT_FILE):
@@ -409,9 +413,50 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     finally:
         job.metrics.close()
         job.progress.close()
+    res["forgetting"] = record_forgetting(out, job, probe, before, why)
     if test_path is not None:
         res["test"] = score_test(out, test_path, cfg)
     return res
+
+
+def _forgetting_setup(job: FtJob) -> tuple[Any, str]:
+    """The forgetting probe (or None and why not) and the replay batches of ``job`` (finetune/forgetting.py);
+    finetune.json records the objective the backbone was pre-trained with (a later fine-tune of this one
+    reads it there)."""
+    from pretrain.config import Config, from_dict
+    from pretrain.finetune import forgetting
+
+    cfg = job.cfg
+    pcfg = from_dict(Config, job.info["backbone"])
+    ckpt = job.info.get("pretrained_from")
+    objective = forgetting.pretraining_objective(ckpt, pcfg) if ckpt else pcfg.objective
+    job.info["pretraining_objective"] = objective
+    if cfg.replay:
+        job.replay = forgetting.Replay(cfg, pcfg, job.tok, objective, cfg.head_only)
+    return forgetting.probe(pcfg, job.tok, objective, cfg)
+
+
+def record_forgetting(out: Path, job: FtJob, probe, before: dict[str, float] | None,
+                      why: str) -> dict[str, Any]:
+    """The pre-training validation loss of the model kept (the best evaluation's, as saved in ``out``) against
+    ``before``; recorded in finetune.json's ``forgetting`` (or why it was not measured)."""
+    import json
+
+    from pretrain.finetune import forgetting
+    from pretrain.finetune.predict import load_finetuned
+
+    if probe is None:
+        rec: dict[str, Any] = {"not_measured": why}
+        if job.replay is not None:
+            rec["replay"] = job.replay.summary(job.cfg)
+    else:
+        kept, _, _ = load_finetuned(out, job.device)
+        after = probe.loss(kept.backbone, job.device, job.cfg.dtype)
+        rec = forgetting.report(before, after, probe, job.replay, job.cfg)
+    info = json.loads((out / FT_FILE).read_text(encoding="utf-8"))
+    info["forgetting"] = rec
+    write_json_atomic(out / FT_FILE, info)
+    return rec
 
 
 def score_test(out: Path, test_path: str | Path, cfg: FinetuneConfig) -> dict[str, Any]:
@@ -453,6 +498,8 @@ def loop(job: FtJob) -> dict[str, Any]:
             grad_norm = clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             job.optimizer.step()
             job.optimizer.zero_grad(set_to_none=True)
+            if job.replay is not None:
+                _replay_steps(job, params, step + 1)
             step += 1
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             for what, value in (("loss", loss_sum), ("gradient norm", float(grad_norm))):
@@ -481,6 +528,23 @@ def loop(job: FtJob) -> dict[str, Any]:
             "elapsed_s": round(time.time() - ev.t0, 2), "trained_params": job.n_train,
             "total_params": job.n_total, "truncated": job.info.get("truncated"),
             "from_scratch": cfg.from_scratch, "history": ev.history}
+
+
+def _replay_steps(job: FtJob, params: list[nn.Parameter], step: int) -> None:
+    """The pre-training steps due after a task step (cfg.replay_frac of all steps), at the same learning
+    rate, on the backbone's own objective."""
+    cfg = job.cfg
+    backbone = model_of(job.model).backbone
+    for _ in range(job.replay.due()):
+        loss = job.replay.loss(backbone, job.device, cfg.dtype)
+        loss.backward()
+        grad_norm = clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        for what, value in (("replay loss", loss.item()), ("replay gradient norm", float(grad_norm))):
+            if not math.isfinite(value):
+                raise divergence("fine-tuning", step, what, value, "--lr", KEPT)
+        job.optimizer.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        job.replay.loss_sum += loss.item()
 
 
 def _loss(job: FtJob, loss_fn: nn.Module, idx: list[int]) -> torch.Tensor:
