@@ -193,30 +193,62 @@ def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+RESUME_MODES = ("auto", "always", "never")
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    from pretrain.config import load_config
-    from pretrain.train import train
+    """`pretrain train [PRESET|YAML] --out RUN_DIR [--resume auto|always|never|RUN_DIR]`.
+
+    Resuming: ``auto`` (the default) continues RUN_DIR when it has a checkpoint and starts it otherwise;
+    ``always`` continues it (an error when it has no checkpoint); ``never`` starts it (an error when it
+    already has checkpoints). ``--resume RUN_DIR`` is ``--out RUN_DIR --resume always``. When continuing
+    (``always`` / RUN_DIR) without a preset or YAML, the run's saved config.yaml is the base the overrides
+    apply to; otherwise the config is the command's (defaults ← preset/YAML ← overrides), checked against the
+    run's.
+    """
+    from pretrain.config import config_path, load_config
 
     if args.init_from:
         overrides = [*overrides, "--train.init_from", args.init_from]
     if args.skip_samples:
         overrides = [*overrides, "--train.skip_samples", args.skip_samples]
-    if args.resume:
+    config = config_path(args.config) if args.config is not None else None
+    mode = args.resume if args.resume in RESUME_MODES else "run" if args.resume else "auto"
+    if mode == "run":
         run = Path(args.resume)
-        saved = run / "config.yaml"
-        if not saved.is_file():
+        if not (run / "config.yaml").is_file():
             raise PretrainError(f"--resume: {run} is not a run directory (no config.yaml)")
         if args.out and Path(args.out).resolve() != run.resolve():
             raise PretrainError("--resume RUN_DIR continues in RUN_DIR; do not also give a different --out")
-        cfg = (load_config(saved, overrides, base=None) if args.config is None
-               else load_config(args.config, overrides))
-        out = run
-    else:
-        if not args.out:
-            raise PretrainError("--out RUN_DIR is required (or --resume RUN_DIR)")
-        cfg = load_config(args.config, overrides)
+        out: Path | None = run
+    elif args.out:
         out = Path(args.out)
-    summary = train(cfg, out, quiet=args.quiet, resume=bool(args.resume), overwrite=args.overwrite)
+    elif args.resume:
+        raise PretrainError(f"--resume {args.resume} needs --out RUN_DIR (to continue a run directory named "
+                            f"{args.resume!r}, write --resume ./{args.resume})")
+    elif args.print_config:
+        out = None
+    else:
+        raise PretrainError("--out RUN_DIR is required (or --resume RUN_DIR)")
+    saved = out / "config.yaml" if out is not None else None
+    from_saved = config is None and mode in ("run", "always") and saved is not None and saved.is_file()
+    cfg = load_config(saved if from_saved else config, overrides)
+    if args.print_config:
+        return _print_config(args, cfg, saved if from_saved else config, overrides)
+    assert out is not None
+    if mode in ("always", "never"):
+        from pretrain.checkpoint import list_checkpoints
+
+        have = list_checkpoints(out)
+        if mode == "never" and have:
+            raise PretrainError(f"--resume never: {out} already holds a run (checkpoints up to "
+                                f"{have[-1].name}); give another --out, or --resume auto to continue it")
+        if mode == "always" and not have:
+            raise PretrainError(f"--resume always: {out} has no checkpoint to continue from (--resume auto "
+                                "starts the run when it has none)")
+    from pretrain.train import train
+
+    summary = train(cfg, out, quiet=args.quiet, resume=mode in ("run", "always"), overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return summary
     val = summary["val_loss"]
@@ -226,9 +258,119 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
     return summary
 
 
+def _print_config(args: argparse.Namespace, cfg: Any, source: Path | None,
+                  overrides: list[str]) -> dict[str, Any]:
+    """``pretrain train ... --print-config``: the config the run would train with, as YAML (``--json``: as one
+    JSON object) on stdout. Resolved as training resolves it as far as that needs no training data: the data
+    path made absolute and, when data.path is a prepared directory, the values taken from its meta.json
+    (vocabulary, context, image size, ...) and the batch arithmetic checked; a model taken from
+    train.init_from stays as configured."""
+    import dataclasses
+
+    from pretrain.config import PRESETS_DIR
+
+    where = ("(no preset)" if source is None else f"preset {source.stem}"
+             if source.resolve().parent == PRESETS_DIR else str(source))
+    notes = [f"pretrain train: defaults <- {where} <- "
+             + (" ".join(overrides) if overrides else "(no overrides)")]
+    if cfg.data.path:
+        data = Path(cfg.data.path)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data.resolve())))
+        if cfg.train.init_from:
+            notes.append(f"the model section comes from train.init_from ({cfg.train.init_from}) when "
+                         "training")
+        elif (data / "meta.json").is_file():
+            from pretrain.data.manifest import load_meta
+            from pretrain.train import resolve_batch, resolve_config
+
+            cfg = resolve_config(cfg, load_meta(data))
+            resolve_batch(cfg.train, int(os.environ.get("WORLD_SIZE", "1")))
+        else:
+            notes.append(f"{data} is not a prepared data directory (yet): values left at 0 that come from "
+                         "the data (model.vocab_size, ...) are filled in when training")
+    else:
+        notes.append("data.path is not set: training needs it (--data.path DIR, a `pretrain prepare` output)")
+    if getattr(args, "json", False):
+        print(json.dumps(cfg.to_dict()))
+    else:
+        print("".join(f"# {n}\n" for n in notes) + cfg.to_yaml(), end="")
+    return {"config": cfg.to_dict(), "stop_reason": None}
+
+
+def config_keys_help(width: int | None = None) -> str:
+    """Every config key of `pretrain train` (dotted), with its type, default and docstring: the tail of
+    ``pretrain train --help``."""
+    import dataclasses
+    import shutil
+    import textwrap
+    import typing
+
+    from pretrain.config import Config, field_docs
+
+    width = width or max(60, min(110, shutil.get_terminal_size().columns - 2))
+    lines = ["config keys: set them in a preset or YAML file (`section:`, then `  key: value` under it), or",
+             "on the command line as --section.key VALUE (e.g. --train.lr 3e-4 --model.n_layer 6);",
+             "--print-config shows the result.", ""]
+
+    def default(f: dataclasses.Field) -> str:
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        return json.dumps(value)
+
+    def walk(cls: type, prefix: str) -> None:
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            doc = " ".join((docs.get(f.name) or "").split())
+            if dataclasses.is_dataclass(hints[f.name]):
+                lines.extend(["", f"{prefix}{f.name}: {doc}"])
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            lines.append(f"  {prefix}{f.name} ({f.type}, default {default(f)})")
+            lines.extend(textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ",
+                                       break_on_hyphens=False))
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+_CONFIG_KEYS = "\0config-keys\0"  # the train parser's epilog, expanded when --help is printed
+
+
+class _TrainHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`pretrain train --help`: the config keys listed after the options (built only when help is shown)."""
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(config_keys_help() if text == _CONFIG_KEYS else text)
+
+
+def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
+    """`pretrain presets [NAME]`: the presets that ship with the package, a line each; with NAME, its YAML."""
+    from pretrain.config import config_path, preset_description, presets
+
+    if args.name:
+        path = config_path(args.name)
+        res = {"name": path.stem, "path": str(path), "description": preset_description(path),
+               "yaml": path.read_text(encoding="utf-8")}
+        _emit(args, res, res["yaml"].rstrip("\n"))
+        return res
+    found = [{"name": name, "description": preset_description(p), "path": str(p)}
+             for name, p in presets().items()]
+    res = {"presets": found}
+    pad = max((len(p["name"]) for p in found), default=0)
+    _emit(args, res, "\n".join(f"{p['name']:{pad}}  {p['description']}" for p in found)
+          + "\n\nuse: pretrain train NAME --out RUN_DIR [--section.key VALUE ...]\n"
+            "`pretrain presets NAME` shows one; `pretrain train NAME --print-config` the config it resolves "
+            "to")
+    return res
+
+
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.inference import evaluate_run
 
+    if args.tasks is not None:
+        return _eval_harness(args)
+    if args.limit is not None or args.num_fewshot is not None or args.include_path is not None:
+        raise PretrainError("--limit, --num-fewshot and --include-path apply to --tasks only "
+                            "(lm-evaluation-harness tasks)")
     if args.rec:
         return _eval_rec(args)
     given = [f for f, v, d in (("--k", args.k, 10), ("--negatives", args.negatives, 0),
@@ -251,6 +393,30 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         bpb += f", masked-token accuracy {res['accuracy']:.2%}"
     _emit(args, res, f"{res['split']} loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f}{bpb} "
                      f"({res['tokens']:,} tokens, step {res['step']})")
+    return res
+
+
+def _eval_harness(args: argparse.Namespace) -> dict[str, Any]:
+    """``pretrain eval RUN --tasks NAMES``: lm-evaluation-harness tasks on the run (pretrain/harness.py)."""
+    from pretrain.harness import harness_eval
+
+    wrong = [f for f, v in (("--data", args.data), ("--split", args.split),
+                            ("--max-batches", args.max_batches)) if v is not None]
+    wrong += ["--rec"] if args.rec else []
+    if wrong:
+        raise PretrainError(f"{', '.join(wrong)}: not with --tasks (lm-evaluation-harness tasks bring their "
+                            "own data)")
+    res = harness_eval(args.run, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                       include_path=args.include_path, batch_size=args.batch_size, device=args.device)
+    lines = [f"{res['run']} (step {res['step']}), lm-evaluation-harness {res['lm_eval_version']}"
+             + (f", {args.num_fewshot}-shot" if args.num_fewshot is not None else "")
+             + (f", at most {args.limit:g} documents per task" if args.limit is not None else "") + ":"]
+    for task, metrics in res["tasks"].items():
+        shown = [f"{k} {v:.4f}" + (f" ± {metrics[k + '_stderr']:.4f}" if metrics.get(k + "_stderr") else "")
+                 for k, v in metrics.items() if not k.endswith("_stderr") and v is not None]
+        n = res["n_samples"].get(task)
+        lines.append(f"  {task}: {', '.join(shown) or 'no metrics'}" + (f" ({n:,} documents)" if n else ""))
+    _emit(args, res, "\n".join(lines))
     return res
 
 
@@ -417,6 +583,25 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option (``--text-field``), kept working but hidden from --help: it stores what
+    the new one (``new``) does and says, on stderr, to use that."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        print(f"warning: {option_string} is deprecated: use {self.new}", file=sys.stderr, flush=True)
+        setattr(namespace, self.dest, values)
+
+
+def _deprecated_alias(p: argparse.ArgumentParser, old: str, new: str, dest: str) -> None:
+    """``old`` as a hidden alias of the option ``new`` (stored in ``dest``)."""
+    p.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``error: ...``), exit status 2, like every other user error."""
 
@@ -460,8 +645,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--vocab-size", type=int, default=8192,
                    help="vocabulary size for bpe/wordpiece/unigram (default 8192)")
     s.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (default 0.1)")
-    s.add_argument("--text-field", default="text",
+    s.add_argument("--text-column", dest="text_field", default="text", metavar="COLUMN",
                    help="JSON field or CSV/TSV/Parquet column holding the text (default text)")
+    _deprecated_alias(s, "--text-field", "--text-column", "text_field")
     s.add_argument("--text-unit", choices=["file", "paragraph", "line"], default="file",
                    help="a .txt document is the whole file (default), each blank-line separated paragraph, "
                         "or each line")
@@ -548,7 +734,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     inter_dests = [a.dest for a in it._group_actions if a.dest != "interactions"]
 
     def options(dests: list[str]) -> dict[str, tuple[str, Any]]:
-        return {a.dest: (a.option_strings[0], a.default) for a in s._actions if a.dest in dests}
+        return {a.dest: (a.option_strings[0], a.default) for a in s._actions
+                if a.dest in dests and a.help != argparse.SUPPRESS}  # (not a deprecated alias)
 
     shared = ["val_fraction", "workers", "bad_files"]  # text and images take these
     s.set_defaults(kind_options={"text": options([d for d in text_dests if d not in shared]),
@@ -571,10 +758,20 @@ def _add_data_and_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = sub.add_parser("train", help="pre-train a model (resumes automatically if RUN_DIR has checkpoints)",
-                       epilog="Config overrides: --section.key value, e.g. --train.lr 3e-4 --model.n_layer 6")
-    s.add_argument("config", nargs="?", help="YAML config (states only what differs from the defaults)")
+                       description="Pre-train a model into RUN_DIR from a preset (`pretrain presets` lists "
+                                   "them)\nor a YAML file, plus --section.key VALUE overrides.",
+                       epilog=_CONFIG_KEYS, formatter_class=_TrainHelpFormatter)
+    s.add_argument("config", nargs="?", metavar="PRESET|YAML",
+                   help="a preset name (e.g. tiny, gpt2-small: see `pretrain presets`) or a YAML file "
+                        "(stating only what differs from the defaults)")
     s.add_argument("--out", help="run directory")
-    s.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
+    s.add_argument("--resume", metavar="auto|always|never|RUN_DIR",
+                   help="auto (default): continue --out's run when it has a checkpoint, else start it; "
+                        "always: continue it (an error if it has no checkpoint; no preset given: its saved "
+                        "config); never: start it (an error if it has checkpoints); RUN_DIR: continue the "
+                        "run in RUN_DIR with its saved config (= --out RUN_DIR --resume always)")
+    s.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults <- preset/YAML <- overrides) as YAML and exit")
     s.add_argument("--init-from", metavar="HF_DIR",
                    help="start from a local Hugging Face checkpoint (same as --train.init_from HF_DIR)")
     s.add_argument("--skip-samples", metavar="A-B[,C-D]",
@@ -585,11 +782,16 @@ def _add_data_and_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.add_argument("--json", action="store_true", help="print one JSON object with the summary")
 
+    s = sub.add_parser("presets", help="list the presets that ship with the package (`pretrain train NAME`)")
+    s.add_argument("name", nargs="?", help="show this preset's YAML")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_presets)
+
 
 def _add_inference(sub: argparse._SubParsersAction) -> None:
     """`pretrain eval | generate | fill-mask | embed`: using a pre-trained run."""
     s = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run; --rec: ranking "
-                                    "metrics of held-out items")
+                                    "metrics of held-out items; --tasks: lm-evaluation-harness tasks")
     s.add_argument("run", help="run directory or checkpoint directory")
     s.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
     s.add_argument("--split", default=None,
@@ -597,6 +799,17 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-batches", type=int, default=None, help="evaluate on at most this many batches")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
+    h = s.add_argument_group("lm-evaluation-harness (--tasks; needs pip install 'pretrain[eval]')")
+    h.add_argument("--tasks", default=None, metavar="NAMES",
+                   help="comma-separated lm-evaluation-harness task names (e.g. hellaswag,arc_easy) or task "
+                        "YAML files, run on the causal-LM run directly (no export); the results per task")
+    h.add_argument("--limit", type=float, default=None, metavar="N",
+                   help="at most N documents per task (a fraction of them when < 1; default: all)")
+    h.add_argument("--num-fewshot", type=int, default=None, metavar="K",
+                   help="in-context examples per prompt (default: each task's own)")
+    h.add_argument("--include-path", default=None, metavar="DIR",
+                   help="a folder of further task YAML files (lm_eval's --include_path)")
+    h.add_argument("--batch-size", type=int, default=16, help="sequences scored at once (default 16)")
     r = s.add_argument_group("recommendations (--rec; docs/recommendations.md)")
     r.add_argument("--rec", action="store_true",
                    help="HR@k, NDCG@k and MRR of each user's held-out item (leave-one-out), full ranking "
@@ -682,7 +895,9 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--pooling", choices=["mean", "cls", "last"], default="mean")
     s.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--text-field", default="text", help="column/field holding the text")
+    s.add_argument("--text-column", dest="text_field", default="text", metavar="COLUMN",
+                   help="JSON field or CSV/TSV/Parquet column holding the text (default text)")
+    _deprecated_alias(s, "--text-field", "--text-column", "text_field")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
 
@@ -750,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.train import STOP_SIGNALS  # (torch is imported by training anyway)
 
             summary = cmd_train(args, overrides)
-            if summary["stop_reason"] in STOP_SIGNALS:  # stopped gracefully, checkpoint saved
+            if summary.get("stop_reason") in STOP_SIGNALS:  # stopped gracefully, checkpoint saved
                 if os.environ.get("RANK", "0") == "0":
                     print(f"stopped by {summary['stop_reason']} at step {summary['step']}; checkpoint saved: "
                           f"continue with `pretrain train --resume {summary['run_dir']}`", file=sys.stderr)
@@ -768,6 +983,9 @@ def main(argv: list[str] | None = None) -> int:
     except PretrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed by its reader (`pretrain presets | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        return 0
     except OSError as e:  # unreadable input, unwritable output, full disk
         print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2

@@ -293,9 +293,15 @@ class TrainConfig:
     again (e.g. the batches before a spike; see the summary's guard events)."""
     fault: str = ""
     """For tests: 'nan@STEP' or 'spike@STEP' makes that step's loss and gradients NaN or 1000x."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get metrics.jsonl's scalars and the config (rank 0 only): any of
+    'tensorboard' (RUN/tb), 'mlflow' (RUN/mlruns unless MLFLOW_TRACKING_URI is set), 'wandb' (offline in
+    RUN/wandb unless logged in or WANDB_MODE is set), 'trackio'; each needs its extra, e.g.
+    `pip install 'pretrain[tensorboard]'` (docs/tracking.md). [] = metrics.jsonl only."""
 
     def __post_init__(self) -> None:
         _all_finite(self, "train")
+        self.report_to = check_report_to(self.report_to, "train.report_to")
         _check(self.guard in ("off", "stop", "skip", "rollback"),
                f"train.guard must be 'off', 'stop', 'skip' or 'rollback', got {self.guard!r}")
         _check(self.guard_z > 0 and self.guard_warmup >= 0 and self.guard_window >= 2
@@ -483,6 +489,9 @@ class FinetuneConfig:
     """Passes over the training data (early stopping may end sooner)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = no limit)."""
+    max_train: int = 0
+    """Fine-tune on a random subset of this many training rows, drawn with ``seed`` (classification keeps
+    at least one row of every class), as ``pretrain probe --max-train`` does; 0 = all rows."""
     batch_size: int = 32
     """Examples per optimizer step."""
     lr: float = 3e-4
@@ -502,6 +511,10 @@ class FinetuneConfig:
     """LoRA scaling numerator (scale = alpha / r)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA adapters' input."""
+    save_adapter: bool = False
+    """With lora: also write OUT/adapter, a PEFT adapter folder (adapter_config.json,
+    adapter_model.safetensors, the tokenizer) that `peft` loads onto the pre-trained run's Hugging Face export
+    (`pretrain export RUN`), with the same predictions."""
     weight_decay: float = 0.01
     """AdamW weight decay on matrices (not on biases, norms or embeddings)."""
     warmup_frac: float = 0.06
@@ -591,13 +604,19 @@ class FinetuneConfig:
     batches are mixed into fine-tuning under the pre-training objective, to limit forgetting ('' = none)."""
     replay_frac: float = 0.1
     """With replay: the share of optimizer steps that are pre-training steps (spread evenly)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get metrics.jsonl's scalars and these options (comma-separated on the
+    command line): 'tensorboard' (OUT/tb), 'mlflow' (OUT/mlruns unless MLFLOW_TRACKING_URI is set), 'wandb',
+    'trackio' (docs/tracking.md)."""
 
     def __post_init__(self) -> None:
         _all_finite(self, "finetune")
+        self.report_to = check_report_to(self.report_to, "report_to")
         _check(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _check(self.epochs >= 1, "epochs must be >= 1")
         _check(self.max_steps >= 0 and self.schedule_epochs >= 0,
                "max_steps and schedule_epochs must be >= 0")
+        _check(self.max_train >= 0, "max_train must be >= 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0 and self.head_lr >= 0, "lr must be > 0 and head_lr >= 0")
         _check(0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]")
@@ -605,6 +624,7 @@ class FinetuneConfig:
         _check(self.lora_r >= 1, "lora_r must be >= 1")
         _check(self.lora_alpha > 0, "lora_alpha must be > 0")
         _check(0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)")
+        _check(self.lora or not self.save_adapter, "save_adapter writes a LoRA adapter: it needs lora")
         _check(0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)")
         _check(0 <= self.dropout < 1, "dropout must be in [0, 1)")
         _check(self.pooling in ("auto", "cls", "last", "mean"),
@@ -669,6 +689,27 @@ def parse_verbalizer(spec: str) -> dict[str, str]:
         out[label.strip()] = word.strip()
     if len(set(out.values())) < len(out):
         raise ConfigError(f"verbalizer {spec!r}: every label needs its own word")
+    return out
+
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")
+"""The experiment trackers train.report_to / finetune's report_to may name (pretrain/trackers.py)."""
+
+
+def check_report_to(names: list[str] | str, key: str) -> list[str]:
+    """``names`` without repeats, each a known tracker; otherwise a ConfigError with a suggestion. A string
+    (``FinetuneConfig(report_to="tensorboard,mlflow")`` from Python) is split at its commas."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out: list[str] = []
+    for name in names:
+        if name not in REPORT_TO:
+            close = difflib.get_close_matches(str(name), REPORT_TO, n=1, cutoff=0.5)
+            raise ConfigError(f"{key}: unknown tracker {name!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; the trackers are {', '.join(REPORT_TO)}")
+        if name not in out:
+            out.append(name)
     return out
 
 
@@ -973,3 +1014,48 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(nxt.value.value, str)):
             docs[node.target.id] = nxt.value.value
     return docs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# presets: YAML configs that ship inside the package (pretrain/presets/NAME.yaml), named without a path
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def presets() -> dict[str, Path]:
+    """Every preset that ships with the package, by name (``gpt2-small``) → its YAML file, sorted by name."""
+    return {p.stem: p for p in sorted(PRESETS_DIR.glob("*.yaml"), key=lambda p: p.stem)}
+
+
+def preset_description(path: str | Path) -> str:
+    """A preset's one-line description: the first line of the comment opening its YAML file ('' if none)."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        return line.strip().lstrip("#").strip().rstrip(":;,").strip() if line.lstrip().startswith("#") else ""
+    return ""
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """The YAML file for ``pretrain train NAME_OR_PATH``: an existing file, else the preset of that name
+    (``gpt2-small``, or ``gpt2-small.yaml``). An unknown name is an error that suggests the closest preset."""
+    text = str(name_or_path)
+    p = Path(text)
+    if p.is_file():
+        return p
+    known = presets()
+    bare = not any(sep in text for sep in ("/", "\\"))
+    stem = p.name[: -len(p.suffix)] if p.suffix in (".yaml", ".yml") else p.name
+    if bare and stem in known:
+        return known[stem]
+    if p.is_dir():
+        run = (p / "config.yaml").is_file()
+        raise ConfigError(f"{p} is a directory, not a YAML config or preset name"
+                          + (f" (to continue the run in it: `pretrain train --resume {p}`)" if run else ""))
+    if not bare or p.suffix in (".yaml", ".yml"):  # a path: the file is missing
+        hint = (f" (a preset of that name ships with the package: `pretrain train {stem} ...`)"
+                if stem in known else "")
+        raise ConfigError(f"config file not found: {p}{hint}")
+    close = difflib.get_close_matches(stem, list(known), n=1, cutoff=0.6)
+    raise ConfigError(f"unknown preset {text!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                      + "; `pretrain presets` lists them, or give the path of a YAML file")

@@ -10,13 +10,15 @@ One architecture can map onto several `transformers` classes (a ViT with its MAE
 class (``architectures``), and the Auto class that loads it follows from that name (:func:`auto_class`).
 
 A fine-tuned model (a ``pretrain finetune`` folder) exports where its architecture's mapping has a class for
-its task (``HFMapping.tasks``; question answering for now: ``LlamaForQuestionAnswering``,
-``GPT2ForQuestionAnswering``, ``ModernBertForQuestionAnswering``), with a tokenizer that lays out a
-(question, context) pair as the model was fine-tuned on it.
+its task (``HFMapping.tasks``: ``*ForSequenceClassification`` for classification and regression,
+``*ForTokenClassification`` for token tags, ``*ForQuestionAnswering`` for question answering, on Llama, GPT-2
+and ModernBERT), with a tokenizer that lays out a text (or a pair) as the model was fine-tuned on it. What the
+class cannot compute exactly as the fine-tune does (another pooling, a head it lacks) is refused, naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -38,6 +40,8 @@ AUTO_CLASSES = (("ForCausalLM", "AutoModelForCausalLM", "text-generation"),
                 ("ForMaskedLM", "AutoModelForMaskedLM", "fill-mask"),
                 ("ForImageClassification", "AutoModelForImageClassification", "image-classification"),
                 ("ForQuestionAnswering", "AutoModelForQuestionAnswering", "question-answering"),
+                ("ForSequenceClassification", "AutoModelForSequenceClassification", "text-classification"),
+                ("ForTokenClassification", "AutoModelForTokenClassification", "token-classification"),
                 ("ForPreTraining", "AutoModelForPreTraining", "image-feature-extraction"),
                 ("Model", "AutoModel", "image-feature-extraction"))
 
@@ -79,19 +83,62 @@ def hf_task(cfg: ModelConfig, task: str) -> HFTask:
     return head
 
 
-def to_hf_task_state_dict(model: nn.Module, head: HFTask) -> dict[str, torch.Tensor]:
+def to_hf_task_state_dict(model: nn.Module, head: HFTask, extra_rows: int = 0) -> dict[str, torch.Tensor]:
     """A fine-tuned TaskModel's weights under the names of ``head``'s class: the backbone's (as its mapping
-    names them) under the class's prefixes, the classifier as its output layer; the pre-training head
-    (except the part the class keeps, ModernBERT's head transform) left out."""
+    names them) under the class's prefixes, the classifier as its output layer (a zero bias added where the
+    class has one and the fine-tune had none); the pre-training head (except the part the class keeps,
+    ModernBERT's head transform) left out. ``extra_rows``: zero rows appended to the token embedding (a pad
+    token added past the vocabulary)."""
+    spec = get_spec(model.backbone.cfg.arch)
+    emb = getattr(model.backbone, spec.embeddings[0]).weight
     out: dict[str, torch.Tensor] = {}
     for k, v in to_hf_state_dict(model.backbone).items():
         for src, dst in head.base:
             if k.startswith(src):
+                if extra_rows and v.data_ptr() == emb.data_ptr() and v.shape == emb.shape:
+                    v = torch.cat([v, v.new_zeros(extra_rows, v.shape[1])])
                 out[dst + k[len(src):]] = v
                 break
     for k, v in model.classifier.state_dict().items():
+        if k == "bias" and not head.head_bias:
+            continue  # (all zeros: _task_fit checked)
         out[f"{head.head}.{k}"] = v.detach().contiguous()
+    if head.head_bias and model.classifier.bias is None:
+        out[f"{head.head}.bias"] = model.classifier.weight.new_zeros(model.classifier.out_features).detach()
     return out
+
+
+def _task_fit(model: nn.Module, head: HFTask, cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json fields that make ``head``'s class compute what the fine-tuned TaskModel ``model``
+    computes (its pooling), or one error naming what differs: a prompt-based model, another pooling, a head
+    transform the class has and the fine-tune had not (or the reverse), a classifier bias the class lacks."""
+    from pretrain import PretrainError
+
+    what = f"{head.architecture} cannot compute what this fine-tune does"
+    again = "fine-tuned before the head matched the export class: fine-tune it again to export it"
+    if getattr(model, "prompt", False):
+        raise PretrainError("a prompt-based fine-tune (--prompt/--verbalizer) scores its label words with "
+                            "the language-model head at the prompt's slot; no stock transformers class does "
+                            "that: fine-tune with a linear head (no --prompt) to export it, or export the "
+                            "pre-trained run and apply the prompt yourself")
+    if bool(getattr(model, "head_features", False)) != head.head_features:
+        raise PretrainError(f"{what}: the class {'applies' if head.head_features else 'has no'} head "
+                            f"transform (the {get_spec(cfg.arch).description}'s prediction head) before its "
+                            f"classifier, but this fine-tune {'did not' if head.head_features else 'did'} "
+                            f"({again})")
+    bias = model.classifier.bias
+    if bias is not None and not head.head_bias and bool(bias.detach().abs().max() > 0):
+        raise PretrainError(f"{what}: its output layer `{head.head}` has no bias, but this fine-tune's "
+                            f"classifier has one ({again})")
+    if model.token_level or not head.pooling:
+        return {}
+    fields = head.pooling_config(model.pooling)
+    if fields is None:
+        poolings = [n for n, _ in head.pooling]
+        raise PretrainError(f"{what}: the class pools the sequence by {' or '.join(poolings)}, this "
+                            f"fine-tune by {model.pooling} (fine-tunes with --pooling {'/'.join(poolings)} "
+                            "export)")
+    return fields
 
 
 def auto_class(hf: HFMapping, architecture: str, modality: str = "text") -> tuple[str, str]:
@@ -152,11 +199,17 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
 def export_finetuned(ft_dir: str | Path, out: str | Path, dtype: str = "fp32",
                      max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> dict[str, Any]:
     """Write a fine-tuned model (``pretrain finetune --out FT_DIR``) in the Hugging Face layout, as the stock
-    class its architecture's mapping names for the task (``HFMapping.tasks``): for question answering an
-    ``AutoModelForQuestionAnswering`` whose start / end logits are the fine-tune's, and a tokenizer that lays
-    out (question, context) as fine-tuning did (``[CLS] question [SEP] context [SEP]`` for encoders,
-    ``question <eot> context <eot>`` for decoders; padding on the right, no token type ids). Other tasks
-    are refused with one error. ``out``, ``overwrite``, ``dtype``, ``max_shard_bytes``: as
+    class its architecture's mapping names for the task (``HFMapping.tasks``): for classification and
+    regression an ``AutoModelForSequenceClassification`` (config.json's ``id2label`` / ``label2id`` the
+    fine-tune's labels; ``problem_type`` 'regression' with one output), for token tags an
+    ``AutoModelForTokenClassification``, for question answering an ``AutoModelForQuestionAnswering``, whose
+    logits are the fine-tune's; and a tokenizer that lays out a text, a pair or (question, context) as
+    fine-tuning did (``[CLS] a [SEP] (b [SEP])`` for encoders, ``a <eot> (b <eot>)`` for decoders; padding on
+    the right, no token type ids), so transformers' ``pipeline`` predicts as ``pretrain predict`` does. A
+    class that pools the last token that is not the pad token (Llama, GPT-2) gets a pad token no input holds
+    (the tokenizer's own, else ``<pad>`` added past the vocabulary, with a zero embedding row).
+    Prompt-based fine-tunes, and fine-tunes whose pooling or head the class cannot compute, are refused with
+    one error naming what differs. ``out``, ``overwrite``, ``dtype``, ``max_shard_bytes``: as
     :func:`export_hf`."""
     from pretrain import PretrainError
     from pretrain.config import Config, from_dict
@@ -169,29 +222,25 @@ def export_finetuned(ft_dir: str | Path, out: str | Path, dtype: str = "fp32",
     info_file = ft_dir / FT_FILE
     task = _finetune_task(info_file)
     if task is not None and task not in EXPORT_TASKS:
-        raise PretrainError(f"{ft_dir} is a fine-tune for {task}: only question-answering fine-tunes "
-                            "(`pretrain finetune --task qa`) export to the Hugging Face layout for now")
+        raise PretrainError(f"{ft_dir} is a fine-tune for {task}: fine-tunes for "
+                            f"{', '.join(EXPORT_TASKS)} export to the Hugging Face layout")
     try:  # (its own checks: a missing or corrupt finetune.json, weights or tokenizer)
         model, info, tok = load_finetuned(ft_dir)
         cfg = from_dict(Config, info["backbone"])
-        qa = {k: info["qa"][k] for k in QA_SETTINGS}
+        qa = {k: info["qa"][k] for k in QA_SETTINGS} if info["task"] == "qa" else None
+        labels = None if info["task"] in ("qa", "regression") else [str(n) for n in info["labels"]]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PretrainError(f"{info_file} is corrupt or incomplete ({type(e).__name__}: {e})") from None
-    head = hf_task(cfg.model, info["task"])
-    if bool(info.get("head_features")) != head.head_features:
-        raise PretrainError(f"{ft_dir}: {head.architecture} {'applies' if head.head_features else 'has no'} "
-                            "head transform before its classifier, but this fine-tune "
-                            f"{'did not' if head.head_features else 'did'} (finetune.json head_features "
-                            f"{info.get('head_features')!r}): it cannot be exported exactly")
+    hf_task(cfg.model, info["task"])  # (no class for the task: one error naming those that export)
     best = info.get("best") if isinstance(info.get("best"), dict) else {}
     meta = {"step": best.get("step", 0), "config": info["backbone"],
             "finetune": {**info, "qa": qa, "best": best}}
     return export_model(model, cfg, out, tok=tok, meta=meta, name=ft_dir.resolve().name, dtype=dtype,
                         max_shard_bytes=max_shard_bytes, overwrite=overwrite, inputs=[ft_dir],
-                        task=info["task"])
+                        task=info["task"], labels=labels)
 
 
-EXPORT_TASKS = ("qa",)
+EXPORT_TASKS = ("classification", "regression", "token", "qa")
 """Fine-tuning tasks whose models export (each architecture's mapping names its class: HFMapping.tasks)."""
 QA_SETTINGS = ("doc_stride", "max_answer_length", "n_best", "null_threshold", "null")
 """finetune.json's ``qa`` settings (windows and decoding), for the model card."""
@@ -245,15 +294,23 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
     meta = meta if meta is not None else {"step": 0, "config": cfg.to_dict()}
     hf = hf_mapping(cfg.model)
     head = hf_task(cfg.model, task) if task is not None else None
+    fit = _task_fit(model, head, cfg.model) if head is not None else {}
     # the config and weights first: a model that cannot be exported (a ResNet's 'small' stem) fails here,
     # before anything is written
+    model_cfg, pad, extra_rows = cfg.model, None, 0
     if images:
         special: dict[str, Any] = {"mask_ratio": cfg.image.mask_ratio,
                                    "norm_pix_loss": cfg.image.norm_pix_loss}
     else:
-        special = {"eot_id": tok.eot_id, "pad_id": tok.pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
-    config = {**hf_config_dict(cfg.model, special),
+        pad, pad_id, extra_rows = _pad_token(tok, cfg.model.vocab_size,
+                                             own=head is not None and head.pad_pooled)
+        if extra_rows:
+            model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size + extra_rows)
+        special = {"eot_id": tok.eot_id, "pad_id": pad_id, "cls_id": tok.cls_id, "mask_id": tok.mask_id}
+    config = {**hf_config_dict(model_cfg, special),
               "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
+    if not images:
+        config["pad_token_id"] = special["pad_id"]  # (batched inputs pad with it; pooled models skip it)
     if "id2label" in config:
         names = labels if labels is not None else _data_classes(cfg.data.path)
         if names is not None and len(names) == len(config["id2label"]):
@@ -264,13 +321,19 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
                                 "classes")
     if head is not None:  # a fine-tuned task model: its class, its outputs; no language-model head
         n_out = model.classifier.out_features
-        config.update({**dict(head.config), "architectures": [head.architecture], "num_labels": n_out,
-                       "id2label": {str(i): f"LABEL_{i}" for i in range(n_out)},
-                       "label2id": {f"LABEL_{i}": i for i in range(n_out)}, "tie_word_embeddings": False})
+        names = labels if labels is not None and task != "qa" else [f"LABEL_{i}" for i in range(n_out)]
+        if len(names) != n_out or len(set(names)) != n_out:
+            raise PretrainError(f"{len(names)} label names ({len(set(names))} distinct) for a classifier of "
+                                f"{n_out} outputs")
+        config.update({**dict(head.config), **fit, "architectures": [head.architecture], "num_labels": n_out,
+                       "id2label": {str(i): str(n) for i, n in enumerate(names)},
+                       "label2id": {str(n): i for i, n in enumerate(names)}, "tie_word_embeddings": False})
+        if task in PROBLEM_TYPES:
+            config["problem_type"] = PROBLEM_TYPES[task]
     architecture = (config.get("architectures") or [hf.architecture])[0]
     auto, pipeline_tag = auto_class(hf, architecture, spec.modality)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    hf_sd = to_hf_task_state_dict(model, head) if head is not None else to_hf_state_dict(model)
+    hf_sd = to_hf_task_state_dict(model, head, extra_rows) if head is not None else to_hf_state_dict(model)
     sd = {k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous()  # (BatchNorm counts: ints)
           for k, v in hf_sd.items()}
     # written whole into a temporary folder, then moved into place: beside a new OUT (one rename), inside an
@@ -307,15 +370,16 @@ def export_model(model: nn.Module, cfg: Config, out: str | Path, tok: Any = None
 
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if spec.generates and head is None:
-            gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "do_sample": True,
-                   "temperature": 0.8, "top_k": 50, "max_length": cfg.model.max_seq_len}
+            # max_length: the whole context (transformers' default, 20 tokens, would cut every sample short)
+            gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": special["pad_id"],
+                   "do_sample": True, "temperature": 0.8, "top_k": 50, "max_length": cfg.model.max_seq_len}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if images:
             pre = image_processor_config(cfg.model)
             (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         else:
-            _write_tokenizer(tmp, tok, hf, cfg.model, pair=head is not None and head.task == "qa",
-                             lead_cls=spec.bidirectional)
+            _write_tokenizer(tmp, tok, hf, cfg.model, pair=head is not None, lead_cls=spec.bidirectional,
+                             pad=pad)
         # the card ends with a record of every file written, so a later export can tell an edited one
         card = _model_card(spec, cfg.model, model, meta, name or out.name, config, auto, pipeline_tag)
         card = card.rstrip("\n") + "\n"
@@ -344,22 +408,27 @@ def _n_params(model: nn.Module) -> int:
 
 
 def _write_tokenizer(folder: Path, tok: Any, hf: HFMapping, cfg: ModelConfig, pair: bool = False,
-                     lead_cls: bool = False) -> None:
+                     lead_cls: bool = False, pad: str | None = None) -> None:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json of a text model. ``pair``: a
-    (question, context) pair model: the tokenizer adds the fine-tuning layout's special tokens
+    fine-tuned task model: the tokenizer adds the fine-tuning layout's special tokens
     (``[CLS] A <eot> B <eot>`` with ``lead_cls`` where the tokenizer has a [CLS], else ``A <eot> B <eot>``;
     a single text ``[CLS] A <eot>`` / ``A <eot>``) and pads on the right (the question-answering pipeline
-    then puts the question first). No tokenizer gives token type ids (our models have none; transformers 4.x
+    then puts the question first). ``pad``: the pad token (see :func:`_pad_token`; added as a special token
+    when the tokenizer lacks it). No tokenizer gives token type ids (our models have none; transformers 4.x
     would hand them to the model, and GPT-2 adds them to its embeddings)."""
-    if pair:
-        _pair_tokenizer(tok, lead_cls).save(str(folder / "tokenizer.json"))
-    else:
-        tok.save(folder / "tokenizer.json")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tk = _pair_tokenizer(tok, lead_cls) if pair else HFTokenizer.from_str(tok.tk.to_str())
+    if pad is not None and tk.token_to_id(pad) is None:
+        tk.add_special_tokens([pad])
+    tk.save(str(folder / "tokenizer.json"))
     names = {}
     for key, attr in hf.token_roles.items():
         tid = getattr(tok, attr)
         if tid is not None:
             names[key] = tok.tk.id_to_token(tid)
+    if pad is not None and ("pad_token" in hf.token_roles or pair):
+        names["pad_token"] = pad
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
                "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
                "model_input_names": ["input_ids", "attention_mask"], **names}
@@ -367,6 +436,28 @@ def _write_tokenizer(folder: Path, tok: Any, hf: HFMapping, cfg: ModelConfig, pa
         tok_cfg["padding_side"] = "right"
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+
+
+PAD = "<pad>"
+"""The pad token an export adds where the tokenizer has none and the class must tell padding apart."""
+PROBLEM_TYPES = {"classification": "single_label_classification", "regression": "regression"}
+"""config.json's ``problem_type`` of a sequence-classification export, by fine-tuning task."""
+
+
+def _pad_token(tok: Any, vocab_size: int, own: bool = False) -> tuple[str, int, int]:
+    """(the export's pad token, its id, embedding rows to add for it): the tokenizer's own ([PAD], <pad>);
+    else the end-of-text token, as GPT-2 and Llama users set it (padding is masked out); else, ``own``, for
+    a class that pools the last token that is not the pad (Llama's, GPT-2's sequence classifiers), ``<pad>``
+    added after the vocabulary (with a zero embedding row where the model has no spare one), so no input
+    holds it."""
+    if tok.pad_id is not None and tok.pad_id != tok.eot_id:
+        return tok.tk.id_to_token(tok.pad_id), tok.pad_id, 0
+    if not own:
+        return tok.tk.id_to_token(tok.eot_id), tok.eot_id, 0
+    pad_id = tok.tk.token_to_id(PAD)
+    if pad_id is None or pad_id == tok.eot_id:
+        pad_id = tok.vocab_size
+    return PAD, pad_id, max(0, pad_id + 1 - vocab_size)
 
 
 def _pair_tokenizer(tok: Any, lead_cls: bool) -> Any:
@@ -514,7 +605,7 @@ def _model_card(spec: ArchSpec, cfg: ModelConfig, model: nn.Module, meta: dict[s
     ]
     lines += _bias_section(meta.get("bias")) + _weat_section(meta.get("weat"))
     usage = (_qa_usage(ft, spec.bidirectional) if ft and ft["task"] == "qa"
-             else _usage(hf, arch, auto, pipeline_tag, images))
+             else _task_usage(ft) if ft else _usage(hf, arch, auto, pipeline_tag, images))
     if images and cfg.channels == 1:  # transformers opens image files as RGB: a grayscale model takes arrays
         usage = "import numpy as np\n" + usage.replace(
             "Image.open('image.png')", "np.asarray(Image.open('image.png').convert('L'))[..., None]")
@@ -568,7 +659,9 @@ def _weat_section(rep: dict[str, Any] | None) -> list[str]:
             f"Caveat: {rep.get('caveat', '')}"]
 
 
-TASK_NAMES = {"qa": "extractive question answering"}
+TASK_NAMES = {"qa": "extractive question answering", "classification": "text classification",
+              "regression": "regression (a number per text)",
+              "token": "token classification (a tag per word)"}
 
 
 def _finetune_section(ft: dict[str, Any], spec: ArchSpec) -> list[str]:
@@ -576,9 +669,25 @@ def _finetune_section(ft: dict[str, Any], spec: ArchSpec) -> list[str]:
     import yaml
 
     windows = ft.get("windows") or {}
-    lines = ["## Fine-tuning", "",
-             f"- {ft.get('train_examples', 0):,} training questions ({windows.get('train', 0):,} windows), "
-             f"{ft.get('valid_examples', 0):,} validation questions"]
+    if ft["task"] == "qa":
+        lines = ["## Fine-tuning", "",
+                 f"- {ft.get('train_examples', 0):,} training questions ({windows.get('train', 0):,} "
+                 f"windows), {ft.get('valid_examples', 0):,} validation questions"]
+    else:
+        eot = "[SEP]" if spec.bidirectional else "<eot>"
+        layout = ("[CLS] " if spec.bidirectional else "") + f"text {eot} (text_pair {eot})"
+        lines = ["## Fine-tuning", "",
+                 f"- {ft.get('train_examples', 0):,} training examples, {ft.get('valid_examples', 0):,} "
+                 "validation examples",
+                 f"- input `{layout}` (the exported tokenizer adds the special tokens), at most "
+                 f"{ft.get('max_length')} tokens"]
+        if ft["task"] == "token":
+            lines.append(f"- each word's tag is predicted at its {ft.get('token_label') or 'first'} "
+                         "sub-token")
+        else:
+            lines.append(f"- the sequence is pooled by `{ft.get('pooling')}`")
+        if ft["task"] in ("classification", "token"):
+            lines.append(f"- labels: {', '.join(str(n) for n in ft.get('labels') or [])}")
     best = ft.get("best") or {}
     scores = {k[len("val_"):]: v for k, v in best.items() if k.startswith("val_") and k != "val_metric"}
     if scores:
@@ -624,6 +733,24 @@ def _qa_usage(ft: dict[str, Any], encoder: bool) -> str:
             "model = AutoModelForQuestionAnswering.from_pretrained(PATH)\n"
             "out = model(**tok('a question?', 'its context.', return_tensors='pt'))\n"
             "out.start_logits, out.end_logits")
+
+
+def _task_usage(ft: dict[str, Any]) -> str:
+    """The model card's snippet for a classification, regression or token-classification export."""
+    if ft["task"] == "token":
+        at = ft.get("token_label") or "first"
+        return ("from transformers import pipeline\n"
+                "tag = pipeline('token-classification', model=PATH, ignore_labels=[])\n"
+                f"tag('words separated by spaces')  # a tag per sub-token; a word's is its {at} sub-token's"
+                + ("\n# whole words: tag(..., aggregation_strategy='first')" if at == "first" else ""))
+    if ft["task"] == "regression":
+        return ("from transformers import pipeline\n"
+                "score = pipeline('text-classification', model=PATH, function_to_apply='none')\n"
+                "score('a text')  # [{'label': 'LABEL_0', 'score': the predicted number}]")
+    return ("from transformers import pipeline\n"
+            "classify = pipeline('text-classification', model=PATH, top_k=None)\n"
+            "classify('a text')  # every label with its probability\n"
+            "classify({'text': 'a text', 'text_pair': 'its pair'})  # a sentence-pair model")
 
 
 def _usage(hf: HFMapping, architecture: str, auto: str, pipeline_tag: str, images: bool) -> str:
@@ -749,3 +876,153 @@ def load_hf(hf_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             raise PretrainError(f"{f} is corrupt: {str(e).splitlines()[0]}") from None
     cfg = ModelConfig(**model_cfg)
     return model_cfg, {k: v.float() for k, v in from_hf_state_dict(sd, cfg).items()}
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+ADAPTER_DIR = "adapter"
+"""The PEFT adapter folder inside a fine-tune (``finetune --lora --save-adapter``)."""
+ADAPTER_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "token": "TOKEN_CLS",
+                      "qa": "QUESTION_ANS"}
+
+
+def check_adapter(model: nn.Module, task: str) -> HFTask:
+    """The class a LoRA fine-tune's adapter (``--save-adapter``) applies to, or one clear error (before
+    training) when the architecture has none for the task or the class cannot compute what it does."""
+    cfg = model.backbone.cfg
+    head = hf_task(cfg, task)
+    _task_fit(model, head, cfg)
+    return head
+
+
+def _lora_rows(backbone: nn.Module, loras: dict[str, tuple[torch.Tensor, torch.Tensor]]
+               ) -> dict[str, tuple[str, torch.Tensor, bool]]:
+    """For each LoRA-adapted weight of ``backbone`` (our name → (A, B)), where its mapping's ``to_hf`` puts
+    it: {transformers weight name: (our name, the rows of ours it holds, stored transposed)}. Found by
+    sending numbered float64 probes through ``to_hf`` (no architecture named here): a fused q/k/v weight
+    split into three is three modules sharing A, each with its rows of B."""
+    from pretrain import PretrainError
+
+    cfg = backbone.cfg
+    sd = {k.replace(".base_layer", ""): v.detach() for k, v in backbone.state_dict().items()
+          if "lora_" not in k}
+    probe, ranges, offset = dict(sd), [], 0
+    for name in loras:
+        w = sd[name]
+        probe[name] = torch.arange(offset, offset + w.numel(), dtype=torch.float64).view(w.shape)
+        ranges.append((name, offset, w.shape[1]))
+        offset += w.numel()
+    out: dict[str, tuple[str, torch.Tensor, bool]] = {}
+    for hf_name, t in hf_mapping(cfg).to_hf(probe, cfg).items():
+        if t.dtype != torch.float64:
+            continue
+        first = float(t.flatten()[0])
+        name, start, n_in = next(r for r in reversed(ranges) if r[1] <= first)
+        for transposed, m in ((False, t), (True, t.t())):
+            if m.dim() == 2 and m.shape[1] == n_in:
+                rows = ((m[:, 0] - start) // n_in).long()
+                if torch.equal(m, start + rows[:, None].double() * n_in + torch.arange(n_in).double()):
+                    out[hf_name] = (name, rows, transposed)
+                    break
+        else:
+            raise PretrainError(f"the LoRA adapter of {name} cannot be mapped onto {hf_name}")
+    return out
+
+
+def save_adapter(out: str | Path, model: nn.Module, info: dict[str, Any], tok: Any) -> dict[str, Any]:
+    """A LoRA fine-tune (``model``: the peft-wrapped TaskModel) as a PEFT adapter folder for the pre-trained
+    run's Hugging Face export (``pretrain export RUN``): adapter_config.json and adapter_model.safetensors
+    (the LoRA matrices under the export's module names, a fused projection's split as its export splits the
+    weight; the task head as the class's output layer, ``modules_to_save``), the fine-tune's tokenizer
+    (its layout and pad token), pretrain_adapter.json (the class and the config fields to load the base
+    with) and a README. Written whole, then moved into place over an earlier one."""
+    import yaml
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from pretrain import PretrainError
+    from pretrain.finetune.model import merged
+    from pretrain.io import default_mode
+
+    task_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone, task = task_model.backbone, info["task"]
+    cfg, spec = backbone.cfg, get_spec(backbone.cfg.arch)
+    head = check_adapter(task_model, task)
+    peft_cfg = model.peft_config["default"]
+    loras = {}
+    for name, mod in backbone.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            loras[name + ".weight"] = (mod.lora_A["default"].weight.detach(),
+                                       mod.lora_B["default"].weight.detach())
+    tensors: dict[str, torch.Tensor] = {}
+    flips = set()
+    for hf_name, (name, rows, transposed) in _lora_rows(backbone, loras).items():
+        dst = next((d + hf_name[len(s):] for s, d in head.base if hf_name.startswith(s)), None)
+        if dst is None:
+            raise PretrainError(f"{head.architecture} has no module for the LoRA adapter of {name}")
+        a, b = loras[name]
+        module = dst.removesuffix(".weight")
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous().clone()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b[rows].contiguous().clone()
+        flips.add(transposed)
+    if len(flips) > 1:
+        raise PretrainError("the adapted layers are stored both ways round in the export (fan_in_fan_out)")
+    classifier = merged(model).classifier
+    for k, v in classifier.state_dict().items():
+        if k != "bias" or head.head_bias:
+            tensors[f"base_model.model.{head.head}.{k}"] = v.detach().contiguous().clone()
+    if head.head_bias and classifier.bias is None:
+        tensors[f"base_model.model.{head.head}.bias"] = classifier.weight.new_zeros(classifier.out_features)
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors if ".lora_A." in k})
+    lora = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.lora_alpha, lora_dropout=peft_cfg.lora_dropout,
+                      target_modules=targets, modules_to_save=[head.head], fan_in_fan_out=flips == {True},
+                      task_type=ADAPTER_TASK_TYPES[task], bias="none")
+    n_out = classifier.out_features
+    names = ([str(n) for n in info["labels"]] if task in ("classification", "token")
+             else [f"LABEL_{i}" for i in range(n_out)])
+    pad, pad_id, extra_rows = _pad_token(tok, cfg.vocab_size, own=head.pad_pooled)
+    base_config = {**dict(head.config), **_task_fit(task_model, head, cfg), "num_labels": n_out,
+                   "id2label": {str(i): n for i, n in enumerate(names)},
+                   "label2id": {n: i for i, n in enumerate(names)}}
+    if task in PROBLEM_TYPES:
+        base_config["problem_type"] = PROBLEM_TYPES[task]
+    auto, _ = auto_class(hf_mapping(cfg), head.architecture)
+    recipe = {"auto_class": auto, "architecture": head.architecture, "base_config": base_config,
+              "vocab_size": cfg.vocab_size + extra_rows, "pad_token_id": pad_id, "task": task,
+              "note": "load the pre-trained run's export (`pretrain export RUN`) with base_config's fields, "
+                      "resize its token embeddings to vocab_size where larger, set config.pad_token_id, "
+                      "then apply the adapter"}
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        lora.save_pretrained(str(tmp))
+        _write_tokenizer(tmp, tok, hf_mapping(cfg), cfg, pair=True, lead_cls=spec.bidirectional, pad=pad)
+        (tmp / "pretrain_adapter.json").write_text(json.dumps(recipe, indent=2))
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in base_config.items())
+        resize = (f"\nbase.resize_token_embeddings({cfg.vocab_size + extra_rows})  # (the pad token's row)"
+                  if extra_rows else "") + "\nbase.config.pad_token_id = tok.pad_token_id"
+        (tmp / "README.md").write_text("\n".join([
+            f"# LoRA adapter: {TASK_NAMES.get(task, task)}", "",
+            f"A PEFT LoRA adapter (rank {peft_cfg.r}) fine-tuned with `pretrain finetune --lora`, for the "
+            f"pre-trained run's Hugging Face export (`pretrain export RUN --out BASE`) loaded as a "
+            f"`{head.architecture}`; the task head (`{head.head}`) is saved whole.", "",
+            "```python", "from peft import PeftModel",
+            f"from transformers import AutoTokenizer, {auto}", "",
+            "tok = AutoTokenizer.from_pretrained(ADAPTER)  # the fine-tune's layout and pad token",
+            f"base = {auto}.from_pretrained(BASE, {kwargs}){resize}",
+            "model = PeftModel.from_pretrained(base, ADAPTER).eval()", "```", "",
+            "Fine-tuning configuration:", "", "```yaml",
+            yaml.safe_dump(info.get("config") or {}, sort_keys=False).rstrip(), "```", ""]),
+            encoding="utf-8")
+        default_mode(tmp)
+        old = out.parent / f".{out.name}.old{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return recipe

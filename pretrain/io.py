@@ -41,25 +41,47 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # (read once: the process's umask, put back as it was)
+def current_umask() -> int:
+    """The process's umask now (read at each call: a launcher or the user's code may set it after import).
+    Linux reports it in /proc/self/status; elsewhere it is set and put back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def default_mode(path: str | Path) -> None:
-    """Give a file the permissions a plain ``open()`` would (0666 less the umask). safetensors creates its
-    files 0600, which hides a run's weights from the rest of a group that shares the machine."""
-    os.chmod(path, 0o666 & ~_UMASK)
+    """Give a file the permissions a plain ``open()`` would (0666 less the process's umask), a folder's
+    files included (a folder itself: 0777 less the umask). safetensors (and peft through it) creates its
+    files 0600 whatever the umask, which hid a run's weights from the rest of a group sharing the machine;
+    :func:`atomic_path` applies this to every file written through it, the exports and adapters to every
+    file they write."""
+    mask = current_umask()
+    p = Path(path)
+    if p.is_dir():
+        os.chmod(p, 0o777 & ~mask)
+        for f in p.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(p, 0o666 & ~mask)
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` (same suffix) to write the whole file to; once the block ends it is
-    fsync'ed and renamed over ``path``, so readers see the old file or the new one, never half of one. If the
-    block fails, the temporary file is removed and ``path`` is left as it was."""
+    """A temporary path beside ``path`` (same suffix) to write the whole file to; once the block ends it gets
+    the umask's mode (:func:`default_mode`), is fsync'ed and renamed over ``path``, so readers see the old
+    file or the new one, never half of one. If the block fails, the temporary file is removed and ``path``
+    is left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        default_mode(tmp)  # (whatever wrote it: the mode a plain open() gives under the umask)
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)

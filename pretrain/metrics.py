@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,12 @@ class Progress:
 
 
 class Metrics:
-    """Appends one JSON object per line to metrics.jsonl; on resume, drops lines past the checkpoint."""
+    """Appends one JSON object per line to metrics.jsonl; on resume, drops lines past the checkpoint. Each
+    line also goes to the experiment ``trackers`` (pretrain/trackers.py: TensorBoard, MLflow, ...), if any."""
 
-    def __init__(self, path: Path, keep_upto_step: int):
+    def __init__(self, path: Path, keep_upto_step: int, trackers: list[Any] | None = None):
         self.path = path
+        self.trackers = list(trackers or [])
         if path.exists():
             kept = []
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -85,9 +88,36 @@ class Metrics:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.f.write(json.dumps(clean, allow_nan=False) + "\n")
         self.f.flush()
+        if self.trackers:
+            self._fan_out(clean)
 
-    def close(self) -> None:
-        self.f.close()
+    def _fan_out(self, record: dict[str, Any]) -> None:
+        """The line's scalars to every tracker; one that fails is warned about and dropped (metrics.jsonl, the
+        record, goes on)."""
+        from pretrain.trackers import scalars
+
+        values, step = scalars(record), int(record.get("step", 0))
+        if not values:
+            return
+        for t in list(self.trackers):
+            try:
+                t.log(values, step)
+            except Exception as e:  # (a tracker's server gone: the run goes on)
+                warnings.warn(f"report_to {t.name}: logging failed ({type(e).__name__}: {e}); it is off for "
+                              "the rest of this run (metrics.jsonl goes on)", stacklevel=2)
+                self.trackers.remove(t)
+
+    def close(self, failed: bool = False) -> None:
+        """Close metrics.jsonl and end the trackers' runs (``failed``: the run ended by an error); a second
+        call does nothing."""
+        if not self.f.closed:
+            self.f.close()
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
+            try:
+                t.close(failed=failed)
+            except Exception as e:
+                warnings.warn(f"report_to {t.name}: closing failed ({type(e).__name__}: {e})", stacklevel=2)
 
 
 def plot_metrics(metrics_path: Path, out_png: Path) -> None:

@@ -30,7 +30,15 @@ import torch.nn as nn
 
 from pretrain import Interrupted, PretrainError
 from pretrain.checkpoint import Checkpointer, TrainState
-from pretrain.config import Config, ConfigError, ModelConfig, from_dict, load_yaml, parse_sample_ranges
+from pretrain.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    load_yaml,
+    parse_sample_ranges,
+)
 from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_windows
 from pretrain.data.manifest import data_fingerprint, load_meta
 from pretrain.data.tokenizer import Tokenizer
@@ -65,7 +73,7 @@ from pretrain.metrics import Metrics, Progress, divergence, plot_metrics
 from pretrain.models import build_model, get_spec
 from pretrain.models.spec import specs
 from pretrain.objectives import build_objective, padded_documents
-from pretrain.optim import build_optimizer, set_lr
+from pretrain.optim import build_optimizer, lr_at, set_lr
 
 # Keys that may change when a run is continued (they do not change what was trained so far).
 RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.time_schedule", "train.target_val_loss",
@@ -79,7 +87,9 @@ RESUMABLE_KEYS = {"train.max_steps", "train.max_time_s", "train.time_schedule", 
                   "train.consolidate",
                   # the spike guard and what to skip (they decide about the steps still to come)
                   "train.guard", "train.guard_z", "train.guard_warmup", "train.guard_window",
-                  "train.guard_max_events", "train.guard_lr_scale", "train.skip_samples", "train.fault"}
+                  "train.guard_max_events", "train.guard_lr_scale", "train.skip_samples", "train.fault",
+                  # where the scalars are reported besides metrics.jsonl
+                  "train.report_to"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,6 +315,34 @@ def check_config_compatible(saved: Config, new: Config) -> None:
                           "takes its saved config; only settings such as train.max_steps, "
                           "train.eval_interval or train.device may change), or start a new run with "
                           "another --out")
+
+
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "lr", "min_lr_ratio", "schedule", "decay_frac")
+"""The train settings the LR schedule is drawn from (with time_schedule: max_time_s too)."""
+
+
+def schedule_change(saved: dict[str, Any], tc: TrainConfig, step: int, elapsed_s: float = 0.0) -> str:
+    """The line a resume prints when the LR schedule of ``tc`` differs from the checkpoint's (``saved``: its
+    train section): the settings that changed and the LR of the next step (0-based ``step``) under the
+    checkpoint's schedule and under this one; '' when they are the same."""
+    keys = SCHEDULE_KEYS + (("max_time_s", "time_schedule") if tc.time_schedule or saved.get("time_schedule")
+                            else ())
+    changed = [k for k in keys if k in saved and saved[k] != getattr(tc, k)]
+    if not changed:
+        return ""
+    try:
+        old = dataclasses.replace(tc, **{k: saved[k] for k in changed})
+    except (ConfigError, TypeError):
+        return ""
+
+    def lr(c: TrainConfig) -> float:
+        return lr_at(step, c, elapsed_s / c.max_time_s if c.time_schedule and c.max_time_s else 0.0)
+
+    how = ("stretches" if tc.max_steps > old.max_steps else "shortens" if tc.max_steps < old.max_steps
+           else "changes")
+    return (f"resume: {', '.join(f'train.{k} {saved[k]} -> {getattr(tc, k)}' for k in changed)} {how} the LR "
+            f"schedule: at step {step + 1}, where this run goes on, the LR is {lr(tc):.4g} (new schedule; "
+            f"{lr(old):.4g} under the checkpoint's)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -560,6 +598,10 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False, resume: bool = 
     run = Path(out_dir)
     # before the ranks meet in init_distributed, so before rank 0 writes anything: all see the same folder
     check_output_dir(run, "train", [cfg.data.path, cfg.train.init_from], overwrite)
+    if cfg.train.report_to:  # a tracker's missing package: an error now, on every rank, before any work
+        from pretrain.trackers import require
+
+        require(cfg.train.report_to)
     env = init_distributed(resolve_device(cfg.train.device), cfg.train.dist_timeout_s)
     if env.device.type == "cpu":
         tune_cpu_allocator()
@@ -569,7 +611,12 @@ def train(cfg: Config, out_dir: str | Path, quiet: bool = False, resume: bool = 
         with lock if env.is_main else contextlib.nullcontext():  # rank 0 speaks for the job
             with StopSignals() as stop:
                 job = build(cfg, run, quiet or not env.is_main, env, resume)
-                return loop(job, stop)
+                try:
+                    return loop(job, stop)
+                except BaseException:
+                    if job.metrics is not None:  # (the trackers' runs end as failed)
+                        job.metrics.close(failed=True)
+                    raise
     except PretrainError as e:
         if env.world_size > 1:  # say which rank failed (torchrun then stops the others)
             e.args = (f"[rank {env.rank}/{env.world_size}] {e}", *e.args[1:])
@@ -700,6 +747,14 @@ def build(cfg: Config, run: Path, quiet: bool, env: DistEnv, resume: bool = Fals
         f"{'resuming ' + str(run) + ' at step ' + str(state.step) if state.step else 'training ' + str(run)}"
         f": {n_params / 1e6:.2f}M parameters on {where}, "
         f"{inputs.describe(loader)}")
+    saved_tc = ckpt.meta.get("config", {}).get("train", {})
+    if ckpt.resuming and (change := schedule_change(saved_tc, tc, state.step, state.elapsed_s)):
+        progress.write(change)
+    if metrics is not None and tc.report_to:
+        from pretrain.trackers import open_trackers
+
+        metrics.trackers = open_trackers(tc.report_to, run, cfg.to_dict(),
+                                         state.step if ckpt.resuming else None, progress.write)
     loader.skip_samples(parse_sample_ranges(tc.skip_samples))
     guard = SpikeGuard(tc.guard, tc.guard_z, tc.guard_warmup, tc.guard_window, tc.guard_max_events)
     guard.load_state_dict(ckpt.extra.get("guard"))

@@ -225,12 +225,12 @@ def _broken(ft: Path, dest: Path, change) -> Path:
 
 
 @pytest.mark.parametrize("case,expect", [
-    ("classification", "only question-answering fine-tunes"),
+    ("classification", "does not match finetune.json"),  # (a QA head's weights for a classifier's task)
     ("images", "is a fine-tune for image classification"),
     ("not_json", "is corrupt"),
     ("no_qa", "is corrupt or incomplete"),
     ("no_backbone", "is incomplete: no backbone"),
-    ("head_features", "cannot be exported exactly"),
+    ("head_features", "cannot compute what this fine-tune does"),
     ("weights", "is corrupt or does not match"),
     ("no_weights", "is not a fine-tuned model"),
 ])

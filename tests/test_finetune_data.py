@@ -88,7 +88,7 @@ def test_a_missing_column_lists_the_columns_present(tmp_path):
     # JSON Lines: every object names its own fields, so the row that lacks one is the error
     path = _table(tmp_path / "m.jsonl", ROWS[:2] + [{"a": "x"}])
     with pytest.raises(DataError, match=re.escape(f"{path}:3: no field 'y'; fields present: a "
-                                                  "(choose one with --text-field)")):
+                                                  "(choose one with --text-column)")):
         list(iter_records(path, columns=["y"]))
     # fine-tuning: a JSON column exists if any row has it; a row without it has no label
     with pytest.raises(TaskDataError, match=re.escape("row 3 has no label in column 'y'")):
@@ -151,7 +151,7 @@ def test_text_columns_and_other_files(tmp_path):
         list(iter_records(path, columns=["a", "y"], text=True))
     path = _table(tmp_path / "t.parquet", [{"a": "x", "y": 1}])
     with pytest.raises(DataError, match=re.escape("column 'y' is int64, not a string column (choose the text "
-                                                  "column with --text-field)")):
+                                                  "column with --text-column)")):
         list(iter_records(path, columns=["y"], text=True))
     (tmp_path / "notes.txt").write_text("hello\n")
     with pytest.raises(DataError, match="not a table"):

@@ -169,7 +169,7 @@ class Cleaner:
                 try:
                     texts += read_documents(src, name)
                 except DataError as e:
-                    raise DataError(str(e).replace("--text-field", "--decontaminate-field")) from None
+                    raise DataError(str(e).replace("--text-column", "--decontaminate-field")) from None
         for doc in texts:
             for line in doc.splitlines() or [doc]:  # evaluation sets are usually one example per line
                 w = _words(self.transform(line))

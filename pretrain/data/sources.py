@@ -373,7 +373,7 @@ def _lines(path: Path, src: Source | None = None, keepends: bool = True) -> Iter
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def column_error(path: Path, name: str, present: list[str], flag: str = "--text-field") -> DataError:
+def column_error(path: Path, name: str, present: list[str], flag: str = "--text-column") -> DataError:
     """The error for a column that ``path`` lacks: it lists the ``present`` ones and names ``flag``."""
     return DataError(f"{path}: no column {name!r}; columns present: {', '.join(present) or '(none)'} "
                      f"(choose one with {flag})")
@@ -493,7 +493,7 @@ def _parquet_records(path: Path, columns: list[str] | None, text: bool, flag: st
 
 
 def iter_records(path: Path, kind: str | None = None, columns: Sequence[str] | None = None, *,
-                 text: bool = False, flag: str = "--text-field",
+                 text: bool = False, flag: str = "--text-column",
                  src: Source | None = None) -> Iterator[dict[str, Any]]:
     """Every row of a CSV, TSV, JSONL, JSON or Parquet file as a dict (column → value), in file order,
     streamed (a .json file is read whole); gzip/zstd-compressed files are read as the format inside.
@@ -592,12 +592,12 @@ def _iter_hub(src: HubSource, text_field: str) -> Iterator[str | None]:
     names = ds.column_names
     if names is not None and text_field not in names:
         raise DataError(f"{src.label}: no column {text_field!r}; columns present: "
-                        f"{', '.join(names) or '(none)'} (choose one with --text-field)")
+                        f"{', '.join(names) or '(none)'} (choose one with --text-column)")
     try:
         for batch in ds.iter(batch_size=1000):
             if text_field not in batch:
                 raise DataError(f"{src.label}: no column {text_field!r}; columns present: "
-                                f"{', '.join(batch) or '(none)'} (choose one with --text-field)")
+                                f"{', '.join(batch) or '(none)'} (choose one with --text-column)")
             for value in batch[text_field]:
                 yield value if isinstance(value, str) else None
     except DataError:

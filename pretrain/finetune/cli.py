@@ -37,6 +37,9 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
             state = "on" if f.default else "off"
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=f"{help_} (default {state})")
+        elif f.default is dataclasses.MISSING:  # a list (report_to): comma-separated, split by from_dict
+            p.add_argument(flag, dest=f.name, metavar="A,B", default=argparse.SUPPRESS,
+                           help=f"{help_} (default none)")
         else:
             p.add_argument(flag, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
                            help=f"{help_} (default {f.default})")
@@ -70,11 +73,12 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.finetune.loop import finetune
     from pretrain.finetune.recipe import finetune_search
 
+    cfg = _config(args)
     if args.search:
-        res = finetune_search(args.run, args.train, args.valid, args.out, _config(args),
+        res = finetune_search(args.run, args.train, args.valid, args.out, cfg,
                               quiet=args.quiet or args.json, overwrite=args.overwrite, test_path=args.test)
     else:
-        res = finetune(args.run, args.train, args.valid, args.out, _config(args),
+        res = finetune(args.run, args.train, args.valid, args.out, cfg,
                        quiet=args.quiet or args.json, overwrite=args.overwrite, test_path=args.test)
     best = res["best"]
     res.pop("history")
@@ -83,7 +87,9 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     test = res.get("test")
     tested = ("; test: " + " ".join(f"{k[5:]} {v:.4f}" for k, v in test.items() if k != "test_metric")
               if test else "")
-    _emit(args, res, f"fine-tuned {args.out}: best at epoch {best['epoch']:g} (step {best['step']}): "
+    subset = (f" on {res['train_examples']:,} training rows (--max-train)"
+              if cfg.max_train and res.get("train_examples") else "")
+    _emit(args, res, f"fine-tuned {args.out}{subset}: best at epoch {best['epoch']:g} (step {best['step']}): "
                      f"{shown}{tested}; stopped by {res['stop_reason']} after {res['steps']} steps in "
                      f"{res['elapsed_s']:.0f}s" + _forgetting_line(res.get("forgetting")))
     return res
@@ -106,11 +112,16 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.finetune.predict import predict
 
     res = predict(args.model, args.input, args.out, batch_size=args.batch_size, device=args.device,
-                  overwrite=args.overwrite, dtype=args.dtype)
+                  overwrite=args.overwrite, dtype=args.dtype, id_column=args.id_column,
+                  text_column=args.text_column, text_pair_column=args.text_pair_column,
+                  label_column=args.label_column)
+    m = res.get("metrics")
+    scored = ("\non the input's labels: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "metric")
+              if m else "")
     _emit(args, res, f"wrote {res['rows']:,} predictions"
                      + (f" of {res['input']}" if res.get("input") else "") + f" to {res['out']}"
                      + (f" ({res['truncated']} inputs truncated to {res['max_length']} tokens)"
-                        if res["truncated"] else ""))
+                        if res["truncated"] else "") + scored)
     return res
 
 
@@ -188,6 +199,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), "
                         "bf16 or fp32 (the exact figures of an fp32 export)")
+    s.add_argument("--text-column", default=None,
+                   help="column/field with the text (default: the fine-tune's)")
+    s.add_argument("--text-pair-column", default=None,
+                   help="second text column of a sentence-pair model (default: the fine-tune's)")
+    s.add_argument("--label-column", default=None,
+                   help="column with the true labels, when the input has them: copied into the output and "
+                        "scored with the fine-tune's validation metrics (default: the fine-tune's)")
+    s.add_argument("--id-column", default=None,
+                   help="column copied into each output row to identify it (default: id, when there is one)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_predict)
 
@@ -244,7 +264,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a shallow baseline arm on the same labels (classification): TF-IDF + logistic "
                         "regression for text, logistic regression on the raw pixels for images")
     _add_columns(s)
-    _add_config_flags(s, skip=("from_scratch", "seed"))
+    _add_config_flags(s, skip=("from_scratch", "seed", "max_train"))  # (--budgets choose the rows)
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_transfer)

@@ -240,13 +240,20 @@ def build(run: str | Path, out: Path, cfg: FinetuneConfig, data: TaskData, quiet
     if cfg.prompt and cfg.head_only:
         raise ConfigError("head_only has no head to train with a prompt (the LM head is the backbone's); "
                           "use lora")
+    # the head of the stock transformers class the task exports as, where the architecture has one
+    # (ModernBERT: the pre-trained head transform first; Llama / GPT-2 sequence classifiers: no bias)
+    hf_head = spec.hf.task(cfg.task) if spec.hf is not None and label_ids is None else None
+    head_features = hf_head is not None and hf_head.head_features and hasattr(backbone, "head_features")
+    head_bias = hf_head is None or hf_head.head_bias
     torch.manual_seed(cfg.seed)
     model: nn.Module = TaskModel(backbone, pcfg.model.d_model, n_out, pooling, encoder, cfg.dropout,
-                                 token_level=cfg.task == "token", label_ids=label_ids, mask_id=tok.mask_id)
+                                 token_level=cfg.task == "token", label_ids=label_ids, mask_id=tok.mask_id,
+                                 head_features=head_features, bias=head_bias)
     model = adapt(model, cfg, device)
     data.tr = _encode_task(cfg, tok, encoder, max_len, data.train, names)
     data.va = _encode_task(cfg, tok, encoder, max_len, data.valid, names)
     info = {"format": 1, "task": cfg.task, "labels": names, "pooling": pooling, "encoder": encoder,
+            "head_features": head_features, "head_bias": head_bias,
             "token_label": ("first" if encoder else "last") if cfg.task == "token" else None,
             "prompt": None if label_ids is None else {"label_ids": label_ids, "mask_id": tok.mask_id},
             "max_length": max_len, "config": dataclasses.asdict(cfg), "backbone": pcfg.to_dict(),
@@ -318,6 +325,10 @@ def model_of(model: nn.Module) -> nn.Module:
 def adapt(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> nn.Module:
     """The task model as ``cfg`` trains it: its backbone frozen (head_only) or LoRA adapters added, on
     ``device``."""
+    if cfg.save_adapter:  # (refused before training where the adapter could not be written)
+        from pretrain.export import check_adapter
+
+        check_adapter(model, cfg.task)
     if cfg.head_only:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
@@ -381,11 +392,17 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
     from pretrain.finetune.model import run_modality
 
     cfg = cfg or FinetuneConfig()
+    if cfg.report_to:  # a tracker's missing package: an error before any work
+        from pretrain.trackers import require
+
+        require(cfg.report_to, "report_to")
     out = Path(out)
     paths = [p for p in (train_path, valid_path, test_path) if p is not None]
     images = run_modality(run) == "images"
     check_output_dir(out, "finetune", [run, *(image_data(p, "train")[0] if is_image_data(p) else p
                                               for p in paths)], overwrite)
+    if cfg.max_train and train_subset is None:
+        train_subset = max_train_subset(cfg, run, train_path)
     loaded = None
     if images:
         from pretrain.finetune.images import read_image_task
@@ -408,15 +425,37 @@ def finetune(run: str | Path, train_path: str | Path, valid_path: str | Path, ou
         (out / stale).unlink(missing_ok=True)
     write_text_atomic(out / "finetune.yaml", dump_yaml(dataclasses.asdict(cfg)))
     job.metrics = Metrics(out / "metrics.jsonl", keep_upto_step=0)
+    failed = True
     try:
+        if cfg.report_to:
+            from pretrain.trackers import open_trackers
+
+            params = {**dataclasses.asdict(cfg), "run": str(run), "train": str(train_path),
+                      "valid": str(valid_path)}
+            job.metrics.trackers = open_trackers(cfg.report_to, out, params, None, job.progress.write)
         res = loop(job)
+        failed = False
     finally:
-        job.metrics.close()
+        job.metrics.close(failed=failed)
         job.progress.close()
     res["forgetting"] = record_forgetting(out, job, probe, before, why)
+    res["train_examples"] = job.info.get("train_examples")
     if test_path is not None:
         res["test"] = score_test(out, test_path, cfg)
     return res
+
+
+def max_train_subset(cfg: FinetuneConfig, run: str | Path, train_path: str | Path) -> list[int] | None:
+    """The training rows ``cfg.max_train`` keeps: a random subset drawn with ``cfg.seed`` (classification:
+    every class keeps a row), as ``pretrain probe --max-train`` draws it; None when there are no more rows."""
+    from pretrain.finetune.recipe import read_labelled
+    from pretrain.finetune.transfer import sample_budget
+
+    full = read_labelled(cfg, run, train_path)
+    if cfg.max_train >= len(full):
+        return None
+    return sample_budget(full.labels if cfg.task == "classification" else None, cfg.max_train, cfg.seed,
+                         len(full))
 
 
 def _forgetting_setup(job: FtJob) -> tuple[Any, str]:
@@ -592,5 +631,9 @@ class Evaluator:
         if improved:
             self.best = rec
             save_finetuned(job.out, job.model, {**job.info, "best": rec}, job.tok)
+            if job.cfg.save_adapter:  # (a PEFT adapter for the pre-trained run's export)
+                from pretrain.export import ADAPTER_DIR, save_adapter
+
+                save_adapter(job.out / ADAPTER_DIR, job.model, job.info, job.tok)
         job.model.train()
         return m["metric"]

@@ -1,51 +1,77 @@
 """Validation metrics of fine-tuned models: accuracy and macro-F1 (classification; with class probabilities
-also balanced accuracy and, for two classes, ROC-AUC), entity-span F1 (token tags, BIO/IOB), Pearson /
-Spearman / MSE (regression); ``metric`` is the one early stopping, the recipe search and reports use."""
+also balanced accuracy and, for two classes, ROC-AUC), entity-span F1 (token tags, BIO/IOB/IOBES), Pearson /
+Spearman / MSE (regression); ``metric`` is the one early stopping, the recipe search and reports use.
+
+The figures are scikit-learn's and scipy's (``accuracy_score``, ``f1_score(average="macro")``,
+``balanced_accuracy_score``, ``roc_auc_score``, ``pearsonr``, ``spearmanr``, ``mean_squared_error``). Entity
+F1 is computed here (seqeval is no dependency) exactly as seqeval's default mode (conlleval's chunking) does,
+tag for tag: tests/test_vocab.py compares the two on edge cases and on random tag sequences.
+"""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
 
-def _spans(tags: list[str]) -> set[tuple[int, int, str]]:
-    """Entity spans of a BIO/IOB tag sequence."""
-    spans, start, kind = set(), None, None
+def _prefix_and_type(tag: str) -> tuple[str, str]:
+    """('B', 'PER') for 'B-PER', ('O', '_') for 'O', as seqeval (and conlleval) read a tag: its first
+    character is the chunk tag, the rest after a '-' its type ('_' when there is none). A tag without a
+    prefix ('PER') thus reads as chunk tag 'P' of type 'ER': no B/I/E/S, so consecutive equal ones form one
+    chunk (the IO scheme), as in seqeval."""
+    return tag[:1], tag[1:].split("-", 1)[-1] or "_"
+
+
+def entity_spans(tags: list[str]) -> set[tuple[int, int, str]]:
+    """Entity spans ``(start, end exclusive, type)`` of a tag sequence in the BIO/IOB1/IOB2/IOBES schemes,
+    by conlleval's chunk rules (seqeval's default, non-strict mode): an ``I-`` without a ``B-`` starts a
+    chunk, a change of type ends one, ``E-`` / ``S-`` end one."""
+    spans: set[tuple[int, int, str]] = set()
+    start, prev_tag, prev_type = 0, "O", ""
     for i, t in enumerate([*tags, "O"]):
-        prefix, _, label = t.partition("-")
-        if start is not None and (prefix in ("B", "O") or t == "O" or label != kind):
-            spans.add((start, i, kind))
-            start = None
-        if prefix in ("B", "I") and label and start is None:
-            start, kind = i, label
+        tag, type_ = _prefix_and_type(t)
+        ends = prev_tag in ("E", "S") or (prev_tag in ("B", "I") and tag in ("B", "S", "O")) or (
+            prev_tag not in ("O", ".") and prev_type != type_)
+        if ends:
+            spans.add((start, i, prev_type))
+        if tag in ("B", "S") or (tag in ("E", "I") and prev_tag in ("E", "S", "O")) or (
+                tag not in ("O", ".") and prev_type != type_):
+            start = i
+        prev_tag, prev_type = tag, type_
     return spans
 
 
-def _ranks(a: np.ndarray) -> np.ndarray:
-    """Ranks from 0, ties given their average rank (as Spearman's coefficient needs)."""
-    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + ends - 1) / 2.0)[inverse]
-
-
 def balanced_accuracy(pred: list[Any], gold: list[Any]) -> float:
-    """The mean over the classes of ``gold`` of the share of their examples predicted right (recall), as
-    sklearn's balanced_accuracy_score: always predicting the majority class scores 1 / classes."""
-    p, g = np.asarray([str(v) for v in pred]), np.asarray([str(v) for v in gold])
-    return float(np.mean([np.mean(p[g == c] == c) for c in np.unique(g)]))
+    """The mean over the classes of ``gold`` of the share of their examples predicted right (recall):
+    sklearn's balanced_accuracy_score. Always predicting the majority class scores 1 / classes."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": they count as errors
+        warnings.simplefilter("ignore")
+        return float(balanced_accuracy_score([str(v) for v in gold], [str(v) for v in pred]))
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """Area under the ROC curve of ``scores`` for the examples where ``positive`` is True: the chance that a
-    positive example scores above a negative one (ties count half; Mann-Whitney U from average ranks).
+    """Area under the ROC curve of ``scores`` for the examples where ``positive`` is True (sklearn's
+    roc_auc_score: the chance that a positive example scores above a negative one, ties counting half).
     None when ``positive`` holds only one class (undefined)."""
+    from sklearn.metrics import roc_auc_score
+
     pos = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
+    if pos.all() or not pos.any():
         return None
-    r = _ranks(np.asarray(scores, dtype=np.float64)) + 1.0
-    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(pos, np.asarray(scores, dtype=np.float64)))
+
+
+def _correlations(p: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+    """Pearson's and Spearman's coefficients (scipy); 0.0 when either side is constant (undefined)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    if len(p) < 2 or p.std() == 0 or g.std() == 0:
+        return 0.0, 0.0
+    return float(pearsonr(p, g)[0]), float(spearmanr(p, g)[0])
 
 
 def compute_metrics(task: str, pred: list[Any], gold: list[Any], probs: Any = None,
@@ -55,12 +81,13 @@ def compute_metrics(task: str, pred: list[Any], gold: list[Any], probs: Any = No
     ((N, classes) probabilities, columns in the order of ``names``): also ``balanced_accuracy`` and, for two
     classes, ``roc_auc`` of the second class's probability (left out when ``gold`` holds one class only;
     selected, it then counts 0.5, chance)."""
+    from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
+
     if task == "regression":
         p, g = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
-        pearson = float(np.corrcoef(p, g)[0, 1]) if p.std() > 0 and g.std() > 0 else 0.0
-        spearman = float(np.corrcoef(_ranks(p), _ranks(g))[0, 1]) if p.std() > 0 and g.std() > 0 else 0.0
+        pearson, spearman = _correlations(p, g)
         return {"metric": pearson, "pearson": pearson, "spearman": spearman,
-                "mse": float(((p - g) ** 2).mean())}
+                "mse": float(mean_squared_error(g, p))}
     if task == "qa":  # answer texts against the lists of gold answers
         from pretrain.finetune.qa import squad_em_f1
 
@@ -69,25 +96,21 @@ def compute_metrics(task: str, pred: list[Any], gold: list[Any], probs: Any = No
     if task == "token":
         flat_p = [t for s in pred for t in s]
         flat_g = [t for s in gold for t in s]
-        acc = float(np.mean([a == b for a, b in zip(flat_p, flat_g)]))
-        out = {"accuracy": acc}
-        if any(t[:2] in ("B-", "I-") for t in flat_g):
+        out = {"accuracy": float(accuracy_score(flat_g, flat_p))}
+        if any(t[:2] in ("B-", "I-", "E-", "S-") for t in flat_g):
             tp = fp = fn = 0
             for ps, gs in zip(pred, gold):
-                sp, sg = _spans(ps), _spans(gs)
+                sp, sg = entity_spans(ps), entity_spans(gs)
                 tp, fp, fn = tp + len(sp & sg), fp + len(sp - sg), fn + len(sg - sp)
             prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
             out.update(precision=prec, recall=rec, f1=2 * prec * rec / max(prec + rec, 1e-12))
-        out["metric"] = out.get("f1", acc)
+        out["metric"] = out.get("f1", out["accuracy"])
         return out
-    acc = float(np.mean([str(a) == str(b) for a, b in zip(pred, gold)]))
-    f1s = []
-    for c in {str(v) for v in (*gold, *pred)}:  # as sklearn's macro average: the classes of both
-        tp = sum(str(p) == c and str(g) == c for p, g in zip(pred, gold))
-        fp = sum(str(p) == c and str(g) != c for p, g in zip(pred, gold))
-        fn = sum(str(p) != c and str(g) == c for p, g in zip(pred, gold))
-        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
-    out = {"metric": acc, "accuracy": acc, "macro_f1": float(np.mean(f1s))}
+    p_str, g_str = [str(v) for v in pred], [str(v) for v in gold]
+    acc = float(accuracy_score(g_str, p_str))
+    # macro average over the classes of both gold and predictions, as sklearn's default labels
+    out = {"metric": acc, "accuracy": acc, "macro_f1": float(f1_score(g_str, p_str, average="macro",
+                                                                      zero_division=0))}
     if probs is not None:
         out["balanced_accuracy"] = balanced_accuracy(pred, gold)
         if names is not None and len(names) == 2:

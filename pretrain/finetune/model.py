@@ -48,12 +48,13 @@ class _Head(nn.Module):
 class TaskModel(_Head):
     def __init__(self, backbone: nn.Module, d_model: int, n_out: int, pooling: str, encoder: bool,
                  dropout: float = 0.1, token_level: bool = False, label_ids: list[int] | None = None,
-                 mask_id: int | None = None, head_features: bool = False):
+                 mask_id: int | None = None, head_features: bool = False, bias: bool = True):
         """``label_ids`` (one vocabulary id per class) switches to prompt-based classification; encoders
         then need ``mask_id``, the token whose position holds the slot (exactly one per row).
         ``head_features``: the hidden states pass through the backbone's ``head_features`` (an encoder's
         pre-trained prediction-head transform: dense, activation, norm) before dropout and the linear layer,
-        as Hugging Face's ModernBERT task heads do (question answering uses it, so an export is exact)."""
+        as Hugging Face's ModernBERT task heads do (so that an export is exact). ``bias``: the linear layer
+        has one (Hugging Face's Llama and GPT-2 sequence classifiers have none)."""
         super().__init__()
         self.backbone = backbone
         self.pooling, self.encoder, self.token_level = pooling, encoder, token_level
@@ -68,9 +69,10 @@ class TaskModel(_Head):
             self.register_buffer("label_ids", torch.tensor(label_ids, dtype=torch.long), persistent=False)
             self.mask_id = mask_id
             return
-        self.classifier = nn.Linear(d_model, n_out)
+        self.classifier = nn.Linear(d_model, n_out, bias=bias)
         nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        if bias:
+            nn.init.zeros_(self.classifier.bias)
 
     def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids, (B, T) bool mask → (B, n_out) logits, or (B, T, n_out) for token tasks."""

@@ -5,6 +5,7 @@ model): saved atomically, loaded, and run over a file of inputs or a split of a 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
     else:
         model = TaskModel(backbone, pcfg.model.d_model, n_out, info["pooling"], info["encoder"], 0.0,
                           token_level=info["task"] in ("token", "qa"), label_ids=prompt.get("label_ids"),
-                          mask_id=prompt.get("mask_id"), head_features=bool(info.get("head_features")))
+                          mask_id=prompt.get("mask_id"), head_features=bool(info.get("head_features")),
+                          bias=info.get("head_bias", True) is not False)
     try:
         load_model(model, str(path / WEIGHTS))
     except Exception as e:
@@ -104,11 +106,17 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_size: int = 64,
-            device: str = "auto", overwrite: bool = False, dtype: str = "auto") -> dict[str, Any]:
-    """Predict every row of ``input_path`` (same columns as training; labels not needed) into ``out``
-    (.jsonl, .csv or .parquet; CoNLL .txt/.conll for token tasks). An existing ``out`` is replaced only if an
-    earlier ``predict`` wrote it (and it is unchanged since) or with ``overwrite``; never when it is the
-    input."""
+            device: str = "auto", overwrite: bool = False, dtype: str = "auto", id_column: str | None = None,
+            text_column: str | None = None, text_pair_column: str | None = None,
+            label_column: str | None = None) -> dict[str, Any]:
+    """Predict every row of ``input_path`` (same columns as training, or the ones ``text_column`` /
+    ``text_pair_column`` name; labels not needed) into ``out`` (.jsonl, .csv, .tsv or .parquet; CoNLL
+    .txt/.conll for token tasks). Each output row carries the input's text column(s) and its id column
+    (``id_column``; by default ``id`` when the input has one) beside the prediction. When the input has
+    labels (the fine-tune's label column, or ``label_column``; CoNLL tags; SQuAD answers; an image split's
+    labels) they are copied too and the result's ``metrics`` are the fine-tune's validation metrics on them.
+    An existing ``out`` is replaced only if an earlier ``predict`` wrote it (and it is unchanged since) or
+    with ``overwrite``; never when it is the input."""
     if batch_size < 1:
         raise PretrainError("--batch-size must be >= 1")
     from pretrain.features import image_data, is_image_data
@@ -119,14 +127,20 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
     dev = resolve_device(device)
     model, info, tok = load_finetuned(ft_dir, dev)
     if tok is None or images:
+        given = [f for f, v in (("--id-column", id_column), ("--text-column", text_column),
+                                ("--text-pair-column", text_pair_column), ("--label-column", label_column))
+                 if v is not None]
+        if given:
+            raise PretrainError(f"{', '.join(given)}: for text models (an image split has no columns)")
         return _predict_images(model, info, ft_dir, input_path, Path(out), batch_size, dev, dtype)
-    cfg = from_dict(FinetuneConfig, info["config"])
+    cfg = _with_columns(from_dict(FinetuneConfig, info["config"]), ft_dir, text_column, text_pair_column,
+                        label_column, id_column)
     if cfg.task == "qa":
         return _predict_qa(model, info, tok, cfg, input_path, Path(out), batch_size, dev, dtype)
     if cfg.task == "token" and Path(out).suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet"):
         raise PretrainError(f"token predictions are written as CoNLL text (one 'word tag' per line): --out "
                             f"{Path(out).name} should end in .conll or .txt")
-    ex = read_task(cfg, input_path, with_labels=False)
+    ex, ids = _read_input(cfg, input_path, id_column)
     enc = _encode_task(cfg, tok, info["encoder"], info["max_length"], ex, info["labels"],
                        info.get("token_label", "first_piece"))  # (absent: fine-tuned before it was recorded)
     pad = tok.pad_id if tok.pad_id is not None else tok.eot_id
@@ -139,18 +153,97 @@ def predict(ft_dir: str | Path, input_path: str | Path, out: str | Path, batch_s
         for words, tags in zip(ex.words, preds):
             lines += [f"{w} {t}" for w, t in zip(words, tags)] + [""]
         write_text_atomic(out, "\n".join(lines))
+        gold = ex.tags
     else:
         assert isinstance(ex, Examples)
         rows = []
         for i, (p, s) in enumerate(zip(preds, scores)):
-            row: dict[str, Any] = {"row": i, "prediction": p}
+            row: dict[str, Any] = {"row": i}
+            if ids is not None:
+                row[_input_key(ids[1])] = ids[0][i]
+            row[_input_key(cfg.text_column)] = ex.texts[i]
+            if ex.pairs is not None:
+                row[_input_key(str(cfg.text_pair_column))] = ex.pairs[i]
+            if ex.labels is not None:
+                row[_input_key(cfg.label_column)] = ex.labels[i]
+            row["prediction"] = p
             if cfg.task == "classification":
                 row.update({f"p_{name}": round(float(v), 6) for name, v in zip(info["labels"], s)})
             rows.append(row)
         _write_rows(out, rows)
+        gold = ex.labels
     record_output(out, "predict")
-    return {"out": str(out), "rows": len(preds), "task": cfg.task, "truncated": enc.truncated,
-            "max_length": info["max_length"]}
+    res: dict[str, Any] = {"out": str(out), "rows": len(preds), "task": cfg.task, "input": str(input_path),
+                           "truncated": enc.truncated, "max_length": info["max_length"]}
+    if gold is not None:
+        extended = cfg.task == "classification" and not info.get("prompt") and cfg.metric in (
+            "balanced_accuracy", "roc_auc")
+        res["metrics"] = _metrics(cfg, preds, gold, np.stack(scores) if extended else None, info["labels"],
+                                  str(input_path))
+    return res
+
+
+def _with_columns(cfg: FinetuneConfig, ft_dir: str | Path, text_column: str | None,
+                  text_pair_column: str | None, label_column: str | None,
+                  id_column: str | None) -> FinetuneConfig:
+    """The fine-tune's config with the columns ``predict`` was told to read instead."""
+    import dataclasses
+
+    if text_pair_column is not None and cfg.text_pair_column is None:
+        raise PretrainError(f"{ft_dir} was fine-tuned on single texts: --text-pair-column does not apply")
+    if (text_column or text_pair_column or label_column) and cfg.task in ("token", "qa"):
+        raise PretrainError(f"--text-column, --text-pair-column and --label-column are for tables of texts; "
+                            f"this is a {cfg.task} model (CoNLL files name no columns; qa: "
+                            "--question-column ... at fine-tuning)")
+    changes = {k: v for k, v in (("text_column", text_column), ("text_pair_column", text_pair_column),
+                                 ("label_column", label_column)) if v is not None}
+    if id_column is not None and cfg.task == "qa":
+        changes["id_column"] = id_column
+    return dataclasses.replace(cfg, **changes)
+
+
+def _input_key(name: str) -> str:
+    """An input column's name in the output rows (``input_NAME`` when it is one of predict's own)."""
+    return f"input_{name}" if name in ("row", "prediction") or name.startswith("p_") else name
+
+
+def _read_input(cfg: FinetuneConfig, path: str | Path, id_column: str | None):
+    """(examples, (ids, id column) or None) of ``predict``'s input: with labels when it has them (the label
+    column of a table; tags in every line of a CoNLL file), else without."""
+    from pretrain.data.sources import column_error
+    from pretrain.finetune.data import TaskDataError, _missing, _rows
+
+    if cfg.task == "token":
+        try:
+            return read_task(cfg, path, with_labels=True), None
+        except TaskDataError:  # words only (one column): no tags to score
+            return read_task(cfg, path, with_labels=False), None
+    rows, columns = _rows(Path(path))
+    if id_column is not None and id_column not in columns:
+        raise TaskDataError(str(column_error(Path(path), id_column, columns, "--id-column")))
+    name = id_column or ("id" if "id" in columns else None)
+    ids = ([r.get(name) for r in rows], name) if name else None
+    labelled = cfg.label_column in columns and rows and all(_missing(r.get(cfg.label_column)) is None
+                                                            for r in rows)
+    if cfg.label_column in columns and not labelled:
+        print(f"warning: {path}: some rows have no label in column {cfg.label_column!r}: no metrics",
+              file=sys.stderr)
+    return read_task(cfg, path, with_labels=bool(labelled)), ids
+
+
+def _metrics(cfg: FinetuneConfig, preds: list[Any], gold: list[Any], probs: Any, names: list[Any],
+             where: str) -> dict[str, float]:
+    """The fine-tune's validation metrics of ``preds`` against the input's labels (labels the model never
+    saw count as errors, with a warning)."""
+    from pretrain.finetune.metrics import compute_metrics
+
+    if cfg.task != "regression":
+        flat = [t for s in gold for t in s] if cfg.task == "token" else gold
+        unseen = sorted({str(v) for v in flat} - {str(n) for n in names})
+        if unseen:
+            print(f"warning: {where} has labels this model was not fine-tuned on: {', '.join(unseen[:10])}"
+                  f"{' …' if len(unseen) > 10 else ''} (they count as errors)", file=sys.stderr)
+    return compute_metrics(cfg.task, preds, gold, probs, names, cfg.metric)
 
 
 def _qa_answers(model: nn.Module, info: dict[str, Any], tok, cfg: FinetuneConfig, ex, batch_size: int,
@@ -169,22 +262,34 @@ def _qa_answers(model: nn.Module, info: dict[str, Any], tok, cfg: FinetuneConfig
 def _predict_qa(model: nn.Module, info: dict[str, Any], tok, cfg: FinetuneConfig, input_path: str | Path,
                 out: Path, batch_size: int, dev: torch.device, dtype: str = "auto") -> dict[str, Any]:
     """``predict`` for question answering: per question its id, the answer text, its character offsets in
-    the context (-1 when the model answers nothing) and its score; an ``out`` ending in .json is SQuAD's
-    prediction file instead ({id: answer text}, what the official evaluation script reads)."""
+    the context (-1 when the model answers nothing) and its score, after the question; an ``out`` ending in
+    .json is SQuAD's prediction file instead ({id: answer text}, what the official evaluation script reads).
+    An input with answers (SQuAD's, or a table's answer columns) is also scored: ``metrics``."""
+    from pretrain.finetune.data import TaskDataError
     from pretrain.finetune.qa import read_qa
 
-    ex = read_qa(input_path, cfg, with_answers=False)
+    try:
+        ex = read_qa(input_path, cfg, with_answers=True)
+    except TaskDataError:  # no answers (or none usable): predictions only
+        ex = read_qa(input_path, cfg, with_answers=False)
     answers, w = _qa_answers(model, info, tok, cfg, ex, batch_size, dev, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         write_text_atomic(out, json.dumps({i: a.text for i, a in zip(ex.ids, answers)}, ensure_ascii=False,
                                           indent=1))
     else:
-        _write_rows(out, [{"id": i, "answer": a.text, "start": a.start, "end": a.end,
-                           "score": round(a.score, 6)} for i, a in zip(ex.ids, answers)])
+        _write_rows(out, [{"id": i, "question": q, "answer": a.text, "start": a.start, "end": a.end,
+                           "score": round(a.score, 6)} for i, q, a in zip(ex.ids, ex.questions, answers)])
     record_output(out, "predict")
-    return {"out": str(out), "rows": len(answers), "task": "qa", "truncated": 0, "windows": len(w.ids),
-            "skipped": ex.skipped + w.skipped, "max_length": info["max_length"]}
+    res: dict[str, Any] = {"out": str(out), "rows": len(answers), "task": "qa", "input": str(input_path),
+                           "truncated": 0, "windows": len(w.ids), "skipped": ex.skipped + w.skipped,
+                           "max_length": info["max_length"]}
+    if ex.answers is not None:
+        from pretrain.finetune.metrics import compute_metrics
+
+        res["metrics"] = compute_metrics("qa", [a.text for a in answers],
+                                         [[t for t, _ in a] for a in ex.answers])
+    return res
 
 
 def _image_model_input(model_dir: str | Path, info: dict[str, Any], input_path: str | Path, role: str,
@@ -210,7 +315,7 @@ def _image_model_input(model_dir: str | Path, info: dict[str, Any], input_path: 
 def _predict_images(model: nn.Module, info: dict[str, Any], ft_dir: str | Path, input_path: str | Path,
                     out: Path, batch_size: int, dev: torch.device, dtype: str = "auto") -> dict[str, Any]:
     """``predict`` for an image model: one row per image of the split, its class probabilities (``p_NAME``)
-    and, when the split has labels, the true ``label``."""
+    and, when the split has labels, the true ``label`` (and the result's ``metrics``, as validation's)."""
     from pretrain.finetune.images import run_images
 
     ex, mcfg = _image_model_input(ft_dir, info, input_path, "input", labelled=False)
@@ -226,8 +331,12 @@ def _predict_images(model: nn.Module, info: dict[str, Any], ft_dir: str | Path, 
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_rows(out, rows)
     record_output(out, "predict")
-    return {"out": str(out), "rows": len(rows), "task": info["task"], "input": ex.source, "truncated": 0,
-            "max_length": None}
+    res: dict[str, Any] = {"out": str(out), "rows": len(rows), "task": info["task"], "input": ex.source,
+                           "truncated": 0, "max_length": None}
+    if ex.labels is not None:
+        res["metrics"] = _metrics(from_dict(FinetuneConfig, info["config"]), preds, ex.labels,
+                                  np.asarray(probs), names, ex.source)
+    return res
 
 
 def evaluate_finetuned(ft_dir: str | Path, data_path: str | Path, batch_size: int = 64, device: str = "auto",

@@ -258,14 +258,19 @@ def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | P
     check_output_dir(out, "finetune", [run, *inputs], overwrite)
     full = read_labelled(cfg, run, train_path)
     labels = full.labels if cfg.task == "classification" else None
+    rows = None  # --max-train: the search and the final fine-tune use the same subset
+    if cfg.max_train and cfg.max_train < len(full):
+        from pretrain.finetune.transfer import sample_budget
+
+        rows = sample_budget(labels, cfg.max_train, cfg.seed, len(full))
     encoder = pooling_space(run)
     log = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
-    chosen = search(run, train_path, list(range(len(full))), labels, out / "search", cfg, encoder,
+    chosen = search(run, train_path, rows or list(range(len(full))), labels, out / "search", cfg, encoder,
                     inputs_identity(run, train_path, valid_path), max_epochs, min_steps, cfg.seed,
                     search_max, log, carves)
     log(f"recipe: {chosen.describe()} (carved split {chosen.score:.4f}, {len(chosen.trials)} runs)")
     res = finetune(run, train_path, valid_path, out, chosen.apply(cfg), quiet=quiet, overwrite=True,
-                   test_path=test_path)
+                   test_path=test_path, train_subset=rows)
     return {**res, "recipe": dataclasses.asdict(chosen)}
 
 

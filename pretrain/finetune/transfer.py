@@ -166,6 +166,8 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
         cfg = dataclasses.replace(cfg, label_column=label_column)
     if seeds < 1:
         raise PretrainError("seeds must be >= 1")
+    if cfg.max_train:
+        raise PretrainError("max_train does not apply to transfer: its budgets choose the training subsets")
     if search_carves < 1:
         raise PretrainError("search_carves must be >= 1")
     if recipe not in ("auto", "fixed"):

@@ -56,6 +56,14 @@ def to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     return out
 
 
+# ModernBERT's task classes: the base model and its prediction-head transform, then `classifier`
+_HEAD: dict[str, Any] = dict(base=(("model.", "model."), ("head.", "head.")), head="classifier",
+                             head_features=True,
+                             config=(("classifier_dropout", 0.0), ("classifier_activation", "gelu"),
+                                     ("classifier_bias", False)))
+# ModernBertForSequenceClassification pools [CLS] or the mean over the attention mask (before its head)
+_POOLING = (("cls", (("classifier_pooling", "cls"),)), ("mean", (("classifier_pooling", "mean"),)))
+
 SPEC = register(ArchSpec(
     name="bert", build=_build, objectives=("mlm",), blocks="layers",
     embeddings=("tok_embeddings", "emb_norm"), head="decoder", lora_targets=("Wqkv", "Wo", "Wi"),
@@ -68,9 +76,10 @@ SPEC = register(ArchSpec(
                  usage="from transformers import pipeline\nfill = pipeline('fill-mask', model=PATH)",
                  # ModernBERT's task heads take the hidden states through the prediction-head transform
                  # (head.dense → GELU → head.norm: our head_dense / head_norm) before their classifier
-                 tasks=(HFTask("qa", "ModernBertForQuestionAnswering",
-                               base=(("model.", "model."), ("head.", "head.")), head="classifier",
-                               head_features=True,
-                               config=(("classifier_dropout", 0.0), ("classifier_activation", "gelu"),
-                                       ("classifier_bias", False))),)),
+                 tasks=(HFTask("qa", "ModernBertForQuestionAnswering", **_HEAD),
+                        HFTask("classification", "ModernBertForSequenceClassification", **_HEAD,
+                               pooling=_POOLING),
+                        HFTask("regression", "ModernBertForSequenceClassification", **_HEAD,
+                               pooling=_POOLING),
+                        HFTask("token", "ModernBertForTokenClassification", **_HEAD))),
 ))

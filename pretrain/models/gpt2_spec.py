@@ -76,5 +76,12 @@ SPEC = register(ArchSpec(
                  model_types=("gpt2",),
                  config_from_hf=config_from_hf, from_hf=from_hf, usage=DECODER_USAGE,
                  tasks=(HFTask("qa", "GPT2ForQuestionAnswering", base=(("transformer.", "transformer."),),
-                               head="qa_outputs"),)),
+                               head="qa_outputs"),
+                        # the last token that is not the pad token, through `score` (no bias)
+                        *(HFTask(t, "GPT2ForSequenceClassification", base=(("transformer.", "transformer."),),
+                                 head="score", head_bias=False, pooling=(("last", ()),), pad_pooled=True)
+                          for t in ("classification", "regression")),
+                        HFTask("token", "GPT2ForTokenClassification",
+                               base=(("transformer.", "transformer."),), head="classifier",
+                               config=(("classifier_dropout", 0.0),)))),
 ))

@@ -118,5 +118,11 @@ SPEC = register(ArchSpec(
                  config_from_hf=config_from_hf, from_hf=from_hf, usage=DECODER_USAGE,
                  # (LlamaForQuestionAnswering keeps its base model under `transformer.`, as old versions did)
                  tasks=(HFTask("qa", "LlamaForQuestionAnswering", base=(("model.", "transformer."),),
-                               head="qa_outputs"),)),
+                               head="qa_outputs"),
+                        # the last token that is not the pad token, through `score` (no bias)
+                        *(HFTask(t, "LlamaForSequenceClassification", base=(("model.", "model."),),
+                                 head="score", head_bias=False, pooling=(("last", ()),), pad_pooled=True)
+                          for t in ("classification", "regression")),
+                        HFTask("token", "LlamaForTokenClassification", base=(("model.", "model."),),
+                               head="score", config=(("classifier_dropout", 0.0),)))),
 ))

@@ -30,7 +30,8 @@ class HFTask:
     own prefixes, and our ``classifier`` under the class's name for its output layer."""
 
     task: str
-    """The fine-tuning task it exports (finetune.json's ``task``): 'qa'."""
+    """The fine-tuning task it exports (finetune.json's ``task``): 'classification', 'regression', 'token',
+    'qa'."""
     architecture: str
     """``config.json``'s architectures[0], e.g. 'LlamaForQuestionAnswering'."""
     base: tuple[tuple[str, str], ...]
@@ -45,6 +46,20 @@ class HFTask:
     config: tuple[tuple[str, Any], ...] = ()
     """config.json fields of the task class beyond the backbone's (``architectures`` and ``num_labels`` are
     set by export)."""
+    head_bias: bool = True
+    """The class's output layer has a bias (Llama's and GPT-2's sequence classifiers, ``score``, have none):
+    a fine-tune for the task builds its classifier the same way, so that it exports exactly."""
+    pooling: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    """Sequence tasks: the poolings the class computes (our ``finetune.pooling`` names: 'cls', 'mean',
+    'last'), each with the config.json fields that select it, e.g. (('cls', (('classifier_pooling', 'cls'),)),
+    ...); a fine-tune pooled otherwise does not export. Empty: a per-token task (no pooling)."""
+    pad_pooled: bool = False
+    """The class pools the last token that is not config.json's ``pad_token_id`` (Llama, GPT-2): the export
+    needs a pad token no input holds (the tokenizer's own, else one added past the vocabulary)."""
+
+    def pooling_config(self, pooling: str) -> dict[str, Any] | None:
+        """config.json fields that make the class pool as ``pooling`` does; None when it cannot."""
+        return next((dict(fields) for name, fields in self.pooling if name == pooling), None)
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,8 @@ class HFMapping:
     """The fine-tuned task models that export as stock classes (none: fine-tunes do not export)."""
 
     def task(self, name: str) -> HFTask | None:
-        """The mapping of fine-tuning task ``name`` ('qa'), or None when it has none."""
+        """The mapping of fine-tuning task ``name`` ('classification', 'qa', ...), or None when it has
+        none."""
         return next((t for t in self.tasks if t.task == name), None)
 
 
