@@ -295,18 +295,10 @@ def cuda_fits(model: nn.Module, objective, example: Callable[[int, torch.device]
     return fits
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_config_compatible(saved: Config, new: Config) -> None:
-    a, b = _flatten(saved.to_dict()), _flatten(new.to_dict())
+    from pretrain.trackers import flatten  # (the module imports no tracker package)
+
+    a, b = flatten(saved.to_dict()), flatten(new.to_dict())
     diffs = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b.get(k) and k not in RESUMABLE_KEYS]
     if diffs:
         raise ConfigError("the run directory holds a run with a different configuration ("
