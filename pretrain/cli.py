@@ -494,7 +494,7 @@ def cmd_bias(args: argparse.Namespace) -> dict[str, Any]:
 def _bias_weat(args: argparse.Namespace) -> dict[str, Any]:
     """``pretrain bias RUN --suite weat --words WORDS.json``: the report printed, and saved as
     RUN/bias/weat.json (the export's model card carries it)."""
-    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.bias import bias_dir
     from pretrain.io import check_output_file, record_output, write_json_atomic
     from pretrain.weat import DEFAULT_PERMUTATIONS, format_weat, weat
 
@@ -508,7 +508,7 @@ def _bias_weat(args: argparse.Namespace) -> dict[str, Any]:
     permutations = DEFAULT_PERMUTATIONS if args.permutations is None else args.permutations
     if permutations < 1 or args.batch_size < 1:
         raise PretrainError("--permutations and --batch-size must be >= 1")
-    saved = resolve_checkpoint(args.run).parent.parent / "bias" / "weat.json"
+    saved = bias_dir(args.run) / "weat.json"
     check_output_file(saved, "bias", [args.words, args.run], args.overwrite)
     res = weat(args.run, args.words, args.device, args.pooling or "mean", permutations, args.seed,
                args.batch_size)

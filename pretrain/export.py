@@ -185,8 +185,10 @@ def export_hf(run: str | Path, out: str | Path, dtype: str = "fp32", max_shard_b
     if get_spec(cfg.model.arch).hf is None:
         model, cfg = transferable(model, cfg)
     ckpt = resolve_checkpoint(run)
+    from pretrain.bias import bias_dir
+
     for key, name in (("bias", "crows-pairs.json"), ("weat", "weat.json")):  # `pretrain bias`'s last reports
-        report = Path(str(ckpt)).parent.parent / "bias" / name
+        report = bias_dir(ckpt) / name
         if report.is_file():
             try:
                 meta = {**meta, key: json.loads(report.read_text(encoding="utf-8"))}

@@ -39,7 +39,7 @@ from pretrain.config import (
     load_yaml,
     parse_sample_ranges,
 )
-from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader, eval_windows
+from pretrain.data.loader import TokenSplit, eval_windows, train_loader
 from pretrain.data.manifest import data_fingerprint, load_meta
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.distributed import (
@@ -517,10 +517,7 @@ def _text_inputs(cfg: Config, meta: dict[str, Any]) -> Inputs:
     seq_len, vocab = cfg.data.seq_len, cfg.model.vocab_size
 
     def loader(batch_size: int, seed: int, rank: int, world_size: int):
-        shard = {"seed": seed, "rank": rank, "world_size": world_size}
-        if documents is None:
-            return TrainLoader(train_split, seq_len, batch_size, **shard)
-        return DocumentLoader(train_split, seq_len, batch_size, *documents, **shard)
+        return train_loader(train_split, seq_len, batch_size, documents, seed, rank, world_size)
 
     def example(b: int, device: torch.device) -> torch.Tensor:
         gen = torch.Generator().manual_seed(b)

@@ -269,6 +269,17 @@ class DocumentLoader(TrainLoader):
         return _padded_row(self.split, self.spans[span], self.seq_len + 1, self.pad_id)
 
 
+def train_loader(split: TokenSplit, seq_len: int, batch_size: int,
+                 documents: tuple[int, int, int] | None = None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> TrainLoader:
+    """The training loader of a split: packed windows (:class:`TrainLoader`), or one padded document per row
+    (:class:`DocumentLoader`) when ``documents`` is ``objectives.padded_documents``' (eot_id, pad_id,
+    piece_len)."""
+    if documents is None:
+        return TrainLoader(split, seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
+    return DocumentLoader(split, seq_len, batch_size, *documents, seed=seed, rank=rank, world_size=world_size)
+
+
 def eval_windows(split: TokenSplit, seq_len: int) -> int:
     """How many non-overlapping evaluation windows of seq_len + 1 tokens the split holds."""
     return int(_window_counts(split.shards, seq_len, slack=0).sum())

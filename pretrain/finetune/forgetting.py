@@ -119,7 +119,7 @@ class Replay:
     task step, :meth:`due` says how many replay steps follow."""
 
     def __init__(self, cfg: FinetuneConfig, pcfg: Config, tok, objective: str, encoder_frozen: bool):
-        from pretrain.data.loader import DocumentLoader, TokenSplit, TrainLoader
+        from pretrain.data.loader import TokenSplit, train_loader
         from pretrain.objectives import padded_documents
 
         if tok is None:
@@ -133,11 +133,8 @@ class Replay:
         if not (data / "meta.json").is_file():
             raise PretrainError(f"replay data {data} is not a prepared data directory (no meta.json)")
         _check_tokens(data, tok, "replay data")
-        split = TokenSplit(data, "train")
-        docs = padded_documents(pcfg, tok)
-        seq = pcfg.data.seq_len
-        self.loader = (TrainLoader(split, seq, cfg.batch_size, seed=cfg.seed) if docs is None
-                       else DocumentLoader(split, seq, cfg.batch_size, *docs, seed=cfg.seed))
+        self.loader = train_loader(TokenSplit(data, "train"), pcfg.data.seq_len, cfg.batch_size,
+                                   padded_documents(pcfg, tok), seed=cfg.seed)
         self.objective = _objective(pcfg, tok, objective)
         self.ratio = cfg.replay_frac / (1 - cfg.replay_frac)
         self.credit, self.steps, self.loss_sum = 0.0, 0, 0.0

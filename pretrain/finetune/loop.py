@@ -578,12 +578,13 @@ def _replay_steps(job: FtJob, params: list[nn.Parameter], step: int) -> None:
         loss = job.replay.loss(backbone, job.device, cfg.dtype)
         loss.backward()
         grad_norm = clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        for what, value in (("replay loss", loss.item()), ("replay gradient norm", float(grad_norm))):
-            if not math.isfinite(value):
-                raise divergence("fine-tuning", step, what, value, "--lr", KEPT)
+        value = loss.item()
+        for what, v in (("replay loss", value), ("replay gradient norm", float(grad_norm))):
+            if not math.isfinite(v):
+                raise divergence("fine-tuning", step, what, v, "--lr", KEPT)
         job.optimizer.step()
         job.optimizer.zero_grad(set_to_none=True)
-        job.replay.loss_sum += loss.item()
+        job.replay.loss_sum += value
 
 
 def _loss(job: FtJob, loss_fn: nn.Module, idx: list[int]) -> torch.Tensor:

@@ -22,7 +22,6 @@ from pretrain.hardware import autocast_context, resolve_device
 from pretrain.io import (
     atomic_path,
     check_output_file,
-    default_mode,
     record_output,
     write_json_atomic,
     write_text_atomic,
@@ -42,8 +41,7 @@ def save_finetuned(out: Path, model: nn.Module, info: dict[str, Any], tok) -> No
 
     (out / FT_FILE).unlink(missing_ok=True)
     with atomic_path(out / WEIGHTS) as tmp:
-        save_model(merged(model), str(tmp))  # tied embeddings are stored once
-        default_mode(tmp)
+        save_model(merged(model), str(tmp))  # tied embeddings are stored once (atomic_path: the umask's mode)
     if tok is None:
         (out / "tokenizer.json").unlink(missing_ok=True)  # (an earlier text fine-tune's)
     else:
