@@ -133,6 +133,34 @@ def test_newton_schulz_orthogonalizes_in_the_dtype_the_cpu_has(native_bf16, monk
     assert torch.nn.functional.cosine_similarity((u @ vh).flatten(), out.float().flatten(), dim=0) > 0.95
 
 
+def test_muon_orthogonalizes_same_shaped_matrices_together_with_the_same_result(monkeypatch):
+    """Muon stacks the updates of same-shaped matrices into one batched Newton-Schulz: each matrix moves
+    exactly as Muon's rule applied to it alone (Nesterov momentum, orthogonalize, scale, decay)."""
+    import pretrain.hardware as hardware
+    from pretrain.optim import Muon, zeropower_newton_schulz
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)  # fp32: rounding far below atol
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(24, 16), (16, 16), (24, 16), (16, 40)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in ref]
+    lr, mom, wd = 0.02, 0.95, 0.1
+    opt = Muon(params, lr=lr, momentum=mom, weight_decay=wd)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):  # the rule, one matrix at a time
+            bufs[i].lerp_(g, 1 - mom)
+            u = zeropower_newton_schulz(g.lerp(bufs[i], mom)) * max(1.0, g.size(0) / g.size(1)) ** 0.5
+            ref[i] = ref[i] * (1 - lr * wd) - lr * u
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, rtol=0, atol=1e-6)
+
+
 def _optimizer_split(enc):
     """The encoder's parameters that Muon / AdamW update under train.optimizer muon (by id)."""
     from pretrain.config import TrainConfig
