@@ -1,8 +1,8 @@
 """Muon vs AdamW: steps and wall time to a target validation loss, same data, same model, same schedule.
 
 Tiny Shakespeare at the character level (prepared once), the model and recipe of
-``configs/shakespeare-char-fast.yaml`` (4 x 128 Llama-style blocks, context 64, batch 32, cosine schedule),
-trained twice in this process, with only the optimizer changed:
+``configs/shakespeare-char-fast.yaml`` (2 x 128 Llama-style blocks, one head, context 64, batch 32,
+cosine schedule), trained twice in this process, with only the optimizer changed:
 
 * ``muon``: Muon on the hidden matrices at ``--muon-lr``, AdamW at ``--lr`` for embeddings and gains
   (the preset's own settings);
