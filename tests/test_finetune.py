@@ -675,6 +675,13 @@ def test_carved_split_keeps_every_class_for_training():
     assert len(select) == 1000 and len(fit) == 9000  # capped: a large budget keeps more for training
 
 
+def test_small_carved_splits_are_judged_on_three_carves():
+    from pretrain.finetune.recipe import SMALL_CARVE, auto_carves
+
+    assert auto_carves(200) == 3 and auto_carves(SMALL_CARVE - 1) == 3
+    assert auto_carves(SMALL_CARVE) == 1  # 1,000 rows: one carve is precise enough (±1.4 points)
+
+
 def test_finetune_search_chooses_on_the_training_labels(tmp_path, pretrained, capsys):
     objective, root = pretrained
     if objective == "clm":
@@ -686,7 +693,8 @@ def test_finetune_search_chooses_on_the_training_labels(tmp_path, pretrained, ca
                  "--epochs", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     rec = res["recipe"]
-    assert len(rec["trials"]) == 5 and len(list((out / "search").iterdir())) == 5
+    # 5 candidates, each on 3 carves: the carved split (12 rows) is small (recipe.auto_carves)
+    assert len(rec["trials"]) == 5 and len(list((out / "search").iterdir())) == 15
     assert {t["pooling"] for t in rec["trials"]} == {"cls", "mean"}
     # the final run: the chosen recipe, no early stopping, one evaluation after the last epoch
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -142,7 +142,7 @@ def arms_for(runs: list[str | Path], tfidf: bool, modality: str = "text", task: 
 def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str | Path, out: str | Path,
              cfg: FinetuneConfig | None = None, budgets: str | list = "100,1000,10000,all", seeds: int = 3,
              recipe: str = "auto", scratch_lr: float = 1e-3, min_steps: int = 300, max_epochs: int = 20,
-             all_seeds: int | None = 1, search_max: int = 2000, search_carves: int = 1, tfidf: bool = True,
+             all_seeds: int | None = 1, search_max: int = 2000, search_carves: int = 0, tfidf: bool = True,
              text_column: str | None = None, label_column: str | None = None,
              quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Pre-trained run(s) vs the same architecture from scratch (and a shallow baseline: TF-IDF + logistic
@@ -156,7 +156,7 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
     (so each budget trains ``min_steps`` steps), the best evaluation on ``valid`` reported (early stopping
     on the evaluation data: optimistic, for both arms alike). The full training set runs ``all_seeds`` seeds.
     ``search_carves`` > 1 scores each candidate recipe on that many carves (less noise, that many times the
-    search's cost).
+    search's cost); 0 (the default): three when the carved split is small (recipe.auto_carves).
     ``out`` is a new or empty folder or an earlier transfer's (whose finished runs are reused), or with
     ``overwrite`` any other folder but the inputs' own."""
     cfg = cfg or FinetuneConfig()
@@ -168,8 +168,8 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
         raise PretrainError("seeds must be >= 1")
     if cfg.max_train:
         raise PretrainError("max_train does not apply to transfer: its budgets choose the training subsets")
-    if search_carves < 1:
-        raise PretrainError("search_carves must be >= 1")
+    if search_carves < 0:
+        raise PretrainError("search_carves must be >= 0 (0: automatic)")
     if recipe not in ("auto", "fixed"):
         raise PretrainError(f"recipe must be auto or fixed, got {recipe!r}")
     runs = list(run) if isinstance(run, (list, tuple)) else [run]
