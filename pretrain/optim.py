@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -81,28 +82,37 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                                       ns_steps=ns_steps))
 
+    BATCH_ELEMENTS = 1 << 26
+    """At most this many elements (64M) go through one batched Newton-Schulz (its temporaries grow with
+    them)."""
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            # matrices of one shape are orthogonalized together, as one batched Newton-Schulz (the
-            # same arithmetic per matrix, a fraction of the operator calls: on a CPU those dominate)
-            by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+            # matrices of one shape (dtype, device) are orthogonalized together, in one batched Newton-Schulz:
+            # the same arithmetic per matrix in a fraction of the operator calls, which dominate on a CPU
+            same: dict[tuple[Any, ...], list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
-                    by_shape.setdefault(tuple(p.shape), []).append(p)
-            for shape, params in by_shape.items():
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                bufs = [self.state[p]["momentum_buffer"] for p in params]
-                grads = [p.grad for p in params]
-                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
-                updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
-                stacked = zeropower_newton_schulz(torch.stack(updates), group["ns_steps"])
-                stacked *= max(1.0, shape[-2] / shape[-1]) ** 0.5
-                if group["weight_decay"]:
-                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-                torch._foreach_add_(params, list(stacked.unbind(0)), alpha=-group["lr"])
+                    same.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            for (shape, _, _), params in same.items():
+                per = max(1, self.BATCH_ELEMENTS // math.prod(shape))
+                for i in range(0, len(params), per):
+                    self._update(params[i:i + per], shape, group)
+
+    def _update(self, params: list[torch.Tensor], shape: tuple[int, ...], group: dict[str, Any]) -> None:
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        grads = [p.grad for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+        updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+        stacked = zeropower_newton_schulz(torch.stack(updates), group["ns_steps"])
+        stacked *= max(1.0, shape[-2] / shape[-1]) ** 0.5
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(params, list(stacked.unbind(0)), alpha=-group["lr"])
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:

@@ -361,10 +361,11 @@ def test_transfer_report(tmp_path, pretrained, capsys):
     assert lo <= first["gain"]["pretrained"]["mean"] <= hi and full["gain"]["pretrained"]["ci95"] is None
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert len(report["results"]) == 3 * (2 + 1) and 0.3 < report["majority_baseline"] < 0.7
-    # a recipe per arm and budget, chosen by 5 search runs on the carved split; every seed uses it
+    # a recipe per arm and budget, chosen by 5 candidates on 3 carved splits (small budgets); every seed
+    # uses it
     assert set(report["recipes"]) == {"pretrained_n20", "scratch_n20", "pretrained_n240", "scratch_n240"}
     for key, rec in report["recipes"].items():
-        assert len(rec["trials"]) == 5 and rec["lr"] in (1e-4, 3e-4, 1e-3, 3e-3)
+        assert len(rec["trials"]) == 5 and rec["lr"] in (1e-4, 3e-4, 1e-3, 3e-3) and rec["carves"] == 3
         arm, n = key.rsplit("_n", 1)
         runs = [r for r in report["results"] if r["arm"] == arm and r["n"] == int(n)]
         assert all(r["lr"] == rec["lr"] and r["pooling"] == rec["pooling"] and r["epochs"] == rec["epochs"]
@@ -675,11 +676,11 @@ def test_carved_split_keeps_every_class_for_training():
     assert len(select) == 1000 and len(fit) == 9000  # capped: a large budget keeps more for training
 
 
-def test_small_carved_splits_are_judged_on_three_carves():
-    from pretrain.finetune.recipe import SMALL_CARVE, auto_carves
+def test_small_budgets_are_judged_on_three_carves():
+    from pretrain.finetune.recipe import auto_carves
 
-    assert auto_carves(200) == 3 and auto_carves(SMALL_CARVE - 1) == 3
-    assert auto_carves(SMALL_CARVE) == 1  # 1,000 rows: one carve is precise enough (±1.4 points)
+    assert auto_carves(100) == 3 and auto_carves(2000) == 3  # carved splits of 20 to 400 rows
+    assert auto_carves(2001) == 1 and auto_carves(5000, search_max=5000) == 3  # above search_max: a subset
 
 
 def test_finetune_search_chooses_on_the_training_labels(tmp_path, pretrained, capsys):
@@ -693,8 +694,8 @@ def test_finetune_search_chooses_on_the_training_labels(tmp_path, pretrained, ca
                  "--epochs", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     rec = res["recipe"]
-    # 5 candidates, each on 3 carves: the carved split (12 rows) is small (recipe.auto_carves)
-    assert len(rec["trials"]) == 5 and len(list((out / "search").iterdir())) == 15
+    # 5 candidates, each on 3 carves (a small budget: recipe.auto_carves), recorded in the recipe
+    assert len(rec["trials"]) == 5 and len(list((out / "search").iterdir())) == 15 and rec["carves"] == 3
     assert {t["pooling"] for t in rec["trials"]} == {"cls", "mean"}
     # the final run: the chosen recipe, no early stopping, one evaluation after the last epoch
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -133,7 +133,8 @@ def test_newton_schulz_orthogonalizes_in_the_dtype_the_cpu_has(native_bf16, monk
     assert torch.nn.functional.cosine_similarity((u @ vh).flatten(), out.float().flatten(), dim=0) > 0.95
 
 
-def test_muon_orthogonalizes_same_shaped_matrices_together_with_the_same_result(monkeypatch):
+@pytest.mark.parametrize("batch_elements", [0, 24 * 16])  # 0: the default; 24 * 16: one matrix a batch
+def test_muon_orthogonalizes_same_shaped_matrices_together_with_the_same_result(batch_elements, monkeypatch):
     """Muon stacks the updates of same-shaped matrices into one batched Newton-Schulz: each matrix moves
     exactly as Muon's rule applied to it alone (Nesterov momentum, orthogonalize, scale, decay)."""
     import pretrain.hardware as hardware
@@ -148,6 +149,8 @@ def test_muon_orthogonalizes_same_shaped_matrices_together_with_the_same_result(
     bufs = [torch.zeros_like(p) for p in ref]
     lr, mom, wd = 0.02, 0.95, 0.1
     opt = Muon(params, lr=lr, momentum=mom, weight_decay=wd)
+    if batch_elements:
+        opt.BATCH_ELEMENTS = batch_elements
     for _ in range(3):
         grads = [torch.randn(s, generator=gen) for s in shapes]
         for p, g in zip(params, grads):

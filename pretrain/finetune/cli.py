@@ -17,6 +17,9 @@ import sys
 from typing import Any
 
 FT_SKIP = ("text_column", "label_column", "text_pair_column")  # added by hand (shared with probe)
+CARVES_HELP = ("score each candidate recipe on this many carved splits, averaged: K carves cut the selection "
+               "noise by sqrt(K) at K times the search's cost (default 0: 3 for up to 2,000 training labels "
+               "— transfer's --search-max — else 1)")
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], human: str) -> None:
@@ -76,7 +79,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _config(args)
     if args.search:
         res = finetune_search(args.run, args.train, args.valid, args.out, cfg,
-                              quiet=args.quiet or args.json, overwrite=args.overwrite, test_path=args.test)
+                              quiet=args.quiet or args.json, overwrite=args.overwrite, test_path=args.test,
+                              carves=args.search_carves)
     else:
         res = finetune(args.run, args.train, args.valid, args.out, cfg,
                        quiet=args.quiet or args.json, overwrite=args.overwrite, test_path=args.test)
@@ -175,8 +179,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output directory (best model, metrics.jsonl)")
     s.add_argument("--search", action="store_true",
                    help="choose lr, pooling and epochs on a split carved from --train (5 short fine-tunes "
-                        "per carve, 3 carves when the carved split has under 1,000 rows; into OUT/search), "
-                        "then fine-tune on all of --train with them")
+                        "per carve, into OUT/search), then fine-tune on all of --train with them")
+    s.add_argument("--search-carves", type=int, default=0, help=CARVES_HELP)
     s.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out that is not an earlier fine-tune")
     _add_columns(s)
@@ -258,10 +262,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-epochs", type=int, default=20, help="cap on those epochs")
     s.add_argument("--search-max", type=int, default=2000,
                    help="larger budgets choose their recipe on a random subset of this many examples")
-    s.add_argument("--search-carves", type=int, default=0,
-                   help="score each candidate recipe on this many carved splits, averaged (default 0: 3 "
-                        "when the carved split has under 1,000 rows, else 1; K carves cut the selection "
-                        "noise by sqrt(K) at K times the search's cost)")
+    s.add_argument("--search-carves", type=int, default=0, help=CARVES_HELP)
     s.add_argument("--tfidf", "--shallow", dest="tfidf", action=argparse.BooleanOptionalAction, default=True,
                    help="a shallow baseline arm on the same labels (classification): TF-IDF + logistic "
                         "regression for text, logistic regression on the raw pixels for images")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain import PretrainError
 from pretrain.config import FinetuneConfig
 from pretrain.io import write_json_atomic
 
@@ -56,6 +57,8 @@ class Recipe:
     """Every fine-tune of the search: lr, pooling, carved metric, best epoch."""
     searched_on: int = 0
     """Training examples of the search runs (the budget less the carved split)."""
+    carves: int = 1
+    """Carved splits each candidate was scored on (their mean curve)."""
 
     def apply(self, cfg: FinetuneConfig) -> FinetuneConfig:
         """``cfg`` with this recipe: its lr, pooling and epochs; no early stopping, one evaluation at the
@@ -192,16 +195,14 @@ def cached_finetune(run: str | Path, train_path: str | Path, valid_path: str | P
     return res
 
 
-SMALL_CARVE = 1000
-"""A carved split smaller than this scores a recipe on more than one carve (see auto_carves)."""
-
-
-def auto_carves(carved_rows: int) -> int:
-    """How many carves score each candidate recipe when none is asked for: 3 when the carved split has
-    fewer than SMALL_CARVE rows, else 1. At 200 rows one carve judges a recipe to about ±3.3 points (one
-    standard error at 70% accuracy) — as much as pre-training is worth at that size; on SST-2 and BANKING77
-    at 1k labels, three carves lifted every arm by 1-3.6 points (BENCHMARKS.md)."""
-    return 3 if carved_rows < SMALL_CARVE else 1
+def auto_carves(rows: int, search_max: int = 2000) -> int:
+    """How many carves score each candidate recipe when none is asked for: 3 for a budget of up to
+    ``search_max`` rows (its carved split is 20% of it: at most 400 rows by default), else 1 (larger budgets
+    search on a ``search_max`` subset and keep the configured epochs). At 200 carved rows one carve judges a
+    recipe to about ±3.3 points (one standard error at 70% accuracy) — as much as pre-training is worth at
+    that size; on SST-2 and BANKING77 at 1k labels three carves lifted three of the four arms by 1.2-3.6
+    points (the fourth: +0.2; BENCHMARKS.md)."""
+    return 3 if rows <= search_max else 1
 
 
 def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list[Any] | None, work: Path,
@@ -212,12 +213,13 @@ def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list
     reused, see ``cached_finetune``). ``carves`` > 1: each candidate is fine-tuned on that many different
     carves (and seeds) and scored by its carved metric averaged over them, epoch by epoch (less noise,
     ``carves`` times the cost); 0 = :func:`auto_carves`."""
+    if carves < 0:
+        raise PretrainError("search carves must be >= 0 (0: automatic)")
+    carves = carves or auto_carves(len(idx), search_max)
     big = len(idx) > search_max
     if big:
         idx = sorted(random.Random(seed).sample(list(idx), search_max))
-    first = carve(labels, idx, seed)
-    carves = carves or auto_carves(len(first[1]))
-    splits = [first, *(carve(labels, idx, seed + c) for c in range(1, carves))]
+    splits = [carve(labels, idx, seed + c) for c in range(carves)]
     fit = splits[0][0]
     epochs = epochs_for(len(fit), cfg.batch_size, min_steps, cfg.epochs, max_epochs)
     base = dataclasses.replace(cfg, seed=seed, epochs=epochs, schedule_epochs=0, patience=0,
@@ -249,9 +251,9 @@ def search(run: str | Path, train_path: str | Path, idx: list[int], labels: list
     first = max((trial(lr, pools[0]) for lr in LR_GRID), key=key)
     best = max([first, *(trial(first["lr"], p) for p in pools[1:])], key=key)
     if big:  # the best epoch on a subset says little about the whole budget: the config's epochs
-        return Recipe(best["lr"], best["pooling"], cfg.epochs, 0, best["metric"], trials, len(fit))
+        return Recipe(best["lr"], best["pooling"], cfg.epochs, 0, best["metric"], trials, len(fit), carves)
     return Recipe(best["lr"], best["pooling"], max(1, math.ceil(best["best_epoch"] - 1e-9)), epochs,
-                  best["metric"], trials, len(fit))
+                  best["metric"], trials, len(fit), carves)
 
 
 
@@ -282,7 +284,8 @@ def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | P
     chosen = search(run, train_path, rows or list(range(len(full))), labels, out / "search", cfg, encoder,
                     inputs_identity(run, train_path, valid_path), max_epochs, min_steps, cfg.seed,
                     search_max, log, carves)
-    log(f"recipe: {chosen.describe()} (carved split {chosen.score:.4f}, {len(chosen.trials)} runs)")
+    log(f"recipe: {chosen.describe()} (carved split {chosen.score:.4f} over {chosen.carves} carve"
+        f"{'s' * (chosen.carves != 1)}, {len(chosen.trials) * chosen.carves} runs)")
     res = finetune(run, train_path, valid_path, out, chosen.apply(cfg), quiet=quiet, overwrite=True,
                    test_path=test_path, train_subset=rows)
     return {**res, "recipe": dataclasses.asdict(chosen)}

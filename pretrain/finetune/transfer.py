@@ -156,7 +156,7 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
     (so each budget trains ``min_steps`` steps), the best evaluation on ``valid`` reported (early stopping
     on the evaluation data: optimistic, for both arms alike). The full training set runs ``all_seeds`` seeds.
     ``search_carves`` > 1 scores each candidate recipe on that many carves (less noise, that many times the
-    search's cost); 0 (the default): three when the carved split is small (recipe.auto_carves).
+    search's cost); 0 (the default): three for budgets of up to ``search_max``, else one (recipe.auto_carves).
     ``out`` is a new or empty folder or an earlier transfer's (whose finished runs are reused), or with
     ``overwrite`` any other folder but the inputs' own."""
     cfg = cfg or FinetuneConfig()
@@ -223,7 +223,7 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
                                 encoder, ident, max_epochs, min_steps, 0, search_max, log, search_carves)
                 recipes[f"{arm.name}_n{n}"] = dataclasses.asdict(chosen)
                 log(f"transfer: {arm.name} n={n:,}: recipe {chosen.describe()} "
-                    f"(carved split {chosen.score:.4f})")
+                    f"(carved split {chosen.score:.4f}, {chosen.carves} carve{'s' * (chosen.carves != 1)})")
             for seed, subset in enumerate(subsets):
                 if chosen is not None:
                     run_cfg = dataclasses.replace(chosen.apply(arm_cfg), seed=seed)
