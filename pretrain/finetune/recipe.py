@@ -70,6 +70,10 @@ class Recipe:
     def describe(self) -> str:
         return f"lr {self.lr:g}, {self.pooling} pooling, {self.epochs} epoch{'s' * (self.epochs != 1)}"
 
+    def judged(self) -> str:
+        """How the recipe was scored: its carved-split metric and over how many carves."""
+        return f"carved split {self.score:.4f} over {self.carves} carve{'s' * (self.carves != 1)}"
+
 
 def epochs_for(n: int, batch_size: int, min_steps: int, base_epochs: int, max_epochs: int) -> int:
     """Small budgets get more epochs so that every budget trains for at least ``min_steps`` steps."""
@@ -284,8 +288,7 @@ def finetune_search(run: str | Path, train_path: str | Path, valid_path: str | P
     chosen = search(run, train_path, rows or list(range(len(full))), labels, out / "search", cfg, encoder,
                     inputs_identity(run, train_path, valid_path), max_epochs, min_steps, cfg.seed,
                     search_max, log, carves)
-    log(f"recipe: {chosen.describe()} (carved split {chosen.score:.4f} over {chosen.carves} carve"
-        f"{'s' * (chosen.carves != 1)}, {len(chosen.trials) * chosen.carves} runs)")
+    log(f"recipe: {chosen.describe()} ({chosen.judged()}, {len(chosen.trials) * chosen.carves} runs)")
     res = finetune(run, train_path, valid_path, out, chosen.apply(cfg), quiet=quiet, overwrite=True,
                    test_path=test_path, train_subset=rows)
     return {**res, "recipe": dataclasses.asdict(chosen)}

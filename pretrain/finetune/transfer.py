@@ -222,8 +222,7 @@ def transfer(run: str | Path | list[str | Path], train: str | Path, valid: str |
                 chosen = search(arm.run, train, idx0, labels, out / "search" / f"{arm.name}_n{n}", arm_cfg,
                                 encoder, ident, max_epochs, min_steps, 0, search_max, log, search_carves)
                 recipes[f"{arm.name}_n{n}"] = dataclasses.asdict(chosen)
-                log(f"transfer: {arm.name} n={n:,}: recipe {chosen.describe()} "
-                    f"(carved split {chosen.score:.4f}, {chosen.carves} carve{'s' * (chosen.carves != 1)})")
+                log(f"transfer: {arm.name} n={n:,}: recipe {chosen.describe()} ({chosen.judged()})")
             for seed, subset in enumerate(subsets):
                 if chosen is not None:
                     run_cfg = dataclasses.replace(chosen.apply(arm_cfg), seed=seed)
