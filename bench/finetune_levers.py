@@ -18,8 +18,11 @@ Variants (``--variants``, comma-separated; each one fine-tune per seed):
     lpft        LP-FT (Kumar et al. 2022): 10 epochs of the head alone at 1e-2, then all weights from there
     lr3e-4      a smaller step
     e20 / e20_scratch   20 epochs instead of 10
+    reinit_top  the top block re-initialised before fine-tuning (Zhang et al. 2021: the layers nearest the
+                pre-training head are the least general)
 
-freeze_emb and lpft reach into the fine-tuning loop (``adapt``) from here: they are experiments, not options.
+freeze_emb, lpft and reinit_top reach into the fine-tuning loop (``adapt``) from here: they are experiments,
+not options.
 
     python bench/finetune_levers.py --run /work/tt3/mlm --task sst2 --pooling cls --work /work/levers
     python bench/finetune_levers.py --run /work/tt3/mlm --task banking77 --pooling mean --work /work/levers
@@ -52,7 +55,7 @@ TASKS = {"sst2": (DATA / "sst2" / "train.tsv", "\t", "sentence", "label", 8),
 VARIANTS = {"base": {}, "scratch": {"from_scratch": True}, "ld07": {"layer_decay": 0.7},
             "freeze_emb": {}, "dropout0": {"dropout": 0.0}, "head_lr": {"head_lr": 1e-2}, "lpft": {},
             "lr3e-4": {"lr": 3e-4}, "e20": {"epochs": 20},
-            "e20_scratch": {"epochs": 20, "from_scratch": True}}
+            "e20_scratch": {"epochs": 20, "from_scratch": True}, "reinit_top": {}}
 HELD = 2000
 
 
@@ -85,9 +88,13 @@ def run_variant(run: str, task: str, name: str, pooling: str, seeds: int, n: int
     full = read_labelled(cfg0, run, pool)
     orig_adapt, start_head = L.adapt, [None]
 
-    def adapt(model, cfg, device):  # freeze_emb / lpft's second phase
+    def adapt(model, cfg, device):  # freeze_emb / lpft's second phase / reinit_top
         if start_head[0] is not None and not carry_head(model, start_head[0], "classification"):
             raise RuntimeError("LP-FT: the head did not carry over")
+        if name == "reinit_top":
+            backbone = L.model_of(model).backbone
+            fresh = type(backbone)(backbone.cfg).layers[-1]  # the architecture's own init
+            backbone.layers[-1].load_state_dict(fresh.state_dict())
         if name == "freeze_emb":
             inner = L.model_of(model)
             for pname, p in model.named_parameters():
