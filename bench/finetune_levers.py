@@ -43,15 +43,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from transfer_tasks import TASKS  # noqa: E402  (the tasks' files and columns)
+
 from pretrain.config import FinetuneConfig  # noqa: E402
 from pretrain.finetune import loop as L  # noqa: E402
 from pretrain.finetune.model import carry_head  # noqa: E402
 from pretrain.finetune.recipe import read_labelled  # noqa: E402
 from pretrain.finetune.transfer import sample_budget  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
-TASKS = {"sst2": (DATA / "sst2" / "train.tsv", "\t", "sentence", "label", 8),
-         "banking77": (DATA / "banking77" / "train.csv", ",", "text", "category", 1)}
+MIN_WORDS = {"sst2": 8, "banking77": 1}  # held-out rows at least this long (SST-2: not its phrase fragments)
 VARIANTS = {"base": {}, "scratch": {"from_scratch": True}, "ld07": {"layer_decay": 0.7},
             "freeze_emb": {}, "dropout0": {"dropout": 0.0}, "head_lr": {"head_lr": 1e-2}, "lpft": {},
             "lr3e-4": {"lr": 3e-4}, "e20": {"epochs": 20},
@@ -62,12 +62,12 @@ HELD = 2000
 def split(task: str, work: Path) -> tuple[Path, Path]:
     """The task's training file → (pool, held): HELD rows (seeded, long enough) held out, the rest to sample
     label budgets from."""
-    src, delim, text, _, min_words = TASKS[task]
+    src, text, min_words = TASKS[task]["train"], TASKS[task]["text"], MIN_WORDS[task]
     pool, held = work / f"{task}_pool.csv", work / f"{task}_held.csv"
     if pool.exists() and held.exists():
         return pool, held
     with open(src, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter=delim))
+        rows = list(csv.DictReader(f, delimiter="\t" if src.suffix == ".tsv" else ","))
     order = list(range(len(rows)))
     random.Random(123).shuffle(order)
     keep = set([i for i in order if len(rows[i][text].split()) >= min_words][:HELD])
@@ -82,9 +82,8 @@ def split(task: str, work: Path) -> tuple[Path, Path]:
 
 def run_variant(run: str, task: str, name: str, pooling: str, seeds: int, n: int, work: Path) -> dict:
     pool, held = split(task, work)
-    _, _, text, label, _ = TASKS[task]
-    cfg0 = FinetuneConfig(text_column=text, label_column=label, epochs=10, lr=1e-3, pooling=pooling,
-                          patience=0, evals_per_epoch=1, **VARIANTS[name])
+    cfg0 = FinetuneConfig(text_column=TASKS[task]["text"], label_column=TASKS[task]["label"], epochs=10,
+                          lr=1e-3, pooling=pooling, patience=0, evals_per_epoch=1, **VARIANTS[name])
     full = read_labelled(cfg0, run, pool)
     orig_adapt, start_head = L.adapt, [None]
 
